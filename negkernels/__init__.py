@@ -1,0 +1,26 @@
+"""negkernels: fused Triton and CUDA kernels for objectives that learn from negatives.
+
+Every op has a pure-PyTorch reference (CPU fallback and test oracle), a Triton kernel and, where
+CUDA wins, a compiled CUDA kernel; ``backend=`` or ``NEGKERNELS_BACKEND`` picks one.
+"""
+
+from ._backend import BackendUnavailable, available_backends
+from ._cuda_ext import has_cuda_ext
+from .ops.advantages import (
+    GroupStats,
+    drpo_positive_weights,
+    group_advantages,
+    group_discriminative_loss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailable",
+    "GroupStats",
+    "available_backends",
+    "drpo_positive_weights",
+    "group_advantages",
+    "group_discriminative_loss",
+    "has_cuda_ext",
+]

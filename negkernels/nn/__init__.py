@@ -1,0 +1,1 @@
+"""``nn.Module`` wrappers of the ops (stateful pieces such as memory banks and caches)."""

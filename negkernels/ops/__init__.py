@@ -1,0 +1,1 @@
+"""Public functions and their ``torch.library`` custom ops, one module per op family."""

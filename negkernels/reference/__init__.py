@@ -1,0 +1,15 @@
+"""Pure-PyTorch implementations: the CPU fallback and the float64 oracle of every test."""
+
+from .advantages import (
+    drpo_positive_weights,
+    global_moments,
+    group_advantages_reference,
+    group_discriminative_loss_reference,
+)
+
+__all__ = [
+    "drpo_positive_weights",
+    "global_moments",
+    "group_advantages_reference",
+    "group_discriminative_loss_reference",
+]

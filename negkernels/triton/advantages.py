@@ -1,0 +1,405 @@
+"""Triton kernels for group-normalized advantages.
+
+Two kernels, each one launch:
+
+* ``_group_advantages_uniform_kernel``: contiguous groups of ``group_size`` with a per-group divisor
+  (or none). One program owns whole groups, so no atomics and no cross-program traffic.
+* ``_group_advantages_segmented_kernel``: ragged ``group_index`` in any order, or anything that needs
+  batch statistics. A persistent grid walks the rewards in phases separated by a grid barrier.
+  Group sums are accumulated with *integer* atomics on fixed-point values (each group scaled by
+  its own power of two from its largest |r|): integer addition is associative, so the statistics
+  are bit-identical run to run, and an fp32 reward times a power of two converts to int64
+  exactly, so the sums are exact down to 2^-(61-log2 N) of the group's largest |r| — far tighter
+  than an fp32 running sum.
+
+Both compute statistics and the per-element formula in fp64 and store fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import triton_interpret
+from ..reference.advantages import ESTIMATORS, SCALES
+
+# Kernel codes are positions in the reference's tuples (the CUDA kernel uses the same codes).
+ESTIMATOR_CODES = {name: i for i, name in enumerate(ESTIMATORS)}
+SCALE_CODES = {name: i for i, name in enumerate(SCALES)}
+MAX_UNIFORM_GROUP = 4096
+
+
+@triton.jit
+def _pow2(e):
+    # Exact fp64 2**e for integer e in [-1022, 1023], built from the exponent bits (exp2 is not exact).
+    return ((e.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _abs_bits(x):
+    # |x| as its fp32 bit pattern: non-negative floats order like their bits; NaN sorts above inf.
+    return (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
+
+
+@triton.jit
+def _exponent_bound(abs_bits):
+    # Smallest E with |x| < 2**E for every finite x whose |x| has these bits (or less).
+    return ((abs_bits >> 23) & 0xFF).to(tl.int32) - 126
+
+
+@triton.jit
+def _numerator(r, n, mean, vmax, kvirt, ESTIMATOR: tl.constexpr):
+    d = r - mean
+    if ESTIMATOR == 2:  # rloo
+        a = n / tl.maximum(n - 1.0, 1.0) * d
+    elif ESTIMATOR == 3:  # ngrpo: centre on the group augmented with kvirt copies of vmax
+        a = r - (n * mean + kvirt * vmax) / (n + kvirt)
+    else:
+        a = d
+    return tl.where(n < 2.0, d * 0.0, a)
+
+
+@triton.jit
+def _group_spread(n, mean, m2, vmax, kvirt, ESTIMATOR: tl.constexpr):
+    if ESTIMATOR == 3:
+        mean_aug = (n * mean + kvirt * vmax) / (n + kvirt)
+        m2_aug = m2 + n * (mean - mean_aug) * (mean - mean_aug) + kvirt * (vmax - mean_aug) * (vmax - mean_aug)
+        return tl.sqrt(m2_aug / tl.maximum(n + kvirt - 1.0, 1.0))
+    return tl.where(n >= 2.0, tl.sqrt(m2 / tl.maximum(n - 1.0, 1.0)), 0.0)
+
+
+@triton.jit
+def _finish(base, n, zero_or_nan, pos_ptr, neg_ptr, offs, mask, pos_value, neg_value, PER_SAMPLE_SIGN_SCALES: tl.constexpr):
+    base = tl.where(n < 2.0, zero_or_nan, base)
+    if PER_SAMPLE_SIGN_SCALES:
+        pos = tl.load(pos_ptr + offs, mask=mask, other=1.0).to(tl.float64)
+        neg = tl.load(neg_ptr + offs, mask=mask, other=1.0).to(tl.float64)
+    else:
+        pos = pos_value
+        neg = neg_value
+    return tl.where(base > 0, base * pos, tl.where(base < 0, base * neg, base))
+
+
+@triton.jit
+def _group_advantages_uniform_kernel(
+    rewards_ptr, out_ptr, mean_ptr, std_ptr, count_ptr, pos_ptr, neg_ptr,
+    num_groups, group_size,
+    eps, vmax, kvirt, pos_value, neg_value,
+    ESTIMATOR: tl.constexpr, SCALE: tl.constexpr, PER_SAMPLE_SIGN_SCALES: tl.constexpr,
+    GROUPS_PER_PROGRAM: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    groups = pid * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
+    cols = tl.arange(0, BLOCK_G)
+    gmask = groups < num_groups
+    offs = groups.to(tl.int64)[:, None] * group_size + cols[None, :]
+    mask = gmask[:, None] & (cols[None, :] < group_size)
+    r = tl.load(rewards_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+    n = tl.cast(group_size, tl.float64)
+    mean = tl.sum(r, axis=1) / n
+    d = tl.where(mask, r - mean[:, None], 0.0)
+    m2 = tl.sum(d * d, axis=1)
+    nb = tl.zeros_like(r) + n
+    a = _numerator(r, nb, mean[:, None], vmax, kvirt, ESTIMATOR)
+    if SCALE == 0:
+        base = a / (_group_spread(n, mean, m2, vmax, kvirt, ESTIMATOR)[:, None] + eps)
+    else:
+        base = a
+    adv = _finish(base, nb, d * 0.0, pos_ptr, neg_ptr, offs, mask, pos_value, neg_value, PER_SAMPLE_SIGN_SCALES)
+    tl.store(out_ptr + offs, adv.to(tl.float32), mask=mask)
+    tl.store(mean_ptr + groups, mean.to(tl.float32), mask=gmask)
+    tl.store(std_ptr + groups, _group_spread(n, mean, m2, vmax, kvirt, 0).to(tl.float32), mask=gmask)
+    tl.store(count_ptr + groups, tl.zeros_like(groups).to(tl.int64) + group_size, mask=gmask)
+
+
+@triton.jit
+def _grid_barrier(arrive_ptr, generation_ptr, num_programs):
+    # Reusable barrier for a persistent grid (every program resident). The last program to arrive
+    # resets the arrival count and bumps the generation; the others wait for the bump. The state
+    # returns to "no arrivals" after every barrier, so the workspace never needs re-zeroing.
+    tl.debug_barrier()
+    generation = tl.atomic_add(generation_ptr, 0, sem="acquire")
+    arrived = tl.atomic_add(arrive_ptr, 1, sem="acq_rel")
+    if arrived == num_programs - 1:
+        tl.atomic_xchg(arrive_ptr, 0, sem="relaxed")
+        tl.atomic_add(generation_ptr, 1, sem="release")
+    else:
+        current = tl.atomic_add(generation_ptr, 0, sem="acquire")
+        while current == generation:
+            current = tl.atomic_add(generation_ptr, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _load_group(rewards_ptr, group_index_ptr, offs, n_rewards, num_groups, group_size, UNIFORM: tl.constexpr):
+    mask = offs < n_rewards
+    if UNIFORM:
+        ids = offs // group_size
+    else:
+        ids = tl.load(group_index_ptr + offs, mask=mask, other=0).to(tl.int64)
+    valid = mask & (ids >= 0) & (ids < num_groups)
+    ids = tl.where(valid, ids, 0)
+    r = tl.load(rewards_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return ids, valid, mask, r
+
+
+@triton.jit
+def _group_mean(work_ptr, slots, ids, mask, headroom):
+    # Mean from the fixed-point sum; NaN when the group holds a non-finite reward.
+    count = tl.load(work_ptr + 0 * slots + ids, mask=mask, other=1, cache_modifier=".cg").to(tl.float64)
+    abs_bits = tl.load(work_ptr + 1 * slots + ids, mask=mask, other=0, cache_modifier=".cg")
+    total = tl.load(work_ptr + 2 * slots + ids, mask=mask, other=0, cache_modifier=".cg")
+    e = _exponent_bound(abs_bits)
+    mean = total.to(tl.float64) * _pow2(e - (62 - headroom)) / tl.maximum(count, 1.0)
+    mean = tl.where(abs_bits >= 0x7F800000, float("nan"), mean)
+    return count, mean, e
+
+
+@triton.jit
+def _square_quanta(x, e, headroom, mask):
+    # x is a deviation with |x| < 2**(e+1), so x² < 2**(2e+2): fixed-point x² below 2**(62-headroom).
+    q = x * x * _pow2((62 - headroom) - (2 * e + 2))
+    return tl.where(mask & (q == q), q, 0.0).to(tl.int64)
+
+
+@triton.jit
+def _read_spread_m2(work_ptr, slots, ids, mask, e, headroom):
+    sq = tl.load(work_ptr + 3 * slots + ids, mask=mask, other=0, cache_modifier=".cg")
+    return sq.to(tl.float64) * _pow2((2 * e + 2) - (62 - headroom))
+
+
+@triton.jit
+def _group_advantages_segmented_kernel(
+    rewards_ptr, group_index_ptr, out_ptr, mean_ptr, std_ptr, count_ptr, pos_ptr, neg_ptr,
+    work_ptr, barrier_ptr, batch_stats_ptr,
+    n_rewards, num_groups, group_size, headroom, vmax_exponent,
+    eps, vmax, kvirt, pos_value, neg_value,
+    ESTIMATOR: tl.constexpr, SCALE: tl.constexpr, UNIFORM: tl.constexpr,
+    PER_SAMPLE_SIGN_SCALES: tl.constexpr, EXTERNAL_BATCH_STATS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # work: int64 [4, slots]; rows = count, max |r| bits, fixed-point sum, fixed-point sum of
+    # squared deviations. Slot num_groups holds the batch's rewards, slot num_groups+1 the batch's
+    # numerators (whitening).
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    slots = num_groups + 2
+    batch = num_groups
+    whiten = num_groups + 1
+    NEED_BATCH: tl.constexpr = (SCALE == 1 or SCALE == 3) and not EXTERNAL_BATCH_STATS
+    arrive_ptr = barrier_ptr
+    generation_ptr = barrier_ptr + 1
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+
+    # phase 0: clear the accumulators
+    for start in range(pid * BLOCK, 4 * slots, nprog * BLOCK):
+        o = start + lanes
+        tl.store(work_ptr + o, tl.zeros_like(o).to(tl.int64), mask=o < 4 * slots)
+    _grid_barrier(arrive_ptr, generation_ptr, nprog)
+
+    # phase 1: counts and largest |r| per group (and for the batch)
+    for start in range(pid * BLOCK, n_rewards, nprog * BLOCK):
+        offs = start + lanes
+        ids, valid, mask, r = _load_group(rewards_ptr, group_index_ptr, offs, n_rewards, num_groups, group_size, UNIFORM)
+        bits = _abs_bits(r)
+        tl.atomic_add(work_ptr + ids, tl.full(ids.shape, 1, tl.int64), mask=valid)
+        tl.atomic_max(work_ptr + slots + ids, bits, mask=valid)
+        if NEED_BATCH:
+            tl.atomic_add(work_ptr + batch, tl.sum(mask.to(tl.int64), axis=0))
+            tl.atomic_max(work_ptr + slots + batch, tl.max(tl.where(mask, bits, 0), axis=0))
+    _grid_barrier(arrive_ptr, generation_ptr, nprog)
+
+    # phase 2: fixed-point sums; r·2**(62-headroom-E) is exact and < 2**(62-headroom)
+    for start in range(pid * BLOCK, n_rewards, nprog * BLOCK):
+        offs = start + lanes
+        ids, valid, mask, r = _load_group(rewards_ptr, group_index_ptr, offs, n_rewards, num_groups, group_size, UNIFORM)
+        r64 = r.to(tl.float64)
+        e = _exponent_bound(tl.load(work_ptr + slots + ids, mask=valid, other=0, cache_modifier=".cg"))
+        q = tl.where(valid & (r == r) & (tl.abs(r) < float("inf")), r64 * _pow2((62 - headroom) - e), 0.0).to(tl.int64)
+        tl.atomic_add(work_ptr + 2 * slots + ids, q, mask=valid)
+        if NEED_BATCH:
+            eb = _exponent_bound(tl.load(work_ptr + slots + batch, cache_modifier=".cg"))
+            qb = tl.where(mask & (r == r) & (tl.abs(r) < float("inf")), r64 * _pow2((62 - headroom) - eb), 0.0).to(tl.int64)
+            tl.atomic_add(work_ptr + 2 * slots + batch, tl.sum(qb, axis=0))
+    _grid_barrier(arrive_ptr, generation_ptr, nprog)
+
+    # phase 3: squared deviations from the group (and batch) mean; numerators' sum for whitening
+    for start in range(pid * BLOCK, n_rewards, nprog * BLOCK):
+        offs = start + lanes
+        ids, valid, mask, r = _load_group(rewards_ptr, group_index_ptr, offs, n_rewards, num_groups, group_size, UNIFORM)
+        r64 = r.to(tl.float64)
+        n, mean, e = _group_mean(work_ptr, slots, ids, valid, headroom)
+        tl.atomic_add(work_ptr + 3 * slots + ids, _square_quanta(r64 - mean, e, headroom, valid), mask=valid)
+        if NEED_BATCH:
+            bids = tl.zeros_like(ids) + batch
+            _, bmean, be = _group_mean(work_ptr, slots, bids, mask, headroom)
+            if SCALE == 1:
+                tl.atomic_add(work_ptr + 3 * slots + batch, tl.sum(_square_quanta(r64 - bmean, be, headroom, mask), axis=0))
+            else:
+                # |numerator| < 4·max(|r|max, |vmax|) = 2**ea
+                ea = tl.maximum(be, vmax_exponent) + 2
+                a = _numerator(r64, n, mean, vmax, kvirt, ESTIMATOR)
+                qa = tl.where(mask & (a == a), a * _pow2((62 - headroom) - ea), 0.0).to(tl.int64)
+                tl.atomic_add(work_ptr + 2 * slots + whiten, tl.sum(qa, axis=0))
+    _grid_barrier(arrive_ptr, generation_ptr, nprog)
+
+    if NEED_BATCH and SCALE == 3:
+        # phase 4: squared deviations of the numerators from their batch mean
+        for start in range(pid * BLOCK, n_rewards, nprog * BLOCK):
+            offs = start + lanes
+            ids, valid, mask, r = _load_group(rewards_ptr, group_index_ptr, offs, n_rewards, num_groups, group_size, UNIFORM)
+            n, mean, e = _group_mean(work_ptr, slots, ids, valid, headroom)
+            a = _numerator(r.to(tl.float64), n, mean, vmax, kvirt, ESTIMATOR)
+            nb = tl.load(work_ptr + batch, cache_modifier=".cg").to(tl.float64)
+            bbits = tl.load(work_ptr + slots + batch, cache_modifier=".cg")
+            ea = tl.maximum(_exponent_bound(bbits), vmax_exponent) + 2
+            wmean = tl.load(work_ptr + 2 * slots + whiten, cache_modifier=".cg").to(tl.float64) * _pow2(ea - (62 - headroom)) / tl.maximum(nb, 1.0)
+            tl.atomic_add(work_ptr + 3 * slots + whiten, tl.sum(_square_quanta(a - wmean, ea, headroom, mask), axis=0))
+        _grid_barrier(arrive_ptr, generation_ptr, nprog)
+
+    # phase 5: advantages
+    if NEED_BATCH:
+        nb = tl.load(work_ptr + batch, cache_modifier=".cg").to(tl.float64)
+        bbits = tl.load(work_ptr + slots + batch, cache_modifier=".cg")
+        be = _exponent_bound(bbits)
+        if SCALE == 1:
+            center = 0.0
+            m2b = tl.load(work_ptr + 3 * slots + batch, cache_modifier=".cg").to(tl.float64) * _pow2((2 * be + 2) - (62 - headroom))
+        else:
+            ea = tl.maximum(be, vmax_exponent) + 2
+            center = tl.load(work_ptr + 2 * slots + whiten, cache_modifier=".cg").to(tl.float64) * _pow2(ea - (62 - headroom)) / tl.maximum(nb, 1.0)
+            m2b = tl.load(work_ptr + 3 * slots + whiten, cache_modifier=".cg").to(tl.float64) * _pow2((2 * ea + 2) - (62 - headroom))
+        spread = tl.where(nb >= 2.0, tl.sqrt(m2b / tl.maximum(nb - 1.0, 1.0)), 0.0)
+        spread = tl.where(bbits >= 0x7F800000, float("nan"), spread)
+    elif EXTERNAL_BATCH_STATS:
+        center = tl.load(batch_stats_ptr).to(tl.float64)
+        spread = tl.load(batch_stats_ptr + 1).to(tl.float64)
+        if SCALE == 1:
+            center = 0.0
+    else:
+        center = 0.0
+        spread = 0.0
+    for start in range(pid * BLOCK, n_rewards, nprog * BLOCK):
+        offs = start + lanes
+        ids, valid, mask, r = _load_group(rewards_ptr, group_index_ptr, offs, n_rewards, num_groups, group_size, UNIFORM)
+        r64 = r.to(tl.float64)
+        n, mean, e = _group_mean(work_ptr, slots, ids, valid, headroom)
+        a = _numerator(r64, n, mean, vmax, kvirt, ESTIMATOR)
+        if SCALE == 0:
+            m2 = _read_spread_m2(work_ptr, slots, ids, valid, e, headroom)
+            base = a / (_group_spread(n, mean, m2, vmax, kvirt, ESTIMATOR) + eps)
+        elif SCALE == 2:
+            base = a
+        else:
+            base = (a - center) / (spread + eps)
+        adv = _finish(base, n, (r64 - mean) * 0.0, pos_ptr, neg_ptr, offs, mask, pos_value, neg_value, PER_SAMPLE_SIGN_SCALES)
+        adv = tl.where(valid, adv, float("nan"))
+        tl.store(out_ptr + offs, adv.to(tl.float32), mask=mask)
+    for start in range(pid * BLOCK, num_groups, nprog * BLOCK):
+        g = start + lanes
+        gm = g < num_groups
+        n, mean, e = _group_mean(work_ptr, slots, g, gm, headroom)
+        m2 = _read_spread_m2(work_ptr, slots, g, gm, e, headroom)
+        mean = tl.where(n > 0.0, mean, 0.0)
+        tl.store(mean_ptr + g, mean.to(tl.float32), mask=gm)
+        std = _group_spread(n, mean, m2, vmax, kvirt, 0)
+        std = tl.where(mean == mean, std, float("nan"))
+        tl.store(std_ptr + g, std.to(tl.float32), mask=gm)
+        tl.store(count_ptr + g, n.to(tl.int64), mask=gm)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+_barriers: dict = {}
+
+
+def _barrier_workspace(device: torch.device) -> torch.Tensor:
+    # One zeroed (arrive, generation) pair per device and stream: the barrier leaves it ready for
+    # the next launch, and launches on different streams never share one.
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    ws = _barriers.get(key)
+    if ws is None:
+        ws = torch.zeros(2, dtype=torch.int32, device=device)
+        _barriers[key] = ws
+    return ws
+
+
+def _exponent_bound_host(x: float) -> int:
+    x = abs(float(x))
+    if x == 0.0 or not math.isfinite(x):
+        return -126 if x == 0.0 else 129
+    return max(math.frexp(x)[1], -126)
+
+
+def group_advantages_fwd(
+    rewards: torch.Tensor,
+    group_index: torch.Tensor | None,
+    group_size: int,
+    num_groups: int,
+    estimator: str,
+    scale: str,
+    eps: float,
+    virtual_max_reward: float,
+    num_virtual: int,
+    positive_scale: float,
+    negative_scale: float,
+    positive_scale_tensor: torch.Tensor | None,
+    negative_scale_tensor: torch.Tensor | None,
+    batch_stats: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch one kernel; returns (advantages fp32 [N], mean fp32 [G], std fp32 [G], count int64 [G])."""
+    n = rewards.numel()
+    dev = rewards.device
+    rewards = rewards.contiguous()
+    out = torch.empty(n, dtype=torch.float32, device=dev)
+    mean = torch.empty(num_groups, dtype=torch.float32, device=dev)
+    std = torch.empty(num_groups, dtype=torch.float32, device=dev)
+    count = torch.empty(num_groups, dtype=torch.int64, device=dev)
+    if n == 0 and num_groups == 0:
+        return out, mean, std, count
+    per_sample = positive_scale_tensor is not None or negative_scale_tensor is not None
+    pos_t = positive_scale_tensor.contiguous() if positive_scale_tensor is not None else torch.full((max(n, 1),), float(positive_scale), device=dev)
+    neg_t = negative_scale_tensor.contiguous() if negative_scale_tensor is not None else torch.full((max(n, 1),), float(negative_scale), device=dev)
+    est, sc = ESTIMATOR_CODES[estimator], SCALE_CODES[scale]
+    uniform = group_index is None
+    if uniform and sc in (0, 2) and 0 < group_size <= MAX_UNIFORM_GROUP:
+        block_g = triton.next_power_of_2(group_size)
+        gpp = max(1, min(64, 4096 // block_g))
+        grid = (triton.cdiv(num_groups, gpp),)
+        _group_advantages_uniform_kernel[grid](
+            rewards, out, mean, std, count, pos_t, neg_t,
+            num_groups, group_size,
+            float(eps), float(virtual_max_reward), float(num_virtual), float(positive_scale), float(negative_scale),
+            ESTIMATOR=est, SCALE=sc, PER_SAMPLE_SIGN_SCALES=per_sample,
+            GROUPS_PER_PROGRAM=gpp, BLOCK_G=block_g,
+            num_warps=4 if block_g * gpp <= 1024 else 8,
+        )
+        return out, mean, std, count
+
+    block = 1024
+    slots = num_groups + 2
+    if dev.type == "cuda" and not triton_interpret():
+        grid_size = max(1, min(triton.cdiv(max(n, 4 * slots), block), _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())))
+    else:
+        grid_size = 1  # the interpreter runs programs one after another: a grid barrier needs one
+    work = torch.empty(4 * slots, dtype=torch.int64, device=dev)
+    headroom = max(1, math.ceil(math.log2(max(n, 1) + 1))) + 1
+    external = batch_stats is not None
+    bstats = batch_stats.to(device=dev, dtype=torch.float64).contiguous() if external else work
+    gi = group_index.contiguous() if group_index is not None else rewards
+    _group_advantages_segmented_kernel[(grid_size,)](
+        rewards, gi, out, mean, std, count, pos_t, neg_t,
+        work, _barrier_workspace(dev), bstats,
+        n, num_groups, max(group_size, 1), headroom, _exponent_bound_host(virtual_max_reward if estimator == "ngrpo" else 0.0),
+        float(eps), float(virtual_max_reward), float(num_virtual), float(positive_scale), float(negative_scale),
+        ESTIMATOR=est, SCALE=sc, UNIFORM=uniform, PER_SAMPLE_SIGN_SCALES=per_sample,
+        EXTERNAL_BATCH_STATS=external, BLOCK=block, num_warps=8,
+    )
+    return out, mean, std, count
