@@ -118,6 +118,7 @@ def build(cuda_archs: str | None = None, build_dir: Path | None = None, verbose:
         built = next(iter(sorted(bdir.glob(f"{MODULE_NAME}*.so"))), None)
         if built is None:
             raise RuntimeError(f"CMake finished but produced no {MODULE_NAME}*.so in {bdir}")
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".so.tmp")
         shutil.copy2(built, tmp)
         os.replace(tmp, target)  # atomic: a concurrent loader sees the whole file or none

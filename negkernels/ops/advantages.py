@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .._backend import resolve_backend
+from .._fixedpoint import exponent_bound, headroom_bits
 from .._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -46,13 +47,15 @@ class GroupStats(NamedTuple):
 
 def _cuda_group_advantages(rewards, group_index, group_size, num_groups, estimator, scale, eps, vmax, k, pos, neg, pos_t, neg_t, batch_stats):
     from .. import _cuda_ext
-    ext = _cuda_ext.load()
+
+    _cuda_ext.load()  # registers torch.ops.negkernels_cuda
     stream = torch.cuda.current_stream(rewards.device).cuda_stream
-    return ext.group_advantages(
+    return torch.ops.negkernels_cuda.group_advantages(
         rewards.contiguous(), group_index.contiguous() if group_index is not None else None, group_size, num_groups,
         ESTIMATORS.index(estimator), SCALES.index(scale), eps, vmax, float(k), pos, neg,
-        pos_t.contiguous() if pos_t is not None else None, neg_t.contiguous() if neg_t is not None else None,
-        batch_stats.to(torch.float64).contiguous() if batch_stats is not None else None, stream,
+        pos_t.float().contiguous() if pos_t is not None else None, neg_t.float().contiguous() if neg_t is not None else None,
+        batch_stats.to(torch.float64).contiguous() if batch_stats is not None else None,
+        headroom_bits(rewards.numel()), exponent_bound(vmax if estimator == "ngrpo" else 0.0), stream,
     )
 
 

@@ -18,13 +18,13 @@ Both compute statistics and the per-element formula in fp64 and store fp32.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from .._backend import triton_interpret
+from .._fixedpoint import exponent_bound, headroom_bits
 from ..reference.advantages import ESTIMATORS, SCALES
 
 # Kernel codes are positions in the reference's tuples (the CUDA kernel uses the same codes).
@@ -331,13 +331,6 @@ def _barrier_workspace(device: torch.device) -> torch.Tensor:
     return ws
 
 
-def _exponent_bound_host(x: float) -> int:
-    x = abs(float(x))
-    if x == 0.0 or not math.isfinite(x):
-        return -126 if x == 0.0 else 129
-    return max(math.frexp(x)[1], -126)
-
-
 def group_advantages_fwd(
     rewards: torch.Tensor,
     group_index: torch.Tensor | None,
@@ -390,14 +383,14 @@ def group_advantages_fwd(
     else:
         grid_size = 1  # the interpreter runs programs one after another: a grid barrier needs one
     work = torch.empty(4 * slots, dtype=torch.int64, device=dev)
-    headroom = max(1, math.ceil(math.log2(max(n, 1) + 1))) + 1
+    headroom = headroom_bits(n)
     external = batch_stats is not None
     bstats = batch_stats.to(device=dev, dtype=torch.float64).contiguous() if external else work
     gi = group_index.contiguous() if group_index is not None else rewards
     _group_advantages_segmented_kernel[(grid_size,)](
         rewards, gi, out, mean, std, count, pos_t, neg_t,
         work, _barrier_workspace(dev), bstats,
-        n, num_groups, max(group_size, 1), headroom, _exponent_bound_host(virtual_max_reward if estimator == "ngrpo" else 0.0),
+        n, num_groups, max(group_size, 1), headroom, exponent_bound(virtual_max_reward if estimator == "ngrpo" else 0.0),
         float(eps), float(virtual_max_reward), float(num_virtual), float(positive_scale), float(negative_scale),
         ESTIMATOR=est, SCALE=sc, UNIFORM=uniform, PER_SAMPLE_SIGN_SCALES=per_sample,
         EXTERNAL_BATCH_STATS=external, BLOCK=block, num_warps=8,

@@ -1,0 +1,123 @@
+// Torch-facing side of the compiled extension: argument checks, output allocation, and
+// TORCH_LIBRARY registration of negkernels_cuda::*. Includes no CUDA header (the kernels'
+// launchers take raw pointers and a stream handed over from Python), so it builds against a CPU
+// build of torch as well, where the checks can be tested without a GPU.
+#include <torch/extension.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "advantages.h"
+
+namespace negkernels {
+namespace {
+
+void check_launch(int error, const char* what) {
+  TORCH_CHECK(error == 0, what, " failed: ", cuda_error_string(error));
+}
+
+int reward_dtype_code(const at::Tensor& rewards) {
+  switch (rewards.scalar_type()) {
+    case at::kFloat: return kRewardF32;
+    case at::kDouble: return kRewardF64;
+    case at::kHalf: return kRewardF16;
+    case at::kBFloat16: return kRewardBF16;
+    default: TORCH_CHECK(false, "rewards: expected a float16/bfloat16/float32/float64 tensor, got ", rewards.scalar_type());
+  }
+  return 0;
+}
+
+const float* optional_sign_scale(const std::optional<at::Tensor>& t, const at::Tensor& rewards, const char* name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->device() == rewards.device(), name, ": expected a tensor on ", rewards.device(), ", got ", t->device());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == rewards.size(0), name, ": expected shape [", rewards.size(0), "], got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), name, ": expected a contiguous float32 tensor");
+  return t->data_ptr<float>();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages(
+    const at::Tensor& rewards, const std::optional<at::Tensor>& group_index, int64_t group_size, int64_t num_groups,
+    int64_t estimator, int64_t scale, double eps, double virtual_max_reward, double num_virtual, double positive_scale,
+    double negative_scale, const std::optional<at::Tensor>& positive_scale_tensor,
+    const std::optional<at::Tensor>& negative_scale_tensor, const std::optional<at::Tensor>& batch_stats,
+    int64_t headroom, int64_t vmax_exponent, int64_t stream) {
+  TORCH_CHECK(rewards.is_cuda(), "rewards: the CUDA kernel needs a CUDA tensor, got ", rewards.device());
+  TORCH_CHECK(rewards.dim() == 1, "rewards: expected a 1-D tensor, got shape ", rewards.sizes());
+  TORCH_CHECK(rewards.is_contiguous(), "rewards: expected a contiguous tensor");
+  const int dtype = reward_dtype_code(rewards);
+  const int64_t n = rewards.size(0);
+  TORCH_CHECK(num_groups >= 0, "num_groups: must be >= 0, got ", num_groups);
+  TORCH_CHECK(estimator >= 0 && estimator <= 4, "estimator: unknown code ", estimator);
+  TORCH_CHECK(scale >= 0 && scale <= 3, "scale: unknown code ", scale);
+  TORCH_CHECK(headroom > 0 && headroom < 40 && (int64_t(1) << (headroom - 1)) > n, "headroom: must exceed log2(n)");
+  GroupAdvantagesArgs args;
+  if (group_index.has_value()) {
+    const at::Tensor& gi = *group_index;
+    TORCH_CHECK(gi.device() == rewards.device(), "group_index: expected a tensor on ", rewards.device(), ", got ", gi.device());
+    TORCH_CHECK(gi.dim() == 1 && gi.size(0) == n, "group_index: expected shape [", n, "], got ", gi.sizes());
+    TORCH_CHECK(gi.scalar_type() == at::kInt || gi.scalar_type() == at::kLong, "group_index: expected int32 or int64, got ", gi.scalar_type());
+    TORCH_CHECK(gi.is_contiguous(), "group_index: expected a contiguous tensor");
+    args.group_index = gi.data_ptr();
+    args.group_index_bits = gi.scalar_type() == at::kInt ? 32 : 64;
+  } else {
+    TORCH_CHECK(group_size >= 1 && n % group_size == 0, "group_size: must be >= 1 and divide ", n, ", got ", group_size);
+    TORCH_CHECK(num_groups == n / group_size, "num_groups: expected ", n / group_size, " for group_size ", group_size);
+  }
+  if (batch_stats.has_value()) {
+    TORCH_CHECK(batch_stats->device() == rewards.device() && batch_stats->scalar_type() == at::kDouble && batch_stats->numel() == 2,
+                "batch_stats: expected a float64 tensor of 2 elements on ", rewards.device());
+    args.batch_stats = batch_stats->data_ptr<double>();
+  }
+  args.positive_scale = optional_sign_scale(positive_scale_tensor, rewards, "positive_scale");
+  args.negative_scale = optional_sign_scale(negative_scale_tensor, rewards, "negative_scale");
+
+  auto f32 = rewards.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({n}, f32);
+  at::Tensor mean = at::empty({num_groups}, f32);
+  at::Tensor std = at::empty({num_groups}, f32);
+  at::Tensor count = at::empty({num_groups}, rewards.options().dtype(at::kLong));
+  if (n == 0 && num_groups == 0) return {out, mean, std, count};
+  at::Tensor work = at::empty({4 * (num_groups + 2)}, rewards.options().dtype(at::kLong));
+  args.rewards = rewards.data_ptr();
+  args.rewards_dtype = dtype;
+  args.out = out.data_ptr<float>();
+  args.mean = mean.data_ptr<float>();
+  args.std = std.data_ptr<float>();
+  args.count = count.data_ptr<int64_t>();
+  args.work = work.data_ptr<int64_t>();
+  args.n = n;
+  args.num_groups = num_groups;
+  args.group_size = group_size > 0 ? group_size : 1;
+  args.estimator = static_cast<int>(estimator);
+  args.scale = static_cast<int>(scale);
+  args.headroom = static_cast<int>(headroom);
+  args.vmax_exponent = static_cast<int>(vmax_exponent);
+  args.eps = eps;
+  args.virtual_max_reward = virtual_max_reward;
+  args.num_virtual = num_virtual;
+  args.positive_value = positive_scale;
+  args.negative_value = negative_scale;
+  args.device = rewards.get_device();
+  check_launch(launch_group_advantages(args, reinterpret_cast<void*>(stream)), "group_advantages kernel launch");
+  return {out, mean, std, count};
+}
+
+std::vector<std::string> implemented_ops() { return {"group_advantages"}; }
+
+}  // namespace
+}  // namespace negkernels
+
+TORCH_LIBRARY(negkernels_cuda, m) {
+  m.def(
+      "group_advantages(Tensor rewards, Tensor? group_index, int group_size, int num_groups, int estimator, int scale, "
+      "float eps, float virtual_max_reward, float num_virtual, float positive_scale, float negative_scale, "
+      "Tensor? positive_scale_tensor, Tensor? negative_scale_tensor, Tensor? batch_stats, int headroom, "
+      "int vmax_exponent, int stream) -> (Tensor, Tensor, Tensor, Tensor)",
+      &negkernels::group_advantages);
+}
+
+PYBIND11_MODULE(_negkernels_cuda, m) {
+  m.doc() = "negkernels compiled CUDA kernels; the ops are registered as torch.ops.negkernels_cuda.*";
+  m.def("implemented_ops", &negkernels::implemented_ops, "Names of the public ops that have a CUDA kernel here.");
+}
