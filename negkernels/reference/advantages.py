@@ -69,10 +69,11 @@ def group_advantages_reference(
 
     ``group_ids`` int64 [N] in [0, num_groups). ``batch_stats`` (optional [2] = mean, std) replaces
     the batch statistics ("batch": of the rewards; "whiten": of the numerators).
-    Returns (advantages [N], group mean [G], group std [G], group count [G] int64); float64 when
-    ``rewards`` is float64, else float32.
+    Returns float64 (advantages [N], group mean [G], group std [G]) and group count [G] int64.
     """
-    dtype = _compute_dtype(rewards)
+    # Always float64: rewards are one scalar per sequence, and fp32 group sums lose a small spread
+    # around a large offset (the kernels use exact fixed-point sums for the same reason).
+    dtype = torch.float64
     r = rewards.to(dtype)
     ids = group_ids.long()
     zeros = torch.zeros(num_groups, dtype=dtype, device=r.device)

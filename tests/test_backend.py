@@ -1,0 +1,63 @@
+"""Backend selection: explicit argument > NEGKERNELS_BACKEND > automatic; never a silent fallback."""
+
+import pytest
+import torch
+
+import negkernels as nk
+from negkernels._backend import resolve_backend
+
+
+def test_available_backends_on_cpu():
+    backends = nk.available_backends("cpu")
+    assert backends[0] == "reference"
+    assert "cuda" not in backends
+    assert ("triton" in backends) == (nk._backend.has_triton() and nk._backend.triton_interpret())
+
+
+def test_automatic_choice_on_cpu(monkeypatch):
+    monkeypatch.delenv("NEGKERNELS_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert resolve_backend(None, torch.device("cpu"), "group_advantages", ("reference", "triton", "cuda")) == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    expected = "triton" if nk._backend.has_triton() else "reference"
+    assert resolve_backend(None, torch.device("cpu"), "group_advantages", ("reference", "triton", "cuda")) == expected
+
+
+def test_environment_default(monkeypatch):
+    monkeypatch.setenv("NEGKERNELS_BACKEND", "reference")
+    assert resolve_backend(None, torch.device("cpu"), "group_advantages", ("reference", "triton")) == "reference"
+    monkeypatch.setenv("NEGKERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend(None, torch.device("cpu"), "group_advantages", ("reference",))
+
+
+def test_explicit_unavailable_backend_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(nk.BackendUnavailable, match="triton"):
+        resolve_backend("triton", torch.device("cpu"), "group_advantages", ("reference", "triton", "cuda"))
+    with pytest.raises(nk.BackendUnavailable, match="CUDA tensors"):
+        nk.group_advantages(torch.randn(4), group_size=2, backend="cuda")
+    with pytest.raises(nk.BackendUnavailable, match="no triton implementation"):
+        resolve_backend("triton", torch.device("cpu"), "op", ("reference",))
+
+
+def test_disabled_extension_does_not_break_import(monkeypatch):
+    from negkernels import _cuda_ext
+
+    monkeypatch.setenv("NEGKERNELS_DISABLE_CUDA_EXT", "1")
+    monkeypatch.setattr(_cuda_ext, "_state", {"module": None, "error": None, "tried": False})
+    assert _cuda_ext.load() is None
+    assert "NEGKERNELS_DISABLE_CUDA_EXT" in _cuda_ext.load_error()
+    assert not nk.has_cuda_ext()
+
+
+def test_cpu_torch_never_builds_on_first_use(monkeypatch, tmp_path):
+    from negkernels import _cuda_ext
+
+    monkeypatch.delenv("NEGKERNELS_DISABLE_CUDA_EXT", raising=False)
+    monkeypatch.setenv("NEGKERNELS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_cuda_ext, "_state", {"module": None, "error": None, "tried": False})
+    if torch.version.cuda is None:
+        assert _cuda_ext.load() is None
+        assert "not built" in _cuda_ext.load_error()
+        assert not any(tmp_path.iterdir())
