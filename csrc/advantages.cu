@@ -43,28 +43,25 @@ __device__ __forceinline__ long long quantize(double x, int shift) {
 }
 __device__ __forceinline__ long long ld(const int64_t* p) { return static_cast<long long>(__ldcg(p)); }
 
-__device__ __forceinline__ long long block_sum(long long v, long long* shared) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xFFFFFFFFu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  long long total = 0;
-  if (threadIdx.x == 0)
-    for (int w = 0; w < kThreads / 32; ++w) total += shared[w];
-  return total;  // valid in thread 0
-}
+struct Add {
+  __device__ long long operator()(long long x, long long y) const { return x + y; }
+};
+struct Max {
+  __device__ long long operator()(long long x, long long y) const { return max(x, y); }
+};
 
-__device__ __forceinline__ long long block_max(long long v, long long* shared) {
-  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_down_sync(0xFFFFFFFFu, v, o));
+// Integer reduction over the block (deterministic in any order); the result is valid in thread 0.
+template <typename Op>
+__device__ __forceinline__ long long block_reduce(long long v, long long* shared, Op op) {
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_down_sync(0xFFFFFFFFu, v, o));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __syncthreads();
   if (lane == 0) shared[warp] = v;
   __syncthreads();
-  long long best = 0;
+  long long total = 0;  // identity of both Add and Max here: max operands are non-negative bit patterns
   if (threadIdx.x == 0)
-    for (int w = 0; w < kThreads / 32; ++w) best = max(best, shared[w]);
-  return best;
+    for (int w = 0; w < kThreads / 32; ++w) total = op(total, shared[w]);
+  return total;
 }
 
 struct GroupView {
@@ -129,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) group_advantages_kernel(GroupAdvanta
     local_max = max(local_max, bits);
   }
   if (need_batch) {
-    const long long best = block_max(local_max, shared);
+    const long long best = block_reduce(local_max, shared, Max{});
     if (threadIdx.x == 0) atomicMax(reinterpret_cast<long long*>(maxbits + batch), best);
     if (blockIdx.x == 0 && threadIdx.x == 0) count[batch] = a.n;
   }
@@ -146,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) group_advantages_kernel(GroupAdvanta
     local_sum += quantize(r, top - batch_e);
   }
   if (need_batch) {
-    const long long total = block_sum(local_sum, shared);
+    const long long total = block_reduce(local_sum, shared, Add{});
     if (threadIdx.x == 0) atomicAdd(reinterpret_cast<unsigned long long*>(sums + batch), static_cast<unsigned long long>(total));
   }
   grid.sync();
@@ -168,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) group_advantages_kernel(GroupAdvanta
     local_sq += quantize(db * db, top - (2 * batch_e + 2));
   }
   if (need_batch) {
-    const long long total = block_sum(a.scale == 1 ? local_sq : local_num, shared);
+    const long long total = block_reduce(a.scale == 1 ? local_sq : local_num, shared, Add{});
     if (threadIdx.x == 0)
       atomicAdd(reinterpret_cast<unsigned long long*>(a.scale == 1 ? squares + batch : sums + whiten), static_cast<unsigned long long>(total));
   }
@@ -183,7 +180,7 @@ __global__ void __launch_bounds__(kThreads) group_advantages_kernel(GroupAdvanta
       const double da = numerator(a, load_reward(a, i), read_group(a, g, slots)) - whiten_mean;
       local += quantize(da * da, top - (2 * whiten_e + 2));
     }
-    const long long total = block_sum(local, shared);
+    const long long total = block_reduce(local, shared, Add{});
     if (threadIdx.x == 0) atomicAdd(reinterpret_cast<unsigned long long*>(squares + whiten), static_cast<unsigned long long>(total));
     grid.sync();
   }

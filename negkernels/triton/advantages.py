@@ -358,8 +358,13 @@ def group_advantages_fwd(
     if n == 0 and num_groups == 0:
         return out, mean, std, count
     per_sample = positive_scale_tensor is not None or negative_scale_tensor is not None
-    pos_t = positive_scale_tensor.contiguous() if positive_scale_tensor is not None else torch.full((max(n, 1),), float(positive_scale), device=dev)
-    neg_t = negative_scale_tensor.contiguous() if negative_scale_tensor is not None else torch.full((max(n, 1),), float(negative_scale), device=dev)
+    if per_sample:
+        # Only when one side is per-sample and the other a scalar does the scalar need a tensor.
+        pos_t = positive_scale_tensor if positive_scale_tensor is not None else torch.full_like(negative_scale_tensor, positive_scale)
+        neg_t = negative_scale_tensor if negative_scale_tensor is not None else torch.full_like(positive_scale_tensor, negative_scale)
+        pos_t, neg_t = pos_t.contiguous(), neg_t.contiguous()
+    else:
+        pos_t = neg_t = rewards  # never read: PER_SAMPLE_SIGN_SCALES is off
     est, sc = ESTIMATOR_CODES[estimator], SCALE_CODES[scale]
     uniform = group_index is None
     if uniform and sc in (0, 2) and 0 < group_size <= MAX_UNIFORM_GROUP:
