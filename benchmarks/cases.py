@@ -8,7 +8,7 @@ zero-argument callables. Implementations: "eager" (the plain-PyTorch reference),
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -23,8 +23,7 @@ class Case:
     min_bytes: Callable[[dict], int]
     flops: Callable[[dict], int] = lambda inputs: 0
     shape: Callable[[dict], str] = lambda inputs: ""
-    notes: str = ""
-    tags: tuple = field(default_factory=tuple)
+    notes: str = ""  # the target and today's baselines, printed under the table
 
     @property
     def id(self) -> str:
@@ -86,7 +85,7 @@ CASES: list[Case] = [
         implementations=_advantage_impls,
         min_bytes=lambda i: i["n"] * 4 * 2,  # read rewards, write advantages
         shape=lambda i: f"N={i['n']} G=64 fp32",
-        notes="target on an H100: one launch, <= 10 us",
+        notes="H100 target: one launch, <= 10 us (today: eager 21 us, torch.compile 6 us)",
     ),
     Case(
         family="advantages",
@@ -95,7 +94,7 @@ CASES: list[Case] = [
         implementations=_advantage_impls,
         min_bytes=lambda i: i["n"] * (4 + 8 + 4),  # rewards, int64 ids, advantages
         shape=lambda i: f"N={i['n']} sizes 1-128 shuffled, {i['num_groups']} groups",
-        notes="target on an H100: one launch, <= 10 us",
+        notes="H100 target: one launch, <= 10 us (today: eager 104 us)",
     ),
 ]
 

@@ -119,10 +119,10 @@ def run(family=None, case=None, impls=None, out_dir="bench-results", full=None, 
             rows.append(dict(case=c.id, shape=c.shape(inputs), impl=impl, ms=ms, GBps=gbps, TFLOPs=tflops,
                              pct_roofline=pct, peak_extra_MB=None if extra is None else extra / 2**20, error=error,
                              floor_ms=nbytes / (roof["copy_GBps"] * 1e6)))
-        for r in rows:
-            if r["case"] != c.id:
-                continue
-            base = {k["impl"]: k["ms"] for k in rows if k["case"] == c.id}
+        case_rows = [r for r in rows if r["case"] == c.id]
+        base = {r["impl"]: r["ms"] for r in case_rows}
+        for r in case_rows:
+            r["notes"] = c.notes
             r["vs_eager"] = base.get("eager", float("nan")) / r["ms"] if r["ms"] else float("nan")
             r["vs_compile"] = base.get("compile", float("nan")) / r["ms"] if r["ms"] else float("nan")
     print_table(rows, device, name, roof)
@@ -143,6 +143,9 @@ def print_table(rows, device, name, roof) -> None:
         print(f"{r['case']:<24} {r['impl']:<8} {_fmt(r['ms'], '10.4f')} {_fmt(r['GBps'], '9.1f')} {_fmt(r['pct_roofline'], '6.1f')} "
               f"{_fmt(r['floor_ms'], '9.4f')} {_fmt(r['peak_extra_MB'], '8.1f')} {_fmt(r.get('vs_eager'), '8.2f')} "
               f"{_fmt(r.get('vs_compile'), '9.2f')}  {r['shape']}" + (f"  ERROR {r['error']}" if r["error"] else ""))
+    notes = dict.fromkeys(f"{r['case']}: {r['notes']}" for r in rows if r.get("notes"))
+    if notes:
+        print("\n" + "\n".join(notes))
     if device.type != "cuda":
         print("\nNo CUDA device: CPU timings of the eager and compiled references on small shapes only; "
               "the Triton and CUDA kernel figures need a CUDA GPU.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import available_backends
+from .ops.advantages import DISCRIMINATIVE_LOSS_BACKENDS, GROUP_ADVANTAGES_BACKENDS
 from .reference.advantages import ESTIMATORS, SCALES, group_advantages_reference, group_discriminative_loss_reference
 
 
@@ -46,7 +47,7 @@ def _discriminative_checks(device):
         yield "group_discriminative_loss", mode, run
 
 
-OP_BACKENDS = {"group_advantages": ("reference", "triton", "cuda"), "group_discriminative_loss": ("reference",)}
+OP_BACKENDS = {"group_advantages": GROUP_ADVANTAGES_BACKENDS, "group_discriminative_loss": DISCRIMINATIVE_LOSS_BACKENDS}
 
 
 def run_checks(device: torch.device | None = None, verbose: bool = True) -> int:

@@ -33,6 +33,7 @@ from ..reference.advantages import (
 )
 
 GROUP_ADVANTAGES_BACKENDS = ("reference", "triton", "cuda")
+DISCRIMINATIVE_LOSS_BACKENDS = ("reference",)
 DISCRIMINATIVE_MODES = ("disco", "disco_b")
 
 
@@ -284,7 +285,7 @@ def group_discriminative_loss(
     if weights is not None:
         check_tensor("weights", weights, ndim=1, dtypes=FLOAT_DTYPES, device=scores.device)
         check_same_length("weights", weights, n, "scores")
-    resolve_backend(backend, scores.device, "group_discriminative_loss", ("reference",))
+    resolve_backend(backend, scores.device, "group_discriminative_loss", DISCRIMINATIVE_LOSS_BACKENDS)
     if num_groups is None:
         if n and int(group_index.min()) < 0:
             raise ValueError("group_index: ids must be >= 0")
