@@ -12,6 +12,7 @@ from .ops.advantages import (
     group_advantages,
     group_discriminative_loss,
 )
+from .ops.logprobs import PolicyLossOutput, policy_loss, policy_loss_from_logits, token_logprobs
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,8 @@ __all__ = [
     "group_advantages",
     "group_discriminative_loss",
     "has_cuda_ext",
+    "PolicyLossOutput",
+    "policy_loss",
+    "policy_loss_from_logits",
+    "token_logprobs",
 ]

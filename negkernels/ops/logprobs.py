@@ -1,0 +1,876 @@
+"""Token log-probs, entropy and policy losses: public API, custom ops and autograd.
+
+Layering: :func:`token_logprobs`, :func:`policy_loss`, :func:`policy_loss_from_logits` (validation,
+normalisers, process groups) → the custom ops ``negkernels::token_logprobs_fwd`` / ``_bwd``,
+``negkernels::policy_loss`` and ``negkernels::policy_loss_from_logits`` (fake + autograd + backend
+routing) → the Triton or CUDA launchers. The ``reference`` backend is plain differentiable PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .._backend import resolve_backend
+from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_finite_float, check_int, check_tensor
+from ..reference.logprobs import (
+    AGGREGATIONS,
+    IS_MODES,
+    KL_ESTIMATORS,
+    LOSS_TYPES,
+    METRICS,
+    policy_loss_reference,
+    token_logprobs_grad_reference,
+    token_logprobs_partials_reference,
+    token_logprobs_reference,
+)
+
+TOKEN_LOGPROBS_BACKENDS = ("reference", "triton")
+POLICY_LOSS_BACKENDS = ("reference", "triton", "cuda")
+POLICY_LOSS_FROM_LOGITS_BACKENDS = ("reference", "triton")
+TOKEN_LOCAL_LOSSES = ("ppo", "cispo", "sapo", "gpg")
+
+
+class PolicyLossOutput(NamedTuple):
+    """The loss and, from the same pass, its metrics (0-d fp32 means over the unmasked tokens)."""
+
+    loss: Tensor
+    clip_fraction_low: Tensor  # A < 0 and ρ < 1 − clip_low (cispo: ρ < 1 − clip_low, two-sided only)
+    clip_fraction_high: Tensor  # A > 0 and ρ > 1 + clip_high (cispo: ρ > 1 + clip_high)
+    dual_clip_fraction: Tensor  # A < 0 and the dual-clip cap −c·A is the loss
+    approx_kl: Tensor  # mean of ρ − 1 − log ρ, an unbiased estimate of KL(π_old ‖ π)
+    mean_ratio: Tensor  # mean of ρ = exp(logp − old_logp)
+    kl: Tensor  # mean of the KL-penalty estimate against ref_logp (0 without ref_logp)
+    entropy: Optional[Tensor] = None  # mean token entropy (from logits, with return_entropy)
+    token_logp: Optional[Tensor] = None  # per-token log-probs, detached (from logits)
+    token_entropy: Optional[Tensor] = None  # per-token entropy, detached (from logits, with return_entropy)
+
+
+# ============================================================================ token log-probs
+
+
+def _row_view(x: Tensor) -> tuple[Tensor, int, int, int]:
+    """[..., V] → (tensor, outer stride, inner stride, inner size) addressing rows without a copy
+    when the last dim has unit stride and there are at most two leading dims (e.g. logits[:, :-1])."""
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.dim() > 3:
+        x = x.reshape(-1, x.shape[-2], x.shape[-1])
+    if x.dim() == 2:
+        return x, 0, x.stride(0), max(x.shape[0], 1)
+    return x, x.stride(0), x.stride(1), max(x.shape[1], 1)
+
+
+@torch.library.custom_op("negkernels::token_logprobs_fwd", mutates_args=())
+def _token_logprobs_fwd_op(logits: Tensor, targets: Tensor, temperature: float, vocab_start: int, with_entropy: bool,
+                           inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from ..triton.logprobs import token_logprobs_fwd
+
+    rows = targets.numel()
+    x, so, si, inner = _row_view(logits)
+    logp, entropy, lse = token_logprobs_fwd(x, so, si, inner, rows, logits.shape[-1], targets.reshape(-1).contiguous(),
+                                            temperature, vocab_start, with_entropy)
+    lead = targets.shape
+    return logp.view(lead), entropy.view(lead) if with_entropy else entropy, lse.view(lead)
+
+
+@_token_logprobs_fwd_op.register_fake
+def _(logits, targets, temperature, vocab_start, with_entropy, inplace_backward):
+    out = logits.new_empty(targets.shape, dtype=torch.float32)
+    ent = logits.new_empty(targets.shape if with_entropy else (0,), dtype=torch.float32)
+    return out, ent, out.clone()
+
+
+def _bwd_launch(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, vocab_start, out):
+    from ..triton.logprobs import token_logprobs_bwd
+
+    x, so, si, inner = _row_view(logits)
+    o, oso, osi, _ = _row_view(out)
+    token_logprobs_bwd(
+        grad_logp.reshape(-1) if grad_logp is not None else None,
+        grad_entropy.reshape(-1) if grad_entropy is not None else None,
+        x, so, si, inner, o, oso, osi, targets.numel(), logits.shape[-1], targets.reshape(-1).contiguous(),
+        lse.reshape(-1).contiguous(), entropy.reshape(-1).contiguous() if entropy is not None else None,
+        temperature, vocab_start,
+    )
+    return out
+
+
+@torch.library.custom_op("negkernels::token_logprobs_bwd", mutates_args=())
+def _token_logprobs_bwd_op(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], logits: Tensor, targets: Tensor,
+                           lse: Tensor, entropy: Optional[Tensor], temperature: float, vocab_start: int) -> Tensor:
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _bwd_launch(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, vocab_start, out)
+    return out
+
+
+@_token_logprobs_bwd_op.register_fake
+def _(grad_logp, grad_entropy, logits, *args):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("negkernels::token_logprobs_bwd_inplace", mutates_args=("logits",))
+def _token_logprobs_bwd_inplace_op(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], logits: Tensor,
+                                   targets: Tensor, lse: Tensor, entropy: Optional[Tensor], temperature: float,
+                                   vocab_start: int) -> None:
+    # Each element is read before it is overwritten by the same thread: logits become their gradient.
+    _bwd_launch(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, vocab_start, logits)
+
+
+def _token_logprobs_setup(ctx, inputs, output):
+    logits, targets, temperature, vocab_start, with_entropy, inplace = inputs
+    logp, entropy, lse = output
+    ctx.save_for_backward(logits, targets, lse, entropy if with_entropy else None)
+    ctx.temperature, ctx.vocab_start, ctx.inplace = temperature, vocab_start, inplace
+    ctx.mark_non_differentiable(lse)
+
+
+def _token_logprobs_backward(ctx, grad_logp, grad_entropy, grad_lse):
+    logits, targets, lse, entropy = ctx.saved_tensors
+    if entropy is None:
+        grad_entropy = None
+    if ctx.inplace:
+        _token_logprobs_bwd_inplace_op(grad_logp, grad_entropy, logits, targets, lse, entropy, ctx.temperature,
+                                       ctx.vocab_start)
+        grad = logits
+    else:
+        grad = _token_logprobs_bwd_op(grad_logp, grad_entropy, logits, targets, lse, entropy, ctx.temperature,
+                                      ctx.vocab_start)
+    return grad, None, None, None, None, None
+
+
+_token_logprobs_fwd_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup)
+
+
+class _VocabParallelTokenLogprobs(torch.autograd.Function):
+    """Each rank holds logits for the vocabulary slice [vocab_start, vocab_start + V_r).
+
+    Forward: per-slice (log p_t or 0, H_r, lse_r), then all-reduces: lse = log Σ_r e^{lse_r};
+    log p_t = z_t − lse; H = Σ_r w_r·(H_r − log w_r) with w_r = e^{lse_r − lse} (no large terms
+    cancel). Backward: every rank's slice gradient from the global lse and H; no communication.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, vocab_start, with_entropy, group, backend):
+        import torch.distributed as dist
+
+        if backend == "reference":
+            logp_r, ent_r, lse_r = token_logprobs_partials_reference(logits, targets, temperature, vocab_start)
+        else:
+            logp_r, ent_r, lse_r = _token_logprobs_fwd_op(logits, targets, temperature, vocab_start, True, False)
+        lse_max = lse_r.clone()
+        dist.all_reduce(lse_max, op=dist.ReduceOp.MAX, group=group)
+        shift = torch.where(torch.isfinite(lse_max), lse_max, torch.zeros_like(lse_max))
+        weight = torch.exp(lse_r - shift)
+        total = weight.clone()
+        local = targets.long() - vocab_start
+        owned = (local >= 0) & (local < logits.shape[-1])
+        z_t = torch.where(owned, logp_r + lse_r, torch.zeros_like(lse_r))
+        stacked = torch.stack([total, z_t])
+        dist.all_reduce(stacked, group=group)
+        lse = shift + torch.log(stacked[0])
+        logp = stacked[1] - lse
+        w = torch.exp(lse_r - lse)
+        ent_terms = torch.where(w > 0, w * (ent_r - torch.log(w)), torch.zeros_like(w))
+        dist.all_reduce(ent_terms, group=group)
+        entropy = ent_terms
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.args = (temperature, vocab_start, backend)
+        ctx.with_entropy = with_entropy
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        temperature, vocab_start, backend = ctx.args
+        if not ctx.with_entropy:
+            grad_entropy = None
+        if backend == "reference":
+            grad = token_logprobs_grad_reference(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature,
+                                                 vocab_start)
+        else:
+            grad = _token_logprobs_bwd_op(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature,
+                                          vocab_start)
+        return grad, None, None, None, None, None, None
+
+
+def _check_targets(targets: Tensor, logits: Tensor, name: str = "targets") -> None:
+    check_tensor(name, targets, dtypes=INDEX_DTYPES, device=logits.device)
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"{name}: shape {tuple(targets.shape)} must equal logits.shape[:-1] = {tuple(logits.shape[:-1])}")
+
+
+def _check_target_range(targets: Tensor, vocab: int, name: str = "targets") -> None:
+    if targets.numel():
+        lo, hi = (int(v) for v in torch.aminmax(targets.reshape(-1)))
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"{name}: ids must lie in [0, {vocab}), found {lo if lo < 0 else hi}")
+
+
+def _global_vocab(local: int, process_group) -> tuple[int, int]:
+    """(vocab_start of this rank, global vocabulary size) for contiguous slices in rank order."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(process_group)
+    sizes = [None] * world
+    dist.all_gather_object(sizes, local, group=process_group)
+    rank = dist.get_rank(process_group)
+    return sum(sizes[:rank]), sum(sizes)
+
+
+def token_logprobs(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    inplace_backward: bool = False,
+    process_group=None,
+    validate: bool = True,
+    backend: Optional[str] = None,
+):
+    """Log-probabilities of the chosen tokens (and entropies) from logits, in one streaming pass.
+
+    Args:
+        logits: [..., V] fp16/bf16/fp32 (fp64 on the reference backend). Rows need unit stride
+            along V; up to two leading dims may be strided views (``logits[:, :-1]``) without a copy.
+        targets: [...] int32/int64 token ids in [0, V) (global ids with ``process_group``).
+        temperature: T > 0; the distribution is softmax(logits / T).
+        return_entropy: also return H = −Σ_j p_j log p_j of that distribution.
+        inplace_backward: the backward writes the logits' gradient into the logits' storage
+            (saves a logits-sized buffer; the logits are destroyed, so nothing else may need them).
+        process_group: vocab-parallel logits: rank r holds the r-th contiguous slice of the
+            vocabulary, in rank order; results equal the single-process ones on every rank.
+        validate: check the target range on the host (one synchronisation).
+        backend: ``None`` (automatic), ``"reference"`` or ``"triton"``.
+
+    Returns:
+        logp [...] fp32 = z_t − log Σ_j e^{z_j} with z = logits / T (and entropy [...] fp32).
+        Differentiable in ``logits`` through both; the gradient comes back in the logits' dtype:
+        d/dz_j = g_logp·(1[j=t] − p_j) − g_H·p_j·(log p_j + H), divided by T.
+
+    The Triton kernel keeps an online max, sum-exp and Σ p·z per row and saves only the row's
+    log-sum-exp for the backward, which recomputes p: no fp32 or full-size log-softmax ever exists.
+    """
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits: expected shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    _check_targets(targets, logits)
+    temperature = check_finite_float("temperature", temperature, minimum=0.0, exclusive=True)
+    chosen = resolve_backend(backend, logits.device, "token_logprobs", TOKEN_LOGPROBS_BACKENDS)
+    if chosen != "reference" and logits.dtype == torch.float64:
+        raise TypeError("logits: float64 logits run on backend='reference' only")
+    if process_group is not None:
+        vocab_start, vocab = _global_vocab(logits.shape[-1], process_group)
+        if validate:
+            _check_target_range(targets, vocab)
+        logp, entropy = _VocabParallelTokenLogprobs.apply(logits, targets, temperature, vocab_start, return_entropy,
+                                                          process_group, chosen)
+        return (logp, entropy) if return_entropy else logp
+    if validate:
+        _check_target_range(targets, logits.shape[-1])
+    if chosen == "reference":
+        return token_logprobs_reference(logits, targets, temperature, return_entropy)
+    logp, entropy, _ = _token_logprobs_fwd_op(logits, targets, temperature, 0, return_entropy, inplace_backward)
+    return (logp, entropy) if return_entropy else logp
+
+
+# ============================================================================ policy loss
+
+
+class _Prepared(NamedTuple):
+    """Flattened inputs and scalar configuration shared by the policy-loss ops."""
+
+    logp: Tensor
+    old_logp: Tensor
+    advantages: Tensor
+    mask: Optional[Tensor]
+    ref_logp: Optional[Tensor]
+    is_weights: Optional[Tensor]
+    cu_seqlens: Optional[Tensor]
+    num_sequences: int
+    seq_len: int
+    max_len: int
+    adv_per_token: bool
+    iw_per_token: bool
+
+
+def _flat(x: Optional[Tensor]) -> Optional[Tensor]:
+    return None if x is None else x.reshape(-1).contiguous()
+
+
+def _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens, max_seqlen, ref_logp, is_weights, loss_type):
+    check_tensor("logp", logp, dtypes=FLOAT_DTYPES)
+    device = logp.device
+    packed = cu_seqlens is not None
+    if packed:
+        if logp.dim() != 1:
+            raise ValueError(f"logp: with cu_seqlens expected packed [N] log-probs, got shape {tuple(logp.shape)}")
+        check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=INDEX_DTYPES, device=device)
+        if cu_seqlens.numel() < 1:
+            raise ValueError("cu_seqlens: needs at least one entry (0)")
+        num_seq = cu_seqlens.numel() - 1
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != logp.numel() or (num_seq and int(lengths.min()) < 0):
+            raise ValueError(f"cu_seqlens: must start at 0, be non-decreasing and end at N = {logp.numel()}")
+        if max_seqlen is None:
+            max_seqlen = int(lengths.max()) if num_seq else 0
+        else:
+            check_int("max_seqlen", max_seqlen, minimum=0)
+            if num_seq and int(lengths.max()) > max_seqlen:
+                raise ValueError(f"max_seqlen: {max_seqlen} is shorter than the longest sequence")
+        seq_len = 0
+    else:
+        if logp.dim() != 2:
+            raise ValueError(f"logp: expected [B, T] (or packed [N] with cu_seqlens), got shape {tuple(logp.shape)}")
+        num_seq, seq_len = logp.shape
+        max_seqlen = seq_len
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if t is None:
+            continue
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, device=device)
+        if t.shape != logp.shape:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} must equal logp's {tuple(logp.shape)}")
+    if mask is not None:
+        check_tensor("mask", mask, device=device)
+        if mask.shape != logp.shape:
+            raise ValueError(f"mask: shape {tuple(mask.shape)} must equal logp's {tuple(logp.shape)}")
+    per_token = {}
+    for name, t in (("advantages", advantages), ("is_weights", is_weights)):
+        if t is None:
+            continue
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, device=device)
+        if t.shape == logp.shape:
+            per_token[name] = True
+        elif tuple(t.shape) == (num_seq,):
+            per_token[name] = False
+        else:
+            raise ValueError(f"{name}: expected per-token shape {tuple(logp.shape)} or per-sequence ({num_seq},), "
+                             f"got {tuple(t.shape)}")
+    if advantages is None and loss_type != "npo":
+        raise ValueError(f"advantages: required for loss_type={loss_type!r}")
+    return num_seq, seq_len, max_seqlen, per_token
+
+
+def _sequence_counts(mask: Optional[Tensor], logp: Tensor, cu_seqlens: Optional[Tensor]) -> Tensor:
+    """Unmasked tokens per sequence [B] (fp32)."""
+    if cu_seqlens is None:
+        if mask is None:
+            return torch.full((logp.shape[0],), float(logp.shape[1]), device=logp.device)
+        return (mask != 0).sum(-1).float()
+    if mask is None:
+        return (cu_seqlens[1:] - cu_seqlens[:-1]).float()
+    csum = torch.cat([torch.zeros(1, device=logp.device, dtype=torch.float64), (mask != 0).double().cumsum(0)])
+    return (csum[cu_seqlens[1:].long()] - csum[cu_seqlens[:-1].long()]).float()
+
+
+def _normaliser(aggregation, mask, logp, cu_seqlens, num_tokens, num_sequences, process_group, counts=None):
+    """The scalar divisor of the aggregated loss, as a 0-d fp32 tensor on logp's device."""
+    import torch.distributed as dist
+
+    device = logp.device
+    if aggregation == "token-sum":
+        return torch.ones((), device=device)
+    given = num_tokens if aggregation == "token-mean" else num_sequences
+    name = "num_tokens" if aggregation == "token-mean" else "num_sequences"
+    if given is not None:
+        if isinstance(given, Tensor):
+            value = given.detach().to(device=device, dtype=torch.float32).reshape(())
+        else:
+            value = torch.tensor(check_finite_float(name, given, minimum=0.0, exclusive=True), device=device)
+        return value
+    if aggregation == "token-mean":
+        value = (mask != 0).sum().float() if mask is not None else torch.tensor(float(logp.numel()), device=device)
+    else:
+        counts = counts if counts is not None else _sequence_counts(mask, logp, cu_seqlens)
+        value = (counts > 0).sum().float()
+    if process_group is not None:
+        value = value.clone()
+        dist.all_reduce(value, group=process_group)
+    return value.reshape(())
+
+
+@torch.library.custom_op("negkernels::policy_loss", mutates_args=())
+def _policy_loss_op(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor], ref_logp: Optional[Tensor],
+    is_weights: Optional[Tensor], cu_seqlens: Optional[Tensor], denom: Tensor,
+    num_sequences: int, seq_len: int, max_len: int, loss_type: str, kl_estimator: str, aggregation: str, is_mode: str,
+    clip_low: float, clip_high: float, delta: Optional[float], dual_clip: Optional[float], cispo_two_sided: bool,
+    tau_pos: float, tau_neg: float, npo_beta: float, kl_coef: float, is_threshold: float, is_threshold_low: float,
+    norm_constant: float, adv_per_token: bool, iw_per_token: bool, compute_grad: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    kwargs = dict(
+        num_sequences=num_sequences, seq_len=seq_len, max_len=max_len, loss_type=loss_type,
+        kl_estimator=kl_estimator or None, aggregation=aggregation, is_mode=is_mode, clip_low=clip_low,
+        clip_high=clip_high, delta=delta, dual_clip=dual_clip, cispo_two_sided=cispo_two_sided, tau_pos=tau_pos,
+        tau_neg=tau_neg, npo_beta=npo_beta, kl_coef=kl_coef, is_threshold=is_threshold,
+        is_threshold_low=is_threshold_low, norm_constant=norm_constant, adv_per_token=adv_per_token,
+        iw_per_token=iw_per_token, compute_grad=compute_grad,
+    )
+    if backend == "cuda":
+        from .._cuda_ext import policy_loss_fwd
+    else:
+        from ..triton.logprobs import policy_loss_fwd
+    partial, grad = policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, denom, **kwargs)
+    # A fixed-order sum of per-sequence partials: the loss has the same bits every run.
+    loss = partial[:, 0].sum()
+    return loss, partial, grad
+
+
+@_policy_loss_op.register_fake
+def _(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, denom, num_sequences, *rest):
+    compute_grad = rest[-2]
+    return (logp.new_empty((), dtype=torch.float32), logp.new_empty((num_sequences, 8), dtype=torch.float32),
+            logp.new_empty((logp.numel() if compute_grad else 0,), dtype=torch.float32))
+
+
+def _policy_loss_setup(ctx, inputs, output):
+    ctx.logp_dtype = inputs[0].dtype
+    ctx.save_for_backward(output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _policy_loss_backward(ctx, grad_loss, grad_partial, grad_grad):
+    (grad,) = ctx.saved_tensors
+    return (grad * grad_loss).to(ctx.logp_dtype), *([None] * 30)
+
+
+_policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_loss_setup)
+
+
+def _metrics_from_partials(partial: Tensor, process_group) -> Tensor:
+    sums = partial[:, 1:].sum(0)
+    if process_group is not None:
+        import torch.distributed as dist
+
+        sums = sums.clone()
+        dist.all_reduce(sums, group=process_group)
+    return sums[1:] / sums[0].clamp_min(1.0)
+
+
+def _output(loss, metrics, **extra) -> PolicyLossOutput:
+    return PolicyLossOutput(loss, *metrics.unbind(0), **extra)
+
+
+def _policy_options(loss_type, clip_low, clip_high, dual_clip, delta, sapo_tau_pos, sapo_tau_neg, npo_beta, kl_coef,
+                    kl_estimator, is_mode, is_threshold, is_threshold_low, aggregation, norm_constant, ref_logp,
+                    is_weights, logp, packed):
+    check_choice("loss_type", loss_type, LOSS_TYPES)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    check_choice("is_mode", is_mode, IS_MODES)
+    clip_low = check_finite_float("clip_low", clip_low, minimum=0.0)
+    clip_high = check_finite_float("clip_high", clip_high, minimum=0.0)
+    if dual_clip is not None:
+        dual_clip = check_finite_float("dual_clip", dual_clip, minimum=1.0, exclusive=True)
+    if delta is not None:
+        delta = check_finite_float("delta", delta, minimum=1.0, exclusive=True)
+    sapo_tau_pos = check_finite_float("sapo_tau_pos", sapo_tau_pos, minimum=0.0, exclusive=True)
+    sapo_tau_neg = check_finite_float("sapo_tau_neg", sapo_tau_neg, minimum=0.0, exclusive=True)
+    npo_beta = check_finite_float("npo_beta", npo_beta, minimum=0.0, exclusive=True)
+    kl_coef = check_finite_float("kl_coef", kl_coef)
+    is_threshold = check_finite_float("is_threshold", is_threshold, minimum=0.0, exclusive=True)
+    if is_threshold_low is None:
+        is_threshold_low = 1.0 / is_threshold
+    is_threshold_low = check_finite_float("is_threshold_low", is_threshold_low, minimum=0.0)
+    if kl_coef != 0.0 and ref_logp is None:
+        raise ValueError("ref_logp: required when kl_coef != 0")
+    if loss_type == "npo" and ref_logp is None:
+        raise ValueError("ref_logp: required for loss_type='npo'")
+    if norm_constant is None:
+        if aggregation == "seq-mean-token-sum-norm" and packed:
+            raise ValueError("norm_constant: required for aggregation='seq-mean-token-sum-norm' with cu_seqlens")
+        norm_constant = float(logp.shape[-1]) if not packed else 1.0
+    norm_constant = check_finite_float("norm_constant", norm_constant, minimum=0.0, exclusive=True)
+    return dict(loss_type=loss_type, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, delta=delta,
+                sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, npo_beta=npo_beta, kl_coef=kl_coef,
+                kl_estimator=kl_estimator, is_mode=is_mode, is_threshold=is_threshold,
+                is_threshold_low=is_threshold_low, aggregation=aggregation, norm_constant=norm_constant)
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    *,
+    cu_seqlens: Optional[Tensor] = None,
+    max_seqlen: Optional[int] = None,
+    ref_logp: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    loss_type: str = "ppo",
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: Optional[float] = None,
+    delta: Optional[float] = None,
+    cispo_two_sided: bool = False,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    npo_beta: float = 0.1,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    is_mode: str = "truncate",
+    is_threshold: float = 2.0,
+    is_threshold_low: Optional[float] = None,
+    aggregation: str = "token-mean",
+    norm_constant: Optional[float] = None,
+    num_tokens=None,
+    num_sequences=None,
+    process_group=None,
+    backend: Optional[str] = None,
+) -> PolicyLossOutput:
+    """The PPO/GRPO family of policy losses on token log-probs, forward and backward in one fused pass.
+
+    Shapes: ``logp``, ``old_logp``, ``ref_logp``, ``mask`` [B, T], or packed [N] with ``cu_seqlens``
+    [B+1] (``max_seqlen`` avoids a host sync); ``advantages`` and ``is_weights`` per token (the
+    shape of ``logp``) or per sequence [B]. Any float dtype; ``mask`` bool or 0/1 numbers. Only
+    ``logp`` receives a gradient (in its dtype); everything else is a constant.
+
+    With ρ = exp(logp − old_logp), A the advantage, lo = 1 − clip_low, hi = 1 + clip_high, the
+    per-token policy term is
+        ``"ppo"``:   −min(min(ρ, δ)·A, clip(ρ, lo, hi)·A); with ``dual_clip`` c and A < 0 capped at −c·A
+        ``"gspo"``:  the same with ρ replaced by s = exp(mean_t log ρ) over the sequence's unmasked
+                     tokens, differentiated in the token form sg(s)·exp(logp − sg(logp))
+        ``"cispo"``: −sg(min(ρ, hi))·A·logp (``cispo_two_sided``: sg(clip(ρ, lo, hi)))
+        ``"sapo"``:  −(4/τ)·σ(τ(ρ − 1))·A, τ = ``sapo_tau_pos`` if A > 0 else ``sapo_tau_neg``
+        ``"gpg"``:   −A·logp
+        ``"npo"``:   (2/β)·log(1 + exp(β·Σ_t(logp − ref_logp))) per sequence, shared equally by
+                     its unmasked tokens (advantages unused)
+    At a clip boundary the unclipped branch (and its gradient) is taken.
+    Rollout importance weights w (``is_weights``, detached) multiply the policy term:
+    ``is_mode="truncate"`` uses min(w, is_threshold); ``"mask"`` zeroes w outside
+    [is_threshold_low (default 1/is_threshold), is_threshold]. With ``kl_coef`` a KL penalty
+    kl_coef·k(logp, ref_logp) is added per token (``kl_estimator`` k1, k2, k3, abs, or k3+ =
+    k3 value with the k2 gradient).
+
+    Aggregation over unmasked tokens ℓ_t:
+        ``"token-mean"``              Σ ℓ / num_tokens
+        ``"token-sum"``               Σ ℓ
+        ``"seq-mean-token-mean"``     Σ_b (Σ_t ℓ / n_b) / num_sequences
+        ``"seq-mean-token-sum"``      Σ_b Σ_t ℓ / num_sequences
+        ``"seq-mean-token-sum-norm"`` Σ_b Σ_t ℓ / (num_sequences · norm_constant)  (Dr. GRPO;
+                                      norm_constant defaults to T)
+    num_tokens (unmasked tokens) and num_sequences (sequences with an unmasked token) default to
+    this call's counts; pass the global ones (ints or 0-d tensors) for gradient accumulation, or a
+    ``process_group`` to all-reduce them. Each rank's loss is then its share of the global loss:
+    the sum over ranks and micro-batches of the losses (and gradients) equals the one-big-batch
+    result (with DDP, which averages gradients, multiply the loss by the world size).
+
+    Returns:
+        :class:`PolicyLossOutput`: the 0-d fp32 loss first, then metrics over the unmasked tokens
+        (all-reduced with ``process_group``). Fully masked or empty input gives 0, never NaN.
+
+    Deterministic: the Triton and CUDA kernels reduce per-sequence partials in a fixed order.
+    """
+    packed = cu_seqlens is not None
+    num_seq, seq_len, max_len, per_token = _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens,
+                                                                max_seqlen, ref_logp, is_weights, loss_type)
+    opts = _policy_options(loss_type, clip_low, clip_high, dual_clip, delta, sapo_tau_pos, sapo_tau_neg, npo_beta,
+                           kl_coef, kl_estimator, is_mode, is_threshold, is_threshold_low, aggregation, norm_constant,
+                           ref_logp, is_weights, logp, packed)
+    chosen = resolve_backend(backend, logp.device, "policy_loss", POLICY_LOSS_BACKENDS)
+    denom = _normaliser(aggregation, mask, logp, cu_seqlens, num_tokens, num_sequences, process_group)
+    if chosen == "reference":
+        out = policy_loss_reference(
+            logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp, is_weights=is_weights,
+            cispo_two_sided=cispo_two_sided, num_tokens=denom, num_sequences=denom, **opts)
+        if process_group is None:
+            metrics = out.metrics
+        else:
+            metrics = _reference_global_metrics(out.metrics, mask, logp, process_group)
+        return _output(out.loss, metrics.float() if logp.dtype != torch.float64 else metrics)
+    return _kernel_policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, denom, num_seq,
+                               seq_len, max_len, per_token, opts, cispo_two_sided, process_group, chosen)
+
+
+def _reference_global_metrics(local_metrics: Tensor, mask, logp, process_group) -> Tensor:
+    import torch.distributed as dist
+
+    count = (mask != 0).sum().to(local_metrics.dtype) if mask is not None else torch.tensor(
+        float(logp.numel()), dtype=local_metrics.dtype, device=logp.device)
+    sums = torch.cat([count.reshape(1), local_metrics * count])
+    dist.all_reduce(sums, group=process_group)
+    return sums[1:] / sums[0].clamp_min(1.0)
+
+
+def _bool_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
+    if mask is None:
+        return None
+    m = mask if mask.dtype == torch.bool else mask != 0
+    return m.reshape(-1).contiguous().view(torch.uint8)
+
+
+def _kernel_policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, denom, num_seq, seq_len,
+                        max_len, per_token, opts, cispo_two_sided, process_group, backend):
+    if advantages is None:  # npo ignores advantages; the kernel still reads one per sequence
+        advantages, per_token["advantages"] = torch.zeros(num_seq, device=logp.device), False
+    use_kl = ref_logp is not None
+    loss, partial, _ = _policy_loss_op(
+        _flat(logp), _flat(old_logp), _flat(advantages), _bool_mask(mask), _flat(ref_logp), _flat(is_weights),
+        cu_seqlens.contiguous() if cu_seqlens is not None else None, denom,
+        num_seq, seq_len, max_len, opts["loss_type"], opts["kl_estimator"] if use_kl else "", opts["aggregation"],
+        opts["is_mode"], opts["clip_low"], opts["clip_high"], opts["delta"], opts["dual_clip"], cispo_two_sided,
+        opts["sapo_tau_pos"], opts["sapo_tau_neg"], opts["npo_beta"], opts["kl_coef"] if use_kl else 0.0,
+        opts["is_threshold"], opts["is_threshold_low"], opts["norm_constant"], per_token.get("advantages", False),
+        per_token.get("is_weights", False), logp.requires_grad and torch.is_grad_enabled(), backend,
+    )
+    return _output(loss, _metrics_from_partials(partial, process_group))
+
+
+# ============================================================================ from logits
+
+
+def _token_weights(aggregation, mask, logp_like, cu_seqlens, denom, norm_constant):
+    """Per-token aggregation weight m_t·c_b / normaliser [N] (fp32): the loss is Σ weight·ℓ."""
+    m = (mask != 0).float() if mask is not None else torch.ones(logp_like.shape, device=logp_like.device)
+    if aggregation == "seq-mean-token-mean":
+        counts = _sequence_counts(mask, logp_like, cu_seqlens).clamp_min(1)
+        if cu_seqlens is None:
+            m = m / counts.unsqueeze(-1)
+        else:
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+            m = m / torch.repeat_interleave(counts, lengths, output_size=m.numel())
+    elif aggregation == "seq-mean-token-sum-norm":
+        m = m / norm_constant
+    return (m / denom).reshape(-1).contiguous()
+
+
+def _per_token_values(x: Optional[Tensor], per_token: bool, shape, cu_seqlens) -> Optional[Tensor]:
+    if x is None:
+        return None
+    if per_token:
+        return x.reshape(-1).float().contiguous()
+    if cu_seqlens is None:
+        return x.float().unsqueeze(-1).expand(shape).reshape(-1).contiguous()
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    n = 1
+    for s in shape:
+        n *= s
+    return torch.repeat_interleave(x.float(), lengths, output_size=n).contiguous()
+
+
+def _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_weight, ref_logp, is_weights,
+                                   temperature, loss_type, kl_estimator, is_mode, clip_low, clip_high, delta, dual_clip,
+                                   cispo_two_sided, tau_pos, tau_neg, kl_coef, entropy_coef, is_threshold,
+                                   is_threshold_low, compute_grad, grad):
+    from ..triton.logprobs import policy_loss_from_logits_fwd
+
+    x, so, si, inner = _row_view(logits)
+    g, gso, gsi, _ = _row_view(grad)
+    logp, entropy, terms = policy_loss_from_logits_fwd(
+        x, so, si, inner, g, gso, gsi, targets.numel(), logits.shape[-1], targets.reshape(-1).contiguous(), old_logp,
+        advantages, token_weight, ref_logp, is_weights, temperature=temperature, loss_type=loss_type,
+        kl_estimator=kl_estimator or None, is_mode=is_mode, clip_low=clip_low, clip_high=clip_high, delta=delta,
+        dual_clip=dual_clip, cispo_two_sided=cispo_two_sided, tau_pos=tau_pos, tau_neg=tau_neg, kl_coef=kl_coef,
+        entropy_coef=entropy_coef, is_threshold=is_threshold, is_threshold_low=is_threshold_low,
+        compute_grad=compute_grad)
+    # Fixed-order column sums of per-token terms: deterministic loss and metrics.
+    sums = terms.sum(0)
+    return sums[0].clone(), sums[1:].clone(), logp, entropy
+
+
+@torch.library.custom_op("negkernels::policy_loss_from_logits", mutates_args=())
+def _policy_loss_from_logits_op(
+    logits: Tensor, targets: Tensor, old_logp: Tensor, advantages: Tensor, token_weight: Tensor,
+    ref_logp: Optional[Tensor], is_weights: Optional[Tensor], temperature: float, loss_type: str, kl_estimator: str,
+    is_mode: str, clip_low: float, clip_high: float, delta: Optional[float], dual_clip: Optional[float],
+    cispo_two_sided: bool, tau_pos: float, tau_neg: float, kl_coef: float, entropy_coef: float, is_threshold: float,
+    is_threshold_low: float, compute_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(Σ weight·(ℓ − entropy_coef·H), sums of [count, low, high, dual, approx-kl, ratio, kl, entropy]
+    over unmasked tokens, logp [N], entropy [N], d loss / d logits (empty unless compute_grad))."""
+    grad = (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad
+            else logits.new_empty((0,)))
+    out = _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_weight, ref_logp, is_weights,
+                                         temperature, loss_type, kl_estimator, is_mode, clip_low, clip_high, delta,
+                                         dual_clip, cispo_two_sided, tau_pos, tau_neg, kl_coef, entropy_coef,
+                                         is_threshold, is_threshold_low, compute_grad,
+                                         grad if compute_grad else logits)
+    return (*out, grad)
+
+
+class _InplacePolicyLossFromLogits(torch.autograd.Function):
+    """``inplace_backward``: the fused kernel writes the gradient over the logits during the forward
+    (each element is read by the online pass and by the gradient sweep before that sweep overwrites
+    it); the backward hands the logits' storage back as their gradient. Eager mode only: the write
+    is invisible to autograd and to torch.compile, which is what saves the logits-sized buffer."""
+
+    @staticmethod
+    def forward(ctx, logits, *args):
+        loss, sums, logp, entropy = _fused_policy_loss_from_logits(logits, *args, True, logits)
+        ctx.save_for_backward(logits)
+        ctx.mark_non_differentiable(sums, logp, entropy)
+        return loss, sums, logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        (grad,) = ctx.saved_tensors
+        if float(grad_loss) != 1.0:
+            grad.mul_(grad_loss.to(grad.dtype))
+        return grad, *([None] * 21)
+
+
+@_policy_loss_from_logits_op.register_fake
+def _(logits, targets, *rest):
+    n = targets.numel()
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if rest[-1] else logits.new_empty((0,))
+    return (logits.new_empty((), dtype=torch.float32), logits.new_empty((8,), dtype=torch.float32),
+            logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32), grad)
+
+
+def _from_logits_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[4])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _from_logits_backward(ctx, grad_loss, *unused):
+    (grad,) = ctx.saved_tensors
+    # The forward wrote d loss / d logits for an incoming gradient of 1, the usual case when the
+    # loss ends the graph; only another scale costs a pass over the gradient.
+    if torch.compiler.is_compiling() or float(grad_loss) != 1.0:
+        grad = grad * grad_loss.to(grad.dtype)
+    return grad, *([None] * 22)
+
+
+_policy_loss_from_logits_op.register_autograd(_from_logits_backward, setup_context=_from_logits_setup)
+
+
+def policy_loss_from_logits(
+    logits: Tensor,
+    targets: Tensor,
+    old_logp: Tensor,
+    advantages: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    entropy_coef: float = 0.0,
+    inplace_backward: bool = False,
+    cu_seqlens: Optional[Tensor] = None,
+    max_seqlen: Optional[int] = None,
+    ref_logp: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    loss_type: str = "ppo",
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: Optional[float] = None,
+    delta: Optional[float] = None,
+    cispo_two_sided: bool = False,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    npo_beta: float = 0.1,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    is_mode: str = "truncate",
+    is_threshold: float = 2.0,
+    is_threshold_low: Optional[float] = None,
+    aggregation: str = "token-mean",
+    norm_constant: Optional[float] = None,
+    num_tokens=None,
+    num_sequences=None,
+    process_group=None,
+    validate: bool = True,
+    backend: Optional[str] = None,
+) -> PolicyLossOutput:
+    """End to end: logits → log-probs (+ entropy) → :func:`policy_loss`, fused.
+
+    ``logits`` [B, T, V] (or packed [N, V] with ``cu_seqlens``), any float dtype; ``targets`` [B, T]
+    (or [N]) ids in [0, V); every other argument as in :func:`policy_loss`, with logp = log
+    softmax(logits / temperature)[targets]. ``entropy_coef`` subtracts entropy_coef·H aggregated
+    like the loss (an entropy bonus).
+
+    For the token-local losses (ppo, cispo, sapo, gpg) the Triton kernel computes each row's
+    log-sum-exp, the loss gradient and the logits' gradient in one sweep during the forward, so
+    forward + backward read the logits once from memory and write their gradient once; the
+    backward only rescales it when the incoming gradient is not 1. With ``inplace_backward`` that
+    gradient overwrites the logits (no logits-sized buffer at all). The sequence-level losses
+    (gspo, npo) need the whole sequence's log-probs first: they run :func:`token_logprobs` and
+    :func:`policy_loss` as two differentiable ops.
+
+    Returns :class:`PolicyLossOutput` with ``token_logp`` (detached, shape of ``targets``) and,
+    with ``return_entropy``, ``token_entropy`` and the mean ``entropy`` over unmasked tokens.
+    The loss is meant to end the graph: the per-token outputs are detached.
+    """
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES)
+    packed = cu_seqlens is not None
+    expected = 2 if packed else 3
+    if logits.dim() != expected or logits.shape[-1] == 0:
+        raise ValueError(f"logits: expected {'[N, V]' if packed else '[B, T, V]'} with V >= 1, got {tuple(logits.shape)}")
+    _check_targets(targets, logits)
+    temperature = check_finite_float("temperature", temperature, minimum=0.0, exclusive=True)
+    entropy_coef = check_finite_float("entropy_coef", entropy_coef)
+    num_seq, seq_len, max_len, per_token = _check_policy_inputs(old_logp, old_logp, advantages, mask, cu_seqlens,
+                                                                max_seqlen, ref_logp, is_weights, loss_type)
+    if old_logp.shape != targets.shape:
+        raise ValueError(f"old_logp: shape {tuple(old_logp.shape)} must equal targets' {tuple(targets.shape)}")
+    opts = _policy_options(loss_type, clip_low, clip_high, dual_clip, delta, sapo_tau_pos, sapo_tau_neg, npo_beta,
+                           kl_coef, kl_estimator, is_mode, is_threshold, is_threshold_low, aggregation, norm_constant,
+                           ref_logp, is_weights, old_logp, packed)
+    chosen = resolve_backend(backend, logits.device, "policy_loss_from_logits", POLICY_LOSS_FROM_LOGITS_BACKENDS)
+    if chosen != "reference" and logits.dtype == torch.float64:
+        raise TypeError("logits: float64 logits run on backend='reference' only")
+    if validate:
+        _check_target_range(targets, logits.shape[-1])
+    want_entropy = return_entropy or entropy_coef != 0.0
+    denom = _normaliser(aggregation, mask, old_logp, cu_seqlens, num_tokens, num_sequences, process_group)
+
+    if chosen == "reference" or loss_type not in TOKEN_LOCAL_LOSSES:
+        tl_backend = "reference" if chosen == "reference" else "triton"
+        got = token_logprobs(logits, targets, temperature=temperature, return_entropy=want_entropy,
+                             inplace_backward=inplace_backward, validate=False, backend=tl_backend)
+        logp, entropy = got if want_entropy else (got, None)
+        out = policy_loss(logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens, max_seqlen=max_len if packed else None,
+                          ref_logp=ref_logp, is_weights=is_weights, cispo_two_sided=cispo_two_sided,
+                          num_tokens=denom, num_sequences=denom, process_group=process_group,
+                          backend=chosen if chosen == "reference" else "triton", **opts)
+        loss = out.loss
+        mean_entropy = None
+        if want_entropy:
+            weight = _token_weights(aggregation, mask, old_logp, cu_seqlens, denom, opts["norm_constant"])
+            if entropy_coef != 0.0:
+                loss = loss - entropy_coef * (weight.to(entropy.dtype) * entropy.reshape(-1)).sum()
+            mean_entropy = _masked_mean(entropy.detach(), mask, process_group)
+        return out._replace(loss=loss, entropy=mean_entropy if return_entropy else None, token_logp=logp.detach(),
+                            token_entropy=entropy.detach() if return_entropy else None)
+
+    weight = _token_weights(aggregation, mask, old_logp, cu_seqlens, denom, opts["norm_constant"])
+    use_kl = ref_logp is not None
+    compute_grad = logits.requires_grad and torch.is_grad_enabled()
+    inplace = inplace_backward and compute_grad
+    op = _InplacePolicyLossFromLogits.apply if inplace else _policy_loss_from_logits_op
+    loss, sums, logp, entropy, *_ = op(
+        logits, targets, _flat(old_logp).float(), _per_token_values(advantages, per_token.get("advantages", False),
+                                                                    targets.shape, cu_seqlens),
+        weight, _flat(ref_logp).float() if use_kl else None,
+        _per_token_values(is_weights, per_token.get("is_weights", False), targets.shape, cu_seqlens),
+        temperature, loss_type, opts["kl_estimator"] if use_kl else "", opts["is_mode"], opts["clip_low"],
+        opts["clip_high"], opts["delta"], opts["dual_clip"], cispo_two_sided, opts["sapo_tau_pos"],
+        opts["sapo_tau_neg"], opts["kl_coef"] if use_kl else 0.0, entropy_coef, opts["is_threshold"],
+        opts["is_threshold_low"], *(() if inplace else (compute_grad,)),
+    )
+    if process_group is not None:
+        import torch.distributed as dist
+
+        sums = sums.clone()
+        dist.all_reduce(sums, group=process_group)
+    count = sums[0].clamp_min(1.0)
+    metrics = sums[1:7] / count
+    logp = logp.view(targets.shape)
+    entropy = entropy.view(targets.shape)
+    return PolicyLossOutput(loss, *metrics.unbind(0), entropy=sums[7] / count if return_entropy else None,
+                            token_logp=logp, token_entropy=entropy if return_entropy else None)
+
+
+def _masked_mean(x: Tensor, mask: Optional[Tensor], process_group) -> Tensor:
+    x = x.reshape(-1).float()
+    m = (mask.reshape(-1) != 0) if mask is not None else torch.ones_like(x, dtype=torch.bool)
+    sums = torch.stack([torch.where(m, x, 0.0).sum(), m.sum().float()])
+    if process_group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(sums, group=process_group)
+    return sums[0] / sums[1].clamp_min(1.0)

@@ -1,0 +1,533 @@
+"""Triton kernels for token log-probs, entropy and the policy-loss family.
+
+* ``_token_logprobs_fwd_kernel`` / ``_token_logprobs_bwd_kernel``: one program per token row streams
+  the vocabulary in blocks with an online max / sum-exp / Σ p·z, so no fp32 or full-size copy of
+  the logits ever exists. The forward saves only the row's log-sum-exp (and entropy); the backward
+  recomputes p from the logits.
+* ``_policy_loss_fwd_kernel``: one program per sequence. An optional first sweep gathers what a
+  sequence-level loss needs (token count, GSPO's mean log-ratio, NPO's log-likelihood gap); the
+  second sweep computes every token's loss, its gradient (written straight away, so the backward
+  is a scale) and the metric sums. Per-sequence partial sums are added up afterwards in a fixed
+  order: the loss has the same bits every run.
+* ``_policy_loss_from_logits_kernel``: logits → log-prob → loss gradient → logits gradient in one
+  sweep per token for the token-local losses (ppo, cispo, sapo, gpg): the logits are read by the
+  online pass and re-read from L2 while the gradient is written.
+
+Hyper-parameters are runtime scalars (a new clip range does not recompile); disabled options are
+passed as +inf sentinels so they need no compile-time variant.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.logprobs import AGGREGATIONS, IS_MODES, KL_ESTIMATORS, LOSS_TYPES, METRICS
+
+LOSS_CODES = {name: i for i, name in enumerate(LOSS_TYPES)}
+KL_CODES = {name: i for i, name in enumerate(KL_ESTIMATORS)}
+AGG_CODES = {name: i for i, name in enumerate(AGGREGATIONS)}
+IS_CODES = {None: 0, **{name: i + 1 for i, name in enumerate(IS_MODES)}}
+# Per-sequence partial sums: loss, unmasked-token count, then the metrics' numerators.
+PARTIALS = 2 + len(METRICS)
+TOKEN_LOCAL_LOSSES = ("ppo", "cispo", "sapo", "gpg")
+
+
+def _vocab_block(n_vocab: int) -> int:
+    return max(16, min(4096, triton.next_power_of_2(max(n_vocab, 1))))
+
+
+# ----------------------------------------------------------------------------- rows of logits
+
+
+@triton.jit
+def _online_softmax_row(row_ptr, n_vocab, inv_t, BLOCK_V: tl.constexpr):
+    """(log-sum-exp, entropy) of softmax(x·inv_t) over one row, one streaming pass in fp32.
+
+    The entropy is log s − w/s with w = Σ e^(z−m)·(z−m) kept relative to the running max m, so no
+    large z cancels against the log-sum-exp.
+    """
+    lanes = tl.arange(0, BLOCK_V)
+    m = -float("inf")
+    s = 0.0
+    w = 0.0
+    for v0 in range(0, n_vocab, BLOCK_V):
+        offs = v0 + lanes
+        valid = offs < n_vocab
+        z = tl.load(row_ptr + offs, mask=valid, other=-float("inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # A row that is −inf so far keeps m = −inf; shift by 0 instead so nothing becomes NaN.
+        shift = tl.where(m_new > -float("inf"), m_new, 0.0)
+        alpha = tl.exp(m - shift)
+        e = tl.exp(z - shift)
+        d = tl.where(e > 0.0, z - shift, 0.0)
+        w = alpha * (w + tl.where(s > 0.0, s * (m - shift), 0.0)) + tl.sum(e * d, axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        m = m_new
+    shift = tl.where(m > -float("inf"), m, 0.0)
+    lse = shift + tl.log(s)
+    entropy = tl.log(s) - w / s
+    return lse, entropy
+
+
+@triton.jit
+def _write_logits_grad_row(row_ptr, grad_row_ptr, n_vocab, inv_t, lse, entropy, target_local, g_logp, g_entropy,
+                           BLOCK_V: tl.constexpr):
+    """d/dx of g_logp·log p_t + g_entropy·H:  inv_t·(g_logp·(1[j=t] − p_j) − g_entropy·p_j·(log p_j + H))."""
+    lanes = tl.arange(0, BLOCK_V)
+    for v0 in range(0, n_vocab, BLOCK_V):
+        offs = v0 + lanes
+        valid = offs < n_vocab
+        z = tl.load(row_ptr + offs, mask=valid, other=-float("inf")).to(tl.float32) * inv_t
+        logp = z - lse
+        p = tl.exp(logp)
+        g = g_logp * (tl.where(offs == target_local, 1.0, 0.0) - p)
+        g -= g_entropy * tl.where(p > 0.0, p * (logp + entropy), 0.0)
+        tl.store(grad_row_ptr + offs, (g * inv_t).to(grad_row_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _row_offset(row, stride_outer, stride_inner, inner_size):
+    # Rows of [O, I, V] views such as logits[:, :-1]: no copy to make them contiguous.
+    return (row // inner_size) * stride_outer + (row % inner_size) * stride_inner
+
+
+@triton.jit
+def _token_logprobs_fwd_kernel(logits_ptr, stride_outer, stride_inner, inner_size, targets_ptr, logp_ptr, entropy_ptr,
+                               lse_ptr, n_vocab, vocab_start, inv_t, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + _row_offset(row, stride_outer, stride_inner, inner_size)
+    lse, entropy = _online_softmax_row(row_ptr, n_vocab, inv_t, BLOCK_V)
+    local = tl.load(targets_ptr + row).to(tl.int64) - vocab_start
+    owned = (local >= 0) & (local < n_vocab)
+    z_t = tl.load(row_ptr + tl.where(owned, local, 0)).to(tl.float32) * inv_t
+    # A target outside this vocabulary slice (vocab-parallel) contributes 0 to the gathered sum.
+    tl.store(logp_ptr + row, tl.where(owned, z_t - lse, 0.0))
+    tl.store(lse_ptr + row, lse)
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, entropy)
+
+
+@triton.jit
+def _token_logprobs_bwd_kernel(logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer,
+                               grad_stride_inner, targets_ptr, lse_ptr, entropy_ptr,
+                               grad_logp_ptr, grad_entropy_ptr, n_vocab, vocab_start, inv_t,
+                               HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    g_logp = 0.0
+    g_entropy = 0.0
+    entropy = 0.0
+    if HAS_GRAD_LOGP:
+        g_logp = tl.load(grad_logp_ptr + row).to(tl.float32)
+    if HAS_GRAD_ENTROPY:
+        g_entropy = tl.load(grad_entropy_ptr + row).to(tl.float32)
+        entropy = tl.load(entropy_ptr + row)
+    local = tl.load(targets_ptr + row).to(tl.int64) - vocab_start
+    _write_logits_grad_row(logits_ptr + _row_offset(row, stride_outer, stride_inner, inner_size),
+                           grad_ptr + _row_offset(row, grad_stride_outer, grad_stride_inner, inner_size),
+                           n_vocab, inv_t, tl.load(lse_ptr + row), entropy, local, g_logp, g_entropy, BLOCK_V)
+
+
+# ----------------------------------------------------------------------------- per-token losses
+
+
+@triton.jit
+def _clipped_surrogate(ratio, adv, lo, hi, delta, dual_c):
+    """−min(min(ρ, δ)·A, clip(ρ, lo, hi)·A), capped at −c·A for A < 0; returns (value, d/dρ, flags).
+
+    Ties take the unclipped branch and the dual cap applies only when strictly smaller, as in the
+    reference; δ = c = +inf disable those options.
+    """
+    d_capped = tl.where(ratio > delta, 0.0, 1.0)
+    d_clipped = tl.where((ratio < lo) | (ratio > hi), 0.0, 1.0)
+    surr1 = tl.minimum(ratio, delta) * adv
+    surr2 = tl.minimum(tl.maximum(ratio, lo), hi) * adv
+    use_clipped = surr2 < surr1
+    value = -tl.where(use_clipped, surr2, surr1)
+    d_ratio = -adv * tl.where(use_clipped, d_clipped, d_capped)
+    cap = -dual_c * adv
+    dual = (adv < 0.0) & (cap < value)
+    value = tl.where(dual, cap, value)
+    d_ratio = tl.where(dual, 0.0, d_ratio)
+    low = tl.where((adv < 0.0) & (ratio < lo), 1.0, 0.0)
+    high = tl.where((adv > 0.0) & (ratio > hi), 1.0, 0.0)
+    return value, d_ratio, low, high, tl.where(dual, 1.0, 0.0)
+
+
+@triton.jit
+def _token_local_loss(lp, ratio, adv, lo, hi, delta, dual_c, tau_pos, tau_neg, LOSS: tl.constexpr,
+                      CISPO_TWO_SIDED: tl.constexpr):
+    """Per-token policy term of the token-local losses: (value, d value/d logp, low, high, dual flags)."""
+    zero = tl.zeros_like(ratio)
+    if LOSS == 0:  # ppo
+        value, d_ratio, low, high, dual = _clipped_surrogate(ratio, adv, lo, hi, delta, dual_c)
+        d_logp = d_ratio * ratio
+    elif LOSS == 2:  # cispo: detached clipped ratio × A × logp
+        weight = tl.minimum(ratio, hi)
+        if CISPO_TWO_SIDED:
+            weight = tl.maximum(weight, lo)
+            low = tl.where(ratio < lo, 1.0, 0.0)
+        else:
+            low = zero
+        value = -weight * adv * lp
+        d_logp = -weight * adv
+        high = tl.where(ratio > hi, 1.0, 0.0)
+        dual = zero
+    elif LOSS == 3:  # sapo: soft gate (4/τ)·σ(τ(ρ − 1)), τ by the sign of A
+        tau = tl.where(adv > 0.0, tau_pos, tau_neg)
+        gate = tl.sigmoid(tau * (ratio - 1.0))
+        value = -(4.0 / tau) * gate * adv
+        d_logp = -4.0 * gate * (1.0 - gate) * ratio * adv
+        low = zero
+        high = zero
+        dual = zero
+    else:  # gpg: −A·logp
+        value = -adv * lp
+        d_logp = -adv + zero
+        low = zero
+        high = zero
+        dual = zero
+    return value, d_logp, low, high, dual
+
+
+@triton.jit
+def _kl_term(d, KL: tl.constexpr):
+    """KL(π‖π_ref) estimate from d = logp − ref_logp and its derivative in logp."""
+    if KL == 0:  # k1
+        value = d
+        grad = tl.zeros_like(d) + 1.0
+    elif KL == 1:  # k2
+        value = 0.5 * d * d
+        grad = d
+    elif KL == 2:  # k3
+        e = tl.exp(-d)
+        value = e - 1.0 + d
+        grad = 1.0 - e
+    elif KL == 3:  # abs
+        value = tl.abs(d)
+        grad = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
+    else:  # k3+: k3 value, k2 gradient
+        value = tl.exp(-d) - 1.0 + d
+        grad = d
+    return value, grad
+
+
+@triton.jit
+def _importance_weight(w, is_hi, is_lo, IS: tl.constexpr):
+    if IS == 1:  # truncate
+        w = tl.minimum(w, is_hi)
+    else:  # mask
+        w = tl.where((w >= is_lo) & (w <= is_hi), w, 0.0)
+    return w
+
+
+@triton.jit
+def _softplus(x):
+    t = tl.exp(-tl.abs(x))
+    return tl.maximum(x, 0.0) + tl.where(t < 1e-4, t - 0.5 * t * t, tl.log(1.0 + t))
+
+
+@triton.jit
+def _policy_loss_fwd_kernel(
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, iw_ptr, cu_ptr, denom_ptr, partial_ptr, grad_ptr,
+    seq_len, max_len,
+    lo, hi, delta, dual_c, tau_pos, tau_neg, npo_beta, kl_coef, is_hi, is_lo, norm_constant,
+    LOSS: tl.constexpr, KL: tl.constexpr, AGG: tl.constexpr, IS: tl.constexpr,
+    PACKED: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, IW_PER_TOKEN: tl.constexpr,
+    CISPO_TWO_SIDED: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    if PACKED:
+        start = tl.load(cu_ptr + b).to(tl.int64)
+        length = tl.load(cu_ptr + b + 1).to(tl.int64) - start
+    else:
+        start = b * seq_len
+        length = b * 0 + seq_len
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    if not ADV_PER_TOKEN:
+        adv_seq = tl.load(adv_ptr + b).to(tl.float32)
+    if IS != 0 and not IW_PER_TOKEN:
+        iw_seq = _importance_weight(tl.load(iw_ptr + b).to(tl.float32), is_hi, is_lo, IS)
+
+    # Sweep 1, only for what depends on the whole sequence: its token count (seq-mean-token-mean),
+    # GSPO's mean log-ratio, NPO's log-likelihood gap and IS-weight sum.
+    count = 0.0
+    seq_a = 0.0
+    seq_b = 0.0
+    if (AGG == 2) or (LOSS == 1) or (LOSS == 5):
+        acc_count = tl.zeros([BLOCK], tl.float32)
+        acc_a = tl.zeros([BLOCK], tl.float32)
+        acc_b = tl.zeros([BLOCK], tl.float32)
+        for i in range(0, max_len, BLOCK):
+            idx = i + lanes
+            m = idx < length
+            offs = start + idx
+            if HAS_MASK:
+                m = m & (tl.load(mask_ptr + offs, mask=m, other=0) != 0)
+            acc_count += tl.where(m, 1.0, 0.0)
+            if LOSS == 1:
+                lp = tl.load(logp_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                old = tl.load(old_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                acc_a += tl.where(m, lp - old, 0.0)
+            if LOSS == 5:
+                lp = tl.load(logp_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                ref = tl.load(ref_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                acc_a += tl.where(m, lp - ref, 0.0)
+                if IS == 0:
+                    acc_b += tl.where(m, 1.0, 0.0)
+                elif IW_PER_TOKEN:
+                    w = _importance_weight(tl.load(iw_ptr + offs, mask=m, other=1.0).to(tl.float32), is_hi, is_lo, IS)
+                    acc_b += tl.where(m, w, 0.0)
+                else:
+                    acc_b += tl.where(m, iw_seq, 0.0)
+        count = tl.sum(acc_count, axis=0)
+        seq_a = tl.sum(acc_a, axis=0)
+        seq_b = tl.sum(acc_b, axis=0)
+    safe_count = tl.maximum(count, 1.0)
+
+    if AGG == 2:
+        row_weight = 1.0 / safe_count
+    elif AGG == 4:
+        row_weight = 1.0 / norm_constant
+    else:
+        row_weight = 1.0
+    denom = tl.load(denom_ptr).to(tl.float32)
+    grad_weight = row_weight / denom
+    if LOSS == 1:
+        seq_ratio = tl.exp(seq_a / safe_count)
+    if LOSS == 5:
+        seq_loss = (2.0 / npo_beta) * _softplus(npo_beta * seq_a)
+        npo_value = seq_loss / safe_count
+        # d(Σ_t w_t·iw_t·L/n)/d logp = (Σ_t iw_t / n)·2σ(β·gap): L couples every token of the sequence.
+        npo_grad = (seq_b / safe_count) * 2.0 * tl.sigmoid(npo_beta * seq_a)
+
+    acc_loss = tl.zeros([BLOCK], tl.float32)
+    acc_n = tl.zeros([BLOCK], tl.float32)
+    acc_low = tl.zeros([BLOCK], tl.float32)
+    acc_high = tl.zeros([BLOCK], tl.float32)
+    acc_dual = tl.zeros([BLOCK], tl.float32)
+    acc_akl = tl.zeros([BLOCK], tl.float32)
+    acc_ratio = tl.zeros([BLOCK], tl.float32)
+    acc_kl = tl.zeros([BLOCK], tl.float32)
+    for i in range(0, max_len, BLOCK):
+        idx = i + lanes
+        inside = idx < length
+        offs = start + idx
+        m = inside
+        if HAS_MASK:
+            m = m & (tl.load(mask_ptr + offs, mask=inside, other=0) != 0)
+        lp = tl.load(logp_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        old = tl.load(old_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        if ADV_PER_TOKEN:
+            adv = tl.load(adv_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        else:
+            adv = tl.zeros_like(lp) + adv_seq
+        log_ratio = lp - old
+        ratio = tl.exp(log_ratio)
+        if IS == 0:
+            iw = tl.zeros_like(lp) + 1.0
+        elif IW_PER_TOKEN:
+            iw = _importance_weight(tl.load(iw_ptr + offs, mask=inside, other=1.0).to(tl.float32), is_hi, is_lo, IS)
+        else:
+            iw = tl.zeros_like(lp) + iw_seq
+
+        if LOSS == 1:  # gspo: the sequence ratio s with gradient s through each token's own logp
+            s = tl.zeros_like(lp) + seq_ratio
+            value, d_ratio, low, high, dual = _clipped_surrogate(s, adv, lo, hi, delta, dual_c)
+            d_logp = iw * d_ratio * s
+        elif LOSS == 5:  # npo
+            value = tl.zeros_like(lp) + npo_value
+            d_logp = tl.zeros_like(lp) + npo_grad
+            low = tl.zeros_like(lp)
+            high = low
+            dual = low
+        else:
+            value, d_pg, low, high, dual = _token_local_loss(lp, ratio, adv, lo, hi, delta, dual_c, tau_pos, tau_neg,
+                                                             LOSS, CISPO_TWO_SIDED)
+            d_logp = iw * d_pg
+        token_loss = iw * value
+        if KL >= 0:
+            ref = tl.load(ref_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+            kl, d_kl = _kl_term(lp - ref, KL)
+            token_loss += kl_coef * kl
+            d_logp += kl_coef * d_kl
+            acc_kl += tl.where(m, kl, 0.0)
+        acc_loss += tl.where(m, token_loss, 0.0)
+        acc_n += tl.where(m, 1.0, 0.0)
+        acc_low += tl.where(m, low, 0.0)
+        acc_high += tl.where(m, high, 0.0)
+        acc_dual += tl.where(m, dual, 0.0)
+        acc_akl += tl.where(m, ratio - 1.0 - log_ratio, 0.0)
+        acc_ratio += tl.where(m, ratio, 0.0)
+        if COMPUTE_GRAD:
+            tl.store(grad_ptr + offs, tl.where(m, d_logp * grad_weight, 0.0), mask=inside)
+
+    out = partial_ptr + b * 8
+    tl.store(out + 0, tl.sum(acc_loss, axis=0) * grad_weight)
+    tl.store(out + 1, tl.sum(acc_n, axis=0))
+    tl.store(out + 2, tl.sum(acc_low, axis=0))
+    tl.store(out + 3, tl.sum(acc_high, axis=0))
+    tl.store(out + 4, tl.sum(acc_dual, axis=0))
+    tl.store(out + 5, tl.sum(acc_akl, axis=0))
+    tl.store(out + 6, tl.sum(acc_ratio, axis=0))
+    tl.store(out + 7, tl.sum(acc_kl, axis=0))
+
+
+@triton.jit
+def _policy_loss_from_logits_kernel(
+    logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer, grad_stride_inner,
+    targets_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr, terms_ptr, n_vocab, inv_t,
+    lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi, is_lo,
+    LOSS: tl.constexpr, KL: tl.constexpr, IS: tl.constexpr, CISPO_TWO_SIDED: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + _row_offset(row, stride_outer, stride_inner, inner_size)
+    lse, entropy = _online_softmax_row(row_ptr, n_vocab, inv_t, BLOCK_V)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    lp = tl.load(row_ptr + target).to(tl.float32) * inv_t - lse
+    tl.store(logp_ptr + row, lp)
+    tl.store(entropy_ptr + row, entropy)
+
+    # weight = mask · aggregation weight / normaliser: 0 exactly for masked tokens, whose other
+    # inputs may be padding (±inf) and must not leak NaN into sums or gradients.
+    weight = tl.load(weight_ptr + row)
+    m = weight != 0.0
+    old = tl.load(old_ptr + row).to(tl.float32)
+    adv = tl.load(adv_ptr + row).to(tl.float32)
+    log_ratio = lp - old
+    ratio = tl.exp(log_ratio)
+    value, d_logp, low, high, dual = _token_local_loss(lp, ratio, adv, lo, hi, delta, dual_c, tau_pos, tau_neg,
+                                                       LOSS, CISPO_TWO_SIDED)
+    if IS != 0:
+        iw = _importance_weight(tl.load(iw_ptr + row).to(tl.float32), is_hi, is_lo, IS)
+        value = value * iw
+        d_logp = d_logp * iw
+    kl = 0.0
+    if KL >= 0:
+        ref = tl.load(ref_ptr + row).to(tl.float32)
+        kl, d_kl = _kl_term(lp - ref, KL)
+        value += kl_coef * kl
+        d_logp += kl_coef * d_kl
+    out = terms_ptr + row * 9
+    tl.store(out + 0, tl.where(m, weight * (value - entropy_coef * entropy), 0.0))
+    tl.store(out + 1, tl.where(m, 1.0, 0.0))
+    tl.store(out + 2, tl.where(m, low, 0.0))
+    tl.store(out + 3, tl.where(m, high, 0.0))
+    tl.store(out + 4, tl.where(m, dual, 0.0))
+    tl.store(out + 5, tl.where(m, ratio - 1.0 - log_ratio, 0.0))
+    tl.store(out + 6, tl.where(m, ratio, 0.0))
+    tl.store(out + 7, tl.where(m, kl, 0.0))
+    tl.store(out + 8, tl.where(m, entropy, 0.0))
+    if COMPUTE_GRAD:
+        g_logp = tl.where(m, weight * d_logp, 0.0)
+        g_entropy = -entropy_coef * weight
+        _write_logits_grad_row(row_ptr, grad_ptr + _row_offset(row, grad_stride_outer, grad_stride_inner, inner_size),
+                               n_vocab, inv_t, lse, entropy, target, g_logp, g_entropy, BLOCK_V)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
+
+
+def token_logprobs_fwd(logits, stride_outer: int, stride_inner: int, inner_size: int, rows: int, n_vocab: int,
+                       targets: torch.Tensor, temperature: float, vocab_start: int, with_entropy: bool):
+    """Rows of ``logits`` addressed as (row // inner_size)·stride_outer + (row % inner_size)·stride_inner,
+    unit stride along V; targets [rows] → (logp [rows], entropy [rows] or [0], lse [rows]), fp32."""
+    dev = logits.device
+    logp = torch.empty(rows, dtype=torch.float32, device=dev)
+    lse = torch.empty(rows, dtype=torch.float32, device=dev)
+    entropy = torch.empty(rows if with_entropy else 0, dtype=torch.float32, device=dev)
+    if rows == 0:
+        return logp, entropy, lse
+    block = _vocab_block(n_vocab)
+    _token_logprobs_fwd_kernel[(rows,)](
+        logits, stride_outer, stride_inner, inner_size, targets, logp, entropy if with_entropy else lse, lse, n_vocab,
+        vocab_start, 1.0 / temperature, WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=_num_warps(block),
+    )
+    return logp, entropy, lse
+
+
+def token_logprobs_bwd(grad_logp, grad_entropy, logits, stride_outer, stride_inner, inner_size, out, out_stride_outer,
+                       out_stride_inner, rows: int, n_vocab: int, targets, lse, entropy, temperature: float,
+                       vocab_start: int) -> None:
+    """Writes d loss / d logits into ``out`` (which may be ``logits`` itself)."""
+    if rows == 0:
+        return
+    block = _vocab_block(n_vocab)
+    has_gl, has_ge = grad_logp is not None, grad_entropy is not None
+    _token_logprobs_bwd_kernel[(rows,)](
+        logits, stride_outer, stride_inner, inner_size, out, out_stride_outer, out_stride_inner, targets, lse,
+        entropy if has_ge else lse, grad_logp.contiguous() if has_gl else lse,
+        grad_entropy.contiguous() if has_ge else lse, n_vocab, vocab_start, 1.0 / temperature,
+        HAS_GRAD_LOGP=has_gl, HAS_GRAD_ENTROPY=has_ge, BLOCK_V=block, num_warps=_num_warps(block),
+    )
+
+
+def _inf_if_none(x):
+    return float("inf") if x is None else float(x)
+
+
+def policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, denom, *, num_sequences: int,
+                    seq_len: int, max_len: int, loss_type: str, kl_estimator, aggregation: str, is_mode,
+                    clip_low: float, clip_high: float, delta, dual_clip, cispo_two_sided: bool, tau_pos: float,
+                    tau_neg: float, npo_beta: float, kl_coef: float, is_threshold: float, is_threshold_low: float,
+                    norm_constant: float, adv_per_token: bool, iw_per_token: bool, compute_grad: bool):
+    """Flat contiguous inputs ([N] per token, [B] per sequence) → (partials [B, 8] fp32, grad_logp [N] fp32 or [0])."""
+    dev = logp.device
+    n = logp.numel()
+    partial = torch.empty((num_sequences, 8), dtype=torch.float32, device=dev)
+    grad = torch.empty(n if compute_grad else 0, dtype=torch.float32, device=dev)
+    if num_sequences == 0:
+        return partial, grad
+    block = max(16, min(2048, triton.next_power_of_2(max(max_len, 1))))
+    placeholder = logp
+    _policy_loss_fwd_kernel[(num_sequences,)](
+        logp, old_logp, advantages if advantages is not None else placeholder,
+        mask if mask is not None else placeholder, ref_logp if ref_logp is not None else placeholder,
+        is_weights if is_weights is not None else placeholder, cu_seqlens if cu_seqlens is not None else placeholder,
+        denom, partial, grad if compute_grad else partial,
+        seq_len, max_len,
+        1.0 - clip_low, 1.0 + clip_high, _inf_if_none(delta), _inf_if_none(dual_clip), tau_pos, tau_neg, npo_beta,
+        kl_coef, is_threshold, is_threshold_low, norm_constant,
+        LOSS=LOSS_CODES[loss_type], KL=KL_CODES[kl_estimator] if kl_estimator is not None else -1,
+        AGG=AGG_CODES[aggregation], IS=IS_CODES[is_mode if is_weights is not None else None],
+        PACKED=cu_seqlens is not None, HAS_MASK=mask is not None,
+        ADV_PER_TOKEN=adv_per_token, IW_PER_TOKEN=iw_per_token,
+        CISPO_TWO_SIDED=cispo_two_sided, COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=4 if block <= 512 else 8,
+    )
+    return partial, grad
+
+
+def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, grad, grad_stride_outer,
+                                grad_stride_inner, rows: int, n_vocab: int, targets, old_logp, advantages, weight,
+                                ref_logp, is_weights, *, temperature: float, loss_type: str, kl_estimator, is_mode,
+                                clip_low: float, clip_high: float, delta, dual_clip, cispo_two_sided: bool,
+                                tau_pos: float, tau_neg: float, kl_coef: float, entropy_coef: float,
+                                is_threshold: float, is_threshold_low: float, compute_grad: bool):
+    """Token rows of logits; per-token fp32 [rows] inputs (weight = mask · aggregation weight /
+    normaliser) → (logp [rows], entropy [rows], terms [rows, 9]); with ``compute_grad`` the logits'
+    gradient for an incoming gradient of 1 goes to ``grad`` (which may be ``logits``)."""
+    dev = logits.device
+    logp = torch.empty(rows, dtype=torch.float32, device=dev)
+    entropy = torch.empty(rows, dtype=torch.float32, device=dev)
+    terms = torch.empty((rows, 9), dtype=torch.float32, device=dev)
+    if rows == 0:
+        return logp, entropy, terms
+    block = _vocab_block(n_vocab)
+    _policy_loss_from_logits_kernel[(rows,)](
+        logits, stride_outer, stride_inner, inner_size, grad, grad_stride_outer, grad_stride_inner,
+        targets, old_logp, advantages, weight,
+        ref_logp if ref_logp is not None else old_logp, is_weights if is_weights is not None else old_logp,
+        logp, entropy, terms, n_vocab, 1.0 / temperature,
+        1.0 - clip_low, 1.0 + clip_high, _inf_if_none(delta), _inf_if_none(dual_clip), tau_pos, tau_neg, kl_coef,
+        entropy_coef, is_threshold, is_threshold_low,
+        LOSS=LOSS_CODES[loss_type], KL=KL_CODES[kl_estimator] if kl_estimator is not None else -1,
+        IS=IS_CODES[is_mode if is_weights is not None else None], CISPO_TWO_SIDED=cispo_two_sided,
+        COMPUTE_GRAD=compute_grad, BLOCK_V=block, num_warps=_num_warps(block),
+    )
+    return logp, entropy, terms
