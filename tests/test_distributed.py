@@ -48,3 +48,72 @@ def test_batch_statistics_across_ranks():
             combined = torch.cat([results[r][(backend, estimator, scale)] for r in range(WORLD)])
             single = nk.group_advantages(rewards.double(), ids, estimator=estimator, scale=scale, backend="reference")
             torch.testing.assert_close(combined, single, rtol=1e-5, atol=1e-6)
+
+
+def _logprobs_worker(rank, init_file, logits, targets, old, adv, mask, backends, results):
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        group = dist.group.WORLD
+        out = {}
+        # Vocab-parallel: rank r holds an uneven contiguous slice of the vocabulary.
+        cut = 17
+        mine = slice(0, cut) if rank == 0 else slice(cut, logits.shape[-1])
+        for backend in backends:
+            x = logits[..., mine].clone().requires_grad_()
+            logp, entropy = nk.token_logprobs(x, targets, return_entropy=True, temperature=0.8, process_group=group,
+                                              backend=backend)
+            (logp.sum() + 0.3 * entropy.sum()).backward()
+            out[("vocab", backend)] = (logp.detach(), entropy.detach(), x.grad)
+            # Data-parallel policy loss: each rank holds half the sequences; global normalisers.
+            half = logits.shape[0] // WORLD
+            rows = slice(rank * half, (rank + 1) * half)
+            for aggregation in ("token-mean", "seq-mean-token-mean"):
+                lp = (old[rows] + 0.1).clone().requires_grad_()
+                res = nk.policy_loss(lp, old[rows], adv[rows], mask[rows], aggregation=aggregation,
+                                     process_group=group, backend=backend)
+                res.loss.backward()
+                out[("dp", backend, aggregation)] = (res.loss.detach(), lp.grad, torch.stack(res[1:7]))
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_vocab_parallel_logprobs_and_data_parallel_policy_loss():
+    b, t, v = 4, 3, 45
+    logits = torch.randn(b, t, v) * 2
+    targets = torch.randint(0, v, (b, t))
+    old = torch.randn(b, t) * 0.3 - 2
+    adv = torch.randn(b)
+    mask = torch.rand(b, t) > 0.3
+    mask[0] = False
+    backends = [x for x in ("reference", "triton") if x in nk.available_backends("cpu")]
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = mp.Manager()
+        results = manager.dict()
+        mp.start_processes(_logprobs_worker, args=(os.path.join(tmp, "store"), logits, targets, old, adv, mask,
+                                                   backends, results),
+                           nprocs=WORLD, join=True, start_method="spawn")
+        results = dict(results)
+    x64 = logits.double().requires_grad_()
+    logp, entropy = nk.token_logprobs(x64, targets, return_entropy=True, temperature=0.8, backend="reference")
+    (logp.sum() + 0.3 * entropy.sum()).backward()
+    for backend in backends:
+        for rank in range(WORLD):
+            r_logp, r_ent, _ = results[rank][("vocab", backend)]
+            torch.testing.assert_close(r_logp.double(), logp.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(r_ent.double(), entropy.detach(), rtol=1e-5, atol=1e-6)
+        grad = torch.cat([results[0][("vocab", backend)][2], results[1][("vocab", backend)][2]], dim=-1)
+        torch.testing.assert_close(grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+        for aggregation in ("token-mean", "seq-mean-token-mean"):
+            lp = (old + 0.1).double().requires_grad_()
+            whole = nk.policy_loss(lp, old.double(), adv.double(), mask, aggregation=aggregation, backend="reference")
+            whole.loss.backward()
+            parts = [results[r][("dp", backend, aggregation)] for r in range(WORLD)]
+            # Each rank's loss is its share: the shares and their gradients add up to the whole batch.
+            torch.testing.assert_close((parts[0][0] + parts[1][0]).double(), whole.loss.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]]).double(), lp.grad, rtol=1e-5, atol=1e-7)
+            for p in parts:  # metrics are global
+                torch.testing.assert_close(p[2].double(), torch.stack(whole[1:7]).detach(), rtol=1e-5, atol=1e-6)

@@ -15,20 +15,16 @@ import pytest
 
 pytest.importorskip("triton")
 
-SCRIPT = textwrap.dedent(
+PRELUDE = textwrap.dedent(
     """
     import itertools
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from negkernels.triton import advantages as adv
 
     TARGET = GPUTarget("cuda", 90, 32)
-    POINTERS = {"work_ptr": "*i64", "barrier_ptr": "*i32", "count_ptr": "*i64", "group_index_ptr": "*i64",
-                "batch_stats_ptr": "*fp64"}
-    INTS = {"n_rewards", "num_groups", "group_size", "headroom", "vmax_exponent"}
 
-    def compile_variant(kernel, constexprs, num_warps):
+    def compile_variant(kernel, constexprs, num_warps, pointers, ints, int_type):
         # Triton turns integer arguments equal to 1 into constants: names in constexprs that are
         # not upper case stand for such a specialised launch.
         names = kernel.arg_names
@@ -37,42 +33,110 @@ SCRIPT = textwrap.dedent(
             if name.isupper() or name in constexprs:
                 signature[name] = "constexpr"
             elif name.endswith("_ptr"):
-                signature[name] = POINTERS.get(name, "*fp32")
+                signature[name] = pointers.get(name, "*fp32")
             else:
-                signature[name] = "i32" if name in INTS else "fp64"
+                signature[name] = int_type if name in ints else "fp64" if int_type == "i32" else "fp32"
         src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
         compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps))
         assert "ld.global" in compiled.asm["ptx"]
+    """
+)
+
+SCRIPT = PRELUDE + textwrap.dedent(
+    """
+    from negkernels.triton import advantages as adv
+
+    POINTERS = {"work_ptr": "*i64", "barrier_ptr": "*i32", "count_ptr": "*i64", "group_index_ptr": "*i64",
+                "batch_stats_ptr": "*fp64"}
+    INTS = {"n_rewards", "num_groups", "group_size", "headroom", "vmax_exponent"}
+
+    def compile_advantages(kernel, constexprs, num_warps):
+        compile_variant(kernel, constexprs, num_warps, POINTERS, INTS, "i32")
 
     count = 0
     for est, scale in itertools.product(range(5), range(4)):
         for uniform, external, per_sample in [(True, False, False), (False, scale in (1, 3), True)]:
-            compile_variant(adv._group_advantages_segmented_kernel,
-                            dict(ESTIMATOR=est, SCALE=scale, UNIFORM=uniform, PER_SAMPLE_SIGN_SCALES=per_sample,
-                                 EXTERNAL_BATCH_STATS=external, BLOCK=1024), 8)
+            compile_advantages(adv._group_advantages_segmented_kernel,
+                               dict(ESTIMATOR=est, SCALE=scale, UNIFORM=uniform, PER_SAMPLE_SIGN_SCALES=per_sample,
+                                    EXTERNAL_BATCH_STATS=external, BLOCK=1024), 8)
             count += 1
         if scale in (0, 2):
             for block_g, gpp in [(8, 64), (4096, 1)]:
-                compile_variant(adv._group_advantages_uniform_kernel,
-                                dict(ESTIMATOR=est, SCALE=scale, PER_SAMPLE_SIGN_SCALES=est == 1,
-                                     GROUPS_PER_PROGRAM=gpp, BLOCK_G=block_g), 8)
+                compile_advantages(adv._group_advantages_uniform_kernel,
+                                   dict(ESTIMATOR=est, SCALE=scale, PER_SAMPLE_SIGN_SCALES=est == 1,
+                                        GROUPS_PER_PROGRAM=gpp, BLOCK_G=block_g), 8)
                 count += 1
     ones = dict(n_rewards=1, num_groups=1, group_size=1, headroom=1, vmax_exponent=1)
-    compile_variant(adv._group_advantages_segmented_kernel,
-                    dict(ESTIMATOR=3, SCALE=3, UNIFORM=True, PER_SAMPLE_SIGN_SCALES=False, EXTERNAL_BATCH_STATS=False,
-                         BLOCK=1024, **ones), 8)
-    compile_variant(adv._group_advantages_uniform_kernel,
-                    dict(ESTIMATOR=0, SCALE=0, PER_SAMPLE_SIGN_SCALES=False, GROUPS_PER_PROGRAM=64, BLOCK_G=1,
-                         group_size=1, num_groups=1), 4)
+    compile_advantages(adv._group_advantages_segmented_kernel,
+                       dict(ESTIMATOR=3, SCALE=3, UNIFORM=True, PER_SAMPLE_SIGN_SCALES=False, EXTERNAL_BATCH_STATS=False,
+                            BLOCK=1024, **ones), 8)
+    compile_advantages(adv._group_advantages_uniform_kernel,
+                       dict(ESTIMATOR=0, SCALE=0, PER_SAMPLE_SIGN_SCALES=False, GROUPS_PER_PROGRAM=64, BLOCK_G=1,
+                            group_size=1, num_groups=1), 4)
+    count += 2
+    print("compiled", count)
+    """
+)
+
+LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
+    """
+    from negkernels.triton import logprobs as lk
+
+    POINTERS = {"targets_ptr": "*i64", "cu_ptr": "*i32", "mask_ptr": "*u8", "logits_ptr": "*bf16", "grad_ptr": "*bf16"}
+    INTS = {"stride_outer", "stride_inner", "inner_size", "grad_stride_outer", "grad_stride_inner", "n_vocab",
+            "vocab_start", "seq_len", "max_len"}
+
+    def compile_logprobs(kernel, constexprs, num_warps=8, **pointers):
+        compile_variant(kernel, constexprs, num_warps, {**POINTERS, **pointers}, INTS, "i64")
+
+    count = 0
+    for entropy in (False, True):
+        compile_logprobs(lk._token_logprobs_fwd_kernel, dict(WITH_ENTROPY=entropy, BLOCK_V=4096))
+        count += 1
+    for grad_logp, grad_entropy in ((True, False), (True, True), (False, True)):
+        compile_logprobs(lk._token_logprobs_bwd_kernel,
+                         dict(HAS_GRAD_LOGP=grad_logp, HAS_GRAD_ENTROPY=grad_entropy, BLOCK_V=4096))
+        count += 1
+    base = dict(LOSS=0, KL=-1, AGG=0, IS=0, PACKED=False, HAS_MASK=True, ADV_PER_TOKEN=False, IW_PER_TOKEN=False,
+                CISPO_TWO_SIDED=False, COMPUTE_GRAD=True, BLOCK=2048)
+    variants = []
+    for loss in range(6):
+        variants.append(dict(base, LOSS=loss, KL=2, AGG=2, IS=1, PACKED=True, IW_PER_TOKEN=True, CISPO_TWO_SIDED=True))
+        variants.append(dict(base, LOSS=loss, AGG=4, IS=2, ADV_PER_TOKEN=True, HAS_MASK=False, COMPUTE_GRAD=False))
+    variants += [dict(base, KL=kl) for kl in range(5)] + [dict(base, AGG=agg) for agg in (1, 3)]
+    variants.append(dict(base, LOSS=1, AGG=2, BLOCK=16, seq_len=1, max_len=1))
+    for v in variants:
+        compile_logprobs(lk._policy_loss_fwd_kernel, v, logp_ptr="*fp32")
+        count += 1
+    fused = dict(LOSS=0, KL=-1, IS=0, CISPO_TWO_SIDED=False, COMPUTE_GRAD=True, BLOCK_V=4096)
+    for loss in (0, 2, 3, 4):
+        compile_logprobs(lk._policy_loss_from_logits_kernel,
+                         dict(fused, LOSS=loss, KL=loss % 5, IS=1 + loss % 2, CISPO_TWO_SIDED=loss == 2))
+        count += 1
+    for kl in range(-1, 5):
+        compile_logprobs(lk._policy_loss_from_logits_kernel, dict(fused, KL=kl, COMPUTE_GRAD=kl != 2))
+        count += 1
+    ones = dict(stride_outer=1, stride_inner=1, inner_size=1, n_vocab=1, vocab_start=1)
+    compile_logprobs(lk._token_logprobs_fwd_kernel, dict(WITH_ENTROPY=True, BLOCK_V=16, **ones))
+    compile_logprobs(lk._policy_loss_from_logits_kernel,
+                     dict(fused, stride_outer=1, inner_size=1, n_vocab=1, grad_stride_outer=1, BLOCK_V=16))
     count += 2
     print("compiled", count)
     """
 )
 
 
-def test_every_kernel_variant_compiles_for_sm90():
+def _compile_in_subprocess(script: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "compiled 62" in proc.stdout
+    return proc.stdout
+
+
+def test_every_advantages_kernel_variant_compiles_for_sm90():
+    assert "compiled 62" in _compile_in_subprocess(SCRIPT)
+
+
+def test_every_logprobs_kernel_variant_compiles_for_sm90():
+    assert "compiled 37" in _compile_in_subprocess(LOGPROBS_SCRIPT)

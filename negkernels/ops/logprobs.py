@@ -391,7 +391,8 @@ def _normaliser(aggregation, mask, logp, cu_seqlens, num_tokens, num_sequences, 
     if process_group is not None:
         value = value.clone()
         dist.all_reduce(value, group=process_group)
-    return value.reshape(())
+    # With nothing to count every token weight is 0 anyway; 1 keeps 0/0 out of the loss.
+    return value.clamp_min(1.0).reshape(())
 
 
 @torch.library.custom_op("negkernels::policy_loss", mutates_args=())
@@ -803,10 +804,11 @@ def policy_loss_from_logits(
     _check_targets(targets, logits)
     temperature = check_finite_float("temperature", temperature, minimum=0.0, exclusive=True)
     entropy_coef = check_finite_float("entropy_coef", entropy_coef)
-    num_seq, seq_len, max_len, per_token = _check_policy_inputs(old_logp, old_logp, advantages, mask, cu_seqlens,
-                                                                max_seqlen, ref_logp, is_weights, loss_type)
+    check_tensor("old_logp", old_logp, dtypes=FLOAT_DTYPES, device=logits.device)
     if old_logp.shape != targets.shape:
         raise ValueError(f"old_logp: shape {tuple(old_logp.shape)} must equal targets' {tuple(targets.shape)}")
+    num_seq, seq_len, max_len, per_token = _check_policy_inputs(old_logp, old_logp, advantages, mask, cu_seqlens,
+                                                                max_seqlen, ref_logp, is_weights, loss_type)
     opts = _policy_options(loss_type, clip_low, clip_high, dual_clip, delta, sapo_tau_pos, sapo_tau_neg, npo_beta,
                            kl_coef, kl_estimator, is_mode, is_threshold, is_threshold_low, aggregation, norm_constant,
                            ref_logp, is_weights, old_logp, packed)
