@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "advantages.h"
+#include "logprobs.h"
 
 namespace negkernels {
 namespace {
@@ -103,7 +104,101 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages(
   return {out, mean, std, count};
 }
 
-std::vector<std::string> implemented_ops() { return {"group_advantages"}; }
+int value_dtype_code(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kValueF32;
+    case at::kDouble: return kValueF64;
+    case at::kHalf: return kValueF16;
+    case at::kBFloat16: return kValueBF16;
+    default: TORCH_CHECK(false, name, ": expected a float16/bfloat16/float32/float64 tensor, got ", t.scalar_type());
+  }
+  return 0;
+}
+
+const void* values_like(const std::optional<at::Tensor>& t, const at::Tensor& logp, int64_t n, const char* name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->device() == logp.device(), name, ": expected a tensor on ", logp.device(), ", got ", t->device());
+  TORCH_CHECK(t->scalar_type() == logp.scalar_type(), name, ": expected dtype ", logp.scalar_type(), " like logp, got ",
+              t->scalar_type());
+  TORCH_CHECK(t->is_contiguous() && t->numel() == n, name, ": expected a contiguous tensor of ", n, " elements, got ",
+              t->sizes());
+  return t->data_ptr();
+}
+
+std::tuple<at::Tensor, at::Tensor> policy_loss(
+    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& ref_logp,
+    const std::optional<at::Tensor>& is_weights, const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& denom,
+    int64_t num_sequences, int64_t seq_len, int64_t loss_type, int64_t kl_estimator, int64_t aggregation,
+    int64_t is_mode, bool adv_per_token, bool iw_per_token, bool cispo_two_sided, double lo, double hi, double delta,
+    double dual_clip, double tau_pos, double tau_neg, double npo_beta, double kl_coef, double is_hi, double is_lo,
+    double norm_constant, bool compute_grad, int64_t stream) {
+  TORCH_CHECK(logp.is_cuda(), "logp: the CUDA kernel needs a CUDA tensor, got ", logp.device());
+  TORCH_CHECK(logp.dim() == 1 && logp.is_contiguous(), "logp: expected a contiguous 1-D tensor, got shape ", logp.sizes());
+  const int64_t n = logp.numel();
+  PolicyLossArgs a;
+  a.value_dtype = value_dtype_code(logp, "logp");
+  TORCH_CHECK(num_sequences >= 0, "num_sequences: must be >= 0, got ", num_sequences);
+  TORCH_CHECK(loss_type >= 0 && loss_type <= 5, "loss_type: unknown code ", loss_type);
+  TORCH_CHECK(kl_estimator >= -1 && kl_estimator <= 4, "kl_estimator: unknown code ", kl_estimator);
+  TORCH_CHECK(aggregation >= 0 && aggregation <= 4, "aggregation: unknown code ", aggregation);
+  TORCH_CHECK(is_mode >= 0 && is_mode <= 2, "is_mode: unknown code ", is_mode);
+  a.logp = logp.data_ptr();
+  a.old_logp = values_like(old_logp, logp, n, "old_logp");
+  a.advantages = values_like(advantages, logp, adv_per_token ? n : num_sequences, "advantages");
+  a.ref_logp = values_like(ref_logp, logp, n, "ref_logp");
+  TORCH_CHECK(kl_estimator < 0 || a.ref_logp != nullptr, "ref_logp: required with a KL estimator");
+  TORCH_CHECK(loss_type != kNPO || a.ref_logp != nullptr, "ref_logp: required for npo");
+  if (is_mode != 0) a.is_weights = values_like(is_weights, logp, iw_per_token ? n : num_sequences, "is_weights");
+  TORCH_CHECK(is_mode == 0 || a.is_weights != nullptr, "is_weights: required with an is_mode");
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->device() == logp.device() && mask->scalar_type() == at::kByte && mask->is_contiguous() &&
+                    mask->numel() == n,
+                "mask: expected a contiguous uint8 tensor of ", n, " elements on ", logp.device());
+    a.mask = mask->data_ptr<uint8_t>();
+  }
+  if (cu_seqlens.has_value()) {
+    TORCH_CHECK(cu_seqlens->device() == logp.device() && cu_seqlens->scalar_type() == at::kLong &&
+                    cu_seqlens->is_contiguous() && cu_seqlens->numel() == num_sequences + 1,
+                "cu_seqlens: expected a contiguous int64 tensor of ", num_sequences + 1, " elements on ", logp.device());
+    a.cu_seqlens = cu_seqlens->data_ptr<int64_t>();
+  } else {
+    TORCH_CHECK(seq_len >= 0 && num_sequences * seq_len == n, "seq_len: ", num_sequences, " x ", seq_len,
+                " does not cover ", n, " tokens");
+  }
+  TORCH_CHECK(denom.device() == logp.device() && denom.scalar_type() == at::kFloat && denom.numel() == 1,
+              "denom: expected a float32 scalar tensor on ", logp.device());
+  auto f32 = logp.options().dtype(at::kFloat);
+  at::Tensor partial = at::empty({num_sequences, kPolicyLossPartials}, f32);
+  at::Tensor grad = at::empty({compute_grad ? n : 0}, f32);
+  a.denom = denom.data_ptr<float>();
+  a.partial = partial.data_ptr<float>();
+  a.grad = compute_grad ? grad.data_ptr<float>() : nullptr;
+  a.num_sequences = num_sequences;
+  a.seq_len = seq_len;
+  a.loss_type = static_cast<int>(loss_type);
+  a.kl_estimator = static_cast<int>(kl_estimator);
+  a.aggregation = static_cast<int>(aggregation);
+  a.is_mode = static_cast<int>(is_mode);
+  a.adv_per_token = adv_per_token;
+  a.iw_per_token = iw_per_token;
+  a.cispo_two_sided = cispo_two_sided;
+  a.lo = static_cast<float>(lo);
+  a.hi = static_cast<float>(hi);
+  a.delta = static_cast<float>(delta);
+  a.dual_clip = static_cast<float>(dual_clip);
+  a.tau_pos = static_cast<float>(tau_pos);
+  a.tau_neg = static_cast<float>(tau_neg);
+  a.npo_beta = static_cast<float>(npo_beta);
+  a.kl_coef = static_cast<float>(kl_coef);
+  a.is_hi = static_cast<float>(is_hi);
+  a.is_lo = static_cast<float>(is_lo);
+  a.norm_constant = static_cast<float>(norm_constant);
+  check_launch(launch_policy_loss(a, reinterpret_cast<void*>(stream)), "policy_loss kernel launch");
+  return {partial, grad};
+}
+
+std::vector<std::string> implemented_ops() { return {"group_advantages", "policy_loss"}; }
 
 }  // namespace
 }  // namespace negkernels
@@ -115,6 +210,13 @@ TORCH_LIBRARY(negkernels_cuda, m) {
       "Tensor? positive_scale_tensor, Tensor? negative_scale_tensor, Tensor? batch_stats, int headroom, "
       "int vmax_exponent, int stream) -> (Tensor, Tensor, Tensor, Tensor)",
       &negkernels::group_advantages);
+  m.def(
+      "policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor? mask, Tensor? ref_logp, Tensor? is_weights, "
+      "Tensor? cu_seqlens, Tensor denom, int num_sequences, int seq_len, int loss_type, int kl_estimator, "
+      "int aggregation, int is_mode, bool adv_per_token, bool iw_per_token, bool cispo_two_sided, float lo, float hi, "
+      "float delta, float dual_clip, float tau_pos, float tau_neg, float npo_beta, float kl_coef, float is_hi, "
+      "float is_lo, float norm_constant, bool compute_grad, int stream) -> (Tensor, Tensor)",
+      &negkernels::policy_loss);
 }
 
 PYBIND11_MODULE(_negkernels_cuda, m) {

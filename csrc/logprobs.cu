@@ -1,0 +1,219 @@
+// The policy-loss family on token log-probs: one block per sequence, forward and backward fused.
+// Sweep 1 (sequence-level losses and seq-mean-token-mean only) gathers the token count, GSPO's
+// summed log-ratio and NPO's log-likelihood gap; sweep 2 computes each token's loss and gradient
+// (written at once, so the backward is a scale) and the metric sums. Every block reduction runs
+// in a fixed order over a fixed thread layout, so the loss has the same bits run to run.
+// The formulas mirror negkernels/triton/logprobs.py; conventions are documented there.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "logprobs.h"
+
+namespace negkernels {
+namespace {
+
+constexpr int kLossThreads = 256;
+
+__device__ __forceinline__ float load_value(const void* p, int dtype, int64_t i) {
+  switch (dtype) {
+    case kValueF64: return static_cast<float>(static_cast<const double*>(p)[i]);
+    case kValueF16: return __half2float(static_cast<const __half*>(p)[i]);
+    case kValueBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+// Sum over the block in a fixed order (warp shuffles, then warp totals in order); every thread
+// gets the result.
+__device__ __forceinline__ float block_sum(float v, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xFFFFFFFFu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < kLossThreads / 32; ++w) total += shared[w];
+  return total;
+}
+
+__device__ __forceinline__ float importance_weight(float w, const PolicyLossArgs& a) {
+  if (a.is_mode == 1) return fminf(w, a.is_hi);
+  return (w >= a.is_lo && w <= a.is_hi) ? w : 0.f;
+}
+
+__device__ __forceinline__ float softplus(float x) { return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x))); }
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+
+struct TokenTerms {
+  float value = 0.f, d_logp = 0.f, low = 0.f, high = 0.f, dual = 0.f;
+};
+
+// −min(min(ρ, δ)·A, clip(ρ, lo, hi)·A), capped at −c·A for A < 0; value and d/dρ. Ties take the
+// unclipped branch; the cap applies only when strictly smaller.
+__device__ __forceinline__ TokenTerms clipped_surrogate(float ratio, float adv, const PolicyLossArgs& a) {
+  TokenTerms t;
+  const float surr1 = fminf(ratio, a.delta) * adv;
+  const float surr2 = fminf(fmaxf(ratio, a.lo), a.hi) * adv;
+  const bool use_clipped = surr2 < surr1;
+  t.value = -(use_clipped ? surr2 : surr1);
+  const float d_clipped = (ratio < a.lo || ratio > a.hi) ? 0.f : 1.f;
+  const float d_capped = ratio > a.delta ? 0.f : 1.f;
+  float d_ratio = -adv * (use_clipped ? d_clipped : d_capped);
+  const float cap = -a.dual_clip * adv;
+  if (adv < 0.f && cap < t.value) {
+    t.value = cap;
+    d_ratio = 0.f;
+    t.dual = 1.f;
+  }
+  t.d_logp = d_ratio;  // multiplied by dρ/dlogp by the caller
+  t.low = (adv < 0.f && ratio < a.lo) ? 1.f : 0.f;
+  t.high = (adv > 0.f && ratio > a.hi) ? 1.f : 0.f;
+  return t;
+}
+
+__device__ __forceinline__ TokenTerms token_local_terms(float lp, float ratio, float adv, const PolicyLossArgs& a) {
+  TokenTerms t;
+  switch (a.loss_type) {
+    case kPPO:
+      t = clipped_surrogate(ratio, adv, a);
+      t.d_logp *= ratio;
+      break;
+    case kCISPO: {
+      float w = fminf(ratio, a.hi);
+      if (a.cispo_two_sided) {
+        w = fmaxf(w, a.lo);
+        t.low = ratio < a.lo ? 1.f : 0.f;
+      }
+      t.value = -w * adv * lp;
+      t.d_logp = -w * adv;
+      t.high = ratio > a.hi ? 1.f : 0.f;
+      break;
+    }
+    case kSAPO: {
+      const float tau = adv > 0.f ? a.tau_pos : a.tau_neg;
+      const float gate = sigmoid(tau * (ratio - 1.f));
+      t.value = -(4.f / tau) * gate * adv;
+      t.d_logp = -4.f * gate * (1.f - gate) * ratio * adv;
+      break;
+    }
+    default:  // gpg
+      t.value = -adv * lp;
+      t.d_logp = -adv;
+  }
+  return t;
+}
+
+__device__ __forceinline__ void kl_term(float d, int estimator, float* value, float* grad) {
+  switch (estimator) {
+    case 0: *value = d; *grad = 1.f; break;
+    case 1: *value = 0.5f * d * d; *grad = d; break;
+    case 2: { const float e = expf(-d); *value = e - 1.f + d; *grad = 1.f - e; break; }
+    case 3: *value = fabsf(d); *grad = d > 0.f ? 1.f : (d < 0.f ? -1.f : 0.f); break;
+    default: *value = expf(-d) - 1.f + d; *grad = d;  // k3+: k3 value, k2 gradient
+  }
+}
+
+__global__ void __launch_bounds__(kLossThreads) policy_loss_kernel(const PolicyLossArgs a) {
+  __shared__ float shared[kLossThreads / 32];
+  const int64_t b = blockIdx.x;
+  int64_t start, length;
+  if (a.cu_seqlens != nullptr) {
+    start = a.cu_seqlens[b];
+    length = a.cu_seqlens[b + 1] - start;
+  } else {
+    start = b * a.seq_len;
+    length = a.seq_len;
+  }
+  const int dt = a.value_dtype;
+  const float adv_seq = a.adv_per_token ? 0.f : load_value(a.advantages, dt, b);
+  const float iw_seq = (a.is_mode != 0 && !a.iw_per_token) ? importance_weight(load_value(a.is_weights, dt, b), a) : 1.f;
+  auto unmasked = [&](int64_t i) { return a.mask == nullptr || a.mask[start + i] != 0; };
+  auto iw_at = [&](int64_t i) {
+    if (a.is_mode == 0) return 1.f;
+    return a.iw_per_token ? importance_weight(load_value(a.is_weights, dt, start + i), a) : iw_seq;
+  };
+
+  float count = 0.f, seq_a = 0.f, seq_b = 0.f;
+  if (a.aggregation == kSeqMeanTokenMean || a.loss_type == kGSPO || a.loss_type == kNPO) {
+    float c = 0.f, sa = 0.f, sb = 0.f;
+    for (int64_t i = threadIdx.x; i < length; i += kLossThreads) {
+      if (!unmasked(i)) continue;
+      c += 1.f;
+      const float lp = load_value(a.logp, dt, start + i);
+      if (a.loss_type == kGSPO) sa += lp - load_value(a.old_logp, dt, start + i);
+      if (a.loss_type == kNPO) {
+        sa += lp - load_value(a.ref_logp, dt, start + i);
+        sb += iw_at(i);
+      }
+    }
+    count = block_sum(c, shared);
+    seq_a = block_sum(sa, shared);
+    seq_b = block_sum(sb, shared);
+  }
+  const float safe_count = fmaxf(count, 1.f);
+  float row_weight = 1.f;
+  if (a.aggregation == kSeqMeanTokenMean) row_weight = 1.f / safe_count;
+  if (a.aggregation == kSeqMeanTokenSumNorm) row_weight = 1.f / a.norm_constant;
+  const float grad_weight = row_weight / *a.denom;
+  const float seq_ratio = expf(seq_a / safe_count);
+  const float npo_value = (2.f / a.npo_beta) * softplus(a.npo_beta * seq_a) / safe_count;
+  const float npo_grad = (seq_b / safe_count) * 2.f * sigmoid(a.npo_beta * seq_a);
+
+  float acc[kPolicyLossPartials] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int64_t i = threadIdx.x; i < length; i += kLossThreads) {
+    const int64_t k = start + i;
+    const bool m = unmasked(i);
+    const float lp = load_value(a.logp, dt, k);
+    const float log_ratio = lp - load_value(a.old_logp, dt, k);
+    const float ratio = expf(log_ratio);
+    const float adv = a.adv_per_token ? load_value(a.advantages, dt, k) : adv_seq;
+    const float iw = iw_at(i);
+    TokenTerms t;
+    if (a.loss_type == kGSPO) {
+      t = clipped_surrogate(seq_ratio, adv, a);
+      t.d_logp *= iw * seq_ratio;
+    } else if (a.loss_type == kNPO) {
+      t.value = npo_value;
+      t.d_logp = npo_grad;
+    } else {
+      t = token_local_terms(lp, ratio, adv, a);
+      t.d_logp *= iw;
+    }
+    float token_loss = iw * t.value, d_logp = t.d_logp, kl = 0.f;
+    if (a.kl_estimator >= 0) {
+      float d_kl;
+      kl_term(lp - load_value(a.ref_logp, dt, k), a.kl_estimator, &kl, &d_kl);
+      token_loss += a.kl_coef * kl;
+      d_logp += a.kl_coef * d_kl;
+    }
+    if (a.grad != nullptr) a.grad[k] = m ? d_logp * grad_weight : 0.f;
+    if (!m) continue;
+    acc[0] += token_loss;
+    acc[1] += 1.f;
+    acc[2] += t.low;
+    acc[3] += t.high;
+    acc[4] += t.dual;
+    acc[5] += ratio - 1.f - log_ratio;
+    acc[6] += ratio;
+    acc[7] += kl;
+  }
+  float* out = a.partial + b * kPolicyLossPartials;
+  for (int j = 0; j < kPolicyLossPartials; ++j) {
+    const float total = block_sum(acc[j], shared);
+    if (threadIdx.x == 0) out[j] = j == 0 ? total * grad_weight : total;
+  }
+}
+
+}  // namespace
+
+int launch_policy_loss(const PolicyLossArgs& args, void* stream) {
+  if (args.num_sequences == 0) return 0;
+  policy_loss_kernel<<<static_cast<unsigned>(args.num_sequences), kLossThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace negkernels

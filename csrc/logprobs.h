@@ -1,0 +1,39 @@
+// Launcher interface of the policy-loss CUDA kernel. Plain C++ types only (the stream is a void*
+// holding a cudaStream_t) so the torch-facing binding compiles without any CUDA header.
+#pragma once
+#include <cstdint>
+
+namespace negkernels {
+
+enum ValueDtype : int { kValueF32 = 0, kValueF64 = 1, kValueF16 = 2, kValueBF16 = 3 };
+
+// Codes are positions in negkernels/reference/logprobs.py's tuples (the Triton kernel uses them too).
+enum PolicyLossType : int { kPPO = 0, kGSPO = 1, kCISPO = 2, kSAPO = 3, kGPG = 4, kNPO = 5 };
+enum Aggregation : int { kTokenMean = 0, kTokenSum = 1, kSeqMeanTokenMean = 2, kSeqMeanTokenSum = 3, kSeqMeanTokenSumNorm = 4 };
+constexpr int kPolicyLossPartials = 8;  // per sequence: loss, count, low, high, dual, approx-kl, ratio, kl
+
+struct PolicyLossArgs {
+  // Per-token arrays [n_tokens] in `value_dtype` (all of the same dtype), or per sequence [num_sequences].
+  const void* logp = nullptr;
+  const void* old_logp = nullptr;
+  const void* advantages = nullptr;  // [n_tokens] if adv_per_token else [num_sequences]
+  const uint8_t* mask = nullptr;     // [n_tokens] 0/1 or null
+  const void* ref_logp = nullptr;    // [n_tokens] or null (no KL term)
+  const void* is_weights = nullptr;  // [n_tokens] if iw_per_token else [num_sequences], or null
+  const int64_t* cu_seqlens = nullptr;  // [num_sequences + 1] or null: rows of seq_len
+  const float* denom = nullptr;         // 0-d normaliser
+  float* partial = nullptr;             // [num_sequences, 8]
+  float* grad = nullptr;                // [n_tokens] or null
+  int value_dtype = kValueF32;
+  int64_t num_sequences = 0, seq_len = 0;
+  int loss_type = kPPO, kl_estimator = -1, aggregation = kTokenMean, is_mode = 0;  // is_mode: 0 none, 1 truncate, 2 mask
+  bool adv_per_token = false, iw_per_token = false, cispo_two_sided = false;
+  float lo = 0.8f, hi = 1.2f, delta = 0.f, dual_clip = 0.f;  // delta / dual_clip: +inf disables
+  float tau_pos = 1.f, tau_neg = 1.05f, npo_beta = 0.1f, kl_coef = 0.f;
+  float is_hi = 2.f, is_lo = 0.5f, norm_constant = 1.f;
+};
+
+// Returns a cudaError_t as int (0 on success).
+int launch_policy_loss(const PolicyLossArgs& args, void* stream);
+
+}  // namespace negkernels
