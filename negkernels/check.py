@@ -7,7 +7,9 @@ import torch
 
 from ._backend import available_backends
 from .ops.advantages import DISCRIMINATIVE_LOSS_BACKENDS, GROUP_ADVANTAGES_BACKENDS
+from .ops.logprobs import POLICY_LOSS_BACKENDS, POLICY_LOSS_FROM_LOGITS_BACKENDS, TOKEN_LOGPROBS_BACKENDS
 from .reference.advantages import ESTIMATORS, SCALES, group_advantages_reference, group_discriminative_loss_reference
+from .reference.logprobs import AGGREGATIONS, LOSS_TYPES, policy_loss_reference, token_logprobs_reference
 
 
 def _advantage_checks(device):
@@ -47,19 +49,105 @@ def _discriminative_checks(device):
         yield "group_discriminative_loss", mode, run
 
 
-OP_BACKENDS = {"group_advantages": GROUP_ADVANTAGES_BACKENDS, "group_discriminative_loss": DISCRIMINATIVE_LOSS_BACKENDS}
+def _logits(device, v):
+    rows = (4, 33) if device.type == "cuda" else (2, 5)
+    return torch.randn(*rows, v, device=device) * 3, torch.randint(0, v, rows, device=device)
+
+
+def _logprobs_checks(device):
+    import negkernels as nk
+
+    for v in ((151936, 50257, 1000) if device.type == "cuda" else (37, 1001)):
+        def run(backend, v=v):
+            logits, targets = _logits(device, v)
+            x = logits.clone().requires_grad_()
+            logp, entropy = nk.token_logprobs(x, targets, temperature=0.8, return_entropy=True, backend=backend)
+            (logp.sum() + entropy.sum()).backward()
+            x64 = logits.double().requires_grad_()
+            ref_logp, ref_entropy = token_logprobs_reference(x64, targets, 0.8, True)
+            (ref_logp.sum() + ref_entropy.sum()).backward()
+            out = torch.cat([logp.reshape(-1), entropy.reshape(-1), x.grad.reshape(-1)])
+            return out, torch.cat([ref_logp.reshape(-1), ref_entropy.reshape(-1), x64.grad.reshape(-1)])
+        yield "token_logprobs", f"V={v} (logp, entropy, grad)", run
+
+
+def _policy_inputs(device):
+    b, t = (64, 777) if device.type == "cuda" else (5, 13)
+    logp = torch.randn(b, t, device=device) * 0.4 - 2
+    return dict(logp=logp, old=logp + 0.2 * torch.randn(b, t, device=device),
+                ref=logp + 0.2 * torch.randn(b, t, device=device), adv=torch.randn(b, device=device),
+                mask=torch.rand(b, t, device=device) > 0.2)
+
+
+def _policy_loss_checks(device):
+    import negkernels as nk
+
+    for loss_type in LOSS_TYPES:
+        for aggregation in AGGREGATIONS:
+            def run(backend, loss_type=loss_type, aggregation=aggregation):
+                i = _policy_inputs(device)
+                x = i["logp"].clone().requires_grad_()
+                kw = dict(loss_type=loss_type, aggregation=aggregation, kl_coef=0.1, dual_clip=3.0)
+                out = nk.policy_loss(x, i["old"], i["adv"], i["mask"], ref_logp=i["ref"], backend=backend, **kw)
+                (g,) = torch.autograd.grad(out.loss, x)
+                x64 = i["logp"].double().requires_grad_()
+                ref = policy_loss_reference(x64, i["old"].double(), i["adv"].double(), i["mask"],
+                                            ref_logp=i["ref"].double(), **kw)
+                (g64,) = torch.autograd.grad(ref.loss, x64)
+                # Gradients are compared relative to their largest entry (most are tiny under token-mean).
+                scale = g64.abs().max().clamp_min(1e-30)
+                return (torch.cat([out.loss.reshape(1), torch.stack(out[1:7]), (g / scale).reshape(-1)]),
+                        torch.cat([ref.loss.reshape(1), ref.metrics, (g64 / scale).reshape(-1)]))
+            yield "policy_loss", f"{loss_type}/{aggregation}", run
+
+
+def _from_logits_checks(device):
+    import negkernels as nk
+
+    for loss_type in LOSS_TYPES:
+        def run(backend, loss_type=loss_type):
+            logits, targets = _logits(device, 4099 if device.type == "cuda" else 41)
+            old = token_logprobs_reference(logits, targets).float() + 0.2
+            adv = torch.randn(targets.shape[0], device=device)
+            mask = torch.rand(targets.shape, device=device) > 0.2
+            ref_logp = old - 0.1
+            kw = dict(loss_type=loss_type, ref_logp=ref_logp, kl_coef=0.1, entropy_coef=0.01)
+            x = logits.clone().requires_grad_()
+            out = nk.policy_loss_from_logits(x, targets, old, adv, mask, backend=backend, **kw)
+            (g,) = torch.autograd.grad(out.loss, x)
+            x64 = logits.double().requires_grad_()
+            ref = nk.policy_loss_from_logits(x64, targets, old.double(), adv.double(), mask, backend="reference",
+                                             **{**kw, "ref_logp": ref_logp.double()})
+            (g64,) = torch.autograd.grad(ref.loss, x64)
+            scale = g64.abs().max().clamp_min(1e-30)
+            return (torch.cat([out.loss.reshape(1), (g / scale).reshape(-1)]),
+                    torch.cat([ref.loss.reshape(1), (g64 / scale).reshape(-1)]))
+        yield "policy_loss_from_logits", loss_type, run
+
+
+OP_BACKENDS = {
+    "group_advantages": GROUP_ADVANTAGES_BACKENDS,
+    "group_discriminative_loss": DISCRIMINATIVE_LOSS_BACKENDS,
+    "token_logprobs": TOKEN_LOGPROBS_BACKENDS,
+    "policy_loss": POLICY_LOSS_BACKENDS,
+    "policy_loss_from_logits": POLICY_LOSS_FROM_LOGITS_BACKENDS,
+}
 
 
 def run_checks(device: torch.device | None = None, verbose: bool = True) -> int:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
-    for source in (_advantage_checks, _discriminative_checks):
+    for source in (_advantage_checks, _discriminative_checks, _logprobs_checks, _policy_loss_checks, _from_logits_checks):
         for op, config, fn in source(device):
             backends = [b for b in available_backends(device, op=op) if b in OP_BACKENDS[op]]
             for backend in backends:
                 try:
                     out, ref = fn(backend)
-                    err = ((out.double() - ref).abs() / (ref.abs() + 1e-6)).nan_to_num(0.0).max().item() if out.numel() else 0.0
+                    out, ref = out.double(), ref.double()
+                    # Relative error, with a floor at 1e-3 of the largest reference entry so that a
+                    # value that cancels to nearly 0 (a loss summed over ± terms) is judged fairly.
+                    floor = 1e-6 + 1e-3 * ref.abs().nan_to_num(0.0).max().item() if out.numel() else 1e-6
+                    err = ((out - ref).abs() / (ref.abs() + floor)).nan_to_num(0.0).max().item() if out.numel() else 0.0
                     same_nan = torch.equal(out.isnan(), ref.isnan())
                     ok = same_nan and err <= 1e-4
                     rows.append((op, config, backend, "PASS" if ok else "FAIL", f"{err:.2e}"))

@@ -155,7 +155,7 @@ def policy_loss_reference(
     is_threshold: float = 2.0,
     is_threshold_low: Optional[float] = None,
     aggregation: str = "token-mean",
-    norm_constant: float = 1.0,
+    norm_constant: Optional[float] = None,
     num_tokens: Optional[Tensor] = None,
     num_sequences: Optional[Tensor] = None,
 ) -> PolicyLossReference:
@@ -245,6 +245,8 @@ def policy_loss_reference(
     elif aggregation == "seq-mean-token-sum":
         weight, denom = m, num_sequences
     else:
+        if norm_constant is None:  # Dr. GRPO's constant: the padded length
+            norm_constant = float(logp.shape[-1])
         weight, denom = m / norm_constant, num_sequences
     denom = torch.as_tensor(denom, dtype=dtype, device=logp.device)
     # Masked tokens are left out, not multiplied by 0: padding may hold ±inf.
