@@ -463,3 +463,28 @@ def test_policy_loss_from_logits_bad_input():
         nk.policy_loss_from_logits(logits, targets, old[:, :-1], adv, mask)
     with pytest.raises(ValueError, match="entropy_coef"):
         nk.policy_loss_from_logits(logits, targets, old, adv, mask, entropy_coef=float("nan"))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_policy_losses_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    logp, old, ref, adv, mask = policy_inputs()
+    x = logp.clone().requires_grad_()
+    fn = torch.compile(lambda x: nk.policy_loss(x, old, adv, mask, backend=backend).loss, backend="aot_eager",
+                       fullgraph=True)
+    loss = fn(x)
+    loss.backward()
+    x64 = logp.double().requires_grad_()
+    ref_loss = policy_loss_reference(x64, old.double(), adv.double(), mask).loss
+    ref_loss.backward()
+    assert_close(loss, ref_loss, **F32)
+    assert_close(x.grad, x64.grad, rtol=1e-5, atol=1e-7)
+    logits, targets, old, ref, adv, mask = from_logits_case()
+    y = logits.clone().requires_grad_()
+    fn = torch.compile(lambda y: nk.policy_loss_from_logits(y, targets, old, adv, mask, validate=False,
+                                                            backend=backend).loss * 3.0,
+                       backend="aot_eager", fullgraph=True)
+    fn(y).backward()
+    y64 = logits.double().requires_grad_()
+    (nk.policy_loss_from_logits(y64, targets, old.double(), adv.double(), mask, backend="reference").loss * 3.0).backward()
+    assert_close(y.grad, y64.grad, rtol=1e-4, atol=1e-7)

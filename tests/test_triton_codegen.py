@@ -84,7 +84,7 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
 
     POINTERS = {"targets_ptr": "*i64", "cu_ptr": "*i32", "mask_ptr": "*u8", "logits_ptr": "*bf16", "grad_ptr": "*bf16"}
     INTS = {"stride_outer", "stride_inner", "inner_size", "grad_stride_outer", "grad_stride_inner", "n_vocab",
-            "vocab_start", "seq_len", "max_len"}
+            "vocab_start", "seq_len", "max_len", "n_rows", "rows_per_program"}
 
     def compile_logprobs(kernel, constexprs, num_warps=8, **pointers):
         compile_variant(kernel, constexprs, num_warps, {**POINTERS, **pointers}, INTS, "i64")
@@ -116,10 +116,14 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
     for kl in range(-1, 5):
         compile_logprobs(lk._policy_loss_from_logits_kernel, dict(fused, KL=kl, COMPUTE_GRAD=kl != 2))
         count += 1
+    compile_logprobs(lk._policy_loss_from_logits_kernel, dict(fused, BLOCK_V=lk.FUSED_MAX_BLOCK_V),
+                     num_warps=lk.FUSED_NUM_WARPS)
+    count += 1
     ones = dict(stride_outer=1, stride_inner=1, inner_size=1, n_vocab=1, vocab_start=1)
     compile_logprobs(lk._token_logprobs_fwd_kernel, dict(WITH_ENTROPY=True, BLOCK_V=16, **ones))
     compile_logprobs(lk._policy_loss_from_logits_kernel,
-                     dict(fused, stride_outer=1, inner_size=1, n_vocab=1, grad_stride_outer=1, BLOCK_V=16))
+                     dict(fused, stride_outer=1, inner_size=1, n_vocab=1, grad_stride_outer=1, BLOCK_V=16, n_rows=1,
+                          rows_per_program=1))
     count += 2
     print("compiled", count)
     """
@@ -139,4 +143,4 @@ def test_every_advantages_kernel_variant_compiles_for_sm90():
 
 
 def test_every_logprobs_kernel_variant_compiles_for_sm90():
-    assert "compiled 37" in _compile_in_subprocess(LOGPROBS_SCRIPT)
+    assert "compiled 38" in _compile_in_subprocess(LOGPROBS_SCRIPT)

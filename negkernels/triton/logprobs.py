@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backend import triton_interpret
 from ..reference.logprobs import AGGREGATIONS, IS_MODES, KL_ESTIMATORS, LOSS_TYPES, METRICS
 
 LOSS_CODES = {name: i for i, name in enumerate(LOSS_TYPES)}
@@ -34,8 +35,21 @@ PARTIALS = 2 + len(METRICS)
 TOKEN_LOCAL_LOSSES = ("ppo", "cispo", "sapo", "gpg")
 
 
-def _vocab_block(n_vocab: int) -> int:
-    return max(16, min(4096, triton.next_power_of_2(max(n_vocab, 1))))
+# The fused loss-from-logits kernel keeps about one 151936-wide bf16 row (300 KB) per SM in
+# flight, about 40 MB on an H100, inside its 50 MB L2; wide blocks and many warps keep enough
+# bytes in flight per SM to approach the memory bandwidth. Untuned: no GPU has run it yet.
+FUSED_PROGRAMS_PER_SM = 1
+FUSED_MAX_BLOCK_V = 16384
+FUSED_NUM_WARPS = 32
+
+
+def _vocab_block(n_vocab: int, largest: int = 4096) -> int:
+    return max(16, min(largest, triton.next_power_of_2(max(n_vocab, 1))))
+
+
+def _num_sms(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 # ----------------------------------------------------------------------------- rows of logits
@@ -379,10 +393,30 @@ def _policy_loss_from_logits_kernel(
     logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer, grad_stride_inner,
     targets_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr, terms_ptr, n_vocab, inv_t,
     lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi, is_lo,
+    n_rows, rows_per_program,
     LOSS: tl.constexpr, KL: tl.constexpr, IS: tl.constexpr, CISPO_TWO_SIDED: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    # Persistent: a few rows in flight per SM, so a row read by the online pass is still in L2
+    # when the gradient sweep reads it again.
+    for k in range(0, rows_per_program):
+        row = tl.program_id(0).to(tl.int64) + k * tl.num_programs(0)
+        if row < n_rows:
+            _policy_loss_from_logits_row(
+                row, logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer,
+                grad_stride_inner, targets_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr,
+                terms_ptr, n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi, is_lo,
+                LOSS, KL, IS, CISPO_TWO_SIDED, COMPUTE_GRAD, BLOCK_V)
+
+
+@triton.jit
+def _policy_loss_from_logits_row(
+    row, logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer, grad_stride_inner,
+    targets_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr, terms_ptr, n_vocab, inv_t,
+    lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi, is_lo,
+    LOSS: tl.constexpr, KL: tl.constexpr, IS: tl.constexpr, CISPO_TWO_SIDED: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
     row_ptr = logits_ptr + _row_offset(row, stride_outer, stride_inner, inner_size)
     lse, entropy = _online_softmax_row(row_ptr, n_vocab, inv_t, BLOCK_V)
     target = tl.load(targets_ptr + row).to(tl.int64)
@@ -518,16 +552,20 @@ def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, 
     terms = torch.empty((rows, 9), dtype=torch.float32, device=dev)
     if rows == 0:
         return logp, entropy, terms
-    block = _vocab_block(n_vocab)
-    _policy_loss_from_logits_kernel[(rows,)](
+    block = _vocab_block(n_vocab, FUSED_MAX_BLOCK_V)
+    if logits.device.type == "cuda" and not triton_interpret():
+        programs = min(rows, FUSED_PROGRAMS_PER_SM * _num_sms(logits.device))
+    else:
+        programs = min(rows, 4)  # the interpreter still walks the persistent loop
+    _policy_loss_from_logits_kernel[(programs,)](
         logits, stride_outer, stride_inner, inner_size, grad, grad_stride_outer, grad_stride_inner,
         targets, old_logp, advantages, weight,
         ref_logp if ref_logp is not None else old_logp, is_weights if is_weights is not None else old_logp,
         logp, entropy, terms, n_vocab, 1.0 / temperature,
         1.0 - clip_low, 1.0 + clip_high, _inf_if_none(delta), _inf_if_none(dual_clip), tau_pos, tau_neg, kl_coef,
-        entropy_coef, is_threshold, is_threshold_low,
+        entropy_coef, is_threshold, is_threshold_low, rows, triton.cdiv(rows, programs),
         LOSS=LOSS_CODES[loss_type], KL=KL_CODES[kl_estimator] if kl_estimator is not None else -1,
         IS=IS_CODES[is_mode if is_weights is not None else None], CISPO_TWO_SIDED=cispo_two_sided,
-        COMPUTE_GRAD=compute_grad, BLOCK_V=block, num_warps=_num_warps(block),
+        COMPUTE_GRAD=compute_grad, BLOCK_V=block, num_warps=FUSED_NUM_WARPS if block >= 8192 else _num_warps(block),
     )
     return logp, entropy, terms
