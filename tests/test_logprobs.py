@@ -286,6 +286,16 @@ def test_policy_loss_hand_worked(backend):
     sig = 1 / (1 + math.exp(3.0))
     assert_close(torch.autograd.grad(out.loss, logp)[0], torch.full((1, 2), 2 * sig), rtol=1e-5, atol=1e-7)
 
+    # 5. A fully masked sequence drops out of seq-mean-token-mean: the loss is the other sequence's
+    #    token mean (GPG, A = 2: −2·mean(logp) = 3), not half of it, and its gradient is 0.
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.0, -1.5]], requires_grad=True)
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    out = nk.policy_loss(logp, logp.detach(), torch.tensor([2.0, 5.0]), mask, loss_type="gpg",
+                         aggregation="seq-mean-token-mean", backend=backend)
+    assert_close(out.loss, torch.tensor(3.0), rtol=1e-6, atol=1e-6)
+    assert_close(torch.autograd.grad(out.loss, logp)[0], torch.tensor([[-1.0, -1.0, 0.0], [0.0, 0.0, 0.0]]),
+                 rtol=1e-6, atol=1e-7)
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)

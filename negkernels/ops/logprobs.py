@@ -243,6 +243,7 @@ def token_logprobs(
         return_entropy: also return H = −Σ_j p_j log p_j of that distribution.
         inplace_backward: the backward writes the logits' gradient into the logits' storage
             (saves a logits-sized buffer; the logits are destroyed, so nothing else may need them).
+            Kernel backends only; the reference ignores it.
         process_group: vocab-parallel logits: rank r holds the r-th contiguous slice of the
             vocabulary, in rank order; results equal the single-process ones on every rank.
         validate: check the target range on the host (one synchronisation).
