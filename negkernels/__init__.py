@@ -12,6 +12,7 @@ from .ops.advantages import (
     group_advantages,
     group_discriminative_loss,
 )
+from .nn import PolicyLoss
 from .ops.logprobs import PolicyLossOutput, policy_loss, policy_loss_from_logits, token_logprobs
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "group_advantages",
     "group_discriminative_loss",
     "has_cuda_ext",
+    "PolicyLoss",
     "PolicyLossOutput",
     "policy_loss",
     "policy_loss_from_logits",

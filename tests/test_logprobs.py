@@ -498,3 +498,23 @@ def test_policy_losses_compile_fullgraph(backend):
     y64 = logits.double().requires_grad_()
     (nk.policy_loss_from_logits(y64, targets, old.double(), adv.double(), mask, backend="reference").loss * 3.0).backward()
     assert_close(y.grad, y64.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_policy_loss_module():
+    logp, old, ref, adv, mask = policy_inputs()
+    loss_fn = nk.PolicyLoss(loss_type="cispo", clip_high=0.5, kl_coef=0.1, aggregation="seq-mean-token-sum",
+                            backend="reference")
+    assert "cispo" in repr(loss_fn)
+    out = loss_fn(logp, old, adv, mask, ref_logp=ref)
+    direct = policy_loss_reference(logp.double(), old.double(), adv.double(), mask, loss_type="cispo", clip_high=0.5,
+                                   kl_coef=0.1, ref_logp=ref.double(), aggregation="seq-mean-token-sum")
+    assert_close(out.loss, direct.loss, **F32)
+    # A per-call option overrides the stored one.
+    assert_close(loss_fn(logp, old, adv, mask, ref_logp=ref, kl_coef=0.0).loss,
+                 policy_loss_reference(logp.double(), old.double(), adv.double(), mask, loss_type="cispo",
+                                       clip_high=0.5, aggregation="seq-mean-token-sum").loss, **F32)
+    logits, targets, old_l, _, adv_l, mask_l = from_logits_case()
+    got = loss_fn.from_logits(logits, targets, old_l, adv_l, mask_l, kl_coef=0.0)
+    assert torch.isfinite(got.loss) and got.token_logp.shape == targets.shape
+    with pytest.raises(TypeError, match="unknown options"):
+        nk.PolicyLoss(clip=0.2)

@@ -1,1 +1,5 @@
 """``nn.Module`` wrappers of the ops (stateful pieces such as memory banks and caches)."""
+
+from .policy_loss import PolicyLoss
+
+__all__ = ["PolicyLoss"]
