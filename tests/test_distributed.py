@@ -75,6 +75,11 @@ def _logprobs_worker(rank, init_file, logits, targets, old, adv, mask, backends,
                                      process_group=group, backend=backend)
                 res.loss.backward()
                 out[("dp", backend, aggregation)] = (res.loss.detach(), lp.grad, torch.stack(res[1:7]))
+            xl = logits[rows].clone().requires_grad_()
+            res = nk.policy_loss_from_logits(xl, targets[rows], old[rows], adv[rows], mask[rows], return_entropy=True,
+                                             aggregation="seq-mean-token-mean", process_group=group, backend=backend)
+            res.loss.backward()
+            out[("logits", backend)] = (res.loss.detach(), xl.grad, res.entropy)
         results[rank] = out
     finally:
         dist.destroy_process_group()
@@ -117,3 +122,12 @@ def test_vocab_parallel_logprobs_and_data_parallel_policy_loss():
             torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]]).double(), lp.grad, rtol=1e-5, atol=1e-7)
             for p in parts:  # metrics are global
                 torch.testing.assert_close(p[2].double(), torch.stack(whole[1:7]).detach(), rtol=1e-5, atol=1e-6)
+        y64 = logits.double().requires_grad_()
+        whole = nk.policy_loss_from_logits(y64, targets, old.double(), adv.double(), mask, return_entropy=True,
+                                           aggregation="seq-mean-token-mean", backend="reference")
+        whole.loss.backward()
+        parts = [results[r][("logits", backend)] for r in range(WORLD)]
+        torch.testing.assert_close((parts[0][0] + parts[1][0]).double(), whole.loss.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]]).double(), y64.grad, rtol=1e-4, atol=1e-7)
+        for p in parts:
+            torch.testing.assert_close(p[2].double(), whole.entropy.detach(), rtol=1e-5, atol=1e-6)

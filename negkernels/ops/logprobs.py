@@ -869,9 +869,10 @@ def policy_loss_from_logits(
 
 
 def _masked_mean(x: Tensor, mask: Optional[Tensor], process_group) -> Tensor:
-    x = x.reshape(-1).float()
+    x = x.reshape(-1)
+    x = x if x.dtype == torch.float64 else x.float()
     m = (mask.reshape(-1) != 0) if mask is not None else torch.ones_like(x, dtype=torch.bool)
-    sums = torch.stack([torch.where(m, x, 0.0).sum(), m.sum().float()])
+    sums = torch.stack([torch.where(m, x, 0.0).sum(), m.sum().to(x.dtype)])
     if process_group is not None:
         import torch.distributed as dist
 
