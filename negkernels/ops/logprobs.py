@@ -20,7 +20,7 @@ from ..reference.logprobs import (
     IS_MODES,
     KL_ESTIMATORS,
     LOSS_TYPES,
-    METRICS,
+    POLICY_LOSS_PARTIALS,
     policy_loss_reference,
     token_logprobs_grad_reference,
     token_logprobs_partials_reference,
@@ -283,23 +283,6 @@ def token_logprobs(
 # ============================================================================ policy loss
 
 
-class _Prepared(NamedTuple):
-    """Flattened inputs and scalar configuration shared by the policy-loss ops."""
-
-    logp: Tensor
-    old_logp: Tensor
-    advantages: Tensor
-    mask: Optional[Tensor]
-    ref_logp: Optional[Tensor]
-    is_weights: Optional[Tensor]
-    cu_seqlens: Optional[Tensor]
-    num_sequences: int
-    seq_len: int
-    max_len: int
-    adv_per_token: bool
-    iw_per_token: bool
-
-
 def _flat(x: Optional[Tensor]) -> Optional[Tensor]:
     return None if x is None else x.reshape(-1).contiguous()
 
@@ -370,7 +353,8 @@ def _sequence_counts(mask: Optional[Tensor], logp: Tensor, cu_seqlens: Optional[
 
 
 def _normaliser(aggregation, mask, logp, cu_seqlens, num_tokens, num_sequences, process_group, counts=None):
-    """The scalar divisor of the aggregated loss, as a 0-d fp32 tensor on logp's device."""
+    """The scalar divisor of the aggregated loss, as a 0-d fp32 tensor on logp's device.
+    ``counts``: unmasked tokens per sequence when the caller already has them."""
     import torch.distributed as dist
 
     device = logp.device
@@ -426,7 +410,8 @@ def _policy_loss_op(
 @_policy_loss_op.register_fake
 def _(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, denom, num_sequences, *rest):
     compute_grad = rest[-2]
-    return (logp.new_empty((), dtype=torch.float32), logp.new_empty((num_sequences, 8), dtype=torch.float32),
+    return (logp.new_empty((), dtype=torch.float32),
+            logp.new_empty((num_sequences, POLICY_LOSS_PARTIALS), dtype=torch.float32),
             logp.new_empty((logp.numel() if compute_grad else 0,), dtype=torch.float32))
 
 
@@ -460,7 +445,7 @@ def _output(loss, metrics, **extra) -> PolicyLossOutput:
 
 def _policy_options(loss_type, clip_low, clip_high, dual_clip, delta, sapo_tau_pos, sapo_tau_neg, npo_beta, kl_coef,
                     kl_estimator, is_mode, is_threshold, is_threshold_low, aggregation, norm_constant, ref_logp,
-                    is_weights, logp, packed):
+                    logp, packed):
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_choice("aggregation", aggregation, AGGREGATIONS)
     check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
@@ -573,10 +558,11 @@ def policy_loss(
                                                                 max_seqlen, ref_logp, is_weights, loss_type)
     opts = _policy_options(loss_type, clip_low, clip_high, dual_clip, delta, sapo_tau_pos, sapo_tau_neg, npo_beta,
                            kl_coef, kl_estimator, is_mode, is_threshold, is_threshold_low, aggregation, norm_constant,
-                           ref_logp, is_weights, logp, packed)
+                           ref_logp, logp, packed)
     chosen = resolve_backend(backend, logp.device, "policy_loss", POLICY_LOSS_BACKENDS)
     denom = _normaliser(aggregation, mask, logp, cu_seqlens, num_tokens, num_sequences, process_group)
     if chosen == "reference":
+        # denom is the one normaliser this aggregation uses (token-sum ignores both).
         out = policy_loss_reference(
             logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp, is_weights=is_weights,
             cispo_two_sided=cispo_two_sided, num_tokens=denom, num_sequences=denom, **opts)
@@ -626,11 +612,12 @@ def _kernel_policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, 
 # ============================================================================ from logits
 
 
-def _token_weights(aggregation, mask, logp_like, cu_seqlens, denom, norm_constant):
-    """Per-token aggregation weight m_t·c_b / normaliser [N] (fp32): the loss is Σ weight·ℓ."""
+def _token_weights(aggregation, mask, logp_like, cu_seqlens, denom, norm_constant, counts):
+    """Per-token aggregation weight m_t·c_b / normaliser [N] (fp32): the loss is Σ weight·ℓ.
+    ``counts``: unmasked tokens per sequence (needed by seq-mean-token-mean only)."""
     m = (mask != 0).float() if mask is not None else torch.ones(logp_like.shape, device=logp_like.device)
     if aggregation == "seq-mean-token-mean":
-        counts = _sequence_counts(mask, logp_like, cu_seqlens).clamp_min(1)
+        counts = counts.clamp_min(1)
         if cu_seqlens is None:
             m = m / counts.unsqueeze(-1)
         else:
@@ -641,18 +628,16 @@ def _token_weights(aggregation, mask, logp_like, cu_seqlens, denom, norm_constan
     return (m / denom).reshape(-1).contiguous()
 
 
-def _per_token_values(x: Optional[Tensor], per_token: bool, shape, cu_seqlens) -> Optional[Tensor]:
+def _per_token_values(x: Optional[Tensor], per_token: bool, targets: Tensor, cu_seqlens) -> Optional[Tensor]:
+    """Per-token [N] fp32 values from per-token or per-sequence ones."""
     if x is None:
         return None
     if per_token:
         return x.reshape(-1).float().contiguous()
     if cu_seqlens is None:
-        return x.float().unsqueeze(-1).expand(shape).reshape(-1).contiguous()
+        return x.float().unsqueeze(-1).expand(targets.shape).reshape(-1).contiguous()
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    n = 1
-    for s in shape:
-        n *= s
-    return torch.repeat_interleave(x.float(), lengths, output_size=n).contiguous()
+    return torch.repeat_interleave(x.float(), lengths, output_size=targets.numel()).contiguous()
 
 
 def _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_weight, ref_logp, is_weights,
@@ -812,14 +797,15 @@ def policy_loss_from_logits(
                                                                 max_seqlen, ref_logp, is_weights, loss_type)
     opts = _policy_options(loss_type, clip_low, clip_high, dual_clip, delta, sapo_tau_pos, sapo_tau_neg, npo_beta,
                            kl_coef, kl_estimator, is_mode, is_threshold, is_threshold_low, aggregation, norm_constant,
-                           ref_logp, is_weights, old_logp, packed)
+                           ref_logp, old_logp, packed)
     chosen = resolve_backend(backend, logits.device, "policy_loss_from_logits", POLICY_LOSS_FROM_LOGITS_BACKENDS)
     if chosen != "reference" and logits.dtype == torch.float64:
         raise TypeError("logits: float64 logits run on backend='reference' only")
     if validate:
         _check_target_range(targets, logits.shape[-1])
     want_entropy = return_entropy or entropy_coef != 0.0
-    denom = _normaliser(aggregation, mask, old_logp, cu_seqlens, num_tokens, num_sequences, process_group)
+    counts = _sequence_counts(mask, old_logp, cu_seqlens) if aggregation.startswith("seq-mean") else None
+    denom = _normaliser(aggregation, mask, old_logp, cu_seqlens, num_tokens, num_sequences, process_group, counts)
 
     if chosen == "reference" or loss_type not in TOKEN_LOCAL_LOSSES:
         tl_backend = "reference" if chosen == "reference" else "triton"
@@ -833,23 +819,23 @@ def policy_loss_from_logits(
         loss = out.loss
         mean_entropy = None
         if want_entropy:
-            weight = _token_weights(aggregation, mask, old_logp, cu_seqlens, denom, opts["norm_constant"])
+            weight = _token_weights(aggregation, mask, old_logp, cu_seqlens, denom, opts["norm_constant"], counts)
             if entropy_coef != 0.0:
                 loss = loss - entropy_coef * (weight.to(entropy.dtype) * entropy.reshape(-1)).sum()
             mean_entropy = _masked_mean(entropy.detach(), mask, process_group)
         return out._replace(loss=loss, entropy=mean_entropy if return_entropy else None, token_logp=logp.detach(),
                             token_entropy=entropy.detach() if return_entropy else None)
 
-    weight = _token_weights(aggregation, mask, old_logp, cu_seqlens, denom, opts["norm_constant"])
+    weight = _token_weights(aggregation, mask, old_logp, cu_seqlens, denom, opts["norm_constant"], counts)
     use_kl = ref_logp is not None
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     inplace = inplace_backward and compute_grad
     op = _InplacePolicyLossFromLogits.apply if inplace else _policy_loss_from_logits_op
     loss, sums, logp, entropy, *_ = op(
         logits, targets, _flat(old_logp).float(), _per_token_values(advantages, per_token.get("advantages", False),
-                                                                    targets.shape, cu_seqlens),
+                                                                    targets, cu_seqlens),
         weight, _flat(ref_logp).float() if use_kl else None,
-        _per_token_values(is_weights, per_token.get("is_weights", False), targets.shape, cu_seqlens),
+        _per_token_values(is_weights, per_token.get("is_weights", False), targets, cu_seqlens),
         temperature, loss_type, opts["kl_estimator"] if use_kl else "", opts["is_mode"], opts["clip_low"],
         opts["clip_high"], opts["delta"], opts["dual_clip"], cispo_two_sided, opts["sapo_tau_pos"],
         opts["sapo_tau_neg"], opts["kl_coef"] if use_kl else 0.0, entropy_coef, opts["is_threshold"],

@@ -19,6 +19,8 @@ AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-toke
 IS_MODES = ("truncate", "mask")
 # Metrics reported next to the loss, in this order (kernels write them in the same order).
 METRICS = ("clip_fraction_low", "clip_fraction_high", "dual_clip_fraction", "approx_kl", "mean_ratio", "kl")
+# Per-sequence partial sums the kernels write: the loss, the unmasked-token count, the metrics' numerators.
+POLICY_LOSS_PARTIALS = 2 + len(METRICS)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

@@ -24,15 +24,12 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpret
-from ..reference.logprobs import AGGREGATIONS, IS_MODES, KL_ESTIMATORS, LOSS_TYPES, METRICS
+from ..reference.logprobs import AGGREGATIONS, IS_MODES, KL_ESTIMATORS, LOSS_TYPES, POLICY_LOSS_PARTIALS
 
 LOSS_CODES = {name: i for i, name in enumerate(LOSS_TYPES)}
 KL_CODES = {name: i for i, name in enumerate(KL_ESTIMATORS)}
 AGG_CODES = {name: i for i, name in enumerate(AGGREGATIONS)}
 IS_CODES = {None: 0, **{name: i + 1 for i, name in enumerate(IS_MODES)}}
-# Per-sequence partial sums: loss, unmasked-token count, then the metrics' numerators.
-PARTIALS = 2 + len(METRICS)
-TOKEN_LOCAL_LOSSES = ("ppo", "cispo", "sapo", "gpg")
 
 
 # The fused loss-from-logits kernel keeps about one 151936-wide bf16 row (300 KB) per SM in
@@ -377,7 +374,7 @@ def _policy_loss_fwd_kernel(
         if COMPUTE_GRAD:
             tl.store(grad_ptr + offs, tl.where(m, d_logp * grad_weight, 0.0), mask=inside)
 
-    out = partial_ptr + b * 8
+    out = partial_ptr + b * 8  # POLICY_LOSS_PARTIALS, in this order
     tl.store(out + 0, tl.sum(acc_loss, axis=0) * grad_weight)
     tl.store(out + 1, tl.sum(acc_n, axis=0))
     tl.store(out + 2, tl.sum(acc_low, axis=0))
@@ -514,7 +511,7 @@ def policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_s
     """Flat contiguous inputs ([N] per token, [B] per sequence) → (partials [B, 8] fp32, grad_logp [N] fp32 or [0])."""
     dev = logp.device
     n = logp.numel()
-    partial = torch.empty((num_sequences, 8), dtype=torch.float32, device=dev)
+    partial = torch.empty((num_sequences, POLICY_LOSS_PARTIALS), dtype=torch.float32, device=dev)
     grad = torch.empty(n if compute_grad else 0, dtype=torch.float32, device=dev)
     if num_sequences == 0:
         return partial, grad
