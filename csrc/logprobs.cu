@@ -95,9 +95,10 @@ __device__ __forceinline__ TokenTerms token_local_terms(float lp, float ratio, f
     }
     case kSAPO: {
       const float tau = adv > 0.f ? a.tau_pos : a.tau_neg;
-      const float gate = sigmoid(tau * (ratio - 1.f));
+      const float x = tau * (ratio - 1.f);
+      const float gate = sigmoid(x);
       t.value = -(4.f / tau) * gate * adv;
-      t.d_logp = -4.f * gate * (1.f - gate) * ratio * adv;
+      t.d_logp = -4.f * gate * sigmoid(-x) * ratio * adv;  // σ' = σ(x)σ(−x): no 1 − σ cancellation
       break;
     }
     default:  // gpg

@@ -187,9 +187,11 @@ def _token_local_loss(lp, ratio, adv, lo, hi, delta, dual_c, tau_pos, tau_neg, L
         dual = zero
     elif LOSS == 3:  # sapo: soft gate (4/τ)·σ(τ(ρ − 1)), τ by the sign of A
         tau = tl.where(adv > 0.0, tau_pos, tau_neg)
-        gate = tl.sigmoid(tau * (ratio - 1.0))
+        x = tau * (ratio - 1.0)
+        gate = tl.sigmoid(x)
         value = -(4.0 / tau) * gate * adv
-        d_logp = -4.0 * gate * (1.0 - gate) * ratio * adv
+        # σ'(x) = σ(x)·σ(−x): 1 − σ(x) would cancel to nothing in fp32 once σ(x) rounds near 1.
+        d_logp = -4.0 * gate * tl.sigmoid(-x) * ratio * adv
         low = zero
         high = zero
         dual = zero
