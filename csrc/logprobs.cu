@@ -108,13 +108,20 @@ __device__ __forceinline__ TokenTerms token_local_terms(float lp, float ratio, f
   return t;
 }
 
+// e^x − 1 − x without fp32 cancellation: Taylor series through x^7 for |x| < 0.5, else direct.
+__device__ __forceinline__ float exp_minus_one_minus(float x) {
+  if (fabsf(x) < 0.5f)
+    return x * x * (0.5f + x * (1.f / 6.f + x * (1.f / 24.f + x * (1.f / 120.f + x * (1.f / 720.f + x * (1.f / 5040.f))))));
+  return expf(x) - 1.f - x;
+}
+
 __device__ __forceinline__ void kl_term(float d, int estimator, float* value, float* grad) {
   switch (estimator) {
     case 0: *value = d; *grad = 1.f; break;
     case 1: *value = 0.5f * d * d; *grad = d; break;
-    case 2: { const float e = expf(-d); *value = e - 1.f + d; *grad = 1.f - e; break; }
+    case 2: *value = exp_minus_one_minus(-d); *grad = d - *value; break;  // k3; 1 − e^{−d} = d − k3
     case 3: *value = fabsf(d); *grad = d > 0.f ? 1.f : (d < 0.f ? -1.f : 0.f); break;
-    default: *value = expf(-d) - 1.f + d; *grad = d;  // k3+: k3 value, k2 gradient
+    default: *value = exp_minus_one_minus(-d); *grad = d;  // k3+: k3 value, k2 gradient
   }
 }
 
@@ -198,7 +205,7 @@ __global__ void __launch_bounds__(kLossThreads) policy_loss_kernel(const PolicyL
     acc[2] += t.low;
     acc[3] += t.high;
     acc[4] += t.dual;
-    acc[5] += ratio - 1.f - log_ratio;
+    acc[5] += exp_minus_one_minus(log_ratio);
     acc[6] += ratio;
     acc[7] += kl;
   }

@@ -518,3 +518,19 @@ def test_policy_loss_module():
     assert torch.isfinite(got.loss) and got.token_logp.shape == targets.shape
     with pytest.raises(TypeError, match="unknown options"):
         nk.PolicyLoss(clip=0.2)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("kl_estimator", ["k3", "k3+"])
+def test_small_kl_values_keep_their_precision(backend, kl_estimator):
+    # Policies a step apart: log-ratios ~1e-3, so ρ − 1 − log ρ and the k3 estimate are ~5e-7.
+    # e^x − 1 − x evaluated directly in fp32 loses ~10% of that; the kernels must not.
+    logp = torch.randn(6, 50) * 0.5 - 2
+    old = logp + 1e-3 * torch.randn_like(logp)
+    ref = logp + 1e-3 * torch.randn_like(logp)
+    out = nk.policy_loss(logp, old, torch.randn(6), ref_logp=ref, kl_coef=1.0, kl_estimator=kl_estimator,
+                         backend=backend)
+    ref_out = policy_loss_reference(logp.double(), old.double(), torch.zeros(6, dtype=torch.float64), ref_logp=ref.double(),
+                                    kl_coef=1.0, kl_estimator=kl_estimator, loss_type="gpg")
+    assert_close(out.approx_kl, ref_out.metrics[3], rtol=1e-4, atol=0, what="approx_kl")
+    assert_close(out.kl, ref_out.metrics[5], rtol=1e-4, atol=0, what="kl")

@@ -205,6 +205,14 @@ def _token_local_loss(lp, ratio, adv, lo, hi, delta, dual_c, tau_pos, tau_neg, L
 
 
 @triton.jit
+def _exp_minus_one_minus(x):
+    """e^x − 1 − x (the k3 / approx-KL shape) without fp32 cancellation: for |x| < 0.5 a Taylor
+    series through x^7 (truncation below 1e-6 relative), else the direct form (value ≥ 0.1)."""
+    series = x * x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0 + x * (1.0 / 720.0 + x * (1.0 / 5040.0))))))
+    return tl.where(tl.abs(x) < 0.5, series, tl.exp(x) - 1.0 - x)
+
+
+@triton.jit
 def _kl_term(d, KL: tl.constexpr):
     """KL(π‖π_ref) estimate from d = logp − ref_logp and its derivative in logp."""
     if KL == 0:  # k1
@@ -213,15 +221,14 @@ def _kl_term(d, KL: tl.constexpr):
     elif KL == 1:  # k2
         value = 0.5 * d * d
         grad = d
-    elif KL == 2:  # k3
-        e = tl.exp(-d)
-        value = e - 1.0 + d
-        grad = 1.0 - e
+    elif KL == 2:  # k3 = e^{−d} − 1 + d, gradient 1 − e^{−d} = d − k3
+        value = _exp_minus_one_minus(-d)
+        grad = d - value
     elif KL == 3:  # abs
         value = tl.abs(d)
         grad = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
     else:  # k3+: k3 value, k2 gradient
-        value = tl.exp(-d) - 1.0 + d
+        value = _exp_minus_one_minus(-d)
         grad = d
     return value, grad
 
@@ -371,7 +378,7 @@ def _policy_loss_fwd_kernel(
         acc_low += tl.where(m, low, 0.0)
         acc_high += tl.where(m, high, 0.0)
         acc_dual += tl.where(m, dual, 0.0)
-        acc_akl += tl.where(m, ratio - 1.0 - log_ratio, 0.0)
+        acc_akl += tl.where(m, _exp_minus_one_minus(log_ratio), 0.0)
         acc_ratio += tl.where(m, ratio, 0.0)
         if COMPUTE_GRAD:
             tl.store(grad_ptr + offs, tl.where(m, d_logp * grad_weight, 0.0), mask=inside)
@@ -449,7 +456,7 @@ def _policy_loss_from_logits_row(
     tl.store(out + 2, tl.where(m, low, 0.0))
     tl.store(out + 3, tl.where(m, high, 0.0))
     tl.store(out + 4, tl.where(m, dual, 0.0))
-    tl.store(out + 5, tl.where(m, ratio - 1.0 - log_ratio, 0.0))
+    tl.store(out + 5, tl.where(m, _exp_minus_one_minus(log_ratio), 0.0))
     tl.store(out + 6, tl.where(m, ratio, 0.0))
     tl.store(out + 7, tl.where(m, kl, 0.0))
     tl.store(out + 8, tl.where(m, entropy, 0.0))
