@@ -1,0 +1,73 @@
+"""Run every GPU kernel once at small, odd shapes (forward and backward, every backend), for
+`compute-sanitizer` to watch: out-of-bounds accesses, races, uninitialised reads.
+
+    compute-sanitizer --tool memcheck python3 benchmarks/sanitize.py
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import negkernels as nk
+
+
+def main(cuda_only: bool = False) -> int:
+    dev = torch.device("cuda")
+    backends = ["cuda"] if cuda_only else ["triton", "cuda"]
+    ran = []
+
+    def available(op):
+        return [b for b in backends if b in nk.available_backends(dev, op=op)]
+
+    rewards = torch.randn(1003, device=dev)
+    ids = torch.randint(0, 57, (1003,), device=dev)
+    for b in available("group_advantages"):
+        nk.group_advantages(rewards[:1001], group_size=7, backend=b)
+        nk.group_advantages(rewards, ids, scale="whiten", backend=b)
+        ran.append(f"group_advantages/{b}")
+
+    logits = torch.randn(3, 6, 1001, device=dev, dtype=torch.bfloat16)
+    targets = torch.randint(0, 1001, (3, 5), device=dev)
+    for b in available("token_logprobs"):
+        x = logits.clone().requires_grad_()
+        logp, ent = nk.token_logprobs(x[:, :-1], targets, return_entropy=True, backend=b)
+        (logp.sum() + ent.sum()).backward()
+        y = logits.clone().requires_grad_()
+        work = y * 1
+        nk.token_logprobs(work, torch.randint(0, 1001, (3, 6), device=dev), inplace_backward=True, backend=b).sum().backward()
+        ran.append(f"token_logprobs/{b}")
+
+    logp = torch.randn(5, 37, device=dev) - 2
+    old = logp + 0.1 * torch.randn_like(logp)
+    mask = torch.rand(5, 37, device=dev) > 0.2
+    cu = torch.tensor([0, 10, 10, 47, 100, 185], device=dev)
+    for b in available("policy_loss"):
+        for loss_type in ("ppo", "gspo", "cispo", "sapo", "gpg", "npo"):
+            x = logp.clone().requires_grad_()
+            nk.policy_loss(x, old, torch.randn(5, device=dev), mask, ref_logp=old, kl_coef=0.1, loss_type=loss_type,
+                           is_weights=torch.rand(5, 37, device=dev), aggregation="seq-mean-token-mean",
+                           backend=b).loss.backward()
+            xp = logp.reshape(-1).clone().requires_grad_()
+            nk.policy_loss(xp, old.reshape(-1), torch.randn(5, device=dev), mask.reshape(-1), cu_seqlens=cu,
+                           ref_logp=old.reshape(-1), loss_type=loss_type, backend=b).loss.backward()
+        ran.append(f"policy_loss/{b}")
+
+    old_l = torch.randn(3, 5, device=dev) - 7
+    for b in available("policy_loss_from_logits"):
+        for loss_type in ("ppo", "gspo"):
+            for inplace in (False, True):
+                x = logits.clone().requires_grad_()
+                out = nk.policy_loss_from_logits(x[:, :-1] * 1 if inplace else x[:, :-1], targets, old_l,
+                                                 torch.randn(3, device=dev), loss_type=loss_type, return_entropy=True,
+                                                 inplace_backward=inplace, backend=b)
+                out.loss.backward()
+        ran.append(f"policy_loss_from_logits/{b}")
+    torch.cuda.synchronize()
+    print("ran:", ", ".join(ran))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(cuda_only="--cuda-only" in sys.argv))
