@@ -2,6 +2,8 @@
 `compute-sanitizer` to watch: out-of-bounds accesses, races, uninitialised reads.
 
     compute-sanitizer --tool memcheck python3 benchmarks/sanitize.py
+
+``--device=cpu`` runs the same calls on the Triton interpreter (a smoke test of this script).
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import torch
 import negkernels as nk
 
 
-def main(cuda_only: bool = False) -> int:
-    dev = torch.device("cuda")
+def main(cuda_only: bool = False, device: str = "cuda") -> int:
+    dev = torch.device(device)
     backends = ["cuda"] if cuda_only else ["triton", "cuda"]
     ran = []
 
@@ -64,10 +66,11 @@ def main(cuda_only: bool = False) -> int:
                                                  inplace_backward=inplace, backend=b)
                 out.loss.backward()
         ran.append(f"policy_loss_from_logits/{b}")
-    torch.cuda.synchronize()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     print("ran:", ", ".join(ran))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(cuda_only="--cuda-only" in sys.argv))
+    sys.exit(main(cuda_only="--cuda-only" in sys.argv, device="cpu" if "--device=cpu" in sys.argv else "cuda"))
