@@ -1,6 +1,10 @@
 """The command line: `negkernels check` and `negkernels bench` run on the CPU."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from negkernels.__main__ import main
 
@@ -24,11 +28,6 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
 def test_sanitizer_driver_runs_every_kernel_call():
     # benchmarks/sanitize.py is what compute-sanitizer watches on a GPU; on the CPU it runs the
     # same calls through the Triton interpreter.
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "sanitize.py"), "--device=cpu"],
