@@ -6,10 +6,14 @@ from .advantages import (
     group_advantages_reference,
     group_discriminative_loss_reference,
 )
+from .logprobs import kl_penalty, policy_loss_reference, token_logprobs_reference
 
 __all__ = [
     "drpo_positive_weights",
     "global_moments",
     "group_advantages_reference",
     "group_discriminative_loss_reference",
+    "kl_penalty",
+    "policy_loss_reference",
+    "token_logprobs_reference",
 ]

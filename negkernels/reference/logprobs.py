@@ -260,8 +260,10 @@ def policy_loss_reference(
         def masked_mean(x):
             return torch.where(m > 0, x.to(dtype), 0.0).sum() / safe
 
-        approx_kl = ratio - 1.0 - log_ratio if loss_type != "gspo" else torch.exp(log_ratio) - 1.0 - log_ratio
-        mean_ratio = ratio if loss_type != "gspo" else torch.exp(log_ratio)
+        # ρ − 1 − log ρ in float64: in fp32 it cancels to noise for policies a small step apart.
+        lr64 = log_ratio.double()
+        approx_kl = torch.expm1(lr64) - lr64
+        mean_ratio = torch.exp(log_ratio)
         metrics = torch.stack([
             masked_mean(low_flag),
             masked_mean(high_flag),
