@@ -129,15 +129,21 @@ def test_token_logprobs_bad_input():
             nk.token_logprobs(logits, torch.zeros(4, dtype=torch.long), temperature=bad)
     with pytest.raises(TypeError, match="logits"):
         nk.token_logprobs(logits.long(), torch.zeros(4, dtype=torch.long))
-    # validate=False skips the one host check (the caller vouches for the ids).
-    nk.token_logprobs(logits, torch.zeros(4, dtype=torch.long), validate=False)
+    # validate=False skips the one host check: a bad id then gives NaN, and nothing is read out of bounds.
+    for backend in KERNEL_BACKENDS:
+        logp = nk.token_logprobs(logits, torch.tensor([0, 10, -3, 9]), validate=False, backend=backend)
+        assert torch.isnan(logp[1:3]).all() and torch.isfinite(logp[[0, 3]]).all()
+        old = torch.zeros(1, 4)
+        out = nk.policy_loss_from_logits(logits.unsqueeze(0), torch.tensor([[0, 1, 10**6, 3]]), old, torch.ones(1),
+                                         validate=False, backend=backend)
+        assert torch.isnan(out.token_logp[0, 2]) and torch.isfinite(out.token_logp[0, [0, 1, 3]]).all()
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_token_logprobs_opcheck_and_compile(backend):
     logits = torch.randn(3, 4, 19, requires_grad=True)
     targets = torch.randint(0, 19, (3, 4))
-    torch.library.opcheck(torch.ops.negkernels.token_logprobs_fwd.default, (logits, targets, 0.9, 0, True, False))
+    torch.library.opcheck(torch.ops.negkernels.token_logprobs_fwd.default, (logits, targets, 0.9, 0, 19, True, False))
     torch._dynamo.reset()
     fn = torch.compile(lambda x, t: nk.token_logprobs(x, t, validate=False, backend=backend).sum(), backend="aot_eager",
                        fullgraph=True)

@@ -84,7 +84,7 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
 
     POINTERS = {"targets_ptr": "*i64", "cu_ptr": "*i32", "mask_ptr": "*u8", "logits_ptr": "*bf16", "grad_ptr": "*bf16"}
     INTS = {"stride_outer", "stride_inner", "inner_size", "grad_stride_outer", "grad_stride_inner", "n_vocab",
-            "vocab_start", "seq_len", "max_len", "n_rows", "rows_per_program"}
+            "vocab_start", "vocab_total", "seq_len", "max_len", "n_rows", "rows_per_program"}
 
     def compile_logprobs(kernel, constexprs, num_warps=8, **pointers):
         compile_variant(kernel, constexprs, num_warps, {**POINTERS, **pointers}, INTS, "i64")

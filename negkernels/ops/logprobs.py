@@ -66,20 +66,21 @@ def _row_view(x: Tensor) -> tuple[Tensor, int, int, int]:
 
 
 @torch.library.custom_op("negkernels::token_logprobs_fwd", mutates_args=())
-def _token_logprobs_fwd_op(logits: Tensor, targets: Tensor, temperature: float, vocab_start: int, with_entropy: bool,
-                           inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _token_logprobs_fwd_op(logits: Tensor, targets: Tensor, temperature: float, vocab_start: int, vocab_total: int,
+                           with_entropy: bool, inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows of the vocabulary slice [vocab_start, vocab_start + V) of a vocabulary of vocab_total ids."""
     from ..triton.logprobs import token_logprobs_fwd
 
     rows = targets.numel()
     x, so, si, inner = _row_view(logits)
     logp, entropy, lse = token_logprobs_fwd(x, so, si, inner, rows, logits.shape[-1], targets.reshape(-1).contiguous(),
-                                            temperature, vocab_start, with_entropy)
+                                            temperature, vocab_start, with_entropy, vocab_total)
     lead = targets.shape
     return logp.view(lead), entropy.view(lead) if with_entropy else entropy, lse.view(lead)
 
 
 @_token_logprobs_fwd_op.register_fake
-def _(logits, targets, temperature, vocab_start, with_entropy, inplace_backward):
+def _(logits, targets, temperature, vocab_start, vocab_total, with_entropy, inplace_backward):
     out = logits.new_empty(targets.shape, dtype=torch.float32)
     ent = logits.new_empty(targets.shape if with_entropy else (0,), dtype=torch.float32)
     return out, ent, out.clone()
@@ -122,7 +123,7 @@ def _token_logprobs_bwd_inplace_op(grad_logp: Optional[Tensor], grad_entropy: Op
 
 
 def _token_logprobs_setup(ctx, inputs, output):
-    logits, targets, temperature, vocab_start, with_entropy, inplace = inputs
+    logits, targets, temperature, vocab_start, vocab_total, with_entropy, inplace = inputs
     logp, entropy, lse = output
     ctx.save_for_backward(logits, targets, lse, entropy if with_entropy else None)
     ctx.temperature, ctx.vocab_start, ctx.inplace = temperature, vocab_start, inplace
@@ -140,7 +141,7 @@ def _token_logprobs_backward(ctx, grad_logp, grad_entropy, grad_lse):
     else:
         grad = _token_logprobs_bwd_op(grad_logp, grad_entropy, logits, targets, lse, entropy, ctx.temperature,
                                       ctx.vocab_start)
-    return grad, None, None, None, None, None
+    return grad, None, None, None, None, None, None
 
 
 _token_logprobs_fwd_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup)
@@ -155,13 +156,14 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, temperature, vocab_start, with_entropy, group, backend):
+    def forward(ctx, logits, targets, temperature, vocab_start, vocab_total, with_entropy, group, backend):
         import torch.distributed as dist
 
         if backend == "reference":
             logp_r, ent_r, lse_r = token_logprobs_partials_reference(logits, targets, temperature, vocab_start)
         else:
-            logp_r, ent_r, lse_r = _token_logprobs_fwd_op(logits, targets, temperature, vocab_start, True, False)
+            logp_r, ent_r, lse_r = _token_logprobs_fwd_op(logits, targets, temperature, vocab_start, vocab_total, True,
+                                                          False)
         lse_max = lse_r.clone()
         dist.all_reduce(lse_max, op=dist.ReduceOp.MAX, group=group)
         shift = torch.where(torch.isfinite(lse_max), lse_max, torch.zeros_like(lse_max))
@@ -195,7 +197,7 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
         else:
             grad = _token_logprobs_bwd_op(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature,
                                           vocab_start)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def _check_targets(targets: Tensor, logits: Tensor, name: str = "targets") -> None:
@@ -269,14 +271,15 @@ def token_logprobs(
         vocab_start, vocab = _global_vocab(logits.shape[-1], process_group)
         if validate:
             _check_target_range(targets, vocab)
-        logp, entropy = _VocabParallelTokenLogprobs.apply(logits, targets, temperature, vocab_start, return_entropy,
-                                                          process_group, chosen)
+        logp, entropy = _VocabParallelTokenLogprobs.apply(logits, targets, temperature, vocab_start, vocab,
+                                                          return_entropy, process_group, chosen)
         return (logp, entropy) if return_entropy else logp
     if validate:
         _check_target_range(targets, logits.shape[-1])
     if chosen == "reference":
         return token_logprobs_reference(logits, targets, temperature, return_entropy)
-    logp, entropy, _ = _token_logprobs_fwd_op(logits, targets, temperature, 0, return_entropy, inplace_backward)
+    logp, entropy, _ = _token_logprobs_fwd_op(logits, targets, temperature, 0, logits.shape[-1], return_entropy,
+                                              inplace_backward)
     return (logp, entropy) if return_entropy else logp
 
 

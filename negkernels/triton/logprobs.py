@@ -106,15 +106,19 @@ def _row_offset(row, stride_outer, stride_inner, inner_size):
 
 @triton.jit
 def _token_logprobs_fwd_kernel(logits_ptr, stride_outer, stride_inner, inner_size, targets_ptr, logp_ptr, entropy_ptr,
-                               lse_ptr, n_vocab, vocab_start, inv_t, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+                               lse_ptr, n_vocab, vocab_start, vocab_total, inv_t, WITH_ENTROPY: tl.constexpr,
+                               BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + _row_offset(row, stride_outer, stride_inner, inner_size)
     lse, entropy = _online_softmax_row(row_ptr, n_vocab, inv_t, BLOCK_V)
-    local = tl.load(targets_ptr + row).to(tl.int64) - vocab_start
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    local = target - vocab_start
     owned = (local >= 0) & (local < n_vocab)
     z_t = tl.load(row_ptr + tl.where(owned, local, 0)).to(tl.float32) * inv_t
-    # A target outside this vocabulary slice (vocab-parallel) contributes 0 to the gathered sum.
-    tl.store(logp_ptr + row, tl.where(owned, z_t - lse, 0.0))
+    # A target in another rank's vocabulary slice contributes 0 to the gathered sum; an id outside
+    # the whole vocabulary (unvalidated input) gives NaN and is never read.
+    valid = (target >= 0) & (target < vocab_total)
+    tl.store(logp_ptr + row, tl.where(owned, z_t - lse, tl.where(valid, 0.0, float("nan"))))
     tl.store(lse_ptr + row, lse)
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, entropy)
@@ -426,7 +430,9 @@ def _policy_loss_from_logits_row(
     row_ptr = logits_ptr + _row_offset(row, stride_outer, stride_inner, inner_size)
     lse, entropy = _online_softmax_row(row_ptr, n_vocab, inv_t, BLOCK_V)
     target = tl.load(targets_ptr + row).to(tl.int64)
-    lp = tl.load(row_ptr + target).to(tl.float32) * inv_t - lse
+    valid = (target >= 0) & (target < n_vocab)  # unvalidated bad ids give NaN, never an out-of-bounds read
+    lp = tl.load(row_ptr + tl.where(valid, target, 0)).to(tl.float32) * inv_t - lse
+    lp = tl.where(valid, lp, float("nan"))
     tl.store(logp_ptr + row, lp)
     tl.store(entropy_ptr + row, entropy)
 
@@ -475,7 +481,8 @@ def _num_warps(block: int) -> int:
 
 
 def token_logprobs_fwd(logits, stride_outer: int, stride_inner: int, inner_size: int, rows: int, n_vocab: int,
-                       targets: torch.Tensor, temperature: float, vocab_start: int, with_entropy: bool):
+                       targets: torch.Tensor, temperature: float, vocab_start: int, with_entropy: bool,
+                       vocab_total: int | None = None):
     """Rows of ``logits`` addressed as (row // inner_size)·stride_outer + (row % inner_size)·stride_inner,
     unit stride along V; targets [rows] → (logp [rows], entropy [rows] or [0], lse [rows]), fp32."""
     dev = logits.device
@@ -487,7 +494,8 @@ def token_logprobs_fwd(logits, stride_outer: int, stride_inner: int, inner_size:
     block = _vocab_block(n_vocab)
     _token_logprobs_fwd_kernel[(rows,)](
         logits, stride_outer, stride_inner, inner_size, targets, logp, entropy if with_entropy else lse, lse, n_vocab,
-        vocab_start, 1.0 / temperature, WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=_num_warps(block),
+        vocab_start, vocab_total if vocab_total is not None else vocab_start + n_vocab, 1.0 / temperature,
+        WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=_num_warps(block),
     )
     return logp, entropy, lse
 
