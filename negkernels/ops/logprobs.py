@@ -248,7 +248,8 @@ def token_logprobs(
             Kernel backends only; the reference ignores it.
         process_group: vocab-parallel logits: rank r holds the r-th contiguous slice of the
             vocabulary, in rank order; results equal the single-process ones on every rank.
-        validate: check the target range on the host (one synchronisation).
+        validate: check the target range on the host (one synchronisation). Without it the
+            kernels give NaN for an id outside the vocabulary and read nothing out of bounds.
         backend: ``None`` (automatic), ``"reference"`` or ``"triton"``.
 
     Returns:
