@@ -291,6 +291,17 @@ def _flat(x: Optional[Tensor]) -> Optional[Tensor]:
     return None if x is None else x.reshape(-1).contiguous()
 
 
+def _sum_over_ranks(x: Tensor, process_group) -> Tensor:
+    """``x`` summed over the ranks of ``process_group`` (``x`` itself without one); never in place."""
+    if process_group is None:
+        return x
+    import torch.distributed as dist
+
+    x = x.clone()
+    dist.all_reduce(x, group=process_group)
+    return x
+
+
 def _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens, max_seqlen, ref_logp, is_weights, loss_type):
     check_tensor("logp", logp, dtypes=FLOAT_DTYPES)
     device = logp.device
@@ -303,13 +314,17 @@ def _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens, max_seqle
             raise ValueError("cu_seqlens: needs at least one entry (0)")
         num_seq = cu_seqlens.numel() - 1
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != logp.numel() or (num_seq and int(lengths.min()) < 0):
+        # One host read for every check of the layout.
+        first, last, shortest, longest = torch.stack([
+            cu_seqlens[0], cu_seqlens[-1], *(torch.aminmax(lengths) if num_seq else (cu_seqlens[0], cu_seqlens[0]))
+        ]).tolist()
+        if first != 0 or last != logp.numel() or shortest < 0:
             raise ValueError(f"cu_seqlens: must start at 0, be non-decreasing and end at N = {logp.numel()}")
         if max_seqlen is None:
-            max_seqlen = int(lengths.max()) if num_seq else 0
+            max_seqlen = longest
         else:
             check_int("max_seqlen", max_seqlen, minimum=0)
-            if num_seq and int(lengths.max()) > max_seqlen:
+            if longest > max_seqlen:
                 raise ValueError(f"max_seqlen: {max_seqlen} is shorter than the longest sequence")
         seq_len = 0
     else:
@@ -359,8 +374,6 @@ def _sequence_counts(mask: Optional[Tensor], logp: Tensor, cu_seqlens: Optional[
 def _normaliser(aggregation, mask, logp, cu_seqlens, num_tokens, num_sequences, process_group, counts=None):
     """The scalar divisor of the aggregated loss, as a 0-d fp32 tensor on logp's device.
     ``counts``: unmasked tokens per sequence when the caller already has them."""
-    import torch.distributed as dist
-
     device = logp.device
     if aggregation == "token-sum":
         return torch.ones((), device=device)
@@ -377,9 +390,7 @@ def _normaliser(aggregation, mask, logp, cu_seqlens, num_tokens, num_sequences, 
     else:
         counts = counts if counts is not None else _sequence_counts(mask, logp, cu_seqlens)
         value = (counts > 0).sum().float()
-    if process_group is not None:
-        value = value.clone()
-        dist.all_reduce(value, group=process_group)
+    value = _sum_over_ranks(value, process_group)
     # With nothing to count every token weight is 0 anyway; 1 keeps 0/0 out of the loss.
     return value.clamp_min(1.0).reshape(())
 
@@ -434,12 +445,7 @@ _policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_l
 
 
 def _metrics_from_partials(partial: Tensor, process_group) -> Tensor:
-    sums = partial[:, 1:].sum(0)
-    if process_group is not None:
-        import torch.distributed as dist
-
-        sums = sums.clone()
-        dist.all_reduce(sums, group=process_group)
+    sums = _sum_over_ranks(partial[:, 1:].sum(0), process_group)
     return sums[1:] / sums[0].clamp_min(1.0)
 
 
@@ -580,12 +586,9 @@ def policy_loss(
 
 
 def _reference_global_metrics(local_metrics: Tensor, mask, logp, process_group) -> Tensor:
-    import torch.distributed as dist
-
     count = (mask != 0).sum().to(local_metrics.dtype) if mask is not None else torch.tensor(
         float(logp.numel()), dtype=local_metrics.dtype, device=logp.device)
-    sums = torch.cat([count.reshape(1), local_metrics * count])
-    dist.all_reduce(sums, group=process_group)
+    sums = _sum_over_ranks(torch.cat([count.reshape(1), local_metrics * count]), process_group)
     return sums[1:] / sums[0].clamp_min(1.0)
 
 
@@ -845,11 +848,7 @@ def policy_loss_from_logits(
         opts["sapo_tau_neg"], opts["kl_coef"] if use_kl else 0.0, entropy_coef, opts["is_threshold"],
         opts["is_threshold_low"], *(() if inplace else (compute_grad,)),
     )
-    if process_group is not None:
-        import torch.distributed as dist
-
-        sums = sums.clone()
-        dist.all_reduce(sums, group=process_group)
+    sums = _sum_over_ranks(sums, process_group)
     count = sums[0].clamp_min(1.0)
     metrics = sums[1:7] / count
     logp = logp.view(targets.shape)
@@ -862,9 +861,5 @@ def _masked_mean(x: Tensor, mask: Optional[Tensor], process_group) -> Tensor:
     x = x.reshape(-1)
     x = x if x.dtype == torch.float64 else x.float()
     m = (mask.reshape(-1) != 0) if mask is not None else torch.ones_like(x, dtype=torch.bool)
-    sums = torch.stack([torch.where(m, x, 0.0).sum(), m.sum().to(x.dtype)])
-    if process_group is not None:
-        import torch.distributed as dist
-
-        dist.all_reduce(sums, group=process_group)
+    sums = _sum_over_ranks(torch.stack([torch.where(m, x, 0.0).sum(), m.sum().to(x.dtype)]), process_group)
     return sums[0] / sums[1].clamp_min(1.0)

@@ -247,6 +247,16 @@ def _importance_weight(w, is_hi, is_lo, IS: tl.constexpr):
 
 
 @triton.jit
+def _token_importance_weights(iw_ptr, offs, inside, iw_seq, is_hi, is_lo, IS: tl.constexpr, IW_PER_TOKEN: tl.constexpr):
+    """Bounded IS weights of a block of tokens: per token, else the sequence's (``iw_seq``, 1 without weights)."""
+    if IS != 0 and IW_PER_TOKEN:
+        w = _importance_weight(tl.load(iw_ptr + offs, mask=inside, other=1.0).to(tl.float32), is_hi, is_lo, IS)
+    else:
+        w = tl.where(inside, iw_seq, 1.0)
+    return w
+
+
+@triton.jit
 def _softplus(x):
     t = tl.exp(-tl.abs(x))
     return tl.maximum(x, 0.0) + tl.where(t < 1e-4, t - 0.5 * t * t, tl.log(1.0 + t))
@@ -271,6 +281,7 @@ def _policy_loss_fwd_kernel(
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     if not ADV_PER_TOKEN:
         adv_seq = tl.load(adv_ptr + b).to(tl.float32)
+    iw_seq = 1.0
     if IS != 0 and not IW_PER_TOKEN:
         iw_seq = _importance_weight(tl.load(iw_ptr + b).to(tl.float32), is_hi, is_lo, IS)
 
@@ -298,13 +309,8 @@ def _policy_loss_fwd_kernel(
                 lp = tl.load(logp_ptr + offs, mask=m, other=0.0).to(tl.float32)
                 ref = tl.load(ref_ptr + offs, mask=m, other=0.0).to(tl.float32)
                 acc_a += tl.where(m, lp - ref, 0.0)
-                if IS == 0:
-                    acc_b += tl.where(m, 1.0, 0.0)
-                elif IW_PER_TOKEN:
-                    w = _importance_weight(tl.load(iw_ptr + offs, mask=m, other=1.0).to(tl.float32), is_hi, is_lo, IS)
-                    acc_b += tl.where(m, w, 0.0)
-                else:
-                    acc_b += tl.where(m, iw_seq, 0.0)
+                iw = _token_importance_weights(iw_ptr, offs, m, iw_seq, is_hi, is_lo, IS, IW_PER_TOKEN)
+                acc_b += tl.where(m, iw, 0.0)
         count = tl.sum(acc_count, axis=0)
         seq_a = tl.sum(acc_a, axis=0)
         seq_b = tl.sum(acc_b, axis=0)
@@ -349,12 +355,7 @@ def _policy_loss_fwd_kernel(
             adv = tl.zeros_like(lp) + adv_seq
         log_ratio = lp - old
         ratio = tl.exp(log_ratio)
-        if IS == 0:
-            iw = tl.zeros_like(lp) + 1.0
-        elif IW_PER_TOKEN:
-            iw = _importance_weight(tl.load(iw_ptr + offs, mask=inside, other=1.0).to(tl.float32), is_hi, is_lo, IS)
-        else:
-            iw = tl.zeros_like(lp) + iw_seq
+        iw = _token_importance_weights(iw_ptr, offs, inside, iw_seq, is_hi, is_lo, IS, IW_PER_TOKEN)
 
         if LOSS == 1:  # gspo: the sequence ratio s with gradient s through each token's own logp
             s = tl.zeros_like(lp) + seq_ratio
