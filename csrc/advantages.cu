@@ -4,13 +4,13 @@
 // Sums use integer atomics on fixed-point values scaled per group by a power of two, so every
 // statistic is bit-identical run to run; see negkernels/triton/advantages.py for the numerics.
 #include <cooperative_groups.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
 
 #include "advantages.h"
+#include "load_value.cuh"
 
 namespace cg = cooperative_groups;
 
@@ -21,12 +21,7 @@ constexpr int kThreads = 256;
 constexpr int kRowCount = 0, kRowMaxBits = 1, kRowSum = 2, kRowSquares = 3;
 
 __device__ __forceinline__ float load_reward(const GroupAdvantagesArgs& a, int64_t i) {
-  switch (a.rewards_dtype) {
-    case kRewardF64: return static_cast<float>(static_cast<const double*>(a.rewards)[i]);
-    case kRewardF16: return __half2float(static_cast<const __half*>(a.rewards)[i]);
-    case kRewardBF16: return __uint_as_float(static_cast<uint32_t>(static_cast<const uint16_t*>(a.rewards)[i]) << 16);
-    default: return static_cast<const float*>(a.rewards)[i];
-  }
+  return load_value(a.rewards, a.rewards_dtype, i);
 }
 
 __device__ __forceinline__ int64_t group_of(const GroupAdvantagesArgs& a, int64_t i) {

@@ -3,13 +3,13 @@
 #pragma once
 #include <cstdint>
 
-namespace negkernels {
+#include "dtypes.h"
 
-enum RewardDtype : int { kRewardF32 = 0, kRewardF64 = 1, kRewardF16 = 2, kRewardBF16 = 3 };
+namespace negkernels {
 
 struct GroupAdvantagesArgs {
   const void* rewards = nullptr;
-  int rewards_dtype = kRewardF32;
+  int rewards_dtype = kValueF32;
   const void* group_index = nullptr;  // null: contiguous groups of group_size
   int group_index_bits = 64;          // 32 or 64
   float* out = nullptr;               // [n]

@@ -18,13 +18,13 @@ void check_launch(int error, const char* what) {
   TORCH_CHECK(error == 0, what, " failed: ", cuda_error_string(error));
 }
 
-int reward_dtype_code(const at::Tensor& rewards) {
-  switch (rewards.scalar_type()) {
-    case at::kFloat: return kRewardF32;
-    case at::kDouble: return kRewardF64;
-    case at::kHalf: return kRewardF16;
-    case at::kBFloat16: return kRewardBF16;
-    default: TORCH_CHECK(false, "rewards: expected a float16/bfloat16/float32/float64 tensor, got ", rewards.scalar_type());
+int value_dtype_code(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kValueF32;
+    case at::kDouble: return kValueF64;
+    case at::kHalf: return kValueF16;
+    case at::kBFloat16: return kValueBF16;
+    default: TORCH_CHECK(false, name, ": expected a float16/bfloat16/float32/float64 tensor, got ", t.scalar_type());
   }
   return 0;
 }
@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages(
   TORCH_CHECK(rewards.is_cuda(), "rewards: the CUDA kernel needs a CUDA tensor, got ", rewards.device());
   TORCH_CHECK(rewards.dim() == 1, "rewards: expected a 1-D tensor, got shape ", rewards.sizes());
   TORCH_CHECK(rewards.is_contiguous(), "rewards: expected a contiguous tensor");
-  const int dtype = reward_dtype_code(rewards);
+  const int dtype = value_dtype_code(rewards, "rewards");
   const int64_t n = rewards.size(0);
   TORCH_CHECK(num_groups >= 0, "num_groups: must be >= 0, got ", num_groups);
   TORCH_CHECK(estimator >= 0 && estimator <= 4, "estimator: unknown code ", estimator);
@@ -102,17 +102,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages(
   args.device = rewards.get_device();
   check_launch(launch_group_advantages(args, reinterpret_cast<void*>(stream)), "group_advantages kernel launch");
   return {out, mean, std, count};
-}
-
-int value_dtype_code(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return kValueF32;
-    case at::kDouble: return kValueF64;
-    case at::kHalf: return kValueF16;
-    case at::kBFloat16: return kValueBF16;
-    default: TORCH_CHECK(false, name, ": expected a float16/bfloat16/float32/float64 tensor, got ", t.scalar_type());
-  }
-  return 0;
 }
 
 const void* values_like(const std::optional<at::Tensor>& t, const at::Tensor& logp, int64_t n, const char* name) {

@@ -4,28 +4,18 @@
 // (written at once, so the backward is a scale) and the metric sums. Every block reduction runs
 // in a fixed order over a fixed thread layout, so the loss has the same bits run to run.
 // The formulas mirror negkernels/triton/logprobs.py; conventions are documented there.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
 
+#include "load_value.cuh"
 #include "logprobs.h"
 
 namespace negkernels {
 namespace {
 
 constexpr int kLossThreads = 256;
-
-__device__ __forceinline__ float load_value(const void* p, int dtype, int64_t i) {
-  switch (dtype) {
-    case kValueF64: return static_cast<float>(static_cast<const double*>(p)[i]);
-    case kValueF16: return __half2float(static_cast<const __half*>(p)[i]);
-    case kValueBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
 
 // Sum over the block in a fixed order (warp shuffles, then warp totals in order); every thread
 // gets the result.

@@ -3,9 +3,9 @@
 #pragma once
 #include <cstdint>
 
-namespace negkernels {
+#include "dtypes.h"
 
-enum ValueDtype : int { kValueF32 = 0, kValueF64 = 1, kValueF16 = 2, kValueBF16 = 3 };
+namespace negkernels {
 
 // Codes are positions in negkernels/reference/logprobs.py's tuples (the Triton kernel uses them too).
 enum PolicyLossType : int { kPPO = 0, kGSPO = 1, kCISPO = 2, kSAPO = 3, kGPG = 4, kNPO = 5 };
