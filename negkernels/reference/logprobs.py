@@ -217,7 +217,10 @@ def policy_loss_reference(
         low_flag = (ratio < lo) if cispo_two_sided else zeros
     elif loss_type == "sapo":
         tau = torch.where(adv > 0, torch.full_like(adv, sapo_tau_pos), torch.full_like(adv, sapo_tau_neg))
-        pg = -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)) * adv
+        # σ(x) as exp(−softplus(−x)): its autograd forms σ(x)·σ(−x), where sigmoid's own backward,
+        # σ·(1 − σ), cancels to nothing in fp32 once σ rounds near 1.
+        gate = torch.exp(-torch.nn.functional.softplus(-tau * (ratio - 1.0)))
+        pg = -(4.0 / tau) * gate * adv
     elif loss_type == "gpg":
         pg = -adv * lp
     elif loss_type == "npo":
