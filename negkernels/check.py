@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import available_backends
+from ._testing import old_logp_off_edges
 from .ops.advantages import DISCRIMINATIVE_LOSS_BACKENDS, GROUP_ADVANTAGES_BACKENDS
 from .ops.logprobs import POLICY_LOSS_BACKENDS, POLICY_LOSS_FROM_LOGITS_BACKENDS, TOKEN_LOGPROBS_BACKENDS
 from .reference.advantages import ESTIMATORS, SCALES, group_advantages_reference, group_discriminative_loss_reference
@@ -74,7 +75,7 @@ def _logprobs_checks(device):
 def _policy_inputs(device):
     b, t = (64, 777) if device.type == "cuda" else (5, 13)
     logp = torch.randn(b, t, device=device) * 0.4 - 2
-    return dict(logp=logp, old=logp + 0.2 * torch.randn(b, t, device=device),
+    return dict(logp=logp, old=old_logp_off_edges(logp, logp + 0.2 * torch.randn(b, t, device=device)),
                 ref=logp + 0.2 * torch.randn(b, t, device=device), adv=torch.randn(b, device=device),
                 mask=torch.rand(b, t, device=device) > 0.2)
 

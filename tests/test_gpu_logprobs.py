@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import negkernels as nk
+from negkernels._testing import old_logp_off_edges
 from negkernels.reference.logprobs import AGGREGATIONS, KL_ESTIMATORS, LOSS_TYPES
 
 from .helpers import TOLERANCES, assert_close, poisoned_allocations
@@ -40,7 +41,7 @@ def test_gpu_token_logprobs(vocab, dtype):
 def test_gpu_policy_loss(loss_type, aggregation):
     b, t = 37, 1000
     logp = torch.randn(b, t, device="cuda") * 0.5 - 2
-    old = logp + torch.randn(b, t, device="cuda") * 0.2
+    old = old_logp_off_edges(logp, logp + torch.randn(b, t, device="cuda") * 0.2)
     ref = logp + torch.randn(b, t, device="cuda") * 0.2
     adv = torch.randn(b, device="cuda")
     mask = torch.rand(b, t, device="cuda") > 0.2
@@ -90,7 +91,7 @@ def test_gpu_policy_loss_from_logits(loss_type, inplace):
     targets = torch.randint(0, v, (b, t), device="cuda")
     with torch.no_grad():
         base = oracle_logprobs(logits, targets)[0].float()
-    old = base + torch.randn(b, t, device="cuda") * 0.2
+    old = old_logp_off_edges(base, base + torch.randn(b, t, device="cuda") * 0.2)
     adv = torch.randn(b, device="cuda")
     mask = torch.rand(b, t, device="cuda") > 0.2
     leaf = logits.clone().requires_grad_()

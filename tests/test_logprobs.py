@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import negkernels as nk
+from negkernels._testing import old_logp_off_edges
 from negkernels.reference.logprobs import AGGREGATIONS, KL_ESTIMATORS, LOSS_TYPES, policy_loss_reference
 
 from .helpers import TOLERANCES, assert_close, poisoned_allocations
@@ -155,7 +156,7 @@ def test_token_logprobs_opcheck_and_compile(backend):
 
 def policy_inputs(b=4, t=9, *, per_token_adv=False, seed_mask=True):
     logp = torch.randn(b, t) * 0.5 - 1.5
-    old = logp + torch.randn(b, t) * 0.25
+    old = old_logp_off_edges(logp, logp + torch.randn(b, t) * 0.25)
     ref = logp + torch.randn(b, t) * 0.2
     adv = torch.randn(b, t) if per_token_adv else torch.randn(b)
     mask = torch.rand(b, t) > 0.25 if seed_mask else None
@@ -220,7 +221,7 @@ def test_policy_loss_importance_weights(backend, is_mode, level, loss_type):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_policy_loss_options(backend):
     logp, old, ref, adv, mask = policy_inputs(per_token_adv=True)
-    old = logp + torch.randn_like(logp)  # ratios far outside the clip range
+    old = old_logp_off_edges(logp, logp + torch.randn_like(logp))  # ratios far outside the clip range
     for kw in (dict(delta=1.5), dict(dual_clip=2.0, delta=2.5), dict(loss_type="sapo", sapo_tau_pos=0.5, sapo_tau_neg=2.0),
                dict(loss_type="cispo"), dict(loss_type="cispo", cispo_two_sided=True),
                dict(aggregation="seq-mean-token-sum-norm", norm_constant=7.0), dict(mask=None)):
@@ -402,7 +403,7 @@ def from_logits_case(b=3, t=6, v=45, dtype=torch.float32):
     targets = torch.randint(0, v, (b, t))
     with torch.no_grad():
         base = oracle_logprobs(logits, targets)[0].float()
-    old = base + torch.randn(b, t) * 0.3
+    old = old_logp_off_edges(base, base + torch.randn(b, t) * 0.3)
     ref = base + torch.randn(b, t) * 0.2
     mask = torch.rand(b, t) > 0.2
     mask[min(1, b - 1)] = False
