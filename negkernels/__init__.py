@@ -12,13 +12,18 @@ from .ops.advantages import (
     group_advantages,
     group_discriminative_loss,
 )
-from .nn import PolicyLoss
+from .nn import MemoryBank, PolicyLoss
+from .ops.contrastive import bank_info_nce, bank_topk, mochi_negatives
 from .ops.logprobs import PolicyLossOutput, policy_loss, policy_loss_from_logits, token_logprobs
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",
+    "MemoryBank",
+    "bank_info_nce",
+    "bank_topk",
+    "mochi_negatives",
     "GroupStats",
     "available_backends",
     "drpo_positive_weights",

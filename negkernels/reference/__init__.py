@@ -6,9 +6,12 @@ from .advantages import (
     group_advantages_reference,
     group_discriminative_loss_reference,
 )
+from .contrastive import bank_info_nce_reference, bank_topk_reference
 from .logprobs import kl_penalty, policy_loss_reference, token_logprobs_reference
 
 __all__ = [
+    "bank_info_nce_reference",
+    "bank_topk_reference",
     "drpo_positive_weights",
     "global_moments",
     "group_advantages_reference",

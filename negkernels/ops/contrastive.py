@@ -1,0 +1,355 @@
+"""Contrastive losses against a memory bank: public API, custom ops and autograd.
+
+Layering: :func:`bank_info_nce`, :func:`bank_topk`, :func:`mochi_negatives` (validation) → the
+custom ops ``negkernels::bank_info_nce_fwd`` / ``_bwd`` and ``negkernels::bank_topk`` (fake +
+autograd + backend routing) → the Triton launchers. The ``reference`` backend is plain
+differentiable PyTorch (it materialises the N×K logits).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._backend import resolve_backend, triton_interpret
+from .._validation import INDEX_DTYPES, check_choice, check_finite_float, check_int, check_tensor
+from ..reference.contrastive import (
+    FALSE_NEGATIVE_MODES,
+    REDUCTIONS,
+    bank_info_nce_reference,
+    bank_topk_reference,
+)
+
+BANK_INFO_NCE_BACKENDS = ("reference", "triton")
+BANK_TOPK_BACKENDS = ("reference", "triton")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INPUT_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+# ============================================================================ argument checks
+
+
+def _check_bank(query: Tensor, bank: Tensor) -> None:
+    check_tensor("query", query, ndim=2, dtypes=INPUT_DTYPES)
+    check_tensor("bank", bank, ndim=2, device=query.device)
+    if bank.shape[1] != query.shape[1]:
+        raise ValueError(f"bank: key width {bank.shape[1]} does not match the query width {query.shape[1]}")
+    if bank.dtype != query.dtype:
+        raise TypeError(f"bank: dtype {bank.dtype} does not match query dtype {query.dtype} (convert one with .to())")
+
+
+def _check_bank_valid(bank_valid, num_slots: int, device: torch.device):
+    """→ (bool mask [K] or None, filled count: the sweep's bound when there is no mask)."""
+    if bank_valid is None:
+        return None, num_slots
+    if isinstance(bank_valid, Tensor):
+        if bank_valid.dtype != torch.bool or bank_valid.shape != (num_slots,):
+            raise ValueError(f"bank_valid: expected a filled count or a bool mask of shape ({num_slots},), got "
+                             f"{bank_valid.dtype} of shape {tuple(bank_valid.shape)}")
+        check_tensor("bank_valid", bank_valid, device=device)
+        return bank_valid.contiguous(), num_slots
+    count = check_int("bank_valid", bank_valid, minimum=0)
+    if count > num_slots:
+        raise ValueError(f"bank_valid: {count} filled slots in a bank of {num_slots}")
+    return None, count
+
+
+def _check_temperature(temperature, device: torch.device) -> Tensor | float:
+    if isinstance(temperature, Tensor):
+        if temperature.dim() != 0 or not temperature.is_floating_point():
+            raise ValueError(f"temperature: expected a float or a 0-d floating tensor, got {temperature.dtype} of shape "
+                             f"{tuple(temperature.shape)}")
+        check_tensor("temperature", temperature, device=device)
+        if not torch.compiler.is_compiling():
+            value = float(temperature.detach())
+            if not (value > 0 and value != float("inf")):
+                raise ValueError(f"temperature: must be finite and > 0, got {value}")
+        return temperature
+    return check_finite_float("temperature", temperature, minimum=0.0, exclusive=True)
+
+
+def _check_ids(query_ids, bank_ids, n: int, k: int, device: torch.device):
+    if (query_ids is None) != (bank_ids is None):
+        raise ValueError("query_ids and bank_ids: give both (false negatives are slots whose id equals the query's) "
+                         "or neither")
+    if query_ids is None:
+        return None, None
+    check_tensor("query_ids", query_ids, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    check_tensor("bank_ids", bank_ids, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    if query_ids.shape[0] != n:
+        raise ValueError(f"query_ids: length {query_ids.shape[0]} does not match the {n} queries")
+    if bank_ids.shape[0] != k:
+        raise ValueError(f"bank_ids: length {bank_ids.shape[0]} does not match the {k} bank slots")
+    return query_ids.to(torch.int64).contiguous(), bank_ids.to(torch.int64).contiguous()
+
+
+def _upcast_half(x: Optional[Tensor]) -> Optional[Tensor]:
+    return x.float() if x is not None and x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# ============================================================================ InfoNCE custom ops
+
+
+@torch.library.custom_op("negkernels::bank_info_nce_fwd", mutates_args=())
+def _bank_info_nce_fwd_op(query: Tensor, positive: Tensor, bank: Tensor, temperature: Tensor,
+                          extra_negatives: Optional[Tensor], query_ids: Optional[Tensor], bank_ids: Optional[Tensor],
+                          valid_mask: Optional[Tensor], valid_count: int, false_negatives: Optional[str],
+                          normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from ..triton.contrastive import bank_info_nce_fwd
+
+    return bank_info_nce_fwd(query, positive, bank, temperature, extra_negatives, query_ids, bank_ids, valid_mask,
+                             valid_count, false_negatives, normalize, triton_interpret())
+
+
+@_bank_info_nce_fwd_op.register_fake
+def _(query, positive, bank, temperature, *rest):
+    out = query.new_empty(query.shape[0], dtype=torch.float32)
+    return out, out.clone(), out.clone()
+
+
+@torch.library.custom_op("negkernels::bank_info_nce_bwd", mutates_args=())
+def _bank_info_nce_bwd_op(grad_loss: Tensor, query: Tensor, positive: Tensor, bank: Tensor, temperature: Tensor,
+                          extra_negatives: Optional[Tensor], query_ids: Optional[Tensor], bank_ids: Optional[Tensor],
+                          valid_mask: Optional[Tensor], valid_count: int, false_negatives: Optional[str],
+                          normalize: bool, lse_all: Tensor, lse_pos: Tensor, bank_grad: bool,
+                          extra_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """→ (d query, d positive, d bank or [0], d extras or [0], r = Σ_j (d loss_i / d l_ij)·l_ij per query)."""
+    from ..triton.contrastive import bank_info_nce_bwd
+
+    return bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra_negatives, query_ids, bank_ids,
+                             valid_mask, valid_count, false_negatives, normalize, lse_all, lse_pos, bank_grad,
+                             extra_grad, triton_interpret())
+
+
+@_bank_info_nce_bwd_op.register_fake
+def _(grad_loss, query, positive, bank, temperature, extra_negatives, query_ids, bank_ids, valid_mask, valid_count,
+      false_negatives, normalize, lse_all, lse_pos, bank_grad, extra_grad):
+    dextra = torch.empty_like(extra_negatives, memory_format=torch.contiguous_format) \
+        if extra_grad and extra_negatives is not None else query.new_empty(0)
+    return (torch.empty_like(query, memory_format=torch.contiguous_format),
+            torch.empty_like(positive, memory_format=torch.contiguous_format),
+            torch.empty_like(bank, memory_format=torch.contiguous_format) if bank_grad else bank.new_empty(0),
+            dextra, query.new_empty(query.shape[0], dtype=torch.float32))
+
+
+def _bank_info_nce_setup(ctx, inputs, output):
+    query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, valid_count, fn, normalize = inputs
+    _, lse_all, lse_pos = output
+    ctx.save_for_backward(query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, lse_all, lse_pos)
+    ctx.options = (valid_count, fn, normalize)
+    ctx.mark_non_differentiable(lse_all, lse_pos)
+
+
+def _bank_info_nce_backward(ctx, grad_loss, grad_lse_all, grad_lse_pos):
+    query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, lse_all, lse_pos = ctx.saved_tensors
+    valid_count, fn, normalize = ctx.options
+    needs = ctx.needs_input_grad
+    dq, dpos, dbank, dextra, r = _bank_info_nce_bwd_op(
+        grad_loss, query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, valid_count, fn,
+        normalize, lse_all, lse_pos, bool(needs[2]), bool(needs[4]) and extra is not None)
+    # l = (q·k)/τ, so d loss/dτ = −Σ_ij G_ij·l_ij / τ (a fixed-order sum: deterministic).
+    dtemperature = -r.sum() / temperature if needs[3] else None
+    return (dq, dpos, dbank if needs[2] else None, dtemperature, dextra if needs[4] else None,
+            None, None, None, None, None, None)
+
+
+_bank_info_nce_fwd_op.register_autograd(_bank_info_nce_backward, setup_context=_bank_info_nce_setup)
+
+
+# ============================================================================ InfoNCE public API
+
+
+def bank_info_nce(
+    query: Tensor,
+    positive: Tensor,
+    bank: Tensor,
+    *,
+    temperature=0.07,
+    normalize: bool = False,
+    query_ids: Optional[Tensor] = None,
+    bank_ids: Optional[Tensor] = None,
+    false_negatives: Optional[str] = "exclude",
+    bank_valid=None,
+    extra_negatives: Optional[Tensor] = None,
+    reduction: str = "mean",
+    backend: Optional[str] = None,
+) -> Tensor:
+    """InfoNCE of each query against its positive and a bank of negatives, never forming N×K logits.
+
+    Args:
+        query, positive: [N, D] fp16 / bf16 / fp32 (fp64 on the reference backend), same dtype.
+        bank: [K, D], the query's dtype and device; it gets a gradient only when it requires one.
+        temperature: τ > 0, a float or a learnable 0-d tensor (it then gets a gradient).
+        normalize: L2-normalise query, positive, bank and extras inside the op (gradients flow
+            through the normalisation; ε = 1e-12 as in ``F.normalize``).
+        query_ids [N], bank_ids [K]: integer ids (e.g. instance or class); a slot whose id equals
+            the query's is a false negative.
+        false_negatives: ``"exclude"`` drops such slots from the denominator, ``"positive"`` adds
+            them to the positive set, ``None`` ignores ids.
+        bank_valid: number of filled slots (slots [0, bank_valid) are used) or a bool mask [K].
+        extra_negatives: [N, M, D] per-query negatives (e.g. :func:`mochi_negatives`); they are
+            always negatives. May be strided (an expanded [1, M, D] is shared by every query).
+        reduction: ``"mean"`` (over the N queries; 0 when N = 0), ``"sum"``, ``"none"`` ([N]).
+
+    Formula, per query i (l = logits / τ over the denominator set A_i = {k⁺_i} ∪ usable slots ∪ extras):
+        loss_i = logsumexp_{a∈A_i} l_a − logsumexp_{p∈P_i} l_p,
+        P_i = {k⁺_i} ∪ (with ``"positive"``) the filled slots with id = query_ids[i].
+    A fully excluded bank gives loss_i = 0; so does a bank whose every slot is a positive.
+
+    Returns: fp32 loss (0-d, or [N] with ``reduction="none"``). Gradients come back in the inputs'
+    dtypes. Triton: one streaming pass saves two fp32 log-sum-exps per query; the backward
+    recomputes the logits tile by tile (d query without atomics; d bank in a second sweep only
+    when the bank requires grad).
+    """
+    check_tensor("query", query, ndim=2, dtypes=INPUT_DTYPES)
+    check_tensor("positive", positive, ndim=2, device=query.device)
+    if positive.shape != query.shape:
+        raise ValueError(f"positive: shape {tuple(positive.shape)} does not match query shape {tuple(query.shape)}")
+    if positive.dtype != query.dtype:
+        raise TypeError(f"positive: dtype {positive.dtype} does not match query dtype {query.dtype}")
+    _check_bank(query, bank)
+    n, num_slots = query.shape[0], bank.shape[0]
+    check_choice("false_negatives", false_negatives, FALSE_NEGATIVE_MODES + (None,))
+    check_choice("reduction", reduction, REDUCTIONS)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
+    temperature = _check_temperature(temperature, query.device)
+    query_ids, bank_ids = _check_ids(query_ids, bank_ids, n, num_slots, query.device)
+    valid_mask, valid_count = _check_bank_valid(bank_valid, num_slots, query.device)
+    if extra_negatives is not None:
+        check_tensor("extra_negatives", extra_negatives, ndim=3, device=query.device)
+        if extra_negatives.shape[0] != n or extra_negatives.shape[2] != query.shape[1]:
+            raise ValueError(f"extra_negatives: expected shape ({n}, M, {query.shape[1]}), got "
+                             f"{tuple(extra_negatives.shape)}")
+        if extra_negatives.dtype != query.dtype:
+            raise TypeError(f"extra_negatives: dtype {extra_negatives.dtype} does not match query dtype {query.dtype}")
+    fn_mode = false_negatives if query_ids is not None else None
+
+    implemented = BANK_INFO_NCE_BACKENDS if query.dtype in KERNEL_DTYPES else ("reference",)
+    chosen = resolve_backend(backend, query.device, "bank_info_nce", implemented)
+    if chosen == "reference":
+        # fp32 accumulation for half inputs, as the kernels; gradients flow back through the casts.
+        up = _upcast_half
+        return bank_info_nce_reference(
+            up(query), up(positive), up(bank), temperature, normalize=normalize, query_ids=query_ids, bank_ids=bank_ids,
+            false_negatives=fn_mode, bank_valid=valid_mask if valid_mask is not None else valid_count,
+            extra_negatives=up(extra_negatives), reduction=reduction).float()
+
+    if isinstance(temperature, Tensor):
+        temperature_t = temperature.float()
+    else:
+        temperature_t = torch.full((), temperature, dtype=torch.float32, device=query.device)
+    losses, _, _ = _bank_info_nce_fwd_op(query, positive, bank, temperature_t, extra_negatives, query_ids, bank_ids,
+                                         valid_mask, valid_count, fn_mode, normalize)
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    return total if reduction == "sum" else total / max(n, 1)
+
+
+# ============================================================================ top-k and MoCHi
+
+
+@torch.library.custom_op("negkernels::bank_topk", mutates_args=())
+def _bank_topk_op(query: Tensor, bank: Tensor, k: int, valid_mask: Optional[Tensor], valid_count: int,
+                  normalize: bool) -> tuple[Tensor, Tensor]:
+    from ..triton.contrastive import bank_topk as bank_topk_launch
+
+    return bank_topk_launch(query, bank, k, valid_mask, valid_count, normalize, triton_interpret())
+
+
+@_bank_topk_op.register_fake
+def _(query, bank, k, valid_mask, valid_count, normalize):
+    return (query.new_empty((query.shape[0], k), dtype=torch.float32),
+            query.new_empty((query.shape[0], k), dtype=torch.int64))
+
+
+def bank_topk(query: Tensor, bank: Tensor, k: int, *, normalize: bool = False, bank_valid=None,
+              backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """The k most similar filled bank slots of each query (hard-negative mining), without N×K.
+
+    Args:
+        query: [N, D]; bank: [K, D] of the same dtype (fp16 / bf16 / fp32; fp64 on the reference).
+        k: how many per query (the Triton kernel keeps up to 1024; beyond that the reference runs).
+        normalize: rank by cosine similarity instead of the dot product q·b.
+        bank_valid: filled count or bool mask [K], as in :func:`bank_info_nce`.
+
+    Returns: (similarities [N, k] fp32, largest first; slot indices [N, k] int64). Equal
+    similarities are ordered by slot. Rows with fewer than k filled slots are padded with
+    (−inf, −1). No gradient flows (mining selects, it does not train).
+    """
+    _check_bank(query, bank)
+    k = check_int("k", k, minimum=0)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
+    from ..triton.contrastive import TOPK_MAX_K
+
+    valid_mask, valid_count = _check_bank_valid(bank_valid, bank.shape[0], query.device)
+    implemented = BANK_TOPK_BACKENDS if query.dtype in KERNEL_DTYPES and k <= TOPK_MAX_K else ("reference",)
+    chosen = resolve_backend(backend, query.device, "bank_topk", implemented)
+    if chosen == "reference":
+        with torch.no_grad():
+            values, indices = bank_topk_reference(_upcast_half(query), _upcast_half(bank), k, normalize=normalize,
+                                                  bank_valid=valid_mask if valid_mask is not None else valid_count)
+        return values.float(), indices
+    return _bank_topk_op(query.detach(), bank.detach(), k, valid_mask, valid_count, normalize)
+
+
+def mochi_negatives(query: Tensor, bank: Tensor, *, top_n: int, num_pair_mixes: int, num_query_mixes: int,
+                    bank_valid=None, generator: Optional[torch.Generator] = None,
+                    backend: Optional[str] = None) -> Tensor:
+    """MoCHi synthetic hard negatives (Kalantidis et al., 2020), detached, [N, num_pair_mixes + num_query_mixes, D].
+
+    The top_n hardest negatives of each query are its most cosine-similar filled bank slots
+    (:func:`bank_topk`). With q̂, n̂ the L2-normalised query and negatives:
+
+        pair mixes:  normalize(α·n̂_i + (1 − α)·n̂_j),  i ≠ j drawn from the top_n, α ~ U(0, 1)
+        query mixes: normalize(β·q̂ + (1 − β)·n̂_j),    j drawn from the top_n,      β ~ U(0, 0.5)
+
+    Pass the result as ``extra_negatives`` to :func:`bank_info_nce`. Draws come from
+    ``generator`` (on any device), so a seeded generator reproduces them exactly. With fewer
+    than top_n filled slots the filled ones are used (with one, a pair mix is that negative);
+    with none the result is [N, 0, D]. Output dtype: the query's.
+    """
+    _check_bank(query, bank)
+    top_n = check_int("top_n", top_n, minimum=1)
+    num_pair_mixes = check_int("num_pair_mixes", num_pair_mixes, minimum=0)
+    num_query_mixes = check_int("num_query_mixes", num_query_mixes, minimum=0)
+    valid_mask, valid_count = _check_bank_valid(bank_valid, bank.shape[0], query.device)
+    filled = int(valid_mask.sum()) if valid_mask is not None else valid_count
+    n, d = query.shape
+    available = min(top_n, filled)
+    if available == 0 or num_pair_mixes + num_query_mixes == 0:
+        return query.new_zeros((n, 0, d))
+    with torch.no_grad():
+        _, hardest = bank_topk(query, bank, available, normalize=True, bank_valid=bank_valid, backend=backend)
+        work = torch.float64 if query.dtype == torch.float64 else torch.float32
+        q_hat = torch.nn.functional.normalize(query.to(work), dim=-1)
+        negatives = torch.nn.functional.normalize(bank[hardest].to(work), dim=-1)  # [N, available, D]
+        draw_device = generator.device if generator is not None else query.device
+
+        def uniform(*shape):
+            return torch.rand(*shape, generator=generator, device=draw_device).to(query.device)
+
+        def pick(count):
+            return (uniform(n, count) * available).long().clamp_max(available - 1)
+
+        mixes = []
+        if num_pair_mixes:
+            first = pick(num_pair_mixes)
+            # a second, different negative: shift by 1..available−1 (the same one when only one exists)
+            shift = 1 + (uniform(n, num_pair_mixes) * max(available - 1, 1)).long().clamp_max(max(available - 2, 0))
+            second = (first + shift) % available if available > 1 else first
+            alpha = uniform(n, num_pair_mixes, 1)
+            a = negatives.gather(1, first.unsqueeze(-1).expand(-1, -1, d))
+            b = negatives.gather(1, second.unsqueeze(-1).expand(-1, -1, d))
+            mixes.append(alpha * a + (1 - alpha) * b)
+        if num_query_mixes:
+            which = pick(num_query_mixes)
+            beta = 0.5 * uniform(n, num_query_mixes, 1)
+            c = negatives.gather(1, which.unsqueeze(-1).expand(-1, -1, d))
+            mixes.append(beta * q_hat.unsqueeze(1) + (1 - beta) * c)
+        out = torch.nn.functional.normalize(torch.cat(mixes, dim=1), dim=-1)
+    return out.to(query.dtype)

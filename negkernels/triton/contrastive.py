@@ -1,0 +1,463 @@
+"""Triton kernels for InfoNCE against a memory bank, and streaming top-k hard-negative mining.
+
+* ``_bank_info_nce_fwd_kernel``: one program per block of queries streams the bank in tiles
+  (tensor-core ``q·bᵀ``), keeps an online log-sum-exp over the denominator set A (the positive,
+  usable slots, per-query extras) and one over the positive set P, and saves both per row. The
+  N×K logits never exist.
+* ``_bank_info_nce_bwd_query_kernel``: the same sweep recomputes the logits and their gradient
+  G = g·(softmax_A − 1[P]·softmax_P), accumulating G·B for d(query) in registers (each program
+  owns its rows: no atomics), plus d(positive), d(extras) and r = Σ_j G_j·l_j, which gives
+  d(temperature) = −Σ r / τ and the normalisation term.
+* ``_bank_info_nce_bwd_bank_kernel``: one program per block of slots streams the queries for
+  d(bank) = Gᵀ·Q; it runs only when the bank requires a gradient (a MoCo queue does not).
+* ``_bank_topk_kernel``: one program per block of queries keeps a sorted running top-KP list of
+  (similarity, slot) packed into int64 keys; each bank tile is sorted ascending and merged with
+  the running list by an elementwise max (a bitonic merge), then re-sorted.
+
+With ``NORMALIZE`` the inverse norms are computed from the tiles as they are loaded, so no
+normalised copy of the bank is made: l = (q·b)·|q|⁻¹·|b|⁻¹/τ, and the chain rule through the
+normalisation is d q = |q|⁻¹·(Σ_j G_j·b̂_j)/τ − |q|⁻²·r·q (likewise for each key).
+
+Unfilled slots are never read: with a filled count the sweep stops at it, with a mask the loads
+are masked. The temperature is read from a device tensor, so a learnable temperature needs no host
+read and a new value does not recompile.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.contrastive import NORMALIZE_EPS
+
+FALSE_NEGATIVE_CODES = {None: 0, "exclude": 1, "positive": 2}
+# Largest k the streaming top-k keeps in registers ([rows, next_pow2(k)] int64 per program).
+TOPK_MAX_K = 1024
+
+
+def _dot_settings(dtype: torch.dtype, interpret: bool) -> tuple[bool, str]:
+    # fp32 inputs use exact fp32 products (tf32 would cost ~1e-3 relative error); the interpreter
+    # has no bf16/fp16 arithmetic, so there every operand is upcast first.
+    return (dtype == torch.float32 or interpret), "ieee"
+
+
+# ----------------------------------------------------------------------------- shared tile helpers
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_ok, stride_row, dims, dim_ok, stride_dim):
+    offs = rows.to(tl.int64)[:, None] * stride_row + dims[None, :] * stride_dim
+    return tl.load(ptr + offs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _inverse_norm(x_f32, NORMALIZE: tl.constexpr):
+    if NORMALIZE:
+        return 1.0 / tl.maximum(tl.sqrt(tl.sum(x_f32 * x_f32, axis=1)), NORMALIZE_EPS)
+    else:
+        return tl.full([x_f32.shape[0]], 1.0, tl.float32)
+
+
+@triton.jit
+def _slots_filled(cols, num_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK: tl.constexpr):
+    in_range = cols < num_slots
+    if HAS_VALID_MASK:
+        return in_range & (tl.load(valid_mask_ptr + cols, mask=in_range, other=0) != 0)
+    else:
+        return in_range & (cols < valid_count)
+
+
+@triton.jit
+def _bank_tile_logits(q_dot, row_scale, bank_ptr, cols, filled, stride_bk, stride_bd, dims, dim_ok,
+                      NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """Loads one bank tile (unfilled slots read as 0) → (tile as loaded, its inverse norms, logits [BN, BK])."""
+    b = _load_rows(bank_ptr, cols, filled, stride_bk, dims, dim_ok, stride_bd)
+    if DOT_FP32:
+        b = b.to(tl.float32)
+    s = tl.dot(q_dot, tl.trans(b), input_precision=PRECISION)
+    inv_b = _inverse_norm(b.to(tl.float32), NORMALIZE)
+    return b, inv_b, s * row_scale[:, None] * inv_b[None, :]
+
+
+@triton.jit
+def _tile_sets(qid, bank_ids_ptr, cols, filled, FN_MODE: tl.constexpr):
+    """(usable [BN, BK]: counted in the denominator, in_positive_set [BN, BK])."""
+    usable = filled[None, :] & (qid[:, None] == qid[:, None])
+    in_pos = usable & (qid[:, None] != qid[:, None])
+    if FN_MODE != 0:
+        bid = tl.load(bank_ids_ptr + cols, mask=filled, other=0)
+        same = qid[:, None] == bid[None, :]
+        if FN_MODE == 1:
+            usable = usable & ~same
+        else:
+            in_pos = usable & same
+    return usable, in_pos
+
+
+@triton.jit
+def _query_block(q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
+                 NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Loads a block of queries and positives → (q for the dot, q fp32, p fp32, |q|⁻¹, |p|⁻¹, |q|⁻¹/τ, positive logits)."""
+    q = _load_rows(q_ptr, rows, row_ok, stride_qn, dims, dim_ok, stride_qd)
+    qf = q.to(tl.float32)
+    pf = _load_rows(pos_ptr, rows, row_ok, stride_pn, dims, dim_ok, stride_pd).to(tl.float32)
+    inv_q = _inverse_norm(qf, NORMALIZE)
+    inv_p = _inverse_norm(pf, NORMALIZE)
+    row_scale = inv_q * inv_t
+    pos_logit = tl.sum(qf * pf, axis=1) * row_scale * inv_p
+    if DOT_FP32:
+        q = qf
+    return q, qf, pf, inv_q, inv_p, row_scale, pos_logit
+
+
+# ----------------------------------------------------------------------------- InfoNCE
+
+
+@triton.jit
+def _bank_info_nce_fwd_kernel(
+    q_ptr, pos_ptr, bank_ptr, extra_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr,
+    loss_ptr, lse_all_ptr, lse_pos_ptr,
+    N, K, D, M, valid_count, slot_end,
+    stride_qn, stride_qd, stride_pn, stride_pd, stride_bk, stride_bd, stride_en, stride_em, stride_ed,
+    FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
+    q, qf, pf, inv_q, inv_p, row_scale, pos_logit = _query_block(
+        q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
+        NORMALIZE, DOT_FP32)
+    qid = rows
+    if FN_MODE != 0:
+        qid = tl.load(query_ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+
+    # Both sets contain the positive, so the running maxima start finite and no −inf − (−inf) arises.
+    m_all = pos_logit
+    s_all = tl.full([BLOCK_N], 1.0, tl.float32)
+    m_pos = pos_logit
+    s_pos = tl.full([BLOCK_N], 1.0, tl.float32)
+    for k0 in range(0, slot_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        filled = _slots_filled(cols, K, valid_mask_ptr, valid_count, HAS_VALID_MASK)
+        b, inv_b, logits = _bank_tile_logits(q, row_scale, bank_ptr, cols, filled, stride_bk, stride_bd, dims, dim_ok,
+                                             NORMALIZE, DOT_FP32, PRECISION)
+        usable, in_pos = _tile_sets(qid, bank_ids_ptr, cols, filled, FN_MODE)
+        l_all = tl.where(usable, logits, -float("inf"))
+        m_new = tl.maximum(m_all, tl.max(l_all, axis=1))
+        s_all = s_all * tl.exp(m_all - m_new) + tl.sum(tl.exp(l_all - m_new[:, None]), axis=1)
+        m_all = m_new
+        if FN_MODE == 2:
+            l_pos = tl.where(in_pos, logits, -float("inf"))
+            m_new = tl.maximum(m_pos, tl.max(l_pos, axis=1))
+            s_pos = s_pos * tl.exp(m_pos - m_new) + tl.sum(tl.exp(l_pos - m_new[:, None]), axis=1)
+            m_pos = m_new
+    if HAS_EXTRA:
+        for m in range(0, M):
+            ef = _load_rows(extra_ptr + m * stride_em, rows, row_ok, stride_en, dims, dim_ok, stride_ed).to(tl.float32)
+            le = tl.sum(qf * ef, axis=1) * row_scale * _inverse_norm(ef, NORMALIZE)
+            m_new = tl.maximum(m_all, le)
+            s_all = s_all * tl.exp(m_all - m_new) + tl.exp(le - m_new)
+            m_all = m_new
+    lse_all = m_all + tl.log(s_all)
+    lse_pos = m_pos + tl.log(s_pos)
+    tl.store(loss_ptr + rows, lse_all - lse_pos, mask=row_ok)
+    tl.store(lse_all_ptr + rows, lse_all, mask=row_ok)
+    tl.store(lse_pos_ptr + rows, lse_pos, mask=row_ok)
+
+
+@triton.jit
+def _logit_grads(logits, usable, in_pos, g, lse_all, lse_pos, FN_MODE: tl.constexpr):
+    """d loss_i / d l_ij · g_i = g_i·(softmax over A − softmax over P restricted to P)."""
+    grad = tl.where(usable, tl.exp(logits - lse_all[:, None]), 0.0)
+    if FN_MODE == 2:
+        grad -= tl.where(in_pos, tl.exp(logits - lse_pos[:, None]), 0.0)
+    return grad * g[:, None]
+
+
+@triton.jit
+def _bank_info_nce_bwd_query_kernel(
+    q_ptr, pos_ptr, bank_ptr, extra_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr,
+    grad_loss_ptr, lse_all_ptr, lse_pos_ptr, dq_ptr, dpos_ptr, dextra_ptr, r_ptr,
+    N, K, D, M, valid_count, slot_end,
+    stride_qn, stride_qd, stride_pn, stride_pd, stride_bk, stride_bd, stride_en, stride_em, stride_ed,
+    FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, EXTRA_GRAD: tl.constexpr,
+    NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
+    q, qf, pf, inv_q, inv_p, row_scale, pos_logit = _query_block(
+        q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
+        NORMALIZE, DOT_FP32)
+    qid = rows
+    if FN_MODE != 0:
+        qid = tl.load(query_ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    g = tl.load(grad_loss_ptr + rows, mask=row_ok, other=0.0)
+    lse_all = tl.load(lse_all_ptr + rows, mask=row_ok, other=0.0)
+    lse_pos = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
+
+    # Σ_j G_j·|k_j|⁻¹·k_j over every key of the row, and r = Σ_j G_j·l_j.
+    g_pos = g * (tl.exp(pos_logit - lse_all) - tl.exp(pos_logit - lse_pos))
+    acc = (g_pos * inv_p)[:, None] * pf
+    r = g_pos * pos_logit
+    for k0 in range(0, slot_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        filled = _slots_filled(cols, K, valid_mask_ptr, valid_count, HAS_VALID_MASK)
+        b, inv_b, logits = _bank_tile_logits(q, row_scale, bank_ptr, cols, filled, stride_bk, stride_bd, dims, dim_ok,
+                                             NORMALIZE, DOT_FP32, PRECISION)
+        usable, in_pos = _tile_sets(qid, bank_ids_ptr, cols, filled, FN_MODE)
+        grad = _logit_grads(logits, usable, in_pos, g, lse_all, lse_pos, FN_MODE)
+        r += tl.sum(grad * logits, axis=1)
+        acc += tl.dot((grad * inv_b[None, :]).to(b.dtype), b, input_precision=PRECISION)
+    if HAS_EXTRA:
+        for m in range(0, M):
+            extra_row = extra_ptr + m * stride_em
+            ef = _load_rows(extra_row, rows, row_ok, stride_en, dims, dim_ok, stride_ed).to(tl.float32)
+            inv_e = _inverse_norm(ef, NORMALIZE)
+            le = tl.sum(qf * ef, axis=1) * row_scale * inv_e
+            g_e = g * tl.exp(le - lse_all)
+            r += g_e * le
+            acc += (g_e * inv_e)[:, None] * ef
+            if EXTRA_GRAD:
+                d_e = (g_e * inv_e * row_scale)[:, None] * qf
+                if NORMALIZE:
+                    d_e -= (g_e * le * inv_e * inv_e)[:, None] * ef
+                offs = (rows.to(tl.int64)[:, None] * M + m) * D + dims[None, :]
+                tl.store(dextra_ptr + offs, d_e.to(dextra_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+    dq = acc * row_scale[:, None]
+    dpos = (g_pos * row_scale * inv_p)[:, None] * qf
+    if NORMALIZE:
+        dq -= (r * inv_q * inv_q)[:, None] * qf
+        dpos -= (g_pos * pos_logit * inv_p * inv_p)[:, None] * pf
+    out = rows.to(tl.int64)[:, None] * D + dims[None, :]
+    out_mask = row_ok[:, None] & dim_ok[None, :]
+    tl.store(dq_ptr + out, dq.to(dq_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dpos_ptr + out, dpos.to(dpos_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(r_ptr + rows, r, mask=row_ok)
+
+
+@triton.jit
+def _bank_info_nce_bwd_bank_kernel(
+    q_ptr, bank_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr,
+    grad_loss_ptr, lse_all_ptr, lse_pos_ptr, dbank_ptr,
+    N, K, D, valid_count,
+    stride_qn, stride_qd, stride_bk, stride_bd,
+    FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
+    filled = _slots_filled(cols, K, valid_mask_ptr, valid_count, HAS_VALID_MASK)
+    b = _load_rows(bank_ptr, cols, filled, stride_bk, dims, dim_ok, stride_bd)
+    bf = b.to(tl.float32)
+    if DOT_FP32:
+        b = bf
+    inv_b = _inverse_norm(bf, NORMALIZE)
+
+    acc = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)  # Σ_i G_ij·|q_i|⁻¹·q_i
+    r = tl.zeros([BLOCK_K], tl.float32)  # Σ_i G_ij·l_ij
+    if tl.max(filled.to(tl.int32), axis=0) > 0:
+        for n0 in range(0, N, BLOCK_N):
+            rows = n0 + tl.arange(0, BLOCK_N)
+            row_ok = rows < N
+            q = _load_rows(q_ptr, rows, row_ok, stride_qn, dims, dim_ok, stride_qd)
+            qf = q.to(tl.float32)
+            if DOT_FP32:
+                q = qf
+            inv_q = _inverse_norm(qf, NORMALIZE)
+            row_scale = inv_q * inv_t
+            logits = tl.dot(q, tl.trans(b), input_precision=PRECISION) * row_scale[:, None] * inv_b[None, :]
+            qid = rows
+            if FN_MODE != 0:
+                qid = tl.load(query_ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+            usable, in_pos = _tile_sets(qid, bank_ids_ptr, cols, filled, FN_MODE)
+            g = tl.load(grad_loss_ptr + rows, mask=row_ok, other=0.0)
+            lse_all = tl.load(lse_all_ptr + rows, mask=row_ok, other=0.0)
+            lse_pos = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
+            grad = _logit_grads(logits, usable, in_pos, g, lse_all, lse_pos, FN_MODE)
+            r += tl.sum(grad * logits, axis=0)
+            acc += tl.dot(tl.trans((grad * inv_q[:, None]).to(q.dtype)), q, input_precision=PRECISION)
+    db = acc * (inv_b * inv_t)[:, None]
+    if NORMALIZE:
+        db -= (r * inv_b * inv_b)[:, None] * bf
+    out = cols.to(tl.int64)[:, None] * D + dims[None, :]
+    tl.store(dbank_ptr + out, db.to(dbank_ptr.dtype.element_ty), mask=(cols < K)[:, None] & dim_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- top-k
+
+
+@triton.jit
+def _pack_similarity(sim, cols):
+    """fp32 similarity and slot → an int64 key whose signed order is (similarity, then lower slot first)."""
+    bits = sim.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)
+
+
+@triton.jit
+def _bank_topk_kernel(
+    q_ptr, bank_ptr, valid_mask_ptr, values_ptr, indices_ptr,
+    N, K, D, k, valid_count, slot_end,
+    stride_qn, stride_qd, stride_bk, stride_bd,
+    HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    q = _load_rows(q_ptr, rows, row_ok, stride_qn, dims, dim_ok, stride_qd)
+    qf = q.to(tl.float32)
+    if DOT_FP32:
+        q = qf
+    inv_q = _inverse_norm(qf, NORMALIZE)
+    # Below every packed similarity (its high word is below the key of −inf).
+    empty = -9223372036854775807
+    best = tl.full([BLOCK_N, BLOCK_K], empty, tl.int64)  # sorted descending
+    for k0 in range(0, slot_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        filled = _slots_filled(cols, K, valid_mask_ptr, valid_count, HAS_VALID_MASK)
+        b, inv_b, sims = _bank_tile_logits(q, inv_q, bank_ptr, cols, filled, stride_bk, stride_bd, dims, dim_ok,
+                                           NORMALIZE, DOT_FP32, PRECISION)
+        keys = tl.where(filled[None, :], _pack_similarity(sims, cols[None, :]), empty)
+        # best is descending and the tile ascending, so the elementwise max holds the top BLOCK_K of both.
+        best = tl.sort(tl.maximum(best, tl.sort(keys, dim=1, descending=False)), dim=1, descending=True)
+    high = (best >> 32).to(tl.int32)
+    bits = high ^ ((high >> 31) & 0x7FFFFFFF)
+    missing = best == empty
+    values = tl.where(missing, -float("inf"), bits.to(tl.float32, bitcast=True))
+    indices = tl.where(missing, -1, 0x7FFFFFFF - (best & 0xFFFFFFFF))
+    lanes = tl.arange(0, BLOCK_K)
+    out = rows.to(tl.int64)[:, None] * k + lanes[None, :]
+    out_mask = row_ok[:, None] & (lanes < k)[None, :]
+    tl.store(values_ptr + out, values, mask=out_mask)
+    tl.store(indices_ptr + out, indices, mask=out_mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _dim_block(d: int) -> int:
+    return max(16, triton.next_power_of_2(max(d, 1)))
+
+
+def _row_block(n: int, largest: int) -> int:
+    return max(16, min(largest, triton.next_power_of_2(max(n, 1))))
+
+
+def _slot_end(num_slots: int, valid_mask, valid_count: int) -> int:
+    # A filled count bounds the sweep: a partly filled bank costs only its filled part.
+    return num_slots if valid_mask is not None else min(num_slots, valid_count)
+
+
+def _strides(x):
+    return (x.stride(0), x.stride(1)) if x is not None else (0, 0)
+
+
+def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, valid_count: int,
+                      fn_mode, normalize: bool, interpret: bool):
+    """[N, D] queries and positives, [K, D] bank, optional [N, M, D] extras → (loss, lse_all, lse_pos), fp32 [N]."""
+    n, d = query.shape
+    num_slots = bank.shape[0]
+    dev = query.device
+    loss = torch.empty(n, dtype=torch.float32, device=dev)
+    lse_all = torch.empty(n, dtype=torch.float32, device=dev)
+    lse_pos = torch.empty(n, dtype=torch.float32, device=dev)
+    if n == 0:
+        return loss, lse_all, lse_pos
+    dot_fp32, precision = _dot_settings(query.dtype, interpret)
+    block_d = _dim_block(d)
+    block_n = _row_block(n, 128 if block_d <= 128 else 64)
+    m = extra.shape[1] if extra is not None else 0
+    placeholder = lse_all
+    _bank_info_nce_fwd_kernel[(triton.cdiv(n, block_n),)](
+        query, positive, bank, extra if extra is not None else query,
+        query_ids if query_ids is not None else placeholder, bank_ids if bank_ids is not None else placeholder,
+        valid_mask if valid_mask is not None else placeholder, temperature,
+        loss, lse_all, lse_pos,
+        n, num_slots, d, m, valid_count, _slot_end(num_slots, valid_mask, valid_count),
+        *_strides(query), *_strides(positive), *_strides(bank),
+        *(extra.stride() if extra is not None else (0, 0, 0)),
+        FN_MODE=FALSE_NEGATIVE_CODES[fn_mode], HAS_VALID_MASK=valid_mask is not None, HAS_EXTRA=m > 0,
+        NORMALIZE=normalize, DOT_FP32=dot_fp32, PRECISION=precision,
+        BLOCK_N=block_n, BLOCK_K=64, BLOCK_D=block_d, num_warps=8 if block_n * block_d >= 128 * 128 else 4,
+    )
+    return loss, lse_all, lse_pos
+
+
+def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask,
+                      valid_count: int, fn_mode, normalize: bool, lse_all, lse_pos, bank_grad: bool, extra_grad: bool,
+                      interpret: bool):
+    """→ (d query [N, D], d positive [N, D], d bank [K, D] or [0], d extras [N, M, D] or [0], r [N] fp32)."""
+    n, d = query.shape
+    num_slots = bank.shape[0]
+    dev = query.device
+    dq = torch.empty((n, d), dtype=query.dtype, device=dev)
+    dpos = torch.empty((n, d), dtype=positive.dtype, device=dev)
+    r = torch.empty(n, dtype=torch.float32, device=dev)
+    dbank = torch.empty((num_slots, d) if bank_grad else (0,), dtype=bank.dtype, device=dev)
+    has_extra = extra is not None and extra.shape[1] > 0
+    # Extras may be strided (an expanded [1, M, D] shared by every query); their gradient is dense.
+    dextra = torch.empty(extra.shape if extra_grad else (0,), dtype=extra.dtype if extra is not None else query.dtype,
+                         device=dev)
+    dot_fp32, precision = _dot_settings(query.dtype, interpret)
+    block_d = _dim_block(d)
+    placeholder = r
+    ids = (query_ids if query_ids is not None else placeholder, bank_ids if bank_ids is not None else placeholder)
+    vmask = valid_mask if valid_mask is not None else placeholder
+    grad_loss = grad_loss.contiguous().float()
+    common = dict(FN_MODE=FALSE_NEGATIVE_CODES[fn_mode], HAS_VALID_MASK=valid_mask is not None, NORMALIZE=normalize,
+                  DOT_FP32=dot_fp32, PRECISION=precision, BLOCK_D=block_d)
+    if n > 0:
+        block_n = _row_block(n, 64)
+        _bank_info_nce_bwd_query_kernel[(triton.cdiv(n, block_n),)](
+            query, positive, bank, extra if has_extra else query, *ids, vmask, temperature,
+            grad_loss, lse_all, lse_pos, dq, dpos, dextra if extra_grad else dq, r,
+            n, num_slots, d, extra.shape[1] if has_extra else 0, valid_count,
+            _slot_end(num_slots, valid_mask, valid_count),
+            *_strides(query), *_strides(positive), *_strides(bank), *(extra.stride() if has_extra else (0, 0, 0)),
+            HAS_EXTRA=has_extra, EXTRA_GRAD=extra_grad and has_extra, BLOCK_N=block_n, BLOCK_K=64,
+            num_warps=8 if block_d >= 128 else 4, **common,
+        )
+    if bank_grad and num_slots > 0:
+        block_k = _row_block(num_slots, 64)
+        _bank_info_nce_bwd_bank_kernel[(triton.cdiv(num_slots, block_k),)](
+            query, bank, *ids, vmask, temperature, grad_loss, lse_all, lse_pos, dbank,
+            n, num_slots, d, valid_count, *_strides(query), *_strides(bank),
+            BLOCK_N=64, BLOCK_K=block_k, num_warps=8 if block_d >= 128 else 4, **common,
+        )
+    return dq, dpos, dbank, dextra, r
+
+
+def bank_topk(query, bank, k: int, valid_mask, valid_count: int, normalize: bool, interpret: bool):
+    """→ (similarities [N, k] fp32, slots [N, k] int64), largest first; missing entries (−inf, −1)."""
+    n, d = query.shape
+    num_slots = bank.shape[0]
+    values = torch.empty((n, k), dtype=torch.float32, device=query.device)
+    indices = torch.empty((n, k), dtype=torch.int64, device=query.device)
+    if n == 0 or k == 0:
+        return values, indices
+    dot_fp32, precision = _dot_settings(query.dtype, interpret)
+    block_k = max(64, triton.next_power_of_2(k))
+    block_n = _row_block(n, max(16, min(64, 8192 // block_k)))
+    _bank_topk_kernel[(triton.cdiv(n, block_n),)](
+        query, bank, valid_mask if valid_mask is not None else values, values, indices,
+        n, num_slots, d, k, valid_count, _slot_end(num_slots, valid_mask, valid_count),
+        *_strides(query), *_strides(bank),
+        HAS_VALID_MASK=valid_mask is not None, NORMALIZE=normalize, DOT_FP32=dot_fp32, PRECISION=precision,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=_dim_block(d), num_warps=4,
+    )
+    return values, indices
