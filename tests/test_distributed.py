@@ -131,3 +131,38 @@ def test_vocab_parallel_logprobs_and_data_parallel_policy_loss():
         torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]]).double(), y64.grad, rtol=1e-4, atol=1e-7)
         for p in parts:
             torch.testing.assert_close(p[2].double(), whole.entropy.detach(), rtol=1e-5, atol=1e-6)
+
+
+def _memory_bank_worker(rank, init_file, keys, ids, masks, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        bank = nk.MemoryBank(11, keys.shape[-1], with_ids=True)
+        for step in range(keys.shape[0]):
+            bank.enqueue(keys[step, rank], ids=ids[step, rank], mask=masks[step, rank], process_group=dist.group.WORLD)
+        results[rank] = (bank.buffer.clone(), bank.ids.clone(), bank.ptr, bank.valid, bank.total)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_memory_bank_gathers_every_rank_in_rank_order():
+    steps, batch, dim = 5, 4, 3
+    keys = torch.randn(steps, WORLD, batch, dim)
+    ids = torch.randint(0, 50, (steps, WORLD, batch))
+    masks = torch.rand(steps, WORLD, batch) > 0.3  # uneven counts per rank and step
+    masks[2, 0] = False  # a rank with nothing to add
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = mp.Manager()
+        results = manager.dict()
+        mp.start_processes(_memory_bank_worker, args=(os.path.join(tmp, "store"), keys, ids, masks, results),
+                           nprocs=WORLD, join=True, start_method="spawn")
+        results = dict(results)
+    # the same bank, built in one process from the rank-ordered concatenation of each step
+    single = nk.MemoryBank(11, dim, with_ids=True)
+    for step in range(steps):
+        single.enqueue(torch.cat([keys[step, r][masks[step, r]] for r in range(WORLD)]),
+                       ids=torch.cat([ids[step, r][masks[step, r]] for r in range(WORLD)]))
+    for rank in range(WORLD):
+        buffer, bank_ids, ptr, valid, total = results[rank]
+        assert torch.equal(buffer, single.buffer) and torch.equal(bank_ids, single.ids)
+        assert (ptr, valid, total) == (single.ptr, single.valid, single.total)

@@ -130,6 +130,52 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
 )
 
 
+CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
+    """
+    from negkernels.triton import contrastive as ck
+
+    INTS = {"n_queries", "n_slots", "dim", "n_extra", "k", "valid_count", "slot_end", "stride_qn", "stride_qd", "stride_pn", "stride_pd",
+            "stride_bk", "stride_bd", "stride_en", "stride_em", "stride_ed"}
+    FP32_OUT = ("loss_ptr", "lse_all_ptr", "lse_pos_ptr", "temperature_ptr", "grad_loss_ptr", "r_ptr", "values_ptr")
+
+    def compile_contrastive(kernel, constexprs, dtype, num_warps=8, int_type="i32"):
+        pointers = {name: f"*{dtype}" for name in kernel.arg_names if name.endswith("_ptr")}
+        pointers.update({name: "*fp32" for name in FP32_OUT})
+        pointers.update(query_ids_ptr="*i64", bank_ids_ptr="*i64", indices_ptr="*i64", valid_mask_ptr="*i1")
+        compile_variant(kernel, constexprs, num_warps, pointers, INTS, int_type)
+
+    count = 0
+    variants = [("bf16", False, 0, False, False, False), ("bf16", False, 1, True, True, True),
+                ("bf16", False, 2, False, True, False), ("fp16", False, 2, True, False, True),
+                ("fp32", True, 2, True, False, True)]
+    for dtype, dot_fp32, fn, mask, normalize, extra in variants:
+        opts = dict(FN_MODE=fn, HAS_VALID_MASK=mask, NORMALIZE=normalize, DOT_FP32=dot_fp32, PRECISION="ieee")
+        compile_contrastive(ck._bank_info_nce_fwd_kernel,
+                            dict(opts, HAS_EXTRA=extra, BLOCK_N=128, BLOCK_K=64, BLOCK_D=128), dtype)
+        compile_contrastive(ck._bank_info_nce_bwd_query_kernel,
+                            dict(opts, HAS_EXTRA=extra, EXTRA_GRAD=extra, BLOCK_N=64, BLOCK_K=64, BLOCK_D=256), dtype)
+        count += 2
+        if dtype != "fp16":
+            compile_contrastive(ck._bank_info_nce_bwd_bank_kernel, dict(opts, BLOCK_N=64, BLOCK_K=64, BLOCK_D=128), dtype)
+            count += 1
+    # wider top-k lists (up to TOPK_MAX_K) compile the same code with a wider sorting network
+    for dtype, dot_fp32, mask, normalize in (("bf16", False, False, False), ("fp32", True, True, True)):
+        compile_contrastive(ck._bank_topk_kernel,
+                            dict(HAS_VALID_MASK=mask, NORMALIZE=normalize, DOT_FP32=dot_fp32, PRECISION="ieee",
+                                 BLOCK_N=64, BLOCK_K=64, BLOCK_D=128), dtype, 4)
+        count += 1
+    # 64-bit sizes and launches specialised on arguments equal to 1
+    opts = dict(FN_MODE=1, HAS_VALID_MASK=False, NORMALIZE=True, DOT_FP32=False, PRECISION="ieee")
+    compile_contrastive(ck._bank_info_nce_fwd_kernel, dict(opts, HAS_EXTRA=True, BLOCK_N=16, BLOCK_K=64, BLOCK_D=16,
+                                                           n_queries=1, n_slots=1, dim=1, n_extra=1, stride_qd=1, stride_bd=1), "bf16", 4, "i64")
+    compile_contrastive(ck._bank_info_nce_bwd_bank_kernel, dict(opts, BLOCK_N=64, BLOCK_K=16, BLOCK_D=16, n_queries=1, n_slots=1),
+                        "bf16", 4, "i64")
+    count += 2
+    print("compiled", count)
+    """
+)
+
+
 def _compile_in_subprocess(script: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -144,3 +190,7 @@ def test_every_advantages_kernel_variant_compiles_for_sm90():
 
 def test_every_logprobs_kernel_variant_compiles_for_sm90():
     assert "compiled 38" in _compile_in_subprocess(LOGPROBS_SCRIPT)
+
+
+def test_every_contrastive_kernel_variant_compiles_for_sm90():
+    assert "compiled 18" in _compile_in_subprocess(CONTRASTIVE_SCRIPT)

@@ -272,7 +272,7 @@ def bank_topk(query: Tensor, bank: Tensor, k: int, *, normalize: bool = False, b
 
     Args:
         query: [N, D]; bank: [K, D] of the same dtype (fp16 / bf16 / fp32; fp64 on the reference).
-        k: how many per query (the Triton kernel keeps up to 1024; beyond that the reference runs).
+        k: how many per query (the Triton kernel keeps up to 256; beyond that the reference runs).
         normalize: rank by cosine similarity instead of the dot product q·b.
         bank_valid: filled count or bool mask [K], as in :func:`bank_info_nce`.
 

@@ -31,9 +31,11 @@ import triton.language as tl
 
 from ..reference.contrastive import NORMALIZE_EPS
 
+_EPS = tl.constexpr(NORMALIZE_EPS)
 FALSE_NEGATIVE_CODES = {None: 0, "exclude": 1, "positive": 2}
-# Largest k the streaming top-k keeps in registers ([rows, next_pow2(k)] int64 per program).
-TOPK_MAX_K = 1024
+# Largest k the streaming top-k keeps in registers ([rows, next_pow2(k)] int64 per program); the
+# sorting network's code grows quickly with its width (k = 512 takes minutes to compile).
+TOPK_MAX_K = 256
 
 
 def _dot_settings(dtype: torch.dtype, interpret: bool) -> tuple[bool, str]:
@@ -54,7 +56,7 @@ def _load_rows(ptr, rows, row_ok, stride_row, dims, dim_ok, stride_dim):
 @triton.jit
 def _inverse_norm(x_f32, NORMALIZE: tl.constexpr):
     if NORMALIZE:
-        return 1.0 / tl.maximum(tl.sqrt(tl.sum(x_f32 * x_f32, axis=1)), NORMALIZE_EPS)
+        return 1.0 / tl.maximum(tl.sqrt(tl.sum(x_f32 * x_f32, axis=1)), _EPS)
     else:
         return tl.full([x_f32.shape[0]], 1.0, tl.float32)
 
@@ -118,16 +120,16 @@ def _query_block(q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, 
 def _bank_info_nce_fwd_kernel(
     q_ptr, pos_ptr, bank_ptr, extra_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr,
     loss_ptr, lse_all_ptr, lse_pos_ptr,
-    N, K, D, M, valid_count, slot_end,
+    n_queries, n_slots, dim, n_extra, valid_count, slot_end,
     stride_qn, stride_qd, stride_pn, stride_pd, stride_bk, stride_bd, stride_en, stride_em, stride_ed,
     FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, NORMALIZE: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+    row_ok = rows < n_queries
     dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
+    dim_ok = dims < dim
     inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
     q, qf, pf, inv_q, inv_p, row_scale, pos_logit = _query_block(
         q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
@@ -143,7 +145,7 @@ def _bank_info_nce_fwd_kernel(
     s_pos = tl.full([BLOCK_N], 1.0, tl.float32)
     for k0 in range(0, slot_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        filled = _slots_filled(cols, K, valid_mask_ptr, valid_count, HAS_VALID_MASK)
+        filled = _slots_filled(cols, n_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK)
         b, inv_b, logits = _bank_tile_logits(q, row_scale, bank_ptr, cols, filled, stride_bk, stride_bd, dims, dim_ok,
                                              NORMALIZE, DOT_FP32, PRECISION)
         usable, in_pos = _tile_sets(qid, bank_ids_ptr, cols, filled, FN_MODE)
@@ -157,7 +159,7 @@ def _bank_info_nce_fwd_kernel(
             s_pos = s_pos * tl.exp(m_pos - m_new) + tl.sum(tl.exp(l_pos - m_new[:, None]), axis=1)
             m_pos = m_new
     if HAS_EXTRA:
-        for m in range(0, M):
+        for m in range(0, n_extra):
             ef = _load_rows(extra_ptr + m * stride_em, rows, row_ok, stride_en, dims, dim_ok, stride_ed).to(tl.float32)
             le = tl.sum(qf * ef, axis=1) * row_scale * _inverse_norm(ef, NORMALIZE)
             m_new = tl.maximum(m_all, le)
@@ -183,16 +185,16 @@ def _logit_grads(logits, usable, in_pos, g, lse_all, lse_pos, FN_MODE: tl.conste
 def _bank_info_nce_bwd_query_kernel(
     q_ptr, pos_ptr, bank_ptr, extra_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr,
     grad_loss_ptr, lse_all_ptr, lse_pos_ptr, dq_ptr, dpos_ptr, dextra_ptr, r_ptr,
-    N, K, D, M, valid_count, slot_end,
+    n_queries, n_slots, dim, n_extra, valid_count, slot_end,
     stride_qn, stride_qd, stride_pn, stride_pd, stride_bk, stride_bd, stride_en, stride_em, stride_ed,
     FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, EXTRA_GRAD: tl.constexpr,
     NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+    row_ok = rows < n_queries
     dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
+    dim_ok = dims < dim
     inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
     q, qf, pf, inv_q, inv_p, row_scale, pos_logit = _query_block(
         q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
@@ -210,7 +212,7 @@ def _bank_info_nce_bwd_query_kernel(
     r = g_pos * pos_logit
     for k0 in range(0, slot_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        filled = _slots_filled(cols, K, valid_mask_ptr, valid_count, HAS_VALID_MASK)
+        filled = _slots_filled(cols, n_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK)
         b, inv_b, logits = _bank_tile_logits(q, row_scale, bank_ptr, cols, filled, stride_bk, stride_bd, dims, dim_ok,
                                              NORMALIZE, DOT_FP32, PRECISION)
         usable, in_pos = _tile_sets(qid, bank_ids_ptr, cols, filled, FN_MODE)
@@ -218,7 +220,7 @@ def _bank_info_nce_bwd_query_kernel(
         r += tl.sum(grad * logits, axis=1)
         acc += tl.dot((grad * inv_b[None, :]).to(b.dtype), b, input_precision=PRECISION)
     if HAS_EXTRA:
-        for m in range(0, M):
+        for m in range(0, n_extra):
             extra_row = extra_ptr + m * stride_em
             ef = _load_rows(extra_row, rows, row_ok, stride_en, dims, dim_ok, stride_ed).to(tl.float32)
             inv_e = _inverse_norm(ef, NORMALIZE)
@@ -230,7 +232,7 @@ def _bank_info_nce_bwd_query_kernel(
                 d_e = (g_e * inv_e * row_scale)[:, None] * qf
                 if NORMALIZE:
                     d_e -= (g_e * le * inv_e * inv_e)[:, None] * ef
-                offs = (rows.to(tl.int64)[:, None] * M + m) * D + dims[None, :]
+                offs = (rows.to(tl.int64)[:, None] * n_extra + m) * dim + dims[None, :]
                 tl.store(dextra_ptr + offs, d_e.to(dextra_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
     dq = acc * row_scale[:, None]
@@ -238,7 +240,7 @@ def _bank_info_nce_bwd_query_kernel(
     if NORMALIZE:
         dq -= (r * inv_q * inv_q)[:, None] * qf
         dpos -= (g_pos * pos_logit * inv_p * inv_p)[:, None] * pf
-    out = rows.to(tl.int64)[:, None] * D + dims[None, :]
+    out = rows.to(tl.int64)[:, None] * dim + dims[None, :]
     out_mask = row_ok[:, None] & dim_ok[None, :]
     tl.store(dq_ptr + out, dq.to(dq_ptr.dtype.element_ty), mask=out_mask)
     tl.store(dpos_ptr + out, dpos.to(dpos_ptr.dtype.element_ty), mask=out_mask)
@@ -249,7 +251,7 @@ def _bank_info_nce_bwd_query_kernel(
 def _bank_info_nce_bwd_bank_kernel(
     q_ptr, bank_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr,
     grad_loss_ptr, lse_all_ptr, lse_pos_ptr, dbank_ptr,
-    N, K, D, valid_count,
+    n_queries, n_slots, dim, valid_count,
     stride_qn, stride_qd, stride_bk, stride_bd,
     FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
@@ -257,9 +259,9 @@ def _bank_info_nce_bwd_bank_kernel(
 ):
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
+    dim_ok = dims < dim
     inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
-    filled = _slots_filled(cols, K, valid_mask_ptr, valid_count, HAS_VALID_MASK)
+    filled = _slots_filled(cols, n_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK)
     b = _load_rows(bank_ptr, cols, filled, stride_bk, dims, dim_ok, stride_bd)
     bf = b.to(tl.float32)
     if DOT_FP32:
@@ -269,9 +271,9 @@ def _bank_info_nce_bwd_bank_kernel(
     acc = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)  # Σ_i G_ij·|q_i|⁻¹·q_i
     r = tl.zeros([BLOCK_K], tl.float32)  # Σ_i G_ij·l_ij
     if tl.max(filled.to(tl.int32), axis=0) > 0:
-        for n0 in range(0, N, BLOCK_N):
+        for n0 in range(0, n_queries, BLOCK_N):
             rows = n0 + tl.arange(0, BLOCK_N)
-            row_ok = rows < N
+            row_ok = rows < n_queries
             q = _load_rows(q_ptr, rows, row_ok, stride_qn, dims, dim_ok, stride_qd)
             qf = q.to(tl.float32)
             if DOT_FP32:
@@ -292,8 +294,8 @@ def _bank_info_nce_bwd_bank_kernel(
     db = acc * (inv_b * inv_t)[:, None]
     if NORMALIZE:
         db -= (r * inv_b * inv_b)[:, None] * bf
-    out = cols.to(tl.int64)[:, None] * D + dims[None, :]
-    tl.store(dbank_ptr + out, db.to(dbank_ptr.dtype.element_ty), mask=(cols < K)[:, None] & dim_ok[None, :])
+    out = cols.to(tl.int64)[:, None] * dim + dims[None, :]
+    tl.store(dbank_ptr + out, db.to(dbank_ptr.dtype.element_ty), mask=(cols < n_slots)[:, None] & dim_ok[None, :])
 
 
 # ----------------------------------------------------------------------------- top-k
@@ -310,15 +312,15 @@ def _pack_similarity(sim, cols):
 @triton.jit
 def _bank_topk_kernel(
     q_ptr, bank_ptr, valid_mask_ptr, values_ptr, indices_ptr,
-    N, K, D, k, valid_count, slot_end,
+    n_queries, n_slots, dim, k, valid_count, slot_end,
     stride_qn, stride_qd, stride_bk, stride_bd,
     HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+    row_ok = rows < n_queries
     dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
+    dim_ok = dims < dim
     q = _load_rows(q_ptr, rows, row_ok, stride_qn, dims, dim_ok, stride_qd)
     qf = q.to(tl.float32)
     if DOT_FP32:
@@ -329,7 +331,7 @@ def _bank_topk_kernel(
     best = tl.full([BLOCK_N, BLOCK_K], empty, tl.int64)  # sorted descending
     for k0 in range(0, slot_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        filled = _slots_filled(cols, K, valid_mask_ptr, valid_count, HAS_VALID_MASK)
+        filled = _slots_filled(cols, n_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK)
         b, inv_b, sims = _bank_tile_logits(q, inv_q, bank_ptr, cols, filled, stride_bk, stride_bd, dims, dim_ok,
                                            NORMALIZE, DOT_FP32, PRECISION)
         keys = tl.where(filled[None, :], _pack_similarity(sims, cols[None, :]), empty)
@@ -452,7 +454,7 @@ def bank_topk(query, bank, k: int, valid_mask, valid_count: int, normalize: bool
         return values, indices
     dot_fp32, precision = _dot_settings(query.dtype, interpret)
     block_k = max(64, triton.next_power_of_2(k))
-    block_n = _row_block(n, max(16, min(64, 8192 // block_k)))
+    block_n = _row_block(n, max(16, min(64, 4096 // block_k)))
     _bank_topk_kernel[(triton.cdiv(n, block_n),)](
         query, bank, valid_mask if valid_mask is not None else values, values, indices,
         n, num_slots, d, k, valid_count, _slot_end(num_slots, valid_mask, valid_count),
