@@ -66,6 +66,21 @@ def main(cuda_only: bool = False, device: str = "cuda") -> int:
                                                  inplace_backward=inplace, backend=b)
                 out.loss.backward()
         ran.append(f"policy_loss_from_logits/{b}")
+    q = torch.randn(37, 40, device=dev, dtype=torch.bfloat16)
+    bank = torch.randn(203, 40, device=dev, dtype=torch.bfloat16)
+    extra = torch.randn(37, 3, 40, device=dev, dtype=torch.bfloat16)
+    qid, bid = torch.randint(0, 9, (37,), device=dev), torch.randint(0, 9, (203,), device=dev)
+    for b in available("bank_info_nce"):
+        for fn, valid, normalize in (("exclude", 150, False), ("positive", torch.rand(203, device=dev) > 0.4, True)):
+            xs = [t.clone().requires_grad_() for t in (q, q.flip(0), bank, extra)]
+            tau = torch.tensor(0.1, device=dev, requires_grad=True)
+            nk.bank_info_nce(xs[0], xs[1], xs[2], temperature=tau, normalize=normalize, query_ids=qid, bank_ids=bid,
+                             false_negatives=fn, bank_valid=valid, extra_negatives=xs[3], backend=b).backward()
+        ran.append(f"bank_info_nce/{b}")
+    for b in available("bank_topk"):
+        nk.bank_topk(q, bank, 70, bank_valid=199, backend=b)
+        nk.bank_topk(q, bank, 5, bank_valid=torch.rand(203, device=dev) > 0.5, normalize=True, backend=b)
+        ran.append(f"bank_topk/{b}")
     if dev.type == "cuda":
         torch.cuda.synchronize()
     print("ran:", ", ".join(ran))

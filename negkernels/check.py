@@ -7,8 +7,10 @@ import torch
 
 from ._backend import available_backends
 from ._testing import old_logp_off_edges
+from .ops.contrastive import BANK_INFO_NCE_BACKENDS, BANK_TOPK_BACKENDS
 from .ops.advantages import DISCRIMINATIVE_LOSS_BACKENDS, GROUP_ADVANTAGES_BACKENDS
 from .ops.logprobs import POLICY_LOSS_BACKENDS, POLICY_LOSS_FROM_LOGITS_BACKENDS, TOKEN_LOGPROBS_BACKENDS
+from .reference.contrastive import bank_info_nce_reference, bank_topk_reference
 from .reference.advantages import ESTIMATORS, SCALES, group_advantages_reference, group_discriminative_loss_reference
 from .reference.logprobs import AGGREGATIONS, LOSS_TYPES, policy_loss_reference, token_logprobs_reference
 
@@ -126,7 +128,55 @@ def _from_logits_checks(device):
         yield "policy_loss_from_logits", loss_type, run
 
 
+def _contrastive_checks(device):
+    import negkernels as nk
+
+    configs = {
+        "plain": dict(),
+        "exclude/filled-count": dict(false_negatives="exclude", ids=True, bank_valid=300),
+        "positive/mask/normalize/extras": dict(false_negatives="positive", ids=True, bank_valid="mask", normalize=True,
+                                               extra=3),
+        "learnable-tau/bank-grad": dict(tau_grad=True, bank_grad=True, ids=True),
+    }
+    for config, opts in configs.items():
+        def run(backend, opts=opts):
+            n, k, d = (300, 1000, 96) if device.type == "cuda" else (23, 413, 20)
+            q, p, bank = (torch.randn(s, d, device=device) * 0.3 for s in (n, n, k))
+            kw = dict(normalize=opts.get("normalize", False), false_negatives=opts.get("false_negatives", "exclude"))
+            if opts.get("ids"):
+                kw.update(query_ids=torch.randint(0, 9, (n,), device=device),
+                          bank_ids=torch.randint(0, 9, (k,), device=device))
+            valid = opts.get("bank_valid")
+            kw["bank_valid"] = torch.rand(k, device=device) > 0.3 if valid == "mask" else valid
+            extra = torch.randn(n, opts["extra"], d, device=device) if opts.get("extra") else None
+            results = []
+            for dtype in (torch.float32, torch.float64):
+                tau = torch.tensor(0.2, dtype=dtype, device=device, requires_grad=opts.get("tau_grad", False))
+                xs = [x.to(dtype).requires_grad_(i != 2 or opts.get("bank_grad", False)) for i, x in enumerate((q, p, bank))]
+                e = extra.to(dtype) if extra is not None else None
+                if dtype == torch.float32:
+                    loss = nk.bank_info_nce(*xs, temperature=tau, extra_negatives=e, backend=backend, **kw)
+                else:
+                    loss = bank_info_nce_reference(*xs, tau, extra_negatives=e, **kw)
+                wrt = [x for x in xs + [tau] if x.requires_grad]
+                grads = torch.autograd.grad(loss, wrt)
+                results.append(torch.cat([loss.reshape(1)] + [g.reshape(-1) / g.abs().max().clamp_min(1e-30)
+                                                              for g in grads]))
+            return results[0], results[1]
+        yield "bank_info_nce", config, run
+    for config, (kk, normalize) in {"k=16": (16, False), "k=100/normalize": (100, True)}.items():
+        def run(backend, kk=kk, normalize=normalize):
+            n, k, d = (300, 1000, 96) if device.type == "cuda" else (23, 413, 20)
+            q, bank = torch.randn(n, d, device=device), torch.randn(k, d, device=device)
+            values, _ = nk.bank_topk(q, bank, kk, normalize=normalize, bank_valid=k - 5, backend=backend)
+            ref, _ = bank_topk_reference(q.double(), bank.double(), kk, normalize=normalize, bank_valid=k - 5)
+            return values, ref
+        yield "bank_topk", config, run
+
+
 OP_BACKENDS = {
+    "bank_info_nce": BANK_INFO_NCE_BACKENDS,
+    "bank_topk": BANK_TOPK_BACKENDS,
     "group_advantages": GROUP_ADVANTAGES_BACKENDS,
     "group_discriminative_loss": DISCRIMINATIVE_LOSS_BACKENDS,
     "token_logprobs": TOKEN_LOGPROBS_BACKENDS,
@@ -138,7 +188,8 @@ OP_BACKENDS = {
 def run_checks(device: torch.device | None = None, verbose: bool = True) -> int:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
-    for source in (_advantage_checks, _discriminative_checks, _logprobs_checks, _policy_loss_checks, _from_logits_checks):
+    for source in (_advantage_checks, _discriminative_checks, _logprobs_checks, _policy_loss_checks, _from_logits_checks,
+                   _contrastive_checks):
         for op, config, fn in source(device):
             backends = [b for b in available_backends(device, op=op) if b in OP_BACKENDS[op]]
             for backend in backends:

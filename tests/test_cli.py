@@ -33,5 +33,6 @@ def test_sanitizer_driver_runs_every_kernel_call():
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "sanitize.py"), "--device=cpu"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for op in ("group_advantages/triton", "token_logprobs/triton", "policy_loss/triton", "policy_loss_from_logits/triton"):
+    for op in ("group_advantages/triton", "token_logprobs/triton", "policy_loss/triton", "policy_loss_from_logits/triton",
+               "bank_info_nce/triton", "bank_topk/triton"):
         assert op in proc.stdout
