@@ -132,6 +132,7 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
 
 CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
     """
+    import torch
     from negkernels.triton import contrastive as ck
 
     INTS = {"n_queries", "n_slots", "dim", "n_extra", "k", "valid_count", "slot_end", "stride_qn", "stride_qd", "stride_pn", "stride_pd",
@@ -145,18 +146,23 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
         compile_variant(kernel, constexprs, num_warps, pointers, INTS, int_type)
 
     count = 0
-    variants = [("bf16", False, 0, False, False, False), ("bf16", False, 1, True, True, True),
-                ("bf16", False, 2, False, True, False), ("fp16", False, 2, True, False, True),
-                ("fp32", True, 2, True, False, True)]
-    for dtype, dot_fp32, fn, mask, normalize, extra in variants:
-        opts = dict(FN_MODE=fn, HAS_VALID_MASK=mask, NORMALIZE=normalize, DOT_FP32=dot_fp32, PRECISION="ieee")
+    variants = [("bf16", 0, False, False, False), ("bf16", 1, True, True, True), ("bf16", 2, False, True, False),
+                ("fp16", 2, True, False, True), ("fp32", 2, True, False, True)]
+    for dtype, fn, mask, normalize, extra in variants:
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        dots = ck._dot_settings(torch_dtype, interpret=False)
+        opts = dict(FN_MODE=fn, HAS_VALID_MASK=mask, NORMALIZE=normalize, DOT_FP32=dots["DOT_FP32"],
+                    PRECISION=dots["PRECISION"])
+        grad_opts = dict(opts, GRAD_DOT_FP32=dots["GRAD_DOT_FP32"], GRAD_PRECISION=dots["GRAD_PRECISION"])
         compile_contrastive(ck._bank_info_nce_fwd_kernel,
                             dict(opts, HAS_EXTRA=extra, BLOCK_N=128, BLOCK_K=64, BLOCK_D=128), dtype)
         compile_contrastive(ck._bank_info_nce_bwd_query_kernel,
-                            dict(opts, HAS_EXTRA=extra, EXTRA_GRAD=extra, BLOCK_N=64, BLOCK_K=64, BLOCK_D=256), dtype)
+                            dict(grad_opts, HAS_EXTRA=extra, EXTRA_GRAD=extra, BLOCK_N=64, BLOCK_K=64, BLOCK_D=256),
+                            dtype)
         count += 2
-        if dtype != "fp16":
-            compile_contrastive(ck._bank_info_nce_bwd_bank_kernel, dict(opts, BLOCK_N=64, BLOCK_K=64, BLOCK_D=128), dtype)
+        if dtype != "fp32":
+            compile_contrastive(ck._bank_info_nce_bwd_bank_kernel, dict(grad_opts, BLOCK_N=64, BLOCK_K=64, BLOCK_D=128),
+                                dtype)
             count += 1
     # wider top-k lists (up to TOPK_MAX_K) compile the same code with a wider sorting network
     for dtype, dot_fp32, mask, normalize in (("bf16", False, False, False), ("fp32", True, True, True)):
@@ -166,9 +172,10 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
         count += 1
     # 64-bit sizes and launches specialised on arguments equal to 1
     opts = dict(FN_MODE=1, HAS_VALID_MASK=False, NORMALIZE=True, DOT_FP32=False, PRECISION="ieee")
+    grad_opts = dict(opts, GRAD_DOT_FP32=False, GRAD_PRECISION="ieee")
     compile_contrastive(ck._bank_info_nce_fwd_kernel, dict(opts, HAS_EXTRA=True, BLOCK_N=16, BLOCK_K=64, BLOCK_D=16,
                                                            n_queries=1, n_slots=1, dim=1, n_extra=1, stride_qd=1, stride_bd=1), "bf16", 4, "i64")
-    compile_contrastive(ck._bank_info_nce_bwd_bank_kernel, dict(opts, BLOCK_N=64, BLOCK_K=16, BLOCK_D=16, n_queries=1, n_slots=1),
+    compile_contrastive(ck._bank_info_nce_bwd_bank_kernel, dict(grad_opts, BLOCK_N=64, BLOCK_K=16, BLOCK_D=16, n_queries=1, n_slots=1),
                         "bf16", 4, "i64")
     count += 2
     print("compiled", count)

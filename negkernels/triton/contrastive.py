@@ -38,10 +38,19 @@ FALSE_NEGATIVE_CODES = {None: 0, "exclude": 1, "positive": 2}
 TOPK_MAX_K = 256
 
 
-def _dot_settings(dtype: torch.dtype, interpret: bool) -> tuple[bool, str]:
-    # fp32 inputs use exact fp32 products (tf32 would cost ~1e-3 relative error); the interpreter
-    # has no bf16/fp16 arithmetic, so there every operand is upcast first.
-    return (dtype == torch.float32 or interpret), "ieee"
+def _dot_settings(dtype: torch.dtype, interpret: bool) -> dict:
+    """Operand types of the tensor-core products.
+
+    The forward multiplies the inputs as they are (fp32 with exact fp32 products: tf32 would cost
+    ~1e-3 relative error). The backward multiplies the logits' gradient G, whose entries are
+    softmax weights times 1/N, small enough to underflow in fp16 (below 6e-8): for fp16 inputs
+    that product runs on fp32 operands in tf32, which holds fp16 values exactly and has fp32's
+    range; bf16 has fp32's range already. The interpreter has no bf16/fp16 arithmetic, so there
+    every operand is upcast first.
+    """
+    fp32 = dtype == torch.float32 or interpret
+    return dict(DOT_FP32=fp32, PRECISION="ieee", GRAD_DOT_FP32=fp32 or dtype == torch.float16,
+                GRAD_PRECISION="ieee" if fp32 else "tf32")
 
 
 # ----------------------------------------------------------------------------- shared tile helpers
@@ -182,14 +191,23 @@ def _logit_grads(logits, usable, in_pos, g, lse_all, lse_pos, FN_MODE: tl.conste
 
 
 @triton.jit
+def _grad_dot(grad_f32, keys, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.constexpr):
+    """grad [R, C] fp32 times keys [C, BLOCK_D] (in their dot dtype) → fp32 [R, BLOCK_D]."""
+    if GRAD_DOT_FP32:
+        return tl.dot(grad_f32, keys.to(tl.float32), input_precision=GRAD_PRECISION)
+    else:
+        return tl.dot(grad_f32.to(keys.dtype), keys)
+
+
+@triton.jit
 def _bank_info_nce_bwd_query_kernel(
     q_ptr, pos_ptr, bank_ptr, extra_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr,
     grad_loss_ptr, lse_all_ptr, lse_pos_ptr, dq_ptr, dpos_ptr, dextra_ptr, r_ptr,
     n_queries, n_slots, dim, n_extra, valid_count, slot_end,
     stride_qn, stride_qd, stride_pn, stride_pd, stride_bk, stride_bd, stride_en, stride_em, stride_ed,
     FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, EXTRA_GRAD: tl.constexpr,
-    NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_queries
@@ -218,7 +236,7 @@ def _bank_info_nce_bwd_query_kernel(
         usable, in_pos = _tile_sets(qid, bank_ids_ptr, cols, filled, FN_MODE)
         grad = _logit_grads(logits, usable, in_pos, g, lse_all, lse_pos, FN_MODE)
         r += tl.sum(grad * logits, axis=1)
-        acc += tl.dot((grad * inv_b[None, :]).to(b.dtype), b, input_precision=PRECISION)
+        acc += _grad_dot(grad * inv_b[None, :], b, GRAD_DOT_FP32, GRAD_PRECISION)
     if HAS_EXTRA:
         for m in range(0, n_extra):
             extra_row = extra_ptr + m * stride_em
@@ -254,7 +272,7 @@ def _bank_info_nce_bwd_bank_kernel(
     n_queries, n_slots, dim, valid_count,
     stride_qn, stride_qd, stride_bk, stride_bd,
     FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -290,7 +308,7 @@ def _bank_info_nce_bwd_bank_kernel(
             lse_pos = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
             grad = _logit_grads(logits, usable, in_pos, g, lse_all, lse_pos, FN_MODE)
             r += tl.sum(grad * logits, axis=0)
-            acc += tl.dot(tl.trans((grad * inv_q[:, None]).to(q.dtype)), q, input_precision=PRECISION)
+            acc += _grad_dot(tl.trans(grad * inv_q[:, None]), q, GRAD_DOT_FP32, GRAD_PRECISION)
     db = acc * (inv_b * inv_t)[:, None]
     if NORMALIZE:
         db -= (r * inv_b * inv_b)[:, None] * bf
@@ -380,7 +398,7 @@ def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank
     lse_pos = torch.empty(n, dtype=torch.float32, device=dev)
     if n == 0:
         return loss, lse_all, lse_pos
-    dot_fp32, precision = _dot_settings(query.dtype, interpret)
+    dots = _dot_settings(query.dtype, interpret)
     block_d = _dim_block(d)
     block_n = _row_block(n, 128 if block_d <= 128 else 64)
     m = extra.shape[1] if extra is not None else 0
@@ -394,7 +412,7 @@ def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank
         *_strides(query), *_strides(positive), *_strides(bank),
         *(extra.stride() if extra is not None else (0, 0, 0)),
         FN_MODE=FALSE_NEGATIVE_CODES[fn_mode], HAS_VALID_MASK=valid_mask is not None, HAS_EXTRA=m > 0,
-        NORMALIZE=normalize, DOT_FP32=dot_fp32, PRECISION=precision,
+        NORMALIZE=normalize, DOT_FP32=dots["DOT_FP32"], PRECISION=dots["PRECISION"],
         BLOCK_N=block_n, BLOCK_K=64, BLOCK_D=block_d, num_warps=8 if block_n * block_d >= 128 * 128 else 4,
     )
     return loss, lse_all, lse_pos
@@ -415,14 +433,13 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
     # Extras may be strided (an expanded [1, M, D] shared by every query); their gradient is dense.
     dextra = torch.empty(extra.shape if extra_grad else (0,), dtype=extra.dtype if extra is not None else query.dtype,
                          device=dev)
-    dot_fp32, precision = _dot_settings(query.dtype, interpret)
     block_d = _dim_block(d)
     placeholder = r
     ids = (query_ids if query_ids is not None else placeholder, bank_ids if bank_ids is not None else placeholder)
     vmask = valid_mask if valid_mask is not None else placeholder
     grad_loss = grad_loss.contiguous().float()
     common = dict(FN_MODE=FALSE_NEGATIVE_CODES[fn_mode], HAS_VALID_MASK=valid_mask is not None, NORMALIZE=normalize,
-                  DOT_FP32=dot_fp32, PRECISION=precision, BLOCK_D=block_d)
+                  BLOCK_D=block_d, **_dot_settings(query.dtype, interpret))
     if n > 0:
         block_n = _row_block(n, 64)
         _bank_info_nce_bwd_query_kernel[(triton.cdiv(n, block_n),)](
@@ -452,14 +469,14 @@ def bank_topk(query, bank, k: int, valid_mask, valid_count: int, normalize: bool
     indices = torch.empty((n, k), dtype=torch.int64, device=query.device)
     if n == 0 or k == 0:
         return values, indices
-    dot_fp32, precision = _dot_settings(query.dtype, interpret)
+    dots = _dot_settings(query.dtype, interpret)
     block_k = max(64, triton.next_power_of_2(k))
     block_n = _row_block(n, max(16, min(64, 4096 // block_k)))
     _bank_topk_kernel[(triton.cdiv(n, block_n),)](
         query, bank, valid_mask if valid_mask is not None else values, values, indices,
         n, num_slots, d, k, valid_count, _slot_end(num_slots, valid_mask, valid_count),
         *_strides(query), *_strides(bank),
-        HAS_VALID_MASK=valid_mask is not None, NORMALIZE=normalize, DOT_FP32=dot_fp32, PRECISION=precision,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=_dim_block(d), num_warps=4,
+        HAS_VALID_MASK=valid_mask is not None, NORMALIZE=normalize, DOT_FP32=dots["DOT_FP32"],
+        PRECISION=dots["PRECISION"], BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=_dim_block(d), num_warps=4,
     )
     return values, indices
