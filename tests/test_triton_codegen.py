@@ -173,9 +173,10 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
     # 64-bit sizes and launches specialised on arguments equal to 1
     opts = dict(FN_MODE=1, HAS_VALID_MASK=False, NORMALIZE=True, DOT_FP32=False, PRECISION="ieee")
     grad_opts = dict(opts, GRAD_DOT_FP32=False, GRAD_PRECISION="ieee")
-    compile_contrastive(ck._bank_info_nce_fwd_kernel, dict(opts, HAS_EXTRA=True, BLOCK_N=16, BLOCK_K=64, BLOCK_D=16,
-                                                           n_queries=1, n_slots=1, dim=1, n_extra=1, stride_qd=1, stride_bd=1), "bf16", 4, "i64")
-    compile_contrastive(ck._bank_info_nce_bwd_bank_kernel, dict(grad_opts, BLOCK_N=64, BLOCK_K=16, BLOCK_D=16, n_queries=1, n_slots=1),
+    ones = dict(n_queries=1, n_slots=1, dim=1, stride_qd=1, stride_bd=1)
+    compile_contrastive(ck._bank_info_nce_fwd_kernel,
+                        dict(opts, HAS_EXTRA=True, BLOCK_N=16, BLOCK_K=64, BLOCK_D=16, n_extra=1, **ones), "bf16", 4, "i64")
+    compile_contrastive(ck._bank_info_nce_bwd_bank_kernel, dict(grad_opts, BLOCK_N=64, BLOCK_K=16, BLOCK_D=16, **ones),
                         "bf16", 4, "i64")
     count += 2
     print("compiled", count)

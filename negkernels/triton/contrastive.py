@@ -94,6 +94,7 @@ def _bank_tile_logits(q_dot, row_scale, bank_ptr, cols, filled, stride_bk, strid
 @triton.jit
 def _tile_sets(qid, bank_ids_ptr, cols, filled, FN_MODE: tl.constexpr):
     """(usable [BN, BK]: counted in the denominator, in_positive_set [BN, BK])."""
+    # (x == x) and (x != x) on the row ids broadcast the slot mask to [BN, BK] as all-true / all-false.
     usable = filled[None, :] & (qid[:, None] == qid[:, None])
     in_pos = usable & (qid[:, None] != qid[:, None])
     if FN_MODE != 0:
