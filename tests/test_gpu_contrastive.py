@@ -68,7 +68,8 @@ def test_gpu_bank_info_nce_memory_is_linear_in_queries():
     loss.backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
-    assert extra < 8 * n * d * 2 + 64 * n + (1 << 20), f"{extra / 2**20:.1f} MB beyond the inputs"
+    # O(N·D): the gradients, and the split partials of d(query) (a few fp32 copies of it)
+    assert extra < 64 * n * d + (1 << 20), f"{extra / 2**20:.1f} MB beyond the inputs"
 
 
 def test_gpu_bank_info_nce_deterministic_and_compiled():

@@ -135,14 +135,15 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
     import torch
     from negkernels.triton import contrastive as ck
 
-    INTS = {"n_queries", "n_slots", "dim", "n_extra", "k", "valid_count", "slot_end", "stride_qn", "stride_qd", "stride_pn", "stride_pd",
-            "stride_bk", "stride_bd", "stride_en", "stride_em", "stride_ed"}
-    FP32_OUT = ("loss_ptr", "lse_all_ptr", "lse_pos_ptr", "temperature_ptr", "grad_loss_ptr", "r_ptr", "values_ptr")
+    INTS = {"n_queries", "n_slots", "dim", "n_extra", "k", "valid_count", "split_slots", "n_splits", "stride_qn",
+            "stride_qd", "stride_pn", "stride_pd", "stride_bk", "stride_bd", "stride_en", "stride_em", "stride_ed"}
+    FP32 = ("loss_ptr", "lse_all_ptr", "lse_pos_ptr", "temperature_ptr", "grad_loss_ptr", "r_ptr", "values_ptr",
+            "partial_ptr", "acc_ptr", "r_partial_ptr")
 
-    def compile_contrastive(kernel, constexprs, dtype, num_warps=8, int_type="i32"):
+    def compile_contrastive(kernel, constexprs, dtype, num_warps=8, int_type="i32", **special):
         pointers = {name: f"*{dtype}" for name in kernel.arg_names if name.endswith("_ptr")}
-        pointers.update({name: "*fp32" for name in FP32_OUT})
-        pointers.update(query_ids_ptr="*i64", bank_ids_ptr="*i64", indices_ptr="*i64", valid_mask_ptr="*i1")
+        pointers.update({name: "*fp32" for name in FP32})
+        pointers.update(query_ids_ptr="*i64", bank_ids_ptr="*i64", indices_ptr="*i64", valid_mask_ptr="*i1", **special)
         compile_variant(kernel, constexprs, num_warps, pointers, INTS, int_type)
 
     count = 0
@@ -164,12 +165,18 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
             compile_contrastive(ck._bank_info_nce_bwd_bank_kernel, dict(grad_opts, BLOCK_N=64, BLOCK_K=64, BLOCK_D=128),
                                 dtype)
             count += 1
+        compile_contrastive(ck._bank_info_nce_dq_kernel, dict(NORMALIZE=normalize, BLOCK_N=64, BLOCK_D=256), dtype)
+        count += 1
+    compile_contrastive(ck._bank_info_nce_combine_kernel, dict(BLOCK=256), "fp32", 4)
+    count += 1
     # wider top-k lists (up to TOPK_MAX_K) compile the same code with a wider sorting network
     for dtype, dot_fp32, mask, normalize in (("bf16", False, False, False), ("fp32", True, True, True)):
         compile_contrastive(ck._bank_topk_kernel,
                             dict(HAS_VALID_MASK=mask, NORMALIZE=normalize, DOT_FP32=dot_fp32, PRECISION="ieee",
-                                 BLOCK_N=64, BLOCK_K=64, BLOCK_D=128), dtype, 4)
+                                 BLOCK_N=64, BLOCK_K=64, BLOCK_D=128), dtype, 4, partial_ptr="*i64")
         count += 1
+    compile_contrastive(ck._bank_topk_merge_kernel, dict(BLOCK_N=64, BLOCK_K=64), "fp32", 4, partial_ptr="*i64")
+    count += 1
     # 64-bit sizes and launches specialised on arguments equal to 1
     opts = dict(FN_MODE=1, HAS_VALID_MASK=False, NORMALIZE=True, DOT_FP32=False, PRECISION="ieee")
     grad_opts = dict(opts, GRAD_DOT_FP32=False, GRAD_PRECISION="ieee")
@@ -201,4 +208,4 @@ def test_every_logprobs_kernel_variant_compiles_for_sm90():
 
 
 def test_every_contrastive_kernel_variant_compiles_for_sm90():
-    assert "compiled 18" in _compile_in_subprocess(CONTRASTIVE_SCRIPT)
+    assert "compiled 25" in _compile_in_subprocess(CONTRASTIVE_SCRIPT)

@@ -1,26 +1,33 @@
 """Triton kernels for InfoNCE against a memory bank, and streaming top-k hard-negative mining.
 
-* ``_bank_info_nce_fwd_kernel``: one program per block of queries streams the bank in tiles
-  (tensor-core ``q·bᵀ``), keeps an online log-sum-exp over the denominator set A (the positive,
-  usable slots, per-query extras) and one over the positive set P, and saves both per row. The
-  N×K logits never exist.
+Work is split two ways: into blocks of queries and into contiguous, tile-aligned ranges of bank
+slots (split-K), so that N = 4096 queries (32 blocks of 128) still fill the GPU's SMs. Each
+(block, split) program writes small partial results, and a merge kernel adds them in split
+order, so results are the same bits on every run.
+
+* ``_bank_info_nce_fwd_kernel``: streams its slots in tiles (tensor-core ``q·bᵀ``), keeping an
+  online log-sum-exp over the denominator set A (the positive, usable slots, per-query extras) and
+  one over the positive set P. ``_bank_info_nce_combine_kernel`` merges the splits into the loss
+  and the two per-row log-sum-exps the backward needs. The N×K logits never exist.
 * ``_bank_info_nce_bwd_query_kernel``: the same sweep recomputes the logits and their gradient
-  G = g·(softmax_A − 1[P]·softmax_P), accumulating G·B for d(query) in registers (each program
-  owns its rows: no atomics), plus d(positive), d(extras) and r = Σ_j G_j·l_j, which gives
+  G = g·(softmax_A − 1[P]·softmax_P). It accumulates Σ_j G_j·b_j in registers (each program owns
+  its rows: no atomics) and r = Σ_j G_j·l_j. Split 0 also writes d(positive) and d(extras).
+  ``_bank_info_nce_dq_kernel`` merges the splits into d(query) and r, which gives
   d(temperature) = −Σ r / τ and the normalisation term.
 * ``_bank_info_nce_bwd_bank_kernel``: one program per block of slots streams the queries for
-  d(bank) = Gᵀ·Q; it runs only when the bank requires a gradient (a MoCo queue does not).
-* ``_bank_topk_kernel``: one program per block of queries keeps a sorted running top-KP list of
-  (similarity, slot) packed into int64 keys; each bank tile is sorted ascending and merged with
-  the running list by an elementwise max (a bitonic merge), then re-sorted.
+  d(bank) = Gᵀ·Q. It runs only when the bank requires a gradient (a MoCo queue does not).
+* ``_bank_topk_kernel``: keeps a sorted running top-KP list of (similarity, slot) packed into
+  int64 keys. Each bank tile is sorted ascending and merged with the running list by an
+  elementwise max (a bitonic merge), then re-sorted. ``_bank_topk_merge_kernel`` merges the
+  splits' lists in the same way.
 
 With ``NORMALIZE`` the inverse norms are computed from the tiles as they are loaded, so no
-normalised copy of the bank is made: l = (q·b)·|q|⁻¹·|b|⁻¹/τ, and the chain rule through the
+normalised copy of the bank is made: l = (q·b)·|q|⁻¹·|b|⁻¹/τ. The chain rule through the
 normalisation is d q = |q|⁻¹·(Σ_j G_j·b̂_j)/τ − |q|⁻²·r·q (likewise for each key).
 
-Unfilled slots are never read: with a filled count the sweep stops at it, with a mask the loads
-are masked. The temperature is read from a device tensor, so a learnable temperature needs no host
-read and a new value does not recompile.
+Unfilled slots are never read: with a filled count the splits cover only the filled prefix;
+with a mask, the loads are masked. The temperature is read from a device tensor, so a learnable
+temperature needs no host read and a new value does not recompile.
 """
 
 from __future__ import annotations
@@ -128,14 +135,15 @@ def _query_block(q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, 
 
 @triton.jit
 def _bank_info_nce_fwd_kernel(
-    q_ptr, pos_ptr, bank_ptr, extra_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr,
-    loss_ptr, lse_all_ptr, lse_pos_ptr,
-    n_queries, n_slots, dim, n_extra, valid_count, slot_end,
+    q_ptr, pos_ptr, bank_ptr, extra_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr, partial_ptr,
+    n_queries, n_slots, dim, n_extra, valid_count, split_slots,
     stride_qn, stride_qd, stride_pn, stride_pd, stride_bk, stride_bd, stride_en, stride_em, stride_ed,
     FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, NORMALIZE: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Program (row block, split): online log-sum-exps over the split's slots → partials [4, splits, N]."""
+    split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_queries
     dims = tl.arange(0, BLOCK_D)
@@ -148,13 +156,16 @@ def _bank_info_nce_fwd_kernel(
     if FN_MODE != 0:
         qid = tl.load(query_ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
 
-    # Both sets contain the positive, so the running maxima start finite and no −inf − (−inf) arises.
+    # Every split starts its maxima at the positive logit, so they are finite and no −inf − (−inf)
+    # arises; only split 0 counts the positive (and the extras) in its sums.
+    first = (split == 0).to(tl.float32)
     m_all = pos_logit
-    s_all = tl.full([BLOCK_N], 1.0, tl.float32)
+    s_all = tl.full([BLOCK_N], 1.0, tl.float32) * first
     m_pos = pos_logit
-    s_pos = tl.full([BLOCK_N], 1.0, tl.float32)
-    for k0 in range(0, slot_end, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+    s_pos = tl.full([BLOCK_N], 1.0, tl.float32) * first
+    slot_start = split * split_slots
+    for offset in range(0, split_slots, BLOCK_K):
+        cols = slot_start + offset + tl.arange(0, BLOCK_K)
         filled = _slots_filled(cols, n_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK)
         b, inv_b, logits = _bank_tile_logits(q, row_scale, bank_ptr, cols, filled, stride_bk, stride_bd, dims, dim_ok,
                                              NORMALIZE, DOT_FP32, PRECISION)
@@ -169,14 +180,44 @@ def _bank_info_nce_fwd_kernel(
             s_pos = s_pos * tl.exp(m_pos - m_new) + tl.sum(tl.exp(l_pos - m_new[:, None]), axis=1)
             m_pos = m_new
     if HAS_EXTRA:
-        for m in range(0, n_extra):
-            ef = _load_rows(extra_ptr + m * stride_em, rows, row_ok, stride_en, dims, dim_ok, stride_ed).to(tl.float32)
-            le = tl.sum(qf * ef, axis=1) * row_scale * _inverse_norm(ef, NORMALIZE)
-            m_new = tl.maximum(m_all, le)
-            s_all = s_all * tl.exp(m_all - m_new) + tl.exp(le - m_new)
-            m_all = m_new
-    lse_all = m_all + tl.log(s_all)
-    lse_pos = m_pos + tl.log(s_pos)
+        if split == 0:
+            for m in range(0, n_extra):
+                ef = _load_rows(extra_ptr + m * stride_em, rows, row_ok, stride_en, dims, dim_ok, stride_ed)
+                ef = ef.to(tl.float32)
+                le = tl.sum(qf * ef, axis=1) * row_scale * _inverse_norm(ef, NORMALIZE)
+                m_new = tl.maximum(m_all, le)
+                s_all = s_all * tl.exp(m_all - m_new) + tl.exp(le - m_new)
+                m_all = m_new
+    plane = tl.num_programs(1) * n_queries
+    out = split * n_queries + rows
+    tl.store(partial_ptr + out, m_all, mask=row_ok)
+    tl.store(partial_ptr + plane + out, s_all, mask=row_ok)
+    tl.store(partial_ptr + 2 * plane + out, m_pos, mask=row_ok)
+    tl.store(partial_ptr + 3 * plane + out, s_pos, mask=row_ok)
+
+
+@triton.jit
+def _merge_log_sum_exp(partial_ptr, plane_offset, rows, row_ok, n_queries, n_splits):
+    """log Σ_s s_s·exp(m_s) over the splits, in split order."""
+    m = tl.full(rows.shape, -float("inf"), tl.float32)
+    total = tl.zeros(rows.shape, tl.float32)
+    for split in range(0, n_splits):
+        m_s = tl.load(partial_ptr + plane_offset + split * n_queries + rows, mask=row_ok, other=0.0)
+        # rows past the end read a sum of 1, which keeps their (unstored) arithmetic finite
+        s_s = tl.load(partial_ptr + plane_offset + (n_splits + split) * n_queries + rows, mask=row_ok, other=1.0)
+        m_new = tl.maximum(m, m_s)
+        total = total * tl.exp(m - m_new) + s_s * tl.exp(m_s - m_new)
+        m = m_new
+    return m + tl.log(total)
+
+
+@triton.jit
+def _bank_info_nce_combine_kernel(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, n_queries, n_splits,
+                                  BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < n_queries
+    lse_all = _merge_log_sum_exp(partial_ptr, 0, rows, row_ok, n_queries, n_splits)
+    lse_pos = _merge_log_sum_exp(partial_ptr, 2 * n_splits * n_queries, rows, row_ok, n_queries, n_splits)
     tl.store(loss_ptr + rows, lse_all - lse_pos, mask=row_ok)
     tl.store(lse_all_ptr + rows, lse_all, mask=row_ok)
     tl.store(lse_pos_ptr + rows, lse_pos, mask=row_ok)
@@ -203,13 +244,16 @@ def _grad_dot(grad_f32, keys, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.co
 @triton.jit
 def _bank_info_nce_bwd_query_kernel(
     q_ptr, pos_ptr, bank_ptr, extra_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr,
-    grad_loss_ptr, lse_all_ptr, lse_pos_ptr, dq_ptr, dpos_ptr, dextra_ptr, r_ptr,
-    n_queries, n_slots, dim, n_extra, valid_count, slot_end,
+    grad_loss_ptr, lse_all_ptr, lse_pos_ptr, acc_ptr, r_partial_ptr, dpos_ptr, dextra_ptr,
+    n_queries, n_slots, dim, n_extra, valid_count, split_slots,
     stride_qn, stride_qd, stride_pn, stride_pd, stride_bk, stride_bd, stride_en, stride_em, stride_ed,
     FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, EXTRA_GRAD: tl.constexpr,
     NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr,
     GRAD_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Program (row block, split) → Σ_j G_j·|k_j|⁻¹·k_j [splits, N, D] and r = Σ_j G_j·l_j [splits, N]
+    over the split's slots; split 0 adds the positive and the extras and writes their gradients."""
+    split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_queries
     dims = tl.arange(0, BLOCK_D)
@@ -225,12 +269,13 @@ def _bank_info_nce_bwd_query_kernel(
     lse_all = tl.load(lse_all_ptr + rows, mask=row_ok, other=0.0)
     lse_pos = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
 
-    # Σ_j G_j·|k_j|⁻¹·k_j over every key of the row, and r = Σ_j G_j·l_j.
     g_pos = g * (tl.exp(pos_logit - lse_all) - tl.exp(pos_logit - lse_pos))
-    acc = (g_pos * inv_p)[:, None] * pf
-    r = g_pos * pos_logit
-    for k0 in range(0, slot_end, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+    first = (split == 0).to(tl.float32)
+    acc = (g_pos * inv_p * first)[:, None] * pf
+    r = g_pos * pos_logit * first
+    slot_start = split * split_slots
+    for offset in range(0, split_slots, BLOCK_K):
+        cols = slot_start + offset + tl.arange(0, BLOCK_K)
         filled = _slots_filled(cols, n_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK)
         b, inv_b, logits = _bank_tile_logits(q, row_scale, bank_ptr, cols, filled, stride_bk, stride_bd, dims, dim_ok,
                                              NORMALIZE, DOT_FP32, PRECISION)
@@ -238,31 +283,58 @@ def _bank_info_nce_bwd_query_kernel(
         grad = _logit_grads(logits, usable, in_pos, g, lse_all, lse_pos, FN_MODE)
         r += tl.sum(grad * logits, axis=1)
         acc += _grad_dot(grad * inv_b[None, :], b, GRAD_DOT_FP32, GRAD_PRECISION)
-    if HAS_EXTRA:
-        for m in range(0, n_extra):
-            extra_row = extra_ptr + m * stride_em
-            ef = _load_rows(extra_row, rows, row_ok, stride_en, dims, dim_ok, stride_ed).to(tl.float32)
-            inv_e = _inverse_norm(ef, NORMALIZE)
-            le = tl.sum(qf * ef, axis=1) * row_scale * inv_e
-            g_e = g * tl.exp(le - lse_all)
-            r += g_e * le
-            acc += (g_e * inv_e)[:, None] * ef
-            if EXTRA_GRAD:
-                d_e = (g_e * inv_e * row_scale)[:, None] * qf
-                if NORMALIZE:
-                    d_e -= (g_e * le * inv_e * inv_e)[:, None] * ef
-                offs = (rows.to(tl.int64)[:, None] * n_extra + m) * dim + dims[None, :]
-                tl.store(dextra_ptr + offs, d_e.to(dextra_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    out_mask = row_ok[:, None] & dim_ok[None, :]
+    if split == 0:
+        if HAS_EXTRA:
+            for m in range(0, n_extra):
+                extra_row = extra_ptr + m * stride_em
+                ef = _load_rows(extra_row, rows, row_ok, stride_en, dims, dim_ok, stride_ed).to(tl.float32)
+                inv_e = _inverse_norm(ef, NORMALIZE)
+                le = tl.sum(qf * ef, axis=1) * row_scale * inv_e
+                g_e = g * tl.exp(le - lse_all)
+                r += g_e * le
+                acc += (g_e * inv_e)[:, None] * ef
+                if EXTRA_GRAD:
+                    d_e = (g_e * inv_e * row_scale)[:, None] * qf
+                    if NORMALIZE:
+                        d_e -= (g_e * le * inv_e * inv_e)[:, None] * ef
+                    offs = (rows.to(tl.int64)[:, None] * n_extra + m) * dim + dims[None, :]
+                    tl.store(dextra_ptr + offs, d_e.to(dextra_ptr.dtype.element_ty), mask=out_mask)
+        dpos = (g_pos * row_scale * inv_p)[:, None] * qf
+        if NORMALIZE:
+            dpos -= (g_pos * pos_logit * inv_p * inv_p)[:, None] * pf
+        out = rows.to(tl.int64)[:, None] * dim + dims[None, :]
+        tl.store(dpos_ptr + out, dpos.to(dpos_ptr.dtype.element_ty), mask=out_mask)
+    part = split * n_queries + rows
+    tl.store(acc_ptr + part.to(tl.int64)[:, None] * dim + dims[None, :], acc, mask=out_mask)
+    tl.store(r_partial_ptr + part, r, mask=row_ok)
 
-    dq = acc * row_scale[:, None]
-    dpos = (g_pos * row_scale * inv_p)[:, None] * qf
+
+@triton.jit
+def _bank_info_nce_dq_kernel(
+    q_ptr, temperature_ptr, acc_ptr, r_partial_ptr, dq_ptr, r_ptr,
+    n_queries, dim, n_splits, stride_qn, stride_qd,
+    NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Adds the splits' partials in split order: dq = |q|⁻¹/τ·Σ acc − |q|⁻²·r·q (without the second
+    term unless normalising), and r for the temperature's gradient."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_queries
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < dim
+    mask = row_ok[:, None] & dim_ok[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    r = tl.zeros([BLOCK_N], tl.float32)
+    for split in range(0, n_splits):
+        part = split * n_queries + rows
+        acc += tl.load(acc_ptr + part.to(tl.int64)[:, None] * dim + dims[None, :], mask=mask, other=0.0)
+        r += tl.load(r_partial_ptr + part, mask=row_ok, other=0.0)
+    qf = _load_rows(q_ptr, rows, row_ok, stride_qn, dims, dim_ok, stride_qd).to(tl.float32)
+    inv_q = _inverse_norm(qf, NORMALIZE)
+    dq = acc * (inv_q / tl.load(temperature_ptr).to(tl.float32))[:, None]
     if NORMALIZE:
         dq -= (r * inv_q * inv_q)[:, None] * qf
-        dpos -= (g_pos * pos_logit * inv_p * inv_p)[:, None] * pf
-    out = rows.to(tl.int64)[:, None] * dim + dims[None, :]
-    out_mask = row_ok[:, None] & dim_ok[None, :]
-    tl.store(dq_ptr + out, dq.to(dq_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(dpos_ptr + out, dpos.to(dpos_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dq_ptr + rows.to(tl.int64)[:, None] * dim + dims[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mask)
     tl.store(r_ptr + rows, r, mask=row_ok)
 
 
@@ -328,14 +400,20 @@ def _pack_similarity(sim, cols):
     return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)
 
 
+# Below every packed similarity (its high word is below the key of −inf).
+_EMPTY_KEY = tl.constexpr(-9223372036854775807)
+
+
 @triton.jit
 def _bank_topk_kernel(
-    q_ptr, bank_ptr, valid_mask_ptr, values_ptr, indices_ptr,
-    n_queries, n_slots, dim, k, valid_count, slot_end,
+    q_ptr, bank_ptr, valid_mask_ptr, partial_ptr,
+    n_queries, n_slots, dim, valid_count, split_slots,
     stride_qn, stride_qd, stride_bk, stride_bd,
     HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Program (row block, split) → the split's sorted top-BLOCK_K packed keys [splits, N, BLOCK_K]."""
+    split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_queries
     dims = tl.arange(0, BLOCK_D)
@@ -345,23 +423,40 @@ def _bank_topk_kernel(
     if DOT_FP32:
         q = qf
     inv_q = _inverse_norm(qf, NORMALIZE)
-    # Below every packed similarity (its high word is below the key of −inf).
-    empty = -9223372036854775807
-    best = tl.full([BLOCK_N, BLOCK_K], empty, tl.int64)  # sorted descending
-    for k0 in range(0, slot_end, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+    best = tl.full([BLOCK_N, BLOCK_K], _EMPTY_KEY, tl.int64)  # sorted descending
+    slot_start = split * split_slots
+    for offset in range(0, split_slots, BLOCK_K):
+        cols = slot_start + offset + tl.arange(0, BLOCK_K)
         filled = _slots_filled(cols, n_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK)
         b, inv_b, sims = _bank_tile_logits(q, inv_q, bank_ptr, cols, filled, stride_bk, stride_bd, dims, dim_ok,
                                            NORMALIZE, DOT_FP32, PRECISION)
-        keys = tl.where(filled[None, :], _pack_similarity(sims, cols[None, :]), empty)
+        keys = tl.where(filled[None, :], _pack_similarity(sims, cols[None, :]), _EMPTY_KEY)
         # best is descending and the tile ascending, so the elementwise max holds the top BLOCK_K of both.
         best = tl.sort(tl.maximum(best, tl.sort(keys, dim=1, descending=False)), dim=1, descending=True)
+    lanes = tl.arange(0, BLOCK_K)
+    out = (split * n_queries + rows).to(tl.int64)[:, None] * BLOCK_K + lanes[None, :]
+    tl.store(partial_ptr + out, best, mask=row_ok[:, None])
+
+
+@triton.jit
+def _bank_topk_merge_kernel(partial_ptr, values_ptr, indices_ptr, n_queries, k, n_splits,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Merges the splits' sorted lists (each read back to front, i.e. ascending) and unpacks the first k."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_queries
+    lanes = tl.arange(0, BLOCK_K)
+    best = tl.load(partial_ptr + rows.to(tl.int64)[:, None] * BLOCK_K + lanes[None, :], mask=row_ok[:, None],
+                   other=_EMPTY_KEY)
+    for split in range(1, n_splits):
+        base = (split * n_queries + rows).to(tl.int64)[:, None] * BLOCK_K
+        ascending = tl.load(partial_ptr + base + (BLOCK_K - 1 - lanes)[None, :], mask=row_ok[:, None],
+                            other=_EMPTY_KEY)
+        best = tl.sort(tl.maximum(best, ascending), dim=1, descending=True)
     high = (best >> 32).to(tl.int32)
     bits = high ^ ((high >> 31) & 0x7FFFFFFF)
-    missing = best == empty
+    missing = best == _EMPTY_KEY
     values = tl.where(missing, -float("inf"), bits.to(tl.float32, bitcast=True))
     indices = tl.where(missing, -1, 0x7FFFFFFF - (best & 0xFFFFFFFF))
-    lanes = tl.arange(0, BLOCK_K)
     out = rows.to(tl.int64)[:, None] * k + lanes[None, :]
     out_mask = row_ok[:, None] & (lanes < k)[None, :]
     tl.store(values_ptr + out, values, mask=out_mask)
@@ -384,6 +479,25 @@ def _slot_end(num_slots: int, valid_mask, valid_count: int) -> int:
     return num_slots if valid_mask is not None else min(num_slots, valid_count)
 
 
+# Bank tiles per split at least: a split below this costs more in partials than it saves.
+MIN_TILES_PER_SPLIT = 4
+SLOT_TILE = 64
+
+
+def _bank_splits(row_blocks: int, slot_end: int, device: torch.device, interpret: bool) -> tuple[int, int]:
+    """(splits, slots per split): the bank is cut into contiguous, tile-aligned ranges so that
+    row blocks × splits programs fill the GPU (N = 4096 queries make only 32 row blocks of 128)."""
+    tiles = max(1, triton.cdiv(slot_end, SLOT_TILE))
+    if interpret or device.type != "cuda":
+        splits = min(3, tiles)  # exercise the split and merge path on small shapes
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        programs = 2 * torch.cuda.get_device_properties(index).multi_processor_count
+        splits = max(1, min(triton.cdiv(programs, row_blocks), tiles // MIN_TILES_PER_SPLIT))
+    per_split = triton.cdiv(tiles, splits)
+    return triton.cdiv(tiles, per_split), per_split * SLOT_TILE
+
+
 def _strides(x):
     return (x.stride(0), x.stride(1)) if x is not None else (0, 0)
 
@@ -402,20 +516,23 @@ def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank
     dots = _dot_settings(query.dtype, interpret)
     block_d = _dim_block(d)
     block_n = _row_block(n, 128 if block_d <= 128 else 64)
+    row_blocks = triton.cdiv(n, block_n)
+    splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), dev, interpret)
+    partial = torch.empty((4, splits, n), dtype=torch.float32, device=dev)  # max and sum, over A and over P
     m = extra.shape[1] if extra is not None else 0
     placeholder = lse_all
-    _bank_info_nce_fwd_kernel[(triton.cdiv(n, block_n),)](
+    _bank_info_nce_fwd_kernel[(row_blocks, splits)](
         query, positive, bank, extra if extra is not None else query,
         query_ids if query_ids is not None else placeholder, bank_ids if bank_ids is not None else placeholder,
-        valid_mask if valid_mask is not None else placeholder, temperature,
-        loss, lse_all, lse_pos,
-        n, num_slots, d, m, valid_count, _slot_end(num_slots, valid_mask, valid_count),
+        valid_mask if valid_mask is not None else placeholder, temperature, partial,
+        n, num_slots, d, m, valid_count, split_slots,
         *_strides(query), *_strides(positive), *_strides(bank),
         *(extra.stride() if extra is not None else (0, 0, 0)),
         FN_MODE=FALSE_NEGATIVE_CODES[fn_mode], HAS_VALID_MASK=valid_mask is not None, HAS_EXTRA=m > 0,
         NORMALIZE=normalize, DOT_FP32=dots["DOT_FP32"], PRECISION=dots["PRECISION"],
-        BLOCK_N=block_n, BLOCK_K=64, BLOCK_D=block_d, num_warps=8 if block_n * block_d >= 128 * 128 else 4,
+        BLOCK_N=block_n, BLOCK_K=SLOT_TILE, BLOCK_D=block_d, num_warps=8 if block_n * block_d >= 128 * 128 else 4,
     )
+    _bank_info_nce_combine_kernel[(triton.cdiv(n, 256),)](partial, loss, lse_all, lse_pos, n, splits, BLOCK=256)
     return loss, lse_all, lse_pos
 
 
@@ -441,23 +558,31 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
     grad_loss = grad_loss.contiguous().float()
     common = dict(FN_MODE=FALSE_NEGATIVE_CODES[fn_mode], HAS_VALID_MASK=valid_mask is not None, NORMALIZE=normalize,
                   BLOCK_D=block_d, **_dot_settings(query.dtype, interpret))
+    num_warps = 8 if block_d >= 128 else 4
     if n > 0:
         block_n = _row_block(n, 64)
-        _bank_info_nce_bwd_query_kernel[(triton.cdiv(n, block_n),)](
+        row_blocks = triton.cdiv(n, block_n)
+        splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), dev, interpret)
+        acc = torch.empty((splits, n, d), dtype=torch.float32, device=dev)
+        r_partial = torch.empty((splits, n), dtype=torch.float32, device=dev)
+        _bank_info_nce_bwd_query_kernel[(row_blocks, splits)](
             query, positive, bank, extra if has_extra else query, *ids, vmask, temperature,
-            grad_loss, lse_all, lse_pos, dq, dpos, dextra if extra_grad else dq, r,
-            n, num_slots, d, extra.shape[1] if has_extra else 0, valid_count,
-            _slot_end(num_slots, valid_mask, valid_count),
+            grad_loss, lse_all, lse_pos, acc, r_partial, dpos, dextra if extra_grad else dpos,
+            n, num_slots, d, extra.shape[1] if has_extra else 0, valid_count, split_slots,
             *_strides(query), *_strides(positive), *_strides(bank), *(extra.stride() if has_extra else (0, 0, 0)),
-            HAS_EXTRA=has_extra, EXTRA_GRAD=extra_grad and has_extra, BLOCK_N=block_n, BLOCK_K=64,
-            num_warps=8 if block_d >= 128 else 4, **common,
+            HAS_EXTRA=has_extra, EXTRA_GRAD=extra_grad and has_extra, BLOCK_N=block_n, BLOCK_K=SLOT_TILE,
+            num_warps=num_warps, **common,
+        )
+        _bank_info_nce_dq_kernel[(row_blocks,)](
+            query, temperature, acc, r_partial, dq, r, n, d, splits, *_strides(query),
+            NORMALIZE=normalize, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
         )
     if bank_grad and num_slots > 0:
         block_k = _row_block(num_slots, 64)
         _bank_info_nce_bwd_bank_kernel[(triton.cdiv(num_slots, block_k),)](
             query, bank, *ids, vmask, temperature, grad_loss, lse_all, lse_pos, dbank,
             n, num_slots, d, valid_count, *_strides(query), *_strides(bank),
-            BLOCK_N=64, BLOCK_K=block_k, num_warps=8 if block_d >= 128 else 4, **common,
+            BLOCK_N=64, BLOCK_K=block_k, num_warps=num_warps, **common,
         )
     return dq, dpos, dbank, dextra, r
 
@@ -471,13 +596,22 @@ def bank_topk(query, bank, k: int, valid_mask, valid_count: int, normalize: bool
     if n == 0 or k == 0:
         return values, indices
     dots = _dot_settings(query.dtype, interpret)
-    block_k = max(64, triton.next_power_of_2(k))
+    block_k = max(SLOT_TILE, triton.next_power_of_2(k))
     block_n = _row_block(n, max(16, min(64, 4096 // block_k)))
-    _bank_topk_kernel[(triton.cdiv(n, block_n),)](
-        query, bank, valid_mask if valid_mask is not None else values, values, indices,
-        n, num_slots, d, k, valid_count, _slot_end(num_slots, valid_mask, valid_count),
+    row_blocks = triton.cdiv(n, block_n)
+    # The split ranges must be whole tiles of this kernel's (possibly wider) tile.
+    splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), query.device,
+                                       interpret)
+    split_slots = triton.cdiv(split_slots, block_k) * block_k
+    splits = max(1, triton.cdiv(_slot_end(num_slots, valid_mask, valid_count), split_slots))
+    partial = torch.empty((splits, n, block_k), dtype=torch.int64, device=query.device)
+    _bank_topk_kernel[(row_blocks, splits)](
+        query, bank, valid_mask if valid_mask is not None else values, partial,
+        n, num_slots, d, valid_count, split_slots,
         *_strides(query), *_strides(bank),
         HAS_VALID_MASK=valid_mask is not None, NORMALIZE=normalize, DOT_FP32=dots["DOT_FP32"],
         PRECISION=dots["PRECISION"], BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=_dim_block(d), num_warps=4,
     )
+    _bank_topk_merge_kernel[(row_blocks,)](partial, values, indices, n, k, splits, BLOCK_N=block_n, BLOCK_K=block_k,
+                                           num_warps=4)
     return values, indices
