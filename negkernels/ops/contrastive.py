@@ -199,9 +199,10 @@ def bank_info_nce(
     A fully excluded bank gives loss_i = 0; so does a bank whose every slot is a positive.
 
     Returns: fp32 loss (0-d, or [N] with ``reduction="none"``). Gradients come back in the inputs'
-    dtypes. Triton: one streaming pass saves two fp32 log-sum-exps per query; the backward
-    recomputes the logits tile by tile (d query without atomics; d bank in a second sweep only
-    when the bank requires grad).
+    dtypes. Triton: one streaming pass over the bank (split into slot ranges across programs)
+    saves two fp32 log-sum-exps per query; the backward recomputes the logits tile by tile
+    (d query without atomics; d bank in a second sweep only when the bank requires grad).
+    Extra memory is O(N·D).
     """
     check_tensor("query", query, ndim=2, dtypes=INPUT_DTYPES)
     check_tensor("positive", positive, ndim=2, device=query.device)
