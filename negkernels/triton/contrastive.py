@@ -115,6 +115,15 @@ def _tile_sets(qid, bank_ids_ptr, cols, filled, FN_MODE: tl.constexpr):
 
 
 @triton.jit
+def _query_ids(query_ids_ptr, rows, row_ok, FN_MODE: tl.constexpr):
+    """The rows' ids; without ids the row numbers stand in (only their shape is used then)."""
+    if FN_MODE != 0:
+        return tl.load(query_ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        return rows.to(tl.int64)
+
+
+@triton.jit
 def _query_block(q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
                  NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr):
     """Loads a block of queries and positives → (q for the dot, q fp32, p fp32, |q|⁻¹, |p|⁻¹, |q|⁻¹/τ, positive logits)."""
@@ -152,9 +161,7 @@ def _bank_info_nce_fwd_kernel(
     q, qf, pf, inv_q, inv_p, row_scale, pos_logit = _query_block(
         q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
         NORMALIZE, DOT_FP32)
-    qid = rows
-    if FN_MODE != 0:
-        qid = tl.load(query_ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    qid = _query_ids(query_ids_ptr, rows, row_ok, FN_MODE)
 
     # Every split starts its maxima at the positive logit, so they are finite and no −inf − (−inf)
     # arises; only split 0 counts the positive (and the extras) in its sums.
@@ -262,9 +269,7 @@ def _bank_info_nce_bwd_query_kernel(
     q, qf, pf, inv_q, inv_p, row_scale, pos_logit = _query_block(
         q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
         NORMALIZE, DOT_FP32)
-    qid = rows
-    if FN_MODE != 0:
-        qid = tl.load(query_ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    qid = _query_ids(query_ids_ptr, rows, row_ok, FN_MODE)
     g = tl.load(grad_loss_ptr + rows, mask=row_ok, other=0.0)
     lse_all = tl.load(lse_all_ptr + rows, mask=row_ok, other=0.0)
     lse_pos = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
@@ -372,9 +377,7 @@ def _bank_info_nce_bwd_bank_kernel(
             inv_q = _inverse_norm(qf, NORMALIZE)
             row_scale = inv_q * inv_t
             logits = tl.dot(q, tl.trans(b), input_precision=PRECISION) * row_scale[:, None] * inv_b[None, :]
-            qid = rows
-            if FN_MODE != 0:
-                qid = tl.load(query_ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+            qid = _query_ids(query_ids_ptr, rows, row_ok, FN_MODE)
             usable, in_pos = _tile_sets(qid, bank_ids_ptr, cols, filled, FN_MODE)
             g = tl.load(grad_loss_ptr + rows, mask=row_ok, other=0.0)
             lse_all = tl.load(lse_all_ptr + rows, mask=row_ok, other=0.0)
