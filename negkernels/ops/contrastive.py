@@ -204,13 +204,12 @@ def bank_info_nce(
     (d query without atomics; d bank in a second sweep only when the bank requires grad).
     Extra memory is O(N·D).
     """
-    check_tensor("query", query, ndim=2, dtypes=INPUT_DTYPES)
+    _check_bank(query, bank)
     check_tensor("positive", positive, ndim=2, device=query.device)
     if positive.shape != query.shape:
         raise ValueError(f"positive: shape {tuple(positive.shape)} does not match query shape {tuple(query.shape)}")
     if positive.dtype != query.dtype:
         raise TypeError(f"positive: dtype {positive.dtype} does not match query dtype {query.dtype}")
-    _check_bank(query, bank)
     n, num_slots = query.shape[0], bank.shape[0]
     check_choice("false_negatives", false_negatives, FALSE_NEGATIVE_MODES + (None,))
     check_choice("reduction", reduction, REDUCTIONS)

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ..reference.contrastive import NORMALIZE_EPS
+from .logprobs import _num_sms
 
 _EPS = tl.constexpr(NORMALIZE_EPS)
 FALSE_NEGATIVE_CODES = {None: 0, "exclude": 1, "positive": 2}
@@ -487,18 +488,19 @@ MIN_TILES_PER_SPLIT = 4
 SLOT_TILE = 64
 
 
-def _bank_splits(row_blocks: int, slot_end: int, device: torch.device, interpret: bool) -> tuple[int, int]:
-    """(splits, slots per split): the bank is cut into contiguous, tile-aligned ranges so that
-    row blocks × splits programs fill the GPU (N = 4096 queries make only 32 row blocks of 128)."""
-    tiles = max(1, triton.cdiv(slot_end, SLOT_TILE))
+def _bank_splits(row_blocks: int, slot_end: int, device: torch.device, interpret: bool,
+                 tile: int = SLOT_TILE) -> tuple[int, int]:
+    """(splits, slots per split): the bank is cut into contiguous ranges of whole ``tile``-slot
+    tiles so that row blocks × splits programs fill the GPU (N = 4096 queries make only 32 row
+    blocks of 128)."""
+    tiles = max(1, triton.cdiv(slot_end, tile))
     if interpret or device.type != "cuda":
         splits = min(3, tiles)  # exercise the split and merge path on small shapes
     else:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        programs = 2 * torch.cuda.get_device_properties(index).multi_processor_count
+        programs = 2 * _num_sms(device)
         splits = max(1, min(triton.cdiv(programs, row_blocks), tiles // MIN_TILES_PER_SPLIT))
     per_split = triton.cdiv(tiles, splits)
-    return triton.cdiv(tiles, per_split), per_split * SLOT_TILE
+    return triton.cdiv(tiles, per_split), per_split * tile
 
 
 def _strides(x):
@@ -602,11 +604,8 @@ def bank_topk(query, bank, k: int, valid_mask, valid_count: int, normalize: bool
     block_k = max(SLOT_TILE, triton.next_power_of_2(k))
     block_n = _row_block(n, max(16, min(64, 4096 // block_k)))
     row_blocks = triton.cdiv(n, block_n)
-    # The split ranges must be whole tiles of this kernel's (possibly wider) tile.
     splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), query.device,
-                                       interpret)
-    split_slots = triton.cdiv(split_slots, block_k) * block_k
-    splits = max(1, triton.cdiv(_slot_end(num_slots, valid_mask, valid_count), split_slots))
+                                       interpret, tile=block_k)
     partial = torch.empty((splits, n, block_k), dtype=torch.int64, device=query.device)
     _bank_topk_kernel[(row_blocks, splits)](
         query, bank, valid_mask if valid_mask is not None else values, partial,
