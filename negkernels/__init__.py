@@ -14,12 +14,38 @@ from .ops.advantages import (
 )
 from .nn import MemoryBank, PolicyLoss
 from .ops.contrastive import bank_info_nce, bank_topk, mochi_negatives
+from .ops.kv import (
+    Evicted,
+    GlobalSelection,
+    attention_scores,
+    compact_kv,
+    compact_kv_,
+    evict,
+    key_norm_scores,
+    keydiff_scores,
+    retention_capacity_loss,
+    retention_mass,
+    retention_scores,
+    select_retained,
+)
 from .ops.logprobs import PolicyLossOutput, policy_loss, policy_loss_from_logits, token_logprobs
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",
+    "Evicted",
+    "GlobalSelection",
+    "attention_scores",
+    "compact_kv",
+    "compact_kv_",
+    "evict",
+    "key_norm_scores",
+    "keydiff_scores",
+    "retention_capacity_loss",
+    "retention_mass",
+    "retention_scores",
+    "select_retained",
     "MemoryBank",
     "bank_info_nce",
     "bank_topk",

@@ -1,0 +1,409 @@
+"""Triton kernels for KV-cache retention: TRIM-KV scores, per-head radix selection, compaction, and
+the training-side retention mass.
+
+* ``_retention_scores_kernel``: ``(step − pos)·log β (+ w·log‖k‖)`` elementwise, fp32 out.
+* ``_select_retained_kernel``: one program per (batch, head) row. The row's scores (loaded, or
+  computed on the fly from log β and positions in the fused ``evict``) are mapped to 32-bit
+  order-preserving keys. Four passes of 8-bit radix selection, each a histogram of the next digit
+  among the candidates that match the digits found so far, find the key T of the k-th best
+  unprotected token and how many of the tokens tied at T to keep. A last pass writes the kept
+  indices in position order with a running prefix sum: protected tokens, keys above T, and the
+  most recent of the ties at T. No sort, no host synchronisation, every output slot written.
+* ``_compact_kv_kernel``: gathers K and V rows and up to two per-token metadata rows at the kept
+  indices. The out-of-place form runs one program per (row, block of kept tokens, block of
+  head dims). The in-place form writes the prefix of the source buffers: kept index j ≥ j, so a
+  program that walks its row's blocks in order, loading a whole block before storing it (with a
+  barrier between), never overwrites a token it still has to read.
+* ``_retention_mass_fwd_kernel`` / ``_bwd_kernel``: Σ_{i≤t} β_i^{t−i} over causal tiles, skipping
+  the tiles above the diagonal and before the token's sequence start (packed sequences).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+# ----------------------------------------------------------------------------------- scores
+
+
+@triton.jit
+def _trim_kv_scores(lb_ptr, pos_ptr, step_ptr, step_value, b, h, offs, mask,
+                    stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                    STEP_PER_BATCH: tl.constexpr, POS_FLOAT: tl.constexpr):
+    lb = tl.load(lb_ptr + b * stride_lb_b + h * stride_lb_h + offs * stride_lb_s, mask=mask, other=0.0).to(tl.float32)
+    pos = tl.load(pos_ptr + b * stride_pos_b + h * stride_pos_h + offs * stride_pos_s, mask=mask, other=0)
+    if STEP_PER_BATCH:
+        step = tl.load(step_ptr + b)
+    else:
+        step = step_value
+    if POS_FLOAT:
+        age = step.to(tl.float32) - pos.to(tl.float32)
+    else:
+        age = (step.to(tl.int64) - pos.to(tl.int64)).to(tl.float32)  # exact integer age, then one rounding
+    return age * lb
+
+
+@triton.jit
+def _retention_scores_kernel(lb_ptr, pos_ptr, step_ptr, step_value, keys_ptr, out_ptr, heads, seq, dim,
+                             key_norm_weight,
+                             stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                             stride_k_b, stride_k_h, stride_k_s, stride_k_d,
+                             STEP_PER_BATCH: tl.constexpr, POS_FLOAT: tl.constexpr, HAS_KEYS: tl.constexpr,
+                             BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)
+    b = row // heads
+    h = row % heads
+    offs = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = offs < seq
+    scores = _trim_kv_scores(lb_ptr, pos_ptr, step_ptr, step_value, b, h, offs, mask,
+                             stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                             STEP_PER_BATCH, POS_FLOAT)
+    if HAS_KEYS:
+        sq = tl.zeros([BLOCK_S], tl.float32)
+        base = keys_ptr + b.to(tl.int64) * stride_k_b + h * stride_k_h + offs[:, None].to(tl.int64) * stride_k_s
+        for d0 in range(0, dim, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            k = tl.load(base + dims[None, :] * stride_k_d, mask=mask[:, None] & (dims[None, :] < dim), other=0.0)
+            k = k.to(tl.float32)
+            sq += tl.sum(k * k, axis=1)
+        scores += key_norm_weight * 0.5 * tl.log(sq)
+    tl.store(out_ptr + row.to(tl.int64) * seq + offs, scores, mask=mask)
+
+
+def retention_scores_fwd(log_beta, positions, step, keys, key_norm_weight):
+    """[B, H, S] fp32 scores; ``positions`` already expanded (stride 0 where broadcast)."""
+    b, h, s = log_beta.shape
+    out = torch.empty((b, h, s), device=log_beta.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    per_batch = isinstance(step, torch.Tensor)
+    has_keys = keys is not None and key_norm_weight != 0.0
+    kt = keys if has_keys else log_beta.new_empty((1, 1, 1, 1))
+    dim = keys.shape[-1] if has_keys else 1
+    block_s = 256
+    _retention_scores_kernel[(b * h, triton.cdiv(s, block_s))](
+        log_beta, positions, step if per_batch else out, 0 if per_batch else int(step), kt, out, h, s, dim,
+        float(key_norm_weight), *log_beta.stride(), *positions.stride(), *kt.stride(),
+        STEP_PER_BATCH=per_batch, POS_FLOAT=positions.is_floating_point() or (per_batch and step.is_floating_point()),
+        HAS_KEYS=has_keys, BLOCK_S=block_s, BLOCK_D=min(triton.next_power_of_2(dim), 64),
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------- selection
+
+
+@triton.jit
+def _ordered_key(x):
+    """fp32 → int64 in [0, 2^32) with the order of the floats; −0 = +0; every NaN the largest key."""
+    x = tl.where(x == 0.0, 0.0, x)
+    bits = x.to(tl.int32, bitcast=True).to(tl.int64)
+    key = tl.where(bits >= 0, bits + 2147483648, -1 - bits)
+    return tl.where(x != x, 4294967295, key)
+
+
+@triton.jit
+def _row_keys(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, offs, mask, seq,
+              stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+              FROM_LOG_BETA: tl.constexpr, STEP_PER_BATCH: tl.constexpr, POS_FLOAT: tl.constexpr):
+    if FROM_LOG_BETA:
+        scores = _trim_kv_scores(lb_ptr, pos_ptr, step_ptr, step_value, b, h, offs, mask,
+                                 stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                                 STEP_PER_BATCH, POS_FLOAT)
+    else:
+        scores = tl.load(scores_ptr + row.to(tl.int64) * seq + offs, mask=mask, other=0.0)
+    return _ordered_key(scores)
+
+
+@triton.jit
+def _select_retained_kernel(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, lengths_ptr, out_ptr,
+                            heads, seq, kept, sink, window,
+                            stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                            FROM_LOG_BETA: tl.constexpr, STEP_PER_BATCH: tl.constexpr, POS_FLOAT: tl.constexpr,
+                            HAS_LENGTHS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    b = row // heads
+    h = row % heads
+    lanes = tl.arange(0, BLOCK)
+    if HAS_LENGTHS:
+        length = tl.minimum(tl.maximum(tl.load(lengths_ptr + b).to(tl.int64), 0), seq)
+    else:
+        length = seq + tl.zeros([], tl.int64)
+    n_sink = tl.minimum(sink, length)
+    n_window = tl.minimum(window, length - n_sink)
+    total = tl.minimum(kept, length)
+    k = total - n_sink - n_window  # unprotected tokens still to choose (>= 0: kept >= sink + window)
+
+    # Radix select over 8-bit digits, most significant first: `prefix` holds the digits found,
+    # `need` how many of the candidates matching them are still to be taken.
+    prefix = tl.zeros([], tl.int64)
+    need = k
+    ties = tl.zeros([], tl.int64)
+    bins = tl.arange(0, 256)
+    for p in tl.static_range(4):
+        shift: tl.constexpr = 24 - 8 * p
+        hist = tl.zeros([256], tl.int32)
+        for start in range(0, seq, BLOCK):
+            offs = start + lanes
+            eligible = offs < length
+            key = _row_keys(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, offs, eligible, seq,
+                            stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                            FROM_LOG_BETA, STEP_PER_BATCH, POS_FLOAT)
+            candidate = eligible & (offs >= n_sink) & (offs < length - n_window)
+            if p > 0:
+                candidate = candidate & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+            digit = ((key >> shift) & 255).to(tl.int32)
+            hist += tl.histogram(digit, 256, mask=candidate)
+        # at_least[d] = number of candidates whose digit is >= d; take the largest d with enough.
+        at_least = tl.sum(hist) - tl.cumsum(hist, 0) + hist
+        digit = tl.max(tl.where(at_least >= need, bins, 0))
+        count_digit = tl.sum(tl.where(bins == digit, hist, 0))
+        above = tl.sum(tl.where(bins == digit, at_least, 0)) - count_digit
+        prefix = prefix | (digit.to(tl.int64) << shift)
+        need = need - above
+        ties = count_digit.to(tl.int64)
+    threshold = tl.where(k > 0, prefix, 4294967296)
+    # The `need` most recent of the `ties` tokens whose key equals the threshold are kept.
+    first_kept_tie = ties - need
+
+    written = tl.zeros([], tl.int64)
+    ties_seen = tl.zeros([], tl.int64)
+    out_row = out_ptr + row.to(tl.int64) * kept
+    for start in range(0, seq, BLOCK):
+        offs = start + lanes
+        eligible = offs < length
+        key = _row_keys(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, offs, eligible, seq,
+                        stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                        FROM_LOG_BETA, STEP_PER_BATCH, POS_FLOAT)
+        protected = eligible & ((offs < n_sink) | (offs >= length - n_window))
+        candidate = eligible & (offs >= n_sink) & (offs < length - n_window)
+        tie = candidate & (key == threshold)
+        tie_rank = ties_seen + tl.cumsum(tie.to(tl.int64), 0) - 1
+        keep = protected | (candidate & (key > threshold)) | (tie & (tie_rank >= first_kept_tie))
+        slot = written + tl.cumsum(keep.to(tl.int64), 0) - 1
+        tl.store(out_row + slot, offs.to(tl.int64), mask=keep)
+        written += tl.sum(keep.to(tl.int64))
+        ties_seen += tl.sum(tie.to(tl.int64))
+    for start in range(0, kept, BLOCK):
+        offs = start + lanes
+        tl.store(out_row + offs, tl.full([BLOCK], -1, tl.int64), mask=(offs >= written) & (offs < kept))
+
+
+def _select_launch(b, h, s, kept, sink, window, lengths, device, *, scores=None, log_beta=None, positions=None,
+                   step=None):
+    out = torch.empty((b, h, kept), device=device, dtype=torch.int64)
+    if b * h == 0 or kept == 0:
+        return out
+    from_lb = scores is None
+    per_batch = from_lb and isinstance(step, torch.Tensor)
+    dummy = out
+    lb = log_beta if from_lb else dummy
+    pos = positions if from_lb else dummy
+    lb_strides = log_beta.stride() if from_lb else (0, 0, 0)
+    pos_strides = positions.stride() if from_lb else (0, 0, 0)
+    pos_float = from_lb and (positions.is_floating_point() or (per_batch and step.is_floating_point()))
+    block = min(max(triton.next_power_of_2(s), 16), 4096)
+    _select_retained_kernel[(b * h,)](
+        scores if not from_lb else dummy, lb, pos, step if per_batch else dummy,
+        0 if per_batch or not from_lb else int(step), lengths if lengths is not None else dummy, out,
+        h, s, kept, sink, window, *lb_strides, *pos_strides,
+        FROM_LOG_BETA=from_lb, STEP_PER_BATCH=per_batch, POS_FLOAT=pos_float, HAS_LENGTHS=lengths is not None,
+        BLOCK=block, num_warps=16 if block >= 2048 else 4,
+    )
+    return out
+
+
+def select_retained_fwd(scores, budget, sink, window, lengths):
+    """Kept indices [B, H, min(budget, S)] int64 from fp32 scores [B, H, S] (contiguous)."""
+    b, h, s = scores.shape
+    return _select_launch(b, h, s, min(budget, s), sink, window, lengths, scores.device, scores=scores)
+
+
+def select_from_log_beta_fwd(log_beta, positions, step, budget, sink, window, lengths):
+    """The fused form: TRIM-KV scores computed inside the selection, never stored."""
+    b, h, s = log_beta.shape
+    return _select_launch(b, h, s, min(budget, s), sink, window, lengths, log_beta.device, log_beta=log_beta,
+                          positions=positions, step=step)
+
+
+# --------------------------------------------------------------------------------- compaction
+
+
+@triton.jit
+def _gather_block(src_ptr, dst_ptr, idx, used, j, dims, dim, stride_s, stride_d, dst_stride_s, dst_stride_d,
+                  IN_PLACE: tl.constexpr):
+    dmask = dims[None, :] < dim
+    vals = tl.load(src_ptr + idx[:, None] * stride_s + dims[None, :] * stride_d, mask=used[:, None] & dmask, other=0.0)
+    if IN_PLACE:
+        tl.debug_barrier()  # every lane has read its source before any lane overwrites the prefix
+    tl.store(dst_ptr + j[:, None] * dst_stride_s + dims[None, :] * dst_stride_d, vals, mask=(j[:, None] >= 0) & dmask)
+
+
+@triton.jit
+def _gather_meta(src_ptr, dst_ptr, idx, used, j, stride_s, dst_stride_s, IN_PLACE: tl.constexpr):
+    vals = tl.load(src_ptr + idx * stride_s, mask=used, other=0)
+    if IN_PLACE:
+        tl.debug_barrier()
+    tl.store(dst_ptr + j * dst_stride_s, vals, mask=j >= 0)
+
+
+@triton.jit
+def _compact_kv_kernel(idx_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, m0_ptr, om0_ptr, m1_ptr, om1_ptr,
+                       heads, kept, kept_per_program, dim_k, dim_v,
+                       s_kb, s_kh, s_ks, s_kd, s_vb, s_vh, s_vs, s_vd,
+                       s_okb, s_okh, s_oks, s_okd, s_ovb, s_ovh, s_ovs, s_ovd,
+                       s_m0b, s_m0h, s_m0s, s_om0b, s_om0h, s_om0s,
+                       s_m1b, s_m1h, s_m1s, s_om1b, s_om1h, s_om1s,
+                       HAS_KV: tl.constexpr, NUM_META: tl.constexpr, IN_PLACE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)
+    b = (row // heads).to(tl.int64)
+    h = (row % heads).to(tl.int64)
+    first = tl.program_id(1) * kept_per_program
+    dims = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    lanes = tl.arange(0, BLOCK_M)
+    for offset in range(0, kept_per_program, BLOCK_M):
+        j = first + offset + lanes
+        inside = j < kept
+        idx = tl.load(idx_ptr + row.to(tl.int64) * kept + j, mask=inside, other=-1)
+        used = idx >= 0
+        jj = tl.where(inside, j, -1).to(tl.int64)
+        if HAS_KV:
+            _gather_block(k_ptr + b * s_kb + h * s_kh, ok_ptr + b * s_okb + h * s_okh, idx, used, jj, dims, dim_k,
+                          s_ks, s_kd, s_oks, s_okd, IN_PLACE)
+            _gather_block(v_ptr + b * s_vb + h * s_vh, ov_ptr + b * s_ovb + h * s_ovh, idx, used, jj, dims, dim_v,
+                          s_vs, s_vd, s_ovs, s_ovd, IN_PLACE)
+        if NUM_META >= 1:
+            if tl.program_id(2) == 0:
+                _gather_meta(m0_ptr + b * s_m0b + h * s_m0h, om0_ptr + b * s_om0b + h * s_om0h, idx, used, jj,
+                             s_m0s, s_om0s, IN_PLACE)
+        if NUM_META >= 2:
+            if tl.program_id(2) == 0:
+                _gather_meta(m1_ptr + b * s_m1b + h * s_m1h, om1_ptr + b * s_om1b + h * s_om1h, idx, used, jj,
+                             s_m1s, s_om1s, IN_PLACE)
+
+
+def compact_kv_fwd(keys, values, indices, metas, outs, in_place: bool):
+    """Gather into ``outs`` = (keys_out, values_out, *meta_outs) (the prefixes of the sources when
+    ``in_place``). ``keys``/``values`` may be None (metadata only); ``metas`` are [B, H, S] views."""
+    b, h, kept = indices.shape
+    if b * h * kept == 0:
+        return
+    indices = indices.contiguous()
+    has_kv = keys is not None
+    dim_k, dim_v = (keys.shape[-1], values.shape[-1]) if has_kv else (1, 1)
+    dim = max(dim_k, dim_v)
+    block_d = min(triton.next_power_of_2(max(dim, 1)), 128)
+    block_m = 64 if block_d <= 64 else 32
+    if in_place:
+        kept_per_program, d_programs = kept, triton.cdiv(dim, block_d)
+    else:
+        kept_per_program, d_programs = block_m * 4, triton.cdiv(dim, block_d)
+    grid = (b * h, triton.cdiv(kept, kept_per_program), d_programs if has_kv else 1)
+    zeros4, zeros3 = (0, 0, 0, 0), (0, 0, 0)
+    kv = (keys, values, outs[0], outs[1]) if has_kv else (indices,) * 4
+    kv_strides = (*keys.stride(), *values.stride(), *outs[0].stride(), *outs[1].stride()) if has_kv else zeros4 * 4
+    meta_outs = outs[2:] if has_kv else outs
+    for first in range(0, max(len(metas), 1), 2):
+        pair = list(metas[first:first + 2])
+        pair_out = list(meta_outs[first:first + 2])
+        strides = []
+        for i in range(2):
+            if i < len(pair):
+                strides += [*pair[i].stride(), *pair_out[i].stride()]
+            else:
+                strides += [*zeros3, *zeros3]
+                pair.append(indices)
+                pair_out.append(indices)
+        launch_kv = has_kv and first == 0
+        _compact_kv_kernel[grid if launch_kv else (b * h, grid[1], 1)](
+            indices, *kv, pair[0], pair_out[0], pair[1], pair_out[1], h, kept, kept_per_program, dim_k, dim_v,
+            *kv_strides, *strides, HAS_KV=launch_kv, NUM_META=min(len(metas) - first, 2), IN_PLACE=in_place,
+            BLOCK_M=block_m, BLOCK_D=block_d,
+        )
+
+
+# ----------------------------------------------------------------------------- retention mass
+
+
+@triton.jit
+def _retention_mass_fwd_kernel(lb_ptr, starts_ptr, out_ptr, seq, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_in = t < seq
+    start_t = tl.load(starts_ptr + t, mask=t_in, other=seq)
+    lo = tl.load(starts_ptr + tl.program_id(1) * BLOCK_T)  # starts are non-decreasing
+    lo = lo - lo % BLOCK_I
+    hi = tl.minimum(tl.program_id(1) * BLOCK_T + BLOCK_T, seq)
+    acc = tl.zeros([BLOCK_T], tl.float32)
+    for i0 in range(lo, hi, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        lb = tl.load(lb_ptr + row * seq + i, mask=i < seq, other=0.0).to(tl.float32)
+        age = t[:, None] - i[None, :]
+        live = (age >= 0) & (i[None, :] >= start_t[:, None]) & t_in[:, None]
+        term = tl.exp2(tl.where(live, age.to(tl.float32), 0.0) * lb[None, :] * _LOG2E)
+        acc += tl.sum(tl.where(live, term, 0.0), axis=1)
+    tl.store(out_ptr + row * seq + t, acc, mask=t_in)
+
+
+@triton.jit
+def _retention_mass_bwd_kernel(lb_ptr, ends_ptr, grad_ptr, out_ptr, seq, BLOCK_T: tl.constexpr,
+                               BLOCK_I: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_in = i < seq
+    end_i = tl.load(ends_ptr + i, mask=i_in, other=0)
+    lb = tl.load(lb_ptr + row * seq + i, mask=i_in, other=0.0).to(tl.float32)
+    lo = tl.program_id(1) * BLOCK_I
+    hi = tl.load(ends_ptr + tl.minimum(lo + BLOCK_I, seq) - 1)  # ends are non-decreasing
+    acc = tl.zeros([BLOCK_I], tl.float32)
+    for t0 in range(lo, hi, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        g = tl.load(grad_ptr + row * seq + t, mask=t < seq, other=0.0)
+        age = t[None, :] - i[:, None]
+        live = (age >= 0) & (t[None, :] < end_i[:, None]) & i_in[:, None]
+        agef = tl.where(live, age.to(tl.float32), 0.0)
+        term = tl.exp2(agef * lb[:, None] * _LOG2E)
+        acc += tl.sum(tl.where(live, g[None, :] * agef * term, 0.0), axis=1)
+    tl.store(out_ptr + row * seq + i, acc, mask=i_in)
+
+
+def _sequence_bounds(seq: int, cu_seqlens, device):
+    pos = torch.arange(seq, device=device)
+    if cu_seqlens is None:
+        return torch.zeros(seq, dtype=torch.int64, device=device), torch.full((seq,), seq, dtype=torch.int64, device=device)
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    which = (torch.searchsorted(cu, pos, right=True) - 1).clamp(0, max(cu.numel() - 2, 0))
+    return cu[which].contiguous(), cu[which + 1].contiguous()
+
+
+_MASS_BLOCK = 64
+
+
+def retention_mass_fwd(log_beta_rows, cu_seqlens):
+    """[R, T] rows (contiguous) → fp32 mass [R, T]."""
+    r, t = log_beta_rows.shape
+    out = torch.empty((r, t), device=log_beta_rows.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    starts, _ = _sequence_bounds(t, cu_seqlens, log_beta_rows.device)
+    _retention_mass_fwd_kernel[(r, triton.cdiv(t, _MASS_BLOCK))](
+        log_beta_rows, starts, out, t, BLOCK_T=_MASS_BLOCK, BLOCK_I=_MASS_BLOCK, num_warps=4)
+    return out
+
+
+def retention_mass_bwd(log_beta_rows, cu_seqlens, grad_rows):
+    """d mass → d log β, fp32 [R, T]: Σ_{t≥i} g_t·(t−i)·β_i^{t−i}."""
+    r, t = log_beta_rows.shape
+    out = torch.empty((r, t), device=log_beta_rows.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    _, ends = _sequence_bounds(t, cu_seqlens, log_beta_rows.device)
+    _retention_mass_bwd_kernel[(r, triton.cdiv(t, _MASS_BLOCK))](
+        log_beta_rows, ends, grad_rows.float().contiguous(), out, t, BLOCK_T=_MASS_BLOCK, BLOCK_I=_MASS_BLOCK,
+        num_warps=4)
+    return out
