@@ -32,6 +32,16 @@ from .ops.logprobs import PolicyLossOutput, policy_loss, policy_loss_from_logits
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # RetentionCache subclasses a transformers class: import transformers only when it is asked for.
+    if name == "RetentionCache":
+        from .nn.retention_cache import RetentionCache
+
+        return RetentionCache
+    raise AttributeError(f"module 'negkernels' has no attribute {name!r}")
+
+
 __all__ = [
     "BackendUnavailable",
     "Evicted",
@@ -58,6 +68,7 @@ __all__ = [
     "has_cuda_ext",
     "PolicyLoss",
     "PolicyLossOutput",
+    "RetentionCache",
     "policy_loss",
     "policy_loss_from_logits",
     "token_logprobs",
