@@ -11,6 +11,7 @@ Nothing here reads a tensor on the host: shapes and budgets are Python ints, ``s
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -496,7 +497,8 @@ def evict(keys: Tensor, values: Tensor, log_beta: Tensor, positions: Tensor, ste
 
 
 def _rows(log_beta: Tensor) -> Tensor:
-    return log_beta.reshape(-1, log_beta.shape[-1]).contiguous()
+    rows = math.prod(log_beta.shape[:-1])
+    return log_beta.reshape(rows, log_beta.shape[-1]).contiguous()
 
 
 @torch.library.custom_op("negkernels::retention_mass_fwd", mutates_args=())
