@@ -81,6 +81,26 @@ def main(cuda_only: bool = False, device: str = "cuda") -> int:
         nk.bank_topk(q, bank, 70, bank_valid=199, backend=b)
         nk.bank_topk(q, bank, 5, bank_valid=torch.rand(203, device=dev) > 0.5, normalize=True, backend=b)
         ran.append(f"bank_topk/{b}")
+    scores = torch.randn(3, 5, 1001, device=dev)
+    keys = torch.randn(3, 5, 1001, 72, device=dev, dtype=torch.bfloat16)
+    log_beta = -torch.rand(3, 5, 1001, device=dev)
+    positions = torch.arange(1001, device=dev)
+    for b in available("select_retained"):
+        nk.select_retained(scores, 300, sink=4, window=16, lengths=torch.tensor([1001, 17, 0], device=dev), backend=b)
+        ran.append(f"select_retained/{b}")
+    for b in available("evict"):
+        nk.evict(keys, keys.flip(2), log_beta, positions, 1001, 257, sink=1, window=7, backend=b)
+        nk.evict(keys, keys, log_beta, positions, torch.tensor([1001, 1500, 2000], device=dev), 99,
+                 lengths=torch.tensor([1001, 40, 99], device=dev), key_norm_weight=0.5, backend=b)
+        ran.append(f"evict/{b}")
+    for b in available("compact_kv"):
+        indices = nk.select_retained(scores, 500)
+        nk.compact_kv_(keys.clone(), keys.clone(), indices, log_beta.clone(), backend=b)
+        ran.append(f"compact_kv_/{b}")
+    for b in available("retention_mass"):
+        lb = log_beta[0].clone().requires_grad_()
+        nk.retention_mass(lb, torch.tensor([0, 300, 1001], device=dev), backend=b).sum().backward()
+        ran.append(f"retention_mass/{b}")
     if dev.type == "cuda":
         torch.cuda.synchronize()
     print("ran:", ", ".join(ran))

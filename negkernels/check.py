@@ -8,6 +8,7 @@ import torch
 from ._backend import available_backends
 from ._testing import old_logp_off_edges
 from .ops.contrastive import BANK_INFO_NCE_BACKENDS, BANK_TOPK_BACKENDS
+from .ops.kv import EVICT_BACKENDS, RETENTION_MASS_BACKENDS, SELECT_RETAINED_BACKENDS
 from .ops.advantages import DISCRIMINATIVE_LOSS_BACKENDS, GROUP_ADVANTAGES_BACKENDS
 from .ops.logprobs import POLICY_LOSS_BACKENDS, POLICY_LOSS_FROM_LOGITS_BACKENDS, TOKEN_LOGPROBS_BACKENDS
 from .reference.contrastive import bank_info_nce_reference, bank_topk_reference
@@ -174,7 +175,54 @@ def _contrastive_checks(device):
         yield "bank_topk", config, run
 
 
+def _kv_checks(device):
+    import negkernels as nk
+    from .reference.kv import retention_mass_reference, retention_scores_reference, select_retained_reference
+
+    big = device.type == "cuda"
+    b, h, s, d = (4, 8, 5000, 128) if big else (2, 3, 301, 16)
+    for config, (budget, sink, window, with_lengths) in {
+        "budget/sink/window": (s // 5, 4, 16, False),
+        "lengths/ties": (s // 3, 0, 8, True),
+    }.items():
+        def run(backend, budget=budget, sink=sink, window=window, with_lengths=with_lengths):
+            scores = torch.randint(-50, 50, (b, h, s), device=device).float()
+            lengths = torch.randint(0, s + 1, (b,), device=device) if with_lengths else None
+            out = nk.select_retained(scores, budget, sink=sink, window=window, lengths=lengths, backend=backend)
+            return out, select_retained_reference(scores.double(), budget, sink, window, lengths)
+        yield "select_retained", config, run
+
+    def run_evict(backend):
+        keys = torch.randn(b, h, s, d, device=device, dtype=torch.bfloat16)
+        values = torch.randn(b, h, s, d, device=device, dtype=torch.bfloat16)
+        log_beta = -torch.rand(b, h, s, device=device) * 0.1
+        positions = torch.randint(0, 2 * s, (b, h, s), device=device)
+        kept = nk.evict(keys, values, log_beta, positions, 2 * s, s // 4, sink=2, window=8, backend=backend)
+        indices = select_retained_reference(retention_scores_reference(log_beta.double(), positions, 2 * s),
+                                            s // 4, 2, 8)
+        gather = indices.clamp_min(0)[..., None].expand(b, h, indices.shape[-1], d)
+        expected = torch.cat([indices.reshape(-1).double(), keys.gather(2, gather).reshape(-1).double()])
+        return torch.cat([kept.indices.reshape(-1).double(), kept.keys.reshape(-1).double()]), expected
+    yield "evict", "trim_kv/sink/window", run_evict
+
+    for config, packed in {"one sequence": False, "packed": True}.items():
+        def run(backend, packed=packed):
+            t = 3000 if big else 200
+            lb = (-torch.rand(3, t, device=device) * 0.05).requires_grad_()
+            cu = torch.tensor([0, t // 3, t // 3, t], device=device) if packed else None
+            mass = nk.retention_mass(lb, cu, backend=backend)
+            (g,) = torch.autograd.grad(mass.sum(), lb)
+            lb64 = lb.detach().double().requires_grad_()
+            ref = retention_mass_reference(lb64, cu)
+            (g64,) = torch.autograd.grad(ref.sum(), lb64)
+            return torch.cat([mass.reshape(-1), g.reshape(-1)]), torch.cat([ref.reshape(-1), g64.reshape(-1)])
+        yield "retention_mass", config, run
+
+
 OP_BACKENDS = {
+    "select_retained": SELECT_RETAINED_BACKENDS,
+    "evict": EVICT_BACKENDS,
+    "retention_mass": RETENTION_MASS_BACKENDS,
     "bank_info_nce": BANK_INFO_NCE_BACKENDS,
     "bank_topk": BANK_TOPK_BACKENDS,
     "group_advantages": GROUP_ADVANTAGES_BACKENDS,
@@ -189,7 +237,7 @@ def run_checks(device: torch.device | None = None, verbose: bool = True) -> int:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
     for source in (_advantage_checks, _discriminative_checks, _logprobs_checks, _policy_loss_checks, _from_logits_checks,
-                   _contrastive_checks):
+                   _contrastive_checks, _kv_checks):
         for op, config, fn in source(device):
             backends = [b for b in available_backends(device, op=op) if b in OP_BACKENDS[op]]
             for backend in backends:
