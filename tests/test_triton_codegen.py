@@ -191,6 +191,47 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
 )
 
 
+KV_SCRIPT = PRELUDE + textwrap.dedent(
+    """
+    from negkernels.triton import kv
+
+    def compile_kv(kernel, constexprs, num_warps=4, int_type="i32", **pointers):
+        ints = {name for name in kernel.arg_names if not name.endswith("_ptr") and not name.isupper()
+                and name != "key_norm_weight"}
+        base = {name: "*fp32" for name in kernel.arg_names if name.endswith("_ptr")}
+        base.update(pointers)
+        compile_variant(kernel, constexprs, num_warps, base, ints, int_type)
+
+    count = 0
+    for lb, pos, per_batch, keys in (("bf16", "*i32", False, False), ("fp32", "*i64", True, True),
+                                     ("fp16", "*fp32", True, False)):
+        compile_kv(kv._retention_scores_kernel,
+                   dict(STEP_PER_BATCH=per_batch, POS_FLOAT=pos == "*fp32", HAS_KEYS=keys, BLOCK_S=256, BLOCK_D=64),
+                   lb_ptr=f"*{lb}", pos_ptr=pos, step_ptr="*i64", keys_ptr="*bf16")
+        count += 1
+    for from_lb, per_batch, pos, lengths, block, warps, int_type in (
+            (False, False, "*i64", False, 4096, 16, "i32"), (True, False, "*i32", True, 4096, 16, "i32"),
+            (True, True, "*fp32", False, 16, 4, "i32"), (True, True, "*i64", True, 2048, 16, "i64")):
+        compile_kv(kv._select_retained_kernel,
+                   dict(FROM_LOG_BETA=from_lb, STEP_PER_BATCH=per_batch, POS_FLOAT=pos == "*fp32",
+                        HAS_LENGTHS=lengths, BLOCK=block), warps, int_type,
+                   lb_ptr="*bf16", pos_ptr=pos, step_ptr="*i64", lengths_ptr="*i32", out_ptr="*i64")
+        count += 1
+    for has_kv, num_meta, in_place, int_type in ((True, 2, False, "i32"), (True, 0, True, "i32"),
+                                                 (False, 1, True, "i64"), (True, 2, True, "i64")):
+        compile_kv(kv._compact_kv_kernel,
+                   dict(HAS_KV=has_kv, NUM_META=num_meta, IN_PLACE=in_place, BLOCK_M=32, BLOCK_D=128), 4, int_type,
+                   idx_ptr="*i64", k_ptr="*bf16", v_ptr="*bf16", ok_ptr="*bf16", ov_ptr="*bf16",
+                   m1_ptr="*i64", om1_ptr="*i64")
+        count += 1
+    for lb in ("fp32", "bf16"):
+        compile_kv(kv._retention_mass_fwd_kernel, dict(BLOCK_T=64, BLOCK_I=64), 4, lb_ptr=f"*{lb}", starts_ptr="*i64")
+        compile_kv(kv._retention_mass_bwd_kernel, dict(BLOCK_T=64, BLOCK_I=64), 4, lb_ptr=f"*{lb}", ends_ptr="*i64")
+        count += 2
+    print("compiled", count)
+    """
+)
+
 def _compile_in_subprocess(script: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -209,3 +250,7 @@ def test_every_logprobs_kernel_variant_compiles_for_sm90():
 
 def test_every_contrastive_kernel_variant_compiles_for_sm90():
     assert "compiled 25" in _compile_in_subprocess(CONTRASTIVE_SCRIPT)
+
+
+def test_every_kv_kernel_variant_compiles_for_sm90():
+    assert "compiled 15" in _compile_in_subprocess(KV_SCRIPT)

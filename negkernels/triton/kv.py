@@ -145,7 +145,6 @@ def _select_retained_kernel(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, l
     ties = tl.zeros([], tl.int64)
     bins = tl.arange(0, 256)
     for p in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * p
         hist = tl.zeros([256], tl.int32)
         for start in range(0, seq, BLOCK):
             offs = start + lanes
@@ -155,15 +154,15 @@ def _select_retained_kernel(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, l
                             FROM_LOG_BETA, STEP_PER_BATCH, POS_FLOAT)
             candidate = eligible & (offs >= n_sink) & (offs < length - n_window)
             if p > 0:
-                candidate = candidate & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-            digit = ((key >> shift) & 255).to(tl.int32)
-            hist += tl.histogram(digit, 256, mask=candidate)
+                candidate = candidate & ((key >> (32 - 8 * p)) == (prefix >> (32 - 8 * p)))
+            digits = ((key >> (24 - 8 * p)) & 255).to(tl.int32)
+            hist += tl.histogram(digits, 256, mask=candidate)
         # at_least[d] = number of candidates whose digit is >= d; take the largest d with enough.
         at_least = tl.sum(hist) - tl.cumsum(hist, 0) + hist
         digit = tl.max(tl.where(at_least >= need, bins, 0))
         count_digit = tl.sum(tl.where(bins == digit, hist, 0))
         above = tl.sum(tl.where(bins == digit, at_least, 0)) - count_digit
-        prefix = prefix | (digit.to(tl.int64) << shift)
+        prefix = prefix | (digit.to(tl.int64) << (24 - 8 * p))
         need = need - above
         ties = count_digit.to(tl.int64)
     threshold = tl.where(k > 0, prefix, 4294967296)
