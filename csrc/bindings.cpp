@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "advantages.h"
+#include "kv.h"
 #include "logprobs.h"
 
 namespace negkernels {
@@ -187,7 +188,85 @@ std::tuple<at::Tensor, at::Tensor> policy_loss(
   return {partial, grad};
 }
 
-std::vector<std::string> implemented_ops() { return {"group_advantages", "policy_loss"}; }
+int index_kind(const at::Tensor& t, const char* name, bool allow_float) {
+  switch (t.scalar_type()) {
+    case at::kInt: return kIndexI32;
+    case at::kLong: return kIndexI64;
+    case at::kFloat:
+      if (allow_float) return kIndexF32;
+      break;
+    case at::kDouble:
+      if (allow_float) return kIndexF64;
+      break;
+    default: break;
+  }
+  TORCH_CHECK(false, name, ": expected ", allow_float ? "an int32/int64/float32/float64" : "an int32/int64", " tensor, got ",
+              t.scalar_type());
+  return 0;
+}
+
+at::Tensor select_retained(const std::optional<at::Tensor>& scores, const std::optional<at::Tensor>& log_beta,
+                           const std::optional<at::Tensor>& positions, const std::optional<at::Tensor>& step,
+                           int64_t step_value, int64_t budget, int64_t sink, int64_t window,
+                           const std::optional<at::Tensor>& lengths, int64_t stream) {
+  TORCH_CHECK(scores.has_value() != log_beta.has_value(), "scores / log_beta: give exactly one of them");
+  const at::Tensor& rows = scores.has_value() ? *scores : *log_beta;
+  const char* rows_name = scores.has_value() ? "scores" : "log_beta";
+  TORCH_CHECK(rows.is_cuda(), rows_name, ": the CUDA kernel needs a CUDA tensor, got ", rows.device());
+  TORCH_CHECK(rows.dim() == 3, rows_name, ": expected [B, H, S], got shape ", rows.sizes());
+  TORCH_CHECK(budget >= 0, "budget: must be >= 0, got ", budget);
+  TORCH_CHECK(sink >= 0 && window >= 0 && sink + window <= budget, "sink + window: ", sink, " + ", window,
+              " must be >= 0 and <= budget ", budget);
+  const int64_t b = rows.size(0), h = rows.size(1), s = rows.size(2);
+  SelectRetainedArgs a;
+  if (scores.has_value()) {
+    TORCH_CHECK(scores->scalar_type() == at::kFloat && scores->is_contiguous(), "scores: expected a contiguous float32 tensor");
+    a.scores = scores->data_ptr<float>();
+  } else {
+    a.log_beta = log_beta->data_ptr();
+    a.log_beta_dtype = value_dtype_code(*log_beta, "log_beta");
+    a.lb_stride_b = log_beta->stride(0);
+    a.lb_stride_h = log_beta->stride(1);
+    a.lb_stride_s = log_beta->stride(2);
+    TORCH_CHECK(positions.has_value(), "positions: required with log_beta");
+    TORCH_CHECK(positions->device() == rows.device() && positions->dim() == 3 && positions->size(0) == b &&
+                    positions->size(1) == h && positions->size(2) == s,
+                "positions: expected a [", b, ", ", h, ", ", s, "] tensor (broadcast views allowed) on ", rows.device());
+    a.positions = positions->data_ptr();
+    a.positions_kind = index_kind(*positions, "positions", true);
+    a.pos_stride_b = positions->stride(0);
+    a.pos_stride_h = positions->stride(1);
+    a.pos_stride_s = positions->stride(2);
+    if (step.has_value()) {
+      TORCH_CHECK(step->device() == rows.device() && step->dim() == 1 && step->size(0) == b && step->is_contiguous(),
+                  "step: expected a contiguous [", b, "] tensor on ", rows.device());
+      a.step = step->data_ptr();
+      a.step_kind = index_kind(*step, "step", true);
+    }
+    a.step_value = step_value;
+  }
+  if (lengths.has_value()) {
+    TORCH_CHECK(lengths->device() == rows.device() && lengths->dim() == 1 && lengths->size(0) == b &&
+                    lengths->is_contiguous(),
+                "lengths: expected a contiguous [", b, "] tensor on ", rows.device());
+    a.lengths = lengths->data_ptr();
+    a.lengths_kind = index_kind(*lengths, "lengths", false);
+  }
+  const int64_t kept = budget < s ? budget : s;
+  at::Tensor out = at::empty({b, h, kept}, rows.options().dtype(at::kLong));
+  a.out = out.data_ptr<int64_t>();
+  a.rows = b * h;
+  a.heads = h > 0 ? h : 1;
+  a.seq = s;
+  a.kept = kept;
+  a.sink = sink;
+  a.window = window;
+  a.device = rows.get_device();
+  check_launch(launch_select_retained(a, reinterpret_cast<void*>(stream)), "select_retained kernel launch");
+  return out;
+}
+
+std::vector<std::string> implemented_ops() { return {"group_advantages", "policy_loss", "select_retained", "evict"}; }
 
 }  // namespace
 }  // namespace negkernels
@@ -206,6 +285,13 @@ TORCH_LIBRARY(negkernels_cuda, m) {
       "float delta, float dual_clip, float tau_pos, float tau_neg, float npo_beta, float kl_coef, float is_hi, "
       "float is_lo, float norm_constant, bool compute_grad, int stream) -> (Tensor, Tensor)",
       &negkernels::policy_loss);
+}
+
+TORCH_LIBRARY_FRAGMENT(negkernels_cuda, m) {
+  m.def(
+      "select_retained(Tensor? scores, Tensor? log_beta, Tensor? positions, Tensor? step, int step_value, int budget, "
+      "int sink, int window, Tensor? lengths, int stream) -> Tensor",
+      &negkernels::select_retained);
 }
 
 PYBIND11_MODULE(_negkernels_cuda, m) {

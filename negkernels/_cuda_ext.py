@@ -201,3 +201,14 @@ def policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_s
         tau_pos, tau_neg, npo_beta, kl_coef, is_threshold, is_threshold_low, norm_constant, compute_grad,
         torch.cuda.current_stream(logp.device).cuda_stream,
     )
+
+
+def select_retained(scores, log_beta, positions, step, budget, sink, window, lengths):
+    """The CUDA radix-select kernel: kept indices [B, H, min(budget, S)] from fp32 ``scores`` or, fused,
+    from ``log_beta``, ``positions`` (broadcast view) and ``step`` (int or [B] tensor)."""
+    load()  # registers torch.ops.negkernels_cuda
+    device = (scores if scores is not None else log_beta).device
+    step_tensor = step if isinstance(step, torch.Tensor) else None
+    return torch.ops.negkernels_cuda.select_retained(
+        scores, log_beta, positions, step_tensor, 0 if step is None or step_tensor is not None else int(step), budget,
+        sink, window, lengths, torch.cuda.current_stream(device).cuda_stream)

@@ -101,3 +101,22 @@ def test_extension_checks_policy_loss_arguments(extension):
         op(x, x, torch.randn(2, device="cuda"), None, None, None, None, denom, **{**scalars, "seq_len": 4})
     with pytest.raises(RuntimeError, match="ref_logp"):
         op(x, x, torch.randn(2, device="cuda"), None, None, None, None, denom, **{**scalars, "kl_estimator": 2})
+
+
+@pytest.mark.slow
+def test_extension_checks_select_retained_arguments(extension):
+    assert {"select_retained", "evict"} <= set(extension.implemented_ops())
+    op = torch.ops.negkernels_cuda.select_retained
+    with pytest.raises(RuntimeError, match="scores: the CUDA kernel needs a CUDA tensor"):
+        op(torch.randn(2, 3, 10), None, None, None, 0, 4, 0, 0, None, 0)
+    with pytest.raises(RuntimeError, match="give exactly one"):
+        op(None, None, None, None, 0, 4, 0, 0, None, 0)
+    if not torch.cuda.is_available():
+        return
+    scores = torch.randn(2, 3, 10, device="cuda")
+    with pytest.raises(RuntimeError, match="sink \\+ window"):
+        op(scores, None, None, None, 0, 4, 3, 2, None, 0)
+    with pytest.raises(RuntimeError, match="lengths"):
+        op(scores, None, None, None, 0, 4, 0, 0, torch.ones(3, dtype=torch.long, device="cuda"), 0)
+    with pytest.raises(RuntimeError, match="positions"):
+        op(None, scores, None, None, 7, 4, 0, 0, None, 0)
