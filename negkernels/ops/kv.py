@@ -176,9 +176,7 @@ def retention_scores(log_beta: Tensor, positions: Tensor, step, *, keys: Optiona
         if tuple(keys.shape[:3]) != (b, h, s):
             raise ValueError(f"keys: shape {tuple(keys.shape)} does not match log_beta's [B, H, S] = {(b, h, s)}")
     chosen = resolve_backend(backend, device, "retention_scores", RETENTION_SCORES_BACKENDS)
-    if chosen == "reference" or log_beta.dtype == torch.float64:
-        if chosen != "reference":
-            chosen = "reference"  # fp64 is the oracle's precision: it runs in PyTorch
+    if chosen == "reference" or log_beta.dtype == torch.float64:  # fp64 is the oracle's precision: PyTorch
         return retention_scores_reference(log_beta, positions, step, keys, key_norm_weight)
     step_tensor = step if isinstance(step, Tensor) else None
     return _retention_scores_op(log_beta, positions, step_tensor, 0 if step_tensor is not None else step,
