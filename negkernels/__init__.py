@@ -28,7 +28,14 @@ from .ops.kv import (
     retention_scores,
     select_retained,
 )
-from .ops.logprobs import PolicyLossOutput, policy_loss, policy_loss_from_logits, token_logprobs
+from .ops.logprobs import (
+    PolicyLossOutput,
+    linear_policy_loss,
+    linear_token_logprobs,
+    policy_loss,
+    policy_loss_from_logits,
+    token_logprobs,
+)
 
 __version__ = "0.1.0"
 
@@ -68,6 +75,8 @@ __all__ = [
     "has_cuda_ext",
     "PolicyLoss",
     "PolicyLossOutput",
+    "linear_policy_loss",
+    "linear_token_logprobs",
     "RetentionCache",
     "policy_loss",
     "policy_loss_from_logits",

@@ -1,4 +1,5 @@
-"""Batch statistics across ranks (gloo, 2 CPU processes) equal the single-process result."""
+"""Across ranks (gloo, 2 CPU processes): batch statistics, vocab-parallel logits and LM heads, data-parallel
+normalisers and the memory bank equal the single-process result."""
 
 import os
 import tempfile
@@ -131,6 +132,82 @@ def test_vocab_parallel_logprobs_and_data_parallel_policy_loss():
         torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]]).double(), y64.grad, rtol=1e-4, atol=1e-7)
         for p in parts:
             torch.testing.assert_close(p[2].double(), whole.entropy.detach(), rtol=1e-5, atol=1e-6)
+
+
+def _tensor_parallel_lm_head_worker(rank, init_file, hidden, weight, bias, targets, old, adv, mask, g_logp, g_ent,
+                                    cut, backends, results):
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        group = dist.group.WORLD
+        mine = slice(0, cut) if rank == 0 else slice(cut, weight.shape[0])  # uneven vocabulary shards
+        out = {}
+        for backend in backends:
+            h = hidden.clone().requires_grad_()
+            w, b = weight[mine].clone().requires_grad_(), bias[mine].clone().requires_grad_()
+            logp, ent = nk.linear_token_logprobs(h, w, targets, bias=b, return_entropy=True, temperature=0.9,
+                                                 chunk_size=4, process_group=group, backend=backend)
+            (logp * g_logp + ent * g_ent).sum().backward()
+            out[("logprobs", backend)] = (logp.detach(), ent.detach(), h.grad, w.grad, b.grad)
+            h = hidden.clone().requires_grad_()
+            w, b = weight[mine].clone().requires_grad_(), bias[mine].clone().requires_grad_()
+            res = nk.linear_policy_loss(h, w, targets, old, adv, mask, bias=b, return_entropy=True, entropy_coef=0.02,
+                                        chunk_size=4, process_group=group, backend=backend)
+            res.loss.backward()
+            out[("loss", backend)] = (res.loss.detach(), res.entropy, h.grad, w.grad, b.grad)
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_tensor_parallel_lm_head_equals_single_process():
+    b, t, h, v, cut = 3, 5, 12, 41, 17
+    hidden = torch.randn(b, t, h)
+    weight = torch.randn(v, h) / h ** 0.5 * 2
+    bias = torch.randn(v) * 0.5
+    targets = torch.randint(0, v, (b, t))
+    targets[0, :2] = torch.tensor([cut - 1, cut])  # ids on both sides of the shard boundary
+    old = torch.randn(b, t) * 0.3 - 3
+    adv = torch.randn(b)
+    mask = torch.rand(b, t) > 0.2
+    g_logp, g_ent = torch.randn(b, t), torch.randn(b, t)
+    backends = [x for x in ("reference", "triton") if x in nk.available_backends("cpu")]
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = mp.Manager()
+        results = manager.dict()
+        mp.start_processes(_tensor_parallel_lm_head_worker,
+                           args=(os.path.join(tmp, "store"), hidden, weight, bias, targets, old, adv, mask, g_logp,
+                                 g_ent, cut, backends, results),
+                           nprocs=WORLD, join=True, start_method="spawn")
+        results = dict(results)
+    h64, w64, b64 = (x.double().requires_grad_() for x in (hidden, weight, bias))
+    logp, ent = nk.linear_token_logprobs(h64, w64, targets, bias=b64, return_entropy=True, temperature=0.9,
+                                         backend="reference")
+    (logp * g_logp.double() + ent * g_ent.double()).sum().backward()
+    single = {"logprobs": (logp.detach(), ent.detach(), h64.grad, w64.grad, b64.grad)}
+    h64, w64, b64 = (x.double().requires_grad_() for x in (hidden, weight, bias))
+    whole = nk.linear_policy_loss(h64, w64, targets, old.double(), adv.double(), mask, bias=b64, return_entropy=True,
+                                  entropy_coef=0.02, backend="reference")
+    whole.loss.backward()
+    single["loss"] = (whole.loss.detach(), whole.entropy, h64.grad, w64.grad, b64.grad)
+
+    def close(a, b, what):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-5 * max(b.abs().max().item(), 1e-3),
+                                   msg=lambda m: f"{what}: {m}")
+
+    for backend in backends:
+        for kind, want in single.items():
+            for rank in range(WORLD):
+                got = results[rank][(kind, backend)]
+                # Every rank holds the whole result and the whole d hidden.
+                for name, a, b in zip(("value", "entropy", "d hidden"), got[:3], want[:3]):
+                    close(a, b, f"{backend} {kind} rank {rank} {name}")
+            # The shards' d weight and d bias are the slices of the single-process ones.
+            for i, name in ((3, "d weight"), (4, "d bias")):
+                close(torch.cat([results[r][(kind, backend)][i] for r in range(WORLD)]), want[i],
+                      f"{backend} {kind} {name}")
 
 
 def _memory_bank_worker(rank, init_file, keys, ids, masks, results):

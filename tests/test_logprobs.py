@@ -27,7 +27,7 @@ def oracle_logprobs(logits, targets, temperature=1.0):
     logp_all = z - lse
     logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     p = logp_all.exp()
-    entropy = -(torch.where(p > 0, p * logp_all, 0.0)).sum(-1)
+    entropy = -(torch.where(p == 0, 0.0, p * logp_all)).sum(-1)
     return logp, entropy
 
 
@@ -111,8 +111,9 @@ def test_token_logprobs_degenerate_and_nan(backend):
     assert empty.shape == (0,)
     logits = torch.randn(3, 9)
     logits[1, 4] = float("nan")
-    logp = nk.token_logprobs(logits, torch.tensor([0, 0, 0]), backend=backend)
+    logp, entropy = nk.token_logprobs(logits, torch.tensor([0, 0, 0]), return_entropy=True, backend=backend)
     assert torch.isnan(logp[1]) and torch.isfinite(logp[[0, 2]]).all()
+    assert torch.isnan(entropy[1]) and torch.isfinite(entropy[[0, 2]]).all()
 
 
 def test_token_logprobs_bad_input():

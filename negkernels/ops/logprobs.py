@@ -1,13 +1,16 @@
 """Token log-probs, entropy and policy losses: public API, custom ops and autograd.
 
-Layering: :func:`token_logprobs`, :func:`policy_loss`, :func:`policy_loss_from_logits` (validation,
-normalisers, process groups) → the custom ops ``negkernels::token_logprobs_fwd`` / ``_bwd``,
-``negkernels::policy_loss`` and ``negkernels::policy_loss_from_logits`` (fake + autograd + backend
-routing) → the Triton or CUDA launchers. The ``reference`` backend is plain differentiable PyTorch.
+Layering: :func:`token_logprobs`, :func:`policy_loss`, :func:`policy_loss_from_logits`,
+:func:`linear_token_logprobs`, :func:`linear_policy_loss` (validation, normalisers, process
+groups) → the custom ops ``negkernels::token_logprobs_fwd`` / ``_bwd``, ``negkernels::policy_loss``,
+``negkernels::policy_loss_from_logits``, ``negkernels::linear_token_logprobs_fwd`` / ``_bwd`` and
+``negkernels::linear_policy_loss`` (fake + autograd + backend routing) → the Triton or CUDA
+launchers. The ``reference`` backend is plain differentiable PyTorch.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -21,6 +24,8 @@ from ..reference.logprobs import (
     KL_ESTIMATORS,
     LOSS_TYPES,
     POLICY_LOSS_PARTIALS,
+    linear_logits_reference,
+    linear_token_logprobs_reference,
     policy_loss_reference,
     token_logprobs_grad_reference,
     token_logprobs_partials_reference,
@@ -147,39 +152,47 @@ def _token_logprobs_backward(ctx, grad_logp, grad_entropy, grad_lse):
 _token_logprobs_fwd_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup)
 
 
+def _combine_vocab_partials(logp_r: Tensor, ent_r: Tensor, lse_r: Tensor, targets: Tensor, vocab_start: int,
+                            local_vocab: int, group) -> tuple[Tensor, Tensor, Tensor]:
+    """Each rank's slice statistics (log p_t or 0, H_r, lse_r) → the global (log p_t, H, lse) on every rank.
+
+    lse = log Σ_r e^{lse_r}; log p_t = z_t − lse; H = Σ_r w_r·(H_r − log w_r) with w_r = e^{lse_r − lse}
+    (no large terms cancel). Three all-reduces of [N]-sized tensors.
+    """
+    import torch.distributed as dist
+
+    lse_max = lse_r.clone()
+    dist.all_reduce(lse_max, op=dist.ReduceOp.MAX, group=group)
+    shift = torch.where(torch.isfinite(lse_max), lse_max, torch.zeros_like(lse_max))
+    local = targets.long() - vocab_start
+    owned = (local >= 0) & (local < local_vocab)
+    z_t = torch.where(owned, logp_r + lse_r, torch.zeros_like(lse_r))
+    stacked = torch.stack([torch.exp(lse_r - shift), z_t])
+    dist.all_reduce(stacked, group=group)
+    lse = shift + torch.log(stacked[0])
+    logp = stacked[1] - lse
+    w = torch.exp(lse_r - lse)
+    entropy = torch.where(w > 0, w * (ent_r - torch.log(w)), torch.zeros_like(w))
+    dist.all_reduce(entropy, group=group)
+    return logp, entropy, lse
+
+
 class _VocabParallelTokenLogprobs(torch.autograd.Function):
     """Each rank holds logits for the vocabulary slice [vocab_start, vocab_start + V_r).
 
-    Forward: per-slice (log p_t or 0, H_r, lse_r), then all-reduces: lse = log Σ_r e^{lse_r};
-    log p_t = z_t − lse; H = Σ_r w_r·(H_r − log w_r) with w_r = e^{lse_r − lse} (no large terms
-    cancel). Backward: every rank's slice gradient from the global lse and H; no communication.
+    Forward: per-slice (log p_t or 0, H_r, lse_r), combined by :func:`_combine_vocab_partials`.
+    Backward: every rank's slice gradient from the global lse and H; no communication.
     """
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, vocab_start, vocab_total, with_entropy, group, backend):
-        import torch.distributed as dist
-
         if backend == "reference":
             logp_r, ent_r, lse_r = token_logprobs_partials_reference(logits, targets, temperature, vocab_start)
         else:
             logp_r, ent_r, lse_r = _token_logprobs_fwd_op(logits, targets, temperature, vocab_start, vocab_total, True,
                                                           False)
-        lse_max = lse_r.clone()
-        dist.all_reduce(lse_max, op=dist.ReduceOp.MAX, group=group)
-        shift = torch.where(torch.isfinite(lse_max), lse_max, torch.zeros_like(lse_max))
-        weight = torch.exp(lse_r - shift)
-        total = weight.clone()
-        local = targets.long() - vocab_start
-        owned = (local >= 0) & (local < logits.shape[-1])
-        z_t = torch.where(owned, logp_r + lse_r, torch.zeros_like(lse_r))
-        stacked = torch.stack([total, z_t])
-        dist.all_reduce(stacked, group=group)
-        lse = shift + torch.log(stacked[0])
-        logp = stacked[1] - lse
-        w = torch.exp(lse_r - lse)
-        ent_terms = torch.where(w > 0, w * (ent_r - torch.log(w)), torch.zeros_like(w))
-        dist.all_reduce(ent_terms, group=group)
-        entropy = ent_terms
+        logp, entropy, lse = _combine_vocab_partials(logp_r, ent_r, lse_r, targets, vocab_start, logits.shape[-1],
+                                                     group)
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.args = (temperature, vocab_start, backend)
         ctx.with_entropy = with_entropy
@@ -481,7 +494,7 @@ def _policy_options(loss_type, clip_low, clip_high, dual_clip, delta, sapo_tau_p
     if norm_constant is None:
         if aggregation == "seq-mean-token-sum-norm" and packed:
             raise ValueError("norm_constant: required for aggregation='seq-mean-token-sum-norm' with cu_seqlens")
-        norm_constant = float(logp.shape[-1]) if not packed else 1.0
+        norm_constant = float(max(logp.shape[-1], 1)) if not packed else 1.0  # T = 0: no tokens, any value
     norm_constant = check_finite_float("norm_constant", norm_constant, minimum=0.0, exclusive=True)
     return dict(loss_type=loss_type, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, delta=delta,
                 sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, npo_beta=npo_beta, kl_coef=kl_coef,
@@ -716,6 +729,14 @@ def _(logits, targets, *rest):
             logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32), grad)
 
 
+def _is_eager_one(grad: Tensor) -> bool:
+    """True for an eager incoming gradient equal to 1 (one host read); False while tracing, where
+    the value is unknown and the gradient is always scaled."""
+    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
+        return False
+    return float(grad) == 1.0
+
+
 def _from_logits_setup(ctx, inputs, output):
     ctx.save_for_backward(output[4])
     ctx.mark_non_differentiable(*output[1:])
@@ -725,7 +746,7 @@ def _from_logits_backward(ctx, grad_loss, *unused):
     (grad,) = ctx.saved_tensors
     # The forward wrote d loss / d logits for an incoming gradient of 1, the usual case when the
     # loss ends the graph; only another scale costs a pass over the gradient.
-    if torch.compiler.is_compiling() or float(grad_loss) != 1.0:
+    if not _is_eager_one(grad_loss):
         grad = grad * grad_loss.to(grad.dtype)
     return grad, *([None] * 22)
 
@@ -819,19 +840,9 @@ def policy_loss_from_logits(
         got = token_logprobs(logits, targets, temperature=temperature, return_entropy=want_entropy,
                              inplace_backward=inplace_backward, validate=False, backend=tl_backend)
         logp, entropy = got if want_entropy else (got, None)
-        out = policy_loss(logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens, max_seqlen=max_len if packed else None,
-                          ref_logp=ref_logp, is_weights=is_weights, cispo_two_sided=cispo_two_sided,
-                          num_tokens=denom, num_sequences=denom, process_group=process_group,
-                          backend=chosen if chosen == "reference" else "triton", **opts)
-        loss = out.loss
-        mean_entropy = None
-        if want_entropy:
-            weight = _token_weights(aggregation, mask, old_logp, cu_seqlens, denom, opts["norm_constant"], counts)
-            if entropy_coef != 0.0:
-                loss = loss - entropy_coef * (weight.to(entropy.dtype) * entropy.reshape(-1)).sum()
-            mean_entropy = _masked_mean(entropy.detach(), mask, process_group)
-        return out._replace(loss=loss, entropy=mean_entropy if return_entropy else None, token_logp=logp.detach(),
-                            token_entropy=entropy.detach() if return_entropy else None)
+        return _loss_from_token_logprobs(logp, entropy, old_logp, advantages, mask, cu_seqlens, max_len, ref_logp,
+                                         is_weights, cispo_two_sided, denom, counts, opts, entropy_coef,
+                                         return_entropy, process_group, chosen if chosen == "reference" else "triton")
 
     weight = _token_weights(aggregation, mask, old_logp, cu_seqlens, denom, opts["norm_constant"], counts)
     use_kl = ref_logp is not None
@@ -848,6 +859,11 @@ def policy_loss_from_logits(
         opts["sapo_tau_neg"], opts["kl_coef"] if use_kl else 0.0, entropy_coef, opts["is_threshold"],
         opts["is_threshold_low"], *(() if inplace else (compute_grad,)),
     )
+    return _fused_output(loss, sums, logp, entropy, targets, return_entropy, process_group)
+
+
+def _fused_output(loss, sums, logp, entropy, targets, return_entropy, process_group) -> PolicyLossOutput:
+    """The fused kernels' per-token outputs and column sums → :class:`PolicyLossOutput`."""
     sums = _sum_over_ranks(sums, process_group)
     count = sums[0].clamp_min(1.0)
     metrics = sums[1:7] / count
@@ -857,9 +873,445 @@ def policy_loss_from_logits(
                             token_logp=logp, token_entropy=entropy if return_entropy else None)
 
 
+def _loss_from_token_logprobs(logp, entropy, old_logp, advantages, mask, cu_seqlens, max_len, ref_logp, is_weights,
+                              cispo_two_sided, denom, counts, opts, entropy_coef, return_entropy, process_group,
+                              backend) -> PolicyLossOutput:
+    """The unfused second half: differentiable token log-probs (and entropies) → :func:`policy_loss`,
+    minus entropy_coef·H aggregated like the loss."""
+    packed = cu_seqlens is not None
+    out = policy_loss(logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens, max_seqlen=max_len if packed else None,
+                      ref_logp=ref_logp, is_weights=is_weights, cispo_two_sided=cispo_two_sided, num_tokens=denom,
+                      num_sequences=denom, process_group=process_group, backend=backend, **opts)
+    loss = out.loss
+    mean_entropy = None
+    if entropy is not None:
+        if entropy_coef != 0.0:
+            weight = _token_weights(opts["aggregation"], mask, old_logp, cu_seqlens, denom, opts["norm_constant"],
+                                    counts)
+            loss = loss - entropy_coef * (weight.to(entropy.dtype) * entropy.reshape(-1)).sum()
+        mean_entropy = _masked_mean(entropy.detach(), mask, process_group)
+    return out._replace(loss=loss, entropy=mean_entropy if return_entropy else None, token_logp=logp.detach(),
+                        token_entropy=entropy.detach() if return_entropy and entropy is not None else None)
+
+
 def _masked_mean(x: Tensor, mask: Optional[Tensor], process_group) -> Tensor:
     x = x.reshape(-1)
     x = x if x.dtype == torch.float64 else x.float()
     m = (mask.reshape(-1) != 0) if mask is not None else torch.ones_like(x, dtype=torch.bool)
     sums = _sum_over_ranks(torch.stack([torch.where(m, x, 0.0).sum(), m.sum().to(x.dtype)]), process_group)
     return sums[0] / sums[1].clamp_min(1.0)
+
+
+# ============================================================================ fused with the LM head
+
+LINEAR_BACKENDS = ("reference", "triton")
+
+
+def _logits_dtype(hidden: Tensor, fp32_lm_head: bool) -> torch.dtype:
+    return torch.float32 if fp32_lm_head else hidden.dtype
+
+
+def _empty_like_or_none(x: Optional[Tensor], needed: bool, like: Tensor) -> Tensor:
+    return torch.empty_like(x if x is not None else like, memory_format=torch.contiguous_format) if needed \
+        else like.new_empty((0,))
+
+
+@torch.library.custom_op("negkernels::linear_token_logprobs_fwd", mutates_args=())
+def _linear_token_logprobs_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                                  temperature: float, vocab_start: int, vocab_total: int, with_entropy: bool,
+                                  fp32_lm_head: bool, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """hidden [N, H], weight [V, H] (the vocabulary slice [vocab_start, vocab_start + V) of
+    vocab_total ids) → (logp [N], entropy [N] or [0], lse [N]) of that slice, fp32."""
+    from ..triton.logprobs import linear_token_logprobs_fwd
+
+    return linear_token_logprobs_fwd(hidden, weight, bias, targets, temperature, vocab_start, vocab_total,
+                                     with_entropy, _logits_dtype(hidden, fp32_lm_head), chunk_size)
+
+
+@_linear_token_logprobs_fwd_op.register_fake
+def _(hidden, weight, bias, targets, temperature, vocab_start, vocab_total, with_entropy, fp32_lm_head, chunk_size):
+    n = hidden.shape[0]
+    out = hidden.new_empty((n,), dtype=torch.float32)
+    return out, hidden.new_empty((n if with_entropy else 0,), dtype=torch.float32), out.clone()
+
+
+@torch.library.custom_op("negkernels::linear_token_logprobs_bwd", mutates_args=())
+def _linear_token_logprobs_bwd_op(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor,
+                                  weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
+                                  entropy: Optional[Tensor], temperature: float, vocab_start: int, fp32_lm_head: bool,
+                                  chunk_size: int, need_hidden: bool, need_weight: bool,
+                                  need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(d hidden [N, H], d weight [V, H], d bias [V]), each [0] when not needed, in the inputs' dtypes."""
+    from ..triton.logprobs import linear_token_logprobs_bwd
+
+    return linear_token_logprobs_bwd(
+        grad_logp.contiguous() if grad_logp is not None else None,
+        grad_entropy.contiguous() if grad_entropy is not None else None, hidden, weight, bias, targets, lse, entropy,
+        temperature, vocab_start, _logits_dtype(hidden, fp32_lm_head), chunk_size, need_hidden, need_weight,
+        need_bias and bias is not None)
+
+
+@_linear_token_logprobs_bwd_op.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, vocab_start, fp32_lm_head,
+      chunk_size, need_hidden, need_weight, need_bias):
+    return (_empty_like_or_none(hidden, need_hidden, hidden), _empty_like_or_none(weight, need_weight, weight),
+            _empty_like_or_none(bias, need_bias and bias is not None, weight))
+
+
+def _linear_logprobs_setup(ctx, inputs, output):
+    hidden, weight, bias, targets, temperature, vocab_start, vocab_total, with_entropy, fp32_lm_head, chunk = inputs
+    logp, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if with_entropy else None)
+    ctx.args = (temperature, vocab_start, fp32_lm_head, chunk)
+    ctx.mark_non_differentiable(lse)
+
+
+def _linear_logprobs_backward(ctx, grad_logp, grad_entropy, grad_lse):
+    hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dh, dw, db = _linear_token_logprobs_bwd_op(grad_logp, grad_entropy if entropy is not None else None, hidden, weight,
+                                               bias, targets, lse, entropy, *ctx.args, need[0], need[1],
+                                               bias is not None and need[2])
+    return (dh if need[0] else None, dw if need[1] else None, db if bias is not None and need[2] else None,
+            *([None] * 7))
+
+
+_linear_token_logprobs_fwd_op.register_autograd(_linear_logprobs_backward, setup_context=_linear_logprobs_setup)
+
+
+class _VocabParallelLinearTokenLogprobs(torch.autograd.Function):
+    """Rank r holds the LM-head rows [vocab_start, vocab_start + V_r) and the full (replicated)
+    hidden states. Forward: the slice's statistics, combined by :func:`_combine_vocab_partials`.
+    Backward: the slice's d weight and d bias locally; d hidden summed over the ranks."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, vocab_start, vocab_total, with_entropy, fp32_lm_head,
+                chunk, group):
+        logp_r, ent_r, lse_r = _linear_token_logprobs_fwd_op(hidden, weight, bias, targets, temperature, vocab_start,
+                                                             vocab_total, True, fp32_lm_head, chunk)
+        logp, entropy, lse = _combine_vocab_partials(logp_r, ent_r, lse_r, targets, vocab_start, weight.shape[0], group)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.args = (temperature, vocab_start, fp32_lm_head, chunk)
+        ctx.with_entropy, ctx.group = with_entropy, group
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        import torch.distributed as dist
+
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_bias = bias is not None and need[2]
+        dh, dw, db = _linear_token_logprobs_bwd_op(grad_logp, grad_entropy if ctx.with_entropy else None, hidden,
+                                                   weight, bias, targets, lse, entropy, *ctx.args, need[0], need[1],
+                                                   need_bias)
+        if need[0]:
+            dist.all_reduce(dh, group=ctx.group)
+        return (dh if need[0] else None, dw if need[1] else None, db if need_bias else None, *([None] * 8))
+
+
+class _ReplicatedInput(torch.autograd.Function):
+    """Identity whose backward sums the gradient over the ranks: the input feeds every rank's shard."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _check_linear_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                         leading: tuple[int, ...] | None = None) -> None:
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
+    if leading is not None:
+        if hidden.dim() not in leading:
+            want = " or ".join({2: "[N, H]", 3: "[B, T, H]"}[d] for d in leading)
+            raise ValueError(f"hidden: expected {want}, got shape {tuple(hidden.shape)}")
+    elif hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden: expected [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
+    check_tensor("weight", weight, ndim=2, device=hidden.device)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: dtype {weight.dtype} must equal hidden's {hidden.dtype}")
+    if weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: expected [V, H] with V >= 1 and H = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, device=hidden.device)
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias: dtype {bias.dtype} must equal hidden's {hidden.dtype}")
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias: expected [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    check_tensor("targets", targets, dtypes=INDEX_DTYPES, device=hidden.device)
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets: shape {tuple(targets.shape)} must equal hidden.shape[:-1] = "
+                         f"{tuple(hidden.shape[:-1])}")
+
+
+def _linear_backend(backend, hidden: Tensor, op: str) -> str:
+    chosen = resolve_backend(backend, hidden.device, op, LINEAR_BACKENDS)
+    if chosen != "reference" and hidden.dtype == torch.float64:
+        if backend is not None:
+            raise TypeError("hidden: float64 inputs run on backend='reference' only")
+        chosen = "reference"
+    return chosen
+
+
+def _token_rows(hidden: Tensor) -> Tensor:
+    """[..., H] → [N, H] (a view when possible; math.prod keeps N = 0 with H = 0 well defined)."""
+    return hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])
+
+
+def _chunk_arg(chunk_size) -> int:
+    return 0 if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    fp32_lm_head: bool = False,
+    chunk_size: Optional[int] = None,
+    process_group=None,
+    validate: bool = True,
+    backend: Optional[str] = None,
+):
+    """Log-probs (and entropies) of the targets under the LM head, without the logits ever existing.
+
+    Args:
+        hidden: [N, H] or [B, T, H] fp16/bf16/fp32 (fp64 on the reference backend), the last
+            hidden states.
+        weight: [V, H] the LM head, same dtype; with ``process_group``, this rank's contiguous
+            slice of the vocabulary (rank order).
+        targets: ``hidden.shape[:-1]`` int32/int64 ids in [0, V) (global ids with ``process_group``).
+        bias: optional [V], same dtype.
+        temperature: T > 0; the distribution is softmax(z) with z = (hidden·weightᵀ + bias) / T.
+        return_entropy: also return H = −Σ_j p_j log p_j.
+        fp32_lm_head: keep the logits in fp32 (the half-precision products accumulate in fp32
+            either way; this drops the rounding of each logit to bf16/fp16, e.g. to match a rollout
+            engine that computes its LM head in fp32). The gradient matmuls stay in the inputs'
+            dtype with fp32 accumulation.
+        chunk_size: tokens per chunk (default: the most whose logits fit in 512 MiB).
+        process_group: tensor-parallel LM head sharded over V; every rank passes the same
+            ``hidden`` and gets the single-process results; d hidden is summed over the ranks.
+        validate: check the target range on the host (one synchronisation).
+        backend: ``None`` (automatic), ``"reference"`` or ``"triton"``.
+
+    Returns:
+        logp [targets.shape] fp32 = z_t − log Σ_j e^{z_j} (and entropy [targets.shape] fp32),
+        differentiable in ``hidden``, ``weight`` and ``bias``; gradients in the inputs' dtype:
+        with G = d loss / d logits (see :func:`token_logprobs`), d hidden = G·weight,
+        d weight = Gᵀ·hidden, d bias = Σ_tokens G.
+
+    The Triton backend computes the logits of one chunk of tokens at a time with cuBLAS into a
+    reused buffer and streams it through the token log-prob kernel, keeping only each row's
+    log-sum-exp; the backward recomputes the chunk, writes its gradient over it and multiplies it
+    out (d hidden per chunk, d weight accumulated over chunks in the weight's dtype).
+    """
+    _check_linear_inputs(hidden, weight, bias, targets)
+    temperature = check_finite_float("temperature", temperature, minimum=0.0, exclusive=True)
+    chunk = _chunk_arg(chunk_size)
+    chosen = _linear_backend(backend, hidden, "linear_token_logprobs")
+    vocab_start, vocab = (0, weight.shape[0]) if process_group is None else _global_vocab(weight.shape[0],
+                                                                                          process_group)
+    if validate:
+        _check_target_range(targets, vocab)
+    if chosen == "reference":
+        if process_group is None:
+            return linear_token_logprobs_reference(hidden, weight, targets, bias, temperature, return_entropy,
+                                                   fp32_lm_head)
+        logits = linear_logits_reference(_ReplicatedInput.apply(hidden, process_group), weight, bias, fp32_lm_head)
+        return token_logprobs(logits, targets, temperature=temperature, return_entropy=return_entropy,
+                              process_group=process_group, validate=False, backend="reference")
+    h = _token_rows(hidden)
+    t = targets.reshape(-1).contiguous()
+    if process_group is not None:
+        logp, entropy = _VocabParallelLinearTokenLogprobs.apply(h, weight, bias, t, temperature, vocab_start, vocab,
+                                                                return_entropy, fp32_lm_head, chunk, process_group)
+    else:
+        logp, entropy, _ = _linear_token_logprobs_fwd_op(h, weight, bias, t, temperature, 0, vocab, return_entropy,
+                                                         fp32_lm_head, chunk)
+    logp = logp.view(targets.shape)
+    return (logp, entropy.view(targets.shape)) if return_entropy else logp
+
+
+@torch.library.custom_op("negkernels::linear_policy_loss", mutates_args=())
+def _linear_policy_loss_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old_logp: Tensor, advantages: Tensor,
+    token_weight: Tensor, ref_logp: Optional[Tensor], is_weights: Optional[Tensor], temperature: float,
+    loss_type: str, kl_estimator: str, is_mode: str, clip_low: float, clip_high: float, delta: Optional[float],
+    dual_clip: Optional[float], cispo_two_sided: bool, tau_pos: float, tau_neg: float, kl_coef: float,
+    entropy_coef: float, is_threshold: float, is_threshold_low: float, fp32_lm_head: bool, chunk_size: int,
+    need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(Σ weight·(ℓ − entropy_coef·H), sums of [count, low, high, dual, approx-kl, ratio, kl, entropy],
+    logp [N], entropy [N], d hidden, d weight, d bias for an incoming gradient of 1 (each [0] when
+    not needed))."""
+    from ..triton.logprobs import linear_policy_loss_fwd
+
+    logp, entropy, terms, dh, dw, db = linear_policy_loss_fwd(
+        hidden, weight, bias, targets, old_logp, advantages, token_weight, ref_logp, is_weights,
+        logits_dtype=_logits_dtype(hidden, fp32_lm_head), chunk_size=chunk_size, need_hidden=need_hidden,
+        need_weight=need_weight, need_bias=need_bias and bias is not None, temperature=temperature,
+        loss_type=loss_type, kl_estimator=kl_estimator or None, is_mode=is_mode, clip_low=clip_low,
+        clip_high=clip_high, delta=delta, dual_clip=dual_clip, cispo_two_sided=cispo_two_sided, tau_pos=tau_pos,
+        tau_neg=tau_neg, kl_coef=kl_coef, entropy_coef=entropy_coef, is_threshold=is_threshold,
+        is_threshold_low=is_threshold_low)
+    # Fixed-order column sums of per-token terms: deterministic loss and metrics.
+    sums = terms.sum(0)
+    return sums[0].clone(), sums[1:].clone(), logp, entropy, dh, dw, db
+
+
+@_linear_policy_loss_op.register_fake
+def _(hidden, weight, bias, targets, *rest):
+    need_hidden, need_weight, need_bias = rest[-3:]
+    n = hidden.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return (hidden.new_empty((), **f32), hidden.new_empty((8,), **f32), hidden.new_empty((n,), **f32),
+            hidden.new_empty((n,), **f32), _empty_like_or_none(hidden, need_hidden, hidden),
+            _empty_like_or_none(weight, need_weight, weight),
+            _empty_like_or_none(bias, need_bias and bias is not None, weight))
+
+
+def _linear_policy_loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[4:])
+    ctx.has_bias = inputs[2] is not None
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _linear_policy_loss_backward(ctx, grad_loss, *unused):
+    grads = list(ctx.saved_tensors)
+    need = ctx.needs_input_grad
+    # The forward produced the gradients for an incoming gradient of 1, the usual case when the
+    # loss ends the graph; only another scale costs a pass over them.
+    if not _is_eager_one(grad_loss):
+        grads = [g * grad_loss.to(g.dtype) if g.numel() else g for g in grads]
+    dh, dw, db = grads
+    return (dh if need[0] else None, dw if need[1] else None, db if ctx.has_bias and need[2] else None,
+            *([None] * 26))
+
+
+_linear_policy_loss_op.register_autograd(_linear_policy_loss_backward, setup_context=_linear_policy_loss_setup)
+
+
+def linear_policy_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    old_logp: Tensor,
+    advantages: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    fp32_lm_head: bool = False,
+    return_entropy: bool = False,
+    entropy_coef: float = 0.0,
+    cu_seqlens: Optional[Tensor] = None,
+    max_seqlen: Optional[int] = None,
+    ref_logp: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    loss_type: str = "ppo",
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: Optional[float] = None,
+    delta: Optional[float] = None,
+    cispo_two_sided: bool = False,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    npo_beta: float = 0.1,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    is_mode: str = "truncate",
+    is_threshold: float = 2.0,
+    is_threshold_low: Optional[float] = None,
+    aggregation: str = "token-mean",
+    norm_constant: Optional[float] = None,
+    num_tokens=None,
+    num_sequences=None,
+    process_group=None,
+    data_parallel_group=None,
+    chunk_size: Optional[int] = None,
+    validate: bool = True,
+    backend: Optional[str] = None,
+) -> PolicyLossOutput:
+    """End to end from the last hidden states: LM head → log-probs (+ entropy) → :func:`policy_loss`,
+    fused so that the [tokens, V] logits never exist in memory.
+
+    ``hidden`` [B, T, H] (or packed [N, H] with ``cu_seqlens``), ``weight`` [V, H] and optional
+    ``bias`` [V] in one float dtype; ``targets`` ``hidden.shape[:-1]`` ids; logp = log
+    softmax((hidden·weightᵀ + bias) / temperature)[targets]. ``fp32_lm_head`` and ``chunk_size`` as
+    in :func:`linear_token_logprobs`; every loss option, ``entropy_coef`` and the returned
+    :class:`PolicyLossOutput` as in :func:`policy_loss_from_logits`. Gradients flow to ``hidden``,
+    ``weight`` and ``bias`` (in their dtype).
+
+    ``process_group``: a tensor-parallel LM head, ``weight`` (and ``bias``) sharded over the
+    vocabulary in rank order, the same tokens on every rank; results equal the single-process
+    ones. ``data_parallel_group``: the group whose ranks hold different tokens, over which the
+    loss normalisers and metrics are summed (``process_group`` of :func:`policy_loss`).
+
+    For the token-local losses (ppo, cispo, sapo, gpg) without ``process_group``, the Triton
+    backend computes each chunk's logits, their log-sum-exp, the loss and the logits' gradient in
+    one sweep, then d hidden and d weight, all during the forward; the backward only rescales
+    them when the incoming gradient is not 1. Peak extra memory: d weight, d hidden and one
+    chunk of logits (512 MiB by default). The sequence-level losses (gspo, npo) and
+    ``process_group`` run :func:`linear_token_logprobs` then :func:`policy_loss` (the backward
+    recomputes the logits).
+    """
+    packed = cu_seqlens is not None
+    _check_linear_inputs(hidden, weight, bias, targets, leading=(2,) if packed else (3,))
+    temperature = check_finite_float("temperature", temperature, minimum=0.0, exclusive=True)
+    entropy_coef = check_finite_float("entropy_coef", entropy_coef)
+    chunk = _chunk_arg(chunk_size)
+    check_tensor("old_logp", old_logp, dtypes=FLOAT_DTYPES, device=hidden.device)
+    if old_logp.shape != targets.shape:
+        raise ValueError(f"old_logp: shape {tuple(old_logp.shape)} must equal targets' {tuple(targets.shape)}")
+    num_seq, seq_len, max_len, per_token = _check_policy_inputs(old_logp, old_logp, advantages, mask, cu_seqlens,
+                                                                max_seqlen, ref_logp, is_weights, loss_type)
+    opts = _policy_options(loss_type, clip_low, clip_high, dual_clip, delta, sapo_tau_pos, sapo_tau_neg, npo_beta,
+                           kl_coef, kl_estimator, is_mode, is_threshold, is_threshold_low, aggregation, norm_constant,
+                           ref_logp, old_logp, packed)
+    chosen = _linear_backend(backend, hidden, "linear_policy_loss")
+    want_entropy = return_entropy or entropy_coef != 0.0
+    counts = _sequence_counts(mask, old_logp, cu_seqlens) if aggregation.startswith("seq-mean") else None
+    denom = _normaliser(aggregation, mask, old_logp, cu_seqlens, num_tokens, num_sequences, data_parallel_group,
+                        counts)
+
+    if chosen == "reference" or loss_type not in TOKEN_LOCAL_LOSSES or process_group is not None:
+        got = linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                    return_entropy=want_entropy, fp32_lm_head=fp32_lm_head, chunk_size=chunk_size,
+                                    process_group=process_group, validate=validate, backend=chosen)
+        logp, entropy = got if want_entropy else (got, None)
+        return _loss_from_token_logprobs(logp, entropy, old_logp, advantages, mask, cu_seqlens, max_len, ref_logp,
+                                         is_weights, cispo_two_sided, denom, counts, opts, entropy_coef,
+                                         return_entropy, data_parallel_group,
+                                         chosen if chosen == "reference" else "triton")
+
+    if validate:
+        _check_target_range(targets, weight.shape[0])
+    token_weight = _token_weights(aggregation, mask, old_logp, cu_seqlens, denom, opts["norm_constant"], counts)
+    use_kl = ref_logp is not None
+    grad_on = torch.is_grad_enabled()
+    need = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+            grad_on and bias is not None and bias.requires_grad)
+    loss, sums, logp, entropy, *_ = _linear_policy_loss_op(
+        _token_rows(hidden), weight, bias, targets.reshape(-1).contiguous(), _flat(old_logp).float(),
+        _per_token_values(advantages, per_token.get("advantages", False), targets, cu_seqlens), token_weight,
+        _flat(ref_logp).float() if use_kl else None,
+        _per_token_values(is_weights, per_token.get("is_weights", False), targets, cu_seqlens),
+        temperature, loss_type, opts["kl_estimator"] if use_kl else "", opts["is_mode"], opts["clip_low"],
+        opts["clip_high"], opts["delta"], opts["dual_clip"], cispo_two_sided, opts["sapo_tau_pos"],
+        opts["sapo_tau_neg"], opts["kl_coef"] if use_kl else 0.0, entropy_coef, opts["is_threshold"],
+        opts["is_threshold_low"], fp32_lm_head, chunk, *need,
+    )
+    return _fused_output(loss, sums, logp, entropy, targets, return_entropy, data_parallel_group)

@@ -7,7 +7,13 @@ from .advantages import (
     group_discriminative_loss_reference,
 )
 from .contrastive import bank_info_nce_reference, bank_topk_reference
-from .logprobs import kl_penalty, policy_loss_reference, token_logprobs_reference
+from .logprobs import (
+    kl_penalty,
+    linear_logits_reference,
+    linear_token_logprobs_reference,
+    policy_loss_reference,
+    token_logprobs_reference,
+)
 
 __all__ = [
     "bank_info_nce_reference",
@@ -17,6 +23,8 @@ __all__ = [
     "group_advantages_reference",
     "group_discriminative_loss_reference",
     "kl_penalty",
+    "linear_logits_reference",
+    "linear_token_logprobs_reference",
     "policy_loss_reference",
     "token_logprobs_reference",
 ]

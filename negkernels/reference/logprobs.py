@@ -44,9 +44,29 @@ def token_logprobs_reference(logits: Tensor, targets: Tensor, temperature: float
     if not return_entropy:
         return logp
     p = logsm.exp()
-    # 0·log 0 = 0 for tokens whose logit is −inf.
-    entropy = -torch.where(p > 0, p * logsm, torch.zeros_like(p)).sum(-1)
+    # 0·log 0 = 0 for tokens whose logit is −inf; NaN stays NaN.
+    entropy = -torch.where(p == 0, torch.zeros_like(p), p * logsm).sum(-1)
     return logp, entropy
+
+
+def linear_logits_reference(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                            fp32_lm_head: bool = False) -> Tensor:
+    """The LM head: hidden [..., H] @ weight[V, H]ᵀ (+ bias) → logits [..., V], differentiable.
+
+    ``fp32_lm_head``: in fp32 (float64 inputs stay float64); otherwise in the inputs' dtype.
+    """
+    if fp32_lm_head and hidden.dtype != torch.float64:
+        hidden, weight = hidden.float(), weight.float()
+        bias = bias.float() if bias is not None else None
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+def linear_token_logprobs_reference(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
+                                    temperature: float = 1.0, return_entropy: bool = False,
+                                    fp32_lm_head: bool = False):
+    """log softmax((hidden @ weightᵀ + bias) / T)[target] (and the entropy), materialising the logits."""
+    logits = linear_logits_reference(hidden, weight, bias, fp32_lm_head)
+    return token_logprobs_reference(logits, targets, temperature, return_entropy)
 
 
 def token_logprobs_partials_reference(logits: Tensor, targets: Tensor, temperature: float, vocab_start: int):
@@ -78,7 +98,7 @@ def token_logprobs_grad_reference(grad_logp: Optional[Tensor], grad_entropy: Opt
             g = g + grad_logp.unsqueeze(-1).to(z.dtype) * (onehot - p)
         if grad_entropy is not None:
             h = entropy.unsqueeze(-1).to(z.dtype)
-            g = g - grad_entropy.unsqueeze(-1).to(z.dtype) * torch.where(p > 0, p * (logp_all + h), 0.0)
+            g = g - grad_entropy.unsqueeze(-1).to(z.dtype) * torch.where(p == 0, 0.0, p * (logp_all + h))
         return (g / temperature).to(logits.dtype)
 
 

@@ -584,3 +584,182 @@ def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, 
         COMPUTE_GRAD=compute_grad, BLOCK_V=block, num_warps=FUSED_NUM_WARPS if block >= 8192 else _num_warps(block),
     )
     return logp, entropy, terms
+
+
+# ----------------------------------------------------------------------------- fused linear (LM head)
+#
+# The logits of a chunk of tokens are computed by cuBLAS into one reused [C, V] buffer, the Triton
+# row kernels above turn them into log-probs / losses and write the logits' gradient over that
+# buffer, and two more cuBLAS products turn the gradient chunk into d hidden (written once per
+# token) and d weight (accumulated over chunks). Peak extra memory is the buffer, d weight and
+# d hidden; the full [N, V] logits never exist. The matmuls are where the time goes (3·2·N·H·V
+# flops), so they stay on cuBLAS; what is fused is everything between them.
+
+LINEAR_WORKSPACE_BYTES = 512 * 2**20  # the chunk buffers' budget
+_MM_OUT_DTYPE = {"checked": False, "ok": False}
+
+
+def linear_chunk_rows(rows: int, n_vocab: int, bytes_per_logit: int, chunk_size: int = 0) -> int:
+    """Tokens per chunk: ``chunk_size`` if given, else the most that fit the workspace budget,
+    balanced so the last chunk is not a sliver."""
+    if rows == 0:
+        return 0
+    if chunk_size > 0:
+        return min(chunk_size, rows)
+    cap = max(1, LINEAR_WORKSPACE_BYTES // max(1, n_vocab * bytes_per_logit))
+    chunks = triton.cdiv(rows, cap)
+    per = triton.cdiv(rows, chunks)
+    return min(rows, cap, triton.cdiv(per, 16) * 16) if cap >= 16 else per
+
+
+def _mm_fp32(a: torch.Tensor, b_t: torch.Tensor, out: torch.Tensor) -> None:
+    """out (fp32) = a @ b_t for half-precision a, b_t: the products of bf16/fp16 values are exact in
+    fp32, so only the output rounding differs from the half-precision matmul."""
+    if a.is_cuda and (not _MM_OUT_DTYPE["checked"] or _MM_OUT_DTYPE["ok"]):
+        try:
+            torch.mm(a, b_t, out_dtype=torch.float32, out=out)
+            _MM_OUT_DTYPE.update(checked=True, ok=True)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE.update(checked=True, ok=False)
+    # Fallback: upcast one vocabulary slice of the weight at a time (bounded temporaries).
+    a32 = a.float()
+    step = max(1, (64 * 2**20) // max(1, 4 * b_t.shape[0]))
+    for s in range(0, b_t.shape[1], step):
+        out[:, s:s + step].copy_(a32 @ b_t[:, s:s + step].float())
+
+
+def linear_logits_into(hidden_rows: torch.Tensor, weight: torch.Tensor, bias, out: torch.Tensor) -> None:
+    """out [c, V] = hidden_rows [c, H] @ weight[V, H]ᵀ (+ bias), fp32 accumulation, in out's dtype."""
+    if out.dtype == hidden_rows.dtype:
+        if bias is None:
+            torch.mm(hidden_rows, weight.t(), out=out)
+        else:
+            torch.addmm(bias, hidden_rows, weight.t(), out=out)
+        return
+    _mm_fp32(hidden_rows, weight.t(), out)
+    if bias is not None:
+        out.add_(bias.float())
+
+
+def _chunk_buffers(rows, hidden, weight, logits_dtype, chunk_size, with_grad):
+    """(tokens per chunk, logits buffer [C, V], gradient buffer: the logits buffer itself when the
+    dtypes agree, else a separate one in the weight's dtype)."""
+    n_vocab = weight.shape[0]
+    separate = with_grad and logits_dtype != weight.dtype
+    per_logit = torch.finfo(logits_dtype).bits // 8 + (weight.element_size() if separate else 0)
+    c = linear_chunk_rows(rows, n_vocab, per_logit, chunk_size)
+    buf = torch.empty((max(c, 1), n_vocab), dtype=logits_dtype, device=hidden.device)
+    grad_buf = torch.empty((max(c, 1), n_vocab), dtype=weight.dtype, device=hidden.device) if separate else buf
+    return c, buf, grad_buf
+
+
+class _GradAccumulator:
+    """d hidden rows written chunk by chunk; d weight and d bias summed over chunks (d bias in fp32)."""
+
+    def __init__(self, hidden, weight, bias, need_hidden, need_weight, need_bias):
+        self.hidden, self.weight = hidden, weight
+        self.dh = torch.empty_like(hidden) if need_hidden else hidden.new_empty((0,))
+        self.dw = torch.empty_like(weight) if need_weight else weight.new_empty((0,))
+        self.db32 = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        self.bias_dtype = bias.dtype if bias is not None else weight.dtype
+        self.first = True
+
+    def add(self, start: int, grad_logits: torch.Tensor) -> None:
+        rows = grad_logits.shape[0]
+        if self.dh.numel():
+            torch.mm(grad_logits, self.weight, out=self.dh[start:start + rows])
+        if self.dw.numel():
+            h = self.hidden[start:start + rows]
+            if self.first:
+                torch.mm(grad_logits.t(), h, out=self.dw)
+            else:
+                self.dw.addmm_(grad_logits.t(), h)
+        if self.db32 is not None:
+            self.db32 += grad_logits.sum(0, dtype=torch.float32)
+        self.first = False
+
+    def result(self):
+        if self.first and self.dw.numel():
+            self.dw.zero_()  # no tokens: the weight's gradient is 0
+        db = self.db32.to(self.bias_dtype) if self.db32 is not None else self.weight.new_empty((0,))
+        return self.dh, self.dw, db
+
+
+def linear_token_logprobs_fwd(hidden, weight, bias, targets, temperature: float, vocab_start: int, vocab_total: int,
+                              with_entropy: bool, logits_dtype: torch.dtype, chunk_size: int = 0):
+    """hidden [N, H], weight [V, H] (the slice [vocab_start, vocab_start + V) of vocab_total ids),
+    bias [V] or None, targets [N] → (logp [N], entropy [N] or [0], lse [N]), fp32."""
+    rows, n_vocab = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    logp = torch.empty(rows, dtype=torch.float32, device=dev)
+    lse = torch.empty(rows, dtype=torch.float32, device=dev)
+    entropy = torch.empty(rows if with_entropy else 0, dtype=torch.float32, device=dev)
+    c, buf, _ = _chunk_buffers(rows, hidden, weight, logits_dtype, chunk_size, with_grad=False)
+    for start in range(0, rows, max(c, 1)):
+        r = min(c, rows - start)
+        x = buf[:r]
+        linear_logits_into(hidden[start:start + r], weight, bias, x)
+        lp, ent, ls = token_logprobs_fwd(x, 0, n_vocab, r, r, n_vocab, targets[start:start + r], temperature,
+                                         vocab_start, with_entropy, vocab_total)
+        logp[start:start + r] = lp
+        lse[start:start + r] = ls
+        if with_entropy:
+            entropy[start:start + r] = ent
+    return logp, entropy, lse
+
+
+def linear_token_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy,
+                              temperature: float, vocab_start: int, logits_dtype: torch.dtype, chunk_size: int,
+                              need_hidden: bool, need_weight: bool, need_bias: bool):
+    """Recomputes each chunk's logits, writes their gradient over them and multiplies it out:
+    → (d hidden [N, H] or [0], d weight [V, H] or [0], d bias [V] or [0]) in the inputs' dtypes."""
+    rows, n_vocab = hidden.shape[0], weight.shape[0]
+    acc = _GradAccumulator(hidden, weight, bias, need_hidden, need_weight, need_bias)
+    c, buf, grad_buf = _chunk_buffers(rows, hidden, weight, logits_dtype, chunk_size, with_grad=True)
+    for start in range(0, rows, max(c, 1)):
+        r = min(c, rows - start)
+        x, g = buf[:r], grad_buf[:r]
+        linear_logits_into(hidden[start:start + r], weight, bias, x)
+        token_logprobs_bwd(
+            grad_logp[start:start + r] if grad_logp is not None else None,
+            grad_entropy[start:start + r] if grad_entropy is not None else None,
+            x, 0, n_vocab, r, g, 0, n_vocab, r, n_vocab, targets[start:start + r], lse[start:start + r],
+            entropy[start:start + r] if entropy is not None else None, temperature, vocab_start)
+        acc.add(start, g)
+    return acc.result()
+
+
+def linear_policy_loss_fwd(hidden, weight, bias, targets, old_logp, advantages, token_weight, ref_logp, is_weights, *,
+                           logits_dtype: torch.dtype, chunk_size: int, need_hidden: bool, need_weight: bool,
+                           need_bias: bool, **loss_options):
+    """The token-local policy loss of every token, fused with the LM head, chunk by chunk: per-token
+    fp32 [N] inputs as in :func:`policy_loss_from_logits_fwd` → (logp [N], entropy [N], terms [N, 9],
+    d hidden, d weight, d bias for an incoming gradient of 1, each empty when not needed)."""
+    rows, n_vocab = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    compute_grad = need_hidden or need_weight or need_bias
+    logp = torch.empty(rows, dtype=torch.float32, device=dev)
+    entropy = torch.empty(rows, dtype=torch.float32, device=dev)
+    terms = torch.empty((rows, 9), dtype=torch.float32, device=dev)
+    acc = _GradAccumulator(hidden, weight, bias, need_hidden, need_weight, need_bias)
+    c, buf, grad_buf = _chunk_buffers(rows, hidden, weight, logits_dtype, chunk_size, with_grad=compute_grad)
+
+    def part(t, s, r):
+        return t[s:s + r] if t is not None else None
+
+    for start in range(0, rows, max(c, 1)):
+        r = min(c, rows - start)
+        x, g = buf[:r], grad_buf[:r]
+        linear_logits_into(hidden[start:start + r], weight, bias, x)
+        lp, ent, tm = policy_loss_from_logits_fwd(
+            x, 0, n_vocab, r, g, 0, n_vocab, r, n_vocab, targets[start:start + r], old_logp[start:start + r],
+            advantages[start:start + r], token_weight[start:start + r], part(ref_logp, start, r),
+            part(is_weights, start, r), compute_grad=compute_grad, **loss_options)
+        logp[start:start + r] = lp
+        entropy[start:start + r] = ent
+        terms[start:start + r] = tm
+        if compute_grad:
+            acc.add(start, g)
+    dh, dw, db = acc.result()
+    return logp, entropy, terms, dh, dw, db
