@@ -151,6 +151,43 @@ def _grpo_from_logits_impls(i: dict) -> dict:
                                                                backend=b).loss, x)))
 
 
+def _lm_head_inputs(device: torch.device, full: bool) -> dict:
+    n, h, v = (8192, 4096, 151936) if full else (256, 64, 4099)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    b = 8 if full else 4
+    hidden = torch.randn(b, n // b, h, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, device=device) / h ** 0.5 * 2).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (b, n // b), device=device)
+    old = torch.full((b, n // b), -float(torch.log(torch.tensor(float(v)))), device=device) \
+        + 0.1 * torch.randn(b, n // b, device=device)
+    return dict(hidden=hidden, weight=weight, targets=targets, old_logp=old, advantages=torch.randn(b, device=device),
+                mask=torch.rand(b, n // b, device=device) > 0.1, n=n, h=h, v=v, dtype=dtype)
+
+
+def _linear_grpo_impls(i: dict) -> dict:
+    import negkernels as nk
+
+    hidden, weight, tg, old, adv, mask = (i[k] for k in ("hidden", "weight", "targets", "old_logp", "advantages",
+                                                         "mask"))
+
+    def eager_loss(hidden, weight):
+        # What trainers run today: the full logits, an fp32 log-softmax, the clipped surrogate.
+        logp = _selective_logprobs_eager(hidden @ weight.t(), tg)
+        ratio = torch.exp(logp - old)
+        a = adv.unsqueeze(-1)
+        per_token = -torch.minimum(ratio * a, ratio.clamp(0.8, 1.28) * a)
+        return (per_token * mask).sum() / mask.sum()
+
+    compiled_loss = torch.compile(eager_loss)
+    out = {
+        "eager": lambda: torch.autograd.grad(eager_loss(hidden, weight), (hidden, weight)),
+        "compile": lambda: torch.autograd.grad(compiled_loss(hidden, weight), (hidden, weight)),
+    }
+    return _kernel_impls(out, hidden.device, "linear_policy_loss", lambda b: (
+        lambda: torch.autograd.grad(nk.linear_policy_loss(hidden, weight, tg, old, adv, mask, clip_high=0.28,
+                                                          validate=False, backend=b).loss, (hidden, weight))))
+
+
 def _policy_loss_inputs(device: torch.device, full: bool) -> dict:
     b, t = (1024, 8192) if full else (64, 512)
     logp = (torch.randn(b, t, device=device) * 0.3 - 2).requires_grad_()
@@ -343,6 +380,18 @@ CASES: list[Case] = [
         shape=lambda i: f"logits {i['b']}x{i['t']}x{i['v']} bf16, PPO clip, token-mean",
         notes="H100 target <= 1.8 ms, no memory beyond the gradient (today: eager 25.5 ms +14 GB, "
               "torch.compile 7.9 ms +4.8 GB, Liger 2.53 ms)",
+    ),
+    Case(
+        family="linear-grpo",
+        name="fwd+bwd",
+        build=_lm_head_inputs,
+        implementations=_linear_grpo_impls,
+        # read hidden and the LM head, write their gradients
+        min_bytes=lambda i: 2 * (i["n"] + i["v"]) * i["h"] * (torch.finfo(i["dtype"]).bits // 8),
+        flops=lambda i: 3 * 2 * i["n"] * i["h"] * i["v"],  # logits, d hidden, d weight
+        shape=lambda i: f"{i['n']} tokens H={i['h']} V={i['v']} {str(i['dtype'])[6:]}, PPO clip, token-mean",
+        notes="H100 target <= 50 ms and <= 2.0 GB extra memory, d weight included (today: eager 59 ms +14.3 GB, "
+              "torch.compile 50 ms +5.9 GB, Liger chunked GRPO 564 ms +3.6 GB; matmul floor ~39 ms)",
     ),
     Case(
         family="policy-loss",

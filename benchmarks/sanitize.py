@@ -66,6 +66,21 @@ def main(cuda_only: bool = False, device: str = "cuda") -> int:
                                                  inplace_backward=inplace, backend=b)
                 out.loss.backward()
         ran.append(f"policy_loss_from_logits/{b}")
+    hidden = torch.randn(3, 5, 48, device=dev, dtype=torch.bfloat16)
+    head = torch.randn(1001, 48, device=dev, dtype=torch.bfloat16) * 0.2
+    head_bias = torch.randn(1001, device=dev, dtype=torch.bfloat16)
+    for b in available("linear_policy_loss"):
+        for fp32_lm_head in (False, True):
+            h, w, bias = (t.clone().requires_grad_() for t in (hidden, head, head_bias))
+            logp, ent = nk.linear_token_logprobs(h, w, targets, bias=bias, return_entropy=True,
+                                                 fp32_lm_head=fp32_lm_head, chunk_size=4, backend=b)
+            (logp.sum() + ent.sum()).backward()
+            for loss_type in ("ppo", "gspo"):
+                h, w, bias = (t.clone().requires_grad_() for t in (hidden, head, head_bias))
+                nk.linear_policy_loss(h, w, targets, old_l, torch.randn(3, device=dev), bias=bias,
+                                      loss_type=loss_type, fp32_lm_head=fp32_lm_head, chunk_size=4,
+                                      backend=b).loss.backward()
+        ran.append(f"linear_token_logprobs+linear_policy_loss/{b}")
     q = torch.randn(37, 40, device=dev, dtype=torch.bfloat16)
     bank = torch.randn(203, 40, device=dev, dtype=torch.bfloat16)
     extra = torch.randn(37, 3, 40, device=dev, dtype=torch.bfloat16)

@@ -10,7 +10,12 @@ from ._testing import old_logp_off_edges
 from .ops.contrastive import BANK_INFO_NCE_BACKENDS, BANK_TOPK_BACKENDS
 from .ops.kv import EVICT_BACKENDS, RETENTION_MASS_BACKENDS, SELECT_RETAINED_BACKENDS
 from .ops.advantages import DISCRIMINATIVE_LOSS_BACKENDS, GROUP_ADVANTAGES_BACKENDS
-from .ops.logprobs import POLICY_LOSS_BACKENDS, POLICY_LOSS_FROM_LOGITS_BACKENDS, TOKEN_LOGPROBS_BACKENDS
+from .ops.logprobs import (
+    LINEAR_BACKENDS,
+    POLICY_LOSS_BACKENDS,
+    POLICY_LOSS_FROM_LOGITS_BACKENDS,
+    TOKEN_LOGPROBS_BACKENDS,
+)
 from .reference.contrastive import bank_info_nce_reference, bank_topk_reference
 from .reference.advantages import ESTIMATORS, SCALES, group_advantages_reference, group_discriminative_loss_reference
 from .reference.logprobs import AGGREGATIONS, LOSS_TYPES, policy_loss_reference, token_logprobs_reference
@@ -129,6 +134,59 @@ def _from_logits_checks(device):
         yield "policy_loss_from_logits", loss_type, run
 
 
+def _linear_checks(device):
+    import negkernels as nk
+
+    cuda = device.type == "cuda"
+    n, h, v = (132, 256, 50257) if cuda else (10, 16, 41)
+    chunk = None if cuda else 4
+
+    def lm_head():
+        hidden = torch.randn(2, n // 2, h, device=device)
+        weight = torch.randn(v, h, device=device) / h ** 0.5 * 2
+        return hidden, weight, torch.randn(v, device=device) * 0.5, torch.randint(0, v, (2, n // 2), device=device)
+
+    def flat(*xs):
+        return torch.cat([x.reshape(-1) for x in xs])
+
+    def run_logprobs(backend):
+        hidden, weight, bias, targets = lm_head()
+        leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+        logp, ent = nk.linear_token_logprobs(*leaves[:2], targets, bias=leaves[2], temperature=0.8,
+                                             return_entropy=True, chunk_size=chunk, backend=backend)
+        grads = torch.autograd.grad(logp.sum() + ent.sum(), leaves)
+        leaves64 = [x.double().requires_grad_() for x in (hidden, weight, bias)]
+        ref_logp, ref_ent = nk.linear_token_logprobs(*leaves64[:2], targets, bias=leaves64[2], temperature=0.8,
+                                                     return_entropy=True, backend="reference")
+        grads64 = torch.autograd.grad(ref_logp.sum() + ref_ent.sum(), leaves64)
+        scales = [g.abs().max().clamp_min(1e-30) for g in grads64]
+        return (flat(logp, ent, *(g / s for g, s in zip(grads, scales))),
+                flat(ref_logp, ref_ent, *(g / s for g, s in zip(grads64, scales))))
+
+    yield "linear_token_logprobs", f"N={n} H={h} V={v} (logp, entropy, grads)", run_logprobs
+
+    for loss_type in ("ppo", "cispo", "gspo"):
+        def run(backend, loss_type=loss_type):
+            hidden, weight, bias, targets = lm_head()
+            with torch.no_grad():
+                old = nk.linear_token_logprobs(hidden, weight, targets, bias=bias, backend="reference") + 0.2
+            adv = torch.randn(2, device=device)
+            mask = torch.rand(targets.shape, device=device) > 0.2
+            kw = dict(loss_type=loss_type, ref_logp=old - 0.1, kl_coef=0.1, entropy_coef=0.01)
+            leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+            out = nk.linear_policy_loss(*leaves[:2], targets, old, adv, mask, bias=leaves[2], chunk_size=chunk,
+                                        backend=backend, **kw)
+            grads = torch.autograd.grad(out.loss, leaves)
+            leaves64 = [x.double().requires_grad_() for x in (hidden, weight, bias)]
+            ref = nk.linear_policy_loss(*leaves64[:2], targets, old.double(), adv.double(), mask, bias=leaves64[2],
+                                        backend="reference", **{**kw, "ref_logp": kw["ref_logp"].double()})
+            grads64 = torch.autograd.grad(ref.loss, leaves64)
+            scales = [g.abs().max().clamp_min(1e-30) for g in grads64]
+            return (flat(out.loss, *(g / s for g, s in zip(grads, scales))),
+                    flat(ref.loss, *(g / s for g, s in zip(grads64, scales))))
+        yield "linear_policy_loss", f"{loss_type} N={n} H={h} V={v}", run
+
+
 def _contrastive_checks(device):
     import negkernels as nk
 
@@ -230,6 +288,8 @@ OP_BACKENDS = {
     "token_logprobs": TOKEN_LOGPROBS_BACKENDS,
     "policy_loss": POLICY_LOSS_BACKENDS,
     "policy_loss_from_logits": POLICY_LOSS_FROM_LOGITS_BACKENDS,
+    "linear_token_logprobs": LINEAR_BACKENDS,
+    "linear_policy_loss": LINEAR_BACKENDS,
 }
 
 
@@ -237,7 +297,7 @@ def run_checks(device: torch.device | None = None, verbose: bool = True) -> int:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
     for source in (_advantage_checks, _discriminative_checks, _logprobs_checks, _policy_loss_checks, _from_logits_checks,
-                   _contrastive_checks, _kv_checks):
+                   _linear_checks, _contrastive_checks, _kv_checks):
         for op, config, fn in source(device):
             backends = [b for b in available_backends(device, op=op) if b in OP_BACKENDS[op]]
             for backend in backends:

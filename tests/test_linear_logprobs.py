@@ -367,6 +367,15 @@ def test_linear_policy_loss_bad_input():
         nk.linear_policy_loss(hidden, weight, targets, old, adv, mask, clip_low=-0.1)
 
 
+def test_policy_loss_module_from_hidden():
+    hidden, weight, bias, targets, old, ref, adv, mask = policy_case()
+    loss_fn = nk.PolicyLoss(loss_type="cispo", clip_high=0.5, aggregation="seq-mean-token-sum", backend="reference")
+    got = loss_fn.from_hidden(hidden, weight, targets, old, adv, mask, bias=bias)
+    want = reference_linear_loss(hidden, weight, bias, targets, old, adv, mask, loss_type="cispo", clip_high=0.5,
+                                 aggregation="seq-mean-token-sum")
+    assert_close(got.loss, want[0].loss, **F32, what="PolicyLoss.from_hidden")
+
+
 # ============================================================================ custom ops
 
 

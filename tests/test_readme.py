@@ -23,6 +23,8 @@ def test_readme_example_runs(block, capsys):
         assert namespace["cache"].evictions > 0 and max(namespace["cache"].cached_lengths()) <= 48 + 16
     if "logits" in namespace:  # the GRPO step: the gradient reached the logits
         assert namespace["logits"].grad is not None
+    if "lm_head" in namespace:  # the fused LM-head example: gradients reached the head and the hidden states
+        assert namespace["lm_head"].weight.grad is not None and namespace["hidden"].grad is not None
     if "encoder" in namespace:  # the MoCo step: the gradient reached the encoder and the temperature
         assert all(p.grad is not None for p in namespace["encoder"].parameters())
         assert namespace["log_tau"].grad is not None and namespace["bank"].valid > 0

@@ -1,4 +1,4 @@
-"""``PolicyLoss``: the policy-loss options held once, applied to log-probs or to logits."""
+"""``PolicyLoss``: the policy-loss options held once, applied to log-probs, logits or hidden states."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ..ops.logprobs import PolicyLossOutput, policy_loss, policy_loss_from_logits
+from ..ops.logprobs import PolicyLossOutput, linear_policy_loss, policy_loss, policy_loss_from_logits
 
 # Options that configure the loss (the rest of the signature is per-batch data).
 _OPTIONS = tuple(
@@ -19,7 +19,8 @@ _OPTIONS = tuple(
 
 class PolicyLoss(nn.Module):
     """Holds the options of :func:`negkernels.policy_loss` (loss type, clip ranges, KL, IS mode,
-    aggregation, backend); ``forward`` takes per-batch log-probs, ``from_logits`` per-batch logits.
+    aggregation, backend); ``forward`` takes per-batch log-probs, ``from_logits`` per-batch logits,
+    ``from_hidden`` the last hidden states and the LM head (:func:`negkernels.linear_policy_loss`).
     Per-call keyword arguments (``ref_logp``, ``is_weights``, ``cu_seqlens``, normalisers,
     ``process_group``, or any option) override the stored ones.
 
@@ -41,6 +42,10 @@ class PolicyLoss(nn.Module):
     def from_logits(self, logits: Tensor, targets: Tensor, old_logp: Tensor, advantages: Optional[Tensor] = None,
                     mask: Optional[Tensor] = None, **kwargs) -> PolicyLossOutput:
         return policy_loss_from_logits(logits, targets, old_logp, advantages, mask, **{**self.options, **kwargs})
+
+    def from_hidden(self, hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: Tensor,
+                    advantages: Optional[Tensor] = None, mask: Optional[Tensor] = None, **kwargs) -> PolicyLossOutput:
+        return linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, **{**self.options, **kwargs})
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
