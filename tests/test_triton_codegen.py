@@ -125,6 +125,13 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
                      dict(fused, stride_outer=1, inner_size=1, n_vocab=1, grad_stride_outer=1, BLOCK_V=16, n_rows=1,
                           rows_per_program=1))
     count += 2
+    # The LM-head chunks with fp32_lm_head: fp32 logits, their gradient written to a bf16 buffer.
+    compile_logprobs(lk._token_logprobs_fwd_kernel, dict(WITH_ENTROPY=True, BLOCK_V=4096), logits_ptr="*fp32")
+    compile_logprobs(lk._token_logprobs_bwd_kernel, dict(HAS_GRAD_LOGP=True, HAS_GRAD_ENTROPY=True, BLOCK_V=4096),
+                     logits_ptr="*fp32", grad_ptr="*bf16")
+    compile_logprobs(lk._policy_loss_from_logits_kernel, dict(fused, BLOCK_V=lk.FUSED_MAX_BLOCK_V),
+                     num_warps=lk.FUSED_NUM_WARPS, logits_ptr="*fp32", grad_ptr="*bf16")
+    count += 3
     print("compiled", count)
     """
 )
@@ -245,7 +252,7 @@ def test_every_advantages_kernel_variant_compiles_for_sm90():
 
 
 def test_every_logprobs_kernel_variant_compiles_for_sm90():
-    assert "compiled 38" in _compile_in_subprocess(LOGPROBS_SCRIPT)
+    assert "compiled 41" in _compile_in_subprocess(LOGPROBS_SCRIPT)
 
 
 def test_every_contrastive_kernel_variant_compiles_for_sm90():

@@ -659,8 +659,9 @@ class _GradAccumulator:
 
     def __init__(self, hidden, weight, bias, need_hidden, need_weight, need_bias):
         self.hidden, self.weight = hidden, weight
-        self.dh = torch.empty_like(hidden) if need_hidden else hidden.new_empty((0,))
-        self.dw = torch.empty_like(weight) if need_weight else weight.new_empty((0,))
+        dense = torch.contiguous_format  # row slices of d hidden are matmul outputs
+        self.dh = torch.empty_like(hidden, memory_format=dense) if need_hidden else hidden.new_empty((0,))
+        self.dw = torch.empty_like(weight, memory_format=dense) if need_weight else weight.new_empty((0,))
         self.db32 = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
         self.bias_dtype = bias.dtype if bias is not None else weight.dtype
         self.first = True
