@@ -156,6 +156,16 @@ def _tensor_parallel_lm_head_worker(rank, init_file, hidden, weight, bias, targe
                                         chunk_size=4, process_group=group, backend=backend)
             res.loss.backward()
             out[("loss", backend)] = (res.loss.detach(), res.entropy, h.grad, w.grad, b.grad)
+            # Data parallel: each rank holds half the sequences and the whole head.
+            half = hidden.shape[0] // WORLD
+            rows = slice(rank * half, (rank + 1) * half)
+            h = hidden[rows].clone().requires_grad_()
+            w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+            res = nk.linear_policy_loss(h, w, targets[rows], old[rows], adv[rows], mask[rows], bias=b,
+                                        aggregation="seq-mean-token-mean", chunk_size=3, data_parallel_group=group,
+                                        backend=backend)
+            res.loss.backward()
+            out[("dp", backend)] = (res.loss.detach(), res.clip_fraction_low, h.grad, w.grad, b.grad)
         results[rank] = out
     finally:
         dist.destroy_process_group()
@@ -163,7 +173,7 @@ def _tensor_parallel_lm_head_worker(rank, init_file, hidden, weight, bias, targe
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 def test_tensor_parallel_lm_head_equals_single_process():
-    b, t, h, v, cut = 3, 5, 12, 41, 17
+    b, t, h, v, cut = 4, 5, 12, 41, 17
     hidden = torch.randn(b, t, h)
     weight = torch.randn(v, h) / h ** 0.5 * 2
     bias = torch.randn(v) * 0.5
@@ -208,6 +218,18 @@ def test_tensor_parallel_lm_head_equals_single_process():
             for i, name in ((3, "d weight"), (4, "d bias")):
                 close(torch.cat([results[r][(kind, backend)][i] for r in range(WORLD)]), want[i],
                       f"{backend} {kind} {name}")
+        # Data parallel: the ranks' losses and head gradients add up to the whole batch's.
+        h64, w64, b64 = (x.double().requires_grad_() for x in (hidden, weight, bias))
+        whole = nk.linear_policy_loss(h64, w64, targets, old.double(), adv.double(), mask, bias=b64,
+                                      aggregation="seq-mean-token-mean", backend="reference")
+        whole.loss.backward()
+        parts = [results[r][("dp", backend)] for r in range(WORLD)]
+        close(parts[0][0] + parts[1][0], whole.loss.detach(), f"{backend} dp loss")
+        close(torch.cat([parts[0][2], parts[1][2]]), h64.grad, f"{backend} dp d hidden")
+        close(parts[0][3] + parts[1][3], w64.grad, f"{backend} dp d weight")
+        close(parts[0][4] + parts[1][4], b64.grad, f"{backend} dp d bias")
+        for p in parts:  # metrics are global
+            close(p[1], whole.clip_fraction_low, f"{backend} dp clip fraction")
 
 
 def _memory_bank_worker(rank, init_file, keys, ids, masks, results):
