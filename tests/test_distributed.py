@@ -138,6 +138,10 @@ def _tensor_parallel_lm_head_worker(rank, init_file, hidden, weight, bias, targe
                                     cut, backends, results):
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    import negkernels.triton.logprobs as triton_logprobs
+
+    # A tiny workspace: the backward walks each shard in vocabulary slices of 16 (17 = 16 + 1, 24 = 16 + 8).
+    triton_logprobs.LINEAR_WORKSPACE_BYTES = 4 * 4 * 20
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         group = dist.group.WORLD

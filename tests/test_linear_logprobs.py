@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import negkernels as nk
+import negkernels.triton.logprobs as triton_logprobs
 from negkernels._testing import old_logp_off_edges
 from negkernels.reference.logprobs import LOSS_TYPES
 
@@ -114,6 +115,35 @@ def test_linear_token_logprobs_half_precision(backend, dtype, fp32_lm_head):
     for i, (name, ref) in enumerate(zip(("d hidden", "d weight", "d bias"), (h64.grad, w64.grad, b64.grad))):
         assert got[2 + i].dtype == dtype
         assert_within_low_precision_error(got[2 + i], low[2 + i], ref, dtype, name, factor=3.0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_linear_token_logprobs_backward_in_vocabulary_slices(backend, dtype, chunk, monkeypatch):
+    # A workspace so small that the backward walks the vocabulary in slices of 16 (101 = 6·16 + 5),
+    # over one chunk of all tokens (each slice's d weight in one product) or over chunks of 5
+    # (an fp32 accumulator per slice); d hidden is summed over the slices in fp32.
+    n, h, v = 23, 24, 101
+    tokens = chunk or n
+    monkeypatch.setattr(triton_logprobs, "LINEAR_WORKSPACE_BYTES", tokens * torch.finfo(dtype).bits // 8 * 20)
+    assert triton_logprobs.linear_vocab_slice(tokens, v, torch.finfo(dtype).bits // 8) == 16
+    hidden, weight, bias = lm_head((n,), h, v, dtype)
+    targets = torch.randint(0, v, (n,))
+    g_logp, g_ent = torch.randn(n), torch.randn(n)
+    with poisoned_allocations():
+        got = run_logprobs(hidden, weight, bias, targets, g_logp, g_ent, temperature=1.3, chunk_size=chunk,
+                           backend=backend)
+    h64, w64, b64 = leaves(hidden, weight, bias, dtype=torch.float64)
+    logp, ent = oracle_linear_logprobs(h64, w64, b64, targets, 1.3)
+    (logp * g_logp.double() + ent * g_ent.double()).sum().backward()
+    if dtype == torch.float32:
+        for name, g, ref in zip(("d hidden", "d weight", "d bias"), got[2:], (h64.grad, w64.grad, b64.grad)):
+            assert_grad_close(g, ref, name)
+    else:
+        low = run_logprobs(hidden, weight, bias, targets, g_logp, g_ent, temperature=1.3, backend="reference")
+        for i, (name, ref) in enumerate(zip(("d hidden", "d weight", "d bias"), (h64.grad, w64.grad, b64.grad))):
+            assert_within_low_precision_error(got[2 + i], low[2 + i], ref, dtype, name)
 
 
 def test_fp32_lm_head_is_more_accurate_than_half_logits():
@@ -277,6 +307,12 @@ def test_linear_policy_loss_half_precision(backend, dtype):
     for i, name in enumerate(("d hidden", "d weight", "d bias")):
         assert got[1 + i].dtype == dtype
         assert_within_low_precision_error(got[1 + i], low[1 + i], want[1 + i], dtype, name, factor=3.0)
+    # The two-pass route: d weight accumulated in fp32 over every token.
+    two_pass = run_linear_loss(hidden, weight, bias, targets, old, adv, mask, fp32_weight_grad=True, chunk_size=6,
+                               backend=backend, **kw)
+    assert_within_low_precision_error(two_pass[0].loss, low[0].loss, want[0].loss, dtype, "two-pass loss")
+    for i, name in enumerate(("d hidden", "d weight", "d bias")):
+        assert_within_low_precision_error(two_pass[1 + i], low[1 + i], want[1 + i], dtype, f"two-pass {name}")
     # With an fp32 LM head the loss keeps fp32 accuracy.
     exact = run_linear_loss(hidden, weight, bias, targets, old, adv, mask, fp32_lm_head=True, chunk_size=6,
                             backend=backend, **kw)

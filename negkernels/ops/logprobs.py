@@ -1115,8 +1115,9 @@ def linear_token_logprobs(
 
     The Triton backend computes the logits of one chunk of tokens at a time with cuBLAS into a
     reused buffer and streams it through the token log-prob kernel, keeping only each row's
-    log-sum-exp; the backward recomputes the chunk, writes its gradient over it and multiplies it
-    out (d hidden per chunk, d weight accumulated over chunks in the weight's dtype).
+    log-sum-exp. The backward walks the vocabulary in slices: it recomputes a slice's logits for
+    all tokens, writes their gradient over them and multiplies it out, so each slice's d weight is
+    one product over every token (fp32 accumulation) and d hidden is summed over slices in fp32.
     """
     _check_linear_inputs(hidden, weight, bias, targets)
     temperature = check_finite_float("temperature", temperature, minimum=0.0, exclusive=True)
@@ -1215,6 +1216,7 @@ def linear_policy_loss(
     bias: Optional[Tensor] = None,
     temperature: float = 1.0,
     fp32_lm_head: bool = False,
+    fp32_weight_grad: bool = False,
     return_entropy: bool = False,
     entropy_coef: float = 0.0,
     cu_seqlens: Optional[Tensor] = None,
@@ -1264,9 +1266,13 @@ def linear_policy_loss(
     backend computes each chunk's logits, their log-sum-exp, the loss and the logits' gradient in
     one sweep, then d hidden and d weight, all during the forward; the backward only rescales
     them when the incoming gradient is not 1. Peak extra memory: d weight, d hidden and one
-    chunk of logits (512 MiB by default). The sequence-level losses (gspo, npo) and
-    ``process_group`` run :func:`linear_token_logprobs` then :func:`policy_loss` (the backward
-    recomputes the logits).
+    chunk of logits (512 MiB by default). d weight of a half-precision head is then accumulated
+    in its dtype across token chunks (one rounding per chunk; an fp32 accumulator would cost
+    4·V·H bytes). ``fp32_weight_grad=True`` (and the sequence-level losses gspo and npo, and
+    ``process_group``) run :func:`linear_token_logprobs` then :func:`policy_loss` instead: the
+    backward recomputes the logits slice by slice of the vocabulary, every slice's d weight is one
+    product over all tokens with fp32 accumulation and d hidden is summed in fp32, for one more
+    LM-head matmul.
     """
     packed = cu_seqlens is not None
     _check_linear_inputs(hidden, weight, bias, targets, leading=(2,) if packed else (3,))
@@ -1287,7 +1293,8 @@ def linear_policy_loss(
     denom = _normaliser(aggregation, mask, old_logp, cu_seqlens, num_tokens, num_sequences, data_parallel_group,
                         counts)
 
-    if chosen == "reference" or loss_type not in TOKEN_LOCAL_LOSSES or process_group is not None:
+    two_pass = fp32_weight_grad or loss_type not in TOKEN_LOCAL_LOSSES or process_group is not None
+    if chosen == "reference" or two_pass:
         got = linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                     return_entropy=want_entropy, fp32_lm_head=fp32_lm_head, chunk_size=chunk_size,
                                     process_group=process_group, validate=validate, backend=chosen)

@@ -710,25 +710,95 @@ def linear_token_logprobs_fwd(hidden, weight, bias, targets, temperature: float,
     return logp, entropy, lse
 
 
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b with fp32 accumulation whatever the dtype of a and b."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda:
+        if not _MM_OUT_DTYPE["checked"] or _MM_OUT_DTYPE["ok"]:
+            try:
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                _MM_OUT_DTYPE.update(checked=True, ok=True)
+                return
+            except (TypeError, RuntimeError, NotImplementedError):
+                _MM_OUT_DTYPE.update(checked=True, ok=False)
+        acc.add_(torch.mm(a, b))  # older torch: the product rounds once to the half dtype
+        return
+    acc.addmm_(a.float(), b.float())
+
+
+def linear_vocab_slice(rows: int, n_vocab: int, bytes_per_logit: int) -> int:
+    """Vocabulary rows per slice for ``rows`` tokens: as many as keep a [rows, slice] buffer within
+    the workspace budget (a multiple of 16, at least 16)."""
+    fit = LINEAR_WORKSPACE_BYTES // max(1, rows * bytes_per_logit)
+    return max(1, min(n_vocab, max(16, fit // 16 * 16)))
+
+
 def linear_token_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy,
                               temperature: float, vocab_start: int, logits_dtype: torch.dtype, chunk_size: int,
                               need_hidden: bool, need_weight: bool, need_bias: bool):
-    """Recomputes each chunk's logits, writes their gradient over them and multiplies it out:
-    → (d hidden [N, H] or [0], d weight [V, H] or [0], d bias [V] or [0]) in the inputs' dtypes."""
-    rows, n_vocab = hidden.shape[0], weight.shape[0]
-    acc = _GradAccumulator(hidden, weight, bias, need_hidden, need_weight, need_bias)
-    c, buf, grad_buf = _chunk_buffers(rows, hidden, weight, logits_dtype, chunk_size, with_grad=True)
-    for start in range(0, rows, max(c, 1)):
-        r = min(c, rows - start)
-        x, g = buf[:r], grad_buf[:r]
-        linear_logits_into(hidden[start:start + r], weight, bias, x)
-        token_logprobs_bwd(
-            grad_logp[start:start + r] if grad_logp is not None else None,
-            grad_entropy[start:start + r] if grad_entropy is not None else None,
-            x, 0, n_vocab, r, g, 0, n_vocab, r, n_vocab, targets[start:start + r], lse[start:start + r],
-            entropy[start:start + r] if entropy is not None else None, temperature, vocab_start)
-        acc.add(start, g)
-    return acc.result()
+    """Gradients from the saved log-sum-exp (and entropy), vocabulary slice by vocabulary slice:
+    → (d hidden [N, H] or [0], d weight [V, H] or [0], d bias [V] or [0]) in the inputs' dtypes.
+
+    The outer loop runs over slices of the vocabulary, the inner one over token chunks (by default
+    one chunk of all tokens). Each slice's d weight is then one product over every token with fp32
+    accumulation (or an fp32 accumulator across token chunks), and d hidden is summed over the
+    slices in fp32: nothing is accumulated in half precision. Same flops as the token-outer order.
+    """
+    rows, n_hidden, n_vocab = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    dev = hidden.device
+    dense = torch.contiguous_format
+    dh = torch.empty_like(hidden, memory_format=dense) if need_hidden else hidden.new_empty((0,))
+    dw = torch.empty_like(weight, memory_format=dense) if need_weight else weight.new_empty((0,))
+    db32 = torch.zeros(n_vocab, dtype=torch.float32, device=dev) if need_bias else None
+    if rows == 0 or not (need_hidden or need_weight or need_bias):
+        if need_hidden:
+            dh.zero_()
+        if need_weight:
+            dw.zero_()
+        return dh, dw, db32.to(bias.dtype) if db32 is not None else weight.new_empty((0,))
+    dh32 = dh if hidden.dtype == torch.float32 else (
+        torch.empty((rows, n_hidden), dtype=torch.float32, device=dev) if need_hidden else None)
+    if need_hidden:
+        dh32.zero_()
+    separate = logits_dtype != weight.dtype
+    per_logit = torch.finfo(logits_dtype).bits // 8 + (weight.element_size() if separate else 0)
+    tokens = min(chunk_size, rows) if chunk_size > 0 else rows
+    width = linear_vocab_slice(tokens, n_vocab, per_logit)
+    buf = torch.empty(tokens * width, dtype=logits_dtype, device=dev)
+    grad_buf = torch.empty(tokens * width, dtype=weight.dtype, device=dev) if separate else buf
+    one_chunk = tokens == rows
+    acc = None if one_chunk or not need_weight else torch.empty((width, n_hidden), dtype=torch.float32, device=dev)
+    for s in range(0, n_vocab, width):
+        vs = min(width, n_vocab - s)
+        w_s = weight[s:s + vs]
+        if acc is not None:
+            acc[:vs].zero_()
+        for start in range(0, rows, tokens):
+            r = min(tokens, rows - start)
+            x, g = buf[:r * vs].view(r, vs), grad_buf[:r * vs].view(r, vs)
+            h_c = hidden[start:start + r]
+            linear_logits_into(h_c, w_s, bias[s:s + vs] if bias is not None else None, x)
+            token_logprobs_bwd(
+                grad_logp[start:start + r] if grad_logp is not None else None,
+                grad_entropy[start:start + r] if grad_entropy is not None else None,
+                x, 0, vs, r, g, 0, vs, r, vs, targets[start:start + r], lse[start:start + r],
+                entropy[start:start + r] if entropy is not None else None, temperature, vocab_start + s)
+            if need_hidden:
+                _addmm_fp32(dh32[start:start + r], g, w_s)
+            if need_weight:
+                if one_chunk:
+                    torch.mm(g.t(), h_c, out=dw[s:s + vs])
+                else:
+                    _addmm_fp32(acc[:vs], g.t(), h_c)
+            if db32 is not None:
+                db32[s:s + vs] += g.sum(0, dtype=torch.float32)
+        if acc is not None:
+            dw[s:s + vs].copy_(acc[:vs])
+    if need_hidden and dh32 is not dh:
+        dh.copy_(dh32)
+    return dh, dw, db32.to(bias.dtype) if db32 is not None else weight.new_empty((0,))
 
 
 def linear_policy_loss_fwd(hidden, weight, bias, targets, old_logp, advantages, token_weight, ref_logp, is_weights, *,
