@@ -41,15 +41,16 @@ def test_gpu_linear_token_logprobs_bf16(fp32_lm_head):
         assert_within_low_precision_error(ent, low_ent, exact_ent, torch.bfloat16, "entropy")
 
 
-@pytest.mark.parametrize("loss_type", ["ppo", "gspo"])
-def test_gpu_linear_policy_loss_fp32(loss_type):
+@pytest.mark.parametrize("loss_type, two_pass", [("ppo", False), ("ppo", True), ("gspo", True)])
+def test_gpu_linear_policy_loss_fp32(loss_type, two_pass):
     # fp32 inputs (no TF32): every value and gradient to fp32 accuracy at a realistic vocabulary.
     torch.backends.cuda.matmul.allow_tf32 = False
     case = to_cuda(*policy_case(4, 97, 256, 50257))
     hidden, weight, bias, targets, old, ref, adv, mask = case
     kw = dict(loss_type=loss_type, ref_logp=ref, kl_coef=0.05, entropy_coef=0.01, return_entropy=True,
               aggregation="seq-mean-token-mean")
-    got = run_linear_loss(hidden, weight, bias, targets, old, adv, mask, chunk_size=100, backend="triton", **kw)
+    got = run_linear_loss(hidden, weight, bias, targets, old, adv, mask, chunk_size=100, fp32_weight_grad=two_pass,
+                          backend="triton", **kw)
     want = reference_linear_loss(hidden, weight, bias, targets, old, adv, mask, **kw)
     torch.testing.assert_close(got[0].loss.double(), want[0].loss, rtol=1e-5, atol=1e-6)
     for name, g, r in zip(("d hidden", "d weight", "d bias"), got[1:], want[1:]):
@@ -65,6 +66,11 @@ def test_gpu_linear_policy_loss_bf16_against_bf16_reference():
     assert_within_low_precision_error(got[0].loss, low[0].loss, want[0].loss, torch.bfloat16, "loss")
     for i, name in enumerate(("d hidden", "d weight", "d bias")):
         assert_within_low_precision_error(got[1 + i], low[1 + i], want[1 + i], torch.bfloat16, name, factor=3.0)
+    # The two-pass route (vocabulary slices, fp32 accumulation; torch.addmm with out_dtype on CUDA).
+    exact = run_linear_loss(hidden, weight, bias, targets, old, adv, mask, clip_high=0.28, fp32_weight_grad=True,
+                            backend="triton")
+    for i, name in enumerate(("d hidden", "d weight", "d bias")):
+        assert_within_low_precision_error(exact[1 + i], low[1 + i], want[1 + i], torch.bfloat16, f"two-pass {name}")
 
 
 def test_gpu_linear_grpo_memory_at_the_benchmark_shape():
