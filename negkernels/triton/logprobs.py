@@ -612,16 +612,25 @@ def linear_chunk_rows(rows: int, n_vocab: int, bytes_per_logit: int, chunk_size:
     return min(rows, cap, triton.cdiv(per, 16) * 16) if cap >= 16 else per
 
 
+def _with_out_dtype(call) -> bool:
+    """Runs ``call``, a cuBLAS product with ``out_dtype=torch.float32`` (torch >= 2.8 on CUDA);
+    False, remembered for the process, where this torch lacks it."""
+    if _MM_OUT_DTYPE["checked"] and not _MM_OUT_DTYPE["ok"]:
+        return False
+    try:
+        call()
+        ok = True
+    except (TypeError, RuntimeError, NotImplementedError):
+        ok = False
+    _MM_OUT_DTYPE.update(checked=True, ok=ok)
+    return ok
+
+
 def _mm_fp32(a: torch.Tensor, b_t: torch.Tensor, out: torch.Tensor) -> None:
     """out (fp32) = a @ b_t for half-precision a, b_t: the products of bf16/fp16 values are exact in
     fp32, so only the output rounding differs from the half-precision matmul."""
-    if a.is_cuda and (not _MM_OUT_DTYPE["checked"] or _MM_OUT_DTYPE["ok"]):
-        try:
-            torch.mm(a, b_t, out_dtype=torch.float32, out=out)
-            _MM_OUT_DTYPE.update(checked=True, ok=True)
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE.update(checked=True, ok=False)
+    if a.is_cuda and _with_out_dtype(lambda: torch.mm(a, b_t, out_dtype=torch.float32, out=out)):
+        return
     # Fallback: upcast one vocabulary slice of the weight at a time (bounded temporaries).
     a32 = a.float()
     step = max(1, (64 * 2**20) // max(1, 4 * b_t.shape[0]))
@@ -714,18 +723,10 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b with fp32 accumulation whatever the dtype of a and b."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-        return
-    if a.is_cuda:
-        if not _MM_OUT_DTYPE["checked"] or _MM_OUT_DTYPE["ok"]:
-            try:
-                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-                _MM_OUT_DTYPE.update(checked=True, ok=True)
-                return
-            except (TypeError, RuntimeError, NotImplementedError):
-                _MM_OUT_DTYPE.update(checked=True, ok=False)
+    elif not a.is_cuda:
+        acc.addmm_(a.float(), b.float())
+    elif not _with_out_dtype(lambda: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)):
         acc.add_(torch.mm(a, b))  # older torch: the product rounds once to the half dtype
-        return
-    acc.addmm_(a.float(), b.float())
 
 
 def linear_vocab_slice(rows: int, n_vocab: int, bytes_per_logit: int) -> int:
