@@ -58,6 +58,15 @@ def run_logprobs(hidden, weight, bias, targets, g_logp, g_ent, **kw):
     return logp, ent, h.grad, w.grad, b.grad
 
 
+def oracle_run(hidden, weight, bias, targets, g_logp, g_ent, temperature):
+    """float64 (logp, entropy, d hidden, d weight, d bias) for the loss Σ g_logp·logp + g_ent·H,
+    laid out like :func:`run_logprobs`."""
+    h64, w64, b64 = leaves(hidden, weight, bias, dtype=torch.float64)
+    logp, ent = oracle_linear_logprobs(h64, w64, b64, targets, temperature)
+    (logp * g_logp.double() + ent * g_ent.double()).sum().backward()
+    return logp, ent, h64.grad, w64.grad, b64.grad
+
+
 def assert_within_low_precision_error(actual, low, exact, dtype, what, factor=2.0):
     """|actual − exact| ≤ factor·|low − exact| + one rounding of ``dtype`` at the scale of ``exact``
     (max norm): the kernel path is as accurate as the reference run in the input precision."""
@@ -80,13 +89,11 @@ def test_linear_token_logprobs_fp32_parity(backend, lead, h, v, chunk):
     with poisoned_allocations():
         got = run_logprobs(hidden, weight, bias, targets, g_logp, g_ent, temperature=0.7, chunk_size=chunk,
                            backend=backend)
-    h64, w64, b64 = leaves(hidden, weight, bias, dtype=torch.float64)
-    logp, ent = oracle_linear_logprobs(h64, w64, b64, targets, 0.7)
-    (logp * g_logp.double() + ent * g_ent.double()).sum().backward()
+    logp, ent, *grads64 = oracle_run(hidden, weight, bias, targets, g_logp, g_ent, 0.7)
     assert got[0].dtype == got[1].dtype == torch.float32 and got[0].shape == targets.shape
     assert_close(got[0], logp, **F32, what="logp")
     assert_close(got[1], ent, **F32, what="entropy")
-    for name, g, ref in zip(("d hidden", "d weight", "d bias"), got[2:], (h64.grad, w64.grad, b64.grad)):
+    for name, g, ref in zip(("d hidden", "d weight", "d bias"), got[2:], grads64):
         assert g.dtype == torch.float32
         assert_grad_close(g, ref, name)
 
@@ -102,9 +109,7 @@ def test_linear_token_logprobs_half_precision(backend, dtype, fp32_lm_head):
     got = run_logprobs(hidden, weight, bias, targets, g_logp, g_ent, fp32_lm_head=fp32_lm_head, chunk_size=8,
                        backend=backend)
     low = run_logprobs(hidden, weight, bias, targets, g_logp, g_ent, fp32_lm_head=fp32_lm_head, backend="reference")
-    h64, w64, b64 = leaves(hidden, weight, bias, dtype=torch.float64)
-    logp, ent = oracle_linear_logprobs(h64, w64, b64, targets, 1.0)
-    (logp * g_logp.double() + ent * g_ent.double()).sum().backward()
+    logp, ent, *grads64 = oracle_run(hidden, weight, bias, targets, g_logp, g_ent, 1.0)
     if fp32_lm_head:
         # Products of half-precision values are exact in fp32: the log-probs keep fp32 accuracy.
         assert_close(got[0], logp, rtol=2e-5, atol=2e-5, what="logp with an fp32 LM head")
@@ -112,7 +117,7 @@ def test_linear_token_logprobs_half_precision(backend, dtype, fp32_lm_head):
     else:
         assert_within_low_precision_error(got[0], low[0], logp, dtype, "logp")
         assert_within_low_precision_error(got[1], low[1], ent, dtype, "entropy")
-    for i, (name, ref) in enumerate(zip(("d hidden", "d weight", "d bias"), (h64.grad, w64.grad, b64.grad))):
+    for i, (name, ref) in enumerate(zip(("d hidden", "d weight", "d bias"), grads64)):
         assert got[2 + i].dtype == dtype
         assert_within_low_precision_error(got[2 + i], low[2 + i], ref, dtype, name, factor=3.0)
 
@@ -134,15 +139,13 @@ def test_linear_token_logprobs_backward_in_vocabulary_slices(backend, dtype, chu
     with poisoned_allocations():
         got = run_logprobs(hidden, weight, bias, targets, g_logp, g_ent, temperature=1.3, chunk_size=chunk,
                            backend=backend)
-    h64, w64, b64 = leaves(hidden, weight, bias, dtype=torch.float64)
-    logp, ent = oracle_linear_logprobs(h64, w64, b64, targets, 1.3)
-    (logp * g_logp.double() + ent * g_ent.double()).sum().backward()
+    grads64 = oracle_run(hidden, weight, bias, targets, g_logp, g_ent, 1.3)[2:]
     if dtype == torch.float32:
-        for name, g, ref in zip(("d hidden", "d weight", "d bias"), got[2:], (h64.grad, w64.grad, b64.grad)):
+        for name, g, ref in zip(("d hidden", "d weight", "d bias"), got[2:], grads64):
             assert_grad_close(g, ref, name)
     else:
         low = run_logprobs(hidden, weight, bias, targets, g_logp, g_ent, temperature=1.3, backend="reference")
-        for i, (name, ref) in enumerate(zip(("d hidden", "d weight", "d bias"), (h64.grad, w64.grad, b64.grad))):
+        for i, (name, ref) in enumerate(zip(("d hidden", "d weight", "d bias"), grads64)):
             assert_within_low_precision_error(got[2 + i], low[2 + i], ref, dtype, name)
 
 
