@@ -966,14 +966,20 @@ def _linear_logprobs_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _linear_logprobs_backward(ctx, grad_logp, grad_entropy, grad_lse):
+def _linear_logprobs_grads(ctx, grad_logp, grad_entropy, with_entropy):
+    """(d hidden, d weight, d bias), None where not asked for, from what the forward saved:
+    hidden, weight, bias, targets, lse, entropy and ``ctx.args``."""
     hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dh, dw, db = _linear_token_logprobs_bwd_op(grad_logp, grad_entropy if entropy is not None else None, hidden, weight,
-                                               bias, targets, lse, entropy, *ctx.args, need[0], need[1],
-                                               bias is not None and need[2])
-    return (dh if need[0] else None, dw if need[1] else None, db if bias is not None and need[2] else None,
-            *([None] * 7))
+    need_bias = bias is not None and need[2]
+    dh, dw, db = _linear_token_logprobs_bwd_op(grad_logp, grad_entropy if with_entropy else None, hidden, weight,
+                                               bias, targets, lse, entropy, *ctx.args, need[0], need[1], need_bias)
+    return dh if need[0] else None, dw if need[1] else None, db if need_bias else None
+
+
+def _linear_logprobs_backward(ctx, grad_logp, grad_entropy, grad_lse):
+    with_entropy = ctx.saved_tensors[5] is not None
+    return (*_linear_logprobs_grads(ctx, grad_logp, grad_entropy, with_entropy), *([None] * 7))
 
 
 _linear_token_logprobs_fwd_op.register_autograd(_linear_logprobs_backward, setup_context=_linear_logprobs_setup)
@@ -999,15 +1005,10 @@ class _VocabParallelLinearTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         import torch.distributed as dist
 
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_bias = bias is not None and need[2]
-        dh, dw, db = _linear_token_logprobs_bwd_op(grad_logp, grad_entropy if ctx.with_entropy else None, hidden,
-                                                   weight, bias, targets, lse, entropy, *ctx.args, need[0], need[1],
-                                                   need_bias)
-        if need[0]:
+        dh, dw, db = _linear_logprobs_grads(ctx, grad_logp, grad_entropy, ctx.with_entropy)
+        if dh is not None:
             dist.all_reduce(dh, group=ctx.group)
-        return (dh if need[0] else None, dw if need[1] else None, db if need_bias else None, *([None] * 8))
+        return (dh, dw, db, *([None] * 8))
 
 
 class _ReplicatedInput(torch.autograd.Function):
