@@ -151,8 +151,12 @@ def _linear_checks(device):
         weight = torch.randn(v, h, device=device) / h ** 0.5 * 2
         return hidden, weight, torch.randn(v, device=device) * 0.5, torch.randint(0, v, (2, n // 2), device=device)
 
-    def flat(*xs):
-        return torch.cat([x.reshape(-1) for x in xs])
+    def compared(values, values64, grads, grads64):
+        """Values and gradients flattened, each gradient scaled by its reference's largest entry."""
+        scales = [g.abs().max().clamp_min(1e-30) for g in grads64]
+        return (torch.cat([x.reshape(-1) for x in (*values, *(g / c for g, c in zip(grads, scales)))]),
+                torch.cat([x.reshape(-1) for x in (*values64, *(g / c for g, c in zip(grads64, scales)))]),
+                MATMUL_GRAD_FLOOR)
 
     def run_logprobs(backend):
         hidden, weight, bias, targets = lm_head()
@@ -164,9 +168,7 @@ def _linear_checks(device):
         ref_logp, ref_ent = nk.linear_token_logprobs(*leaves64[:2], targets, bias=leaves64[2], temperature=0.8,
                                                      return_entropy=True, backend="reference")
         grads64 = torch.autograd.grad(ref_logp.sum() + ref_ent.sum(), leaves64)
-        scales = [g.abs().max().clamp_min(1e-30) for g in grads64]
-        return (flat(logp, ent, *(g / s for g, s in zip(grads, scales))),
-                flat(ref_logp, ref_ent, *(g / s for g, s in zip(grads64, scales))), MATMUL_GRAD_FLOOR)
+        return compared((logp, ent), (ref_logp, ref_ent), grads, grads64)
 
     yield "linear_token_logprobs", f"N={n} H={h} V={v} (logp, entropy, grads)", run_logprobs
 
@@ -186,9 +188,7 @@ def _linear_checks(device):
             ref = nk.linear_policy_loss(*leaves64[:2], targets, old.double(), adv.double(), mask, bias=leaves64[2],
                                         backend="reference", **{**kw, "ref_logp": kw["ref_logp"].double()})
             grads64 = torch.autograd.grad(ref.loss, leaves64)
-            scales = [g.abs().max().clamp_min(1e-30) for g in grads64]
-            return (flat(out.loss, *(g / s for g, s in zip(grads, scales))),
-                    flat(ref.loss, *(g / s for g, s in zip(grads64, scales))), MATMUL_GRAD_FLOOR)
+            return compared((out.loss,), (ref.loss,), grads, grads64)
         yield "linear_policy_loss", f"{loss_type} N={n} H={h} V={v}", run
 
 
