@@ -110,20 +110,24 @@ __global__ void __launch_bounds__(kThreads) group_advantages_kernel(GroupAdvanta
   for (int64_t i = first; i < 4 * slots; i += stride) a.work[i] = 0;
   grid.sync();
 
-  long long local_max = 0;
+  // Rewards whose id is out of range (unvalidated input) get NaN and join no statistic, the
+  // batch's included.
+  long long local_max = 0, local_count = 0;
   for (int64_t i = first; i < a.n; i += stride) {
     const int64_t g = group_of(a, i);
     const long long bits = abs_bits(load_reward(a, i));
     if (valid_group(g)) {
       atomicAdd(reinterpret_cast<unsigned long long*>(count + g), 1ULL);
       atomicMax(reinterpret_cast<long long*>(maxbits + g), bits);
+      local_max = max(local_max, bits);
+      ++local_count;
     }
-    local_max = max(local_max, bits);
   }
   if (need_batch) {
     const long long best = block_reduce(local_max, shared, Max{});
     if (threadIdx.x == 0) atomicMax(reinterpret_cast<long long*>(maxbits + batch), best);
-    if (blockIdx.x == 0 && threadIdx.x == 0) count[batch] = a.n;
+    const long long members = block_reduce(local_count, shared, Add{});
+    if (threadIdx.x == 0) atomicAdd(reinterpret_cast<unsigned long long*>(count + batch), static_cast<unsigned long long>(members));
   }
   grid.sync();
 
@@ -132,9 +136,9 @@ __global__ void __launch_bounds__(kThreads) group_advantages_kernel(GroupAdvanta
   for (int64_t i = first; i < a.n; i += stride) {
     const int64_t g = group_of(a, i);
     const double r = load_reward(a, i);
-    if (valid_group(g))
-      atomicAdd(reinterpret_cast<unsigned long long*>(sums + g),
-                static_cast<unsigned long long>(quantize(r, top - exponent_bound(ld(maxbits + g)))));
+    if (!valid_group(g)) continue;
+    atomicAdd(reinterpret_cast<unsigned long long*>(sums + g),
+              static_cast<unsigned long long>(quantize(r, top - exponent_bound(ld(maxbits + g)))));
     local_sum += quantize(r, top - batch_e);
   }
   if (need_batch) {
@@ -155,9 +159,9 @@ __global__ void __launch_bounds__(kThreads) group_advantages_kernel(GroupAdvanta
       atomicAdd(reinterpret_cast<unsigned long long*>(squares + g),
                 static_cast<unsigned long long>(quantize(d * d, top - (2 * gv.e + 2))));
       if (a.scale == 3) local_num += quantize(numerator(a, r, gv), top - whiten_e);
+      const double db = r - batch_view.mean;
+      local_sq += quantize(db * db, top - (2 * batch_e + 2));
     }
-    const double db = r - batch_view.mean;
-    local_sq += quantize(db * db, top - (2 * batch_e + 2));
   }
   if (need_batch) {
     const long long total = block_reduce(a.scale == 1 ? local_sq : local_num, shared, Add{});
@@ -166,7 +170,8 @@ __global__ void __launch_bounds__(kThreads) group_advantages_kernel(GroupAdvanta
   }
   grid.sync();
 
-  const double whiten_mean = ldexp(static_cast<double>(ld(sums + whiten)), whiten_e - top) / fmax(static_cast<double>(a.n), 1.0);
+  const double batch_n = static_cast<double>(ld(count + batch));
+  const double whiten_mean = ldexp(static_cast<double>(ld(sums + whiten)), whiten_e - top) / fmax(batch_n, 1.0);
   if (need_batch && a.scale == 3) {
     long long local = 0;
     for (int64_t i = first; i < a.n; i += stride) {
@@ -182,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) group_advantages_kernel(GroupAdvanta
 
   double center = 0.0, spread = 0.0;
   if (need_batch) {
-    const double nb = static_cast<double>(a.n);
+    const double nb = batch_n;
     double m2b;
     if (a.scale == 1) {
       m2b = ldexp(static_cast<double>(ld(squares + batch)), (2 * batch_e + 2) - top);

@@ -30,8 +30,13 @@ __device__ __forceinline__ float block_sum(float v, float* shared) {
   return total;
 }
 
+// min/max that return NaN when either side is NaN (fminf/fmaxf drop a NaN operand): NaN in the
+// data must reach the loss.
+__device__ __forceinline__ float nan_min(float x, float y) { return (x != x || y != y) ? x + y : fminf(x, y); }
+__device__ __forceinline__ float nan_max(float x, float y) { return (x != x || y != y) ? x + y : fmaxf(x, y); }
+
 __device__ __forceinline__ float importance_weight(float w, const PolicyLossArgs& a) {
-  if (a.is_mode == 1) return fminf(w, a.is_hi);
+  if (a.is_mode == 1) return nan_min(w, a.is_hi);
   return (w >= a.is_lo && w <= a.is_hi) ? w : 0.f;
 }
 
@@ -46,8 +51,8 @@ struct TokenTerms {
 // unclipped branch; the cap applies only when strictly smaller.
 __device__ __forceinline__ TokenTerms clipped_surrogate(float ratio, float adv, const PolicyLossArgs& a) {
   TokenTerms t;
-  const float surr1 = fminf(ratio, a.delta) * adv;
-  const float surr2 = fminf(fmaxf(ratio, a.lo), a.hi) * adv;
+  const float surr1 = nan_min(ratio, a.delta) * adv;
+  const float surr2 = nan_min(nan_max(ratio, a.lo), a.hi) * adv;
   const bool use_clipped = surr2 < surr1;
   t.value = -(use_clipped ? surr2 : surr1);
   const float d_clipped = (ratio < a.lo || ratio > a.hi) ? 0.f : 1.f;
@@ -73,9 +78,9 @@ __device__ __forceinline__ TokenTerms token_local_terms(float lp, float ratio, f
       t.d_logp *= ratio;
       break;
     case kCISPO: {
-      float w = fminf(ratio, a.hi);
+      float w = nan_min(ratio, a.hi);
       if (a.cispo_two_sided) {
-        w = fmaxf(w, a.lo);
+        w = nan_max(w, a.lo);
         t.low = ratio < a.lo ? 1.f : 0.f;
       }
       t.value = -w * adv * lp;

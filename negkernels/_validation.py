@@ -49,3 +49,33 @@ def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
     return value
+
+
+def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, name: str = "cu_seqlens") -> int:
+    """Offsets of packed sequences: a 1-D int tensor that starts at 0, never decreases and ends at
+    ``total``. One host read for the whole layout; returns the longest sequence's length."""
+    check_tensor(name, cu_seqlens, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    if cu_seqlens.numel() < 1:
+        raise ValueError(f"{name}: needs at least one entry (0)")
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    ends = (cu_seqlens[0], cu_seqlens[-1])
+    first, last, shortest, longest = torch.stack([*ends, *(torch.aminmax(lengths) if lengths.numel() else ends)]).tolist()
+    if first != 0 or last != total or shortest < 0:
+        raise ValueError(f"{name}: must start at 0, be non-decreasing and end at {total}, "
+                         f"got {cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else 'a layout that does not'}")
+    return int(longest) if lengths.numel() else 0
+
+
+def check_disjoint_outputs(outputs: dict) -> None:
+    """Tensors a kernel writes in place: none may overlap itself (a stride-0 expanded or broadcast
+    view: two rows would write one address) and no two may share memory, by torch's own rule for
+    ``out=`` arguments (conservative: views interleaved in one buffer count as sharing)."""
+    named = [(name, x) for name, x in outputs.items() if x.numel()]
+    for name, x in named:
+        if torch._debug_has_internal_overlap(x) == 1:
+            raise ValueError(f"{name}: an output written in place must not overlap itself (an expanded or broadcast "
+                             f"view, strides {tuple(x.stride())}); pass a materialised tensor")
+    for i, (a, x) in enumerate(named):
+        for b, y in named[i + 1:]:
+            if torch._C._overlaps(x, y):
+                raise ValueError(f"{b}: an output written in place must not share memory with {a}")

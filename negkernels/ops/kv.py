@@ -18,7 +18,16 @@ import torch
 from torch import Tensor
 
 from .._backend import resolve_backend
-from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_finite_float, check_int, check_tensor
+from .._validation import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_choice,
+    check_cu_seqlens,
+    check_disjoint_outputs,
+    check_finite_float,
+    check_int,
+    check_tensor,
+)
 from ..reference.kv import (
     ATTENTION_SCORERS,
     SELECT_MODES,
@@ -293,7 +302,7 @@ def select_retained(scores: Tensor, budget: int, *, sink: int = 0, window: int =
 # ============================================================================ compaction
 
 
-def _check_compact(keys, values, indices, extras):
+def _check_compact(keys, values, indices, extras, validate: bool):
     check_tensor("keys", keys, ndim=4, dtypes=FLOAT_DTYPES)
     b, h, s, d = keys.shape
     check_tensor("values", values, ndim=4, device=keys.device)
@@ -302,6 +311,10 @@ def _check_compact(keys, values, indices, extras):
     check_tensor("indices", indices, ndim=3, dtypes=(torch.int64,), device=keys.device)
     if tuple(indices.shape[:2]) != (b, h) or indices.shape[2] > s:
         raise ValueError(f"indices: expected [B, H, M] = [{b}, {h}, M <= {s}], got {tuple(indices.shape)}")
+    if validate and indices.numel():
+        lo, hi = (int(v) for v in torch.aminmax(indices))  # one host read
+        if lo < -1 or hi >= s:
+            raise ValueError(f"indices: entries must lie in [-1, {s}) (−1 = unused), found {lo if lo < -1 else hi}")
     out = []
     for i, e in enumerate(extras):
         check_tensor(f"extras[{i}]", e, device=keys.device)
@@ -377,30 +390,37 @@ def _(keys, values, indices, extras):
     return None
 
 
-def compact_kv(keys: Tensor, values: Tensor, indices: Tensor, *extras: Tensor, backend: Optional[str] = None):
+def compact_kv(keys: Tensor, values: Tensor, indices: Tensor, *extras: Tensor, validate: bool = True,
+               backend: Optional[str] = None):
     """Gather the kept tokens: K, V [B, H, S, D] and per-token metadata at ``indices`` [B, H, M].
 
     ``extras`` are per-token tensors [B, H, S] (positions, log β; anything broadcastable to it) or
     [B, H, S, ...] (on the reference backend). Entries −1 in ``indices`` (unused, see
     :func:`select_retained`) give zeros. Returns ``(keys [B, H, M, D], values [B, H, M, D],
     *extras [B, H, M])``. Differentiable in every floating input (the gradient scatters back).
+
+    ``validate`` checks on the host (one synchronisation) that every index lies in [−1, S);
+    without it an index outside that range gives zeros like −1 and nothing is read out of bounds.
     """
-    extras = _check_compact(keys, values, indices, extras)
+    extras = _check_compact(keys, values, indices, extras, validate)
     chosen = resolve_backend(backend, keys.device, "compact_kv", COMPACT_KV_BACKENDS)
     if chosen == "reference" or any(e.dim() != 3 for e in extras):
         return compact_kv_reference(keys, values, indices, *extras)
     return tuple(_compact_kv_op(keys, values, indices, list(extras)))
 
 
-def compact_kv_(keys: Tensor, values: Tensor, indices: Tensor, *extras: Tensor, backend: Optional[str] = None):
+def compact_kv_(keys: Tensor, values: Tensor, indices: Tensor, *extras: Tensor, validate: bool = True,
+                backend: Optional[str] = None):
     """In-place :func:`compact_kv`: the kept tokens are written into the prefix ``[:, :, :M]`` of the
-    source buffers (which must not be broadcast views); returns those prefix views. Needs
-    ``indices`` ascending per row (as :func:`select_retained` returns them). No gradient."""
+    source buffers, which must be distinct, non-overlapping tensors (no broadcast or expanded
+    views: two rows writing one address would corrupt each other); returns those prefix views.
+    Needs ``indices`` ascending per row (as :func:`select_retained` returns them). No gradient."""
     extras = list(extras)
-    _check_compact(keys, values, indices, extras)
+    _check_compact(keys, values, indices, extras, validate)
     for i, e in enumerate(extras):
-        if e.dim() != 3 or tuple(e.shape) != tuple(keys.shape[:3]) or 0 in e.stride():
+        if e.dim() != 3 or tuple(e.shape) != tuple(keys.shape[:3]):
             raise ValueError(f"extras[{i}]: the in-place form needs a writable [B, H, S] tensor, got shape {tuple(e.shape)}")
+    check_disjoint_outputs({"keys": keys, "values": values, **{f"extras[{i}]": e for i, e in enumerate(extras)}})
     chosen = resolve_backend(backend, keys.device, "compact_kv", COMPACT_KV_BACKENDS)
     m = indices.shape[2]
     if chosen == "reference":
@@ -539,7 +559,7 @@ _retention_mass_fwd_op.register_autograd(_mass_backward, setup_context=_mass_set
 def _check_cu_seqlens(cu_seqlens, t: int, device) -> Optional[Tensor]:
     if cu_seqlens is None:
         return None
-    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    check_cu_seqlens(cu_seqlens, t, device)
     if cu_seqlens.shape[0] < 2:
         raise ValueError(f"cu_seqlens: expected at least 2 offsets [0, ..., T], got shape {tuple(cu_seqlens.shape)}")
     return cu_seqlens.to(torch.int64).contiguous()
@@ -575,8 +595,8 @@ def retention_capacity_loss(log_beta: Tensor, budget: float, cu_seqlens: Optiona
     1-based position within its sequence), with ``mass`` from :func:`retention_mass`. Penalises
     gates that would keep more than ``budget`` tokens; a 0-d fp32 loss (0 for no tokens)."""
     budget = check_finite_float("budget", budget, minimum=0.0)
-    mass = retention_mass(log_beta, cu_seqlens, backend=backend)
-    cu = _check_cu_seqlens(cu_seqlens, mass.shape[-1], mass.device)
+    mass = retention_mass(log_beta, cu_seqlens, backend=backend)  # checks cu_seqlens
+    cu = cu_seqlens.long() if cu_seqlens is not None else None
     t = token_offsets(mass.shape[-1], cu, mass.device).to(mass.dtype)
     excess = torch.clamp_min(mass - budget, 0) / t
     return excess.mean() if excess.numel() else excess.sum()

@@ -17,7 +17,15 @@ import torch
 from torch import Tensor
 
 from .._backend import resolve_backend
-from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_finite_float, check_int, check_tensor
+from .._validation import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_choice,
+    check_cu_seqlens,
+    check_finite_float,
+    check_int,
+    check_tensor,
+)
 from ..reference.logprobs import (
     AGGREGATIONS,
     IS_MODES,
@@ -68,6 +76,22 @@ def _row_view(x: Tensor) -> tuple[Tensor, int, int, int]:
     if x.dim() == 2:
         return x, 0, x.stride(0), max(x.shape[0], 1)
     return x, x.stride(0), x.stride(1), max(x.shape[1], 1)
+
+
+def _rows_in_own_storage(x: Tensor) -> bool:
+    """True when :func:`_row_view` addresses ``x`` without a copy, so a kernel can write into it.
+
+    An in-place backward into a copy would return the caller's unwritten logits as the gradient:
+    where this is False the in-place options fall back to an out-of-place gradient buffer.
+    """
+    if x.dim() == 0 or x.stride(-1) != 1:
+        return False
+    if x.dim() > 3:
+        try:
+            x.view(-1, x.shape[-2], x.shape[-1])
+        except RuntimeError:
+            return False
+    return True
 
 
 @torch.library.custom_op("negkernels::token_logprobs_fwd", mutates_args=())
@@ -187,7 +211,8 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, vocab_start, vocab_total, with_entropy, group, backend):
         if backend == "reference":
-            logp_r, ent_r, lse_r = token_logprobs_partials_reference(logits, targets, temperature, vocab_start)
+            logp_r, ent_r, lse_r = token_logprobs_partials_reference(logits, targets, temperature, vocab_start,
+                                                                     vocab_total)
         else:
             logp_r, ent_r, lse_r = _token_logprobs_fwd_op(logits, targets, temperature, vocab_start, vocab_total, True,
                                                           False)
@@ -258,7 +283,9 @@ def token_logprobs(
         return_entropy: also return H = −Σ_j p_j log p_j of that distribution.
         inplace_backward: the backward writes the logits' gradient into the logits' storage
             (saves a logits-sized buffer; the logits are destroyed, so nothing else may need them).
-            Kernel backends only; the reference ignores it.
+            Kernel backends only; the reference ignores it. Logits whose rows the kernel cannot
+            address in their own storage (a strided last dim, leading dims that do not flatten
+            into a view) get an out-of-place gradient instead.
         process_group: vocab-parallel logits: rank r holds the r-th contiguous slice of the
             vocabulary, in rank order; results equal the single-process ones on every rank.
         validate: check the target range on the host (one synchronisation). Without it the
@@ -293,7 +320,7 @@ def token_logprobs(
     if chosen == "reference":
         return token_logprobs_reference(logits, targets, temperature, return_entropy)
     logp, entropy, _ = _token_logprobs_fwd_op(logits, targets, temperature, 0, logits.shape[-1], return_entropy,
-                                              inplace_backward)
+                                              inplace_backward and _rows_in_own_storage(logits))
     return (logp, entropy) if return_entropy else logp
 
 
@@ -322,17 +349,8 @@ def _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens, max_seqle
     if packed:
         if logp.dim() != 1:
             raise ValueError(f"logp: with cu_seqlens expected packed [N] log-probs, got shape {tuple(logp.shape)}")
-        check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=INDEX_DTYPES, device=device)
-        if cu_seqlens.numel() < 1:
-            raise ValueError("cu_seqlens: needs at least one entry (0)")
+        longest = check_cu_seqlens(cu_seqlens, logp.numel(), device)
         num_seq = cu_seqlens.numel() - 1
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        # One host read for every check of the layout.
-        first, last, shortest, longest = torch.stack([
-            cu_seqlens[0], cu_seqlens[-1], *(torch.aminmax(lengths) if num_seq else (cu_seqlens[0], cu_seqlens[0]))
-        ]).tolist()
-        if first != 0 or last != logp.numel() or shortest < 0:
-            raise ValueError(f"cu_seqlens: must start at 0, be non-decreasing and end at N = {logp.numel()}")
         if max_seqlen is None:
             max_seqlen = longest
         else:
@@ -847,7 +865,7 @@ def policy_loss_from_logits(
     weight = _token_weights(aggregation, mask, old_logp, cu_seqlens, denom, opts["norm_constant"], counts)
     use_kl = ref_logp is not None
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
-    inplace = inplace_backward and compute_grad
+    inplace = inplace_backward and compute_grad and _rows_in_own_storage(logits)
     op = _InplacePolicyLossFromLogits.apply if inplace else _policy_loss_from_logits_op
     loss, sums, logp, entropy, *_ = op(
         logits, targets, _flat(old_logp).float(), _per_token_values(advantages, per_token.get("advantages", False),

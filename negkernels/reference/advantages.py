@@ -74,8 +74,20 @@ def group_advantages_reference(
     # Always float64: rewards are one scalar per sequence, and fp32 group sums lose a small spread
     # around a large offset (the kernels use exact fixed-point sums for the same reason).
     dtype = torch.float64
-    r = rewards.to(dtype)
     ids = group_ids.long()
+    valid = (ids >= 0) & (ids < num_groups)
+    if ids.numel() and not bool(valid.all()):
+        # Unvalidated ids outside [0, num_groups): NaN advantages for those rewards, which take no
+        # part in any statistic (as on the kernel backends).
+        def kept(x):
+            return x[valid] if isinstance(x, torch.Tensor) and x.dim() == 1 and x.numel() == ids.numel() else x
+
+        adv, mean, std, count = group_advantages_reference(
+            rewards[valid], ids[valid], num_groups, estimator, scale, eps, virtual_max_reward, num_virtual,
+            kept(positive_scale), kept(negative_scale), batch_stats, process_group)
+        full = torch.full(ids.shape, float("nan"), dtype=dtype, device=adv.device)
+        return full.masked_scatter(valid, adv), mean, std, count
+    r = rewards.to(dtype)
     zeros = torch.zeros(num_groups, dtype=dtype, device=r.device)
     count = torch.zeros(num_groups, dtype=torch.int64, device=r.device).index_add_(0, ids, torch.ones_like(ids))
     n_g = count.to(dtype)

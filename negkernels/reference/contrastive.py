@@ -101,10 +101,13 @@ def bank_similarities_reference(query: Tensor, bank: Tensor, *, normalize: bool 
 
 def bank_topk_reference(query: Tensor, bank: Tensor, k: int, *, normalize: bool = False,
                         bank_valid=None) -> tuple[Tensor, Tensor]:
-    """(similarities [N, k], indices [N, k] int64), largest first; missing entries are (−inf, −1)."""
+    """(similarities [N, k], indices [N, k] int64), largest first, ties by the lower slot; missing
+    entries are (−inf, −1)."""
     sims = bank_similarities_reference(query, bank, normalize=normalize, bank_valid=bank_valid)
     take = min(k, bank.shape[0])
-    values, indices = sims.topk(take, dim=1) if take > 0 else (sims[:, :0], sims[:, :0].long())
+    # A stable descending sort keeps equal similarities in slot order (topk's order among ties is unspecified).
+    values, indices = torch.sort(sims, dim=1, descending=True, stable=True)
+    values, indices = values[:, :take], indices[:, :take]
     indices = torch.where(torch.isneginf(values), torch.full_like(indices, -1), indices)
     if take < k:
         pad = k - take

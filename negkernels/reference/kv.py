@@ -163,9 +163,9 @@ def select_retained_global_reference(scores: Tensor, budget: int, sink: int = 0,
 
 def compact_kv_reference(keys: Tensor, values: Tensor, indices: Tensor, *extras: Tensor):
     """Gather K, V [B, H, S, D] and per-token extras [B, H, S, ...] at ``indices`` [B, H, M];
-    entries −1 give zeros."""
-    unused = indices < 0
-    safe = indices.clamp_min(0)
+    entries −1 (and, unvalidated, any index outside [0, S)) give zeros."""
+    unused = (indices < 0) | (indices >= keys.shape[2])
+    safe = indices.masked_fill(unused, 0)
 
     def take(x: Tensor) -> Tensor:
         idx = safe.reshape(*safe.shape, *([1] * (x.dim() - 3))).expand(*safe.shape, *x.shape[3:])
@@ -186,7 +186,9 @@ def retention_mass_reference(log_beta: Tensor, cu_seqlens: Optional[Tensor] = No
     if cu_seqlens is not None:
         seq = torch.searchsorted(cu_seqlens.long(), pos, right=True) - 1
         allowed = allowed & (seq[:, None] == seq[None, :])
-    terms = torch.exp(age.clamp_min(0) * lb[..., None, :])
+    # β⁰ = 1 also for β = 0: the exponent is 0 by selection, not 0·(−inf) = NaN.
+    live = age > 0
+    terms = torch.exp(torch.where(live, age * lb[..., None, :], torch.zeros((), dtype=dtype, device=lb.device)))
     return torch.where(allowed, terms, torch.zeros((), dtype=dtype, device=lb.device)).sum(-1)
 
 

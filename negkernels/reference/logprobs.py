@@ -28,24 +28,31 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def token_logprobs_reference(logits: Tensor, targets: Tensor, temperature: float = 1.0, return_entropy: bool = False,
-                             vocab_start: int = 0):
+                             vocab_start: int = 0, vocab_total: Optional[int] = None):
     """log softmax(logits / T)[target] (and the entropy of softmax(logits / T)), differentiable.
 
     ``logits`` [..., V], ``targets`` [...] ids. With ``vocab_start`` the logits hold the slice
     [vocab_start, vocab_start + V) of a larger vocabulary: targets outside it give log-prob 0 and
-    the statistics are those of the slice alone (the vocab-parallel partials).
+    the statistics are those of the slice alone (the vocab-parallel partials); ids outside
+    [0, ``vocab_total``) (default: the end of this slice) give NaN.
     """
     z = logits.to(compute_dtype(logits)) / temperature
     logsm = torch.log_softmax(z, dim=-1)
     local = targets.long() - vocab_start
     owned = (local >= 0) & (local < z.shape[-1])
     logp = torch.gather(logsm, -1, local.clamp(0, max(z.shape[-1] - 1, 0)).unsqueeze(-1)).squeeze(-1)
-    logp = torch.where(owned, logp, torch.zeros_like(logp))
+    # A target in another rank's slice contributes 0 to the gathered sum; an id outside the whole
+    # vocabulary (unvalidated input) gives NaN, as on the kernel backends.
+    total = z.shape[-1] + vocab_start if vocab_total is None else vocab_total
+    inside = (targets >= 0) & (targets < total)
+    logp = torch.where(owned, logp, torch.where(inside, 0.0, float("nan")).to(logp.dtype))
     if not return_entropy:
         return logp
     p = logsm.exp()
-    # 0·log 0 = 0 for tokens whose logit is −inf; NaN stays NaN.
-    entropy = -torch.where(p == 0, torch.zeros_like(p), p * logsm).sum(-1)
+    # 0·log 0 = 0 for tokens whose logit is −inf; NaN stays NaN. log p is replaced before the
+    # product too: otherwise its backward multiplies the zero upstream gradient by −inf.
+    zero = p == 0
+    entropy = -torch.where(zero, 0.0, p * torch.where(zero, 0.0, logsm)).sum(-1)
     return logp, entropy
 
 
@@ -69,12 +76,13 @@ def linear_token_logprobs_reference(hidden: Tensor, weight: Tensor, targets: Ten
     return token_logprobs_reference(logits, targets, temperature, return_entropy)
 
 
-def token_logprobs_partials_reference(logits: Tensor, targets: Tensor, temperature: float, vocab_start: int):
+def token_logprobs_partials_reference(logits: Tensor, targets: Tensor, temperature: float, vocab_start: int,
+                                      vocab_total: int):
     """Closed-form forward of one vocabulary slice, no autograd: (logp, entropy, lse) of the slice, fp32/fp64."""
     with torch.no_grad():
         z = logits.to(compute_dtype(logits)) / temperature
         lse = torch.logsumexp(z, dim=-1)
-        logp, entropy = token_logprobs_reference(logits, targets, temperature, True, vocab_start)
+        logp, entropy = token_logprobs_reference(logits, targets, temperature, True, vocab_start, vocab_total)
     return logp, entropy, lse
 
 
@@ -191,16 +199,25 @@ def policy_loss_reference(
     packed = cu_seqlens is not None
     n = logp.numel()
     seq, num_seq = _sequence_ids(n if packed else logp.shape, cu_seqlens, logp.device)
-    lp = logp.reshape(-1).to(dtype)
-    old = old_logp.reshape(-1).to(dtype)
     m = torch.ones(n, dtype=dtype, device=logp.device) if mask is None else (mask.reshape(-1) != 0).to(dtype)
+
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+
+    def unmasked(x: Tensor) -> Tensor:
+        """[N] in the compute dtype with masked positions replaced by 0 before any arithmetic: padding
+        may hold ±inf or NaN, and a multiply by the mask afterwards would still send 0·inf = NaN
+        into the gradient."""
+        return torch.where(m > 0, x, zero)
+
+    lp = unmasked(logp.reshape(-1).to(dtype))
+    # old_logp, advantages and ref_logp are constants of the policy gradient.
+    old = unmasked(old_logp.detach().reshape(-1).to(dtype))
     if advantages is None:
         adv = torch.zeros(n, dtype=dtype, device=logp.device)
-    elif advantages.numel() == n and advantages.shape == logp.shape:
-        adv = advantages.reshape(-1).to(dtype)
     else:
-        adv = advantages.reshape(-1).to(dtype)[seq]
-    ref = ref_logp.reshape(-1).to(dtype) if ref_logp is not None else None
+        adv = advantages.detach().reshape(-1).to(dtype)
+        adv = unmasked(adv if advantages.shape == logp.shape else adv[seq])
+    ref = unmasked(ref_logp.detach().reshape(-1).to(dtype)) if ref_logp is not None else None
 
     count_b = torch.zeros(num_seq, dtype=dtype, device=logp.device).index_add(0, seq, m)
     log_ratio = lp - old
@@ -217,7 +234,7 @@ def policy_loss_reference(
         else:
             low = 1.0 / is_threshold if is_threshold_low is None else is_threshold_low
             iw = torch.where((w >= low) & (w <= is_threshold), w, torch.zeros_like(w))
-        iw = iw.detach()
+        iw = unmasked(iw.detach())
 
     zeros = torch.zeros(n, dtype=torch.bool, device=logp.device)
     low_flag = high_flag = dual_flag = zeros

@@ -208,8 +208,9 @@ def _group_advantages_segmented_kernel(
         tl.atomic_add(work_ptr + ids, tl.full(ids.shape, 1, tl.int64), mask=valid)
         tl.atomic_max(work_ptr + slots + ids, bits, mask=valid)
         if NEED_BATCH:
-            tl.atomic_add(work_ptr + batch, tl.sum(mask.to(tl.int64), axis=0))
-            tl.atomic_max(work_ptr + slots + batch, tl.max(tl.where(mask, bits, 0), axis=0))
+            # Rewards whose id is out of range (unvalidated input) get NaN and join no statistic.
+            tl.atomic_add(work_ptr + batch, tl.sum(valid.to(tl.int64), axis=0))
+            tl.atomic_max(work_ptr + slots + batch, tl.max(tl.where(valid, bits, 0), axis=0))
     _grid_barrier(arrive_ptr, generation_ptr, nprog)
 
     # phase 2: fixed-point sums; r·2**(62-headroom-E) is exact and < 2**(62-headroom)
@@ -222,7 +223,7 @@ def _group_advantages_segmented_kernel(
         tl.atomic_add(work_ptr + 2 * slots + ids, q, mask=valid)
         if NEED_BATCH:
             eb = _exponent_bound(tl.load(work_ptr + slots + batch, cache_modifier=".cg"))
-            qb = tl.where(mask & (r == r) & (tl.abs(r) < float("inf")), r64 * _pow2((62 - headroom) - eb), 0.0).to(tl.int64)
+            qb = tl.where(valid & (r == r) & (tl.abs(r) < float("inf")), r64 * _pow2((62 - headroom) - eb), 0.0).to(tl.int64)
             tl.atomic_add(work_ptr + 2 * slots + batch, tl.sum(qb, axis=0))
     _grid_barrier(arrive_ptr, generation_ptr, nprog)
 
@@ -235,14 +236,14 @@ def _group_advantages_segmented_kernel(
         tl.atomic_add(work_ptr + 3 * slots + ids, _square_quanta(r64 - mean, e, headroom, valid), mask=valid)
         if NEED_BATCH:
             bids = tl.zeros_like(ids) + batch
-            _, bmean, be = _group_mean(work_ptr, slots, bids, mask, headroom)
+            _, bmean, be = _group_mean(work_ptr, slots, bids, valid, headroom)
             if SCALE == 1:
-                tl.atomic_add(work_ptr + 3 * slots + batch, tl.sum(_square_quanta(r64 - bmean, be, headroom, mask), axis=0))
+                tl.atomic_add(work_ptr + 3 * slots + batch, tl.sum(_square_quanta(r64 - bmean, be, headroom, valid), axis=0))
             else:
                 # |numerator| < 4·max(|r|max, |vmax|) = 2**ea
                 ea = tl.maximum(be, vmax_exponent) + 2
                 a = _numerator(r64, n, mean, vmax, kvirt, ESTIMATOR)
-                qa = tl.where(mask & (a == a), a * _pow2((62 - headroom) - ea), 0.0).to(tl.int64)
+                qa = tl.where(valid & (a == a), a * _pow2((62 - headroom) - ea), 0.0).to(tl.int64)
                 tl.atomic_add(work_ptr + 2 * slots + whiten, tl.sum(qa, axis=0))
     _grid_barrier(arrive_ptr, generation_ptr, nprog)
 
@@ -257,7 +258,7 @@ def _group_advantages_segmented_kernel(
             bbits = tl.load(work_ptr + slots + batch, cache_modifier=".cg")
             ea = tl.maximum(_exponent_bound(bbits), vmax_exponent) + 2
             wmean = tl.load(work_ptr + 2 * slots + whiten, cache_modifier=".cg").to(tl.float64) * _pow2(ea - (62 - headroom)) / tl.maximum(nb, 1.0)
-            tl.atomic_add(work_ptr + 3 * slots + whiten, tl.sum(_square_quanta(a - wmean, ea, headroom, mask), axis=0))
+            tl.atomic_add(work_ptr + 3 * slots + whiten, tl.sum(_square_quanta(a - wmean, ea, headroom, valid), axis=0))
         _grid_barrier(arrive_ptr, generation_ptr, nprog)
 
     # phase 5: advantages

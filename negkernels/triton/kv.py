@@ -54,10 +54,11 @@ def _retention_scores_kernel(lb_ptr, pos_ptr, step_ptr, step_value, keys_ptr, ou
                              stride_k_b, stride_k_h, stride_k_s, stride_k_d,
                              STEP_PER_BATCH: tl.constexpr, POS_FLOAT: tl.constexpr, HAS_KEYS: tl.constexpr,
                              BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)
+    # int64 row, batch and head: h·stride_h alone passes 2³¹ once H·S·D does (S = 1M, D = 128, H ≥ 16).
+    row = tl.program_id(0).to(tl.int64)
     b = row // heads
     h = row % heads
-    offs = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs = (tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
     mask = offs < seq
     scores = _trim_kv_scores(lb_ptr, pos_ptr, step_ptr, step_value, b, h, offs, mask,
                              stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
@@ -125,7 +126,7 @@ def _select_retained_kernel(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, l
                             stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
                             FROM_LOG_BETA: tl.constexpr, STEP_PER_BATCH: tl.constexpr, POS_FLOAT: tl.constexpr,
                             HAS_LENGTHS: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # 64-bit addressing, as in _retention_scores_kernel
     b = row // heads
     h = row % heads
     lanes = tl.arange(0, BLOCK)
@@ -252,24 +253,25 @@ def _gather_meta(src_ptr, dst_ptr, idx, used, j, stride_s, dst_stride_s, IN_PLAC
 
 @triton.jit
 def _compact_kv_kernel(idx_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, m0_ptr, om0_ptr, m1_ptr, om1_ptr,
-                       heads, kept, kept_per_program, dim_k, dim_v,
+                       heads, seq, kept, kept_per_program, dim_k, dim_v,
                        s_kb, s_kh, s_ks, s_kd, s_vb, s_vh, s_vs, s_vd,
                        s_okb, s_okh, s_oks, s_okd, s_ovb, s_ovh, s_ovs, s_ovd,
                        s_m0b, s_m0h, s_m0s, s_om0b, s_om0h, s_om0s,
                        s_m1b, s_m1h, s_m1s, s_om1b, s_om1h, s_om1s,
                        HAS_KV: tl.constexpr, NUM_META: tl.constexpr, IN_PLACE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)
-    b = (row // heads).to(tl.int64)
-    h = (row % heads).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)
+    b = row // heads
+    h = row % heads
     first = tl.program_id(1) * kept_per_program
     dims = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     lanes = tl.arange(0, BLOCK_M)
     for offset in range(0, kept_per_program, BLOCK_M):
         j = first + offset + lanes
         inside = j < kept
-        idx = tl.load(idx_ptr + row.to(tl.int64) * kept + j, mask=inside, other=-1)
-        used = idx >= 0
+        idx = tl.load(idx_ptr + row * kept + j, mask=inside, other=-1)
+        # An index outside [0, S) (unvalidated input) gives zeros like −1: nothing is read out of bounds.
+        used = (idx >= 0) & (idx < seq)
         jj = tl.where(inside, j, -1).to(tl.int64)
         if HAS_KV:
             _gather_block(k_ptr + b * s_kb + h * s_kh, ok_ptr + b * s_okb + h * s_okh, idx, used, jj, dims, dim_k,
@@ -295,6 +297,7 @@ def compact_kv_fwd(keys, values, indices, metas, outs, in_place: bool):
     indices = indices.contiguous()
     has_kv = keys is not None
     dim_k, dim_v = (keys.shape[-1], values.shape[-1]) if has_kv else (1, 1)
+    seq = (keys if has_kv else metas[0]).shape[2]
     dim = max(dim_k, dim_v)
     block_d = min(triton.next_power_of_2(max(dim, 1)), 128)
     block_m = 64 if block_d <= 64 else 32
@@ -320,7 +323,7 @@ def compact_kv_fwd(keys, values, indices, metas, outs, in_place: bool):
                 pair_out.append(indices)
         launch_kv = has_kv and first == 0
         _compact_kv_kernel[grid if launch_kv else (b * h, grid[1], 1)](
-            indices, *kv, pair[0], pair_out[0], pair[1], pair_out[1], h, kept, kept_per_program, dim_k, dim_v,
+            indices, *kv, pair[0], pair_out[0], pair[1], pair_out[1], h, seq, kept, kept_per_program, dim_k, dim_v,
             *kv_strides, *strides, HAS_KV=launch_kv, NUM_META=min(len(metas) - first, 2), IN_PLACE=in_place,
             BLOCK_M=block_m, BLOCK_D=block_d,
         )
@@ -344,7 +347,8 @@ def _retention_mass_fwd_kernel(lb_ptr, starts_ptr, out_ptr, seq, BLOCK_T: tl.con
         lb = tl.load(lb_ptr + row * seq + i, mask=i < seq, other=0.0).to(tl.float32)
         age = t[:, None] - i[None, :]
         live = (age >= 0) & (i[None, :] >= start_t[:, None]) & t_in[:, None]
-        term = tl.exp2(tl.where(live, age.to(tl.float32), 0.0) * lb[None, :] * _LOG2E)
+        # β⁰ = 1 also for β = 0 (log β = −inf): the exponent is 0 by selection, not 0·(−inf) = NaN.
+        term = tl.exp2(tl.where(live & (age > 0), age.to(tl.float32) * lb[None, :] * _LOG2E, 0.0))
         acc += tl.sum(tl.where(live, term, 0.0), axis=1)
     tl.store(out_ptr + row * seq + t, acc, mask=t_in)
 
@@ -366,7 +370,7 @@ def _retention_mass_bwd_kernel(lb_ptr, ends_ptr, grad_ptr, out_ptr, seq, BLOCK_T
         age = t[None, :] - i[:, None]
         live = (age >= 0) & (t[None, :] < end_i[:, None]) & i_in[:, None]
         agef = tl.where(live, age.to(tl.float32), 0.0)
-        term = tl.exp2(agef * lb[:, None] * _LOG2E)
+        term = tl.exp2(tl.where(agef > 0.0, agef * lb[:, None] * _LOG2E, 0.0))
         acc += tl.sum(tl.where(live, g[None, :] * agef * term, 0.0), axis=1)
     tl.store(out_ptr + row * seq + i, acc, mask=i_in)
 

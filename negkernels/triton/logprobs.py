@@ -148,6 +148,17 @@ def _token_logprobs_bwd_kernel(logits_ptr, stride_outer, stride_inner, inner_siz
 
 
 @triton.jit
+def _nan_min(x, y):
+    """min that returns NaN when either side is NaN (tl.minimum's default drops a NaN operand)."""
+    return tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _nan_max(x, y):
+    return tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _clipped_surrogate(ratio, adv, lo, hi, delta, dual_c):
     """−min(min(ρ, δ)·A, clip(ρ, lo, hi)·A), capped at −c·A for A < 0; returns (value, d/dρ, flags).
 
@@ -156,8 +167,8 @@ def _clipped_surrogate(ratio, adv, lo, hi, delta, dual_c):
     """
     d_capped = tl.where(ratio > delta, 0.0, 1.0)
     d_clipped = tl.where((ratio < lo) | (ratio > hi), 0.0, 1.0)
-    surr1 = tl.minimum(ratio, delta) * adv
-    surr2 = tl.minimum(tl.maximum(ratio, lo), hi) * adv
+    surr1 = _nan_min(ratio, delta) * adv
+    surr2 = _nan_min(_nan_max(ratio, lo), hi) * adv
     use_clipped = surr2 < surr1
     value = -tl.where(use_clipped, surr2, surr1)
     d_ratio = -adv * tl.where(use_clipped, d_clipped, d_capped)
@@ -179,9 +190,9 @@ def _token_local_loss(lp, ratio, adv, lo, hi, delta, dual_c, tau_pos, tau_neg, L
         value, d_ratio, low, high, dual = _clipped_surrogate(ratio, adv, lo, hi, delta, dual_c)
         d_logp = d_ratio * ratio
     elif LOSS == 2:  # cispo: detached clipped ratio × A × logp
-        weight = tl.minimum(ratio, hi)
+        weight = _nan_min(ratio, hi)
         if CISPO_TWO_SIDED:
-            weight = tl.maximum(weight, lo)
+            weight = _nan_max(weight, lo)
             low = tl.where(ratio < lo, 1.0, 0.0)
         else:
             low = zero
@@ -240,7 +251,7 @@ def _kl_term(d, KL: tl.constexpr):
 @triton.jit
 def _importance_weight(w, is_hi, is_lo, IS: tl.constexpr):
     if IS == 1:  # truncate
-        w = tl.minimum(w, is_hi)
+        w = _nan_min(w, is_hi)
     else:  # mask
         w = tl.where((w >= is_lo) & (w <= is_hi), w, 0.0)
     return w
