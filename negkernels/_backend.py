@@ -60,18 +60,34 @@ def _cuda_runs_on(device: torch.device, op: str) -> tuple[bool, str]:
     return True, ""
 
 
+# Each public op's implementations, registered by its family's module in negkernels.ops at import.
+IMPLEMENTED: dict[str, tuple[str, ...]] = {}
+
+
+def register_op(op: str, backends: tuple[str, ...]) -> tuple[str, ...]:
+    """Record which backends implement ``op`` (for :func:`available_backends`); returns ``backends``."""
+    IMPLEMENTED[op] = backends
+    return backends
+
+
 def available_backends(device: torch.device | str | None = None, op: str | None = None) -> list[str]:
     """Backends that can run on ``device`` (default: CUDA if present, else CPU).
 
-    With ``op`` the CUDA backend is listed only if the compiled extension implements that op.
+    With ``op`` (a public op's name, e.g. ``"policy_loss"``) only the backends that implement it
+    are listed, and the CUDA backend only if the compiled extension has its kernel.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    implemented = BACKENDS
+    if op is not None:
+        if op not in IMPLEMENTED:
+            raise ValueError(f"op: unknown op {op!r}; known ops: {sorted(IMPLEMENTED)}")
+        implemented = IMPLEMENTED[op]
     out = ["reference"]
-    if _triton_runs_on(device)[0]:
+    if "triton" in implemented and _triton_runs_on(device)[0]:
         out.append("triton")
-    if device.type == "cuda":
+    if "cuda" in implemented and device.type == "cuda":
         from . import _cuda_ext
 
         if _cuda_ext.load() is not None and (op is None or op in _cuda_ext.cuda_ops()):
@@ -84,9 +100,13 @@ def resolve_backend(backend: str | None, device: torch.device, op: str, implemen
 
     ``implemented`` lists the backends that have an implementation of ``op`` at all.
     """
+    from_env = backend is None and bool(os.environ.get("NEGKERNELS_BACKEND"))
     requested = backend if backend is not None else os.environ.get("NEGKERNELS_BACKEND") or None
     if requested is not None:
         if requested not in BACKENDS:
+            if from_env:
+                raise ValueError(f"NEGKERNELS_BACKEND: expected one of {BACKENDS} or unset, got {requested!r} "
+                                 "(the environment variable sets the default backend)")
             raise ValueError(f"backend: expected one of {BACKENDS} or None, got {requested!r}")
         if requested not in implemented:
             raise BackendUnavailable(f"backend={requested!r}: `{op}` has no {requested} implementation (it has {implemented})")

@@ -7,15 +7,6 @@ import torch
 
 from ._backend import available_backends
 from ._testing import old_logp_off_edges
-from .ops.contrastive import BANK_INFO_NCE_BACKENDS, BANK_TOPK_BACKENDS
-from .ops.kv import EVICT_BACKENDS, RETENTION_MASS_BACKENDS, SELECT_RETAINED_BACKENDS
-from .ops.advantages import DISCRIMINATIVE_LOSS_BACKENDS, GROUP_ADVANTAGES_BACKENDS
-from .ops.logprobs import (
-    LINEAR_BACKENDS,
-    POLICY_LOSS_BACKENDS,
-    POLICY_LOSS_FROM_LOGITS_BACKENDS,
-    TOKEN_LOGPROBS_BACKENDS,
-)
 from .reference.contrastive import bank_info_nce_reference, bank_topk_reference
 from .reference.advantages import ESTIMATORS, SCALES, group_advantages_reference, group_discriminative_loss_reference
 from .reference.logprobs import AGGREGATIONS, LOSS_TYPES, policy_loss_reference, token_logprobs_reference
@@ -282,20 +273,6 @@ def _kv_checks(device):
         yield "retention_mass", config, run
 
 
-OP_BACKENDS = {
-    "select_retained": SELECT_RETAINED_BACKENDS,
-    "evict": EVICT_BACKENDS,
-    "retention_mass": RETENTION_MASS_BACKENDS,
-    "bank_info_nce": BANK_INFO_NCE_BACKENDS,
-    "bank_topk": BANK_TOPK_BACKENDS,
-    "group_advantages": GROUP_ADVANTAGES_BACKENDS,
-    "group_discriminative_loss": DISCRIMINATIVE_LOSS_BACKENDS,
-    "token_logprobs": TOKEN_LOGPROBS_BACKENDS,
-    "policy_loss": POLICY_LOSS_BACKENDS,
-    "policy_loss_from_logits": POLICY_LOSS_FROM_LOGITS_BACKENDS,
-    "linear_token_logprobs": LINEAR_BACKENDS,
-    "linear_policy_loss": LINEAR_BACKENDS,
-}
 
 
 def run_checks(device: torch.device | None = None, verbose: bool = True) -> int:
@@ -304,7 +281,7 @@ def run_checks(device: torch.device | None = None, verbose: bool = True) -> int:
     for source in (_advantage_checks, _discriminative_checks, _logprobs_checks, _policy_loss_checks, _from_logits_checks,
                    _linear_checks, _contrastive_checks, _kv_checks):
         for op, config, fn in source(device):
-            backends = [b for b in available_backends(device, op=op) if b in OP_BACKENDS[op]]
+            backends = available_backends(device, op=op)
             for backend in backends:
                 try:
                     out, ref, *floor_fraction = fn(backend)

@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .._backend import resolve_backend
+from .._backend import register_op, resolve_backend
 from .._fixedpoint import exponent_bound, headroom_bits
 from .._validation import (
     FLOAT_DTYPES,
@@ -32,8 +32,8 @@ from ..reference.advantages import (
     group_discriminative_loss_reference,
 )
 
-GROUP_ADVANTAGES_BACKENDS = ("reference", "triton", "cuda")
-DISCRIMINATIVE_LOSS_BACKENDS = ("reference",)
+GROUP_ADVANTAGES_BACKENDS = register_op("group_advantages", ("reference", "triton", "cuda"))
+DISCRIMINATIVE_LOSS_BACKENDS = register_op("group_discriminative_loss", ("reference",))
 DISCRIMINATIVE_MODES = ("disco", "disco_b")
 
 
@@ -164,7 +164,10 @@ def group_advantages(
         return_stats: also return :class:`GroupStats`.
         num_groups: number of group ids (ids in [0, num_groups)); default ``max(group_index)+1``,
             which reads the ids on the host. Pass it (and ``validate=False``) to avoid any host sync.
-        validate: check group ids on the host (negative or ≥ num_groups raise).
+        eps: > 0, added to every divisor, so a zero-variance group gets advantages 0.
+        validate: check group ids on the host (negative or ≥ num_groups raise). Without it an
+            id outside [0, num_groups) gives that reward a NaN advantage, and the reward joins
+            no statistic (the batch's included); nothing is read or written out of bounds.
         backend: ``None`` (automatic), ``"reference"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
@@ -181,7 +184,9 @@ def group_advantages(
     device = rewards.device
     check_choice("estimator", estimator, ESTIMATORS)
     scale = DEFAULT_SCALE[estimator] if scale is None else check_choice("scale", scale, SCALES)
-    eps = check_finite_float("eps", eps, minimum=0.0)
+    # eps > 0: a zero-variance group (every completion right, say) has numerators 0 and σ = 0,
+    # and only a positive eps turns 0/0 into the advantage 0.
+    eps = check_finite_float("eps", eps, minimum=0.0, exclusive=True)
     virtual_max_reward = check_finite_float("virtual_max_reward", virtual_max_reward)
     num_virtual = check_int("num_virtual", num_virtual, minimum=1 if estimator == "ngrpo" else 0)
     pos, pos_t = _sign_scale("positive_scale", positive_scale, n, device)

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._backend import resolve_backend, triton_interpret
+from .._backend import register_op, resolve_backend, triton_interpret
 from .._validation import INDEX_DTYPES, check_choice, check_finite_float, check_int, check_tensor
 from ..reference.contrastive import (
     FALSE_NEGATIVE_MODES,
@@ -22,8 +22,8 @@ from ..reference.contrastive import (
     bank_topk_reference,
 )
 
-BANK_INFO_NCE_BACKENDS = ("reference", "triton")
-BANK_TOPK_BACKENDS = ("reference", "triton")
+BANK_INFO_NCE_BACKENDS = register_op("bank_info_nce", ("reference", "triton"))
+BANK_TOPK_BACKENDS = register_op("bank_topk", ("reference", "triton"))
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INPUT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 

@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .._backend import resolve_backend
+from .._backend import register_op, resolve_backend
 from .._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -42,11 +42,11 @@ from ..reference.kv import (
     token_offsets,
 )
 
-RETENTION_SCORES_BACKENDS = ("reference", "triton")
-SELECT_RETAINED_BACKENDS = ("reference", "triton", "cuda")
-COMPACT_KV_BACKENDS = ("reference", "triton")
-EVICT_BACKENDS = ("reference", "triton", "cuda")
-RETENTION_MASS_BACKENDS = ("reference", "triton")
+RETENTION_SCORES_BACKENDS = register_op("retention_scores", ("reference", "triton"))
+SELECT_RETAINED_BACKENDS = register_op("select_retained", ("reference", "triton", "cuda"))
+COMPACT_KV_BACKENDS = register_op("compact_kv", ("reference", "triton"))
+EVICT_BACKENDS = register_op("evict", ("reference", "triton", "cuda"))
+RETENTION_MASS_BACKENDS = register_op("retention_mass", ("reference", "triton"))
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .._backend import resolve_backend
+from .._backend import register_op, resolve_backend
 from .._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -40,9 +40,9 @@ from ..reference.logprobs import (
     token_logprobs_reference,
 )
 
-TOKEN_LOGPROBS_BACKENDS = ("reference", "triton")
-POLICY_LOSS_BACKENDS = ("reference", "triton", "cuda")
-POLICY_LOSS_FROM_LOGITS_BACKENDS = ("reference", "triton")
+TOKEN_LOGPROBS_BACKENDS = register_op("token_logprobs", ("reference", "triton"))
+POLICY_LOSS_BACKENDS = register_op("policy_loss", ("reference", "triton", "cuda"))
+POLICY_LOSS_FROM_LOGITS_BACKENDS = register_op("policy_loss_from_logits", ("reference", "triton"))
 TOKEN_LOCAL_LOSSES = ("ppo", "cispo", "sapo", "gpg")
 
 
@@ -342,8 +342,20 @@ def _sum_over_ranks(x: Tensor, process_group) -> Tensor:
     return x
 
 
-def _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens, max_seqlen, ref_logp, is_weights, loss_type):
+def _check_mask_values(mask: Optional[Tensor]) -> None:
+    """A non-bool mask must hold only 0 and 1 (one host read; a bool mask needs none): a weight
+    such as 0.5 would otherwise count as 1."""
+    if mask is not None and mask.dtype != torch.bool and mask.numel():
+        if bool(((mask != 0) & (mask != 1)).any()):
+            bad = mask[(mask != 0) & (mask != 1)].reshape(-1)[0].item()
+            raise ValueError(f"mask: must hold only 0 and 1 (or be bool), found {bad}: weighted masks are not "
+                             "supported")
+
+
+def _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens, max_seqlen, ref_logp, is_weights, loss_type,
+                         validate=True):
     check_tensor("logp", logp, dtypes=FLOAT_DTYPES)
+    check_tensor("old_logp", old_logp, dtypes=FLOAT_DTYPES)
     device = logp.device
     packed = cu_seqlens is not None
     if packed:
@@ -373,6 +385,8 @@ def _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens, max_seqle
         check_tensor("mask", mask, device=device)
         if mask.shape != logp.shape:
             raise ValueError(f"mask: shape {tuple(mask.shape)} must equal logp's {tuple(logp.shape)}")
+        if validate:
+            _check_mask_values(mask)
     per_token = {}
     for name, t in (("advantages", advantages), ("is_weights", is_weights)):
         if t is None:
@@ -412,7 +426,13 @@ def _normaliser(aggregation, mask, logp, cu_seqlens, num_tokens, num_sequences, 
     name = "num_tokens" if aggregation == "token-mean" else "num_sequences"
     if given is not None:
         if isinstance(given, Tensor):
+            if given.numel() != 1 or given.is_complex() or given.dtype == torch.bool:
+                raise ValueError(f"{name}: expected a number or a one-element real tensor, got "
+                                 f"{given.dtype} of shape {tuple(given.shape)}")
             value = given.detach().to(device=device, dtype=torch.float32).reshape(())
+            # Read on the device, not the host: a value that is not a positive finite count makes
+            # the loss NaN instead of a silently huge or sign-flipped loss.
+            return torch.where((value > 0) & torch.isfinite(value), value, float("nan"))
         else:
             value = torch.tensor(check_finite_float(name, given, minimum=0.0, exclusive=True), device=device)
         return value
@@ -549,14 +569,17 @@ def policy_loss(
     num_tokens=None,
     num_sequences=None,
     process_group=None,
+    validate: bool = True,
     backend: Optional[str] = None,
 ) -> PolicyLossOutput:
     """The PPO/GRPO family of policy losses on token log-probs, forward and backward in one fused pass.
 
     Shapes: ``logp``, ``old_logp``, ``ref_logp``, ``mask`` [B, T], or packed [N] with ``cu_seqlens``
     [B+1] (``max_seqlen`` avoids a host sync); ``advantages`` and ``is_weights`` per token (the
-    shape of ``logp``) or per sequence [B]. Any float dtype; ``mask`` bool or 0/1 numbers. Only
-    ``logp`` receives a gradient (in its dtype); everything else is a constant.
+    shape of ``logp``) or per sequence [B]. Any float dtype; ``mask`` bool or 0/1 numbers (a
+    non-bool mask is checked for other values with one host read unless ``validate=False``;
+    weighted masks are rejected, not rounded). Only ``logp`` receives a gradient (in its dtype);
+    everything else is a constant.
 
     With ρ = exp(logp − old_logp), A the advantage, lo = 1 − clip_low, hi = 1 + clip_high, the
     per-token policy term is
@@ -584,7 +607,9 @@ def policy_loss(
                                       norm_constant defaults to T)
     num_tokens (unmasked tokens) and num_sequences (sequences with an unmasked token) default to
     this call's counts; pass the global ones (ints or 0-d tensors) for gradient accumulation, or a
-    ``process_group`` to all-reduce them. Each rank's loss is then its share of the global loss:
+    ``process_group`` to all-reduce them. An int or float must be positive and finite (else
+    ValueError); a tensor is not read on the host, so a non-positive or non-finite one makes the
+    loss NaN. Each rank's loss is then its share of the global loss:
     the sum over ranks and micro-batches of the losses (and gradients) equals the one-big-batch
     result (with DDP, which averages gradients, multiply the loss by the world size).
 
@@ -596,7 +621,7 @@ def policy_loss(
     """
     packed = cu_seqlens is not None
     num_seq, seq_len, max_len, per_token = _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens,
-                                                                max_seqlen, ref_logp, is_weights, loss_type)
+                                                                max_seqlen, ref_logp, is_weights, loss_type, validate)
     opts = _policy_options(loss_type, clip_low, clip_high, dual_clip, delta, sapo_tau_pos, sapo_tau_neg, npo_beta,
                            kl_coef, kl_estimator, is_mode, is_threshold, is_threshold_low, aggregation, norm_constant,
                            ref_logp, logp, packed)
@@ -840,7 +865,7 @@ def policy_loss_from_logits(
     if old_logp.shape != targets.shape:
         raise ValueError(f"old_logp: shape {tuple(old_logp.shape)} must equal targets' {tuple(targets.shape)}")
     num_seq, seq_len, max_len, per_token = _check_policy_inputs(old_logp, old_logp, advantages, mask, cu_seqlens,
-                                                                max_seqlen, ref_logp, is_weights, loss_type)
+                                                                max_seqlen, ref_logp, is_weights, loss_type, validate)
     opts = _policy_options(loss_type, clip_low, clip_high, dual_clip, delta, sapo_tau_pos, sapo_tau_neg, npo_beta,
                            kl_coef, kl_estimator, is_mode, is_threshold, is_threshold_low, aggregation, norm_constant,
                            ref_logp, old_logp, packed)
@@ -899,7 +924,7 @@ def _loss_from_token_logprobs(logp, entropy, old_logp, advantages, mask, cu_seql
     packed = cu_seqlens is not None
     out = policy_loss(logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens, max_seqlen=max_len if packed else None,
                       ref_logp=ref_logp, is_weights=is_weights, cispo_two_sided=cispo_two_sided, num_tokens=denom,
-                      num_sequences=denom, process_group=process_group, backend=backend, **opts)
+                      num_sequences=denom, process_group=process_group, validate=False, backend=backend, **opts)
     loss = out.loss
     mean_entropy = None
     if entropy is not None:
@@ -922,7 +947,8 @@ def _masked_mean(x: Tensor, mask: Optional[Tensor], process_group) -> Tensor:
 
 # ============================================================================ fused with the LM head
 
-LINEAR_BACKENDS = ("reference", "triton")
+LINEAR_BACKENDS = register_op("linear_token_logprobs", ("reference", "triton"))
+register_op("linear_policy_loss", LINEAR_BACKENDS)
 
 
 def _logits_dtype(hidden: Tensor, fp32_lm_head: bool) -> torch.dtype:
@@ -1302,7 +1328,7 @@ def linear_policy_loss(
     if old_logp.shape != targets.shape:
         raise ValueError(f"old_logp: shape {tuple(old_logp.shape)} must equal targets' {tuple(targets.shape)}")
     num_seq, seq_len, max_len, per_token = _check_policy_inputs(old_logp, old_logp, advantages, mask, cu_seqlens,
-                                                                max_seqlen, ref_logp, is_weights, loss_type)
+                                                                max_seqlen, ref_logp, is_weights, loss_type, validate)
     opts = _policy_options(loss_type, clip_low, clip_high, dual_clip, delta, sapo_tau_pos, sapo_tau_neg, npo_beta,
                            kl_coef, kl_estimator, is_mode, is_threshold, is_threshold_low, aggregation, norm_constant,
                            ref_logp, old_logp, packed)
