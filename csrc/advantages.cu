@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "advantages.h"
+#include "device_guard.cuh"
 #include "load_value.cuh"
 
 namespace cg = cooperative_groups;
@@ -237,10 +238,9 @@ __global__ void __launch_bounds__(kThreads) group_advantages_kernel(GroupAdvanta
 }  // namespace
 
 int launch_group_advantages(const GroupAdvantagesArgs& args, void* stream) {
-  int previous = 0;
-  cudaError_t err = cudaGetDevice(&previous);
+  DeviceGuard guard(args.device);
+  cudaError_t err = guard.error();
   if (err != cudaSuccess) return err;
-  if ((err = cudaSetDevice(args.device)) != cudaSuccess) return err;
   int sms = 0, per_sm = 0;
   err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, args.device);
   if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, group_advantages_kernel, kThreads, 0);
@@ -256,7 +256,6 @@ int launch_group_advantages(const GroupAdvantagesArgs& args, void* stream) {
     err = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(group_advantages_kernel), dim3(static_cast<unsigned>(blocks)),
                                       dim3(kThreads), params, 0, static_cast<cudaStream_t>(stream));
   }
-  cudaSetDevice(previous);
   return err;
 }
 

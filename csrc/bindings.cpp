@@ -4,6 +4,8 @@
 // build of torch as well, where the checks can be tested without a GPU.
 #include <torch/extension.h>
 
+#include <cstdlib>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -14,6 +16,25 @@
 
 namespace negkernels {
 namespace {
+
+// Every output and workspace comes from here. With NEGKERNELS_POISON_OUTPUTS set (the tests set it
+// while poisoning torch.empty) it is filled with NaN / a huge negative int before the kernel
+// runs, so an element a kernel fails to write shows up.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  const char* poison = std::getenv("NEGKERNELS_POISON_OUTPUTS");
+  if (poison != nullptr && poison[0] != '\0' && poison[0] != '0') {
+    if (t.is_floating_point())
+      t.fill_(std::numeric_limits<double>::quiet_NaN());
+    else if (t.scalar_type() != at::kBool && t.scalar_type() != at::kByte)
+      t.fill_(-987654321);
+  }
+  return t;
+}
+
+at::Tensor output_for_test(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return new_output(sizes, at::TensorOptions().dtype(dtype));
+}
 
 void check_launch(int error, const char* what) {
   TORCH_CHECK(error == 0, what, " failed: ", cuda_error_string(error));
@@ -75,12 +96,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages(
   args.negative_scale = optional_sign_scale(negative_scale_tensor, rewards, "negative_scale");
 
   auto f32 = rewards.options().dtype(at::kFloat);
-  at::Tensor out = at::empty({n}, f32);
-  at::Tensor mean = at::empty({num_groups}, f32);
-  at::Tensor std = at::empty({num_groups}, f32);
-  at::Tensor count = at::empty({num_groups}, rewards.options().dtype(at::kLong));
+  at::Tensor out = new_output({n}, f32);
+  at::Tensor mean = new_output({num_groups}, f32);
+  at::Tensor std = new_output({num_groups}, f32);
+  at::Tensor count = new_output({num_groups}, rewards.options().dtype(at::kLong));
   if (n == 0 && num_groups == 0) return {out, mean, std, count};
-  at::Tensor work = at::empty({4 * (num_groups + 2)}, rewards.options().dtype(at::kLong));
+  at::Tensor work = new_output({4 * (num_groups + 2)}, rewards.options().dtype(at::kLong));
   args.rewards = rewards.data_ptr();
   args.rewards_dtype = dtype;
   args.out = out.data_ptr<float>();
@@ -159,8 +180,8 @@ std::tuple<at::Tensor, at::Tensor> policy_loss(
   TORCH_CHECK(denom.device() == logp.device() && denom.scalar_type() == at::kFloat && denom.numel() == 1,
               "denom: expected a float32 scalar tensor on ", logp.device());
   auto f32 = logp.options().dtype(at::kFloat);
-  at::Tensor partial = at::empty({num_sequences, kPolicyLossPartials}, f32);
-  at::Tensor grad = at::empty({compute_grad ? n : 0}, f32);
+  at::Tensor partial = new_output({num_sequences, kPolicyLossPartials}, f32);
+  at::Tensor grad = new_output({compute_grad ? n : 0}, f32);
   a.denom = denom.data_ptr<float>();
   a.partial = partial.data_ptr<float>();
   a.grad = compute_grad ? grad.data_ptr<float>() : nullptr;
@@ -184,6 +205,7 @@ std::tuple<at::Tensor, at::Tensor> policy_loss(
   a.is_hi = static_cast<float>(is_hi);
   a.is_lo = static_cast<float>(is_lo);
   a.norm_constant = static_cast<float>(norm_constant);
+  a.device = logp.get_device();
   check_launch(launch_policy_loss(a, reinterpret_cast<void*>(stream)), "policy_loss kernel launch");
   return {partial, grad};
 }
@@ -253,7 +275,7 @@ at::Tensor select_retained(const std::optional<at::Tensor>& scores, const std::o
     a.lengths_kind = index_kind(*lengths, "lengths", false);
   }
   const int64_t kept = budget < s ? budget : s;
-  at::Tensor out = at::empty({b, h, kept}, rows.options().dtype(at::kLong));
+  at::Tensor out = new_output({b, h, kept}, rows.options().dtype(at::kLong));
   a.out = out.data_ptr<int64_t>();
   a.rows = b * h;
   a.heads = h > 0 ? h : 1;
@@ -288,6 +310,7 @@ TORCH_LIBRARY(negkernels_cuda, m) {
 }
 
 TORCH_LIBRARY_FRAGMENT(negkernels_cuda, m) {
+  m.def("_output_for_test(int[] sizes, ScalarType dtype) -> Tensor", &negkernels::output_for_test);
   m.def(
       "select_retained(Tensor? scores, Tensor? log_beta, Tensor? positions, Tensor? step, int step_value, int budget, "
       "int sink, int window, Tensor? lengths, int stream) -> Tensor",

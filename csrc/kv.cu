@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "kv.h"
+#include "device_guard.cuh"
 #include "load_value.cuh"
 
 namespace negkernels {
@@ -144,14 +145,10 @@ __global__ void __launch_bounds__(kThreads) select_retained_kernel(SelectRetaine
 
 int launch_select_retained(const SelectRetainedArgs& args, void* stream) {
   if (args.rows == 0 || args.kept == 0) return cudaSuccess;
-  int previous = 0;
-  cudaError_t err = cudaGetDevice(&previous);
-  if (err != cudaSuccess) return err;
-  if ((err = cudaSetDevice(args.device)) != cudaSuccess) return err;
+  DeviceGuard guard(args.device);
+  if (guard.error() != cudaSuccess) return guard.error();
   select_retained_kernel<<<static_cast<unsigned int>(args.rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
-  err = cudaGetLastError();
-  cudaSetDevice(previous);
-  return err;
+  return cudaGetLastError();
 }
 
 }  // namespace negkernels

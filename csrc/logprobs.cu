@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "device_guard.cuh"
 #include "load_value.cuh"
 #include "logprobs.h"
 
@@ -215,6 +216,8 @@ __global__ void __launch_bounds__(kLossThreads) policy_loss_kernel(const PolicyL
 
 int launch_policy_loss(const PolicyLossArgs& args, void* stream) {
   if (args.num_sequences == 0) return 0;
+  DeviceGuard guard(args.device);
+  if (guard.error() != cudaSuccess) return guard.error();
   policy_loss_kernel<<<static_cast<unsigned>(args.num_sequences), kLossThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
   return static_cast<int>(cudaGetLastError());
 }

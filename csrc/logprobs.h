@@ -25,6 +25,7 @@ struct PolicyLossArgs {
   float* partial = nullptr;             // [num_sequences, 8]
   float* grad = nullptr;                // [n_tokens] or null
   int value_dtype = kValueF32;
+  int device = 0;  // the tensors' CUDA device, made current for the launch
   int64_t num_sequences = 0, seq_len = 0;
   int loss_type = kPPO, kl_estimator = -1, aggregation = kTokenMean, is_mode = 0;  // is_mode: 0 none, 1 truncate, 2 mask
   bool adv_per_token = false, iw_per_token = false, cispo_two_sided = false;

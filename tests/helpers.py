@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -49,11 +50,18 @@ def poisoned_allocations():
             t.fill_(-987654321 if t.dtype != torch.int16 else -12345)
         return t
 
+    # The compiled extension allocates its outputs in C++: it poisons them under this variable.
+    previous = os.environ.get("NEGKERNELS_POISON_OUTPUTS")
+    os.environ["NEGKERNELS_POISON_OUTPUTS"] = "1"
     torch.empty = poisoned_empty
     try:
         yield
     finally:
         torch.empty = real_empty
+        if previous is None:
+            del os.environ["NEGKERNELS_POISON_OUTPUTS"]
+        else:
+            os.environ["NEGKERNELS_POISON_OUTPUTS"] = previous
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float, what: str = "") -> None:

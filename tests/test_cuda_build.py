@@ -1,6 +1,7 @@
 """The CUDA sources compile with nvcc for sm_90 against the installed torch's headers, and the
 whole extension builds, imports and checks its arguments (no GPU needed)."""
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -34,8 +35,6 @@ def test_cuda_file_compiles_for_sm90(source, tmp_path):
 def extension(tmp_path_factory):
     if NVCC is None or shutil.which("cmake") is None:
         pytest.skip("building the extension needs nvcc and cmake")
-    import os
-
     cache = tmp_path_factory.mktemp("ext-cache")
     old = os.environ.get("NEGKERNELS_CACHE_DIR")
     os.environ["NEGKERNELS_CACHE_DIR"] = str(cache)
@@ -120,3 +119,14 @@ def test_extension_checks_select_retained_arguments(extension):
         op(scores, None, None, None, 0, 4, 0, 0, torch.ones(3, dtype=torch.long, device="cuda"), 0)
     with pytest.raises(RuntimeError, match="positions"):
         op(None, scores, None, None, 7, 4, 0, 0, None, 0)
+
+
+@pytest.mark.slow
+def test_extension_poisons_its_outputs_under_the_test_harness(extension):
+    from .helpers import poisoned_allocations
+
+    make = torch.ops.negkernels_cuda._output_for_test
+    with poisoned_allocations():
+        assert make([5], torch.float32).isnan().all()
+        assert (make([3], torch.int64) == -987654321).all()
+    assert "NEGKERNELS_POISON_OUTPUTS" not in os.environ

@@ -18,11 +18,32 @@ pytest.importorskip("triton")
 PRELUDE = textwrap.dedent(
     """
     import itertools
+    import os
+    import subprocess
+    import tempfile
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     TARGET = GPUTarget("cuda", 90, 32)
+    # sm_90's per-block limits: a launch that asks for more fails with OutOfResources / "too many
+    # resources requested", which only a GPU would otherwise show.
+    SHARED_LIMIT = 232448
+    REGISTER_FILE = 65536
+    CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+    def check_resources(kernel, compiled, num_warps):
+        shared = compiled.metadata.shared
+        assert shared <= SHARED_LIMIT, f"{kernel.__name__}: {shared} B of shared memory > {SHARED_LIMIT}"
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True,
+                                   check=True).stdout
+        regs = int(usage.split("REG:")[1].split()[0])
+        threads = 32 * num_warps
+        assert regs * threads <= REGISTER_FILE, f"{kernel.__name__}: {regs} registers x {threads} threads"
+        return shared, regs
 
     def compile_variant(kernel, constexprs, num_warps, pointers, ints, int_type):
         # Triton turns integer arguments equal to 1 into constants: names in constexprs that are
@@ -39,6 +60,7 @@ PRELUDE = textwrap.dedent(
         src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
         compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps))
         assert "ld.global" in compiled.asm["ptx"]
+        return check_resources(kernel, compiled, num_warps)
     """
 )
 
@@ -180,7 +202,7 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
     for dtype, dot_fp32, mask, normalize in (("bf16", False, False, False), ("fp32", True, True, True)):
         compile_contrastive(ck._bank_topk_kernel,
                             dict(HAS_VALID_MASK=mask, NORMALIZE=normalize, DOT_FP32=dot_fp32, PRECISION="ieee",
-                                 BLOCK_N=64, BLOCK_K=64, BLOCK_D=128), dtype, 4, partial_ptr="*i64")
+                                 BLOCK_N=64, BLOCK_K=64, BLOCK_D=128, D_CHUNKS=1), dtype, 4, partial_ptr="*i64")
         count += 1
     compile_contrastive(ck._bank_topk_merge_kernel, dict(BLOCK_N=64, BLOCK_K=64), "fp32", 4, partial_ptr="*i64")
     count += 1
@@ -193,6 +215,37 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
     compile_contrastive(ck._bank_info_nce_bwd_bank_kernel, dict(grad_opts, BLOCK_N=64, BLOCK_K=16, BLOCK_D=16, **ones),
                         "bf16", 4, "i64")
     count += 2
+    print("compiled", count)
+    """
+)
+
+
+# The tiles the launchers choose (nce_tiles, topk_tiles) at the largest head dimension they promise
+# (D = 1024) and the widest top-k list (k = 256), in every dtype: each must fit sm_90's limits.
+CONTRASTIVE_LIMITS_SCRIPT = CONTRASTIVE_SCRIPT.split("count = 0")[0] + textwrap.dedent(
+    """
+    count = 0
+    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        dots = ck._dot_settings(torch_dtype, interpret=False)
+        opts = dict(FN_MODE=2, HAS_VALID_MASK=True, NORMALIZE=True, DOT_FP32=dots["DOT_FP32"],
+                    PRECISION=dots["PRECISION"])
+        grad_opts = dict(opts, GRAD_DOT_FP32=dots["GRAD_DOT_FP32"], GRAD_PRECISION=dots["GRAD_PRECISION"])
+        t = ck.nce_tiles(torch_dtype, 1024)
+        bwd = dict(BLOCK_N=t["bwd_tile"], BLOCK_K=t["bwd_tile"], BLOCK_D=t["block_d"])
+        compile_contrastive(ck._bank_info_nce_fwd_kernel,
+                            dict(opts, HAS_EXTRA=True, BLOCK_N=t["fwd_rows"], BLOCK_K=t["fwd_slots"],
+                                 BLOCK_D=t["block_d"]), dtype, 8 if t["fwd_rows"] * t["block_d"] >= 128 * 128 else 4)
+        compile_contrastive(ck._bank_info_nce_bwd_query_kernel, dict(grad_opts, HAS_EXTRA=True, EXTRA_GRAD=True, **bwd),
+                            dtype)
+        compile_contrastive(ck._bank_info_nce_bwd_bank_kernel, dict(grad_opts, **bwd), dtype)
+        count += 3
+        for d, k in ((128, 256), (1024, 256), (1024, 64)):
+            t = ck.topk_tiles(torch_dtype, d, k)
+            compile_contrastive(ck._bank_topk_kernel,
+                                dict(HAS_VALID_MASK=True, NORMALIZE=True, DOT_FP32=dots["DOT_FP32"], PRECISION="ieee",
+                                     BLOCK_N=t["rows"], BLOCK_K=t["block_k"], BLOCK_D=t["block_d"],
+                                     D_CHUNKS=t["d_chunks"]), dtype, 4, partial_ptr="*i64")
+            count += 1
     print("compiled", count)
     """
 )
@@ -257,6 +310,10 @@ def test_every_logprobs_kernel_variant_compiles_for_sm90():
 
 def test_every_contrastive_kernel_variant_compiles_for_sm90():
     assert "compiled 25" in _compile_in_subprocess(CONTRASTIVE_SCRIPT)
+
+
+def test_contrastive_tiles_fit_sm90_at_the_largest_head_dim_and_list():
+    assert "compiled 18" in _compile_in_subprocess(CONTRASTIVE_LIMITS_SCRIPT)
 
 
 def test_every_kv_kernel_variant_compiles_for_sm90():

@@ -78,7 +78,9 @@ class RetentionLayer(DynamicLayer):
                 self.keys, self.values, indices, self.log_beta, self.positions, backend=owner.backend)
         self.evictions += 1
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query: Union[int, Tensor]) -> tuple[int, int]:
+        # transformers >= 5.4 passes the query length; 5.0-5.3 pass the queries' cache positions.
+        query_length = query.shape[0] if isinstance(query, Tensor) else int(query)
         kept = self.keys.shape[-2] if self.is_initialized else 0
         return kept + query_length, self.cumulative_length - kept
 

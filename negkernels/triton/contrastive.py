@@ -414,26 +414,54 @@ def _bank_topk_kernel(
     n_queries, n_slots, dim, valid_count, split_slots,
     stride_qn, stride_qd, stride_bk, stride_bd,
     HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
 ):
-    """Program (row block, split) → the split's sorted top-BLOCK_K packed keys [splits, N, BLOCK_K]."""
+    """Program (row block, split) → the split's sorted top-BLOCK_K packed keys [splits, N, BLOCK_K].
+
+    The slot tile is as wide as the list (BLOCK_K ≥ k), so for a wide list the head dimension is
+    walked in D_CHUNKS chunks of BLOCK_D (the query chunk is re-read per tile, from cache): the
+    tiles then fit in shared memory for any D."""
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_queries
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < dim
-    q = _load_rows(q_ptr, rows, row_ok, stride_qn, dims, dim_ok, stride_qd)
-    qf = q.to(tl.float32)
-    if DOT_FP32:
-        q = qf
-    inv_q = _inverse_norm(qf, NORMALIZE)
+    lanes_d = tl.arange(0, BLOCK_D)
+    if D_CHUNKS == 1:
+        q = _load_rows(q_ptr, rows, row_ok, stride_qn, lanes_d, lanes_d < dim, stride_qd)
+        qf = q.to(tl.float32)
+        if DOT_FP32:
+            q = qf
+        inv_q = _inverse_norm(qf, NORMALIZE)
+    else:
+        sq = tl.zeros([BLOCK_N], tl.float32)
+        for c in range(0, D_CHUNKS):
+            dims = c * BLOCK_D + lanes_d
+            qf = _load_rows(q_ptr, rows, row_ok, stride_qn, dims, dims < dim, stride_qd).to(tl.float32)
+            sq += tl.sum(qf * qf, axis=1)
+        inv_q = 1.0 / tl.maximum(tl.sqrt(sq), _EPS) if NORMALIZE else tl.full([BLOCK_N], 1.0, tl.float32)
     best = tl.full([BLOCK_N, BLOCK_K], _EMPTY_KEY, tl.int64)  # sorted descending
     slot_start = split * split_slots
     for offset in range(0, split_slots, BLOCK_K):
         cols = slot_start + offset + tl.arange(0, BLOCK_K)
         filled = _slots_filled(cols, n_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK)
-        b, inv_b, sims = _bank_tile_logits(q, inv_q, bank_ptr, cols, filled, stride_bk, stride_bd, dims, dim_ok,
-                                           NORMALIZE, DOT_FP32, PRECISION)
+        if D_CHUNKS == 1:
+            b, inv_b, sims = _bank_tile_logits(q, inv_q, bank_ptr, cols, filled, stride_bk, stride_bd, lanes_d,
+                                               lanes_d < dim, NORMALIZE, DOT_FP32, PRECISION)
+        else:
+            dot = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+            sqb = tl.zeros([BLOCK_K], tl.float32)
+            for c in range(0, D_CHUNKS):
+                dims = c * BLOCK_D + lanes_d
+                dim_ok = dims < dim
+                qc = _load_rows(q_ptr, rows, row_ok, stride_qn, dims, dim_ok, stride_qd)
+                bc = _load_rows(bank_ptr, cols, filled, stride_bk, dims, dim_ok, stride_bd)
+                if DOT_FP32:
+                    qc = qc.to(tl.float32)
+                    bc = bc.to(tl.float32)
+                dot = tl.dot(qc, tl.trans(bc), dot, input_precision=PRECISION)
+                bf = bc.to(tl.float32)
+                sqb += tl.sum(bf * bf, axis=1)
+            inv_b = 1.0 / tl.maximum(tl.sqrt(sqb), _EPS) if NORMALIZE else tl.full([BLOCK_K], 1.0, tl.float32)
+            sims = dot * inv_q[:, None] * inv_b[None, :]
         keys = tl.where(filled[None, :], _pack_similarity(sims, cols[None, :]), _EMPTY_KEY)
         # best is descending and the tile ascending, so the elementwise max holds the top BLOCK_K of both.
         best = tl.sort(tl.maximum(best, tl.sort(keys, dim=1, descending=False)), dim=1, descending=True)
@@ -478,6 +506,45 @@ def _row_block(n: int, largest: int) -> int:
     return max(16, min(largest, triton.next_power_of_2(max(n, 1))))
 
 
+# Hopper gives a block at most 232,448 B of shared memory, where the operands of each tl.dot (a
+# block of rows × BLOCK_D) are staged, two or three pipeline stages deep. Holding each operand
+# tile to 32 KiB keeps every kernel inside that for any D up to 1024 (bf16 D = 512 at the D = 128
+# tiles would need ~262 KB). tests/test_triton_codegen.py compiles the tiles chosen here.
+OPERAND_TILE_BYTES = 32768
+
+
+def _tile_rows(block_d: int, operand_bytes: int, largest: int) -> int:
+    """Rows of a [rows, block_d] dot operand: a power of two in [16, largest] within OPERAND_TILE_BYTES."""
+    fit = OPERAND_TILE_BYTES // (block_d * operand_bytes)
+    return max(16, min(largest, 1 << max(fit, 1).bit_length() - 1))
+
+
+def _operand_bytes(dtype: torch.dtype, dot_fp32: bool) -> int:
+    return 4 if dot_fp32 else torch.empty((), dtype=dtype).element_size()
+
+
+def nce_tiles(dtype: torch.dtype, d: int, interpret: bool = False) -> dict:
+    """The InfoNCE kernels' tiles for head dimension ``d``: BLOCK_D, the forward's largest row block
+    and slot tile, and the backward's row block = slot tile (fp16's second products take fp32
+    operands)."""
+    dots = _dot_settings(dtype, interpret)
+    block_d = _dim_block(d)
+    fwd = _operand_bytes(dtype, dots["DOT_FP32"])
+    bwd = _operand_bytes(dtype, dots["DOT_FP32"] or dots["GRAD_DOT_FP32"])
+    return dict(block_d=block_d, fwd_rows=_tile_rows(block_d, fwd, 128), fwd_slots=_tile_rows(block_d, fwd, SLOT_TILE),
+                bwd_tile=_tile_rows(block_d, bwd, 64))
+
+
+def topk_tiles(dtype: torch.dtype, d: int, k: int, interpret: bool = False) -> dict:
+    """The top-k kernel's tiles: the list (= slot tile) width BLOCK_K ≥ k, the largest row block,
+    and the head-dimension chunk BLOCK_D that keeps a slot tile within OPERAND_TILE_BYTES."""
+    block_k = max(SLOT_TILE, triton.next_power_of_2(k))
+    operand = _operand_bytes(dtype, _dot_settings(dtype, interpret)["DOT_FP32"])
+    block_d = min(_dim_block(d), max(16, OPERAND_TILE_BYTES // (block_k * operand)))
+    return dict(block_k=block_k, rows=max(16, min(64, 4096 // block_k)), block_d=block_d,
+                d_chunks=triton.cdiv(max(d, 1), block_d))
+
+
 def _slot_end(num_slots: int, valid_mask, valid_count: int) -> int:
     # A filled count bounds the sweep: a partly filled bank costs only its filled part.
     return num_slots if valid_mask is not None else min(num_slots, valid_count)
@@ -519,10 +586,12 @@ def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank
     if n == 0:
         return loss, lse_all, lse_pos
     dots = _dot_settings(query.dtype, interpret)
-    block_d = _dim_block(d)
-    block_n = _row_block(n, 128 if block_d <= 128 else 64)
+    tiles = nce_tiles(query.dtype, d, interpret)
+    block_d, slot_tile = tiles["block_d"], tiles["fwd_slots"]
+    block_n = _row_block(n, tiles["fwd_rows"])
     row_blocks = triton.cdiv(n, block_n)
-    splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), dev, interpret)
+    splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), dev, interpret,
+                                       slot_tile)
     partial = torch.empty((4, splits, n), dtype=torch.float32, device=dev)  # max and sum, over A and over P
     m = extra.shape[1] if extra is not None else 0
     placeholder = lse_all
@@ -535,7 +604,7 @@ def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank
         *(extra.stride() if extra is not None else (0, 0, 0)),
         FN_MODE=FALSE_NEGATIVE_CODES[fn_mode], HAS_VALID_MASK=valid_mask is not None, HAS_EXTRA=m > 0,
         NORMALIZE=normalize, DOT_FP32=dots["DOT_FP32"], PRECISION=dots["PRECISION"],
-        BLOCK_N=block_n, BLOCK_K=SLOT_TILE, BLOCK_D=block_d, num_warps=8 if block_n * block_d >= 128 * 128 else 4,
+        BLOCK_N=block_n, BLOCK_K=slot_tile, BLOCK_D=block_d, num_warps=8 if block_n * block_d >= 128 * 128 else 4,
     )
     _bank_info_nce_combine_kernel[(triton.cdiv(n, 256),)](partial, loss, lse_all, lse_pos, n, splits, BLOCK=256)
     return loss, lse_all, lse_pos
@@ -556,7 +625,8 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
     # Extras may be strided (an expanded [1, M, D] shared by every query); their gradient is dense.
     dextra = torch.empty(extra.shape if extra_grad else (0,), dtype=extra.dtype if extra is not None else query.dtype,
                          device=dev)
-    block_d = _dim_block(d)
+    tiles = nce_tiles(query.dtype, d, interpret)
+    block_d, tile = tiles["block_d"], tiles["bwd_tile"]
     placeholder = r
     ids = (query_ids if query_ids is not None else placeholder, bank_ids if bank_ids is not None else placeholder)
     vmask = valid_mask if valid_mask is not None else placeholder
@@ -565,9 +635,10 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
                   BLOCK_D=block_d, **_dot_settings(query.dtype, interpret))
     num_warps = 8 if block_d >= 128 else 4
     if n > 0:
-        block_n = _row_block(n, 64)
+        block_n = _row_block(n, tile)
         row_blocks = triton.cdiv(n, block_n)
-        splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), dev, interpret)
+        splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), dev, interpret,
+                                           tile)
         acc = torch.empty((splits, n, d), dtype=torch.float32, device=dev)
         r_partial = torch.empty((splits, n), dtype=torch.float32, device=dev)
         _bank_info_nce_bwd_query_kernel[(row_blocks, splits)](
@@ -575,7 +646,7 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
             grad_loss, lse_all, lse_pos, acc, r_partial, dpos, dextra if extra_grad else dpos,
             n, num_slots, d, extra.shape[1] if has_extra else 0, valid_count, split_slots,
             *_strides(query), *_strides(positive), *_strides(bank), *(extra.stride() if has_extra else (0, 0, 0)),
-            HAS_EXTRA=has_extra, EXTRA_GRAD=extra_grad and has_extra, BLOCK_N=block_n, BLOCK_K=SLOT_TILE,
+            HAS_EXTRA=has_extra, EXTRA_GRAD=extra_grad and has_extra, BLOCK_N=block_n, BLOCK_K=tile,
             num_warps=num_warps, **common,
         )
         _bank_info_nce_dq_kernel[(row_blocks,)](
@@ -583,11 +654,11 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
             NORMALIZE=normalize, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
         )
     if bank_grad and num_slots > 0:
-        block_k = _row_block(num_slots, 64)
+        block_k = _row_block(num_slots, tile)
         _bank_info_nce_bwd_bank_kernel[(triton.cdiv(num_slots, block_k),)](
             query, bank, *ids, vmask, temperature, grad_loss, lse_all, lse_pos, dbank,
             n, num_slots, d, valid_count, *_strides(query), *_strides(bank),
-            BLOCK_N=64, BLOCK_K=block_k, num_warps=num_warps, **common,
+            BLOCK_N=tile, BLOCK_K=block_k, num_warps=num_warps, **common,
         )
     return dq, dpos, dbank, dextra, r
 
@@ -601,8 +672,9 @@ def bank_topk(query, bank, k: int, valid_mask, valid_count: int, normalize: bool
     if n == 0 or k == 0:
         return values, indices
     dots = _dot_settings(query.dtype, interpret)
-    block_k = max(SLOT_TILE, triton.next_power_of_2(k))
-    block_n = _row_block(n, max(16, min(64, 4096 // block_k)))
+    tiles = topk_tiles(query.dtype, d, k, interpret)
+    block_k, block_d = tiles["block_k"], tiles["block_d"]
+    block_n = _row_block(n, tiles["rows"])
     row_blocks = triton.cdiv(n, block_n)
     splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), query.device,
                                        interpret, tile=block_k)
@@ -612,7 +684,8 @@ def bank_topk(query, bank, k: int, valid_mask, valid_count: int, normalize: bool
         n, num_slots, d, valid_count, split_slots,
         *_strides(query), *_strides(bank),
         HAS_VALID_MASK=valid_mask is not None, NORMALIZE=normalize, DOT_FP32=dots["DOT_FP32"],
-        PRECISION=dots["PRECISION"], BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=_dim_block(d), num_warps=4,
+        PRECISION=dots["PRECISION"], BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
+        D_CHUNKS=tiles["d_chunks"], num_warps=4,
     )
     _bank_topk_merge_kernel[(row_blocks,)](partial, values, indices, n, k, splits, BLOCK_N=block_n, BLOCK_K=block_k,
                                            num_warps=4)

@@ -607,7 +607,10 @@ def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, 
 # flops), so they stay on cuBLAS; what is fused is everything between them.
 
 LINEAR_WORKSPACE_BYTES = 512 * 2**20  # the chunk buffers' budget
-_MM_OUT_DTYPE = {"checked": False, "ok": False}
+# torch.mm / addmm(out_dtype=torch.float32): fp32 products of half-precision inputs in one cuBLAS
+# call (torch >= 2.8). Decided from the operator registry of the installed torch, not by trying
+# a call: an exception (an out-of-memory error, say) must never switch the fp32 path off.
+MM_OUT_DTYPE = all("dtype_out" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
 
 
 def linear_chunk_rows(rows: int, n_vocab: int, bytes_per_logit: int, chunk_size: int = 0) -> int:
@@ -623,24 +626,11 @@ def linear_chunk_rows(rows: int, n_vocab: int, bytes_per_logit: int, chunk_size:
     return min(rows, cap, triton.cdiv(per, 16) * 16) if cap >= 16 else per
 
 
-def _with_out_dtype(call) -> bool:
-    """Runs ``call``, a cuBLAS product with ``out_dtype=torch.float32`` (torch >= 2.8 on CUDA);
-    False, remembered for the process, where this torch lacks it."""
-    if _MM_OUT_DTYPE["checked"] and not _MM_OUT_DTYPE["ok"]:
-        return False
-    try:
-        call()
-        ok = True
-    except (TypeError, RuntimeError, NotImplementedError):
-        ok = False
-    _MM_OUT_DTYPE.update(checked=True, ok=ok)
-    return ok
-
-
 def _mm_fp32(a: torch.Tensor, b_t: torch.Tensor, out: torch.Tensor) -> None:
     """out (fp32) = a @ b_t for half-precision a, b_t: the products of bf16/fp16 values are exact in
     fp32, so only the output rounding differs from the half-precision matmul."""
-    if a.is_cuda and _with_out_dtype(lambda: torch.mm(a, b_t, out_dtype=torch.float32, out=out)):
+    if a.is_cuda and MM_OUT_DTYPE:
+        torch.mm(a, b_t, out_dtype=torch.float32, out=out)
         return
     # Fallback: upcast one vocabulary slice of the weight at a time (bounded temporaries).
     a32 = a.float()
@@ -736,7 +726,9 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a, b)
     elif not a.is_cuda:
         acc.addmm_(a.float(), b.float())
-    elif not _with_out_dtype(lambda: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)):
+    elif MM_OUT_DTYPE:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
         acc.add_(torch.mm(a, b))  # older torch: the product rounds once to the half dtype
 
 
