@@ -22,9 +22,12 @@ def llama():
 
 
 def greedy(model, prompt, new_tokens, cache=None):
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                  do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, past_key_values=cache, pad_token_id=0)
+        if cache is not None:  # under the keyword this transformers takes (no deprecation warning)
+            kwargs[nk.RetentionCache.generate_keyword()] = cache
+        return model.generate(prompt, **kwargs)
 
 
 class Gates(torch.nn.Module):

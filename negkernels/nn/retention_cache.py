@@ -193,6 +193,20 @@ class RetentionCache(Cache):
 
         self._hooks = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in attention]
 
+    @staticmethod
+    def generate_keyword() -> str:
+        """The keyword ``model.generate`` takes a cache under in the installed transformers:
+        ``"cache"`` where ``past_key_values`` has been renamed (it warns there), else ``"past_key_values"``."""
+        from transformers.generation import utils
+
+        names = getattr(utils, "ALL_CACHE_NAMES", ["past_key_values"])
+        return "cache" if names and names[0] == "cache" else "past_key_values"
+
+    def generate(self, model: nn.Module, *args, **kwargs):
+        """``model.generate(*args, **kwargs)`` with this cache, under whichever keyword the installed
+        transformers takes (see :meth:`generate_keyword`)."""
+        return model.generate(*args, **kwargs, **{self.generate_keyword(): self})
+
     def detach(self) -> None:
         """Remove the hooks this cache put on the model."""
         for hook in self._hooks:
