@@ -1,0 +1,222 @@
+"""Bad input, one table for every public op: each row is a call that must raise, before any kernel
+runs, an exception of the given type whose message names the argument.
+
+To add a case, add a row to BAD_INPUTS: (op, what is wrong, call(backend) -> None, exception,
+pattern the message must match). Every row runs on every CPU backend that implements the op.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import negkernels as nk
+from negkernels._backend import IMPLEMENTED
+
+CPU_BACKENDS = nk.available_backends("cpu")
+
+
+def _logp(b=3, t=5):
+    return -torch.rand(b, t) - 0.1
+
+
+def _policy(backend, **override):
+    logp = _logp()
+    kw = dict(old_logp=logp + 0.1, advantages=torch.randn(3), mask=None)
+    kw.update(override)
+    nk.policy_loss(logp, kw.pop("old_logp"), kw.pop("advantages"), kw.pop("mask"), backend=backend, **kw)
+
+
+def _from_logits(backend, **override):
+    logits = torch.randn(3, 5, 11)
+    kw = dict(targets=torch.randint(0, 11, (3, 5)), old_logp=_logp(), advantages=torch.randn(3))
+    kw.update(override)
+    nk.policy_loss_from_logits(logits, kw.pop("targets"), kw.pop("old_logp"), kw.pop("advantages"), backend=backend,
+                               **kw)
+
+
+def _linear(backend, **override):
+    kw = dict(hidden=torch.randn(3, 5, 8), weight=torch.randn(13, 8), targets=torch.randint(0, 13, (3, 5)),
+              old_logp=_logp(), advantages=torch.randn(3))
+    kw.update(override)
+    nk.linear_policy_loss(kw.pop("hidden"), kw.pop("weight"), kw.pop("targets"), kw.pop("old_logp"),
+                          kw.pop("advantages"), backend=backend, **kw)
+
+
+def _linear_logprobs(backend, **override):
+    kw = dict(hidden=torch.randn(4, 8), weight=torch.randn(13, 8), targets=torch.randint(0, 13, (4,)))
+    kw.update(override)
+    nk.linear_token_logprobs(kw.pop("hidden"), kw.pop("weight"), kw.pop("targets"), backend=backend, **kw)
+
+
+def _advantages(backend, rewards=None, **kw):
+    nk.group_advantages(torch.rand(8) if rewards is None else rewards, backend=backend, **kw)
+
+
+def _nce(backend, **override):
+    kw = dict(query=torch.randn(4, 8), positive=torch.randn(4, 8), bank=torch.randn(20, 8))
+    kw.update(override)
+    nk.bank_info_nce(kw.pop("query"), kw.pop("positive"), kw.pop("bank"), backend=backend, **kw)
+
+
+def _kv(n_heads=2, s=10, d=4):
+    return torch.randn(1, n_heads, s, d), torch.randn(1, n_heads, s, d)
+
+
+def _compact(backend, indices, *, inplace=False, keys=None, values=None, **kw):
+    k, v = _kv()
+    k = k if keys is None else keys
+    v = v if values is None else values
+    (nk.compact_kv_ if inplace else nk.compact_kv)(k, v, indices, backend=backend, **kw)
+
+
+def _expanded_keys():
+    return torch.randn(1, 1, 10, 4).expand(1, 2, 10, 4)
+
+
+def _shared_keys_values(backend):
+    k, _ = _kv()
+    nk.compact_kv_(k, k, torch.arange(3).expand(1, 2, 3).contiguous(), backend=backend)
+
+
+def _with_env_backend(value):
+    def call(backend):
+        import os
+
+        old = os.environ.get("NEGKERNELS_BACKEND")
+        os.environ["NEGKERNELS_BACKEND"] = value
+        try:
+            nk.policy_loss(_logp(), _logp(), torch.randn(3))
+        finally:
+            if old is None:
+                del os.environ["NEGKERNELS_BACKEND"]
+            else:
+                os.environ["NEGKERNELS_BACKEND"] = old
+    return call
+
+
+IDX = torch.arange(3).expand(1, 2, 3).contiguous()
+
+BAD_INPUTS = [
+    # --- token_logprobs
+    ("token_logprobs", "target id = V", lambda b: nk.token_logprobs(torch.randn(4, 10), torch.tensor([0, 1, 2, 10]),
+                                                                     backend=b), ValueError, "targets"),
+    ("token_logprobs", "float targets", lambda b: nk.token_logprobs(torch.randn(4, 10), torch.zeros(4), backend=b),
+     TypeError, "targets"),
+    ("token_logprobs", "temperature 0", lambda b: nk.token_logprobs(torch.randn(4, 10), torch.zeros(4, dtype=torch.long),
+                                                                      temperature=0.0, backend=b), ValueError,
+     "temperature"),
+    ("token_logprobs", "V = 0", lambda b: nk.token_logprobs(torch.randn(4, 0), torch.zeros(4, dtype=torch.long),
+                                                              backend=b), ValueError, "logits"),
+    # --- policy_loss
+    ("policy_loss", "old_logp missing", lambda b: _policy(b, old_logp=None), TypeError, "old_logp"),
+    ("policy_loss", "advantages missing", lambda b: _policy(b, advantages=None), ValueError, "advantages"),
+    ("policy_loss", "weighted float mask", lambda b: _policy(b, mask=torch.full((3, 5), 0.5)), ValueError, "mask"),
+    ("policy_loss", "int mask with a 2", lambda b: _policy(b, mask=torch.full((3, 5), 2)), ValueError, "mask"),
+    ("policy_loss", "num_tokens = 0 (int)", lambda b: _policy(b, num_tokens=0), ValueError, "num_tokens"),
+    ("policy_loss", "num_tokens NaN (float)", lambda b: _policy(b, num_tokens=float("nan")), ValueError, "num_tokens"),
+    ("policy_loss", "num_tokens of two elements", lambda b: _policy(b, num_tokens=torch.tensor([3.0, 4.0])),
+     ValueError, "num_tokens"),
+    ("policy_loss", "num_sequences bool tensor", lambda b: _policy(b, aggregation="seq-mean-token-sum",
+                                                                     num_sequences=torch.tensor(True)),
+     ValueError, "num_sequences"),
+    ("policy_loss", "cu_seqlens past N", lambda b: nk.policy_loss(_logp().reshape(-1), _logp().reshape(-1),
+                                                                    torch.zeros(2), cu_seqlens=torch.tensor([0, 5, 30]),
+                                                                    backend=b), ValueError, "cu_seqlens"),
+    ("policy_loss", "cu_seqlens decreasing", lambda b: nk.policy_loss(_logp().reshape(-1), _logp().reshape(-1),
+                                                                        torch.zeros(3),
+                                                                        cu_seqlens=torch.tensor([0, 9, 4, 15]),
+                                                                        backend=b), ValueError, "cu_seqlens"),
+    ("policy_loss", "unknown loss_type", lambda b: _policy(b, loss_type="trpo"), ValueError, "loss_type"),
+    ("policy_loss", "dual_clip <= 1", lambda b: _policy(b, dual_clip=0.5), ValueError, "dual_clip"),
+    ("policy_loss", "npo without ref_logp", lambda b: _policy(b, loss_type="npo"), ValueError, "ref_logp"),
+    ("policy_loss", "unknown backend", lambda b: _policy("fast"), ValueError, "backend"),
+    ("policy_loss", "unknown NEGKERNELS_BACKEND", _with_env_backend("fast"), ValueError, "NEGKERNELS_BACKEND"),
+    # --- policy_loss_from_logits
+    ("policy_loss_from_logits", "old_logp missing", lambda b: _from_logits(b, old_logp=None), TypeError, "old_logp"),
+    ("policy_loss_from_logits", "weighted mask", lambda b: _from_logits(b, mask=torch.full((3, 5), 0.3)), ValueError,
+     "mask"),
+    ("policy_loss_from_logits", "target id = V", lambda b: _from_logits(b, targets=torch.full((3, 5), 11)),
+     ValueError, "targets"),
+    ("policy_loss_from_logits", "entropy_coef inf", lambda b: _from_logits(b, entropy_coef=float("inf")), ValueError,
+     "entropy_coef"),
+    # --- linear_token_logprobs / linear_policy_loss
+    ("linear_token_logprobs", "weight of another width", lambda b: _linear_logprobs(b, weight=torch.randn(13, 7)),
+     ValueError, "weight"),
+    ("linear_token_logprobs", "weight of another dtype", lambda b: _linear_logprobs(b, weight=torch.randn(13, 8).double()),
+     TypeError, "weight"),
+    ("linear_token_logprobs", "bias of another length", lambda b: _linear_logprobs(b, bias=torch.randn(12)),
+     ValueError, "bias"),
+    ("linear_policy_loss", "old_logp missing", lambda b: _linear(b, old_logp=None), TypeError, "old_logp"),
+    ("linear_policy_loss", "weighted mask", lambda b: _linear(b, mask=torch.full((3, 5), 0.5)), ValueError, "mask"),
+    ("linear_policy_loss", "chunk_size 0", lambda b: _linear(b, chunk_size=0), ValueError, "chunk_size"),
+    # --- group_advantages
+    ("group_advantages", "eps = 0", lambda b: _advantages(b, group_size=4, eps=0.0), ValueError, "eps"),
+    ("group_advantages", "eps < 0", lambda b: _advantages(b, group_size=4, eps=-1e-6), ValueError, "eps"),
+    ("group_advantages", "group_size not dividing N", lambda b: _advantages(b, group_size=3), ValueError, "group_size"),
+    ("group_advantages", "negative id", lambda b: _advantages(b, group_index=torch.tensor([0, 1, -1, 0, 1, 0, 1, 0])),
+     ValueError, "group_index"),
+    ("group_advantages", "id >= num_groups", lambda b: _advantages(b, group_index=torch.full((8,), 5), num_groups=2),
+     ValueError, "group_index"),
+    ("group_advantages", "2-D rewards", lambda b: _advantages(b, rewards=torch.rand(2, 4), group_size=4), ValueError,
+     "rewards"),
+    ("group_discriminative_loss", "mode", lambda b: nk.group_discriminative_loss(
+        torch.randn(4), torch.tensor([True, False, True, False]), torch.zeros(4, dtype=torch.long), mode="disco_c",
+        backend=b), ValueError, "mode"),
+    # --- contrastive
+    ("bank_info_nce", "bank of another width", lambda b: _nce(b, bank=torch.randn(20, 7)), ValueError, "bank"),
+    ("bank_info_nce", "temperature 0", lambda b: _nce(b, temperature=0.0), ValueError, "temperature"),
+    ("bank_topk", "k < 0", lambda b: nk.bank_topk(torch.randn(4, 8), torch.randn(20, 8), -1, backend=b), ValueError,
+     "k"),
+    # --- kv
+    ("compact_kv", "index = S", lambda b: _compact(b, torch.tensor([0, 1, 10]).expand(1, 2, 3).contiguous()),
+     ValueError, "indices"),
+    ("compact_kv", "index 300 into S = 10", lambda b: _compact(b, torch.tensor([0, 300, 2]).expand(1, 2, 3).contiguous()),
+     ValueError, "indices"),
+    ("compact_kv", "index below -1", lambda b: _compact(b, torch.tensor([0, -2, 2]).expand(1, 2, 3).contiguous()),
+     ValueError, "indices"),
+    ("compact_kv", "in place into an expanded buffer", lambda b: _compact(b, IDX, inplace=True, keys=_expanded_keys()),
+     ValueError, "keys"),
+    ("compact_kv", "in place with keys and values one tensor", _shared_keys_values, ValueError, "values"),
+    ("compact_kv", "in place, index = S", lambda b: _compact(b, torch.tensor([0, 1, 10]).expand(1, 2, 3).contiguous(),
+                                                             inplace=True), ValueError, "indices"),
+    ("retention_mass", "cu_seqlens ending before T", lambda b: nk.retention_mass(
+        torch.randn(2, 6), torch.tensor([0, 4]), backend=b), ValueError, "cu_seqlens"),
+    ("retention_mass", "cu_seqlens past T", lambda b: nk.retention_mass(
+        torch.randn(2, 6), torch.tensor([0, 3, 9]), backend=b), ValueError, "cu_seqlens"),
+    ("retention_mass", "cu_seqlens decreasing", lambda b: nk.retention_mass(
+        torch.randn(2, 6), torch.tensor([0, 4, 2, 6]), backend=b), ValueError, "cu_seqlens"),
+    ("retention_mass", "cu_seqlens float", lambda b: nk.retention_mass(
+        torch.randn(2, 6), torch.tensor([0.0, 6.0]), backend=b), TypeError, "cu_seqlens"),
+    ("select_retained", "budget < 0", lambda b: nk.select_retained(torch.randn(1, 2, 10), -1, backend=b), ValueError,
+     "budget"),
+    ("retention_scores", "positions of another length", lambda b: nk.retention_scores(
+        torch.randn(1, 2, 10), torch.arange(9), 10, backend=b), ValueError, "positions"),
+    ("evict", "sink + window over budget", lambda b: nk.evict(*_kv(), torch.randn(1, 2, 10), torch.arange(10), 10, 4,
+                                                              sink=3, window=2, backend=b), ValueError, "sink"),
+]
+
+
+def _cases():
+    for op, what, call, exc, pattern in BAD_INPUTS:
+        for backend in CPU_BACKENDS:
+            if backend in IMPLEMENTED[op]:
+                yield pytest.param(call, exc, pattern, backend, id=f"{op}-{what}-{backend}")
+
+
+def test_every_public_op_has_a_row():
+    assert {row[0] for row in BAD_INPUTS} == set(IMPLEMENTED)
+
+
+@pytest.mark.parametrize("call, exc, pattern, backend", list(_cases()))
+def test_bad_input_raises_naming_the_argument(call, exc, pattern, backend):
+    with pytest.raises(exc, match=pattern):
+        call(backend)
+
+
+def test_available_backends_per_op():
+    assert nk.available_backends("cpu", op="group_discriminative_loss") == ["reference"]
+    for op, implemented in IMPLEMENTED.items():
+        assert set(nk.available_backends("cpu", op=op)) <= set(implemented)
+    with pytest.raises(ValueError, match="op"):
+        nk.available_backends("cpu", op="no_such_op")
