@@ -275,11 +275,75 @@ def _kv_checks(device):
 
 
 
+def _non_finite_checks(device):
+    """NaN in the data reaches the output; ±inf / NaN padding under a mask and −inf logits or
+    gates never reach a gradient (the same promises tests/test_edge_cases.py holds on the CPU)."""
+    import negkernels as nk
+    from .reference.kv import retention_mass_reference
+
+    for loss_type in LOSS_TYPES:
+        def run_nan(backend, loss_type=loss_type):
+            i = _policy_inputs(device)
+            logp = i["logp"].clone()
+            logp[1, 3] = float("nan")
+            mask = i["mask"].clone()
+            mask[1, 3] = True
+            out = nk.policy_loss(logp, i["old"], i["adv"], mask, ref_logp=i["ref"], loss_type=loss_type,
+                                 backend=backend)
+            ref = policy_loss_reference(logp.double(), i["old"].double(), i["adv"].double(), mask,
+                                        ref_logp=i["ref"].double(), loss_type=loss_type)
+            return out.loss.reshape(1), ref.loss.reshape(1)
+        yield "policy_loss", f"{loss_type}/nan-in-data", run_nan
+
+        def run_padding(backend, loss_type=loss_type):
+            i = _policy_inputs(device)
+            pad = torch.tensor(float("-inf"), device=device)
+            old, ref_logp = (torch.where(i["mask"], i[k], pad) for k in ("old", "ref"))
+            x = torch.where(i["mask"], i["logp"], pad).requires_grad_()
+            out = nk.policy_loss(x, old, i["adv"], i["mask"], ref_logp=ref_logp, loss_type=loss_type, kl_coef=0.1,
+                                 backend=backend)
+            (g,) = torch.autograd.grad(out.loss, x)
+            x64 = i["logp"].double().requires_grad_()
+            ref = policy_loss_reference(x64, i["old"].double(), i["adv"].double(), i["mask"],
+                                        ref_logp=i["ref"].double(), loss_type=loss_type, kl_coef=0.1)
+            (g64,) = torch.autograd.grad(ref.loss, x64)
+            scale = g64.abs().max().clamp_min(1e-30)
+            return (torch.cat([out.loss.reshape(1), (g / scale).reshape(-1)]),
+                    torch.cat([ref.loss.reshape(1), (g64 / scale).reshape(-1)]))
+        yield "policy_loss", f"{loss_type}/-inf-padding", run_padding
+
+    def run_impossible_token(backend):
+        logits, targets = _logits(device, 4099 if device.type == "cuda" else 41)
+        logits[:, ::7] = float("-inf")
+        targets = targets // 7 * 7 + 1
+        x = logits.clone().requires_grad_()
+        logp, ent = nk.token_logprobs(x, targets, return_entropy=True, backend=backend)
+        (g,) = torch.autograd.grad(logp.sum() + ent.sum(), x)
+        x64 = logits.double().requires_grad_()
+        logp64, ent64 = token_logprobs_reference(x64, targets, 1.0, True)
+        (g64,) = torch.autograd.grad(logp64.sum() + ent64.sum(), x64)
+        return (torch.cat([t.reshape(-1) for t in (logp, ent, g)]),
+                torch.cat([t.reshape(-1) for t in (logp64, ent64, g64)]))
+    yield "token_logprobs", "-inf logits/entropy grad", run_impossible_token
+
+    def run_zero_gate(backend):
+        log_beta = torch.log(torch.rand(3, 300 if device.type == "cuda" else 37, device=device) * 0.5 + 0.4)
+        log_beta[:, ::5] = float("-inf")
+        x = log_beta.clone().requires_grad_()
+        mass = nk.retention_mass(x, backend=backend)
+        (g,) = torch.autograd.grad(mass.sum(), x)
+        x64 = log_beta.double().requires_grad_()
+        ref = retention_mass_reference(x64)
+        (g64,) = torch.autograd.grad(ref.sum(), x64)
+        return torch.cat([mass.reshape(-1), g.reshape(-1)]), torch.cat([ref.reshape(-1), g64.reshape(-1)])
+    yield "retention_mass", "beta = 0 gates", run_zero_gate
+
+
 def run_checks(device: torch.device | None = None, verbose: bool = True) -> int:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
     for source in (_advantage_checks, _discriminative_checks, _logprobs_checks, _policy_loss_checks, _from_logits_checks,
-                   _linear_checks, _contrastive_checks, _kv_checks):
+                   _linear_checks, _contrastive_checks, _kv_checks, _non_finite_checks):
         for op, config, fn in source(device):
             backends = available_backends(device, op=op)
             for backend in backends:
