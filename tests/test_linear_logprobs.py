@@ -455,3 +455,13 @@ def test_linear_ops_compile_fullgraph(backend):
     h64, w64 = leaves(hidden, weight, dtype=torch.float64)
     oracle_linear_logprobs(h64, w64, None, targets, 1.0)[0].sum().backward()
     assert_grad_close(w.grad, w64.grad, "compiled d weight")
+
+
+def test_fp32_lm_head_products_are_chosen_from_the_operator_registry():
+    # The choice is fixed by the installed torch's operators, never by catching an exception (an
+    # out-of-memory error once switched the fp32 path off for the rest of the process).
+    from negkernels.triton import logprobs as lk
+
+    registry = all("dtype_out" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
+    assert lk.MM_OUT_DTYPE is registry
+    assert not hasattr(lk, "_with_out_dtype") and not hasattr(lk, "_MM_OUT_DTYPE")

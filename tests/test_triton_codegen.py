@@ -60,7 +60,18 @@ PRELUDE = textwrap.dedent(
         src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
         compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps))
         assert "ld.global" in compiled.asm["ptx"]
-        return check_resources(kernel, compiled, num_warps)
+        check_resources(kernel, compiled, num_warps)
+        return compiled
+
+    def assert_strides_scaled_in_64_bits(kernel, compiled):
+        # An index times a stride in 32 bits wraps once the offset passes 2**31 (h·S·D for S = 1M,
+        # D = 128, h >= 16): every scalar product with a stride argument must be 64-bit.
+        import re
+        strides = [n for n in kernel.arg_names if n.startswith(("stride_", "s_"))]
+        for line in compiled.asm["ttir"].splitlines():
+            if "arith.muli" in line and line.rstrip().split(" loc(")[0].endswith(": i32"):
+                used = [n for n in strides if re.search(rf"%{n}(?![A-Za-z0-9_])", line)]
+                assert not used, f"{kernel.__name__}: 32-bit product with {used}: {line.strip()}"
     """
 )
 
@@ -260,29 +271,32 @@ KV_SCRIPT = PRELUDE + textwrap.dedent(
                 and name != "key_norm_weight"}
         base = {name: "*fp32" for name in kernel.arg_names if name.endswith("_ptr")}
         base.update(pointers)
-        compile_variant(kernel, constexprs, num_warps, base, ints, int_type)
+        return compile_variant(kernel, constexprs, num_warps, base, ints, int_type)
 
     count = 0
     for lb, pos, per_batch, keys in (("bf16", "*i32", False, False), ("fp32", "*i64", True, True),
                                      ("fp16", "*fp32", True, False)):
-        compile_kv(kv._retention_scores_kernel,
-                   dict(STEP_PER_BATCH=per_batch, POS_FLOAT=pos == "*fp32", HAS_KEYS=keys, BLOCK_S=256, BLOCK_D=64),
-                   lb_ptr=f"*{lb}", pos_ptr=pos, step_ptr="*i64", keys_ptr="*bf16")
+        compiled = compile_kv(kv._retention_scores_kernel,
+                              dict(STEP_PER_BATCH=per_batch, POS_FLOAT=pos == "*fp32", HAS_KEYS=keys, BLOCK_S=256,
+                                   BLOCK_D=64), lb_ptr=f"*{lb}", pos_ptr=pos, step_ptr="*i64", keys_ptr="*bf16")
+        assert_strides_scaled_in_64_bits(kv._retention_scores_kernel, compiled)
         count += 1
     for from_lb, per_batch, pos, lengths, block, warps, int_type in (
             (False, False, "*i64", False, 4096, 16, "i32"), (True, False, "*i32", True, 4096, 16, "i32"),
             (True, True, "*fp32", False, 16, 4, "i32"), (True, True, "*i64", True, 2048, 16, "i64")):
-        compile_kv(kv._select_retained_kernel,
-                   dict(FROM_LOG_BETA=from_lb, STEP_PER_BATCH=per_batch, POS_FLOAT=pos == "*fp32",
-                        HAS_LENGTHS=lengths, BLOCK=block), warps, int_type,
-                   lb_ptr="*bf16", pos_ptr=pos, step_ptr="*i64", lengths_ptr="*i32", out_ptr="*i64")
+        compiled = compile_kv(kv._select_retained_kernel,
+                              dict(FROM_LOG_BETA=from_lb, STEP_PER_BATCH=per_batch, POS_FLOAT=pos == "*fp32",
+                                   HAS_LENGTHS=lengths, BLOCK=block), warps, int_type,
+                              lb_ptr="*bf16", pos_ptr=pos, step_ptr="*i64", lengths_ptr="*i32", out_ptr="*i64")
+        assert_strides_scaled_in_64_bits(kv._select_retained_kernel, compiled)
         count += 1
     for has_kv, num_meta, in_place, int_type in ((True, 2, False, "i32"), (True, 0, True, "i32"),
                                                  (False, 1, True, "i64"), (True, 2, True, "i64")):
-        compile_kv(kv._compact_kv_kernel,
-                   dict(HAS_KV=has_kv, NUM_META=num_meta, IN_PLACE=in_place, BLOCK_M=32, BLOCK_D=128), 4, int_type,
-                   idx_ptr="*i64", k_ptr="*bf16", v_ptr="*bf16", ok_ptr="*bf16", ov_ptr="*bf16",
-                   m1_ptr="*i64", om1_ptr="*i64")
+        compiled = compile_kv(kv._compact_kv_kernel,
+                              dict(HAS_KV=has_kv, NUM_META=num_meta, IN_PLACE=in_place, BLOCK_M=32, BLOCK_D=128), 4,
+                              int_type, idx_ptr="*i64", k_ptr="*bf16", v_ptr="*bf16", ok_ptr="*bf16", ov_ptr="*bf16",
+                              m1_ptr="*i64", om1_ptr="*i64")
+        assert_strides_scaled_in_64_bits(kv._compact_kv_kernel, compiled)
         count += 1
     for lb in ("fp32", "bf16"):
         compile_kv(kv._retention_mass_fwd_kernel, dict(BLOCK_T=64, BLOCK_I=64), 4, lb_ptr=f"*{lb}", starts_ptr="*i64")
