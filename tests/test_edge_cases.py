@@ -287,7 +287,13 @@ def test_unvalidated_compaction_indices_out_of_range_give_zeros(backend):
     keys, values = torch.randn(2, 3, 8, 4), torch.randn(2, 3, 8, 5)
     positions = torch.arange(8).expand(2, 3, 8).contiguous()
     indices = torch.tensor([1, 8, 300, -1, -7, 6]).expand(2, 3, 6).contiguous()
+    keys.requires_grad_()
     k, v, p = nk.compact_kv(keys, values, indices, positions, validate=False, backend=backend)
+    (k * torch.arange(1.0, 5.0)).sum().backward()  # the gradient scatters back to the in-range slots only
+    expected_grad = torch.zeros(2, 3, 8, 4)
+    expected_grad[:, :, [1, 6]] = torch.arange(1.0, 5.0)
+    assert torch.equal(keys.grad, expected_grad)
+    keys = keys.detach()
     good = torch.tensor([True, False, False, False, False, True])
     assert (k[:, :, ~good] == 0).all() and (v[:, :, ~good] == 0).all() and (p[:, :, ~good] == 0).all()
     assert torch.equal(k[:, :, good], keys[:, :, [1, 6]]) and torch.equal(p[:, :, good], positions[:, :, [1, 6]])

@@ -74,8 +74,10 @@ class RetentionLayer(DynamicLayer):
         else:
             scores = owner._score(self.keys, self.values, self.positions, step)
             indices = select_retained(scores, owner.budget, sink=owner.sink, window=owner.window, backend=owner.backend)
+            # select_retained's indices are in range by construction: no host read per eviction.
             self.keys, self.values, self.log_beta, self.positions = compact_kv(
-                self.keys, self.values, indices, self.log_beta, self.positions, backend=owner.backend)
+                self.keys, self.values, indices, self.log_beta, self.positions, validate=False,
+                backend=owner.backend)
         self.evictions += 1
 
     def get_mask_sizes(self, query: Union[int, Tensor]) -> tuple[int, int]:

@@ -356,8 +356,8 @@ def _compact_setup(ctx, inputs, output):
 def _compact_backward(ctx, grads):
     (indices,) = ctx.saved_tensors
     (kshape, vshape, eshapes), (kdt, vdt, edts) = ctx.shapes, ctx.dtypes
-    used = indices >= 0
-    safe = indices.clamp_min(0)
+    used = (indices >= 0) & (indices < kshape[2])  # unvalidated out-of-range entries gathered zeros
+    safe = indices.masked_fill(~used, 0)
 
     def scatter(g, shape, dtype):
         if g is None or not dtype.is_floating_point:
