@@ -19,7 +19,7 @@ def _tensor_core_rtol(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("n,k,d", [(300, 5000, 128), (77, 1031, 256), (129, 700, 40)])
+@pytest.mark.parametrize("n,k,d", [(300, 5000, 128), (77, 1031, 256), (129, 700, 40), (65, 900, 520), (33, 300, 1024)])
 def test_gpu_bank_info_nce_parity(case, dtype, n, k, d):
     opts = CASES[case]
     gen = lambda *s: torch.nn.functional.normalize(torch.randn(*s, device="cuda"), dim=-1).to(dtype)  # noqa: E731
@@ -96,8 +96,9 @@ def test_gpu_bank_info_nce_deterministic_and_compiled():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("k", [1, 64, 200, 256])
-def test_gpu_bank_topk(dtype, k):
-    n, slots, d = 333, 20011, 128
+@pytest.mark.parametrize("d", [128, 1024])
+def test_gpu_bank_topk(dtype, k, d):
+    n, slots = 333, 20011
     q = torch.randn(n, d, device="cuda").to(dtype)
     bank = torch.randn(slots, d, device="cuda").to(dtype)
     values, indices = nk.bank_topk(q, bank, k, bank_valid=slots - 7, backend="triton")
