@@ -61,8 +61,8 @@ def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, name: str = "
     ends = (cu_seqlens[0], cu_seqlens[-1])
     first, last, shortest, longest = torch.stack([*ends, *(torch.aminmax(lengths) if lengths.numel() else ends)]).tolist()
     if first != 0 or last != total or shortest < 0:
-        raise ValueError(f"{name}: must start at 0, be non-decreasing and end at {total}, "
-                         f"got {cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else 'a layout that does not'}")
+        shown = cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else f"first {first}, last {last}, shortest {shortest}"
+        raise ValueError(f"{name}: must start at 0, be non-decreasing and end at {total}, got {shown}")
     return int(longest) if lengths.numel() else 0
 
 

@@ -7,6 +7,8 @@ pattern the message must match). Every row runs on every CPU backend that implem
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -81,8 +83,6 @@ def _shared_keys_values(backend):
 
 def _with_env_backend(value):
     def call(backend):
-        import os
-
         old = os.environ.get("NEGKERNELS_BACKEND")
         os.environ["NEGKERNELS_BACKEND"] = value
         try:

@@ -433,9 +433,7 @@ def _normaliser(aggregation, mask, logp, cu_seqlens, num_tokens, num_sequences, 
             # Read on the device, not the host: a value that is not a positive finite count makes
             # the loss NaN instead of a silently huge or sign-flipped loss.
             return torch.where((value > 0) & torch.isfinite(value), value, float("nan"))
-        else:
-            value = torch.tensor(check_finite_float(name, given, minimum=0.0, exclusive=True), device=device)
-        return value
+        return torch.tensor(check_finite_float(name, given, minimum=0.0, exclusive=True), device=device)
     if aggregation == "token-mean":
         value = (mask != 0).sum().float() if mask is not None else torch.tensor(float(logp.numel()), device=device)
     else:

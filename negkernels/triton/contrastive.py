@@ -71,11 +71,17 @@ def _load_rows(ptr, rows, row_ok, stride_row, dims, dim_ok, stride_dim):
 
 
 @triton.jit
-def _inverse_norm(x_f32, NORMALIZE: tl.constexpr):
+def _inverse_norm_from_squares(sum_sq, NORMALIZE: tl.constexpr):
+    """1/max(|x|, eps) from Σx² per row (1 without NORMALIZE)."""
     if NORMALIZE:
-        return 1.0 / tl.maximum(tl.sqrt(tl.sum(x_f32 * x_f32, axis=1)), _EPS)
+        return 1.0 / tl.maximum(tl.sqrt(sum_sq), _EPS)
     else:
-        return tl.full([x_f32.shape[0]], 1.0, tl.float32)
+        return tl.full(sum_sq.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _inverse_norm(x_f32, NORMALIZE: tl.constexpr):
+    return _inverse_norm_from_squares(tl.sum(x_f32 * x_f32, axis=1), NORMALIZE)
 
 
 @triton.jit
@@ -433,11 +439,12 @@ def _bank_topk_kernel(
         inv_q = _inverse_norm(qf, NORMALIZE)
     else:
         sq = tl.zeros([BLOCK_N], tl.float32)
-        for c in range(0, D_CHUNKS):
-            dims = c * BLOCK_D + lanes_d
-            qf = _load_rows(q_ptr, rows, row_ok, stride_qn, dims, dims < dim, stride_qd).to(tl.float32)
-            sq += tl.sum(qf * qf, axis=1)
-        inv_q = 1.0 / tl.maximum(tl.sqrt(sq), _EPS) if NORMALIZE else tl.full([BLOCK_N], 1.0, tl.float32)
+        if NORMALIZE:
+            for c in range(0, D_CHUNKS):
+                dims = c * BLOCK_D + lanes_d
+                qf = _load_rows(q_ptr, rows, row_ok, stride_qn, dims, dims < dim, stride_qd).to(tl.float32)
+                sq += tl.sum(qf * qf, axis=1)
+        inv_q = _inverse_norm_from_squares(sq, NORMALIZE)
     best = tl.full([BLOCK_N, BLOCK_K], _EMPTY_KEY, tl.int64)  # sorted descending
     slot_start = split * split_slots
     for offset in range(0, split_slots, BLOCK_K):
@@ -458,9 +465,10 @@ def _bank_topk_kernel(
                     qc = qc.to(tl.float32)
                     bc = bc.to(tl.float32)
                 dot = tl.dot(qc, tl.trans(bc), dot, input_precision=PRECISION)
-                bf = bc.to(tl.float32)
-                sqb += tl.sum(bf * bf, axis=1)
-            inv_b = 1.0 / tl.maximum(tl.sqrt(sqb), _EPS) if NORMALIZE else tl.full([BLOCK_K], 1.0, tl.float32)
+                if NORMALIZE:
+                    bf = bc.to(tl.float32)
+                    sqb += tl.sum(bf * bf, axis=1)
+            inv_b = _inverse_norm_from_squares(sqb, NORMALIZE)
             sims = dot * inv_q[:, None] * inv_b[None, :]
         keys = tl.where(filled[None, :], _pack_similarity(sims, cols[None, :]), _EMPTY_KEY)
         # best is descending and the tile ascending, so the elementwise max holds the top BLOCK_K of both.
@@ -520,7 +528,7 @@ def _tile_rows(block_d: int, operand_bytes: int, largest: int) -> int:
 
 
 def _operand_bytes(dtype: torch.dtype, dot_fp32: bool) -> int:
-    return 4 if dot_fp32 else torch.empty((), dtype=dtype).element_size()
+    return 4 if dot_fp32 else dtype.itemsize
 
 
 def nce_tiles(dtype: torch.dtype, d: int, interpret: bool = False) -> dict:
