@@ -2,7 +2,8 @@
 runs, an exception of the given type whose message names the argument.
 
 To add a case, add a row to BAD_INPUTS: (op, what is wrong, call(backend) -> None, exception,
-pattern the message must match). Every row runs on every CPU backend that implements the op.
+pattern the message must match). Every row runs on every CPU backend that implements the op
+(once, with backend None, for functions and modules without a backend choice).
 """
 
 from __future__ import annotations
@@ -175,10 +176,10 @@ BAD_INPUTS = [
      ValueError, "indices"),
     ("compact_kv", "index below -1", lambda b: _compact(b, torch.tensor([0, -2, 2]).expand(1, 2, 3).contiguous()),
      ValueError, "indices"),
-    ("compact_kv", "in place into an expanded buffer", lambda b: _compact(b, IDX, inplace=True, keys=_expanded_keys()),
+    ("compact_kv_", "in place into an expanded buffer", lambda b: _compact(b, IDX, inplace=True, keys=_expanded_keys()),
      ValueError, "keys"),
-    ("compact_kv", "in place with keys and values one tensor", _shared_keys_values, ValueError, "values"),
-    ("compact_kv", "in place, index = S", lambda b: _compact(b, torch.tensor([0, 1, 10]).expand(1, 2, 3).contiguous(),
+    ("compact_kv_", "in place with keys and values one tensor", _shared_keys_values, ValueError, "values"),
+    ("compact_kv_", "in place, index = S", lambda b: _compact(b, torch.tensor([0, 1, 10]).expand(1, 2, 3).contiguous(),
                                                              inplace=True), ValueError, "indices"),
     ("retention_mass", "cu_seqlens ending before T", lambda b: nk.retention_mass(
         torch.randn(2, 6), torch.tensor([0, 4]), backend=b), ValueError, "cu_seqlens"),
@@ -194,18 +195,51 @@ BAD_INPUTS = [
         torch.randn(1, 2, 10), torch.arange(9), 10, backend=b), ValueError, "positions"),
     ("evict", "sink + window over budget", lambda b: nk.evict(*_kv(), torch.randn(1, 2, 10), torch.arange(10), 10, 4,
                                                               sink=3, window=2, backend=b), ValueError, "sink"),
+    # --- public functions and modules without a backend choice (b is None for them)
+    ("mochi_negatives", "bank of another width", lambda b: nk.mochi_negatives(
+        torch.randn(4, 8), torch.randn(20, 7), top_n=5, num_pair_mixes=2, num_query_mixes=1), ValueError, "bank"),
+    ("mochi_negatives", "top_n 0", lambda b: nk.mochi_negatives(
+        torch.randn(4, 8), torch.randn(20, 8), top_n=0, num_pair_mixes=2, num_query_mixes=1), ValueError, "top_n"),
+    ("drpo_positive_weights", "lam 0", lambda b: nk.drpo_positive_weights(
+        torch.randint(1, 9, (4,)), torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=torch.long), max_length=10,
+        lam=0.0), ValueError, "lam"),
+    ("retention_capacity_loss", "budget < 0", lambda b: nk.retention_capacity_loss(torch.randn(2, 6), budget=-1.0),
+     ValueError, "budget"),
+    ("retention_capacity_loss", "cu_seqlens past T", lambda b: nk.retention_capacity_loss(
+        torch.randn(2, 6), budget=1.0, cu_seqlens=torch.tensor([0, 7])), ValueError, "cu_seqlens"),
+    ("attention_scores", "unknown method", lambda b: nk.attention_scores(torch.rand(1, 4, 3, 10), 2, "mean"),
+     ValueError, "method"),
+    ("attention_scores", "KV heads not dividing", lambda b: nk.attention_scores(torch.rand(1, 4, 3, 10), 3, "snapkv"),
+     ValueError, "num_kv_heads"),
+    ("key_norm_scores", "3-D keys", lambda b: nk.key_norm_scores(torch.randn(2, 10, 4)), ValueError, "keys"),
+    ("keydiff_scores", "3-D keys", lambda b: nk.keydiff_scores(torch.randn(2, 10, 4)), ValueError, "keys"),
+    ("MemoryBank", "size 0", lambda b: nk.MemoryBank(0, 4), ValueError, "size"),
+    ("MemoryBank", "keys of another width", lambda b: nk.MemoryBank(10, 4).enqueue(torch.randn(3, 5)), ValueError,
+     "keys"),
+    ("MemoryBank", "ids without with_ids", lambda b: nk.MemoryBank(10, 4).enqueue(torch.randn(3, 4), ids=torch.arange(3)),
+     ValueError, "ids"),
+    ("RetentionCache", "sink + window over budget", lambda b: nk.RetentionCache(8, sink=5, window=4), ValueError,
+     "sink"),
+    ("RetentionCache", "unknown scorer", lambda b: nk.RetentionCache(8, scorer="h2o"), ValueError, "scorer"),
+    ("PolicyLoss", "unknown option", lambda b: nk.PolicyLoss(clip=0.2), TypeError, "clip"),
 ]
+
+# Public names that are types or queries, not ops that take input.
+NOT_OPS = {"BackendUnavailable", "Evicted", "GlobalSelection", "GroupStats", "PolicyLossOutput", "available_backends",
+           "has_cuda_ext"}
 
 
 def _cases():
     for op, what, call, exc, pattern in BAD_INPUTS:
-        for backend in CPU_BACKENDS:
-            if backend in IMPLEMENTED[op]:
-                yield pytest.param(call, exc, pattern, backend, id=f"{op}-{what}-{backend}")
+        registered = op.rstrip("_")  # an in-place form shares its op's backends
+        backends = [b for b in CPU_BACKENDS if b in IMPLEMENTED[registered]] if registered in IMPLEMENTED else [None]
+        for backend in backends:
+            yield pytest.param(call, exc, pattern, backend, id=f"{op}-{what}-{backend}")
 
 
 def test_every_public_op_has_a_row():
-    assert {row[0] for row in BAD_INPUTS} == set(IMPLEMENTED)
+    assert {row[0] for row in BAD_INPUTS} == set(nk.__all__) - NOT_OPS
+    assert set(IMPLEMENTED) <= {row[0] for row in BAD_INPUTS}
 
 
 @pytest.mark.parametrize("call, exc, pattern, backend", list(_cases()))
