@@ -548,7 +548,7 @@ def topk_tiles(dtype: torch.dtype, d: int, k: int, interpret: bool = False) -> d
     and the head-dimension chunk BLOCK_D that keeps a slot tile within OPERAND_TILE_BYTES."""
     block_k = max(SLOT_TILE, triton.next_power_of_2(k))
     operand = _operand_bytes(dtype, _dot_settings(dtype, interpret)["DOT_FP32"])
-    block_d = min(_dim_block(d), max(16, OPERAND_TILE_BYTES // (block_k * operand)))
+    block_d = _tile_rows(block_k, operand, _dim_block(d))  # a [block_k, block_d] tile, read the other way
     return dict(block_k=block_k, rows=max(16, min(64, 4096 // block_k)), block_d=block_d,
                 d_chunks=triton.cdiv(max(d, 1), block_d))
 
