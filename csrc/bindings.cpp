@@ -139,29 +139,36 @@ const void* values_like(const std::optional<at::Tensor>& t, const at::Tensor& lo
 std::tuple<at::Tensor, at::Tensor> policy_loss(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& ref_logp,
-    const std::optional<at::Tensor>& is_weights, const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& denom,
-    int64_t num_sequences, int64_t seq_len, int64_t loss_type, int64_t kl_estimator, int64_t aggregation,
-    int64_t is_mode, bool adv_per_token, bool iw_per_token, bool cispo_two_sided, double lo, double hi, double delta,
-    double dual_clip, double tau_pos, double tau_neg, double npo_beta, double kl_coef, double is_hi, double is_lo,
-    double norm_constant, bool compute_grad, int64_t stream) {
+    const std::optional<at::Tensor>& is_weights, const std::optional<at::Tensor>& cu_seqlens,
+    at::IntArrayRef codes, at::ArrayRef<double> scalars, int64_t stream) {
+  TORCH_CHECK(codes.size() == kPolicyCodeCount, "codes: expected ", int(kPolicyCodeCount), " entries, got ",
+              codes.size());
+  TORCH_CHECK(scalars.size() == kPolicyScalarCount, "scalars: expected ", int(kPolicyScalarCount), " entries, got ",
+              scalars.size());
+  const int64_t num_sequences = codes[kCodeNumSequences], seq_len = codes[kCodeSeqLen];
+  const int64_t loss_type = codes[kCodeLoss], kl_estimator = codes[kCodeKl], aggregation = codes[kCodeAggregation];
+  const int64_t is_mode = codes[kCodeIsMode];
+  const bool adv_per_token = codes[kCodeAdvPerToken] != 0, iw_per_token = codes[kCodeIwPerToken] != 0;
+  const bool compute_grad = codes[kCodeComputeGrad] != 0;
   TORCH_CHECK(logp.is_cuda(), "logp: the CUDA kernel needs a CUDA tensor, got ", logp.device());
   TORCH_CHECK(logp.dim() == 1 && logp.is_contiguous(), "logp: expected a contiguous 1-D tensor, got shape ", logp.sizes());
   const int64_t n = logp.numel();
   PolicyLossArgs a;
   a.value_dtype = value_dtype_code(logp, "logp");
   TORCH_CHECK(num_sequences >= 0, "num_sequences: must be >= 0, got ", num_sequences);
-  TORCH_CHECK(loss_type >= 0 && loss_type <= 5, "loss_type: unknown code ", loss_type);
-  TORCH_CHECK(kl_estimator >= -1 && kl_estimator <= 4, "kl_estimator: unknown code ", kl_estimator);
-  TORCH_CHECK(aggregation >= 0 && aggregation <= 4, "aggregation: unknown code ", aggregation);
-  TORCH_CHECK(is_mode >= 0 && is_mode <= 2, "is_mode: unknown code ", is_mode);
+  TORCH_CHECK(loss_type >= kPPO && loss_type <= kNPO, "loss_type: unknown code ", loss_type);
+  TORCH_CHECK(kl_estimator >= kKlNone && kl_estimator <= kK3Plus, "kl_estimator: unknown code ", kl_estimator);
+  TORCH_CHECK(aggregation >= kTokenMean && aggregation <= kSeqMeanTokenSumNorm, "aggregation: unknown code ",
+              aggregation);
+  TORCH_CHECK(is_mode >= kIsNone && is_mode <= kMask, "is_mode: unknown code ", is_mode);
   a.logp = logp.data_ptr();
   a.old_logp = values_like(old_logp, logp, n, "old_logp");
   a.advantages = values_like(advantages, logp, adv_per_token ? n : num_sequences, "advantages");
   a.ref_logp = values_like(ref_logp, logp, n, "ref_logp");
-  TORCH_CHECK(kl_estimator < 0 || a.ref_logp != nullptr, "ref_logp: required with a KL estimator");
+  TORCH_CHECK(kl_estimator == kKlNone || a.ref_logp != nullptr, "ref_logp: required with a KL estimator");
   TORCH_CHECK(loss_type != kNPO || a.ref_logp != nullptr, "ref_logp: required for npo");
-  if (is_mode != 0) a.is_weights = values_like(is_weights, logp, iw_per_token ? n : num_sequences, "is_weights");
-  TORCH_CHECK(is_mode == 0 || a.is_weights != nullptr, "is_weights: required with an is_mode");
+  if (is_mode != kIsNone) a.is_weights = values_like(is_weights, logp, iw_per_token ? n : num_sequences, "is_weights");
+  TORCH_CHECK(is_mode == kIsNone || a.is_weights != nullptr, "is_weights: required with an is_mode");
   if (mask.has_value()) {
     TORCH_CHECK(mask->device() == logp.device() && mask->scalar_type() == at::kByte && mask->is_contiguous() &&
                     mask->numel() == n,
@@ -177,34 +184,32 @@ std::tuple<at::Tensor, at::Tensor> policy_loss(
     TORCH_CHECK(seq_len >= 0 && num_sequences * seq_len == n, "seq_len: ", num_sequences, " x ", seq_len,
                 " does not cover ", n, " tokens");
   }
-  TORCH_CHECK(denom.device() == logp.device() && denom.scalar_type() == at::kFloat && denom.numel() == 1,
-              "denom: expected a float32 scalar tensor on ", logp.device());
   auto f32 = logp.options().dtype(at::kFloat);
   at::Tensor partial = new_output({num_sequences, kPolicyLossPartials}, f32);
   at::Tensor grad = new_output({compute_grad ? n : 0}, f32);
-  a.denom = denom.data_ptr<float>();
   a.partial = partial.data_ptr<float>();
   a.grad = compute_grad ? grad.data_ptr<float>() : nullptr;
   a.num_sequences = num_sequences;
   a.seq_len = seq_len;
+  a.n_tokens = n;
   a.loss_type = static_cast<int>(loss_type);
   a.kl_estimator = static_cast<int>(kl_estimator);
   a.aggregation = static_cast<int>(aggregation);
   a.is_mode = static_cast<int>(is_mode);
   a.adv_per_token = adv_per_token;
   a.iw_per_token = iw_per_token;
-  a.cispo_two_sided = cispo_two_sided;
-  a.lo = static_cast<float>(lo);
-  a.hi = static_cast<float>(hi);
-  a.delta = static_cast<float>(delta);
-  a.dual_clip = static_cast<float>(dual_clip);
-  a.tau_pos = static_cast<float>(tau_pos);
-  a.tau_neg = static_cast<float>(tau_neg);
-  a.npo_beta = static_cast<float>(npo_beta);
-  a.kl_coef = static_cast<float>(kl_coef);
-  a.is_hi = static_cast<float>(is_hi);
-  a.is_lo = static_cast<float>(is_lo);
-  a.norm_constant = static_cast<float>(norm_constant);
+  a.cispo_two_sided = codes[kCodeCispoTwoSided] != 0;
+  a.lo = static_cast<float>(scalars[kScalarLo]);
+  a.hi = static_cast<float>(scalars[kScalarHi]);
+  a.delta = static_cast<float>(scalars[kScalarDelta]);
+  a.dual_clip = static_cast<float>(scalars[kScalarDualClip]);
+  a.tau_pos = static_cast<float>(scalars[kScalarTauPos]);
+  a.tau_neg = static_cast<float>(scalars[kScalarTauNeg]);
+  a.npo_beta = static_cast<float>(scalars[kScalarNpoBeta]);
+  a.kl_coef = static_cast<float>(scalars[kScalarKlCoef]);
+  a.is_hi = static_cast<float>(scalars[kScalarIsHi]);
+  a.is_lo = static_cast<float>(scalars[kScalarIsLo]);
+  a.norm_constant = static_cast<float>(scalars[kScalarNormConstant]);
   a.device = logp.get_device();
   check_launch(launch_policy_loss(a, reinterpret_cast<void*>(stream)), "policy_loss kernel launch");
   return {partial, grad};
@@ -302,10 +307,7 @@ TORCH_LIBRARY(negkernels_cuda, m) {
       &negkernels::group_advantages);
   m.def(
       "policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor? mask, Tensor? ref_logp, Tensor? is_weights, "
-      "Tensor? cu_seqlens, Tensor denom, int num_sequences, int seq_len, int loss_type, int kl_estimator, "
-      "int aggregation, int is_mode, bool adv_per_token, bool iw_per_token, bool cispo_two_sided, float lo, float hi, "
-      "float delta, float dual_clip, float tau_pos, float tau_neg, float npo_beta, float kl_coef, float is_hi, "
-      "float is_lo, float norm_constant, bool compute_grad, int stream) -> (Tensor, Tensor)",
+      "Tensor? cu_seqlens, int[] codes, float[] scalars, int stream) -> (Tensor, Tensor)",
       &negkernels::policy_loss);
 }
 

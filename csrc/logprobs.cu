@@ -37,7 +37,7 @@ __device__ __forceinline__ float nan_min(float x, float y) { return (x != x || y
 __device__ __forceinline__ float nan_max(float x, float y) { return (x != x || y != y) ? x + y : fmaxf(x, y); }
 
 __device__ __forceinline__ float importance_weight(float w, const PolicyLossArgs& a) {
-  if (a.is_mode == 1) return nan_min(w, a.is_hi);
+  if (a.is_mode == kTruncate) return nan_min(w, a.is_hi);
   return (w >= a.is_lo && w <= a.is_hi) ? w : 0.f;
 }
 
@@ -113,10 +113,10 @@ __device__ __forceinline__ float exp_minus_one_minus(float x) {
 
 __device__ __forceinline__ void kl_term(float d, int estimator, float* value, float* grad) {
   switch (estimator) {
-    case 0: *value = d; *grad = 1.f; break;
-    case 1: *value = 0.5f * d * d; *grad = d; break;
-    case 2: *value = exp_minus_one_minus(-d); *grad = d - *value; break;  // k3; 1 − e^{−d} = d − k3
-    case 3: *value = fabsf(d); *grad = d > 0.f ? 1.f : (d < 0.f ? -1.f : 0.f); break;
+    case kK1: *value = d; *grad = 1.f; break;
+    case kK2: *value = 0.5f * d * d; *grad = d; break;
+    case kK3: *value = exp_minus_one_minus(-d); *grad = d - *value; break;  // k3: 1 − e^{−d} = d − k3
+    case kAbs: *value = fabsf(d); *grad = d > 0.f ? 1.f : (d < 0.f ? -1.f : 0.f); break;
     default: *value = exp_minus_one_minus(-d); *grad = d;  // k3+: k3 value, k2 gradient
   }
 }
@@ -126,18 +126,19 @@ __global__ void __launch_bounds__(kLossThreads) policy_loss_kernel(const PolicyL
   const int64_t b = blockIdx.x;
   int64_t start, length;
   if (a.cu_seqlens != nullptr) {
-    start = a.cu_seqlens[b];
-    length = a.cu_seqlens[b + 1] - start;
+    // Clamped into [0, N]: an unvalidated bad layout gives a wrong loss, never a bad access.
+    start = min(max(a.cu_seqlens[b], int64_t(0)), a.n_tokens);
+    length = min(max(a.cu_seqlens[b + 1], start), a.n_tokens) - start;
   } else {
     start = b * a.seq_len;
     length = a.seq_len;
   }
   const int dt = a.value_dtype;
   const float adv_seq = a.adv_per_token ? 0.f : load_value(a.advantages, dt, b);
-  const float iw_seq = (a.is_mode != 0 && !a.iw_per_token) ? importance_weight(load_value(a.is_weights, dt, b), a) : 1.f;
+  const float iw_seq = (a.is_mode != kIsNone && !a.iw_per_token) ? importance_weight(load_value(a.is_weights, dt, b), a) : 1.f;
   auto unmasked = [&](int64_t i) { return a.mask == nullptr || a.mask[start + i] != 0; };
   auto iw_at = [&](int64_t i) {
-    if (a.is_mode == 0) return 1.f;
+    if (a.is_mode == kIsNone) return 1.f;
     return a.iw_per_token ? importance_weight(load_value(a.is_weights, dt, start + i), a) : iw_seq;
   };
 
@@ -162,7 +163,8 @@ __global__ void __launch_bounds__(kLossThreads) policy_loss_kernel(const PolicyL
   float row_weight = 1.f;
   if (a.aggregation == kSeqMeanTokenMean) row_weight = 1.f / safe_count;
   if (a.aggregation == kSeqMeanTokenSumNorm) row_weight = 1.f / a.norm_constant;
-  const float grad_weight = row_weight / *a.denom;
+  // Unnormalised: the host divides the loss and scales the gradient by the global normaliser.
+  const float grad_weight = row_weight;
   const float seq_ratio = expf(seq_a / safe_count);
   const float npo_value = (2.f / a.npo_beta) * softplus(a.npo_beta * seq_a) / safe_count;
   const float npo_grad = (seq_b / safe_count) * 2.f * sigmoid(a.npo_beta * seq_a);
@@ -188,7 +190,7 @@ __global__ void __launch_bounds__(kLossThreads) policy_loss_kernel(const PolicyL
       t.d_logp *= iw;
     }
     float token_loss = iw * t.value, d_logp = t.d_logp, kl = 0.f;
-    if (a.kl_estimator >= 0) {
+    if (a.kl_estimator != kKlNone) {
       float d_kl;
       kl_term(lp - load_value(a.ref_logp, dt, k), a.kl_estimator, &kl, &d_kl);
       token_loss += a.kl_coef * kl;

@@ -7,9 +7,23 @@
 
 namespace negkernels {
 
-// Codes are positions in negkernels/reference/logprobs.py's tuples (the Triton kernel uses them too).
-enum PolicyLossType : int { kPPO = 0, kGSPO = 1, kCISPO = 2, kSAPO = 3, kGPG = 4, kNPO = 5 };
+// The option codes of negkernels/reference/logprobs.py (LossType, KlEstimator, Aggregation, IsMode),
+// which the Triton kernels use too; tests/test_kernel_codes.py holds the two definitions equal.
+enum LossType : int { kPPO = 0, kGSPO = 1, kCISPO = 2, kSAPO = 3, kGPG = 4, kNPO = 5 };
+enum KlEstimator : int { kKlNone = -1, kK1 = 0, kK2 = 1, kK3 = 2, kAbs = 3, kK3Plus = 4 };
 enum Aggregation : int { kTokenMean = 0, kTokenSum = 1, kSeqMeanTokenMean = 2, kSeqMeanTokenSum = 3, kSeqMeanTokenSumNorm = 4 };
+enum IsMode : int { kIsNone = 0, kTruncate = 1, kMask = 2 };
+
+// Positions in the int[] codes and float[] scalars lists the Python side builds
+// (negkernels.ops.logprobs.PolicyKernelCodes / PolicyKernelScalars, same field order).
+enum PolicyCodeSlot : int {
+  kCodeLoss, kCodeKl, kCodeAggregation, kCodeIsMode, kCodeCispoTwoSided, kCodeAdvPerToken, kCodeIwPerToken,
+  kCodeComputeGrad, kCodeNumSequences, kCodeSeqLen, kCodeMaxLen, kPolicyCodeCount
+};
+enum PolicyScalarSlot : int {
+  kScalarLo, kScalarHi, kScalarDelta, kScalarDualClip, kScalarTauPos, kScalarTauNeg, kScalarNpoBeta, kScalarKlCoef,
+  kScalarIsHi, kScalarIsLo, kScalarNormConstant, kScalarTemperature, kScalarEntropyCoef, kPolicyScalarCount
+};
 constexpr int kPolicyLossPartials = 8;  // per sequence: loss, count, low, high, dual, approx-kl, ratio, kl
 
 struct PolicyLossArgs {
@@ -21,13 +35,12 @@ struct PolicyLossArgs {
   const void* ref_logp = nullptr;    // [n_tokens] or null (no KL term)
   const void* is_weights = nullptr;  // [n_tokens] if iw_per_token else [num_sequences], or null
   const int64_t* cu_seqlens = nullptr;  // [num_sequences + 1] or null: rows of seq_len
-  const float* denom = nullptr;         // 0-d normaliser
   float* partial = nullptr;             // [num_sequences, 8]
   float* grad = nullptr;                // [n_tokens] or null
   int value_dtype = kValueF32;
   int device = 0;  // the tensors' CUDA device, made current for the launch
-  int64_t num_sequences = 0, seq_len = 0;
-  int loss_type = kPPO, kl_estimator = -1, aggregation = kTokenMean, is_mode = 0;  // is_mode: 0 none, 1 truncate, 2 mask
+  int64_t num_sequences = 0, seq_len = 0, n_tokens = 0;
+  int loss_type = kPPO, kl_estimator = kKlNone, aggregation = kTokenMean, is_mode = kIsNone;
   bool adv_per_token = false, iw_per_token = false, cispo_two_sided = false;
   float lo = 0.8f, hi = 1.2f, delta = 0.f, dual_clip = 0.f;  // delta / dual_clip: +inf disables
   float tau_pos = 1.f, tau_neg = 1.05f, npo_beta = 0.1f, kl_coef = 0.f;

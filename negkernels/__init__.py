@@ -29,6 +29,7 @@ from .ops.kv import (
     select_retained,
 )
 from .ops.logprobs import (
+    PolicyLossConfig,
     PolicyLossOutput,
     linear_policy_loss,
     linear_token_logprobs,
@@ -74,6 +75,7 @@ __all__ = [
     "group_discriminative_loss",
     "has_cuda_ext",
     "PolicyLoss",
+    "PolicyLossConfig",
     "PolicyLossOutput",
     "linear_policy_loss",
     "linear_token_logprobs",

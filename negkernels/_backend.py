@@ -11,7 +11,6 @@ nothing silently falls back.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -27,14 +26,19 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_HAS_TRITON: list[bool] = []  # decided once; a list, not lru_cache, which torch.compile warns about
+
+
 def has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    if not _HAS_TRITON:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception:
+            _HAS_TRITON.append(False)
+        else:
+            _HAS_TRITON.append(True)
+    return _HAS_TRITON[0]
 
 
 def _triton_runs_on(device: torch.device) -> tuple[bool, str]:

@@ -175,31 +175,20 @@ def cuda_ops() -> frozenset[str]:
     return frozenset(module.implemented_ops())
 
 
-def policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, denom, *, num_sequences, seq_len,
-                    max_len, loss_type, kl_estimator, aggregation, is_mode, clip_low, clip_high, delta, dual_clip,
-                    cispo_two_sided, tau_pos, tau_neg, npo_beta, kl_coef, is_threshold, is_threshold_low, norm_constant,
-                    adv_per_token, iw_per_token, compute_grad):
-    """The CUDA policy-loss kernel behind the same interface as ``negkernels.triton.logprobs.policy_loss_fwd``."""
-    from .reference.logprobs import AGGREGATIONS, IS_MODES, KL_ESTIMATORS, LOSS_TYPES
-
+def policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, codes, scalars):
+    """The CUDA policy-loss kernel behind the same interface as ``negkernels.triton.logprobs.policy_loss_fwd``
+    (``codes`` / ``scalars`` are passed on as the lists csrc/logprobs.h indexes by slot)."""
     load()  # registers torch.ops.negkernels_cuda
     dtypes = {t.dtype for t in (logp, old_logp, advantages, ref_logp, is_weights) if t is not None}
     common = logp.dtype if len(dtypes) == 1 else torch.float32
 
     def values(t):
-        return None if t is None else t.to(common).contiguous()
+        return None if t is None else t.to(common).reshape(-1).contiguous()
 
-    inf = float("inf")
     return torch.ops.negkernels_cuda.policy_loss(
-        values(logp), values(old_logp), values(advantages), mask, values(ref_logp),
-        values(is_weights) if is_weights is not None else None,
-        cu_seqlens.long().contiguous() if cu_seqlens is not None else None, denom.float().reshape(()).contiguous(),
-        num_sequences, seq_len, LOSS_TYPES.index(loss_type),
-        KL_ESTIMATORS.index(kl_estimator) if kl_estimator is not None else -1, AGGREGATIONS.index(aggregation),
-        IS_MODES.index(is_mode) + 1 if is_weights is not None else 0, adv_per_token, iw_per_token, cispo_two_sided,
-        1.0 - clip_low, 1.0 + clip_high, inf if delta is None else delta, inf if dual_clip is None else dual_clip,
-        tau_pos, tau_neg, npo_beta, kl_coef, is_threshold, is_threshold_low, norm_constant, compute_grad,
-        torch.cuda.current_stream(logp.device).cuda_stream,
+        values(logp), values(old_logp), values(advantages), mask, values(ref_logp), values(is_weights),
+        cu_seqlens.long().contiguous() if cu_seqlens is not None else None,
+        list(codes), list(scalars), torch.cuda.current_stream(logp.device).cuda_stream,
     )
 
 

@@ -251,7 +251,7 @@ def test_opcheck(backend):
         (rewards, ids, 0, 5, "ngrpo", "whiten", 1e-6, 1.0, 2, 1.0, 0.5, torch.rand(24), None, None, backend),
         (rewards, ids, 0, 5, "rloo", "batch", 1e-6, 1.0, 1, 1.0, 1.0, None, None, torch.tensor([0.1, 2.0], dtype=torch.float64), backend),
     ]:
-        torch.library.opcheck(_group_advantages_op, args)
+        torch.library.opcheck(_group_advantages_op.op, args)
 
 
 def test_compile_fullgraph():

@@ -222,6 +222,19 @@ BAD_INPUTS = [
      "sink"),
     ("RetentionCache", "unknown scorer", lambda b: nk.RetentionCache(8, scorer="h2o"), ValueError, "scorer"),
     ("PolicyLoss", "unknown option", lambda b: nk.PolicyLoss(clip=0.2), TypeError, "clip"),
+    ("PolicyLoss", "bad option value at construction", lambda b: nk.PolicyLoss(clip_low=-0.1), ValueError,
+     "clip_low"),
+    ("PolicyLossConfig", "unknown option", lambda b: nk.PolicyLossConfig(clip=0.2), TypeError, "clip"),
+    ("PolicyLossConfig", "sapo_tau_neg = 0", lambda b: nk.PolicyLossConfig(sapo_tau_neg=0.0), ValueError,
+     "sapo_tau_neg"),
+    ("PolicyLossConfig", "cispo_two_sided not a bool", lambda b: nk.PolicyLossConfig(cispo_two_sided=1), TypeError,
+     "cispo_two_sided"),
+    ("PolicyLossConfig", "config and keywords", lambda b: nk.policy_loss(
+        _logp(), _logp(), torch.randn(3), config=nk.PolicyLossConfig(), clip_low=0.1), TypeError, "config"),
+    ("policy_loss", "unknown option keyword", lambda b: _policy(b, clip=0.3), TypeError, "clip"),
+    ("policy_loss", "cu_seqlens of floats, trusted layout", lambda b: nk.policy_loss(
+        _logp().reshape(-1), _logp().reshape(-1), torch.randn(2), cu_seqlens=torch.tensor([0.0, 7.0, 15.0]),
+        max_seqlen=8, validate=False, backend=b), TypeError, "cu_seqlens"),
 ]
 
 # Public names that are types or queries, not ops that take input.

@@ -83,23 +83,31 @@ def test_build_key_tracks_sources():
 def test_extension_checks_policy_loss_arguments(extension):
     assert "policy_loss" in extension.implemented_ops()
     op = torch.ops.negkernels_cuda.policy_loss
-    scalars = dict(num_sequences=2, seq_len=3, loss_type=0, kl_estimator=-1, aggregation=0, is_mode=0,
-                   adv_per_token=False, iw_per_token=False, cispo_two_sided=False, lo=0.8, hi=1.2,
-                   delta=float("inf"), dual_clip=float("inf"), tau_pos=1.0, tau_neg=1.05, npo_beta=0.1, kl_coef=0.0,
-                   is_hi=2.0, is_lo=0.5, norm_constant=1.0, compute_grad=True, stream=0)
+    from negkernels.ops.logprobs import PolicyKernelCodes, PolicyLossConfig
+
+    codes, scalars = PolicyLossConfig().kernel_args(
+        use_kl=False, use_is=False, adv_per_token=False, iw_per_token=False, compute_grad=True, num_sequences=2,
+        seq_len=3, max_len=3, norm_constant=1.0)
+
+    def changed(**fields):
+        return list(PolicyKernelCodes(*codes)._replace(**fields))
+
     x = torch.randn(6)
     with pytest.raises(RuntimeError, match="logp: the CUDA kernel needs a CUDA tensor"):
-        op(x, x, torch.randn(2), None, None, None, None, torch.tensor(6.0), **scalars)
+        op(x, x, torch.randn(2), None, None, None, None, codes, scalars, 0)
     if not torch.cuda.is_available():
         return
     x = x.cuda()
-    denom = torch.tensor(6.0, device="cuda")
+    with pytest.raises(RuntimeError, match="codes: expected"):
+        op(x, x, torch.randn(2, device="cuda"), None, None, None, None, codes[:-1], scalars, 0)
+    with pytest.raises(RuntimeError, match="scalars: expected"):
+        op(x, x, torch.randn(2, device="cuda"), None, None, None, None, codes, scalars + [0.0], 0)
     with pytest.raises(RuntimeError, match="advantages"):
-        op(x, x, torch.randn(3, device="cuda"), None, None, None, None, denom, **scalars)
+        op(x, x, torch.randn(3, device="cuda"), None, None, None, None, codes, scalars, 0)
     with pytest.raises(RuntimeError, match="seq_len"):
-        op(x, x, torch.randn(2, device="cuda"), None, None, None, None, denom, **{**scalars, "seq_len": 4})
+        op(x, x, torch.randn(2, device="cuda"), None, None, None, None, changed(seq_len=4), scalars, 0)
     with pytest.raises(RuntimeError, match="ref_logp"):
-        op(x, x, torch.randn(2, device="cuda"), None, None, None, None, denom, **{**scalars, "kl_estimator": 2})
+        op(x, x, torch.randn(2, device="cuda"), None, None, None, None, changed(kl=2), scalars, 0)
 
 
 @pytest.mark.slow

@@ -431,8 +431,11 @@ def test_linear_ops_opcheck(backend):
                           (torch.randn(7), torch.randn(7), hidden, weight, bias, targets, lse, ent, 0.9, 0, False, 3,
                            True, True, True))
     old = torch.randn(7) - 3
-    args = (h, w, b, targets, old, torch.randn(7), torch.rand(7), None, None, 1.0, "ppo", "", "truncate", 0.2, 0.2,
-            None, None, False, 1.0, 1.05, 0.0, 0.01, 2.0, 0.5, False, 3, True, True, True)
+    codes, scalars = nk.PolicyLossConfig().kernel_args(
+        use_kl=False, use_is=False, adv_per_token=True, iw_per_token=True, compute_grad=True, num_sequences=1,
+        seq_len=7, max_len=7, norm_constant=1.0, entropy_coef=0.01)
+    args = (h, w, b, targets, old, torch.randn(7), torch.rand(7), None, None, codes, scalars, True, False, 3,
+            [True, True, True])
     torch.library.opcheck(torch.ops.negkernels.linear_policy_loss.default, args)
 
 

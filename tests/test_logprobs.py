@@ -390,9 +390,11 @@ def test_policy_loss_bad_input():
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_policy_loss_opcheck(backend):
     logp, old, ref, adv, mask = policy_inputs()
+    codes, scalars = nk.PolicyLossConfig(dual_clip=3.0, kl_coef=0.1).kernel_args(
+        use_kl=True, use_is=False, adv_per_token=False, iw_per_token=False, compute_grad=True, num_sequences=4,
+        seq_len=9, max_len=9, norm_constant=1.0)
     args = (logp.reshape(-1).requires_grad_(), old.reshape(-1), adv, mask.reshape(-1).view(torch.uint8),
-            ref.reshape(-1), None, None, torch.tensor(11.0), 4, 9, 9, "ppo", "k3", "token-mean", "truncate",
-            0.2, 0.2, None, 3.0, False, 1.0, 1.05, 0.1, 0.1, 2.0, 0.5, 1.0, False, False, True, backend)
+            ref.reshape(-1), None, None, torch.tensor(11.0), codes, scalars, backend)
     torch.library.opcheck(torch.ops.negkernels.policy_loss.default, args)
 
 
@@ -542,3 +544,33 @@ def test_small_kl_values_keep_their_precision(backend, kl_estimator):
                                     kl_coef=1.0, kl_estimator=kl_estimator, loss_type="gpg")
     assert_close(out.approx_kl, ref_out.metrics[3], rtol=1e-4, atol=0, what="approx_kl")
     assert_close(out.kl, ref_out.metrics[5], rtol=1e-4, atol=0, what="kl")
+
+
+# ============================================================================ fused backward scale
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fused_backward_scales_by_the_incoming_gradient_on_the_device(backend, inplace):
+    # The fused forward writes d loss / d logits for an incoming gradient of 1; the backward
+    # scales it on the device (no host read). Scales of 1, −2.5 and 0 against the float64 oracle.
+    logits, targets, old, ref, adv, mask = from_logits_case(b=2, t=5, v=37)
+    want_leaf = logits.double().requires_grad_()
+    want = nk.policy_loss_from_logits(want_leaf, targets, old.double(), adv.double(), mask, backend="reference").loss
+    (want_grad,) = torch.autograd.grad(want, want_leaf)
+    for scale in (1.0, -2.5, 0.0):
+        leaf = logits.clone().requires_grad_()
+        x = leaf * 1.0 if inplace else leaf  # in place needs a non-leaf it may overwrite
+        out = nk.policy_loss_from_logits(x, targets, old, adv, mask, inplace_backward=inplace, backend=backend)
+        (out.loss * scale).backward()
+        assert_close(leaf.grad, want_grad * scale, **TOLERANCES[torch.float32], what=f"scale {scale}")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fused_backward_twice_raises(backend):
+    logits, targets, old, ref, adv, mask = from_logits_case(b=2, t=5, v=37)
+    leaf = logits.clone().requires_grad_()
+    out = nk.policy_loss_from_logits(leaf, targets, old, adv, mask, backend=backend)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated twice"):
+        out.loss.backward()

@@ -117,7 +117,7 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
 
     POINTERS = {"targets_ptr": "*i64", "cu_ptr": "*i32", "mask_ptr": "*u8", "logits_ptr": "*bf16", "grad_ptr": "*bf16"}
     INTS = {"stride_outer", "stride_inner", "inner_size", "grad_stride_outer", "grad_stride_inner", "n_vocab",
-            "vocab_start", "vocab_total", "seq_len", "max_len", "n_rows", "rows_per_program"}
+            "vocab_start", "vocab_total", "seq_len", "max_len", "n_rows", "rows_per_program", "n_tokens", "n_cols"}
 
     def compile_logprobs(kernel, constexprs, num_warps=8, **pointers):
         compile_variant(kernel, constexprs, num_warps, {**POINTERS, **pointers}, INTS, "i64")
@@ -141,17 +141,23 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
     for v in variants:
         compile_logprobs(lk._policy_loss_fwd_kernel, v, logp_ptr="*fp32")
         count += 1
-    fused = dict(LOSS=0, KL=-1, IS=0, CISPO_TWO_SIDED=False, COMPUTE_GRAD=True, BLOCK_V=4096)
+    fused = dict(LOSS=0, KL=-1, IS=0, CISPO_TWO_SIDED=False, COMPUTE_GRAD=True, WITH_ENTROPY=False, BLOCK_V=4096)
     for loss in (0, 2, 3, 4):
         compile_logprobs(lk._policy_loss_from_logits_kernel,
-                         dict(fused, LOSS=loss, KL=loss % 5, IS=1 + loss % 2, CISPO_TWO_SIDED=loss == 2))
+                         dict(fused, LOSS=loss, KL=loss % 5, IS=1 + loss % 2, CISPO_TWO_SIDED=loss == 2,
+                              WITH_ENTROPY=loss % 2 == 0))
+        count += 1
+    for dtype in ("*bf16", "*fp32"):
+        compile_logprobs(lk._scale_rows_unless_one_kernel, dict(BLOCK=4096), x_ptr=dtype)
         count += 1
     for kl in range(-1, 5):
         compile_logprobs(lk._policy_loss_from_logits_kernel, dict(fused, KL=kl, COMPUTE_GRAD=kl != 2))
         count += 1
-    compile_logprobs(lk._policy_loss_from_logits_kernel, dict(fused, BLOCK_V=lk.FUSED_MAX_BLOCK_V),
-                     num_warps=lk.FUSED_NUM_WARPS)
-    count += 1
+    for entropy in (False, True):
+        compile_logprobs(lk._policy_loss_from_logits_kernel, dict(fused, WITH_ENTROPY=entropy,
+                                                                  BLOCK_V=lk.FUSED_MAX_BLOCK_V),
+                         num_warps=lk.FUSED_NUM_WARPS)
+        count += 1
     ones = dict(stride_outer=1, stride_inner=1, inner_size=1, n_vocab=1, vocab_start=1)
     compile_logprobs(lk._token_logprobs_fwd_kernel, dict(WITH_ENTROPY=True, BLOCK_V=16, **ones))
     compile_logprobs(lk._policy_loss_from_logits_kernel,
@@ -162,7 +168,7 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
     compile_logprobs(lk._token_logprobs_fwd_kernel, dict(WITH_ENTROPY=True, BLOCK_V=4096), logits_ptr="*fp32")
     compile_logprobs(lk._token_logprobs_bwd_kernel, dict(HAS_GRAD_LOGP=True, HAS_GRAD_ENTROPY=True, BLOCK_V=4096),
                      logits_ptr="*fp32", grad_ptr="*bf16")
-    compile_logprobs(lk._policy_loss_from_logits_kernel, dict(fused, BLOCK_V=lk.FUSED_MAX_BLOCK_V),
+    compile_logprobs(lk._policy_loss_from_logits_kernel, dict(fused, WITH_ENTROPY=True, BLOCK_V=lk.FUSED_MAX_BLOCK_V),
                      num_warps=lk.FUSED_NUM_WARPS, logits_ptr="*fp32", grad_ptr="*bf16")
     count += 3
     print("compiled", count)
@@ -319,7 +325,7 @@ def test_every_advantages_kernel_variant_compiles_for_sm90():
 
 
 def test_every_logprobs_kernel_variant_compiles_for_sm90():
-    assert "compiled 41" in _compile_in_subprocess(LOGPROBS_SCRIPT)
+    assert "compiled 44" in _compile_in_subprocess(LOGPROBS_SCRIPT)
 
 
 def test_every_contrastive_kernel_variant_compiles_for_sm90():

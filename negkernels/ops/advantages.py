@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .._kernel_op import kernel_op
 from .._backend import register_op, resolve_backend
 from .._fixedpoint import exponent_bound, headroom_bits
 from .._validation import (
@@ -60,7 +61,7 @@ def _cuda_group_advantages(rewards, group_index, group_size, num_groups, estimat
     )
 
 
-@torch.library.custom_op("negkernels::group_advantages", mutates_args=())
+@kernel_op("negkernels::group_advantages", mutates_args=())
 def _group_advantages_op(
     rewards: Tensor,
     group_index: Optional[Tensor],

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._kernel_op import kernel_op
 from .._backend import register_op, resolve_backend, triton_interpret
 from .._validation import INDEX_DTYPES, check_choice, check_finite_float, check_int, check_tensor
 from ..reference.contrastive import (
@@ -92,7 +93,7 @@ def _upcast_half(x: Optional[Tensor]) -> Optional[Tensor]:
 # ============================================================================ InfoNCE custom ops
 
 
-@torch.library.custom_op("negkernels::bank_info_nce_fwd", mutates_args=())
+@kernel_op("negkernels::bank_info_nce_fwd", mutates_args=())
 def _bank_info_nce_fwd_op(query: Tensor, positive: Tensor, bank: Tensor, temperature: Tensor,
                           extra_negatives: Optional[Tensor], query_ids: Optional[Tensor], bank_ids: Optional[Tensor],
                           valid_mask: Optional[Tensor], valid_count: int, false_negatives: Optional[str],
@@ -109,7 +110,7 @@ def _(query, positive, bank, temperature, *rest):
     return out, out.clone(), out.clone()
 
 
-@torch.library.custom_op("negkernels::bank_info_nce_bwd", mutates_args=())
+@kernel_op("negkernels::bank_info_nce_bwd", mutates_args=())
 def _bank_info_nce_bwd_op(grad_loss: Tensor, query: Tensor, positive: Tensor, bank: Tensor, temperature: Tensor,
                           extra_negatives: Optional[Tensor], query_ids: Optional[Tensor], bank_ids: Optional[Tensor],
                           valid_mask: Optional[Tensor], valid_count: int, false_negatives: Optional[str],
@@ -252,7 +253,7 @@ def bank_info_nce(
 # ============================================================================ top-k and MoCHi
 
 
-@torch.library.custom_op("negkernels::bank_topk", mutates_args=())
+@kernel_op("negkernels::bank_topk", mutates_args=())
 def _bank_topk_op(query: Tensor, bank: Tensor, k: int, valid_mask: Optional[Tensor], valid_count: int,
                   normalize: bool) -> tuple[Tensor, Tensor]:
     from ..triton.contrastive import bank_topk as bank_topk_launch

@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .._kernel_op import kernel_op
 from .._backend import register_op, resolve_backend
 from .._validation import (
     FLOAT_DTYPES,
@@ -120,7 +121,7 @@ def _check_budget(budget, sink, window) -> tuple[int, int, int]:
 # ============================================================================ scores
 
 
-@torch.library.custom_op("negkernels::retention_scores", mutates_args=())
+@kernel_op("negkernels::retention_scores", mutates_args=())
 def _retention_scores_op(log_beta: Tensor, positions: Tensor, step_tensor: Optional[Tensor], step: int,
                          keys: Optional[Tensor], key_norm_weight: float) -> Tensor:
     from ..triton.kv import retention_scores_fwd
@@ -240,7 +241,7 @@ def _cuda_select(scores, log_beta, positions, step, budget, sink, window, length
     return _cuda_ext.select_retained(scores, log_beta, positions, step, budget, sink, window, lengths)
 
 
-@torch.library.custom_op("negkernels::select_retained", mutates_args=())
+@kernel_op("negkernels::select_retained", mutates_args=())
 def _select_retained_op(scores: Tensor, budget: int, sink: int, window: int, lengths: Optional[Tensor],
                         backend: str) -> Tensor:
     if backend == "cuda":
@@ -328,7 +329,7 @@ def _check_compact(keys, values, indices, extras, validate: bool):
     return out
 
 
-@torch.library.custom_op("negkernels::compact_kv", mutates_args=())
+@kernel_op("negkernels::compact_kv", mutates_args=())
 def _compact_kv_op(keys: Tensor, values: Tensor, indices: Tensor, extras: list[Tensor]) -> list[Tensor]:
     from ..triton.kv import compact_kv_fwd
 
@@ -376,7 +377,7 @@ def _compact_backward(ctx, grads):
 _compact_kv_op.register_autograd(_compact_backward, setup_context=_compact_setup)
 
 
-@torch.library.custom_op("negkernels::compact_kv_", mutates_args=("keys", "values", "extras"))
+@kernel_op("negkernels::compact_kv_", mutates_args=("keys", "values", "extras"))
 def _compact_kv_inplace_op(keys: Tensor, values: Tensor, indices: Tensor, extras: list[Tensor]) -> None:
     from ..triton.kv import compact_kv_fwd
 
@@ -436,7 +437,7 @@ def compact_kv_(keys: Tensor, values: Tensor, indices: Tensor, *extras: Tensor, 
 # ============================================================================ fused evict
 
 
-@torch.library.custom_op("negkernels::evict", mutates_args=())
+@kernel_op("negkernels::evict", mutates_args=())
 def _evict_op(keys: Tensor, values: Tensor, log_beta: Tensor, positions: Tensor, step_tensor: Optional[Tensor],
               step: int, budget: int, sink: int, window: int, lengths: Optional[Tensor],
               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -519,7 +520,7 @@ def _rows(log_beta: Tensor) -> Tensor:
     return log_beta.reshape(rows, log_beta.shape[-1]).contiguous()
 
 
-@torch.library.custom_op("negkernels::retention_mass_fwd", mutates_args=())
+@kernel_op("negkernels::retention_mass_fwd", mutates_args=())
 def _retention_mass_fwd_op(log_beta: Tensor, cu_seqlens: Optional[Tensor]) -> Tensor:
     from ..triton.kv import retention_mass_fwd
 
@@ -531,7 +532,7 @@ def _(log_beta, cu_seqlens):
     return log_beta.new_empty(log_beta.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("negkernels::retention_mass_bwd", mutates_args=())
+@kernel_op("negkernels::retention_mass_bwd", mutates_args=())
 def _retention_mass_bwd_op(grad: Tensor, log_beta: Tensor, cu_seqlens: Optional[Tensor]) -> Tensor:
     from ..triton.kv import retention_mass_bwd
 

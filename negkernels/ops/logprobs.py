@@ -11,11 +11,13 @@ launchers. The ``reference`` backend is plain differentiable PyTorch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from .._kernel_op import _plain_eager_call, kernel_op
 from .._backend import register_op, resolve_backend
 from .._validation import (
     FLOAT_DTYPES,
@@ -27,11 +29,18 @@ from .._validation import (
     check_tensor,
 )
 from ..reference.logprobs import (
+    AGGREGATION_CODE,
     AGGREGATIONS,
+    IS_CODE,
     IS_MODES,
+    KL_CODE,
     KL_ESTIMATORS,
+    LOSS_CODE,
     LOSS_TYPES,
     POLICY_LOSS_PARTIALS,
+    Aggregation,
+    IsMode,
+    KlEstimator,
     linear_logits_reference,
     linear_token_logprobs_reference,
     policy_loss_reference,
@@ -94,7 +103,7 @@ def _rows_in_own_storage(x: Tensor) -> bool:
     return True
 
 
-@torch.library.custom_op("negkernels::token_logprobs_fwd", mutates_args=())
+@kernel_op("negkernels::token_logprobs_fwd", mutates_args=())
 def _token_logprobs_fwd_op(logits: Tensor, targets: Tensor, temperature: float, vocab_start: int, vocab_total: int,
                            with_entropy: bool, inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Rows of the vocabulary slice [vocab_start, vocab_start + V) of a vocabulary of vocab_total ids."""
@@ -130,7 +139,7 @@ def _bwd_launch(grad_logp, grad_entropy, logits, targets, lse, entropy, temperat
     return out
 
 
-@torch.library.custom_op("negkernels::token_logprobs_bwd", mutates_args=())
+@kernel_op("negkernels::token_logprobs_bwd", mutates_args=())
 def _token_logprobs_bwd_op(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], logits: Tensor, targets: Tensor,
                            lse: Tensor, entropy: Optional[Tensor], temperature: float, vocab_start: int) -> Tensor:
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -143,7 +152,7 @@ def _(grad_logp, grad_entropy, logits, *args):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("negkernels::token_logprobs_bwd_inplace", mutates_args=("logits",))
+@kernel_op("negkernels::token_logprobs_bwd_inplace", mutates_args=("logits",))
 def _token_logprobs_bwd_inplace_op(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], logits: Tensor,
                                    targets: Tensor, lse: Tensor, entropy: Optional[Tensor], temperature: float,
                                    vocab_start: int) -> None:
@@ -352,8 +361,8 @@ def _check_mask_values(mask: Optional[Tensor]) -> None:
                              "supported")
 
 
-def _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens, max_seqlen, ref_logp, is_weights, loss_type,
-                         validate=True):
+def _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens, max_seqlen, ref_logp, is_weights,
+                         cfg: PolicyLossConfig, validate=True):
     check_tensor("logp", logp, dtypes=FLOAT_DTYPES)
     check_tensor("old_logp", old_logp, dtypes=FLOAT_DTYPES)
     device = logp.device
@@ -361,7 +370,15 @@ def _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens, max_seqle
     if packed:
         if logp.dim() != 1:
             raise ValueError(f"logp: with cu_seqlens expected packed [N] log-probs, got shape {tuple(logp.shape)}")
-        longest = check_cu_seqlens(cu_seqlens, logp.numel(), device)
+        if max_seqlen is None or validate:
+            longest = check_cu_seqlens(cu_seqlens, logp.numel(), device)
+        else:
+            # Trusted layout, no host read: the kernels clamp every offset into [0, N] and sweep
+            # max_seqlen tokens, so a bad layout gives a wrong loss, never a bad access.
+            check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=INDEX_DTYPES, device=device)
+            if cu_seqlens.numel() < 1:
+                raise ValueError("cu_seqlens: needs at least one entry (0)")
+            longest = 0
         num_seq = cu_seqlens.numel() - 1
         if max_seqlen is None:
             max_seqlen = longest
@@ -399,8 +416,9 @@ def _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens, max_seqle
         else:
             raise ValueError(f"{name}: expected per-token shape {tuple(logp.shape)} or per-sequence ({num_seq},), "
                              f"got {tuple(t.shape)}")
-    if advantages is None and loss_type != "npo":
-        raise ValueError(f"advantages: required for loss_type={loss_type!r}")
+    if advantages is None and cfg.loss_type != "npo":
+        raise ValueError(f"advantages: required for loss_type={cfg.loss_type!r}")
+    cfg.check_references(ref_logp)
     return num_seq, seq_len, max_seqlen, per_token
 
 
@@ -435,66 +453,80 @@ def _normaliser(aggregation, mask, logp, cu_seqlens, num_tokens, num_sequences, 
             return torch.where((value > 0) & torch.isfinite(value), value, float("nan"))
         return torch.tensor(check_finite_float(name, given, minimum=0.0, exclusive=True), device=device)
     if aggregation == "token-mean":
-        value = (mask != 0).sum().float() if mask is not None else torch.tensor(float(logp.numel()), device=device)
+        if mask is None:
+            return torch.tensor(max(float(logp.numel()), 1.0), device=device) if process_group is None else \
+                _sum_over_ranks(torch.tensor(float(logp.numel()), device=device), process_group).clamp_min(1.0)
+        # A bool mask counts in one op; a 0/1 number mask is compared first.
+        value = (mask if mask.dtype == torch.bool else mask != 0).sum(dtype=torch.float32)
     else:
         counts = counts if counts is not None else _sequence_counts(mask, logp, cu_seqlens)
-        value = (counts > 0).sum().float()
-    value = _sum_over_ranks(value, process_group)
+        value = (counts > 0).sum(dtype=torch.float32)
     # With nothing to count every token weight is 0 anyway; 1 keeps 0/0 out of the loss.
-    return value.clamp_min(1.0).reshape(())
+    return _sum_over_ranks(value, process_group).clamp_min(1.0)
 
 
-@torch.library.custom_op("negkernels::policy_loss", mutates_args=())
+@kernel_op("negkernels::policy_loss", mutates_args=())
 def _policy_loss_op(
     logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor], ref_logp: Optional[Tensor],
-    is_weights: Optional[Tensor], cu_seqlens: Optional[Tensor], denom: Tensor,
-    num_sequences: int, seq_len: int, max_len: int, loss_type: str, kl_estimator: str, aggregation: str, is_mode: str,
-    clip_low: float, clip_high: float, delta: Optional[float], dual_clip: Optional[float], cispo_two_sided: bool,
-    tau_pos: float, tau_neg: float, npo_beta: float, kl_coef: float, is_threshold: float, is_threshold_low: float,
-    norm_constant: float, adv_per_token: bool, iw_per_token: bool, compute_grad: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    kwargs = dict(
-        num_sequences=num_sequences, seq_len=seq_len, max_len=max_len, loss_type=loss_type,
-        kl_estimator=kl_estimator or None, aggregation=aggregation, is_mode=is_mode, clip_low=clip_low,
-        clip_high=clip_high, delta=delta, dual_clip=dual_clip, cispo_two_sided=cispo_two_sided, tau_pos=tau_pos,
-        tau_neg=tau_neg, npo_beta=npo_beta, kl_coef=kl_coef, is_threshold=is_threshold,
-        is_threshold_low=is_threshold_low, norm_constant=norm_constant, adv_per_token=adv_per_token,
-        iw_per_token=iw_per_token, compute_grad=compute_grad,
-    )
+    is_weights: Optional[Tensor], cu_seqlens: Optional[Tensor], normaliser: Optional[Tensor], codes: list[int],
+    scalars: list[float], backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, sums [7] of [count, low, high, dual, approx-kl, ratio, kl] over the unmasked tokens,
+    d Σℓ / d logp [N] fp32 (or [0]) before normalisation, 1 / normaliser). ``logp`` is contiguous,
+    of any shape; every other per-token input is flat [N].
+
+    ``codes`` and ``scalars`` are :class:`PolicyKernelCodes` and :class:`PolicyKernelScalars`.
+    ``normaliser`` None: this call's own, from the kernel's per-sequence counts (no extra pass)."""
     if backend == "cuda":
         from .._cuda_ext import policy_loss_fwd
     else:
         from ..triton.logprobs import policy_loss_fwd
-    partial, grad = policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, denom, **kwargs)
-    # A fixed-order sum of per-sequence partials: the loss has the same bits every run.
-    loss = partial[:, 0].sum()
-    return loss, partial, grad
+    c = PolicyKernelCodes(*codes)
+    partial, grad = policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, c,
+                                    PolicyKernelScalars(*scalars))
+    # Fixed-order sums of per-sequence partials: the loss has the same bits every run.
+    sums = partial.sum(0)
+    if normaliser is None:
+        if c.aggregation == Aggregation.TOKEN_SUM:
+            normaliser = torch.ones((), device=logp.device)
+        elif c.aggregation == Aggregation.TOKEN_MEAN:
+            normaliser = sums[1].clamp_min(1.0)
+        else:  # sequences with an unmasked token
+            normaliser = (partial[:, 1] > 0).sum(dtype=torch.float32).clamp_min(1.0)
+    scale = normaliser.float().reciprocal().reshape(())
+    return sums[0] * scale, sums[1:].clone(), grad, scale
 
 
 @_policy_loss_op.register_fake
-def _(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, denom, num_sequences, *rest):
-    compute_grad = rest[-2]
-    return (logp.new_empty((), dtype=torch.float32),
-            logp.new_empty((num_sequences, POLICY_LOSS_PARTIALS), dtype=torch.float32),
-            logp.new_empty((logp.numel() if compute_grad else 0,), dtype=torch.float32))
+def _(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, normaliser, codes, scalars, backend):
+    c = PolicyKernelCodes(*codes)
+    f32 = dict(dtype=torch.float32)
+    return (logp.new_empty((), **f32), logp.new_empty((POLICY_LOSS_PARTIALS - 1,), **f32),
+            logp.new_empty((logp.numel() if c.compute_grad else 0,), **f32), logp.new_empty((), **f32))
+
+
+def _no_grads_after(ctx, *grads) -> tuple:
+    """``grads`` for the first inputs of an op, then None for each of its other inputs."""
+    return (*grads, *([None] * (len(ctx.needs_input_grad) - len(grads))))
 
 
 def _policy_loss_setup(ctx, inputs, output):
-    ctx.logp_dtype = inputs[0].dtype
-    ctx.save_for_backward(output[2])
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.logp_dtype, ctx.logp_shape = inputs[0].dtype, inputs[0].shape
+    ctx.save_for_backward(output[2], output[3])
+    ctx.mark_non_differentiable(*output[1:])
 
 
-def _policy_loss_backward(ctx, grad_loss, grad_partial, grad_grad):
-    (grad,) = ctx.saved_tensors
-    return (grad * grad_loss).to(ctx.logp_dtype), *([None] * 30)
+def _policy_loss_backward(ctx, grad_loss, *unused):
+    grad, scale = ctx.saved_tensors
+    return _no_grads_after(ctx, (grad * (grad_loss * scale)).to(ctx.logp_dtype).view(ctx.logp_shape))
 
 
 _policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_loss_setup)
 
 
-def _metrics_from_partials(partial: Tensor, process_group) -> Tensor:
-    sums = _sum_over_ranks(partial[:, 1:].sum(0), process_group)
+def _metrics_from_sums(sums: Tensor, process_group) -> Tensor:
+    """[count, metric sums...] of this rank → the metrics' means over every rank's unmasked tokens."""
+    sums = _sum_over_ranks(sums, process_group)
     return sums[1:] / sums[0].clamp_min(1.0)
 
 
@@ -502,40 +534,166 @@ def _output(loss, metrics, **extra) -> PolicyLossOutput:
     return PolicyLossOutput(loss, *metrics.unbind(0), **extra)
 
 
-def _policy_options(loss_type, clip_low, clip_high, dual_clip, delta, sapo_tau_pos, sapo_tau_neg, npo_beta, kl_coef,
-                    kl_estimator, is_mode, is_threshold, is_threshold_low, aggregation, norm_constant, ref_logp,
-                    logp, packed):
-    check_choice("loss_type", loss_type, LOSS_TYPES)
-    check_choice("aggregation", aggregation, AGGREGATIONS)
-    check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
-    check_choice("is_mode", is_mode, IS_MODES)
-    clip_low = check_finite_float("clip_low", clip_low, minimum=0.0)
-    clip_high = check_finite_float("clip_high", clip_high, minimum=0.0)
-    if dual_clip is not None:
-        dual_clip = check_finite_float("dual_clip", dual_clip, minimum=1.0, exclusive=True)
-    if delta is not None:
-        delta = check_finite_float("delta", delta, minimum=1.0, exclusive=True)
-    sapo_tau_pos = check_finite_float("sapo_tau_pos", sapo_tau_pos, minimum=0.0, exclusive=True)
-    sapo_tau_neg = check_finite_float("sapo_tau_neg", sapo_tau_neg, minimum=0.0, exclusive=True)
-    npo_beta = check_finite_float("npo_beta", npo_beta, minimum=0.0, exclusive=True)
-    kl_coef = check_finite_float("kl_coef", kl_coef)
-    is_threshold = check_finite_float("is_threshold", is_threshold, minimum=0.0, exclusive=True)
-    if is_threshold_low is None:
-        is_threshold_low = 1.0 / is_threshold
-    is_threshold_low = check_finite_float("is_threshold_low", is_threshold_low, minimum=0.0)
-    if kl_coef != 0.0 and ref_logp is None:
-        raise ValueError("ref_logp: required when kl_coef != 0")
-    if loss_type == "npo" and ref_logp is None:
-        raise ValueError("ref_logp: required for loss_type='npo'")
-    if norm_constant is None:
-        if aggregation == "seq-mean-token-sum-norm" and packed:
+class PolicyKernelCodes(NamedTuple):
+    """The integer arguments of the policy-loss kernels (one ``int[]`` of the custom ops, read
+    by name; ``csrc/logprobs.h`` indexes the same list with ``PolicyCodeSlot``)."""
+
+    loss: int  # LossType
+    kl: int  # KlEstimator (NONE without ref_logp)
+    aggregation: int  # Aggregation
+    is_mode: int  # IsMode (NONE without is_weights)
+    cispo_two_sided: int
+    adv_per_token: int
+    iw_per_token: int
+    compute_grad: int
+    num_sequences: int
+    seq_len: int  # padded [B, T]: T; packed: 0
+    max_len: int  # the longest sequence (bounds the kernels' sweeps)
+
+
+class PolicyKernelScalars(NamedTuple):
+    """The float arguments of the policy-loss kernels (one ``float[]``; ``PolicyScalarSlot`` in C++).
+    Disabled options are +inf, so they need no compile-time variant."""
+
+    lo: float  # 1 − clip_low
+    hi: float  # 1 + clip_high
+    delta: float
+    dual_clip: float
+    tau_pos: float
+    tau_neg: float
+    npo_beta: float
+    kl_coef: float  # 0 without ref_logp
+    is_hi: float
+    is_lo: float
+    norm_constant: float
+    temperature: float  # from logits only
+    entropy_coef: float  # from logits only
+
+
+def _optional_above(name: str, value, minimum: float) -> Optional[float]:
+    return None if value is None else check_finite_float(name, value, minimum=minimum, exclusive=True)
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """Every option of the policy losses, validated once at construction.
+
+    :func:`policy_loss`, :func:`policy_loss_from_logits`, :func:`linear_policy_loss` and
+    :class:`negkernels.PolicyLoss` take these fields as keyword arguments (or a ready
+    ``config=``); see :func:`policy_loss` for what each one means. A config turns itself into the
+    kernels' integer codes and float scalars (:meth:`kernel_args`), so a new option is one field
+    here plus its use in the kernels.
+    """
+
+    loss_type: str = "ppo"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: Optional[float] = None
+    delta: Optional[float] = None
+    cispo_two_sided: bool = False
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    npo_beta: float = 0.1
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    is_mode: str = "truncate"
+    is_threshold: float = 2.0
+    is_threshold_low: Optional[float] = None  # default 1 / is_threshold
+    aggregation: str = "token-mean"
+    norm_constant: Optional[float] = None  # default T (padded input)
+
+    def __post_init__(self):
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_choice("is_mode", self.is_mode, IS_MODES)
+        if not isinstance(self.cispo_two_sided, bool):
+            raise TypeError(f"cispo_two_sided: expected a bool, got {type(self.cispo_two_sided).__name__}")
+        is_threshold = check_finite_float("is_threshold", self.is_threshold, minimum=0.0, exclusive=True)
+        low = 1.0 / is_threshold if self.is_threshold_low is None else self.is_threshold_low
+        checked = dict(
+            clip_low=check_finite_float("clip_low", self.clip_low, minimum=0.0),
+            clip_high=check_finite_float("clip_high", self.clip_high, minimum=0.0),
+            dual_clip=_optional_above("dual_clip", self.dual_clip, 1.0),
+            delta=_optional_above("delta", self.delta, 1.0),
+            sapo_tau_pos=check_finite_float("sapo_tau_pos", self.sapo_tau_pos, minimum=0.0, exclusive=True),
+            sapo_tau_neg=check_finite_float("sapo_tau_neg", self.sapo_tau_neg, minimum=0.0, exclusive=True),
+            npo_beta=check_finite_float("npo_beta", self.npo_beta, minimum=0.0, exclusive=True),
+            kl_coef=check_finite_float("kl_coef", self.kl_coef),
+            is_threshold=is_threshold,
+            is_threshold_low=check_finite_float("is_threshold_low", low, minimum=0.0),
+            norm_constant=_optional_above("norm_constant", self.norm_constant, 0.0),
+        )
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def of(cls, config: Optional["PolicyLossConfig"], options: dict) -> "PolicyLossConfig":
+        """``config`` or one built from keyword ``options`` (not both); equal options share one
+        validated instance."""
+        if config is not None:
+            if options:
+                raise TypeError(f"config: give the options in the config or as keywords, not both (got "
+                                f"{sorted(options)})")
+            if not isinstance(config, cls):
+                raise TypeError(f"config: expected a PolicyLossConfig, got {type(config).__name__}")
+            return config
+        if torch.compiler.is_compiling():
+            return cls(**options)
+        try:
+            key = tuple(sorted((k, type(v), v) for k, v in options.items()))
+            found = _CONFIGS.get(key)
+        except TypeError:  # an unhashable value: the constructor names it
+            return cls(**options)
+        if found is None:
+            if len(_CONFIGS) >= 256:
+                _CONFIGS.clear()
+            found = _CONFIGS[key] = cls(**options)
+        return found
+
+    def resolved_norm_constant(self, seq_len: int, packed: bool) -> float:
+        if self.norm_constant is not None:
+            return self.norm_constant
+        if self.aggregation == "seq-mean-token-sum-norm" and packed:
             raise ValueError("norm_constant: required for aggregation='seq-mean-token-sum-norm' with cu_seqlens")
-        norm_constant = float(max(logp.shape[-1], 1)) if not packed else 1.0  # T = 0: no tokens, any value
-    norm_constant = check_finite_float("norm_constant", norm_constant, minimum=0.0, exclusive=True)
-    return dict(loss_type=loss_type, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, delta=delta,
-                sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, npo_beta=npo_beta, kl_coef=kl_coef,
-                kl_estimator=kl_estimator, is_mode=is_mode, is_threshold=is_threshold,
-                is_threshold_low=is_threshold_low, aggregation=aggregation, norm_constant=norm_constant)
+        return float(max(seq_len, 1)) if not packed else 1.0  # T = 0: no tokens, any value
+
+    def check_references(self, ref_logp: Optional[Tensor]) -> None:
+        if self.kl_coef != 0.0 and ref_logp is None:
+            raise ValueError("ref_logp: required when kl_coef != 0")
+        if self.loss_type == "npo" and ref_logp is None:
+            raise ValueError("ref_logp: required for loss_type='npo'")
+
+    def reference_options(self) -> dict:
+        """The keyword arguments of :func:`~negkernels.reference.logprobs.policy_loss_reference`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def kernel_args(self, *, use_kl: bool, use_is: bool, adv_per_token: bool, iw_per_token: bool,
+                    compute_grad: bool, num_sequences: int, seq_len: int, max_len: int, norm_constant: float,
+                    temperature: float = 1.0, entropy_coef: float = 0.0) -> tuple[list[int], list[float]]:
+        codes = PolicyKernelCodes(
+            loss=int(LOSS_CODE[self.loss_type]),
+            kl=int(KL_CODE[self.kl_estimator] if use_kl else KlEstimator.NONE),
+            aggregation=int(AGGREGATION_CODE[self.aggregation]),
+            is_mode=int(IS_CODE[self.is_mode] if use_is else IsMode.NONE),
+            cispo_two_sided=int(self.cispo_two_sided), adv_per_token=int(adv_per_token),
+            iw_per_token=int(iw_per_token), compute_grad=int(compute_grad), num_sequences=num_sequences,
+            seq_len=seq_len, max_len=max_len)
+        inf = math.inf
+        scalars = PolicyKernelScalars(
+            lo=1.0 - self.clip_low, hi=1.0 + self.clip_high, delta=inf if self.delta is None else self.delta,
+            dual_clip=inf if self.dual_clip is None else self.dual_clip, tau_pos=self.sapo_tau_pos,
+            tau_neg=self.sapo_tau_neg, npo_beta=self.npo_beta, kl_coef=self.kl_coef if use_kl else 0.0,
+            is_hi=self.is_threshold, is_lo=self.is_threshold_low, norm_constant=norm_constant,
+            temperature=temperature, entropy_coef=entropy_coef)
+        return list(codes), list(scalars)
+
+
+# Validated configs by their keyword options: a training loop passes the same options every step.
+_CONFIGS: dict[tuple, PolicyLossConfig] = {}
+
+
+POLICY_OPTIONS = frozenset(f.name for f in fields(PolicyLossConfig))
 
 
 def policy_loss(
@@ -548,27 +706,13 @@ def policy_loss(
     max_seqlen: Optional[int] = None,
     ref_logp: Optional[Tensor] = None,
     is_weights: Optional[Tensor] = None,
-    loss_type: str = "ppo",
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: Optional[float] = None,
-    delta: Optional[float] = None,
-    cispo_two_sided: bool = False,
-    sapo_tau_pos: float = 1.0,
-    sapo_tau_neg: float = 1.05,
-    npo_beta: float = 0.1,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    is_mode: str = "truncate",
-    is_threshold: float = 2.0,
-    is_threshold_low: Optional[float] = None,
-    aggregation: str = "token-mean",
-    norm_constant: Optional[float] = None,
     num_tokens=None,
     num_sequences=None,
     process_group=None,
     validate: bool = True,
     backend: Optional[str] = None,
+    config: Optional[PolicyLossConfig] = None,
+    **options,
 ) -> PolicyLossOutput:
     """The PPO/GRPO family of policy losses on token log-probs, forward and backward in one fused pass.
 
@@ -617,26 +761,39 @@ def policy_loss(
 
     Deterministic: the Triton and CUDA kernels reduce per-sequence partials in a fixed order.
     """
+    cfg = PolicyLossConfig.of(config, options)
     packed = cu_seqlens is not None
     num_seq, seq_len, max_len, per_token = _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens,
-                                                                max_seqlen, ref_logp, is_weights, loss_type, validate)
-    opts = _policy_options(loss_type, clip_low, clip_high, dual_clip, delta, sapo_tau_pos, sapo_tau_neg, npo_beta,
-                           kl_coef, kl_estimator, is_mode, is_threshold, is_threshold_low, aggregation, norm_constant,
-                           ref_logp, logp, packed)
+                                                                max_seqlen, ref_logp, is_weights, cfg, validate)
+    norm = cfg.resolved_norm_constant(seq_len, packed)
     chosen = resolve_backend(backend, logp.device, "policy_loss", POLICY_LOSS_BACKENDS)
-    denom = _normaliser(aggregation, mask, logp, cu_seqlens, num_tokens, num_sequences, process_group)
+    given = num_tokens if cfg.aggregation == "token-mean" else num_sequences
+    if chosen != "reference" and process_group is None and (given is None or cfg.aggregation == "token-sum"):
+        denom = None  # the kernel's own counts give it, with no pass over the mask
+    else:
+        denom = _normaliser(cfg.aggregation, mask, logp, cu_seqlens, num_tokens, num_sequences, process_group)
     if chosen == "reference":
         # denom is the one normaliser this aggregation uses (token-sum ignores both).
         out = policy_loss_reference(
             logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp, is_weights=is_weights,
-            cispo_two_sided=cispo_two_sided, num_tokens=denom, num_sequences=denom, **opts)
+            num_tokens=denom, num_sequences=denom, **dict(cfg.reference_options(), norm_constant=norm))
         if process_group is None:
             metrics = out.metrics
         else:
             metrics = _reference_global_metrics(out.metrics, mask, logp, process_group)
         return _output(out.loss, metrics.float() if logp.dtype != torch.float64 else metrics)
-    return _kernel_policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, denom, num_seq,
-                               seq_len, max_len, per_token, opts, cispo_two_sided, process_group, chosen)
+    if advantages is None:  # npo ignores advantages; the kernel still reads one per sequence
+        advantages, per_token["advantages"] = logp.new_zeros(num_seq, dtype=torch.float32), False
+    codes, scalars = cfg.kernel_args(
+        use_kl=ref_logp is not None, use_is=is_weights is not None, adv_per_token=per_token.get("advantages", False),
+        iw_per_token=per_token.get("is_weights", False), compute_grad=logp.requires_grad and torch.is_grad_enabled(),
+        num_sequences=num_seq, seq_len=seq_len, max_len=max_len, norm_constant=norm)
+    loss, sums, _, _ = _policy_loss_op(
+        # logp keeps its shape (contiguous: the kernel reads it flat): a reshape would put a view
+        # node in the autograd graph, which costs the backward more than the op itself.
+        logp.contiguous(), _flat(old_logp), _flat(advantages), _bool_mask(mask), _flat(ref_logp), _flat(is_weights),
+        cu_seqlens.contiguous() if packed else None, denom, codes, scalars, chosen)
+    return _output(loss, _metrics_from_sums(sums, process_group))
 
 
 def _reference_global_metrics(local_metrics: Tensor, mask, logp, process_group) -> Tensor:
@@ -651,23 +808,6 @@ def _bool_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
         return None
     m = mask if mask.dtype == torch.bool else mask != 0
     return m.reshape(-1).contiguous().view(torch.uint8)
-
-
-def _kernel_policy_loss(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, denom, num_seq, seq_len,
-                        max_len, per_token, opts, cispo_two_sided, process_group, backend):
-    if advantages is None:  # npo ignores advantages; the kernel still reads one per sequence
-        advantages, per_token["advantages"] = torch.zeros(num_seq, device=logp.device), False
-    use_kl = ref_logp is not None
-    loss, partial, _ = _policy_loss_op(
-        _flat(logp), _flat(old_logp), _flat(advantages), _bool_mask(mask), _flat(ref_logp), _flat(is_weights),
-        cu_seqlens.contiguous() if cu_seqlens is not None else None, denom,
-        num_seq, seq_len, max_len, opts["loss_type"], opts["kl_estimator"] if use_kl else "", opts["aggregation"],
-        opts["is_mode"], opts["clip_low"], opts["clip_high"], opts["delta"], opts["dual_clip"], cispo_two_sided,
-        opts["sapo_tau_pos"], opts["sapo_tau_neg"], opts["npo_beta"], opts["kl_coef"] if use_kl else 0.0,
-        opts["is_threshold"], opts["is_threshold_low"], opts["norm_constant"], per_token.get("advantages", False),
-        per_token.get("is_weights", False), logp.requires_grad and torch.is_grad_enabled(), backend,
-    )
-    return _output(loss, _metrics_from_partials(partial, process_group))
 
 
 # ============================================================================ from logits
@@ -701,44 +841,58 @@ def _per_token_values(x: Optional[Tensor], per_token: bool, targets: Tensor, cu_
     return torch.repeat_interleave(x.float(), lengths, output_size=targets.numel()).contiguous()
 
 
-def _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_weight, ref_logp, is_weights,
-                                   temperature, loss_type, kl_estimator, is_mode, clip_low, clip_high, delta, dual_clip,
-                                   cispo_two_sided, tau_pos, tau_neg, kl_coef, entropy_coef, is_threshold,
-                                   is_threshold_low, compute_grad, grad):
+def _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_weight, ref_logp, is_weights, codes,
+                                   scalars, with_entropy, grad):
     from ..triton.logprobs import policy_loss_from_logits_fwd
 
     x, so, si, inner = _row_view(logits)
     g, gso, gsi, _ = _row_view(grad)
     logp, entropy, terms = policy_loss_from_logits_fwd(
         x, so, si, inner, g, gso, gsi, targets.numel(), logits.shape[-1], targets.reshape(-1).contiguous(), old_logp,
-        advantages, token_weight, ref_logp, is_weights, temperature=temperature, loss_type=loss_type,
-        kl_estimator=kl_estimator or None, is_mode=is_mode, clip_low=clip_low, clip_high=clip_high, delta=delta,
-        dual_clip=dual_clip, cispo_two_sided=cispo_two_sided, tau_pos=tau_pos, tau_neg=tau_neg, kl_coef=kl_coef,
-        entropy_coef=entropy_coef, is_threshold=is_threshold, is_threshold_low=is_threshold_low,
-        compute_grad=compute_grad)
+        advantages, token_weight, ref_logp, is_weights, PolicyKernelCodes(*codes), PolicyKernelScalars(*scalars),
+        with_entropy)
     # Fixed-order column sums of per-token terms: deterministic loss and metrics.
     sums = terms.sum(0)
     return sums[0].clone(), sums[1:].clone(), logp, entropy
 
 
-@torch.library.custom_op("negkernels::policy_loss_from_logits", mutates_args=())
+@kernel_op("negkernels::policy_loss_from_logits", mutates_args=())
 def _policy_loss_from_logits_op(
     logits: Tensor, targets: Tensor, old_logp: Tensor, advantages: Tensor, token_weight: Tensor,
-    ref_logp: Optional[Tensor], is_weights: Optional[Tensor], temperature: float, loss_type: str, kl_estimator: str,
-    is_mode: str, clip_low: float, clip_high: float, delta: Optional[float], dual_clip: Optional[float],
-    cispo_two_sided: bool, tau_pos: float, tau_neg: float, kl_coef: float, entropy_coef: float, is_threshold: float,
-    is_threshold_low: float, compute_grad: bool,
+    ref_logp: Optional[Tensor], is_weights: Optional[Tensor], codes: list[int], scalars: list[float],
+    with_entropy: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(Σ weight·(ℓ − entropy_coef·H), sums of [count, low, high, dual, approx-kl, ratio, kl, entropy]
     over unmasked tokens, logp [N], entropy [N], d loss / d logits (empty unless compute_grad))."""
+    compute_grad = PolicyKernelCodes(*codes).compute_grad
     grad = (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad
             else logits.new_empty((0,)))
     out = _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_weight, ref_logp, is_weights,
-                                         temperature, loss_type, kl_estimator, is_mode, clip_low, clip_high, delta,
-                                         dual_clip, cispo_two_sided, tau_pos, tau_neg, kl_coef, entropy_coef,
-                                         is_threshold, is_threshold_low, compute_grad,
-                                         grad if compute_grad else logits)
+                                         codes, scalars, with_entropy, grad if compute_grad else logits)
     return (*out, grad)
+
+
+def _scaled_by_incoming(ctx, grad: Tensor, grad_loss: Tensor) -> Tensor:
+    """``grad``·``grad_loss`` for a gradient buffer the forward wrote for an incoming gradient of 1.
+
+    From the direct eager entrance (``ctx.direct_call``, the buffer is this op's alone): in place,
+    by a kernel that reads the scale on the device and does nothing when it is 1
+    (``loss.backward()``), so the usual case costs no pass over the gradient and no host read.
+    The buffer then belongs to the caller as its gradient, so a second backward through the same
+    forward raises. Otherwise (traced, or called as ``torch.ops.negkernels.*``): a plain product."""
+    if not grad.numel():
+        return grad
+    if not getattr(ctx, "direct_call", False) or not _plain_eager_call((grad, grad_loss)):
+        return grad * grad_loss.to(grad.dtype)
+    from ..triton.logprobs import scale_rows_unless_one
+
+    view, so, si, inner = _row_view(grad)
+    if view.data_ptr() != grad.data_ptr() or not _rows_in_own_storage(grad):
+        return grad * grad_loss.to(grad.dtype)
+    rows = grad.numel() // max(grad.shape[-1], 1) if grad.dim() else 1
+    scale_rows_unless_one(view, so, si, inner, rows, grad.shape[-1] if grad.dim() else 1,
+                          grad_loss.detach().float().reshape(()))
+    return grad
 
 
 class _InplacePolicyLossFromLogits(torch.autograd.Function):
@@ -749,33 +903,25 @@ class _InplacePolicyLossFromLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, *args):
-        loss, sums, logp, entropy = _fused_policy_loss_from_logits(logits, *args, True, logits)
+        loss, sums, logp, entropy = _fused_policy_loss_from_logits(logits, *args, logits)
+        ctx.direct_call = True
         ctx.save_for_backward(logits)
         ctx.mark_non_differentiable(sums, logp, entropy)
         return loss, sums, logp, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        (grad,) = ctx.saved_tensors
-        if float(grad_loss) != 1.0:
-            grad.mul_(grad_loss.to(grad.dtype))
-        return grad, *([None] * 21)
+        (grad,) = _single_use(ctx)
+        return _no_grads_after(ctx, _scaled_by_incoming(ctx, grad, grad_loss))
 
 
 @_policy_loss_from_logits_op.register_fake
-def _(logits, targets, *rest):
+def _(logits, targets, old_logp, advantages, token_weight, ref_logp, is_weights, codes, scalars, with_entropy):
     n = targets.numel()
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if rest[-1] else logits.new_empty((0,))
+    grad = (torch.empty_like(logits, memory_format=torch.contiguous_format) if PolicyKernelCodes(*codes).compute_grad
+            else logits.new_empty((0,)))
     return (logits.new_empty((), dtype=torch.float32), logits.new_empty((8,), dtype=torch.float32),
             logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32), grad)
-
-
-def _is_eager_one(grad: Tensor) -> bool:
-    """True for an eager incoming gradient equal to 1 (one host read); False while tracing, where
-    the value is unknown and the gradient is always scaled."""
-    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
-        return False
-    return float(grad) == 1.0
 
 
 def _from_logits_setup(ctx, inputs, output):
@@ -783,13 +929,19 @@ def _from_logits_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
 
 
+def _single_use(ctx) -> tuple:
+    """The saved gradient buffers of a fused op, once: its backward hands them over to the caller."""
+    if getattr(ctx, "direct_call", False):
+        if getattr(ctx, "used", False):
+            raise RuntimeError("negkernels: a fused policy loss was backpropagated twice (retain_graph=True); its "
+                               "backward hands its gradient buffer to the caller, so run the forward again")
+        ctx.used = True
+    return ctx.saved_tensors
+
+
 def _from_logits_backward(ctx, grad_loss, *unused):
-    (grad,) = ctx.saved_tensors
-    # The forward wrote d loss / d logits for an incoming gradient of 1, the usual case when the
-    # loss ends the graph; only another scale costs a pass over the gradient.
-    if not _is_eager_one(grad_loss):
-        grad = grad * grad_loss.to(grad.dtype)
-    return grad, *([None] * 22)
+    (grad,) = _single_use(ctx)
+    return _no_grads_after(ctx, _scaled_by_incoming(ctx, grad, grad_loss))
 
 
 _policy_loss_from_logits_op.register_autograd(_from_logits_backward, setup_context=_from_logits_setup)
@@ -810,27 +962,13 @@ def policy_loss_from_logits(
     max_seqlen: Optional[int] = None,
     ref_logp: Optional[Tensor] = None,
     is_weights: Optional[Tensor] = None,
-    loss_type: str = "ppo",
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: Optional[float] = None,
-    delta: Optional[float] = None,
-    cispo_two_sided: bool = False,
-    sapo_tau_pos: float = 1.0,
-    sapo_tau_neg: float = 1.05,
-    npo_beta: float = 0.1,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    is_mode: str = "truncate",
-    is_threshold: float = 2.0,
-    is_threshold_low: Optional[float] = None,
-    aggregation: str = "token-mean",
-    norm_constant: Optional[float] = None,
     num_tokens=None,
     num_sequences=None,
     process_group=None,
     validate: bool = True,
     backend: Optional[str] = None,
+    config: Optional[PolicyLossConfig] = None,
+    **options,
 ) -> PolicyLossOutput:
     """End to end: logits → log-probs (+ entropy) → :func:`policy_loss`, fused.
 
@@ -862,44 +1000,42 @@ def policy_loss_from_logits(
     check_tensor("old_logp", old_logp, dtypes=FLOAT_DTYPES, device=logits.device)
     if old_logp.shape != targets.shape:
         raise ValueError(f"old_logp: shape {tuple(old_logp.shape)} must equal targets' {tuple(targets.shape)}")
+    cfg = PolicyLossConfig.of(config, options)
     num_seq, seq_len, max_len, per_token = _check_policy_inputs(old_logp, old_logp, advantages, mask, cu_seqlens,
-                                                                max_seqlen, ref_logp, is_weights, loss_type, validate)
-    opts = _policy_options(loss_type, clip_low, clip_high, dual_clip, delta, sapo_tau_pos, sapo_tau_neg, npo_beta,
-                           kl_coef, kl_estimator, is_mode, is_threshold, is_threshold_low, aggregation, norm_constant,
-                           ref_logp, old_logp, packed)
+                                                                max_seqlen, ref_logp, is_weights, cfg, validate)
+    norm = cfg.resolved_norm_constant(seq_len, packed)
     chosen = resolve_backend(backend, logits.device, "policy_loss_from_logits", POLICY_LOSS_FROM_LOGITS_BACKENDS)
     if chosen != "reference" and logits.dtype == torch.float64:
         raise TypeError("logits: float64 logits run on backend='reference' only")
     if validate:
         _check_target_range(targets, logits.shape[-1])
     want_entropy = return_entropy or entropy_coef != 0.0
-    counts = _sequence_counts(mask, old_logp, cu_seqlens) if aggregation.startswith("seq-mean") else None
-    denom = _normaliser(aggregation, mask, old_logp, cu_seqlens, num_tokens, num_sequences, process_group, counts)
+    counts = _sequence_counts(mask, old_logp, cu_seqlens) if cfg.aggregation.startswith("seq-mean") else None
+    denom = _normaliser(cfg.aggregation, mask, old_logp, cu_seqlens, num_tokens, num_sequences, process_group, counts)
 
-    if chosen == "reference" or loss_type not in TOKEN_LOCAL_LOSSES:
+    if chosen == "reference" or cfg.loss_type not in TOKEN_LOCAL_LOSSES:
         tl_backend = "reference" if chosen == "reference" else "triton"
         got = token_logprobs(logits, targets, temperature=temperature, return_entropy=want_entropy,
                              inplace_backward=inplace_backward, validate=False, backend=tl_backend)
         logp, entropy = got if want_entropy else (got, None)
         return _loss_from_token_logprobs(logp, entropy, old_logp, advantages, mask, cu_seqlens, max_len, ref_logp,
-                                         is_weights, cispo_two_sided, denom, counts, opts, entropy_coef,
-                                         return_entropy, process_group, chosen if chosen == "reference" else "triton")
+                                         is_weights, denom, counts, cfg, norm, entropy_coef, return_entropy,
+                                         process_group, chosen if chosen == "reference" else "triton")
 
-    weight = _token_weights(aggregation, mask, old_logp, cu_seqlens, denom, opts["norm_constant"], counts)
-    use_kl = ref_logp is not None
+    weight = _token_weights(cfg.aggregation, mask, old_logp, cu_seqlens, denom, norm, counts)
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     inplace = inplace_backward and compute_grad and _rows_in_own_storage(logits)
+    codes, scalars = cfg.kernel_args(
+        use_kl=ref_logp is not None, use_is=is_weights is not None, adv_per_token=True, iw_per_token=True,
+        compute_grad=compute_grad, num_sequences=num_seq, seq_len=seq_len, max_len=max_len, norm_constant=norm,
+        temperature=temperature, entropy_coef=entropy_coef)
     op = _InplacePolicyLossFromLogits.apply if inplace else _policy_loss_from_logits_op
     loss, sums, logp, entropy, *_ = op(
-        logits, targets, _flat(old_logp).float(), _per_token_values(advantages, per_token.get("advantages", False),
-                                                                    targets, cu_seqlens),
-        weight, _flat(ref_logp).float() if use_kl else None,
+        logits, targets, _flat(old_logp).float(),
+        _per_token_values(advantages, per_token.get("advantages", False), targets, cu_seqlens), weight,
+        _flat(ref_logp).float() if ref_logp is not None else None,
         _per_token_values(is_weights, per_token.get("is_weights", False), targets, cu_seqlens),
-        temperature, loss_type, opts["kl_estimator"] if use_kl else "", opts["is_mode"], opts["clip_low"],
-        opts["clip_high"], opts["delta"], opts["dual_clip"], cispo_two_sided, opts["sapo_tau_pos"],
-        opts["sapo_tau_neg"], opts["kl_coef"] if use_kl else 0.0, entropy_coef, opts["is_threshold"],
-        opts["is_threshold_low"], *(() if inplace else (compute_grad,)),
-    )
+        codes, scalars, want_entropy)
     return _fused_output(loss, sums, logp, entropy, targets, return_entropy, process_group)
 
 
@@ -915,20 +1051,19 @@ def _fused_output(loss, sums, logp, entropy, targets, return_entropy, process_gr
 
 
 def _loss_from_token_logprobs(logp, entropy, old_logp, advantages, mask, cu_seqlens, max_len, ref_logp, is_weights,
-                              cispo_two_sided, denom, counts, opts, entropy_coef, return_entropy, process_group,
-                              backend) -> PolicyLossOutput:
+                              denom, counts, cfg: PolicyLossConfig, norm: float, entropy_coef, return_entropy,
+                              process_group, backend) -> PolicyLossOutput:
     """The unfused second half: differentiable token log-probs (and entropies) → :func:`policy_loss`,
     minus entropy_coef·H aggregated like the loss."""
     packed = cu_seqlens is not None
     out = policy_loss(logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens, max_seqlen=max_len if packed else None,
-                      ref_logp=ref_logp, is_weights=is_weights, cispo_two_sided=cispo_two_sided, num_tokens=denom,
-                      num_sequences=denom, process_group=process_group, validate=False, backend=backend, **opts)
+                      ref_logp=ref_logp, is_weights=is_weights, num_tokens=denom, num_sequences=denom,
+                      process_group=process_group, validate=False, backend=backend, config=cfg)
     loss = out.loss
     mean_entropy = None
     if entropy is not None:
         if entropy_coef != 0.0:
-            weight = _token_weights(opts["aggregation"], mask, old_logp, cu_seqlens, denom, opts["norm_constant"],
-                                    counts)
+            weight = _token_weights(cfg.aggregation, mask, old_logp, cu_seqlens, denom, norm, counts)
             loss = loss - entropy_coef * (weight.to(entropy.dtype) * entropy.reshape(-1)).sum()
         mean_entropy = _masked_mean(entropy.detach(), mask, process_group)
     return out._replace(loss=loss, entropy=mean_entropy if return_entropy else None, token_logp=logp.detach(),
@@ -958,7 +1093,7 @@ def _empty_like_or_none(x: Optional[Tensor], needed: bool, like: Tensor) -> Tens
         else like.new_empty((0,))
 
 
-@torch.library.custom_op("negkernels::linear_token_logprobs_fwd", mutates_args=())
+@kernel_op("negkernels::linear_token_logprobs_fwd", mutates_args=())
 def _linear_token_logprobs_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                                   temperature: float, vocab_start: int, vocab_total: int, with_entropy: bool,
                                   fp32_lm_head: bool, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -977,7 +1112,7 @@ def _(hidden, weight, bias, targets, temperature, vocab_start, vocab_total, with
     return out, hidden.new_empty((n if with_entropy else 0,), dtype=torch.float32), out.clone()
 
 
-@torch.library.custom_op("negkernels::linear_token_logprobs_bwd", mutates_args=())
+@kernel_op("negkernels::linear_token_logprobs_bwd", mutates_args=())
 def _linear_token_logprobs_bwd_op(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor,
                                   weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
                                   entropy: Optional[Tensor], temperature: float, vocab_start: int, fp32_lm_head: bool,
@@ -1189,36 +1324,32 @@ def linear_token_logprobs(
     return (logp, entropy.view(targets.shape)) if return_entropy else logp
 
 
-@torch.library.custom_op("negkernels::linear_policy_loss", mutates_args=())
+@kernel_op("negkernels::linear_policy_loss", mutates_args=())
 def _linear_policy_loss_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old_logp: Tensor, advantages: Tensor,
-    token_weight: Tensor, ref_logp: Optional[Tensor], is_weights: Optional[Tensor], temperature: float,
-    loss_type: str, kl_estimator: str, is_mode: str, clip_low: float, clip_high: float, delta: Optional[float],
-    dual_clip: Optional[float], cispo_two_sided: bool, tau_pos: float, tau_neg: float, kl_coef: float,
-    entropy_coef: float, is_threshold: float, is_threshold_low: float, fp32_lm_head: bool, chunk_size: int,
-    need_hidden: bool, need_weight: bool, need_bias: bool,
+    token_weight: Tensor, ref_logp: Optional[Tensor], is_weights: Optional[Tensor], codes: list[int],
+    scalars: list[float], with_entropy: bool, fp32_lm_head: bool, chunk_size: int, need_grads: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(Σ weight·(ℓ − entropy_coef·H), sums of [count, low, high, dual, approx-kl, ratio, kl, entropy],
     logp [N], entropy [N], d hidden, d weight, d bias for an incoming gradient of 1 (each [0] when
-    not needed))."""
+    not needed: ``need_grads`` = [hidden, weight, bias]))."""
     from ..triton.logprobs import linear_policy_loss_fwd
 
+    need_hidden, need_weight, need_bias = need_grads
     logp, entropy, terms, dh, dw, db = linear_policy_loss_fwd(
         hidden, weight, bias, targets, old_logp, advantages, token_weight, ref_logp, is_weights,
         logits_dtype=_logits_dtype(hidden, fp32_lm_head), chunk_size=chunk_size, need_hidden=need_hidden,
-        need_weight=need_weight, need_bias=need_bias and bias is not None, temperature=temperature,
-        loss_type=loss_type, kl_estimator=kl_estimator or None, is_mode=is_mode, clip_low=clip_low,
-        clip_high=clip_high, delta=delta, dual_clip=dual_clip, cispo_two_sided=cispo_two_sided, tau_pos=tau_pos,
-        tau_neg=tau_neg, kl_coef=kl_coef, entropy_coef=entropy_coef, is_threshold=is_threshold,
-        is_threshold_low=is_threshold_low)
+        need_weight=need_weight, need_bias=need_bias and bias is not None, codes=PolicyKernelCodes(*codes),
+        scalars=PolicyKernelScalars(*scalars), with_entropy=with_entropy)
     # Fixed-order column sums of per-token terms: deterministic loss and metrics.
     sums = terms.sum(0)
     return sums[0].clone(), sums[1:].clone(), logp, entropy, dh, dw, db
 
 
 @_linear_policy_loss_op.register_fake
-def _(hidden, weight, bias, targets, *rest):
-    need_hidden, need_weight, need_bias = rest[-3:]
+def _(hidden, weight, bias, targets, old_logp, advantages, token_weight, ref_logp, is_weights, codes, scalars,
+      with_entropy, fp32_lm_head, chunk_size, need_grads):
+    need_hidden, need_weight, need_bias = need_grads
     n = hidden.shape[0]
     f32 = dict(dtype=torch.float32)
     return (hidden.new_empty((), **f32), hidden.new_empty((8,), **f32), hidden.new_empty((n,), **f32),
@@ -1234,15 +1365,13 @@ def _linear_policy_loss_setup(ctx, inputs, output):
 
 
 def _linear_policy_loss_backward(ctx, grad_loss, *unused):
-    grads = list(ctx.saved_tensors)
+    grads = _single_use(ctx)
     need = ctx.needs_input_grad
     # The forward produced the gradients for an incoming gradient of 1, the usual case when the
     # loss ends the graph; only another scale costs a pass over them.
-    if not _is_eager_one(grad_loss):
-        grads = [g * grad_loss.to(g.dtype) if g.numel() else g for g in grads]
-    dh, dw, db = grads
-    return (dh if need[0] else None, dw if need[1] else None, db if ctx.has_bias and need[2] else None,
-            *([None] * 26))
+    dh, dw, db = (_scaled_by_incoming(ctx, g, grad_loss) for g in grads)
+    return _no_grads_after(ctx, dh if need[0] else None, dw if need[1] else None,
+                           db if ctx.has_bias and need[2] else None)
 
 
 _linear_policy_loss_op.register_autograd(_linear_policy_loss_backward, setup_context=_linear_policy_loss_setup)
@@ -1266,22 +1395,6 @@ def linear_policy_loss(
     max_seqlen: Optional[int] = None,
     ref_logp: Optional[Tensor] = None,
     is_weights: Optional[Tensor] = None,
-    loss_type: str = "ppo",
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: Optional[float] = None,
-    delta: Optional[float] = None,
-    cispo_two_sided: bool = False,
-    sapo_tau_pos: float = 1.0,
-    sapo_tau_neg: float = 1.05,
-    npo_beta: float = 0.1,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    is_mode: str = "truncate",
-    is_threshold: float = 2.0,
-    is_threshold_low: Optional[float] = None,
-    aggregation: str = "token-mean",
-    norm_constant: Optional[float] = None,
     num_tokens=None,
     num_sequences=None,
     process_group=None,
@@ -1289,6 +1402,8 @@ def linear_policy_loss(
     chunk_size: Optional[int] = None,
     validate: bool = True,
     backend: Optional[str] = None,
+    config: Optional[PolicyLossConfig] = None,
+    **options,
 ) -> PolicyLossOutput:
     """End to end from the last hidden states: LM head → log-probs (+ entropy) → :func:`policy_loss`,
     fused so that the [tokens, V] logits never exist in memory.
@@ -1325,43 +1440,40 @@ def linear_policy_loss(
     check_tensor("old_logp", old_logp, dtypes=FLOAT_DTYPES, device=hidden.device)
     if old_logp.shape != targets.shape:
         raise ValueError(f"old_logp: shape {tuple(old_logp.shape)} must equal targets' {tuple(targets.shape)}")
+    cfg = PolicyLossConfig.of(config, options)
     num_seq, seq_len, max_len, per_token = _check_policy_inputs(old_logp, old_logp, advantages, mask, cu_seqlens,
-                                                                max_seqlen, ref_logp, is_weights, loss_type, validate)
-    opts = _policy_options(loss_type, clip_low, clip_high, dual_clip, delta, sapo_tau_pos, sapo_tau_neg, npo_beta,
-                           kl_coef, kl_estimator, is_mode, is_threshold, is_threshold_low, aggregation, norm_constant,
-                           ref_logp, old_logp, packed)
+                                                                max_seqlen, ref_logp, is_weights, cfg, validate)
+    norm = cfg.resolved_norm_constant(seq_len, packed)
     chosen = _linear_backend(backend, hidden, "linear_policy_loss")
     want_entropy = return_entropy or entropy_coef != 0.0
-    counts = _sequence_counts(mask, old_logp, cu_seqlens) if aggregation.startswith("seq-mean") else None
-    denom = _normaliser(aggregation, mask, old_logp, cu_seqlens, num_tokens, num_sequences, data_parallel_group,
+    counts = _sequence_counts(mask, old_logp, cu_seqlens) if cfg.aggregation.startswith("seq-mean") else None
+    denom = _normaliser(cfg.aggregation, mask, old_logp, cu_seqlens, num_tokens, num_sequences, data_parallel_group,
                         counts)
 
-    two_pass = fp32_weight_grad or loss_type not in TOKEN_LOCAL_LOSSES or process_group is not None
+    two_pass = fp32_weight_grad or cfg.loss_type not in TOKEN_LOCAL_LOSSES or process_group is not None
     if chosen == "reference" or two_pass:
         got = linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                     return_entropy=want_entropy, fp32_lm_head=fp32_lm_head, chunk_size=chunk_size,
                                     process_group=process_group, validate=validate, backend=chosen)
         logp, entropy = got if want_entropy else (got, None)
         return _loss_from_token_logprobs(logp, entropy, old_logp, advantages, mask, cu_seqlens, max_len, ref_logp,
-                                         is_weights, cispo_two_sided, denom, counts, opts, entropy_coef,
-                                         return_entropy, data_parallel_group,
-                                         chosen if chosen == "reference" else "triton")
+                                         is_weights, denom, counts, cfg, norm, entropy_coef, return_entropy,
+                                         data_parallel_group, chosen if chosen == "reference" else "triton")
 
     if validate:
         _check_target_range(targets, weight.shape[0])
-    token_weight = _token_weights(aggregation, mask, old_logp, cu_seqlens, denom, opts["norm_constant"], counts)
-    use_kl = ref_logp is not None
+    token_weight = _token_weights(cfg.aggregation, mask, old_logp, cu_seqlens, denom, norm, counts)
     grad_on = torch.is_grad_enabled()
-    need = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-            grad_on and bias is not None and bias.requires_grad)
+    need = [grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+            grad_on and bias is not None and bias.requires_grad]
+    codes, scalars = cfg.kernel_args(
+        use_kl=ref_logp is not None, use_is=is_weights is not None, adv_per_token=True, iw_per_token=True,
+        compute_grad=any(need), num_sequences=num_seq, seq_len=seq_len, max_len=max_len, norm_constant=norm,
+        temperature=temperature, entropy_coef=entropy_coef)
     loss, sums, logp, entropy, *_ = _linear_policy_loss_op(
         _token_rows(hidden), weight, bias, targets.reshape(-1).contiguous(), _flat(old_logp).float(),
         _per_token_values(advantages, per_token.get("advantages", False), targets, cu_seqlens), token_weight,
-        _flat(ref_logp).float() if use_kl else None,
+        _flat(ref_logp).float() if ref_logp is not None else None,
         _per_token_values(is_weights, per_token.get("is_weights", False), targets, cu_seqlens),
-        temperature, loss_type, opts["kl_estimator"] if use_kl else "", opts["is_mode"], opts["clip_low"],
-        opts["clip_high"], opts["delta"], opts["dual_clip"], cispo_two_sided, opts["sapo_tau_pos"],
-        opts["sapo_tau_neg"], opts["kl_coef"] if use_kl else 0.0, entropy_coef, opts["is_threshold"],
-        opts["is_threshold_low"], fp32_lm_head, chunk, *need,
-    )
+        codes, scalars, want_entropy, fp32_lm_head, chunk, need)
     return _fused_output(loss, sums, logp, entropy, targets, return_entropy, data_parallel_group)

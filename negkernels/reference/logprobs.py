@@ -8,6 +8,7 @@ beats speed here (the token log-probs materialise a full-size fp32 log-softmax).
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import NamedTuple, Optional
 
 import torch
@@ -17,6 +18,46 @@ LOSS_TYPES = ("ppo", "gspo", "cispo", "sapo", "gpg", "npo")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k3+")
 AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 IS_MODES = ("truncate", "mask")
+
+
+# The kernels' codes for each option, one definition for Triton and CUDA (csrc/logprobs.h spells
+# the same enums; tests/test_kernel_codes.py holds the two equal).
+class LossType(IntEnum):
+    PPO = 0
+    GSPO = 1
+    CISPO = 2
+    SAPO = 3
+    GPG = 4
+    NPO = 5
+
+
+class KlEstimator(IntEnum):
+    NONE = -1  # no ref_logp: no KL term
+    K1 = 0
+    K2 = 1
+    K3 = 2
+    ABS = 3
+    K3_PLUS = 4
+
+
+class Aggregation(IntEnum):
+    TOKEN_MEAN = 0
+    TOKEN_SUM = 1
+    SEQ_MEAN_TOKEN_MEAN = 2
+    SEQ_MEAN_TOKEN_SUM = 3
+    SEQ_MEAN_TOKEN_SUM_NORM = 4
+
+
+class IsMode(IntEnum):
+    NONE = 0  # no is_weights
+    TRUNCATE = 1
+    MASK = 2
+
+
+LOSS_CODE = dict(zip(LOSS_TYPES, LossType))
+KL_CODE = dict(zip(KL_ESTIMATORS, list(KlEstimator)[1:]))
+AGGREGATION_CODE = dict(zip(AGGREGATIONS, Aggregation))
+IS_CODE = dict(zip(IS_MODES, list(IsMode)[1:]))
 # Metrics reported next to the loss, in this order (kernels write them in the same order).
 METRICS = ("clip_fraction_low", "clip_fraction_high", "dual_clip_fraction", "approx_kl", "mean_ratio", "kl")
 # Per-sequence partial sums the kernels write: the loss, the unmasked-token count, the metrics' numerators.

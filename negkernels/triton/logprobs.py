@@ -24,12 +24,29 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpret
-from ..reference.logprobs import AGGREGATIONS, IS_MODES, KL_ESTIMATORS, LOSS_TYPES, POLICY_LOSS_PARTIALS
+from ..reference.logprobs import (
+    POLICY_LOSS_PARTIALS,
+    Aggregation,
+    IsMode,
+    KlEstimator,
+    LossType,
+)
 
-LOSS_CODES = {name: i for i, name in enumerate(LOSS_TYPES)}
-KL_CODES = {name: i for i, name in enumerate(KL_ESTIMATORS)}
-AGG_CODES = {name: i for i, name in enumerate(AGGREGATIONS)}
-IS_CODES = {None: 0, **{name: i + 1 for i, name in enumerate(IS_MODES)}}
+# The kernels' option codes by name (values from negkernels.reference.logprobs, shared with CUDA).
+_LOSS_PPO: tl.constexpr = tl.constexpr(int(LossType.PPO))
+_LOSS_GSPO: tl.constexpr = tl.constexpr(int(LossType.GSPO))
+_LOSS_CISPO: tl.constexpr = tl.constexpr(int(LossType.CISPO))
+_LOSS_SAPO: tl.constexpr = tl.constexpr(int(LossType.SAPO))
+_LOSS_NPO: tl.constexpr = tl.constexpr(int(LossType.NPO))
+_KL_NONE: tl.constexpr = tl.constexpr(int(KlEstimator.NONE))
+_KL_K1: tl.constexpr = tl.constexpr(int(KlEstimator.K1))
+_KL_K2: tl.constexpr = tl.constexpr(int(KlEstimator.K2))
+_KL_K3: tl.constexpr = tl.constexpr(int(KlEstimator.K3))
+_KL_ABS: tl.constexpr = tl.constexpr(int(KlEstimator.ABS))
+_AGG_SEQ_MEAN_TOKEN_MEAN: tl.constexpr = tl.constexpr(int(Aggregation.SEQ_MEAN_TOKEN_MEAN))
+_AGG_SEQ_MEAN_TOKEN_SUM_NORM: tl.constexpr = tl.constexpr(int(Aggregation.SEQ_MEAN_TOKEN_SUM_NORM))
+_IS_NONE: tl.constexpr = tl.constexpr(int(IsMode.NONE))
+_IS_TRUNCATE: tl.constexpr = tl.constexpr(int(IsMode.TRUNCATE))
 
 
 # The fused loss-from-logits kernel keeps about one 151936-wide bf16 row (300 KB) per SM in
@@ -53,11 +70,12 @@ def _num_sms(device: torch.device) -> int:
 
 
 @triton.jit
-def _online_softmax_row(row_ptr, n_vocab, inv_t, BLOCK_V: tl.constexpr):
+def _online_softmax_row(row_ptr, n_vocab, inv_t, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
     """(log-sum-exp, entropy) of softmax(x·inv_t) over one row, one streaming pass in fp32.
 
     The entropy is log s − w/s with w = Σ e^(z−m)·(z−m) kept relative to the running max m, so no
-    large z cancels against the log-sum-exp.
+    large z cancels against the log-sum-exp. Without ``WITH_ENTROPY`` the entropy is 0 and its
+    per-element work (a select, a multiply-add and a second reduction) is not compiled in.
     """
     lanes = tl.arange(0, BLOCK_V)
     m = -float("inf")
@@ -72,19 +90,22 @@ def _online_softmax_row(row_ptr, n_vocab, inv_t, BLOCK_V: tl.constexpr):
         shift = tl.where(m_new > -float("inf"), m_new, 0.0)
         alpha = tl.exp(m - shift)
         e = tl.exp(z - shift)
-        d = tl.where(e > 0.0, z - shift, 0.0)
-        w = alpha * (w + tl.where(s > 0.0, s * (m - shift), 0.0)) + tl.sum(e * d, axis=0)
+        if WITH_ENTROPY:
+            d = tl.where(e > 0.0, z - shift, 0.0)
+            w = alpha * (w + tl.where(s > 0.0, s * (m - shift), 0.0)) + tl.sum(e * d, axis=0)
         s = s * alpha + tl.sum(e, axis=0)
         m = m_new
     shift = tl.where(m > -float("inf"), m, 0.0)
     lse = shift + tl.log(s)
-    entropy = tl.log(s) - w / s
+    entropy = 0.0
+    if WITH_ENTROPY:
+        entropy = tl.log(s) - w / s
     return lse, entropy
 
 
 @triton.jit
 def _write_logits_grad_row(row_ptr, grad_row_ptr, n_vocab, inv_t, lse, entropy, target_local, g_logp, g_entropy,
-                           BLOCK_V: tl.constexpr):
+                           WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
     """d/dx of g_logp·log p_t + g_entropy·H:  inv_t·(g_logp·(1[j=t] − p_j) − g_entropy·p_j·(log p_j + H))."""
     lanes = tl.arange(0, BLOCK_V)
     for v0 in range(0, n_vocab, BLOCK_V):
@@ -94,7 +115,8 @@ def _write_logits_grad_row(row_ptr, grad_row_ptr, n_vocab, inv_t, lse, entropy, 
         logp = z - lse
         p = tl.exp(logp)
         g = g_logp * (tl.where(offs == target_local, 1.0, 0.0) - p)
-        g -= g_entropy * tl.where(p > 0.0, p * (logp + entropy), 0.0)
+        if WITH_ENTROPY:
+            g -= g_entropy * tl.where(p > 0.0, p * (logp + entropy), 0.0)
         tl.store(grad_row_ptr + offs, (g * inv_t).to(grad_row_ptr.dtype.element_ty), mask=valid)
 
 
@@ -110,7 +132,7 @@ def _token_logprobs_fwd_kernel(logits_ptr, stride_outer, stride_inner, inner_siz
                                BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + _row_offset(row, stride_outer, stride_inner, inner_size)
-    lse, entropy = _online_softmax_row(row_ptr, n_vocab, inv_t, BLOCK_V)
+    lse, entropy = _online_softmax_row(row_ptr, n_vocab, inv_t, WITH_ENTROPY, BLOCK_V)
     target = tl.load(targets_ptr + row).to(tl.int64)
     local = target - vocab_start
     owned = (local >= 0) & (local < n_vocab)
@@ -141,7 +163,38 @@ def _token_logprobs_bwd_kernel(logits_ptr, stride_outer, stride_inner, inner_siz
     local = tl.load(targets_ptr + row).to(tl.int64) - vocab_start
     _write_logits_grad_row(logits_ptr + _row_offset(row, stride_outer, stride_inner, inner_size),
                            grad_ptr + _row_offset(row, grad_stride_outer, grad_stride_inner, inner_size),
-                           n_vocab, inv_t, tl.load(lse_ptr + row), entropy, local, g_logp, g_entropy, BLOCK_V)
+                           n_vocab, inv_t, tl.load(lse_ptr + row), entropy, local, g_logp, g_entropy, HAS_GRAD_ENTROPY,
+                           BLOCK_V)
+
+
+@triton.jit
+def _scale_rows_unless_one_kernel(x_ptr, stride_outer, stride_inner, inner_size, n_cols, scale_ptr,
+                                  BLOCK: tl.constexpr):
+    """x ← x·scale, row by row, except where scale is 1 (the incoming gradient of
+    ``loss.backward()``): then the program returns without touching x. The decision is made on
+    the device, so the host never reads the scale."""
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if scale != 1.0:
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = x_ptr + _row_offset(row, stride_outer, stride_inner, inner_size)
+        lanes = tl.arange(0, BLOCK)
+        for c0 in range(0, n_cols, BLOCK):
+            offs = c0 + lanes
+            valid = offs < n_cols
+            x = tl.load(row_ptr + offs, mask=valid).to(tl.float32)
+            tl.store(row_ptr + offs, (x * scale).to(row_ptr.dtype.element_ty), mask=valid)
+
+
+def scale_rows_unless_one(x, stride_outer: int, stride_inner: int, inner_size: int, rows: int, n_cols: int,
+                          scale: torch.Tensor) -> None:
+    """In place: rows of ``x`` (addressed as in :func:`token_logprobs_fwd`) times the 0-d ``scale``,
+    skipped on the device when it is 1."""
+    if rows == 0 or n_cols == 0:
+        return
+    block = _vocab_block(n_cols)
+    _scale_rows_unless_one_kernel[(rows,)](
+        x_ptr=x, stride_outer=stride_outer, stride_inner=stride_inner, inner_size=inner_size, n_cols=n_cols,
+        scale_ptr=scale, BLOCK=block, num_warps=_num_warps(block))
 
 
 # ----------------------------------------------------------------------------- per-token losses
@@ -186,10 +239,10 @@ def _token_local_loss(lp, ratio, adv, lo, hi, delta, dual_c, tau_pos, tau_neg, L
                       CISPO_TWO_SIDED: tl.constexpr):
     """Per-token policy term of the token-local losses: (value, d value/d logp, low, high, dual flags)."""
     zero = tl.zeros_like(ratio)
-    if LOSS == 0:  # ppo
+    if LOSS == _LOSS_PPO:
         value, d_ratio, low, high, dual = _clipped_surrogate(ratio, adv, lo, hi, delta, dual_c)
         d_logp = d_ratio * ratio
-    elif LOSS == 2:  # cispo: detached clipped ratio × A × logp
+    elif LOSS == _LOSS_CISPO:  # detached clipped ratio × A × logp
         weight = _nan_min(ratio, hi)
         if CISPO_TWO_SIDED:
             weight = _nan_max(weight, lo)
@@ -200,7 +253,7 @@ def _token_local_loss(lp, ratio, adv, lo, hi, delta, dual_c, tau_pos, tau_neg, L
         d_logp = -weight * adv
         high = tl.where(ratio > hi, 1.0, 0.0)
         dual = zero
-    elif LOSS == 3:  # sapo: soft gate (4/τ)·σ(τ(ρ − 1)), τ by the sign of A
+    elif LOSS == _LOSS_SAPO:  # soft gate (4/τ)·σ(τ(ρ − 1)), τ by the sign of A
         tau = tl.where(adv > 0.0, tau_pos, tau_neg)
         x = tau * (ratio - 1.0)
         gate = tl.sigmoid(x)
@@ -230,16 +283,16 @@ def _exp_minus_one_minus(x):
 @triton.jit
 def _kl_term(d, KL: tl.constexpr):
     """KL(π‖π_ref) estimate from d = logp − ref_logp and its derivative in logp."""
-    if KL == 0:  # k1
+    if KL == _KL_K1:
         value = d
         grad = tl.zeros_like(d) + 1.0
-    elif KL == 1:  # k2
+    elif KL == _KL_K2:
         value = 0.5 * d * d
         grad = d
-    elif KL == 2:  # k3 = e^{−d} − 1 + d, gradient 1 − e^{−d} = d − k3
+    elif KL == _KL_K3:  # e^{−d} − 1 + d, gradient 1 − e^{−d} = d − k3
         value = _exp_minus_one_minus(-d)
         grad = d - value
-    elif KL == 3:  # abs
+    elif KL == _KL_ABS:
         value = tl.abs(d)
         grad = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
     else:  # k3+: k3 value, k2 gradient
@@ -250,7 +303,7 @@ def _kl_term(d, KL: tl.constexpr):
 
 @triton.jit
 def _importance_weight(w, is_hi, is_lo, IS: tl.constexpr):
-    if IS == 1:  # truncate
+    if IS == _IS_TRUNCATE:
         w = _nan_min(w, is_hi)
     else:  # mask
         w = tl.where((w >= is_lo) & (w <= is_hi), w, 0.0)
@@ -260,7 +313,7 @@ def _importance_weight(w, is_hi, is_lo, IS: tl.constexpr):
 @triton.jit
 def _token_importance_weights(iw_ptr, offs, inside, iw_seq, is_hi, is_lo, IS: tl.constexpr, IW_PER_TOKEN: tl.constexpr):
     """Bounded IS weights of a block of tokens: per token, else the sequence's (``iw_seq``, 1 without weights)."""
-    if IS != 0 and IW_PER_TOKEN:
+    if IS != _IS_NONE and IW_PER_TOKEN:
         w = _importance_weight(tl.load(iw_ptr + offs, mask=inside, other=1.0).to(tl.float32), is_hi, is_lo, IS)
     else:
         w = tl.where(inside, iw_seq, 1.0)
@@ -275,8 +328,8 @@ def _softplus(x):
 
 @triton.jit
 def _policy_loss_fwd_kernel(
-    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, iw_ptr, cu_ptr, denom_ptr, partial_ptr, grad_ptr,
-    seq_len, max_len,
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, iw_ptr, cu_ptr, partial_ptr, grad_ptr,
+    n_tokens, seq_len, max_len,
     lo, hi, delta, dual_c, tau_pos, tau_neg, npo_beta, kl_coef, is_hi, is_lo, norm_constant,
     LOSS: tl.constexpr, KL: tl.constexpr, AGG: tl.constexpr, IS: tl.constexpr,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, IW_PER_TOKEN: tl.constexpr,
@@ -284,8 +337,10 @@ def _policy_loss_fwd_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     if PACKED:
-        start = tl.load(cu_ptr + b).to(tl.int64)
-        length = tl.load(cu_ptr + b + 1).to(tl.int64) - start
+        # Clamped into [0, N]: an unvalidated bad layout gives a wrong loss, never a bad access.
+        start = tl.minimum(tl.maximum(tl.load(cu_ptr + b).to(tl.int64), 0), n_tokens)
+        end = tl.minimum(tl.maximum(tl.load(cu_ptr + b + 1).to(tl.int64), start), n_tokens)
+        length = end - start
     else:
         start = b * seq_len
         length = b * 0 + seq_len
@@ -293,7 +348,7 @@ def _policy_loss_fwd_kernel(
     if not ADV_PER_TOKEN:
         adv_seq = tl.load(adv_ptr + b).to(tl.float32)
     iw_seq = 1.0
-    if IS != 0 and not IW_PER_TOKEN:
+    if IS != _IS_NONE and not IW_PER_TOKEN:
         iw_seq = _importance_weight(tl.load(iw_ptr + b).to(tl.float32), is_hi, is_lo, IS)
 
     # Sweep 1, only for what depends on the whole sequence: its token count (seq-mean-token-mean),
@@ -301,7 +356,7 @@ def _policy_loss_fwd_kernel(
     count = 0.0
     seq_a = 0.0
     seq_b = 0.0
-    if (AGG == 2) or (LOSS == 1) or (LOSS == 5):
+    if (AGG == _AGG_SEQ_MEAN_TOKEN_MEAN) or (LOSS == _LOSS_GSPO) or (LOSS == _LOSS_NPO):
         acc_count = tl.zeros([BLOCK], tl.float32)
         acc_a = tl.zeros([BLOCK], tl.float32)
         acc_b = tl.zeros([BLOCK], tl.float32)
@@ -312,11 +367,11 @@ def _policy_loss_fwd_kernel(
             if HAS_MASK:
                 m = m & (tl.load(mask_ptr + offs, mask=m, other=0) != 0)
             acc_count += tl.where(m, 1.0, 0.0)
-            if LOSS == 1:
+            if LOSS == _LOSS_GSPO:
                 lp = tl.load(logp_ptr + offs, mask=m, other=0.0).to(tl.float32)
                 old = tl.load(old_ptr + offs, mask=m, other=0.0).to(tl.float32)
                 acc_a += tl.where(m, lp - old, 0.0)
-            if LOSS == 5:
+            if LOSS == _LOSS_NPO:
                 lp = tl.load(logp_ptr + offs, mask=m, other=0.0).to(tl.float32)
                 ref = tl.load(ref_ptr + offs, mask=m, other=0.0).to(tl.float32)
                 acc_a += tl.where(m, lp - ref, 0.0)
@@ -327,17 +382,17 @@ def _policy_loss_fwd_kernel(
         seq_b = tl.sum(acc_b, axis=0)
     safe_count = tl.maximum(count, 1.0)
 
-    if AGG == 2:
+    if AGG == _AGG_SEQ_MEAN_TOKEN_MEAN:
         row_weight = 1.0 / safe_count
-    elif AGG == 4:
+    elif AGG == _AGG_SEQ_MEAN_TOKEN_SUM_NORM:
         row_weight = 1.0 / norm_constant
     else:
         row_weight = 1.0
-    denom = tl.load(denom_ptr).to(tl.float32)
-    grad_weight = row_weight / denom
-    if LOSS == 1:
+    # Unnormalised: the host divides the loss and scales the gradient by the global normaliser.
+    grad_weight = row_weight
+    if LOSS == _LOSS_GSPO:
         seq_ratio = tl.exp(seq_a / safe_count)
-    if LOSS == 5:
+    if LOSS == _LOSS_NPO:
         seq_loss = (2.0 / npo_beta) * _softplus(npo_beta * seq_a)
         npo_value = seq_loss / safe_count
         # d(Σ_t w_t·iw_t·L/n)/d logp = (Σ_t iw_t / n)·2σ(β·gap): L couples every token of the sequence.
@@ -368,11 +423,11 @@ def _policy_loss_fwd_kernel(
         ratio = tl.exp(log_ratio)
         iw = _token_importance_weights(iw_ptr, offs, inside, iw_seq, is_hi, is_lo, IS, IW_PER_TOKEN)
 
-        if LOSS == 1:  # gspo: the sequence ratio s with gradient s through each token's own logp
+        if LOSS == _LOSS_GSPO:  # the sequence ratio s with gradient s through each token's own logp
             s = tl.zeros_like(lp) + seq_ratio
             value, d_ratio, low, high, dual = _clipped_surrogate(s, adv, lo, hi, delta, dual_c)
             d_logp = iw * d_ratio * s
-        elif LOSS == 5:  # npo
+        elif LOSS == _LOSS_NPO:
             value = tl.zeros_like(lp) + npo_value
             d_logp = tl.zeros_like(lp) + npo_grad
             low = tl.zeros_like(lp)
@@ -383,7 +438,7 @@ def _policy_loss_fwd_kernel(
                                                              LOSS, CISPO_TWO_SIDED)
             d_logp = iw * d_pg
         token_loss = iw * value
-        if KL >= 0:
+        if KL != _KL_NONE:
             ref = tl.load(ref_ptr + offs, mask=inside, other=0.0).to(tl.float32)
             kl, d_kl = _kl_term(lp - ref, KL)
             token_loss += kl_coef * kl
@@ -417,7 +472,7 @@ def _policy_loss_from_logits_kernel(
     lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi, is_lo,
     n_rows, rows_per_program,
     LOSS: tl.constexpr, KL: tl.constexpr, IS: tl.constexpr, CISPO_TWO_SIDED: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # Persistent: a few rows in flight per SM, so a row read by the online pass is still in L2
     # when the gradient sweep reads it again.
@@ -428,7 +483,7 @@ def _policy_loss_from_logits_kernel(
                 row, logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer,
                 grad_stride_inner, targets_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr,
                 terms_ptr, n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi, is_lo,
-                LOSS, KL, IS, CISPO_TWO_SIDED, COMPUTE_GRAD, BLOCK_V)
+                LOSS, KL, IS, CISPO_TWO_SIDED, COMPUTE_GRAD, WITH_ENTROPY, BLOCK_V)
 
 
 @triton.jit
@@ -437,10 +492,10 @@ def _policy_loss_from_logits_row(
     targets_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr, terms_ptr, n_vocab, inv_t,
     lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi, is_lo,
     LOSS: tl.constexpr, KL: tl.constexpr, IS: tl.constexpr, CISPO_TWO_SIDED: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row_ptr = logits_ptr + _row_offset(row, stride_outer, stride_inner, inner_size)
-    lse, entropy = _online_softmax_row(row_ptr, n_vocab, inv_t, BLOCK_V)
+    lse, entropy = _online_softmax_row(row_ptr, n_vocab, inv_t, WITH_ENTROPY, BLOCK_V)
     target = tl.load(targets_ptr + row).to(tl.int64)
     valid = (target >= 0) & (target < n_vocab)  # unvalidated bad ids give NaN, never an out-of-bounds read
     lp = tl.load(row_ptr + tl.where(valid, target, 0)).to(tl.float32) * inv_t - lse
@@ -458,12 +513,12 @@ def _policy_loss_from_logits_row(
     ratio = tl.exp(log_ratio)
     value, d_logp, low, high, dual = _token_local_loss(lp, ratio, adv, lo, hi, delta, dual_c, tau_pos, tau_neg,
                                                        LOSS, CISPO_TWO_SIDED)
-    if IS != 0:
+    if IS != _IS_NONE:
         iw = _importance_weight(tl.load(iw_ptr + row).to(tl.float32), is_hi, is_lo, IS)
         value = value * iw
         d_logp = d_logp * iw
     kl = 0.0
-    if KL >= 0:
+    if KL != _KL_NONE:
         ref = tl.load(ref_ptr + row).to(tl.float32)
         kl, d_kl = _kl_term(lp - ref, KL)
         value += kl_coef * kl
@@ -482,7 +537,7 @@ def _policy_loss_from_logits_row(
         g_logp = tl.where(m, weight * d_logp, 0.0)
         g_entropy = -entropy_coef * weight
         _write_logits_grad_row(row_ptr, grad_ptr + _row_offset(row, grad_stride_outer, grad_stride_inner, inner_size),
-                               n_vocab, inv_t, lse, entropy, target, g_logp, g_entropy, BLOCK_V)
+                               n_vocab, inv_t, lse, entropy, target, g_logp, g_entropy, WITH_ENTROPY, BLOCK_V)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -528,49 +583,43 @@ def token_logprobs_bwd(grad_logp, grad_entropy, logits, stride_outer, stride_inn
     )
 
 
-def _inf_if_none(x):
-    return float("inf") if x is None else float(x)
-
-
-def policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, denom, *, num_sequences: int,
-                    seq_len: int, max_len: int, loss_type: str, kl_estimator, aggregation: str, is_mode,
-                    clip_low: float, clip_high: float, delta, dual_clip, cispo_two_sided: bool, tau_pos: float,
-                    tau_neg: float, npo_beta: float, kl_coef: float, is_threshold: float, is_threshold_low: float,
-                    norm_constant: float, adv_per_token: bool, iw_per_token: bool, compute_grad: bool):
-    """Flat contiguous inputs ([N] per token, [B] per sequence) → (partials [B, 8] fp32, grad_logp [N] fp32 or [0])."""
+def policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, codes, scalars):
+    """Flat contiguous inputs ([N] per token, [B] per sequence), ``codes`` / ``scalars`` the
+    :class:`~negkernels.ops.logprobs.PolicyKernelCodes` / ``PolicyKernelScalars`` →
+    (partials [B, 8] fp32, grad_logp [N] fp32 or [0]), both before division by the normaliser."""
     dev = logp.device
     n = logp.numel()
-    partial = torch.empty((num_sequences, POLICY_LOSS_PARTIALS), dtype=torch.float32, device=dev)
-    grad = torch.empty(n if compute_grad else 0, dtype=torch.float32, device=dev)
-    if num_sequences == 0:
+    partial = torch.empty((codes.num_sequences, POLICY_LOSS_PARTIALS), dtype=torch.float32, device=dev)
+    grad = torch.empty(n if codes.compute_grad else 0, dtype=torch.float32, device=dev)
+    if codes.num_sequences == 0:
         return partial, grad
-    block = max(16, min(2048, triton.next_power_of_2(max(max_len, 1))))
+    block = max(16, min(2048, triton.next_power_of_2(max(codes.max_len, 1))))
     placeholder = logp
-    _policy_loss_fwd_kernel[(num_sequences,)](
-        logp, old_logp, advantages if advantages is not None else placeholder,
-        mask if mask is not None else placeholder, ref_logp if ref_logp is not None else placeholder,
-        is_weights if is_weights is not None else placeholder, cu_seqlens if cu_seqlens is not None else placeholder,
-        denom, partial, grad if compute_grad else partial,
-        seq_len, max_len,
-        1.0 - clip_low, 1.0 + clip_high, _inf_if_none(delta), _inf_if_none(dual_clip), tau_pos, tau_neg, npo_beta,
-        kl_coef, is_threshold, is_threshold_low, norm_constant,
-        LOSS=LOSS_CODES[loss_type], KL=KL_CODES[kl_estimator] if kl_estimator is not None else -1,
-        AGG=AGG_CODES[aggregation], IS=IS_CODES[is_mode if is_weights is not None else None],
+    _policy_loss_fwd_kernel[(codes.num_sequences,)](
+        logp_ptr=logp, old_ptr=old_logp, adv_ptr=advantages if advantages is not None else placeholder,
+        mask_ptr=mask if mask is not None else placeholder, ref_ptr=ref_logp if ref_logp is not None else placeholder,
+        iw_ptr=is_weights if is_weights is not None else placeholder,
+        cu_ptr=cu_seqlens if cu_seqlens is not None else placeholder,
+        partial_ptr=partial, grad_ptr=grad if codes.compute_grad else partial,
+        n_tokens=n, seq_len=codes.seq_len, max_len=codes.max_len,
+        lo=scalars.lo, hi=scalars.hi, delta=scalars.delta, dual_c=scalars.dual_clip, tau_pos=scalars.tau_pos,
+        tau_neg=scalars.tau_neg, npo_beta=scalars.npo_beta, kl_coef=scalars.kl_coef, is_hi=scalars.is_hi,
+        is_lo=scalars.is_lo, norm_constant=scalars.norm_constant,
+        LOSS=codes.loss, KL=codes.kl, AGG=codes.aggregation, IS=codes.is_mode,
         PACKED=cu_seqlens is not None, HAS_MASK=mask is not None,
-        ADV_PER_TOKEN=adv_per_token, IW_PER_TOKEN=iw_per_token,
-        CISPO_TWO_SIDED=cispo_two_sided, COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=4 if block <= 512 else 8,
+        ADV_PER_TOKEN=bool(codes.adv_per_token), IW_PER_TOKEN=bool(codes.iw_per_token),
+        CISPO_TWO_SIDED=bool(codes.cispo_two_sided), COMPUTE_GRAD=bool(codes.compute_grad), BLOCK=block,
+        num_warps=4 if block <= 512 else 8,
     )
     return partial, grad
 
 
 def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, grad, grad_stride_outer,
                                 grad_stride_inner, rows: int, n_vocab: int, targets, old_logp, advantages, weight,
-                                ref_logp, is_weights, *, temperature: float, loss_type: str, kl_estimator, is_mode,
-                                clip_low: float, clip_high: float, delta, dual_clip, cispo_two_sided: bool,
-                                tau_pos: float, tau_neg: float, kl_coef: float, entropy_coef: float,
-                                is_threshold: float, is_threshold_low: float, compute_grad: bool):
+                                ref_logp, is_weights, codes, scalars, with_entropy: bool):
     """Token rows of logits; per-token fp32 [rows] inputs (weight = mask · aggregation weight /
-    normaliser) → (logp [rows], entropy [rows], terms [rows, 9]); with ``compute_grad`` the logits'
+    normaliser); ``codes`` / ``scalars`` as in :func:`policy_loss_fwd` → (logp [rows], entropy
+    [rows] (0 unless ``with_entropy``), terms [rows, 9]); with ``codes.compute_grad`` the logits'
     gradient for an incoming gradient of 1 goes to ``grad`` (which may be ``logits``)."""
     dev = logits.device
     logp = torch.empty(rows, dtype=torch.float32, device=dev)
@@ -584,15 +633,18 @@ def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, 
     else:
         programs = min(rows, 4)  # the interpreter still walks the persistent loop
     _policy_loss_from_logits_kernel[(programs,)](
-        logits, stride_outer, stride_inner, inner_size, grad, grad_stride_outer, grad_stride_inner,
-        targets, old_logp, advantages, weight,
-        ref_logp if ref_logp is not None else old_logp, is_weights if is_weights is not None else old_logp,
-        logp, entropy, terms, n_vocab, 1.0 / temperature,
-        1.0 - clip_low, 1.0 + clip_high, _inf_if_none(delta), _inf_if_none(dual_clip), tau_pos, tau_neg, kl_coef,
-        entropy_coef, is_threshold, is_threshold_low, rows, triton.cdiv(rows, programs),
-        LOSS=LOSS_CODES[loss_type], KL=KL_CODES[kl_estimator] if kl_estimator is not None else -1,
-        IS=IS_CODES[is_mode if is_weights is not None else None], CISPO_TWO_SIDED=cispo_two_sided,
-        COMPUTE_GRAD=compute_grad, BLOCK_V=block, num_warps=FUSED_NUM_WARPS if block >= 8192 else _num_warps(block),
+        logits_ptr=logits, stride_outer=stride_outer, stride_inner=stride_inner, inner_size=inner_size,
+        grad_ptr=grad, grad_stride_outer=grad_stride_outer, grad_stride_inner=grad_stride_inner,
+        targets_ptr=targets, old_ptr=old_logp, adv_ptr=advantages, weight_ptr=weight,
+        ref_ptr=ref_logp if ref_logp is not None else old_logp,
+        iw_ptr=is_weights if is_weights is not None else old_logp,
+        logp_ptr=logp, entropy_ptr=entropy, terms_ptr=terms, n_vocab=n_vocab, inv_t=1.0 / scalars.temperature,
+        lo=scalars.lo, hi=scalars.hi, delta=scalars.delta, dual_c=scalars.dual_clip, tau_pos=scalars.tau_pos,
+        tau_neg=scalars.tau_neg, kl_coef=scalars.kl_coef, entropy_coef=scalars.entropy_coef, is_hi=scalars.is_hi,
+        is_lo=scalars.is_lo, n_rows=rows, rows_per_program=triton.cdiv(rows, programs),
+        LOSS=codes.loss, KL=codes.kl, IS=codes.is_mode, CISPO_TWO_SIDED=bool(codes.cispo_two_sided),
+        COMPUTE_GRAD=bool(codes.compute_grad), WITH_ENTROPY=with_entropy, BLOCK_V=block,
+        num_warps=FUSED_NUM_WARPS if block >= 8192 else _num_warps(block),
     )
     return logp, entropy, terms
 
@@ -807,13 +859,14 @@ def linear_token_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, tar
 
 def linear_policy_loss_fwd(hidden, weight, bias, targets, old_logp, advantages, token_weight, ref_logp, is_weights, *,
                            logits_dtype: torch.dtype, chunk_size: int, need_hidden: bool, need_weight: bool,
-                           need_bias: bool, **loss_options):
+                           need_bias: bool, codes, scalars, with_entropy: bool):
     """The token-local policy loss of every token, fused with the LM head, chunk by chunk: per-token
     fp32 [N] inputs as in :func:`policy_loss_from_logits_fwd` → (logp [N], entropy [N], terms [N, 9],
     d hidden, d weight, d bias for an incoming gradient of 1, each empty when not needed)."""
     rows, n_vocab = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     compute_grad = need_hidden or need_weight or need_bias
+    codes = codes._replace(compute_grad=int(compute_grad))
     logp = torch.empty(rows, dtype=torch.float32, device=dev)
     entropy = torch.empty(rows, dtype=torch.float32, device=dev)
     terms = torch.empty((rows, 9), dtype=torch.float32, device=dev)
@@ -830,7 +883,7 @@ def linear_policy_loss_fwd(hidden, weight, bias, targets, old_logp, advantages, 
         lp, ent, tm = policy_loss_from_logits_fwd(
             x, 0, n_vocab, r, g, 0, n_vocab, r, n_vocab, targets[start:start + r], old_logp[start:start + r],
             advantages[start:start + r], token_weight[start:start + r], part(ref_logp, start, r),
-            part(is_weights, start, r), compute_grad=compute_grad, **loss_options)
+            part(is_weights, start, r), codes, scalars, with_entropy)
         logp[start:start + r] = lp
         entropy[start:start + r] = ent
         terms[start:start + r] = tm

@@ -1,0 +1,86 @@
+"""Custom ops whose eager calls skip torch's dispatcher.
+
+Every op of this package is a ``torch.library.custom_op``: that is what torch.compile, export,
+FakeTensor shape propagation and ``torch.library.opcheck`` see. An eager call through the
+dispatcher, though, costs about 40 µs of host time and another ~90 µs with autograd (torch
+re-reads the op's schema argument by argument), more than the kernels of a small batch take.
+So :func:`kernel_op` registers the custom op as usual and returns a :class:`KernelOp` that, for
+an eager call on plain tensors, runs the same implementation directly (through a
+``torch.autograd.Function`` built from the same ``setup_context`` and ``backward`` when the op
+has a gradient). Anything else (tracing, fake or meta tensors, tensor subclasses, dispatch or
+function modes, functorch transforms) goes through the registered op: one implementation, one
+backward, two entrances.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+def _plain_eager_call(args) -> bool:
+    """True when ``args`` can skip the dispatcher without changing what the call does."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None):
+        return False
+    for a in args:
+        if isinstance(a, Tensor) and (type(a) is not Tensor or a.is_meta):
+            return False
+    return True
+
+
+class KernelOp:
+    """A registered custom op (``.op``) plus its direct eager entrance; call it like the op.
+
+    A backward may check ``ctx.direct_call``: set on the direct entrance, whose callers in this
+    package discard the outputs they do not return, so the backward may reuse such an output's
+    storage (e.g. scale a gradient buffer in place) where the dispatcher's callers could still
+    be holding it.
+    """
+
+    def __init__(self, op, impl: Callable, has_tensor_lists: bool):
+        self.op = op
+        self.impl = impl
+        self._function = None
+        # autograd.Function does not track tensors inside list arguments: such ops keep the
+        # dispatcher whenever they may need a gradient.
+        self._has_tensor_lists = has_tensor_lists
+
+    def register_fake(self, fn):
+        return self.op.register_fake(fn)
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+        self.op.register_autograd(backward, setup_context=setup_context)
+        impl = self.impl
+
+        # forward(ctx, ...) rather than a separate setup_context: Function.apply then skips
+        # binding its arguments with inspect.signature on every call.
+        def forward(ctx, *args):
+            out = impl(*args)
+            ctx.direct_call = True  # see KernelOp: the caller of this entrance never sees op outputs it discards
+            setup_context(ctx, args, out)
+            return tuple(out) if isinstance(out, list) else out
+
+        self._function = type(self.op._name.replace("::", "_"), (torch.autograd.Function,), dict(
+            forward=staticmethod(forward), backward=staticmethod(backward)))
+
+    def __call__(self, *args):
+        if not _plain_eager_call(args):
+            return self.op(*args)
+        if self._function is None or not torch.is_grad_enabled():
+            return self.impl(*args)
+        if self._has_tensor_lists:
+            return self.op(*args)
+        return self._function.apply(*args)
+
+
+def kernel_op(name: str, *, mutates_args) -> Callable[[Callable], KernelOp]:
+    """``torch.library.custom_op(name, mutates_args=...)`` returning a :class:`KernelOp`."""
+    def wrap(fn: Callable) -> KernelOp:
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        lists = any(str(a.type) in ("List[Tensor]", "List[Optional[Tensor]]") for a in op._opoverload._schema.arguments)
+        return KernelOp(op, fn, lists)
+    return wrap

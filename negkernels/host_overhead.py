@@ -1,0 +1,196 @@
+"""`negkernels bench --host`: what each fused op costs on the host before any kernel runs.
+
+Every Triton launch is replaced by a no-op (``JITFunction.__getitem__`` and the interpreter's
+``InterpretedFunction.__getitem__`` return a callable that does nothing), so what is timed is
+the Python around the kernels: validation, option plumbing, torch's custom-op dispatch,
+autograd, output allocation and any host reads. One call on tiny CPU tensors, one thread,
+median of ``reps`` calls, reported as a multiple of ``F.cross_entropy`` forward + backward on a
+[16, 64] tensor timed in the same run (the cheapest loss a user would call). A GPU does not
+change these figures much: a launch costs the host a few µs more, the rest is the same code.
+
+Targets (the multiple of the baseline an op may cost): a fused op must not lose to the eager
+code it replaces before its kernels even start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class HostCase:
+    name: str
+    build: Callable[[], Callable[[], object]]  # () -> one call (inputs made once, outside the timing)
+    target: float | None  # at most this multiple of the baseline; None: shown for comparison
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """Every Triton kernel launch a no-op, and CPU tensors routed to the Triton backend."""
+    import triton.runtime.jit as jit
+
+    patched = [(jit.JITFunction, jit.JITFunction.__getitem__)]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        patched.append((InterpretedFunction, InterpretedFunction.__getitem__))
+    except ImportError:  # pragma: no cover - every supported Triton has the interpreter
+        pass
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    for cls, _ in patched:
+        cls.__getitem__ = lambda self, grid: _noop
+    try:
+        yield
+    finally:
+        for cls, original in patched:
+            cls.__getitem__ = original
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def _median_us(fn, reps: int) -> float:
+    for _ in range(10):
+        fn()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e6
+
+
+def _cross_entropy_baseline():
+    logits = torch.randn(16, 64, requires_grad=True)
+    target = torch.randint(0, 64, (16,))
+
+    def call():
+        F.cross_entropy(logits, target).backward()
+
+    return call
+
+
+def _cases() -> list[HostCase]:
+    import negkernels as nk
+
+    def advantages(ragged: bool):
+        def build():
+            rewards = torch.randn(4096)
+            if ragged:
+                ids = torch.randint(0, 512, (4096,))
+                return lambda: nk.group_advantages(rewards, ids, num_groups=512, validate=False, backend="triton")
+            return lambda: nk.group_advantages(rewards, group_size=8, backend="triton")
+        return build
+
+    def token_logprobs():
+        logits = torch.randn(4, 8, 64)
+        targets = torch.randint(0, 64, (4, 8))
+        return lambda: nk.token_logprobs(logits, targets, validate=False, backend="triton")
+
+    def grpo_inputs():
+        b, t = 4, 32
+        logp = torch.randn(b, t, requires_grad=True)
+        return logp, torch.randn(b, t), torch.randn(b), torch.rand(b, t) > 0.2
+
+    def policy_loss(backend="triton"):
+        def build():
+            logp, old, adv, mask = grpo_inputs()
+            return lambda: nk.policy_loss(logp, old, adv, mask, backend=backend).loss.backward()
+        return build
+
+    def eager_grpo():
+        logp, old, adv, mask = grpo_inputs()
+
+        def call():
+            ratio = torch.exp(logp - old)
+            a = adv.unsqueeze(-1)
+            surrogate = torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)
+            m = mask.float()
+            loss = -(surrogate * m).sum() / m.sum().clamp_min(1)
+            clipped = ((ratio < 0.8) & (a < 0)) | ((ratio > 1.2) & (a > 0))
+            (clipped.float() * m).sum() / m.sum().clamp_min(1)
+            loss.backward()
+        return call
+
+    def from_logits():
+        logits = torch.randn(4, 8, 64, requires_grad=True)
+        targets = torch.randint(0, 64, (4, 8))
+        old, adv = torch.randn(4, 8), torch.randn(4)
+        mask = torch.rand(4, 8) > 0.2
+        return lambda: nk.policy_loss_from_logits(logits, targets, old, adv, mask, validate=False,
+                                                  backend="triton").loss.backward()
+
+    def evict():
+        b, h, s, d = 2, 2, 64, 16
+        keys, values = torch.randn(b, h, s, d), torch.randn(b, h, s, d)
+        log_beta = -torch.rand(b, h, s)
+        positions = torch.arange(s)
+        return lambda: nk.evict(keys, values, log_beta, positions, s, 32, backend="triton")
+
+    def topk():
+        query, bank = torch.randn(8, 32), torch.randn(256, 32)
+        return lambda: nk.bank_topk(query, bank, 16, backend="triton")
+
+    def info_nce():
+        query = torch.randn(8, 32, requires_grad=True)
+        positive, bank = torch.randn(8, 32), torch.randn(256, 32)
+        return lambda: nk.bank_info_nce(query, positive, bank, backend="triton").backward()
+
+    return [
+        HostCase("group_advantages uniform, 4096 rewards", advantages(False), 1.5),
+        HostCase("group_advantages ragged, 4096 rewards", advantages(True), 1.5),
+        HostCase("token_logprobs fwd", token_logprobs, 1.5),
+        HostCase("evict", evict, 2.0),
+        HostCase("bank_topk", topk, 2.0),
+        HostCase("policy_loss fwd+bwd", policy_loss(), 3.0),
+        HostCase("policy_loss_from_logits fwd+bwd", from_logits, 3.0),
+        HostCase("bank_info_nce fwd+bwd", info_nce, 3.0),
+        HostCase("eager GRPO loss fwd+bwd (for comparison)", eager_grpo, None),
+    ]
+
+
+def measure(reps: int = 300) -> dict:
+    """{"baseline_us": ..., "rows": [{"op", "us", "ratio", "target"}]} with every launch stubbed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with stubbed_launches():
+            rows = []
+            for case in _cases():
+                call = case.build()
+                rows.append(dict(op=case.name, us=_median_us(call, reps), target=case.target))
+            # The baseline is timed after the ops and again before, and the smaller median kept,
+            # so a warming cache does not flatter either side.
+            baseline = min(_median_us(_cross_entropy_baseline(), reps) for _ in range(2))
+    finally:
+        torch.set_num_threads(threads)
+    for row in rows:
+        row["ratio"] = row["us"] / baseline
+    return dict(baseline_us=baseline, rows=rows)
+
+
+def print_table(result: dict) -> None:
+    base = result["baseline_us"]
+    print(f"host overhead per call, every kernel launch a no-op (CPU, 1 thread); baseline "
+          f"F.cross_entropy fwd+bwd [16, 64] = {base:.1f} µs")
+    header = f"{'op (kernel path)':<44} {'µs':>8} {'× baseline':>11} {'target':>7}"
+    print(header)
+    print("-" * len(header))
+    for row in result["rows"]:
+        target = "-" if row["target"] is None else f"≤ {row['target']:g}"
+        flag = "" if row["target"] is None or row["ratio"] <= row["target"] else "  over target"
+        print(f"{row['op']:<44} {row['us']:8.1f} {row['ratio']:11.2f} {target:>7}{flag}")
