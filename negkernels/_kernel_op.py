@@ -61,6 +61,9 @@ class KernelOp:
         def forward(ctx, *args):
             out = impl(*args)
             ctx.direct_call = True  # see KernelOp: the caller of this entrance never sees op outputs it discards
+            # Outputs nobody differentiates get None, not a zero tensor each (every backward here
+            # accepts None for such outputs).
+            ctx.set_materialize_grads(False)
             setup_context(ctx, args, out)
             return tuple(out) if isinstance(out, list) else out
 

@@ -4,7 +4,7 @@ Every Triton launch is replaced by a no-op (``JITFunction.__getitem__`` and the 
 ``InterpretedFunction.__getitem__`` return a callable that does nothing), so what is timed is
 the Python around the kernels: validation, option plumbing, torch's custom-op dispatch,
 autograd, output allocation and any host reads. One call on tiny CPU tensors, one thread,
-median of ``reps`` calls, reported as a multiple of ``F.cross_entropy`` forward + backward on a
+median of ``reps`` calls in thread CPU time, reported as a multiple of ``F.cross_entropy`` forward + backward on a
 [16, 64] tensor timed in the same run (the cheapest loss a user would call). A GPU does not
 change these figures much: a launch costs the host a few µs more, the rest is the same code.
 
@@ -15,6 +15,7 @@ code it replaces before its kernels even start.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import statistics
 import time
@@ -63,15 +64,30 @@ def stubbed_launches():
             os.environ["TRITON_INTERPRET"] = previous
 
 
-def _median_us(fn, reps: int) -> float:
+def _median_us(fn, reps: int, rounds: int = 5) -> float:
+    """The smallest of ``rounds`` medians of ``reps // rounds`` calls each, in this thread's CPU
+    time, garbage collection paused while timing: a shared machine's other processes and a
+    collection mid-sample would otherwise decide the figure."""
     for _ in range(10):
         fn()
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e6
+    per_round = max(reps // rounds, 5)
+    medians = []
+    enabled = gc.isenabled()
+    try:
+        for _ in range(rounds):
+            gc.collect()
+            gc.disable()
+            samples = []
+            for _ in range(per_round):
+                t0 = time.thread_time()
+                fn()
+                samples.append(time.thread_time() - t0)
+            gc.enable()
+            medians.append(statistics.median(samples))
+    finally:
+        if enabled:
+            gc.enable()
+    return min(medians) * 1e6
 
 
 def _cross_entropy_baseline():

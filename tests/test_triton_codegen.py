@@ -117,7 +117,8 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
 
     POINTERS = {"targets_ptr": "*i64", "cu_ptr": "*i32", "mask_ptr": "*u8", "logits_ptr": "*bf16", "grad_ptr": "*bf16"}
     INTS = {"stride_outer", "stride_inner", "inner_size", "grad_stride_outer", "grad_stride_inner", "n_vocab",
-            "vocab_start", "vocab_total", "seq_len", "max_len", "n_rows", "rows_per_program", "n_tokens", "n_cols"}
+            "vocab_start", "vocab_total", "seq_len", "max_len", "n_rows", "rows_per_program", "n_tokens", "n_cols",
+            "num_sequences"}
 
     def compile_logprobs(kernel, constexprs, num_warps=8, **pointers):
         compile_variant(kernel, constexprs, num_warps, {**POINTERS, **pointers}, INTS, "i64")
@@ -131,17 +132,20 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
                          dict(HAS_GRAD_LOGP=grad_logp, HAS_GRAD_ENTROPY=grad_entropy, BLOCK_V=4096))
         count += 1
     base = dict(LOSS=0, KL=-1, AGG=0, IS=0, PACKED=False, HAS_MASK=True, ADV_PER_TOKEN=False, IW_PER_TOKEN=False,
-                CISPO_TWO_SIDED=False, COMPUTE_GRAD=True, BLOCK=2048)
+                CISPO_TWO_SIDED=False, COMPUTE_GRAD=True, HAS_NORMALISER=False, BLOCK=2048,
+                FINAL_BLOCK=lk.FINAL_ROWS)
     variants = []
     for loss in range(6):
         variants.append(dict(base, LOSS=loss, KL=2, AGG=2, IS=1, PACKED=True, IW_PER_TOKEN=True, CISPO_TWO_SIDED=True))
         variants.append(dict(base, LOSS=loss, AGG=4, IS=2, ADV_PER_TOKEN=True, HAS_MASK=False, COMPUTE_GRAD=False))
     variants += [dict(base, KL=kl) for kl in range(5)] + [dict(base, AGG=agg) for agg in (1, 3)]
+    variants.append(dict(base, HAS_NORMALISER=True))
     variants.append(dict(base, LOSS=1, AGG=2, BLOCK=16, seq_len=1, max_len=1))
     for v in variants:
         compile_logprobs(lk._policy_loss_fwd_kernel, v, logp_ptr="*fp32")
         count += 1
-    fused = dict(LOSS=0, KL=-1, IS=0, CISPO_TWO_SIDED=False, COMPUTE_GRAD=True, WITH_ENTROPY=False, BLOCK_V=4096)
+    fused = dict(LOSS=0, KL=-1, IS=0, CISPO_TWO_SIDED=False, COMPUTE_GRAD=True, WITH_ENTROPY=False, FINALIZE=True,
+                 BLOCK_V=4096)
     for loss in (0, 2, 3, 4):
         compile_logprobs(lk._policy_loss_from_logits_kernel,
                          dict(fused, LOSS=loss, KL=loss % 5, IS=1 + loss % 2, CISPO_TWO_SIDED=loss == 2,
@@ -151,7 +155,8 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
         compile_logprobs(lk._scale_rows_unless_one_kernel, dict(BLOCK=4096), x_ptr=dtype)
         count += 1
     for kl in range(-1, 5):
-        compile_logprobs(lk._policy_loss_from_logits_kernel, dict(fused, KL=kl, COMPUTE_GRAD=kl != 2))
+        compile_logprobs(lk._policy_loss_from_logits_kernel, dict(fused, KL=kl, COMPUTE_GRAD=kl != 2,
+                                                                  FINALIZE=kl != 0))
         count += 1
     for entropy in (False, True):
         compile_logprobs(lk._policy_loss_from_logits_kernel, dict(fused, WITH_ENTROPY=entropy,
@@ -325,7 +330,7 @@ def test_every_advantages_kernel_variant_compiles_for_sm90():
 
 
 def test_every_logprobs_kernel_variant_compiles_for_sm90():
-    assert "compiled 44" in _compile_in_subprocess(LOGPROBS_SCRIPT)
+    assert "compiled 45" in _compile_in_subprocess(LOGPROBS_SCRIPT)
 
 
 def test_every_contrastive_kernel_variant_compiles_for_sm90():

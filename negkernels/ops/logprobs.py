@@ -336,8 +336,10 @@ def token_logprobs(
 # ============================================================================ policy loss
 
 
-def _flat(x: Optional[Tensor]) -> Optional[Tensor]:
-    return None if x is None else x.reshape(-1).contiguous()
+def _dense(x: Optional[Tensor]) -> Optional[Tensor]:
+    """Contiguous, in any shape: the kernels read per-token inputs flat, by token index (a reshape
+    would cost the host an op for nothing)."""
+    return None if x is None else x.contiguous()
 
 
 def _sum_over_ranks(x: Tensor, process_group) -> Tensor:
@@ -470,39 +472,46 @@ def _policy_loss_op(
     logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor], ref_logp: Optional[Tensor],
     is_weights: Optional[Tensor], cu_seqlens: Optional[Tensor], normaliser: Optional[Tensor], codes: list[int],
     scalars: list[float], backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, sums [7] of [count, low, high, dual, approx-kl, ratio, kl] over the unmasked tokens,
-    d Σℓ / d logp [N] fp32 (or [0]) before normalisation, 1 / normaliser). ``logp`` is contiguous,
-    of any shape; every other per-token input is flat [N].
-
-    ``codes`` and ``scalars`` are :class:`PolicyKernelCodes` and :class:`PolicyKernelScalars`.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, stats [8] = the 6 metrics (means over the unmasked tokens, in
+    :class:`PolicyLossOutput` order), the unmasked tokens, 1 / normaliser; d Σℓ / d logp [N] fp32
+    (or [0]) before normalisation). ``logp`` is contiguous, of any shape; every other per-token input is read
+    flat. ``codes`` and ``scalars`` are :class:`PolicyKernelCodes` and :class:`PolicyKernelScalars`;
     ``normaliser`` None: this call's own, from the kernel's per-sequence counts (no extra pass)."""
+    c, sc = PolicyKernelCodes(*codes), PolicyKernelScalars(*scalars)
     if backend == "cuda":
         from .._cuda_ext import policy_loss_fwd
-    else:
-        from ..triton.logprobs import policy_loss_fwd
-    c = PolicyKernelCodes(*codes)
-    partial, grad = policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, c,
-                                    PolicyKernelScalars(*scalars))
-    # Fixed-order sums of per-sequence partials: the loss has the same bits every run.
+
+        partial, grad = policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, c, sc)
+        return (*_finalize_partials(partial, normaliser, c.aggregation), grad)
+    from ..triton.logprobs import policy_loss_fwd
+
+    return policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, normaliser, c, sc)
+
+
+def _finalize_partials(partial: Tensor, normaliser: Optional[Tensor], aggregation: int):
+    """The host's version of the Triton kernel's last step (the CUDA kernel writes only the
+    [B, 8] per-sequence partials): fixed-order sums → (loss, stats [8])."""
     sums = partial.sum(0)
-    if normaliser is None:
-        if c.aggregation == Aggregation.TOKEN_SUM:
-            normaliser = torch.ones((), device=logp.device)
-        elif c.aggregation == Aggregation.TOKEN_MEAN:
-            normaliser = sums[1].clamp_min(1.0)
-        else:  # sequences with an unmasked token
-            normaliser = (partial[:, 1] > 0).sum(dtype=torch.float32).clamp_min(1.0)
-    scale = normaliser.float().reciprocal().reshape(())
-    return sums[0] * scale, sums[1:].clone(), grad, scale
+    count = sums[1]
+    if normaliser is not None:
+        denom = normaliser
+    elif aggregation == Aggregation.TOKEN_SUM:
+        denom = torch.ones((), device=partial.device)
+    elif aggregation == Aggregation.TOKEN_MEAN:
+        denom = count.clamp_min(1.0)
+    else:
+        denom = (partial[:, 1] > 0).sum(dtype=torch.float32).clamp_min(1.0)
+    scale = denom.reciprocal()
+    return sums[0] * scale, torch.cat([sums[2:] / count.clamp_min(1.0), torch.stack([count, scale])])
 
 
 @_policy_loss_op.register_fake
 def _(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, normaliser, codes, scalars, backend):
     c = PolicyKernelCodes(*codes)
     f32 = dict(dtype=torch.float32)
-    return (logp.new_empty((), **f32), logp.new_empty((POLICY_LOSS_PARTIALS - 1,), **f32),
-            logp.new_empty((logp.numel() if c.compute_grad else 0,), **f32), logp.new_empty((), **f32))
+    return (logp.new_empty((), **f32), logp.new_empty((POLICY_LOSS_PARTIALS,), **f32),
+            logp.new_empty((logp.numel() if c.compute_grad else 0,), **f32))
 
 
 def _no_grads_after(ctx, *grads) -> tuple:
@@ -512,21 +521,26 @@ def _no_grads_after(ctx, *grads) -> tuple:
 
 def _policy_loss_setup(ctx, inputs, output):
     ctx.logp_dtype, ctx.logp_shape = inputs[0].dtype, inputs[0].shape
-    ctx.save_for_backward(output[2], output[3])
+    ctx.save_for_backward(output[2], output[1])
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _policy_loss_backward(ctx, grad_loss, *unused):
-    grad, scale = ctx.saved_tensors
-    return _no_grads_after(ctx, (grad * (grad_loss * scale)).to(ctx.logp_dtype).view(ctx.logp_shape))
+    grad, stats = ctx.saved_tensors
+    grad = grad * (grad_loss * stats[7])  # stats[7] = 1 / normaliser
+    if grad.dtype != ctx.logp_dtype:
+        grad = grad.to(ctx.logp_dtype)
+    return _no_grads_after(ctx, grad.view(ctx.logp_shape))
 
 
 _policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_loss_setup)
 
 
-def _metrics_from_sums(sums: Tensor, process_group) -> Tensor:
-    """[count, metric sums...] of this rank → the metrics' means over every rank's unmasked tokens."""
-    sums = _sum_over_ranks(sums, process_group)
+def _global_metrics(metrics: Tensor, count: Tensor, process_group) -> Tensor:
+    """This rank's metric means over its ``count`` unmasked tokens → the means over every rank's."""
+    if process_group is None:
+        return metrics
+    sums = _sum_over_ranks(torch.cat([count.reshape(1), metrics * count]), process_group)
     return sums[1:] / sums[0].clamp_min(1.0)
 
 
@@ -788,12 +802,15 @@ def policy_loss(
         use_kl=ref_logp is not None, use_is=is_weights is not None, adv_per_token=per_token.get("advantages", False),
         iw_per_token=per_token.get("is_weights", False), compute_grad=logp.requires_grad and torch.is_grad_enabled(),
         num_sequences=num_seq, seq_len=seq_len, max_len=max_len, norm_constant=norm)
-    loss, sums, _, _ = _policy_loss_op(
+    loss, stats, _ = _policy_loss_op(
         # logp keeps its shape (contiguous: the kernel reads it flat): a reshape would put a view
         # node in the autograd graph, which costs the backward more than the op itself.
-        logp.contiguous(), _flat(old_logp), _flat(advantages), _bool_mask(mask), _flat(ref_logp), _flat(is_weights),
+        logp.contiguous(), _dense(old_logp), _dense(advantages), _bool_mask(mask), _dense(ref_logp),
+        _dense(is_weights),
         cu_seqlens.contiguous() if packed else None, denom, codes, scalars, chosen)
-    return _output(loss, _metrics_from_sums(sums, process_group))
+    if process_group is None:
+        return PolicyLossOutput(loss, *stats.unbind(0)[:6])
+    return _output(loss, _global_metrics(stats[:6], stats[6], process_group))
 
 
 def _reference_global_metrics(local_metrics: Tensor, mask, logp, process_group) -> Tensor:
@@ -807,7 +824,7 @@ def _bool_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
     if mask is None:
         return None
     m = mask if mask.dtype == torch.bool else mask != 0
-    return m.reshape(-1).contiguous().view(torch.uint8)
+    return m.contiguous().view(torch.uint8)
 
 
 # ============================================================================ from logits
@@ -847,13 +864,11 @@ def _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_
 
     x, so, si, inner = _row_view(logits)
     g, gso, gsi, _ = _row_view(grad)
-    logp, entropy, terms = policy_loss_from_logits_fwd(
+    logp, entropy, loss, stats = policy_loss_from_logits_fwd(
         x, so, si, inner, g, gso, gsi, targets.numel(), logits.shape[-1], targets.reshape(-1).contiguous(), old_logp,
         advantages, token_weight, ref_logp, is_weights, PolicyKernelCodes(*codes), PolicyKernelScalars(*scalars),
         with_entropy)
-    # Fixed-order column sums of per-token terms: deterministic loss and metrics.
-    sums = terms.sum(0)
-    return sums[0].clone(), sums[1:].clone(), logp, entropy
+    return loss, stats, logp, entropy
 
 
 @kernel_op("negkernels::policy_loss_from_logits", mutates_args=())
@@ -862,8 +877,9 @@ def _policy_loss_from_logits_op(
     ref_logp: Optional[Tensor], is_weights: Optional[Tensor], codes: list[int], scalars: list[float],
     with_entropy: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(Σ weight·(ℓ − entropy_coef·H), sums of [count, low, high, dual, approx-kl, ratio, kl, entropy]
-    over unmasked tokens, logp [N], entropy [N], d loss / d logits (empty unless compute_grad))."""
+    """(Σ weight·(ℓ − entropy_coef·H), stats [8] = the 6 metrics and the entropy (means over the
+    unmasked tokens) and their count, logp [N], entropy [N], d loss / d logits (empty unless
+    compute_grad)); the loss and stats come from the kernel's last program, in a fixed order."""
     compute_grad = PolicyKernelCodes(*codes).compute_grad
     grad = (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad
             else logits.new_empty((0,)))
@@ -903,11 +919,11 @@ class _InplacePolicyLossFromLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, *args):
-        loss, sums, logp, entropy = _fused_policy_loss_from_logits(logits, *args, logits)
+        loss, stats, logp, entropy = _fused_policy_loss_from_logits(logits, *args, logits)
         ctx.direct_call = True
         ctx.save_for_backward(logits)
-        ctx.mark_non_differentiable(sums, logp, entropy)
-        return loss, sums, logp, entropy
+        ctx.mark_non_differentiable(stats, logp, entropy)
+        return loss, stats, logp, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
@@ -1030,24 +1046,23 @@ def policy_loss_from_logits(
         compute_grad=compute_grad, num_sequences=num_seq, seq_len=seq_len, max_len=max_len, norm_constant=norm,
         temperature=temperature, entropy_coef=entropy_coef)
     op = _InplacePolicyLossFromLogits.apply if inplace else _policy_loss_from_logits_op
-    loss, sums, logp, entropy, *_ = op(
-        logits, targets, _flat(old_logp).float(),
+    loss, stats, logp, entropy, *_ = op(
+        logits, targets, _dense(old_logp).float(),
         _per_token_values(advantages, per_token.get("advantages", False), targets, cu_seqlens), weight,
-        _flat(ref_logp).float() if ref_logp is not None else None,
+        _dense(ref_logp).float() if ref_logp is not None else None,
         _per_token_values(is_weights, per_token.get("is_weights", False), targets, cu_seqlens),
         codes, scalars, want_entropy)
-    return _fused_output(loss, sums, logp, entropy, targets, return_entropy, process_group)
+    return _fused_output(loss, stats, logp, entropy, targets, return_entropy, process_group)
 
 
-def _fused_output(loss, sums, logp, entropy, targets, return_entropy, process_group) -> PolicyLossOutput:
-    """The fused kernels' per-token outputs and column sums → :class:`PolicyLossOutput`."""
-    sums = _sum_over_ranks(sums, process_group)
-    count = sums[0].clamp_min(1.0)
-    metrics = sums[1:7] / count
-    logp = logp.view(targets.shape)
-    entropy = entropy.view(targets.shape)
-    return PolicyLossOutput(loss, *metrics.unbind(0), entropy=sums[7] / count if return_entropy else None,
-                            token_logp=logp, token_entropy=entropy if return_entropy else None)
+def _fused_output(loss, stats, logp, entropy, targets, return_entropy, process_group) -> PolicyLossOutput:
+    """The fused kernels' per-token outputs and stats (6 metric means, the mean entropy, the
+    count) → :class:`PolicyLossOutput`."""
+    means = _global_metrics(stats[:7], stats[7], process_group) if process_group is not None else stats
+    values = means.unbind(0)
+    return PolicyLossOutput(loss, *values[:6], entropy=values[6] if return_entropy else None,
+                            token_logp=logp.view(targets.shape),
+                            token_entropy=entropy.view(targets.shape) if return_entropy else None)
 
 
 def _loss_from_token_logprobs(logp, entropy, old_logp, advantages, mask, cu_seqlens, max_len, ref_logp, is_weights,
@@ -1330,20 +1345,18 @@ def _linear_policy_loss_op(
     token_weight: Tensor, ref_logp: Optional[Tensor], is_weights: Optional[Tensor], codes: list[int],
     scalars: list[float], with_entropy: bool, fp32_lm_head: bool, chunk_size: int, need_grads: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(Σ weight·(ℓ − entropy_coef·H), sums of [count, low, high, dual, approx-kl, ratio, kl, entropy],
+    """(Σ weight·(ℓ − entropy_coef·H), stats [8] as in ``negkernels::policy_loss_from_logits``,
     logp [N], entropy [N], d hidden, d weight, d bias for an incoming gradient of 1 (each [0] when
     not needed: ``need_grads`` = [hidden, weight, bias]))."""
     from ..triton.logprobs import linear_policy_loss_fwd
 
     need_hidden, need_weight, need_bias = need_grads
-    logp, entropy, terms, dh, dw, db = linear_policy_loss_fwd(
+    logp, entropy, loss, stats, dh, dw, db = linear_policy_loss_fwd(
         hidden, weight, bias, targets, old_logp, advantages, token_weight, ref_logp, is_weights,
         logits_dtype=_logits_dtype(hidden, fp32_lm_head), chunk_size=chunk_size, need_hidden=need_hidden,
         need_weight=need_weight, need_bias=need_bias and bias is not None, codes=PolicyKernelCodes(*codes),
         scalars=PolicyKernelScalars(*scalars), with_entropy=with_entropy)
-    # Fixed-order column sums of per-token terms: deterministic loss and metrics.
-    sums = terms.sum(0)
-    return sums[0].clone(), sums[1:].clone(), logp, entropy, dh, dw, db
+    return loss, stats, logp, entropy, dh, dw, db
 
 
 @_linear_policy_loss_op.register_fake
@@ -1470,10 +1483,11 @@ def linear_policy_loss(
         use_kl=ref_logp is not None, use_is=is_weights is not None, adv_per_token=True, iw_per_token=True,
         compute_grad=any(need), num_sequences=num_seq, seq_len=seq_len, max_len=max_len, norm_constant=norm,
         temperature=temperature, entropy_coef=entropy_coef)
-    loss, sums, logp, entropy, *_ = _linear_policy_loss_op(
-        _token_rows(hidden), weight, bias, targets.reshape(-1).contiguous(), _flat(old_logp).float(),
+    loss, stats, logp, entropy, *_ = _linear_policy_loss_op(
+        # Flat per-token inputs: the chunks below slice them by token.
+        _token_rows(hidden), weight, bias, targets.reshape(-1).contiguous(), old_logp.reshape(-1).float(),
         _per_token_values(advantages, per_token.get("advantages", False), targets, cu_seqlens), token_weight,
-        _flat(ref_logp).float() if ref_logp is not None else None,
+        ref_logp.reshape(-1).float() if ref_logp is not None else None,
         _per_token_values(is_weights, per_token.get("is_weights", False), targets, cu_seqlens),
         codes, scalars, want_entropy, fp32_lm_head, chunk, need)
-    return _fused_output(loss, sums, logp, entropy, targets, return_entropy, data_parallel_group)
+    return _fused_output(loss, stats, logp, entropy, targets, return_entropy, data_parallel_group)

@@ -43,6 +43,8 @@ _KL_K1: tl.constexpr = tl.constexpr(int(KlEstimator.K1))
 _KL_K2: tl.constexpr = tl.constexpr(int(KlEstimator.K2))
 _KL_K3: tl.constexpr = tl.constexpr(int(KlEstimator.K3))
 _KL_ABS: tl.constexpr = tl.constexpr(int(KlEstimator.ABS))
+_AGG_TOKEN_MEAN: tl.constexpr = tl.constexpr(int(Aggregation.TOKEN_MEAN))
+_AGG_TOKEN_SUM: tl.constexpr = tl.constexpr(int(Aggregation.TOKEN_SUM))
 _AGG_SEQ_MEAN_TOKEN_MEAN: tl.constexpr = tl.constexpr(int(Aggregation.SEQ_MEAN_TOKEN_MEAN))
 _AGG_SEQ_MEAN_TOKEN_SUM_NORM: tl.constexpr = tl.constexpr(int(Aggregation.SEQ_MEAN_TOKEN_SUM_NORM))
 _IS_NONE: tl.constexpr = tl.constexpr(int(IsMode.NONE))
@@ -53,6 +55,8 @@ _IS_TRUNCATE: tl.constexpr = tl.constexpr(int(IsMode.TRUNCATE))
 # flight, about 40 MB on an H100, inside its 50 MB L2; wide blocks and many warps keep enough
 # bytes in flight per SM to approach the memory bandwidth. Untuned: no GPU has run it yet.
 FUSED_PROGRAMS_PER_SM = 1
+# Rows of per-sequence partials the policy-loss kernel's last program sums per step.
+FINAL_ROWS = 128
 FUSED_MAX_BLOCK_V = 16384
 FUSED_NUM_WARPS = 32
 
@@ -329,11 +333,13 @@ def _softplus(x):
 @triton.jit
 def _policy_loss_fwd_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, iw_ptr, cu_ptr, partial_ptr, grad_ptr,
-    n_tokens, seq_len, max_len,
+    loss_ptr, stats_ptr, normaliser_ptr,
+    n_tokens, seq_len, max_len, num_sequences,
     lo, hi, delta, dual_c, tau_pos, tau_neg, npo_beta, kl_coef, is_hi, is_lo, norm_constant,
     LOSS: tl.constexpr, KL: tl.constexpr, AGG: tl.constexpr, IS: tl.constexpr,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, IW_PER_TOKEN: tl.constexpr,
-    CISPO_TWO_SIDED: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    CISPO_TWO_SIDED: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_NORMALISER: tl.constexpr,
+    BLOCK: tl.constexpr, FINAL_BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     if PACKED:
@@ -464,36 +470,130 @@ def _policy_loss_fwd_kernel(
     tl.store(out + 6, tl.sum(acc_ratio, axis=0))
     tl.store(out + 7, tl.sum(acc_kl, axis=0))
 
+    # The last program to finish sums every sequence's partials in one fixed order (the loss has
+    # the same bits every run) and writes the loss, the metrics and the normaliser: no host ops
+    # after the kernel. Its acq_rel ticket orders the other programs' partial stores before its
+    # loads, which are volatile so that no stale L1 line is read.
+    # The ticket is the fp32 word after the partials (zeroed with them; exact below 2^24 sequences).
+    ticket = tl.atomic_add(partial_ptr + num_sequences * 8, 1.0, sem="acq_rel")
+    if ticket == num_sequences - 1:
+        _finalize_policy_partials(partial_ptr, num_sequences, normaliser_ptr, loss_ptr, stats_ptr, AGG,
+                                  HAS_NORMALISER, FINAL_BLOCK)
+
+
+@triton.jit
+def _finalize_policy_partials(partial_ptr, num_sequences, normaliser_ptr, loss_ptr, stats_ptr,
+                              AGG: tl.constexpr, HAS_NORMALISER: tl.constexpr, FINAL_BLOCK: tl.constexpr):
+    """[B, 8] partials → loss (Σ loss / normaliser) and stats [8]: the 6 metrics (means over the
+    unmasked tokens), the unmasked tokens, 1 / normaliser. The normaliser: the given one (NaN unless
+    positive and finite), else this call's token count (token-mean), its number of sequences with
+    an unmasked token (seq-mean-*) or 1 (token-sum), each at least 1."""
+    rows = tl.arange(0, FINAL_BLOCK).to(tl.int64)
+    cols = tl.arange(0, 8)
+    acc = tl.zeros([FINAL_BLOCK, 8], tl.float32)
+    seqs = tl.zeros([FINAL_BLOCK], tl.float32)
+    for r0 in range(0, num_sequences, FINAL_BLOCK):
+        r = r0 + rows
+        inside = r < num_sequences
+        part = tl.load(partial_ptr + r[:, None] * 8 + cols[None, :], mask=inside[:, None], other=0.0, volatile=True)
+        acc += part
+        n_b = tl.sum(tl.where(cols[None, :] == 1, part, 0.0), axis=1)
+        seqs += tl.where(inside & (n_b > 0.0), 1.0, 0.0)
+    totals = tl.sum(acc, axis=0)
+    loss_sum = tl.sum(tl.where(cols == 0, totals, 0.0), axis=0)
+    count = tl.sum(tl.where(cols == 1, totals, 0.0), axis=0)
+    if HAS_NORMALISER:
+        denom = tl.load(normaliser_ptr).to(tl.float32)
+        denom = tl.where((denom > 0.0) & (denom < float("inf")), denom, float("nan"))
+    elif AGG == _AGG_TOKEN_SUM:
+        denom = 1.0
+    elif AGG == _AGG_TOKEN_MEAN:
+        denom = tl.maximum(count, 1.0)
+    else:
+        denom = tl.maximum(tl.sum(seqs, axis=0), 1.0)
+    scale = 1.0 / denom
+    tl.store(loss_ptr, loss_sum * scale)
+    tl.store(stats_ptr + cols - 2, totals / tl.maximum(count, 1.0), mask=cols >= 2)
+    tl.store(stats_ptr + 6, count)
+    tl.store(stats_ptr + 7, scale)
+
 
 @triton.jit
 def _policy_loss_from_logits_kernel(
     logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer, grad_stride_inner,
-    targets_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr, terms_ptr, n_vocab, inv_t,
-    lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi, is_lo,
+    targets_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr, partial_ptr, loss_ptr,
+    stats_ptr, n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi, is_lo,
     n_rows, rows_per_program,
     LOSS: tl.constexpr, KL: tl.constexpr, IS: tl.constexpr, CISPO_TWO_SIDED: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, WITH_ENTROPY: tl.constexpr, FINALIZE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # Persistent: a few rows in flight per SM, so a row read by the online pass is still in L2
-    # when the gradient sweep reads it again.
+    # when the gradient sweep reads it again. Each program sums its rows' terms in registers.
+    pid = tl.program_id(0)
+    s_loss = 0.0
+    s_n = 0.0
+    s_low = 0.0
+    s_high = 0.0
+    s_dual = 0.0
+    s_akl = 0.0
+    s_ratio = 0.0
+    s_kl = 0.0
+    s_ent = 0.0
     for k in range(0, rows_per_program):
-        row = tl.program_id(0).to(tl.int64) + k * tl.num_programs(0)
+        row = pid.to(tl.int64) + k * tl.num_programs(0)
         if row < n_rows:
-            _policy_loss_from_logits_row(
+            t_loss, t_n, t_low, t_high, t_dual, t_akl, t_ratio, t_kl, t_ent = _policy_loss_from_logits_row(
                 row, logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer,
                 grad_stride_inner, targets_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr,
-                terms_ptr, n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi, is_lo,
+                n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi, is_lo,
                 LOSS, KL, IS, CISPO_TWO_SIDED, COMPUTE_GRAD, WITH_ENTROPY, BLOCK_V)
+            s_loss += t_loss
+            s_n += t_n
+            s_low += t_low
+            s_high += t_high
+            s_dual += t_dual
+            s_akl += t_akl
+            s_ratio += t_ratio
+            s_kl += t_kl
+            s_ent += t_ent
+    out = partial_ptr + pid * 9  # FUSED_PARTIALS, in this order
+    tl.store(out + 0, s_loss)
+    tl.store(out + 1, s_n)
+    tl.store(out + 2, s_low)
+    tl.store(out + 3, s_high)
+    tl.store(out + 4, s_dual)
+    tl.store(out + 5, s_akl)
+    tl.store(out + 6, s_ratio)
+    tl.store(out + 7, s_kl)
+    tl.store(out + 8, s_ent)
+    if FINALIZE:
+        # As in the policy-loss kernel: the last program sums every program's partials in one
+        # fixed order (the rows each program takes are fixed, so the loss is deterministic).
+        programs = tl.num_programs(0)
+        ticket = tl.atomic_add(partial_ptr + programs * 9, 1.0, sem="acq_rel")
+        if ticket == programs - 1:
+            cols = tl.arange(0, 16)
+            acc = tl.zeros([16], tl.float32)
+            for p in range(0, programs):
+                acc += tl.load(partial_ptr + p * 9 + cols, mask=cols < 9, other=0.0, volatile=True)
+            count = tl.sum(tl.where(cols == 1, acc, 0.0), axis=0)
+            tl.store(loss_ptr, tl.sum(tl.where(cols == 0, acc, 0.0), axis=0))
+            # stats: the 6 metrics and the entropy (means over the unmasked tokens), the count.
+            tl.store(stats_ptr + cols - 2, acc / tl.maximum(count, 1.0), mask=(cols >= 2) & (cols < 9))
+            tl.store(stats_ptr + 7, count)
 
 
 @triton.jit
 def _policy_loss_from_logits_row(
     row, logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer, grad_stride_inner,
-    targets_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr, terms_ptr, n_vocab, inv_t,
+    targets_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr, n_vocab, inv_t,
     lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi, is_lo,
     LOSS: tl.constexpr, KL: tl.constexpr, IS: tl.constexpr, CISPO_TWO_SIDED: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    """One token row: log-prob, entropy, loss gradient into the logits' gradient; returns the
+    row's terms (weighted loss, then unmasked-token indicators of count, low, high, dual and the
+    approx-KL, ratio, KL and entropy values, 0 for masked tokens)."""
     row_ptr = logits_ptr + _row_offset(row, stride_outer, stride_inner, inner_size)
     lse, entropy = _online_softmax_row(row_ptr, n_vocab, inv_t, WITH_ENTROPY, BLOCK_V)
     target = tl.load(targets_ptr + row).to(tl.int64)
@@ -523,21 +623,15 @@ def _policy_loss_from_logits_row(
         kl, d_kl = _kl_term(lp - ref, KL)
         value += kl_coef * kl
         d_logp += kl_coef * d_kl
-    out = terms_ptr + row * 9
-    tl.store(out + 0, tl.where(m, weight * (value - entropy_coef * entropy), 0.0))
-    tl.store(out + 1, tl.where(m, 1.0, 0.0))
-    tl.store(out + 2, tl.where(m, low, 0.0))
-    tl.store(out + 3, tl.where(m, high, 0.0))
-    tl.store(out + 4, tl.where(m, dual, 0.0))
-    tl.store(out + 5, tl.where(m, _exp_minus_one_minus(log_ratio), 0.0))
-    tl.store(out + 6, tl.where(m, ratio, 0.0))
-    tl.store(out + 7, tl.where(m, kl, 0.0))
-    tl.store(out + 8, tl.where(m, entropy, 0.0))
     if COMPUTE_GRAD:
         g_logp = tl.where(m, weight * d_logp, 0.0)
         g_entropy = -entropy_coef * weight
         _write_logits_grad_row(row_ptr, grad_ptr + _row_offset(row, grad_stride_outer, grad_stride_inner, inner_size),
                                n_vocab, inv_t, lse, entropy, target, g_logp, g_entropy, WITH_ENTROPY, BLOCK_V)
+    return (tl.where(m, weight * (value - entropy_coef * entropy), 0.0), tl.where(m, 1.0, 0.0),
+            tl.where(m, low, 0.0), tl.where(m, high, 0.0), tl.where(m, dual, 0.0),
+            tl.where(m, _exp_minus_one_minus(log_ratio), 0.0), tl.where(m, ratio, 0.0), tl.where(m, kl, 0.0),
+            tl.where(m, entropy, 0.0))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -583,70 +677,93 @@ def token_logprobs_bwd(grad_logp, grad_entropy, logits, stride_outer, stride_inn
     )
 
 
-def policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, codes, scalars):
-    """Flat contiguous inputs ([N] per token, [B] per sequence), ``codes`` / ``scalars`` the
-    :class:`~negkernels.ops.logprobs.PolicyKernelCodes` / ``PolicyKernelScalars`` →
-    (partials [B, 8] fp32, grad_logp [N] fp32 or [0]), both before division by the normaliser."""
+def policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, normaliser, codes, scalars):
+    """Contiguous per-token inputs (read flat: [N]) and per-sequence ones [B]; ``codes`` /
+    ``scalars`` the :class:`~negkernels.ops.logprobs.PolicyKernelCodes` / ``PolicyKernelScalars``;
+    ``normaliser`` a 0-d fp32 tensor or None (this call's own) → (loss 0-d, stats [8] = the 6
+    metrics, the unmasked tokens, 1 / normaliser; d Σℓ / d logp [N] fp32 before normalisation, or
+    [0]), all from one launch."""
     dev = logp.device
     n = logp.numel()
-    partial = torch.empty((codes.num_sequences, POLICY_LOSS_PARTIALS), dtype=torch.float32, device=dev)
+    num_sequences = codes.num_sequences
     grad = torch.empty(n if codes.compute_grad else 0, dtype=torch.float32, device=dev)
-    if codes.num_sequences == 0:
-        return partial, grad
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    stats = torch.empty(POLICY_LOSS_PARTIALS, dtype=torch.float32, device=dev)
+    if num_sequences == 0:  # no sequence, no launch: a zero loss and zero metrics
+        loss.zero_()
+        stats.zero_()
+        stats[7] = 1.0 if normaliser is None else normaliser.reciprocal()
+        return loss, stats, grad
+    # The [B, 8] partials and, after them, the last-program ticket, zeroed in one op.
+    partial = torch.zeros(num_sequences * POLICY_LOSS_PARTIALS + 1, dtype=torch.float32, device=dev)
     block = max(16, min(2048, triton.next_power_of_2(max(codes.max_len, 1))))
     placeholder = logp
-    _policy_loss_fwd_kernel[(codes.num_sequences,)](
+    _policy_loss_fwd_kernel[(num_sequences,)](
         logp_ptr=logp, old_ptr=old_logp, adv_ptr=advantages if advantages is not None else placeholder,
         mask_ptr=mask if mask is not None else placeholder, ref_ptr=ref_logp if ref_logp is not None else placeholder,
         iw_ptr=is_weights if is_weights is not None else placeholder,
         cu_ptr=cu_seqlens if cu_seqlens is not None else placeholder,
         partial_ptr=partial, grad_ptr=grad if codes.compute_grad else partial,
-        n_tokens=n, seq_len=codes.seq_len, max_len=codes.max_len,
+        loss_ptr=loss, stats_ptr=stats, normaliser_ptr=normaliser if normaliser is not None else stats,
+        n_tokens=n, seq_len=codes.seq_len, max_len=codes.max_len, num_sequences=num_sequences,
         lo=scalars.lo, hi=scalars.hi, delta=scalars.delta, dual_c=scalars.dual_clip, tau_pos=scalars.tau_pos,
         tau_neg=scalars.tau_neg, npo_beta=scalars.npo_beta, kl_coef=scalars.kl_coef, is_hi=scalars.is_hi,
         is_lo=scalars.is_lo, norm_constant=scalars.norm_constant,
         LOSS=codes.loss, KL=codes.kl, AGG=codes.aggregation, IS=codes.is_mode,
         PACKED=cu_seqlens is not None, HAS_MASK=mask is not None,
         ADV_PER_TOKEN=bool(codes.adv_per_token), IW_PER_TOKEN=bool(codes.iw_per_token),
-        CISPO_TWO_SIDED=bool(codes.cispo_two_sided), COMPUTE_GRAD=bool(codes.compute_grad), BLOCK=block,
+        CISPO_TWO_SIDED=bool(codes.cispo_two_sided), COMPUTE_GRAD=bool(codes.compute_grad),
+        HAS_NORMALISER=normaliser is not None, BLOCK=block, FINAL_BLOCK=FINAL_ROWS,
         num_warps=4 if block <= 512 else 8,
     )
-    return partial, grad
+    return loss, stats, grad
 
 
 def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, grad, grad_stride_outer,
                                 grad_stride_inner, rows: int, n_vocab: int, targets, old_logp, advantages, weight,
-                                ref_logp, is_weights, codes, scalars, with_entropy: bool):
-    """Token rows of logits; per-token fp32 [rows] inputs (weight = mask · aggregation weight /
-    normaliser); ``codes`` / ``scalars`` as in :func:`policy_loss_fwd` → (logp [rows], entropy
-    [rows] (0 unless ``with_entropy``), terms [rows, 9]); with ``codes.compute_grad`` the logits'
-    gradient for an incoming gradient of 1 goes to ``grad`` (which may be ``logits``)."""
+                                ref_logp, is_weights, codes, scalars, with_entropy: bool, finalize: bool = True):
+    """Token rows of logits; per-token fp32 inputs read flat by row (weight = mask · aggregation
+    weight / normaliser); ``codes`` / ``scalars`` as in :func:`policy_loss_fwd` → (logp [rows],
+    entropy [rows] (0 unless ``with_entropy``), loss 0-d, stats [8] = the 6 metrics and the mean
+    entropy over the unmasked tokens, then their count); with ``codes.compute_grad`` the logits'
+    gradient for an incoming gradient of 1 goes to ``grad`` (which may be ``logits``). Without
+    ``finalize``, loss and stats are not written and the third result is the programs' raw
+    partial sums [P, 9] (loss, count, the 6 metric sums, the entropy sum) for a caller that adds
+    up several launches."""
     dev = logits.device
     logp = torch.empty(rows, dtype=torch.float32, device=dev)
     entropy = torch.empty(rows, dtype=torch.float32, device=dev)
-    terms = torch.empty((rows, 9), dtype=torch.float32, device=dev)
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    stats = torch.empty(POLICY_LOSS_PARTIALS, dtype=torch.float32, device=dev)
     if rows == 0:
-        return logp, entropy, terms
+        loss.zero_()
+        stats.zero_()
+        return (logp, entropy, loss, stats) if finalize else (logp, entropy, stats.new_zeros((1, 9)), None)
     block = _vocab_block(n_vocab, FUSED_MAX_BLOCK_V)
     if logits.device.type == "cuda" and not triton_interpret():
         programs = min(rows, FUSED_PROGRAMS_PER_SM * _num_sms(logits.device))
     else:
         programs = min(rows, 4)  # the interpreter still walks the persistent loop
+    # Per-program partial sums and, after them, the last-program ticket, zeroed in one op.
+    partial = torch.zeros(programs * 9 + 1, dtype=torch.float32, device=dev)
     _policy_loss_from_logits_kernel[(programs,)](
         logits_ptr=logits, stride_outer=stride_outer, stride_inner=stride_inner, inner_size=inner_size,
         grad_ptr=grad, grad_stride_outer=grad_stride_outer, grad_stride_inner=grad_stride_inner,
         targets_ptr=targets, old_ptr=old_logp, adv_ptr=advantages, weight_ptr=weight,
         ref_ptr=ref_logp if ref_logp is not None else old_logp,
         iw_ptr=is_weights if is_weights is not None else old_logp,
-        logp_ptr=logp, entropy_ptr=entropy, terms_ptr=terms, n_vocab=n_vocab, inv_t=1.0 / scalars.temperature,
+        logp_ptr=logp, entropy_ptr=entropy, partial_ptr=partial, loss_ptr=loss, stats_ptr=stats,
+        n_vocab=n_vocab, inv_t=1.0 / scalars.temperature,
         lo=scalars.lo, hi=scalars.hi, delta=scalars.delta, dual_c=scalars.dual_clip, tau_pos=scalars.tau_pos,
         tau_neg=scalars.tau_neg, kl_coef=scalars.kl_coef, entropy_coef=scalars.entropy_coef, is_hi=scalars.is_hi,
         is_lo=scalars.is_lo, n_rows=rows, rows_per_program=triton.cdiv(rows, programs),
         LOSS=codes.loss, KL=codes.kl, IS=codes.is_mode, CISPO_TWO_SIDED=bool(codes.cispo_two_sided),
-        COMPUTE_GRAD=bool(codes.compute_grad), WITH_ENTROPY=with_entropy, BLOCK_V=block,
+        COMPUTE_GRAD=bool(codes.compute_grad), WITH_ENTROPY=with_entropy, FINALIZE=finalize, BLOCK_V=block,
         num_warps=FUSED_NUM_WARPS if block >= 8192 else _num_warps(block),
     )
-    return logp, entropy, terms
+    if finalize:
+        return logp, entropy, loss, stats
+    return logp, entropy, partial[:-1].view(programs, 9), None
 
 
 # ----------------------------------------------------------------------------- fused linear (LM head)
@@ -861,15 +978,16 @@ def linear_policy_loss_fwd(hidden, weight, bias, targets, old_logp, advantages, 
                            logits_dtype: torch.dtype, chunk_size: int, need_hidden: bool, need_weight: bool,
                            need_bias: bool, codes, scalars, with_entropy: bool):
     """The token-local policy loss of every token, fused with the LM head, chunk by chunk: per-token
-    fp32 [N] inputs as in :func:`policy_loss_from_logits_fwd` → (logp [N], entropy [N], terms [N, 9],
-    d hidden, d weight, d bias for an incoming gradient of 1, each empty when not needed)."""
+    fp32 [N] inputs as in :func:`policy_loss_from_logits_fwd` → (logp [N], entropy [N], loss, stats
+    [8] as there, d hidden, d weight, d bias for an incoming gradient of 1, each empty when not
+    needed)."""
     rows, n_vocab = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     compute_grad = need_hidden or need_weight or need_bias
     codes = codes._replace(compute_grad=int(compute_grad))
     logp = torch.empty(rows, dtype=torch.float32, device=dev)
     entropy = torch.empty(rows, dtype=torch.float32, device=dev)
-    terms = torch.empty((rows, 9), dtype=torch.float32, device=dev)
+    sums = torch.zeros(9, dtype=torch.float32, device=dev)
     acc = _GradAccumulator(hidden, weight, bias, need_hidden, need_weight, need_bias)
     c, buf, grad_buf = _chunk_buffers(rows, hidden, weight, logits_dtype, chunk_size, with_grad=compute_grad)
 
@@ -880,14 +998,16 @@ def linear_policy_loss_fwd(hidden, weight, bias, targets, old_logp, advantages, 
         r = min(c, rows - start)
         x, g = buf[:r], grad_buf[:r]
         linear_logits_into(hidden[start:start + r], weight, bias, x)
-        lp, ent, tm = policy_loss_from_logits_fwd(
+        lp, ent, partial, _ = policy_loss_from_logits_fwd(
             x, 0, n_vocab, r, g, 0, n_vocab, r, n_vocab, targets[start:start + r], old_logp[start:start + r],
             advantages[start:start + r], token_weight[start:start + r], part(ref_logp, start, r),
-            part(is_weights, start, r), codes, scalars, with_entropy)
+            part(is_weights, start, r), codes, scalars, with_entropy, finalize=False)
         logp[start:start + r] = lp
         entropy[start:start + r] = ent
-        terms[start:start + r] = tm
+        sums += partial.sum(0)  # chunks and programs in a fixed order: deterministic
         if compute_grad:
             acc.add(start, g)
     dh, dw, db = acc.result()
-    return logp, entropy, terms, dh, dw, db
+    count = sums[1].clamp_min(1.0)
+    stats = torch.cat([sums[2:] / count, sums[1:2]])
+    return logp, entropy, sums[0].clone(), stats, dh, dw, db
