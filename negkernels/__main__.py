@@ -15,12 +15,28 @@ def main(argv=None) -> int:
     b.add_argument("--impl", action="append", help="only these implementations (eager, compile, triton, cuda); repeatable")
     b.add_argument("--out", default="bench-results", help="folder for bench.json and bench.png")
     b.add_argument("--full", action="store_true", help="full-size cases even on the CPU")
+    b.add_argument("--host", action="store_true",
+                   help="only the host overhead per call, every kernel launch a no-op (works on a CPU)")
+    b.add_argument("--reps", type=int, default=300, help="calls per op for --host (median of five rounds)")
     sub.add_parser("check", help="every available backend of every op against the float64 reference")
     e = sub.add_parser("build-ext", help="build the CUDA extension (CMake + Ninja + nvcc) into the cache")
     e.add_argument("--arch", help="CUDA architectures, e.g. 90 (default: the visible GPU's)")
     e.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
 
+    if args.command == "bench" and args.host:
+        import json
+        from pathlib import Path
+
+        from .host_overhead import measure, print_table
+
+        result = measure(args.reps)
+        print_table(result)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "host.json").write_text(json.dumps(result, indent=2))
+        print(f"wrote {out / 'host.json'}")
+        return 0
     if args.command == "bench":
         from .bench import run
 
