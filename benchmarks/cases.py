@@ -30,6 +30,12 @@ class Case:
         return f"{self.family}/{self.name}"
 
 
+def _kernel_dtype(device: torch.device) -> torch.dtype:
+    # bf16 where kernels run (and on "meta", which benchmarks/static_cost.py uses for the GPU
+    # shapes without their memory); fp32 for the CPU smoke test, whose matmuls lack bf16 speed.
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
 def _advantage_inputs(ragged: bool):
     def build(device: torch.device, full: bool) -> dict:
         n = 131072 if full else 8192
@@ -38,8 +44,9 @@ def _advantage_inputs(ragged: bool):
             # random group sizes 1..128, groups shuffled
             sizes = torch.randint(1, 129, (n,))
             ids = torch.repeat_interleave(torch.arange(n), sizes)[:n]
-            ids = ids[torch.randperm(n)].to(device)
+            ids = ids[torch.randperm(n)]
             num_groups = int(ids.max()) + 1
+            ids = ids.to(device)
             return dict(rewards=rewards, group_index=ids, num_groups=num_groups, n=n)
         return dict(rewards=rewards, group_size=64, num_groups=n // 64, n=n)
 
@@ -153,7 +160,7 @@ def _grpo_from_logits_impls(i: dict) -> dict:
 
 def _lm_head_inputs(device: torch.device, full: bool) -> dict:
     n, h, v = (8192, 4096, 151936) if full else (256, 64, 4099)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = _kernel_dtype(device)
     b = 8 if full else 4
     hidden = torch.randn(b, n // b, h, device=device).to(dtype).requires_grad_()
     weight = (torch.randn(v, h, device=device) / h ** 0.5 * 2).to(dtype).requires_grad_()
@@ -219,7 +226,7 @@ def _policy_loss_impls(i: dict) -> dict:
 def _bank_inputs(sizes_full, sizes_cpu):
     def build(device: torch.device, full: bool) -> dict:
         n, k, d = sizes_full if full else sizes_cpu
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = _kernel_dtype(device)
         unit = torch.nn.functional.normalize
         query = unit(torch.randn(n, d, device=device), dim=-1).to(dtype).requires_grad_()
         positive = unit(torch.randn(n, d, device=device), dim=-1).to(dtype).requires_grad_()
@@ -269,7 +276,7 @@ def _bank_bytes(i: dict) -> int:
 def _kv_inputs(sizes_full, sizes_cpu):
     def build(device: torch.device, full: bool) -> dict:
         b, h, s, d, budget = sizes_full if full else sizes_cpu
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = _kernel_dtype(device)
         keys = torch.randn(b, h, s, d, device=device, dtype=dtype)
         values = torch.randn(b, h, s, d, device=device, dtype=dtype)
         log_beta = torch.nn.functional.logsigmoid(torch.randn(b, h, s, device=device) + 3).to(dtype)

@@ -41,6 +41,17 @@ def has_triton() -> bool:
     return _HAS_TRITON[0]
 
 
+def sm_count(device: torch.device) -> int | None:
+    """The streaming multiprocessors a grid is sized for: the CUDA device's count, or None where
+    the Triton interpreter runs the kernels (its programs run one after another, so persistent
+    and grid-barrier kernels take a small fixed grid). Launchers call it through this module, so
+    ``benchmarks/static_cost.py`` can size the grids of an absent GPU."""
+    if device.type != "cuda" or triton_interpret():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _triton_runs_on(device: torch.device) -> tuple[bool, str]:
     if not has_triton():
         return False, "the `triton` package is not installed"

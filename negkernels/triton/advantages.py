@@ -17,13 +17,12 @@ Both compute statistics and the per-element formula in fp64 and store fp32.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpret
+from .. import _backend
 from .._fixedpoint import exponent_bound, headroom_bits
 from ..reference.advantages import ESTIMATORS, SCALES
 
@@ -312,11 +311,6 @@ def _group_advantages_segmented_kernel(
         tl.store(count_ptr + g, n.to(tl.int64), mask=gm)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 _barriers: dict = {}
 
 
@@ -384,10 +378,9 @@ def group_advantages_fwd(
 
     block = 1024
     slots = num_groups + 2
-    if dev.type == "cuda" and not triton_interpret():
-        grid_size = max(1, min(triton.cdiv(max(n, 4 * slots), block), _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())))
-    else:
-        grid_size = 1  # the interpreter runs programs one after another: a grid barrier needs one
+    sms = _backend.sm_count(dev)
+    # The interpreter runs programs one after another: a grid barrier needs one.
+    grid_size = 1 if sms is None else max(1, min(triton.cdiv(max(n, 4 * slots), block), sms))
     work = torch.empty(4 * slots, dtype=torch.int64, device=dev)
     headroom = headroom_bits(n)
     external = batch_stats is not None

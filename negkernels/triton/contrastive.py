@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _backend
 from ..reference.contrastive import NORMALIZE_EPS
-from .logprobs import _num_sms
 
 _EPS = tl.constexpr(NORMALIZE_EPS)
 FALSE_NEGATIVE_CODES = {None: 0, "exclude": 1, "positive": 2}
@@ -569,10 +569,11 @@ def _bank_splits(row_blocks: int, slot_end: int, device: torch.device, interpret
     tiles so that row blocks × splits programs fill the GPU (N = 4096 queries make only 32 row
     blocks of 128)."""
     tiles = max(1, triton.cdiv(slot_end, tile))
-    if interpret or device.type != "cuda":
+    sms = None if interpret else _backend.sm_count(device)
+    if sms is None:
         splits = min(3, tiles)  # exercise the split and merge path on small shapes
     else:
-        programs = 2 * _num_sms(device)
+        programs = 2 * sms
         splits = max(1, min(triton.cdiv(programs, row_blocks), tiles // MIN_TILES_PER_SPLIT))
     per_split = triton.cdiv(tiles, splits)
     return triton.cdiv(tiles, per_split), per_split * tile

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpret
+from .. import _backend
 from ..reference.logprobs import (
     POLICY_LOSS_PARTIALS,
     Aggregation,
@@ -65,12 +65,27 @@ def _vocab_block(n_vocab: int, largest: int = 4096) -> int:
     return max(16, min(largest, triton.next_power_of_2(max(n_vocab, 1))))
 
 
-def _num_sms(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 # ----------------------------------------------------------------------------- rows of logits
+
+
+_LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+_LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _online_block(z2, m, s, w, WITH_ENTROPY: tl.constexpr):
+    """One block of the online softmax, in base 2: z2 = x·inv_t·log2(e); (m, s, w) the running
+    max, Σ 2^(z2−m) and Σ 2^(z2−m)·(z2−m)."""
+    m_new = tl.maximum(m, tl.max(z2, axis=0))
+    # A row that is −inf so far keeps m = −inf; shift by 0 instead so nothing becomes NaN.
+    shift = tl.where(m_new > -float("inf"), m_new, 0.0)
+    alpha = tl.math.exp2(m - shift)
+    e = tl.math.exp2(z2 - shift)
+    if WITH_ENTROPY:
+        d = tl.where(e > 0.0, z2 - shift, 0.0)
+        w = alpha * (w + tl.where(s > 0.0, s * (m - shift), 0.0)) + tl.sum(e * d, axis=0)
+    s = s * alpha + tl.sum(e, axis=0)
+    return m_new, s, w
 
 
 @triton.jit
@@ -80,48 +95,73 @@ def _online_softmax_row(row_ptr, n_vocab, inv_t, WITH_ENTROPY: tl.constexpr, BLO
     The entropy is log s − w/s with w = Σ e^(z−m)·(z−m) kept relative to the running max m, so no
     large z cancels against the log-sum-exp. Without ``WITH_ENTROPY`` the entropy is 0 and its
     per-element work (a select, a multiply-add and a second reduction) is not compiled in.
+    Computed in base 2 (one multiply per element folds the temperature and log2(e), and exp2 is
+    the hardware's instruction); full blocks are read without a mask, the tail with one.
     """
     lanes = tl.arange(0, BLOCK_V)
+    c = inv_t * _LOG2E
     m = -float("inf")
     s = 0.0
     w = 0.0
-    for v0 in range(0, n_vocab, BLOCK_V):
-        offs = v0 + lanes
-        valid = offs < n_vocab
-        z = tl.load(row_ptr + offs, mask=valid, other=-float("inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        # A row that is −inf so far keeps m = −inf; shift by 0 instead so nothing becomes NaN.
-        shift = tl.where(m_new > -float("inf"), m_new, 0.0)
-        alpha = tl.exp(m - shift)
-        e = tl.exp(z - shift)
-        if WITH_ENTROPY:
-            d = tl.where(e > 0.0, z - shift, 0.0)
-            w = alpha * (w + tl.where(s > 0.0, s * (m - shift), 0.0)) + tl.sum(e * d, axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
+    n_full = (n_vocab // BLOCK_V) * BLOCK_V
+    for v0 in range(0, n_full, BLOCK_V):
+        z2 = tl.load(row_ptr + v0 + lanes).to(tl.float32) * c
+        m, s, w = _online_block(z2, m, s, w, WITH_ENTROPY)
+    if n_full < n_vocab:
+        offs = n_full + lanes
+        z2 = tl.load(row_ptr + offs, mask=offs < n_vocab, other=-float("inf")).to(tl.float32) * c
+        m, s, w = _online_block(z2, m, s, w, WITH_ENTROPY)
     shift = tl.where(m > -float("inf"), m, 0.0)
-    lse = shift + tl.log(s)
+    log2_s = tl.math.log2(s)
+    lse = (shift + log2_s) * _LN2
     entropy = 0.0
     if WITH_ENTROPY:
-        entropy = tl.log(s) - w / s
+        entropy = (log2_s - w / s) * _LN2
     return lse, entropy
+
+
+@triton.jit
+def _grad_block(x, c, lse2, a, b, entropy, WITH_ENTROPY: tl.constexpr):
+    """−a·p_j − b·p_j·(log p_j + H) for one block (the target's +a is added after the sweep)."""
+    lp2 = x.to(tl.float32) * c - lse2
+    p = tl.math.exp2(lp2)
+    g = -a * p
+    if WITH_ENTROPY:
+        g -= b * tl.where(p > 0.0, p * (lp2 * _LN2 + entropy), 0.0)
+    return g
 
 
 @triton.jit
 def _write_logits_grad_row(row_ptr, grad_row_ptr, n_vocab, inv_t, lse, entropy, target_local, g_logp, g_entropy,
                            WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
-    """d/dx of g_logp·log p_t + g_entropy·H:  inv_t·(g_logp·(1[j=t] − p_j) − g_entropy·p_j·(log p_j + H))."""
+    """d/dx of g_logp·log p_t + g_entropy·H:  inv_t·(g_logp·(1[j=t] − p_j) − g_entropy·p_j·(log p_j + H)).
+
+    The sweep writes every element without the 1[j=t] term (no per-element compare); the target's
+    element is then rewritten from its logit, read before the sweep (``grad_row_ptr`` may be
+    ``row_ptr``), after a block barrier orders it behind the sweep's store to the same address.
+    """
     lanes = tl.arange(0, BLOCK_V)
-    for v0 in range(0, n_vocab, BLOCK_V):
-        offs = v0 + lanes
+    c = inv_t * _LOG2E
+    lse2 = lse * _LOG2E
+    a = g_logp * inv_t
+    b = g_entropy * inv_t
+    owned = (target_local >= 0) & (target_local < n_vocab)
+    safe_target = tl.where(owned, target_local, 0)
+    x_t = tl.load(row_ptr + safe_target).to(tl.float32)
+    out_ty = grad_row_ptr.dtype.element_ty
+    n_full = (n_vocab // BLOCK_V) * BLOCK_V
+    for v0 in range(0, n_full, BLOCK_V):
+        x = tl.load(row_ptr + v0 + lanes)
+        tl.store(grad_row_ptr + v0 + lanes, _grad_block(x, c, lse2, a, b, entropy, WITH_ENTROPY).to(out_ty))
+    if n_full < n_vocab:
+        offs = n_full + lanes
         valid = offs < n_vocab
-        z = tl.load(row_ptr + offs, mask=valid, other=-float("inf")).to(tl.float32) * inv_t
-        logp = z - lse
-        p = tl.exp(logp)
-        g = g_logp * (tl.where(offs == target_local, 1.0, 0.0) - p)
-        if WITH_ENTROPY:
-            g -= g_entropy * tl.where(p > 0.0, p * (logp + entropy), 0.0)
-        tl.store(grad_row_ptr + offs, (g * inv_t).to(grad_row_ptr.dtype.element_ty), mask=valid)
+        x = tl.load(row_ptr + offs, mask=valid, other=-float("inf"))
+        tl.store(grad_row_ptr + offs, _grad_block(x, c, lse2, a, b, entropy, WITH_ENTROPY).to(out_ty), mask=valid)
+    if owned:
+        tl.debug_barrier()
+        g_t = a + _grad_block(x_t, c, lse2, a, b, entropy, WITH_ENTROPY)
+        tl.store(grad_row_ptr + safe_target, g_t.to(out_ty))
 
 
 @triton.jit
@@ -740,10 +780,9 @@ def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, 
         stats.zero_()
         return (logp, entropy, loss, stats) if finalize else (logp, entropy, stats.new_zeros((1, 9)), None)
     block = _vocab_block(n_vocab, FUSED_MAX_BLOCK_V)
-    if logits.device.type == "cuda" and not triton_interpret():
-        programs = min(rows, FUSED_PROGRAMS_PER_SM * _num_sms(logits.device))
-    else:
-        programs = min(rows, 4)  # the interpreter still walks the persistent loop
+    sms = _backend.sm_count(logits.device)
+    # The interpreter still walks the persistent loop with a few programs.
+    programs = min(rows, FUSED_PROGRAMS_PER_SM * sms if sms is not None else 4)
     # Per-program partial sums and, after them, the last-program ticket, zeroed in one op.
     partial = torch.zeros(programs * 9 + 1, dtype=torch.float32, device=dev)
     _policy_loss_from_logits_kernel[(programs,)](

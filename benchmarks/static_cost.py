@@ -1,0 +1,390 @@
+"""Static cost of every bench case on an H100, from the compiled code alone (no GPU needed).
+
+Each case's Triton launches are recorded at the bench shape (the launchers run on "meta"
+tensors with every launch stubbed and the grid sized for 132 SMs), then each launched variant is
+compiled for sm_90a by Triton's own compiler with the specialisation a real launch gets (16-byte
+aligned pointers, integers divisible by 16 marked so). From the cubin: registers, spilled bytes
+(STACK / LOCAL), shared memory, blocks per SM, the innermost loops' SASS bodies. From those and
+each loop's trip count per program:
+
+    issue-bound lower bound = max(Σ warp-instructions / (132 SMs × 4 schedulers × 1.98 GHz),
+                                 waves × one program's warp-instructions / (min(warps, 4) × 1.98 GHz))
+
+(the second term: a grid of fewer programs than SMs, or one program per SM, cannot use the
+whole machine)
+beside the case's memory floor (bytes it must move / 3.35 TB/s) and, for matmul cases, the bf16
+tensor-core floor (989 TFLOP/s). Both are lower bounds: a case whose larger bound exceeds its
+target cannot reach the target as built; "bound/target" is the larger bound over the target.
+Straight-line code outside the innermost loops is counted once per program.
+
+    python benchmarks/static_cost.py [--case SUBSTRING] [--json PATH]
+
+Run it with TRITON_INTERPRET unset (``tests/test_static_cost.py`` does, in a subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+# H100 SXM: the targets in benchmarks/cases.py are H100 figures.
+SMS = 132
+SCHEDULERS_PER_SM = 4
+CLOCK_HZ = 1.98e9  # the highest boost clock: the bound stays a lower bound
+HBM_BYTES_PER_S = 3.35e12
+BF16_FLOPS_PER_S = 989e12
+REGISTER_FILE = 65536
+SHARED_PER_SM = 233472  # 228 KiB; 227 KiB per block
+SHARED_PER_BLOCK = 232448
+MAX_BLOCKS_PER_SM = 32
+MAX_WARPS_PER_SM = 64
+TARGET = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+                torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+
+
+@dataclass
+class Launch:
+    kernel: object
+    grid: tuple
+    args: dict  # every parameter by name, positional ones included
+    options: dict  # num_warps, num_stages
+
+
+@contextlib.contextmanager
+def recorded_launches():
+    """Launchers run on meta tensors: each launch is recorded instead of run, grids sized for SMS."""
+    import triton.runtime.jit as jit
+
+    from negkernels import _backend
+
+    launches: list[Launch] = []
+    original_getitem, original_sms = jit.JITFunction.__getitem__, _backend.sm_count
+
+    def getitem(kernel, grid):
+        def record(*args, **kwargs):
+            options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+            bound = dict(zip(kernel.arg_names, args))
+            bound.update(kwargs)
+            launches.append(Launch(kernel, tuple(grid) if not callable(grid) else grid(bound), bound, options))
+        return record
+
+    jit.JITFunction.__getitem__ = getitem
+    _backend.sm_count = lambda device: SMS
+    try:
+        yield launches
+    finally:
+        jit.JITFunction.__getitem__ = original_getitem
+        _backend.sm_count = original_sms
+
+
+def compile_launch(launch: Launch):
+    """The variant a real launch would compile: constexprs as given, integers equal to 1 made
+    constants, 16-byte alignment and divisibility by 16 marked as Triton's runtime does."""
+    kernel = launch.kernel
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(kernel.params):
+        name = param.name
+        value = launch.args.get(name, param.default)
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + TRITON_TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif value is None:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = None
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            if value == 1:
+                signature[name] = "constexpr"
+                constexprs[(i,)] = 1
+            else:
+                signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+                if value % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32"
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=TARGET, options=dict(launch.options))
+
+
+def _cuobjdump(compiled, flag: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        return subprocess.run([CUOBJDUMP, flag, cubin.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass_profile(compiled) -> dict:
+    """Instruction count, the innermost loops' (start, end, body instructions) in address order."""
+    lines = [ln for ln in _cuobjdump(compiled, "-sass").splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln)]
+    address = [int(re.match(r"\s+/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
+    loops = []
+    for ln, a in zip(lines, address):
+        m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?(0x[0-9a-f]+)", ln)
+        if m and int(m.group(1), 16) < a:
+            loops.append((int(m.group(1), 16), a))
+    inner = sorted((a, b) for a, b in loops
+                   if not any((a, b) != (c, d) and a <= c and d <= b for c, d in loops))
+    bodies = [(a, b, sum(1 for x in address if a <= x <= b)) for a, b in inner]
+    shuffles = [sum(1 for ln, x in zip(lines, address) if a <= x <= b and "SHFL" in ln) for a, b, _ in bodies]
+    barriers = [sum(1 for ln, x in zip(lines, address) if a <= x <= b and " BAR" in ln) for a, b, _ in bodies]
+    return dict(instructions=len(lines), loops=bodies, loop_shuffles=shuffles, loop_barriers=barriers)
+
+
+def resources(compiled, num_warps: int) -> dict:
+    usage = _cuobjdump(compiled, "-res-usage")
+    field = lambda key: int(re.search(key + r":(\d+)", usage).group(1))  # noqa: E731
+    regs, stack, local = field("REG"), field("STACK"), field("LOCAL")
+    shared = compiled.metadata.shared
+    threads = 32 * num_warps
+    by_regs = REGISTER_FILE // max(regs * threads, 1)
+    by_shared = SHARED_PER_SM // shared if shared else MAX_BLOCKS_PER_SM
+    blocks = min(by_regs, by_shared, MAX_BLOCKS_PER_SM, MAX_WARPS_PER_SM // num_warps)
+    return dict(regs=regs, spill_bytes=stack + local, shared=shared, threads=threads, blocks_per_sm=blocks)
+
+
+@dataclass
+class Kernel:
+    name: str
+    trips: Callable[[Launch], list]  # per program, each innermost loop in address order (None: once)
+
+
+@dataclass
+class StaticCase:
+    case_id: str
+    target_ms: float
+    run: Callable[[dict], None]  # calls the launchers on the meta inputs
+    kernels: dict  # kernel name → Kernel
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _cases() -> list[StaticCase]:
+    from negkernels.ops.logprobs import PolicyKernelCodes, PolicyKernelScalars, PolicyLossConfig, _row_view
+    from negkernels.triton import advantages as ta
+    from negkernels.triton import contrastive as tc
+    from negkernels.triton import kv as tk
+    from negkernels.triton import logprobs as tl_
+
+    def codes_for(i, rows, compute_grad=True, **extra):
+        codes, scalars = PolicyLossConfig().kernel_args(
+            use_kl=False, use_is=False, adv_per_token=extra.get("adv_per_token", True), iw_per_token=True,
+            compute_grad=compute_grad, num_sequences=i.get("b", 1), seq_len=i.get("t", rows),
+            max_len=i.get("t", rows), norm_constant=1.0)
+        return PolicyKernelCodes(*codes), PolicyKernelScalars(*scalars)
+
+    def advantages(i):
+        ta.group_advantages_fwd(i["rewards"], i.get("group_index"), i.get("group_size") or 0, i["num_groups"], "grpo",
+                                "group", 1e-6, 1.0, 1, 1.0, 1.0, None, None, None)
+
+    def logprobs(with_entropy):
+        def run(i):
+            x, so, si, inner = _row_view(i["logits"])
+            tl_.token_logprobs_fwd(x, so, si, inner, i["b"] * i["t"], i["v"], i["targets"].reshape(-1), 1.0, 0,
+                                   with_entropy)
+        return run
+
+    def from_logits(i):
+        x, so, si, inner = _row_view(i["logits"])
+        rows = i["b"] * i["t"]
+        flat = torch.empty(rows, device="meta")
+        codes, scalars = codes_for(i, rows)
+        tl_.policy_loss_from_logits_fwd(x, so, si, inner, torch.empty_like(x), so, si, rows, i["v"],
+                                        i["targets"].reshape(-1), flat, flat, flat, None, None, codes, scalars, False)
+
+    def policy(i):
+        codes, scalars = codes_for(i, i["b"] * i["t"], adv_per_token=False)
+        tl_.policy_loss_fwd(i["logp"], i["old_logp"], i["advantages"], i["mask"].view(torch.uint8), None, None, None,
+                            None, codes, scalars)
+
+    def nce(i):
+        q, p, bank = i["query"].detach(), i["positive"].detach(), i["bank"]
+        tau = torch.empty((), device="meta")
+        _, lse_all, lse_pos = tc.bank_info_nce_fwd(q, p, bank, tau, None, None, None, None, bank.shape[0], None, False,
+                                                   False)
+        tc.bank_info_nce_bwd(torch.empty((), device="meta"), q, p, bank, tau, None, None, None, None, bank.shape[0],
+                             None, False, lse_all, lse_pos, False, False, False)
+
+    def topk(i):
+        tc.bank_topk(i["query"].detach(), i["bank"], 64, None, i["bank"].shape[0], False, False)
+
+    def evict(i):
+        indices = tk.select_from_log_beta_fwd(i["log_beta"], i["positions"], i["step"], i["budget"], 0, 0, None)
+        b, h, m = indices.shape
+        keys, values = i["keys"], i["values"]
+        outs = [keys.new_empty((b, h, m, keys.shape[-1])), values.new_empty((b, h, m, values.shape[-1])),
+                i["log_beta"].new_empty((b, h, m)), i["positions"].new_empty((b, h, m))]
+        tk.compact_kv_fwd(keys, values, indices, [i["log_beta"], i["positions"]], outs, in_place=False)
+
+    def mass(i):
+        lb = i["log_beta"].detach()
+        tk.retention_mass_fwd(lb, None)
+        tk.retention_mass_bwd(lb, None, torch.empty_like(lb))
+
+    def vocab_trips(launch):  # one row per program, the full blocks of its vocabulary
+        return [launch.args["n_vocab"] // launch.args["BLOCK_V"]]
+
+    def fused_trips(launch):
+        rows = launch.args["rows_per_program"] * (launch.args["n_vocab"] // launch.args["BLOCK_V"])
+        return [rows, rows]  # the online sweep and the gradient sweep; the finalize loops once
+
+    def segmented_trips(launch):
+        n, programs = launch.args["n_rewards"], launch.grid[0]
+        return [_cdiv(n, programs * launch.args["BLOCK"])] * 8
+
+    def slot_trips(launch):  # bank slots of one split, in slot tiles
+        tile = launch.args.get("BLOCK_K") or launch.args.get("BLOCK_N")
+        return [_cdiv(launch.args.get("split_slots", launch.args.get("num_slots", 0)), tile)] * 4
+
+    def select_trips(launch):
+        return [_cdiv(launch.args["seq"], launch.args["BLOCK"])] * 16
+
+    def mass_trips(launch):
+        return [_cdiv(launch.args["seq"], launch.args["BLOCK_I"]) // 2 + 1] * 2
+
+    once = lambda launch: []  # noqa: E731
+    return [
+        StaticCase("advantages/uniform-g64", 0.010, advantages,
+                   {"_group_advantages_uniform_kernel": Kernel("uniform", once)}),
+        StaticCase("advantages/ragged", 0.010, advantages,
+                   {"_group_advantages_segmented_kernel": Kernel("segmented", segmented_trips)}),
+        StaticCase("logprobs/fwd", 0.90, logprobs(False), {"_token_logprobs_fwd_kernel": Kernel("fwd", vocab_trips)}),
+        StaticCase("logprobs/fwd-entropy", 0.95, logprobs(True),
+                   {"_token_logprobs_fwd_kernel": Kernel("fwd", vocab_trips)}),
+        StaticCase("grpo-from-logits/fwd+bwd", 1.8, from_logits,
+                   {"_policy_loss_from_logits_kernel": Kernel("fused", fused_trips)}),
+        StaticCase("policy-loss/fwd+bwd", 0.08, policy,
+                   {"_policy_loss_fwd_kernel": Kernel("policy", lambda l: [_cdiv(l.args["max_len"], l.args["BLOCK"])])}),
+        StaticCase("contrastive/nce", 0.5, nce, {}),
+        StaticCase("contrastive/nce-large", 7.0, nce, {}),
+        StaticCase("contrastive/topk64", 0.3, topk, {}),
+        StaticCase("kv/evict", 0.13, evict, {"_select_retained_kernel": Kernel("select", select_trips)}),
+        StaticCase("kv/evict-8rows", 0.03, evict, {"_select_retained_kernel": Kernel("select", select_trips)}),
+        StaticCase("kv/retention-mass", float("nan"), mass,
+                   {"_retention_mass_fwd_kernel": Kernel("mass", mass_trips),
+                    "_retention_mass_bwd_kernel": Kernel("mass", mass_trips)}),
+    ], slot_trips
+
+
+def _launch_trips(launch: Launch, spec: Kernel | None, fallback) -> list:
+    if spec is not None:
+        return spec.trips(launch)
+    return fallback(launch) if any(k in launch.args for k in ("split_slots", "num_slots")) else []
+
+
+def analyse(case_filter: str | None = None) -> list[dict]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cases as bench_cases
+
+    by_id = {c.id: c for c in bench_cases.CASES}
+    static_cases, slot_trips = _cases()
+    rows, compiled_cache = [], {}
+    for sc in static_cases:
+        if case_filter and case_filter not in sc.case_id:
+            continue
+        case = by_id[sc.case_id]
+        inputs = case.build(torch.device("meta"), True)
+        with recorded_launches() as launches:
+            sc.run(inputs)
+        floor_ms = case.min_bytes(inputs) / HBM_BYTES_PER_S * 1e3
+        flops = case.flops(inputs)
+        matmul_ms = flops / BF16_FLOPS_PER_S * 1e3 if flops else 0.0
+        kernels, warp_instructions, critical_s = [], 0.0, 0.0
+        for launch in launches:
+            key = (launch.kernel.__name__, repr(sorted((k, v) for k, v in launch.args.items()
+                                                        if not isinstance(v, torch.Tensor))), repr(launch.options))
+            if key not in compiled_cache:
+                compiled = compile_launch(launch)
+                compiled_cache[key] = (resources(compiled, launch.options.get("num_warps", 4)), sass_profile(compiled))
+            res, sass = compiled_cache[key]
+            programs = math.prod(launch.grid)
+            warps = res["threads"] // 32
+            trips = _launch_trips(launch, sc.kernels.get(launch.kernel.__name__), slot_trips)
+            loops = sass["loops"]
+            looped = sum(body * (trips[j] if j < len(trips) and trips[j] is not None else 1)
+                         for j, (_, _, body) in enumerate(loops))
+            straight = sass["instructions"] - sum(body for _, _, body in loops)
+            per_program = straight + looped
+            warp_instructions += per_program * warps * programs
+            waves = math.ceil(programs / max(res["blocks_per_sm"] * SMS, 1))
+            critical_s += waves * per_program * warps / min(warps, SCHEDULERS_PER_SM) / CLOCK_HZ
+            kernels.append(dict(kernel=launch.kernel.__name__, grid=list(launch.grid), **res,
+                                loop_bodies=[body for _, _, body in loops], loop_trips=trips,
+                                loop_shuffles=sass["loop_shuffles"], loop_barriers=sass["loop_barriers"],
+                                warp_instructions=per_program * warps * programs,
+                                waves=programs / max(res["blocks_per_sm"] * SMS, 1)))
+        issue_ms = max(warp_instructions / (SMS * SCHEDULERS_PER_SM * CLOCK_HZ), critical_s) * 1e3
+        bound = max(issue_ms, floor_ms, matmul_ms)
+        rows.append(dict(case=sc.case_id, target_ms=sc.target_ms, issue_bound_ms=issue_ms, memory_floor_ms=floor_ms,
+                         matmul_floor_ms=matmul_ms, bound_ms=bound,
+                         bound_over_target=bound / sc.target_ms if sc.target_ms == sc.target_ms else None,
+                         issue_over_target=issue_ms / sc.target_ms if sc.target_ms == sc.target_ms else None,
+                         kernels=kernels))
+    return rows
+
+
+def print_report(rows: list[dict]) -> None:
+    print(f"static cost on an H100 (sm_90a code from Triton {triton.__version__}; {SMS} SMs x {SCHEDULERS_PER_SM} "
+          f"schedulers at {CLOCK_HZ / 1e9:.2f} GHz, HBM {HBM_BYTES_PER_S / 1e12:.2f} TB/s)")
+    header = (f"{'case':<26} {'target':>8} {'issue':>8} {'memory':>8} {'matmul':>8} {'issue/target':>12} "
+              f"{'bound/target':>12}   "
+              "kernel: regs, spill B, smem B, blocks/SM, grid, hot-loop SASS x trips")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ratio = "-" if r["bound_over_target"] is None else f"{100 * r['bound_over_target']:.0f}%"
+        issue = "-" if r["issue_over_target"] is None else f"{100 * r['issue_over_target']:.0f}%"
+        target = "-" if r["target_ms"] != r["target_ms"] else f"{r['target_ms']:.3f}"
+        print(f"{r['case']:<26} {target:>8} {r['issue_bound_ms']:8.3f} {r['memory_floor_ms']:8.3f} "
+              f"{r['matmul_floor_ms']:8.3f} {issue:>12} {ratio:>12}")
+        for k in r["kernels"]:
+            loops = " ".join(f"{b}x{t}" for b, t in zip(k["loop_bodies"], k["loop_trips"] + [1] * len(k["loop_bodies"])))
+            print(f"{'':<26}   {k['kernel']}: {k['regs']}, {k['spill_bytes']}, {k['shared']}, {k['blocks_per_sm']}, "
+                  f"{k['grid']}, [{loops}]")
+    print("times in ms; issue: the issue-bound lower bound of the code as built; memory: bytes the case must move / "
+          "HBM bandwidth; matmul: flops / bf16 tensor-core rate; bound/target: the largest of the three over the "
+          "target (above 100% the target is out of reach as built; a memory floor above 70% of the target means the "
+          "target leaves little room for anything but streaming).")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", help="only cases whose id contains this")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("static_cost.py compiles real kernels: run it with TRITON_INTERPRET unset")
+    rows = analyse(args.case)
+    print_report(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
