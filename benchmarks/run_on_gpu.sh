@@ -6,7 +6,7 @@
 set -u
 out=${OUT:-gpu-results}
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" NEGKERNELS_CACHE_DIR="$out/ext-cache"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" NEGKERNELS_CACHE_DIR="${TMPDIR:-/tmp}/negkernels-ext"
 py=${PYTHON:-python3}
 status=0
 step() {

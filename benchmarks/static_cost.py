@@ -82,7 +82,8 @@ def recorded_launches():
 
     def getitem(kernel, grid):
         def record(*args, **kwargs):
-            options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+            options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_cooperative_grid")
+                       if k in kwargs}
             bound = dict(zip(kernel.arg_names, args))
             bound.update(kwargs)
             launches.append(Launch(kernel, tuple(grid) if not callable(grid) else grid(bound), bound, options))
@@ -333,7 +334,7 @@ def analyse(case_filter: str | None = None) -> list[dict]:
             warp_instructions += per_program * warps * programs
             waves = math.ceil(programs / max(res["blocks_per_sm"] * SMS, 1))
             critical_s += waves * per_program * warps / min(warps, SCHEDULERS_PER_SM) / CLOCK_HZ
-            kernels.append(dict(kernel=launch.kernel.__name__, grid=list(launch.grid), **res,
+            kernels.append(dict(kernel=launch.kernel.__name__, grid=list(launch.grid), options=launch.options, **res,
                                 loop_bodies=[body for _, _, body in loops], loop_trips=trips,
                                 loop_shuffles=sass["loop_shuffles"], loop_barriers=sass["loop_barriers"],
                                 warp_instructions=per_program * warps * programs,

@@ -71,3 +71,21 @@ def test_the_fused_logits_sweeps_have_no_block_barrier_per_element(report):
     online, gradient = fused["loop_bodies"][:2]
     assert gradient <= 120 and fused["loop_barriers"][1] == 0 and fused["loop_shuffles"][1] == 0
     assert online <= 200
+
+
+def test_the_grid_barrier_kernel_is_launched_cooperatively(report):
+    rows, _ = report
+    (segmented,) = rows["advantages/ragged"]["kernels"]
+    assert segmented["kernel"] == "_group_advantages_segmented_kernel"
+    assert segmented["options"].get("launch_cooperative_grid") is True
+    assert segmented["grid"][0] <= 132 * segmented["blocks_per_sm"]  # every program resident at once
+
+
+def test_the_short_gpu_check_returns_at_most_eight_files():
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    import re
+
+    logs = set(re.findall(r"^\s*(?:TAIL=\d+ )?step ([a-z-]+) ", script, re.M))
+    files = {f"{name}.log" for name in logs} | {"build-ext.log", "summary.txt", "bench.json", "bench.png"}
+    assert len(files) <= 8, sorted(files)
+    assert "$out/ext-cache" not in script and "NEGKERNELS_CACHE_DIR" in script

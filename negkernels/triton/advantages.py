@@ -393,5 +393,9 @@ def group_advantages_fwd(
         float(eps), float(virtual_max_reward), float(num_virtual), float(positive_scale), float(negative_scale),
         ESTIMATOR=est, SCALE=sc, UNIFORM=uniform, PER_SAMPLE_SIGN_SCALES=per_sample,
         EXTERNAL_BATCH_STATS=external, BLOCK=block, num_warps=8,
+        # On a GPU, a cooperative launch: the driver refuses a grid whose programs cannot all be
+        # resident at once (another kernel holding SMs, MPS or green contexts) instead of the
+        # grid barrier waiting forever for programs that never start.
+        **({"launch_cooperative_grid": True} if sms is not None else {}),
     )
     return out, mean, std, count
