@@ -145,7 +145,7 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
         compile_logprobs(lk._policy_loss_fwd_kernel, v, logp_ptr="*fp32")
         count += 1
     fused = dict(LOSS=0, KL=-1, IS=0, CISPO_TWO_SIDED=False, COMPUTE_GRAD=True, WITH_ENTROPY=False, FINALIZE=True,
-                 BLOCK_V=4096)
+                 HAS_WEIGHT=False, HAS_MASK=True, ADV_PER_TOKEN=False, IW_PER_TOKEN=False, BLOCK_V=4096)
     for loss in (0, 2, 3, 4):
         compile_logprobs(lk._policy_loss_from_logits_kernel,
                          dict(fused, LOSS=loss, KL=loss % 5, IS=1 + loss % 2, CISPO_TWO_SIDED=loss == 2,
@@ -156,7 +156,9 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
         count += 1
     for kl in range(-1, 5):
         compile_logprobs(lk._policy_loss_from_logits_kernel, dict(fused, KL=kl, COMPUTE_GRAD=kl != 2,
-                                                                  FINALIZE=kl != 0))
+                                                                  FINALIZE=kl != 0, HAS_WEIGHT=kl == 1,
+                                                                  HAS_MASK=kl != 3, ADV_PER_TOKEN=kl == 4,
+                                                                  IW_PER_TOKEN=kl in (0, 4)))
         count += 1
     for entropy in (False, True):
         compile_logprobs(lk._policy_loss_from_logits_kernel, dict(fused, WITH_ENTROPY=entropy,

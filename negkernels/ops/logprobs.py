@@ -858,24 +858,26 @@ def _per_token_values(x: Optional[Tensor], per_token: bool, targets: Tensor, cu_
     return torch.repeat_interleave(x.float(), lengths, output_size=targets.numel()).contiguous()
 
 
-def _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_weight, ref_logp, is_weights, codes,
-                                   scalars, with_entropy, grad):
+def _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_weight, mask, normaliser, ref_logp,
+                                   is_weights, codes, scalars, with_entropy, grad):
     from ..triton.logprobs import policy_loss_from_logits_fwd
 
+    c, sc = PolicyKernelCodes(*codes), PolicyKernelScalars(*scalars)
     x, so, si, inner = _row_view(logits)
     g, gso, gsi, _ = _row_view(grad)
+    row_scale = 1.0 / sc.norm_constant if c.aggregation == Aggregation.SEQ_MEAN_TOKEN_SUM_NORM else 1.0
     logp, entropy, loss, stats = policy_loss_from_logits_fwd(
         x, so, si, inner, g, gso, gsi, targets.numel(), logits.shape[-1], targets.reshape(-1).contiguous(), old_logp,
-        advantages, token_weight, ref_logp, is_weights, PolicyKernelCodes(*codes), PolicyKernelScalars(*scalars),
-        with_entropy)
+        advantages, token_weight, ref_logp, is_weights, c, sc, with_entropy, mask=mask, normaliser=normaliser,
+        row_scale=row_scale)
     return loss, stats, logp, entropy
 
 
 @kernel_op("negkernels::policy_loss_from_logits", mutates_args=())
 def _policy_loss_from_logits_op(
-    logits: Tensor, targets: Tensor, old_logp: Tensor, advantages: Tensor, token_weight: Tensor,
-    ref_logp: Optional[Tensor], is_weights: Optional[Tensor], codes: list[int], scalars: list[float],
-    with_entropy: bool,
+    logits: Tensor, targets: Tensor, old_logp: Tensor, advantages: Tensor, token_weight: Optional[Tensor],
+    mask: Optional[Tensor], normaliser: Tensor, ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
+    codes: list[int], scalars: list[float], with_entropy: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(Σ weight·(ℓ − entropy_coef·H), stats [8] = the 6 metrics and the entropy (means over the
     unmasked tokens) and their count, logp [N], entropy [N], d loss / d logits (empty unless
@@ -883,8 +885,9 @@ def _policy_loss_from_logits_op(
     compute_grad = PolicyKernelCodes(*codes).compute_grad
     grad = (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad
             else logits.new_empty((0,)))
-    out = _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_weight, ref_logp, is_weights,
-                                         codes, scalars, with_entropy, grad if compute_grad else logits)
+    out = _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_weight, mask, normaliser,
+                                         ref_logp, is_weights, codes, scalars, with_entropy,
+                                         grad if compute_grad else logits)
     return (*out, grad)
 
 
@@ -902,12 +905,17 @@ def _scaled_by_incoming(ctx, grad: Tensor, grad_loss: Tensor) -> Tensor:
         return grad * grad_loss.to(grad.dtype)
     from ..triton.logprobs import scale_rows_unless_one
 
-    view, so, si, inner = _row_view(grad)
-    if view.data_ptr() != grad.data_ptr() or not _rows_in_own_storage(grad):
+    if grad_loss.dtype != torch.float32 or grad_loss.dim():
+        grad_loss = grad_loss.float().reshape(())
+    cols = grad.shape[-1] if grad.dim() else 1
+    rows = grad.numel() // max(cols, 1)
+    if grad.is_contiguous():  # the usual buffer: rows of one 2-D view, no view to build
+        scale_rows_unless_one(grad, 0, cols, rows, rows, cols, grad_loss)
+        return grad
+    if not _rows_in_own_storage(grad):
         return grad * grad_loss.to(grad.dtype)
-    rows = grad.numel() // max(grad.shape[-1], 1) if grad.dim() else 1
-    scale_rows_unless_one(view, so, si, inner, rows, grad.shape[-1] if grad.dim() else 1,
-                          grad_loss.detach().float().reshape(()))
+    view, so, si, inner = _row_view(grad)
+    scale_rows_unless_one(view, so, si, inner, rows, cols, grad_loss)
     return grad
 
 
@@ -932,7 +940,8 @@ class _InplacePolicyLossFromLogits(torch.autograd.Function):
 
 
 @_policy_loss_from_logits_op.register_fake
-def _(logits, targets, old_logp, advantages, token_weight, ref_logp, is_weights, codes, scalars, with_entropy):
+def _(logits, targets, old_logp, advantages, token_weight, mask, normaliser, ref_logp, is_weights, codes, scalars,
+      with_entropy):
     n = targets.numel()
     grad = (torch.empty_like(logits, memory_format=torch.contiguous_format) if PolicyKernelCodes(*codes).compute_grad
             else logits.new_empty((0,)))
@@ -1038,20 +1047,31 @@ def policy_loss_from_logits(
                                          is_weights, denom, counts, cfg, norm, entropy_coef, return_entropy,
                                          process_group, chosen if chosen == "reference" else "triton")
 
-    weight = _token_weights(cfg.aggregation, mask, old_logp, cu_seqlens, denom, norm, counts)
+    # Only seq-mean-token-mean needs per-token weights from the host (1 / each sequence's count);
+    # otherwise the kernel weighs a row by the mask, the normaliser and norm_constant itself.
+    weight = _token_weights(cfg.aggregation, mask, old_logp, cu_seqlens, denom, norm, counts) \
+        if cfg.aggregation == "seq-mean-token-mean" else None
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     inplace = inplace_backward and compute_grad and _rows_in_own_storage(logits)
+    # Per-sequence values of padded rows are read by row // T in the kernel; packed ones are
+    # expanded to their tokens here.
+    adv_per_token = per_token.get("advantages", False) or packed
+    iw_per_token = per_token.get("is_weights", False) or packed or is_weights is None
     codes, scalars = cfg.kernel_args(
-        use_kl=ref_logp is not None, use_is=is_weights is not None, adv_per_token=True, iw_per_token=True,
-        compute_grad=compute_grad, num_sequences=num_seq, seq_len=seq_len, max_len=max_len, norm_constant=norm,
-        temperature=temperature, entropy_coef=entropy_coef)
+        use_kl=ref_logp is not None, use_is=is_weights is not None, adv_per_token=adv_per_token,
+        iw_per_token=iw_per_token, compute_grad=compute_grad, num_sequences=num_seq, seq_len=seq_len, max_len=max_len,
+        norm_constant=norm, temperature=temperature, entropy_coef=entropy_coef)
+
+    def values(x, per_token_here, per_token_given):
+        if x is None or not per_token_here or per_token_given:
+            return _dense(x)
+        return _per_token_values(x, False, targets, cu_seqlens)
+
     op = _InplacePolicyLossFromLogits.apply if inplace else _policy_loss_from_logits_op
     loss, stats, logp, entropy, *_ = op(
-        logits, targets, _dense(old_logp).float(),
-        _per_token_values(advantages, per_token.get("advantages", False), targets, cu_seqlens), weight,
-        _dense(ref_logp).float() if ref_logp is not None else None,
-        _per_token_values(is_weights, per_token.get("is_weights", False), targets, cu_seqlens),
-        codes, scalars, want_entropy)
+        logits, targets, _dense(old_logp), values(advantages, adv_per_token, per_token.get("advantages", False)),
+        weight, _bool_mask(mask) if weight is None else None, denom, _dense(ref_logp),
+        values(is_weights, iw_per_token, per_token.get("is_weights", False)), codes, scalars, want_entropy)
     return _fused_output(loss, stats, logp, entropy, targets, return_entropy, process_group)
 
 

@@ -561,15 +561,20 @@ def _finalize_policy_partials(partial_ptr, num_sequences, normaliser_ptr, loss_p
 @triton.jit
 def _policy_loss_from_logits_kernel(
     logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer, grad_stride_inner,
-    targets_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr, partial_ptr, loss_ptr,
-    stats_ptr, n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi, is_lo,
-    n_rows, rows_per_program,
+    targets_ptr, old_ptr, adv_ptr, weight_ptr, mask_ptr, normaliser_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr,
+    partial_ptr, loss_ptr, stats_ptr, n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef,
+    is_hi, is_lo, row_scale, seq_len, n_rows, rows_per_program,
     LOSS: tl.constexpr, KL: tl.constexpr, IS: tl.constexpr, CISPO_TWO_SIDED: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, WITH_ENTROPY: tl.constexpr, FINALIZE: tl.constexpr, BLOCK_V: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, WITH_ENTROPY: tl.constexpr, FINALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_MASK: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, IW_PER_TOKEN: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # Persistent: a few rows in flight per SM, so a row read by the online pass is still in L2
     # when the gradient sweep reads it again. Each program sums its rows' terms in registers.
     pid = tl.program_id(0)
+    # Without per-token weights every unmasked token weighs row_scale / normaliser.
+    base_weight = 0.0
+    if not HAS_WEIGHT:
+        base_weight = row_scale / tl.load(normaliser_ptr).to(tl.float32)
     s_loss = 0.0
     s_n = 0.0
     s_low = 0.0
@@ -582,11 +587,20 @@ def _policy_loss_from_logits_kernel(
     for k in range(0, rows_per_program):
         row = pid.to(tl.int64) + k * tl.num_programs(0)
         if row < n_rows:
+            if HAS_WEIGHT:
+                weight = tl.load(weight_ptr + row)
+            elif HAS_MASK:
+                weight = tl.where(tl.load(mask_ptr + row) != 0, base_weight, 0.0)
+            else:
+                weight = base_weight
+            seq = row // seq_len if not (ADV_PER_TOKEN and IW_PER_TOKEN) else row
+            adv_at = row if ADV_PER_TOKEN else seq
+            iw_at = row if IW_PER_TOKEN else seq
             t_loss, t_n, t_low, t_high, t_dual, t_akl, t_ratio, t_kl, t_ent = _policy_loss_from_logits_row(
                 row, logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer,
-                grad_stride_inner, targets_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr,
-                n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi, is_lo,
-                LOSS, KL, IS, CISPO_TWO_SIDED, COMPUTE_GRAD, WITH_ENTROPY, BLOCK_V)
+                grad_stride_inner, targets_ptr, old_ptr, adv_ptr + adv_at, weight, ref_ptr, iw_ptr + iw_at, logp_ptr,
+                entropy_ptr, n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi,
+                is_lo, LOSS, KL, IS, CISPO_TWO_SIDED, COMPUTE_GRAD, WITH_ENTROPY, BLOCK_V)
             s_loss += t_loss
             s_n += t_n
             s_low += t_low
@@ -626,13 +640,14 @@ def _policy_loss_from_logits_kernel(
 @triton.jit
 def _policy_loss_from_logits_row(
     row, logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer, grad_stride_inner,
-    targets_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr, n_vocab, inv_t,
+    targets_ptr, old_ptr, adv_at_ptr, weight, ref_ptr, iw_at_ptr, logp_ptr, entropy_ptr, n_vocab, inv_t,
     lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi, is_lo,
     LOSS: tl.constexpr, KL: tl.constexpr, IS: tl.constexpr, CISPO_TWO_SIDED: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """One token row: log-prob, entropy, loss gradient into the logits' gradient; returns the
-    row's terms (weighted loss, then unmasked-token indicators of count, low, high, dual and the
+    """One token row (``adv_at_ptr`` / ``iw_at_ptr`` already at its advantage and IS weight,
+    ``weight`` its aggregation weight): log-prob, entropy, loss gradient into the logits'
+    gradient; returns the row's terms (weighted loss, then unmasked-token indicators of count, low, high, dual and the
     approx-KL, ratio, KL and entropy values, 0 for masked tokens)."""
     row_ptr = logits_ptr + _row_offset(row, stride_outer, stride_inner, inner_size)
     lse, entropy = _online_softmax_row(row_ptr, n_vocab, inv_t, WITH_ENTROPY, BLOCK_V)
@@ -645,16 +660,15 @@ def _policy_loss_from_logits_row(
 
     # weight = mask · aggregation weight / normaliser: 0 exactly for masked tokens, whose other
     # inputs may be padding (±inf) and must not leak NaN into sums or gradients.
-    weight = tl.load(weight_ptr + row)
     m = weight != 0.0
     old = tl.load(old_ptr + row).to(tl.float32)
-    adv = tl.load(adv_ptr + row).to(tl.float32)
+    adv = tl.load(adv_at_ptr).to(tl.float32)
     log_ratio = lp - old
     ratio = tl.exp(log_ratio)
     value, d_logp, low, high, dual = _token_local_loss(lp, ratio, adv, lo, hi, delta, dual_c, tau_pos, tau_neg,
                                                        LOSS, CISPO_TWO_SIDED)
     if IS != _IS_NONE:
-        iw = _importance_weight(tl.load(iw_ptr + row).to(tl.float32), is_hi, is_lo, IS)
+        iw = _importance_weight(tl.load(iw_at_ptr).to(tl.float32), is_hi, is_lo, IS)
         value = value * iw
         d_logp = d_logp * iw
     kl = 0.0
@@ -761,9 +775,14 @@ def policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_s
 
 def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, grad, grad_stride_outer,
                                 grad_stride_inner, rows: int, n_vocab: int, targets, old_logp, advantages, weight,
-                                ref_logp, is_weights, codes, scalars, with_entropy: bool, finalize: bool = True):
-    """Token rows of logits; per-token fp32 inputs read flat by row (weight = mask · aggregation
-    weight / normaliser); ``codes`` / ``scalars`` as in :func:`policy_loss_fwd` → (logp [rows],
+                                ref_logp, is_weights, codes, scalars, with_entropy: bool, finalize: bool = True, *,
+                                mask=None, normaliser=None, row_scale: float = 1.0):
+    """Token rows of logits; per-token inputs read flat by row, in any float dtype; advantages and
+    IS weights per token or, with ``codes.adv_per_token`` / ``iw_per_token`` off, per sequence of
+    ``codes.seq_len`` rows. The aggregation weight of a row: ``weight`` [rows] fp32 if given (mask ·
+    aggregation weight / normaliser), else row_scale / ``normaliser`` (0-d) for the rows that
+    ``mask`` (uint8, optional) keeps. ``codes`` / ``scalars`` as in :func:`policy_loss_fwd` →
+    (logp [rows],
     entropy [rows] (0 unless ``with_entropy``), loss 0-d, stats [8] = the 6 metrics and the mean
     entropy over the unmasked tokens, then their count); with ``codes.compute_grad`` the logits'
     gradient for an incoming gradient of 1 goes to ``grad`` (which may be ``logits``). Without
@@ -788,16 +807,21 @@ def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, 
     _policy_loss_from_logits_kernel[(programs,)](
         logits_ptr=logits, stride_outer=stride_outer, stride_inner=stride_inner, inner_size=inner_size,
         grad_ptr=grad, grad_stride_outer=grad_stride_outer, grad_stride_inner=grad_stride_inner,
-        targets_ptr=targets, old_ptr=old_logp, adv_ptr=advantages, weight_ptr=weight,
+        targets_ptr=targets, old_ptr=old_logp, adv_ptr=advantages,
+        weight_ptr=weight if weight is not None else old_logp, mask_ptr=mask if mask is not None else old_logp,
+        normaliser_ptr=normaliser if normaliser is not None else old_logp,
         ref_ptr=ref_logp if ref_logp is not None else old_logp,
         iw_ptr=is_weights if is_weights is not None else old_logp,
         logp_ptr=logp, entropy_ptr=entropy, partial_ptr=partial, loss_ptr=loss, stats_ptr=stats,
         n_vocab=n_vocab, inv_t=1.0 / scalars.temperature,
         lo=scalars.lo, hi=scalars.hi, delta=scalars.delta, dual_c=scalars.dual_clip, tau_pos=scalars.tau_pos,
         tau_neg=scalars.tau_neg, kl_coef=scalars.kl_coef, entropy_coef=scalars.entropy_coef, is_hi=scalars.is_hi,
-        is_lo=scalars.is_lo, n_rows=rows, rows_per_program=triton.cdiv(rows, programs),
+        is_lo=scalars.is_lo, row_scale=row_scale, seq_len=max(codes.seq_len, 1), n_rows=rows,
+        rows_per_program=triton.cdiv(rows, programs),
         LOSS=codes.loss, KL=codes.kl, IS=codes.is_mode, CISPO_TWO_SIDED=bool(codes.cispo_two_sided),
-        COMPUTE_GRAD=bool(codes.compute_grad), WITH_ENTROPY=with_entropy, FINALIZE=finalize, BLOCK_V=block,
+        COMPUTE_GRAD=bool(codes.compute_grad), WITH_ENTROPY=with_entropy, FINALIZE=finalize,
+        HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None, ADV_PER_TOKEN=bool(codes.adv_per_token),
+        IW_PER_TOKEN=bool(codes.iw_per_token) or is_weights is None, BLOCK_V=block,
         num_warps=FUSED_NUM_WARPS if block >= 8192 else _num_warps(block),
     )
     if finalize:
