@@ -26,6 +26,7 @@ from ..reference.contrastive import (
 BANK_INFO_NCE_BACKENDS = register_op("bank_info_nce", ("reference", "triton"))
 BANK_TOPK_BACKENDS = register_op("bank_topk", ("reference", "triton"))
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
 INPUT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
@@ -63,11 +64,9 @@ def _check_temperature(temperature, device: torch.device) -> Tensor | float:
             raise ValueError(f"temperature: expected a float or a 0-d floating tensor, got {temperature.dtype} of shape "
                              f"{tuple(temperature.shape)}")
         check_tensor("temperature", temperature, device=device)
-        if not torch.compiler.is_compiling():
-            value = float(temperature.detach())
-            if not (value > 0 and value != float("inf")):
-                raise ValueError(f"temperature: must be finite and > 0, got {value}")
-        return temperature
+        # Not read on the host (a learnable τ would cost a synchronisation every step): a value
+        # that is not positive and finite makes the loss NaN.
+        return torch.where((temperature > 0) & torch.isfinite(temperature), temperature, float("nan"))
     return check_finite_float("temperature", temperature, minimum=0.0, exclusive=True)
 
 
@@ -97,17 +96,29 @@ def _upcast_half(x: Optional[Tensor]) -> Optional[Tensor]:
 def _bank_info_nce_fwd_op(query: Tensor, positive: Tensor, bank: Tensor, temperature: Tensor,
                           extra_negatives: Optional[Tensor], query_ids: Optional[Tensor], bank_ids: Optional[Tensor],
                           valid_mask: Optional[Tensor], valid_count: int, false_negatives: Optional[str],
-                          normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+                          normalize: bool, reduction: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss: [N] per query, or their fixed-order sum (``reduction`` 1) or mean (2), 0-d;
+    lse_all [N], lse_pos [N]). Reduced inside the op: no autograd nodes for the reduction."""
     from ..triton.contrastive import bank_info_nce_fwd
 
-    return bank_info_nce_fwd(query, positive, bank, temperature, extra_negatives, query_ids, bank_ids, valid_mask,
-                             valid_count, false_negatives, normalize, triton_interpret())
+    losses, lse_all, lse_pos = bank_info_nce_fwd(query, positive, bank, temperature, extra_negatives, query_ids,
+                                                 bank_ids, valid_mask, valid_count, false_negatives, normalize,
+                                                 triton_interpret())
+    if reduction:
+        losses = losses.sum() * _reduction_scale(reduction, query.shape[0])
+    return losses, lse_all, lse_pos
+
+
+def _reduction_scale(reduction: int, n: int) -> float:
+    return 1.0 / max(n, 1) if reduction == REDUCTION_CODES["mean"] else 1.0
 
 
 @_bank_info_nce_fwd_op.register_fake
-def _(query, positive, bank, temperature, *rest):
+def _(query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, valid_count, fn, normalize,
+      reduction):
     out = query.new_empty(query.shape[0], dtype=torch.float32)
-    return out, out.clone(), out.clone()
+    loss = query.new_empty((), dtype=torch.float32) if reduction else out.clone()
+    return loss, out, out.clone()
 
 
 @kernel_op("negkernels::bank_info_nce_bwd", mutates_args=())
@@ -136,10 +147,12 @@ def _(grad_loss, query, positive, bank, temperature, extra_negatives, query_ids,
 
 
 def _bank_info_nce_setup(ctx, inputs, output):
-    query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, valid_count, fn, normalize = inputs
+    (query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, valid_count, fn, normalize,
+     reduction) = inputs
     _, lse_all, lse_pos = output
     ctx.save_for_backward(query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, lse_all, lse_pos)
     ctx.options = (valid_count, fn, normalize)
+    ctx.grad_scale = _reduction_scale(reduction, query.shape[0]) if reduction else None
     ctx.mark_non_differentiable(lse_all, lse_pos)
 
 
@@ -147,13 +160,15 @@ def _bank_info_nce_backward(ctx, grad_loss, grad_lse_all, grad_lse_pos):
     query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, lse_all, lse_pos = ctx.saved_tensors
     valid_count, fn, normalize = ctx.options
     needs = ctx.needs_input_grad
+    if ctx.grad_scale is not None:  # one gradient for every query, read with stride 0 by the kernels
+        grad_loss = (grad_loss * ctx.grad_scale).reshape(1)
     dq, dpos, dbank, dextra, r = _bank_info_nce_bwd_op(
         grad_loss, query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, valid_count, fn,
         normalize, lse_all, lse_pos, bool(needs[2]), bool(needs[4]) and extra is not None)
     # l = (q·k)/τ, so d loss/dτ = −Σ_ij G_ij·l_ij / τ (a fixed-order sum: deterministic).
     dtemperature = -r.sum() / temperature if needs[3] else None
     return (dq, dpos, dbank if needs[2] else None, dtemperature, dextra if needs[4] else None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 _bank_info_nce_fwd_op.register_autograd(_bank_info_nce_backward, setup_context=_bank_info_nce_setup)
@@ -182,7 +197,8 @@ def bank_info_nce(
     Args:
         query, positive: [N, D] fp16 / bf16 / fp32 (fp64 on the reference backend), same dtype.
         bank: [K, D], the query's dtype and device; it gets a gradient only when it requires one.
-        temperature: τ > 0, a float or a learnable 0-d tensor (it then gets a gradient).
+        temperature: τ > 0, a float or a learnable 0-d tensor (it then gets a gradient; a tensor is
+            not read on the host, so one that is not positive and finite makes the loss NaN).
         normalize: L2-normalise query, positive, bank and extras inside the op (gradients flow
             through the normalisation; ε = 1e-12 as in ``F.normalize``).
         query_ids [N], bank_ids [K]: integer ids (e.g. instance or class); a slot whose id equals
@@ -242,12 +258,9 @@ def bank_info_nce(
         temperature_t = temperature.float()
     else:
         temperature_t = torch.full((), temperature, dtype=torch.float32, device=query.device)
-    losses, _, _ = _bank_info_nce_fwd_op(query, positive, bank, temperature_t, extra_negatives, query_ids, bank_ids,
-                                         valid_mask, valid_count, fn_mode, normalize)
-    if reduction == "none":
-        return losses
-    total = losses.sum()
-    return total if reduction == "sum" else total / max(n, 1)
+    loss, _, _ = _bank_info_nce_fwd_op(query, positive, bank, temperature_t, extra_negatives, query_ids, bank_ids,
+                                       valid_mask, valid_count, fn_mode, normalize, REDUCTION_CODES[reduction])
+    return loss
 
 
 # ============================================================================ top-k and MoCHi

@@ -259,7 +259,7 @@ def _grad_dot(grad_f32, keys, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.co
 def _bank_info_nce_bwd_query_kernel(
     q_ptr, pos_ptr, bank_ptr, extra_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr,
     grad_loss_ptr, lse_all_ptr, lse_pos_ptr, acc_ptr, r_partial_ptr, dpos_ptr, dextra_ptr,
-    n_queries, n_slots, dim, n_extra, valid_count, split_slots,
+    n_queries, n_slots, dim, n_extra, valid_count, split_slots, grad_stride,
     stride_qn, stride_qd, stride_pn, stride_pd, stride_bk, stride_bd, stride_en, stride_em, stride_ed,
     FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, EXTRA_GRAD: tl.constexpr,
     NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr,
@@ -277,7 +277,8 @@ def _bank_info_nce_bwd_query_kernel(
         q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
         NORMALIZE, DOT_FP32)
     qid = _query_ids(query_ids_ptr, rows, row_ok, FN_MODE)
-    g = tl.load(grad_loss_ptr + rows, mask=row_ok, other=0.0)
+    # grad_stride 0: one incoming gradient shared by every query (a reduced loss).
+    g = tl.load(grad_loss_ptr + rows * grad_stride, mask=row_ok, other=0.0)
     lse_all = tl.load(lse_all_ptr + rows, mask=row_ok, other=0.0)
     lse_pos = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
 
@@ -354,7 +355,7 @@ def _bank_info_nce_dq_kernel(
 def _bank_info_nce_bwd_bank_kernel(
     q_ptr, bank_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr,
     grad_loss_ptr, lse_all_ptr, lse_pos_ptr, dbank_ptr,
-    n_queries, n_slots, dim, valid_count,
+    n_queries, n_slots, dim, valid_count, grad_stride,
     stride_qn, stride_qd, stride_bk, stride_bd,
     FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.constexpr,
@@ -386,7 +387,7 @@ def _bank_info_nce_bwd_bank_kernel(
             logits = tl.dot(q, tl.trans(b), input_precision=PRECISION) * row_scale[:, None] * inv_b[None, :]
             qid = _query_ids(query_ids_ptr, rows, row_ok, FN_MODE)
             usable, in_pos = _tile_sets(qid, bank_ids_ptr, cols, filled, FN_MODE)
-            g = tl.load(grad_loss_ptr + rows, mask=row_ok, other=0.0)
+            g = tl.load(grad_loss_ptr + rows * grad_stride, mask=row_ok, other=0.0)
             lse_all = tl.load(lse_all_ptr + rows, mask=row_ok, other=0.0)
             lse_pos = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
             grad = _logit_grads(logits, usable, in_pos, g, lse_all, lse_pos, FN_MODE)
@@ -639,7 +640,9 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
     placeholder = r
     ids = (query_ids if query_ids is not None else placeholder, bank_ids if bank_ids is not None else placeholder)
     vmask = valid_mask if valid_mask is not None else placeholder
+    # [N] per-query gradients, or one [1] gradient every query shares (stride 0).
     grad_loss = grad_loss.contiguous().float()
+    grad_stride = 1 if grad_loss.numel() == n and n != 1 else 0
     common = dict(FN_MODE=FALSE_NEGATIVE_CODES[fn_mode], HAS_VALID_MASK=valid_mask is not None, NORMALIZE=normalize,
                   BLOCK_D=block_d, **_dot_settings(query.dtype, interpret))
     num_warps = 8 if block_d >= 128 else 4
@@ -653,7 +656,7 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
         _bank_info_nce_bwd_query_kernel[(row_blocks, splits)](
             query, positive, bank, extra if has_extra else query, *ids, vmask, temperature,
             grad_loss, lse_all, lse_pos, acc, r_partial, dpos, dextra if extra_grad else dpos,
-            n, num_slots, d, extra.shape[1] if has_extra else 0, valid_count, split_slots,
+            n, num_slots, d, extra.shape[1] if has_extra else 0, valid_count, split_slots, grad_stride,
             *_strides(query), *_strides(positive), *_strides(bank), *(extra.stride() if has_extra else (0, 0, 0)),
             HAS_EXTRA=has_extra, EXTRA_GRAD=extra_grad and has_extra, BLOCK_N=block_n, BLOCK_K=tile,
             num_warps=num_warps, **common,
@@ -666,7 +669,7 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
         block_k = _row_block(num_slots, tile)
         _bank_info_nce_bwd_bank_kernel[(triton.cdiv(num_slots, block_k),)](
             query, bank, *ids, vmask, temperature, grad_loss, lse_all, lse_pos, dbank,
-            n, num_slots, d, valid_count, *_strides(query), *_strides(bank),
+            n, num_slots, d, valid_count, grad_stride, *_strides(query), *_strides(bank),
             BLOCK_N=tile, BLOCK_K=block_k, num_warps=num_warps, **common,
         )
     return dq, dpos, dbank, dextra, r
