@@ -213,10 +213,11 @@ def _cases() -> list[StaticCase]:
     def from_logits(i):
         x, so, si, inner = _row_view(i["logits"])
         rows = i["b"] * i["t"]
-        flat = torch.empty(rows, device="meta")
-        codes, scalars = codes_for(i, rows)
+        codes, scalars = codes_for(i, rows, adv_per_token=False)  # as policy_loss_from_logits calls it
         tl_.policy_loss_from_logits_fwd(x, so, si, inner, torch.empty_like(x), so, si, rows, i["v"],
-                                        i["targets"].reshape(-1), flat, flat, flat, None, None, codes, scalars, False)
+                                        i["targets"].reshape(-1), i["old_logp"], i["advantages"], None, None, None,
+                                        codes, scalars, False, mask=i["mask"].view(torch.uint8),
+                                        normaliser=torch.empty((), device="meta"))
 
     def policy(i):
         codes, scalars = codes_for(i, i["b"] * i["t"], adv_per_token=False)

@@ -4,7 +4,7 @@ Every Triton launch is replaced by a no-op (``JITFunction.__getitem__`` and the 
 ``InterpretedFunction.__getitem__`` return a callable that does nothing), so what is timed is
 the Python around the kernels: validation, option plumbing, torch's custom-op dispatch,
 autograd, output allocation and any host reads. One call on tiny CPU tensors, one thread,
-median of ``reps`` calls in thread CPU time, reported as a multiple of ``F.cross_entropy`` forward + backward on a
+median of single calls in thread CPU time, reported as a multiple of ``F.cross_entropy`` forward + backward on a
 [16, 64] tensor timed in the same run (the cheapest loss a user would call). A GPU does not
 change these figures much: a launch costs the host a few µs more, the rest is the same code.
 
@@ -64,30 +64,28 @@ def stubbed_launches():
             os.environ["TRITON_INTERPRET"] = previous
 
 
-def _median_us(fn, reps: int, rounds: int = 5) -> float:
-    """The smallest of ``rounds`` medians of ``reps // rounds`` calls each, in this thread's CPU
-    time, garbage collection paused while timing: a shared machine's other processes and a
-    collection mid-sample would otherwise decide the figure."""
-    for _ in range(10):
-        fn()
-    per_round = max(reps // rounds, 5)
-    medians = []
+def _sample_us(fn, calls: int) -> float:
+    """The median of ``calls`` single calls, in this thread's CPU time, garbage collection paused."""
     enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
     try:
-        for _ in range(rounds):
-            gc.collect()
-            gc.disable()
-            samples = []
-            for _ in range(per_round):
-                t0 = time.thread_time()
-                fn()
-                samples.append(time.thread_time() - t0)
-            gc.enable()
-            medians.append(statistics.median(samples))
+        samples = []
+        for _ in range(calls):
+            t0 = time.thread_time()
+            fn()
+            samples.append(time.thread_time() - t0)
     finally:
         if enabled:
             gc.enable()
-    return min(medians) * 1e6
+    return statistics.median(samples) * 1e6
+
+
+def _median_us(fn, reps: int, rounds: int = 5) -> float:
+    """The smallest of ``rounds`` medians of ``reps // rounds`` calls each."""
+    for _ in range(10):
+        fn()
+    return min(_sample_us(fn, max(reps // rounds, 5)) for _ in range(rounds))
 
 
 def _cross_entropy_baseline():
@@ -179,24 +177,36 @@ def _cases() -> list[HostCase]:
     ]
 
 
-def measure(reps: int = 300) -> dict:
-    """{"baseline_us": ..., "rows": [{"op", "us", "ratio", "target"}]} with every launch stubbed."""
+def measure(reps: int = 300, rounds: int = 10) -> dict:
+    """{"baseline_us": ..., "rows": [{"op", "us", "ratio", "target"}]} with every launch stubbed.
+
+    Interleaved: each round times the baseline and then every op, ``reps // rounds`` calls each,
+    and an op's ratio is the median over rounds of its time over that round's baseline, so a slow
+    spell of a shared machine scales both sides of a ratio alike."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with stubbed_launches():
-            rows = []
-            for case in _cases():
-                call = case.build()
-                rows.append(dict(op=case.name, us=_median_us(call, reps), target=case.target))
-            # The baseline is timed after the ops and again before, and the smaller median kept,
-            # so a warming cache does not flatter either side.
-            baseline = min(_median_us(_cross_entropy_baseline(), reps) for _ in range(2))
+            cases = _cases()
+            calls = [case.build() for case in cases]
+            baseline = _cross_entropy_baseline()
+            for fn in [baseline, *calls]:
+                for _ in range(10):
+                    fn()
+            per_round = max(reps // rounds, 5)
+            base_us, op_us = [], [[] for _ in cases]
+            for _ in range(rounds):
+                base_us.append(_sample_us(baseline, per_round))
+                for times, fn in zip(op_us, calls):
+                    times.append(_sample_us(fn, per_round))
     finally:
         torch.set_num_threads(threads)
-    for row in rows:
-        row["ratio"] = row["us"] / baseline
-    return dict(baseline_us=baseline, rows=rows)
+    rows = []
+    for case, times in zip(cases, op_us):
+        ratios = [t / b for t, b in zip(times, base_us)]
+        rows.append(dict(op=case.name, us=statistics.median(times), ratio=statistics.median(ratios),
+                         target=case.target))
+    return dict(baseline_us=statistics.median(base_us), rows=rows)
 
 
 def print_table(result: dict) -> None:
