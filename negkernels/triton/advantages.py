@@ -199,17 +199,20 @@ def _group_advantages_segmented_kernel(
         tl.store(work_ptr + o, tl.zeros_like(o).to(tl.int64), mask=o < 4 * slots)
     _grid_barrier(arrive_ptr, generation_ptr, nprog)
 
-    # phase 1: counts and largest |r| per group (and for the batch)
+    # phase 1: counts and largest |r| per group (and for the batch). Every accumulation is a
+    # relaxed atomic: integer adds and maxes commute, and the grid barrier after each phase (a
+    # block barrier, then an acq_rel arrival) orders them before any program reads the sums,
+    # which it does through L2 (.cg). acq_rel here would put a fence behind every element.
     for start in range(pid * BLOCK, n_rewards, nprog * BLOCK):
         offs = start + lanes
         ids, valid, mask, r = _load_group(rewards_ptr, group_index_ptr, offs, n_rewards, num_groups, group_size, UNIFORM)
         bits = _abs_bits(r)
-        tl.atomic_add(work_ptr + ids, tl.full(ids.shape, 1, tl.int64), mask=valid)
-        tl.atomic_max(work_ptr + slots + ids, bits, mask=valid)
+        tl.atomic_add(work_ptr + ids, tl.full(ids.shape, 1, tl.int64), mask=valid, sem="relaxed")
+        tl.atomic_max(work_ptr + slots + ids, bits, mask=valid, sem="relaxed")
         if NEED_BATCH:
             # Rewards whose id is out of range (unvalidated input) get NaN and join no statistic.
-            tl.atomic_add(work_ptr + batch, tl.sum(valid.to(tl.int64), axis=0))
-            tl.atomic_max(work_ptr + slots + batch, tl.max(tl.where(valid, bits, 0), axis=0))
+            tl.atomic_add(work_ptr + batch, tl.sum(valid.to(tl.int64), axis=0), sem="relaxed")
+            tl.atomic_max(work_ptr + slots + batch, tl.max(tl.where(valid, bits, 0), axis=0), sem="relaxed")
     _grid_barrier(arrive_ptr, generation_ptr, nprog)
 
     # phase 2: fixed-point sums; r·2**(62-headroom-E) is exact and < 2**(62-headroom)
@@ -219,11 +222,11 @@ def _group_advantages_segmented_kernel(
         r64 = r.to(tl.float64)
         e = _exponent_bound(tl.load(work_ptr + slots + ids, mask=valid, other=0, cache_modifier=".cg"))
         q = tl.where(valid & (r == r) & (tl.abs(r) < float("inf")), r64 * _pow2((62 - headroom) - e), 0.0).to(tl.int64)
-        tl.atomic_add(work_ptr + 2 * slots + ids, q, mask=valid)
+        tl.atomic_add(work_ptr + 2 * slots + ids, q, mask=valid, sem="relaxed")
         if NEED_BATCH:
             eb = _exponent_bound(tl.load(work_ptr + slots + batch, cache_modifier=".cg"))
             qb = tl.where(valid & (r == r) & (tl.abs(r) < float("inf")), r64 * _pow2((62 - headroom) - eb), 0.0).to(tl.int64)
-            tl.atomic_add(work_ptr + 2 * slots + batch, tl.sum(qb, axis=0))
+            tl.atomic_add(work_ptr + 2 * slots + batch, tl.sum(qb, axis=0), sem="relaxed")
     _grid_barrier(arrive_ptr, generation_ptr, nprog)
 
     # phase 3: squared deviations from the group (and batch) mean; numerators' sum for whitening
@@ -232,18 +235,18 @@ def _group_advantages_segmented_kernel(
         ids, valid, mask, r = _load_group(rewards_ptr, group_index_ptr, offs, n_rewards, num_groups, group_size, UNIFORM)
         r64 = r.to(tl.float64)
         n, mean, e = _group_mean(work_ptr, slots, ids, valid, headroom)
-        tl.atomic_add(work_ptr + 3 * slots + ids, _square_quanta(r64 - mean, e, headroom, valid), mask=valid)
+        tl.atomic_add(work_ptr + 3 * slots + ids, _square_quanta(r64 - mean, e, headroom, valid), mask=valid, sem="relaxed")
         if NEED_BATCH:
             bids = tl.zeros_like(ids) + batch
             _, bmean, be = _group_mean(work_ptr, slots, bids, valid, headroom)
             if SCALE == 1:
-                tl.atomic_add(work_ptr + 3 * slots + batch, tl.sum(_square_quanta(r64 - bmean, be, headroom, valid), axis=0))
+                tl.atomic_add(work_ptr + 3 * slots + batch, tl.sum(_square_quanta(r64 - bmean, be, headroom, valid), axis=0), sem="relaxed")
             else:
                 # |numerator| < 4·max(|r|max, |vmax|) = 2**ea
                 ea = tl.maximum(be, vmax_exponent) + 2
                 a = _numerator(r64, n, mean, vmax, kvirt, ESTIMATOR)
                 qa = tl.where(valid & (a == a), a * _pow2((62 - headroom) - ea), 0.0).to(tl.int64)
-                tl.atomic_add(work_ptr + 2 * slots + whiten, tl.sum(qa, axis=0))
+                tl.atomic_add(work_ptr + 2 * slots + whiten, tl.sum(qa, axis=0), sem="relaxed")
     _grid_barrier(arrive_ptr, generation_ptr, nprog)
 
     if NEED_BATCH and SCALE == 3:
@@ -257,7 +260,7 @@ def _group_advantages_segmented_kernel(
             bbits = tl.load(work_ptr + slots + batch, cache_modifier=".cg")
             ea = tl.maximum(_exponent_bound(bbits), vmax_exponent) + 2
             wmean = tl.load(work_ptr + 2 * slots + whiten, cache_modifier=".cg").to(tl.float64) * _pow2(ea - (62 - headroom)) / tl.maximum(nb, 1.0)
-            tl.atomic_add(work_ptr + 3 * slots + whiten, tl.sum(_square_quanta(a - wmean, ea, headroom, valid), axis=0))
+            tl.atomic_add(work_ptr + 3 * slots + whiten, tl.sum(_square_quanta(a - wmean, ea, headroom, valid), axis=0), sem="relaxed")
         _grid_barrier(arrive_ptr, generation_ptr, nprog)
 
     # phase 5: advantages
