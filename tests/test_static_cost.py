@@ -89,3 +89,19 @@ def test_the_short_gpu_check_returns_at_most_eight_files():
     files = {f"{name}.log" for name in logs} | {"build-ext.log", "summary.txt", "bench.json", "bench.png"}
     assert len(files) <= 8, sorted(files)
     assert "$out/ext-cache" not in script and "NEGKERNELS_CACHE_DIR" in script
+
+
+def test_bank_split_waves_match_the_kernels_occupancy(report):
+    # The splits fill one wave of the programs an SM holds at the bench tiles: if a kernel's
+    # occupancy drops below what its launcher assumes, a second, nearly empty wave appears.
+    from negkernels.triton import contrastive as tc
+
+    rows, _ = report
+    assumed = {"_bank_info_nce_fwd_kernel": tc.FWD_PROGRAMS_PER_SM,
+               "_bank_info_nce_bwd_query_kernel": tc.BWD_QUERY_PROGRAMS_PER_SM,
+               "_bank_topk_kernel": tc.TOPK_PROGRAMS_PER_SM}
+    for case in ("contrastive/nce", "contrastive/topk64"):
+        for k in rows[case]["kernels"]:
+            if k["kernel"] in assumed:
+                assert k["blocks_per_sm"] >= assumed[k["kernel"]], (case, k["kernel"], k["blocks_per_sm"])
+                assert k["grid"][0] * k["grid"][1] <= 132 * assumed[k["kernel"]], (case, k["kernel"], k["grid"])

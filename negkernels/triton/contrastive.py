@@ -562,20 +562,25 @@ def _slot_end(num_slots: int, valid_mask, valid_count: int) -> int:
 # Bank tiles per split at least: a split below this costs more in partials than it saves.
 MIN_TILES_PER_SPLIT = 4
 SLOT_TILE = 64
+# Programs of each kernel resident on one SM at its bench tiles (registers and shared memory, as
+# benchmarks/static_cost.py reports them; tests/test_static_cost.py holds these to it).
+FWD_PROGRAMS_PER_SM = 2
+BWD_QUERY_PROGRAMS_PER_SM = 1
+TOPK_PROGRAMS_PER_SM = 3
 
 
 def _bank_splits(row_blocks: int, slot_end: int, device: torch.device, interpret: bool,
-                 tile: int = SLOT_TILE) -> tuple[int, int]:
+                 tile: int = SLOT_TILE, per_sm: int = 2) -> tuple[int, int]:
     """(splits, slots per split): the bank is cut into contiguous ranges of whole ``tile``-slot
     tiles so that row blocks × splits programs fill the GPU (N = 4096 queries make only 32 row
-    blocks of 128)."""
+    blocks of 128) in one wave of ``per_sm`` resident programs per SM: rounded down, since one
+    program past a wave costs a whole second wave."""
     tiles = max(1, triton.cdiv(slot_end, tile))
     sms = None if interpret else _backend.sm_count(device)
     if sms is None:
         splits = min(3, tiles)  # exercise the split and merge path on small shapes
     else:
-        programs = 2 * sms
-        splits = max(1, min(triton.cdiv(programs, row_blocks), tiles // MIN_TILES_PER_SPLIT))
+        splits = max(1, min((per_sm * sms) // row_blocks, tiles // MIN_TILES_PER_SPLIT))
     per_split = triton.cdiv(tiles, splits)
     return triton.cdiv(tiles, per_split), per_split * tile
 
@@ -601,7 +606,7 @@ def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank
     block_n = _row_block(n, tiles["fwd_rows"])
     row_blocks = triton.cdiv(n, block_n)
     splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), dev, interpret,
-                                       slot_tile)
+                                       slot_tile, FWD_PROGRAMS_PER_SM)
     partial = torch.empty((4, splits, n), dtype=torch.float32, device=dev)  # max and sum, over A and over P
     m = extra.shape[1] if extra is not None else 0
     placeholder = lse_all
@@ -650,7 +655,7 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
         block_n = _row_block(n, tile)
         row_blocks = triton.cdiv(n, block_n)
         splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), dev, interpret,
-                                           tile)
+                                           tile, BWD_QUERY_PROGRAMS_PER_SM)
         acc = torch.empty((splits, n, d), dtype=torch.float32, device=dev)
         r_partial = torch.empty((splits, n), dtype=torch.float32, device=dev)
         _bank_info_nce_bwd_query_kernel[(row_blocks, splits)](
@@ -689,7 +694,7 @@ def bank_topk(query, bank, k: int, valid_mask, valid_count: int, normalize: bool
     block_n = _row_block(n, tiles["rows"])
     row_blocks = triton.cdiv(n, block_n)
     splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), query.device,
-                                       interpret, tile=block_k)
+                                       interpret, tile=block_k, per_sm=TOPK_PROGRAMS_PER_SM)
     partial = torch.empty((splits, n, block_k), dtype=torch.int64, device=query.device)
     _bank_topk_kernel[(row_blocks, splits)](
         query, bank, valid_mask if valid_mask is not None else values, partial,
