@@ -188,8 +188,8 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
     import torch
     from negkernels.triton import contrastive as ck
 
-    INTS = {"n_queries", "n_slots", "dim", "n_extra", "k", "valid_count", "split_slots", "n_splits", "stride_qn",
-            "stride_qd", "stride_pn", "stride_pd", "stride_bk", "stride_bd", "stride_en", "stride_em", "stride_ed"}
+    INTS = {"n_queries", "n_slots", "dim", "n_extra", "k", "valid_count", "split_slots", "n_splits", "grad_stride",
+            "stride_qn", "stride_qd", "stride_pn", "stride_pd", "stride_bk", "stride_bd", "stride_en", "stride_em", "stride_ed"}
     FP32 = ("loss_ptr", "lse_all_ptr", "lse_pos_ptr", "temperature_ptr", "grad_loss_ptr", "r_ptr", "values_ptr",
             "partial_ptr", "acc_ptr", "r_partial_ptr")
 
