@@ -168,17 +168,13 @@ def resources(compiled, num_warps: int) -> dict:
 
 
 @dataclass
-class Kernel:
-    name: str
-    trips: Callable[[Launch], list]  # per program, each innermost loop in address order (None: once)
-
-
-@dataclass
 class StaticCase:
     case_id: str
     target_ms: float
     run: Callable[[dict], None]  # calls the launchers on the meta inputs
-    kernels: dict  # kernel name → Kernel
+    # kernel name → its innermost loops' trip counts per program, in address order, from the
+    # recorded launch; a kernel not named here runs its loops once
+    trips: dict[str, Callable[[Launch], list]]
 
 
 def _cdiv(a, b):
@@ -260,8 +256,7 @@ def _cases() -> list[StaticCase]:
         return [_cdiv(n, programs * launch.args["BLOCK"])] * 8
 
     def slot_trips(launch):  # bank slots of one split, in slot tiles
-        tile = launch.args.get("BLOCK_K") or launch.args.get("BLOCK_N")
-        return [_cdiv(launch.args.get("split_slots", launch.args.get("num_slots", 0)), tile)] * 4
+        return [_cdiv(launch.args["split_slots"], launch.args["BLOCK_K"])] * 4
 
     def select_trips(launch):
         return [_cdiv(launch.args["seq"], launch.args["BLOCK"])] * 16
@@ -269,34 +264,25 @@ def _cases() -> list[StaticCase]:
     def mass_trips(launch):
         return [_cdiv(launch.args["seq"], launch.args["BLOCK_I"]) // 2 + 1] * 2
 
-    once = lambda launch: []  # noqa: E731
+    def policy_trips(launch):
+        return [_cdiv(launch.args["max_len"], launch.args["BLOCK"])]
+
+    nce_trips = {"_bank_info_nce_fwd_kernel": slot_trips, "_bank_info_nce_bwd_query_kernel": slot_trips}
     return [
-        StaticCase("advantages/uniform-g64", 0.010, advantages,
-                   {"_group_advantages_uniform_kernel": Kernel("uniform", once)}),
-        StaticCase("advantages/ragged", 0.010, advantages,
-                   {"_group_advantages_segmented_kernel": Kernel("segmented", segmented_trips)}),
-        StaticCase("logprobs/fwd", 0.90, logprobs(False), {"_token_logprobs_fwd_kernel": Kernel("fwd", vocab_trips)}),
-        StaticCase("logprobs/fwd-entropy", 0.95, logprobs(True),
-                   {"_token_logprobs_fwd_kernel": Kernel("fwd", vocab_trips)}),
-        StaticCase("grpo-from-logits/fwd+bwd", 1.8, from_logits,
-                   {"_policy_loss_from_logits_kernel": Kernel("fused", fused_trips)}),
-        StaticCase("policy-loss/fwd+bwd", 0.08, policy,
-                   {"_policy_loss_fwd_kernel": Kernel("policy", lambda l: [_cdiv(l.args["max_len"], l.args["BLOCK"])])}),
-        StaticCase("contrastive/nce", 0.5, nce, {}),
-        StaticCase("contrastive/nce-large", 7.0, nce, {}),
-        StaticCase("contrastive/topk64", 0.3, topk, {}),
-        StaticCase("kv/evict", 0.13, evict, {"_select_retained_kernel": Kernel("select", select_trips)}),
-        StaticCase("kv/evict-8rows", 0.03, evict, {"_select_retained_kernel": Kernel("select", select_trips)}),
+        StaticCase("advantages/uniform-g64", 0.010, advantages, {}),
+        StaticCase("advantages/ragged", 0.010, advantages, {"_group_advantages_segmented_kernel": segmented_trips}),
+        StaticCase("logprobs/fwd", 0.90, logprobs(False), {"_token_logprobs_fwd_kernel": vocab_trips}),
+        StaticCase("logprobs/fwd-entropy", 0.95, logprobs(True), {"_token_logprobs_fwd_kernel": vocab_trips}),
+        StaticCase("grpo-from-logits/fwd+bwd", 1.8, from_logits, {"_policy_loss_from_logits_kernel": fused_trips}),
+        StaticCase("policy-loss/fwd+bwd", 0.08, policy, {"_policy_loss_fwd_kernel": policy_trips}),
+        StaticCase("contrastive/nce", 0.5, nce, nce_trips),
+        StaticCase("contrastive/nce-large", 7.0, nce, nce_trips),
+        StaticCase("contrastive/topk64", 0.3, topk, {"_bank_topk_kernel": slot_trips}),
+        StaticCase("kv/evict", 0.13, evict, {"_select_retained_kernel": select_trips}),
+        StaticCase("kv/evict-8rows", 0.03, evict, {"_select_retained_kernel": select_trips}),
         StaticCase("kv/retention-mass", float("nan"), mass,
-                   {"_retention_mass_fwd_kernel": Kernel("mass", mass_trips),
-                    "_retention_mass_bwd_kernel": Kernel("mass", mass_trips)}),
-    ], slot_trips
-
-
-def _launch_trips(launch: Launch, spec: Kernel | None, fallback) -> list:
-    if spec is not None:
-        return spec.trips(launch)
-    return fallback(launch) if any(k in launch.args for k in ("split_slots", "num_slots")) else []
+                   {"_retention_mass_fwd_kernel": mass_trips, "_retention_mass_bwd_kernel": mass_trips}),
+    ]
 
 
 def analyse(case_filter: str | None = None) -> list[dict]:
@@ -304,7 +290,7 @@ def analyse(case_filter: str | None = None) -> list[dict]:
     import cases as bench_cases
 
     by_id = {c.id: c for c in bench_cases.CASES}
-    static_cases, slot_trips = _cases()
+    static_cases = _cases()
     rows, compiled_cache = [], {}
     for sc in static_cases:
         if case_filter and case_filter not in sc.case_id:
@@ -326,7 +312,7 @@ def analyse(case_filter: str | None = None) -> list[dict]:
             res, sass = compiled_cache[key]
             programs = math.prod(launch.grid)
             warps = res["threads"] // 32
-            trips = _launch_trips(launch, sc.kernels.get(launch.kernel.__name__), slot_trips)
+            trips = sc.trips.get(launch.kernel.__name__, lambda launch: [])(launch)
             loops = sass["loops"]
             looped = sum(body * (trips[j] if j < len(trips) and trips[j] is not None else 1)
                          for j, (_, _, body) in enumerate(loops))

@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     b.add_argument("--full", action="store_true", help="full-size cases even on the CPU")
     b.add_argument("--host", action="store_true",
                    help="only the host overhead per call, every kernel launch a no-op (works on a CPU)")
-    b.add_argument("--reps", type=int, default=300, help="calls per op for --host (median of five rounds)")
+    b.add_argument("--reps", type=int, default=300, help="calls per op for --host, spread over ten interleaved rounds")
     sub.add_parser("check", help="every available backend of every op against the float64 reference")
     e = sub.add_parser("build-ext", help="build the CUDA extension (CMake + Ninja + nvcc) into the cache")
     e.add_argument("--arch", help="CUDA architectures, e.g. 90 (default: the visible GPU's)")

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 
-def _plain_eager_call(args) -> bool:
+def plain_eager_call(args) -> bool:
     """True when ``args`` can skip the dispatcher without changing what the call does."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled()
@@ -71,13 +71,18 @@ class KernelOp:
             forward=staticmethod(forward), backward=staticmethod(backward)))
 
     def __call__(self, *args):
-        if not _plain_eager_call(args):
+        if not plain_eager_call(args):
             return self.op(*args)
         if self._function is None or not torch.is_grad_enabled():
             return self.impl(*args)
         if self._has_tensor_lists:
             return self.op(*args)
         return self._function.apply(*args)
+
+
+def no_grads_after(ctx, *grads) -> tuple:
+    """A backward's result: ``grads`` for the op's first inputs, then None for each other input."""
+    return (*grads, *([None] * (len(ctx.needs_input_grad) - len(grads))))
 
 
 def kernel_op(name: str, *, mutates_args) -> Callable[[Callable], KernelOp]:

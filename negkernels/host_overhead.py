@@ -81,13 +81,6 @@ def _sample_us(fn, calls: int) -> float:
     return statistics.median(samples) * 1e6
 
 
-def _median_us(fn, reps: int, rounds: int = 5) -> float:
-    """The smallest of ``rounds`` medians of ``reps // rounds`` calls each."""
-    for _ in range(10):
-        fn()
-    return min(_sample_us(fn, max(reps // rounds, 5)) for _ in range(rounds))
-
-
 def _cross_entropy_baseline():
     logits = torch.randn(16, 64, requires_grad=True)
     target = torch.randint(0, 64, (16,))

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 # Cases whose compiled code must stay at most 70% of the target on paper.

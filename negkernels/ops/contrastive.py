@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._kernel_op import kernel_op
+from .._kernel_op import kernel_op, no_grads_after
 from .._backend import register_op, resolve_backend, triton_interpret
 from .._validation import INDEX_DTYPES, check_choice, check_finite_float, check_int, check_tensor
 from ..reference.contrastive import (
@@ -167,8 +167,7 @@ def _bank_info_nce_backward(ctx, grad_loss, grad_lse_all, grad_lse_pos):
         normalize, lse_all, lse_pos, bool(needs[2]), bool(needs[4]) and extra is not None)
     # l = (q·k)/τ, so d loss/dτ = −Σ_ij G_ij·l_ij / τ (a fixed-order sum: deterministic).
     dtemperature = -r.sum() / temperature if needs[3] else None
-    return (dq, dpos, dbank if needs[2] else None, dtemperature, dextra if needs[4] else None,
-            None, None, None, None, None, None, None)
+    return no_grads_after(ctx, dq, dpos, dbank if needs[2] else None, dtemperature, dextra if needs[4] else None)
 
 
 _bank_info_nce_fwd_op.register_autograd(_bank_info_nce_backward, setup_context=_bank_info_nce_setup)

@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .._kernel_op import _plain_eager_call, kernel_op
+from .._kernel_op import kernel_op, no_grads_after, plain_eager_call
 from .._backend import register_op, resolve_backend
 from .._validation import (
     FLOAT_DTYPES,
@@ -179,7 +179,7 @@ def _token_logprobs_backward(ctx, grad_logp, grad_entropy, grad_lse):
     else:
         grad = _token_logprobs_bwd_op(grad_logp, grad_entropy, logits, targets, lse, entropy, ctx.temperature,
                                       ctx.vocab_start)
-    return grad, None, None, None, None, None, None
+    return no_grads_after(ctx, grad)
 
 
 _token_logprobs_fwd_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup)
@@ -456,10 +456,9 @@ def _normaliser(aggregation, mask, logp, cu_seqlens, num_tokens, num_sequences, 
         return torch.tensor(check_finite_float(name, given, minimum=0.0, exclusive=True), device=device)
     if aggregation == "token-mean":
         if mask is None:
-            return torch.tensor(max(float(logp.numel()), 1.0), device=device) if process_group is None else \
-                _sum_over_ranks(torch.tensor(float(logp.numel()), device=device), process_group).clamp_min(1.0)
-        # A bool mask counts in one op; a 0/1 number mask is compared first.
-        value = (mask if mask.dtype == torch.bool else mask != 0).sum(dtype=torch.float32)
+            value = torch.tensor(float(logp.numel()), device=device)
+        else:  # a bool mask counts in one op; a 0/1 number mask is compared first
+            value = (mask if mask.dtype == torch.bool else mask != 0).sum(dtype=torch.float32)
     else:
         counts = counts if counts is not None else _sequence_counts(mask, logp, cu_seqlens)
         value = (counts > 0).sum(dtype=torch.float32)
@@ -514,11 +513,6 @@ def _(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, normal
             logp.new_empty((logp.numel() if c.compute_grad else 0,), **f32))
 
 
-def _no_grads_after(ctx, *grads) -> tuple:
-    """``grads`` for the first inputs of an op, then None for each of its other inputs."""
-    return (*grads, *([None] * (len(ctx.needs_input_grad) - len(grads))))
-
-
 def _policy_loss_setup(ctx, inputs, output):
     ctx.logp_dtype, ctx.logp_shape = inputs[0].dtype, inputs[0].shape
     ctx.save_for_backward(output[2], output[1])
@@ -530,7 +524,7 @@ def _policy_loss_backward(ctx, grad_loss, *unused):
     grad = grad * (grad_loss * stats[7])  # stats[7] = 1 / normaliser
     if grad.dtype != ctx.logp_dtype:
         grad = grad.to(ctx.logp_dtype)
-    return _no_grads_after(ctx, grad.view(ctx.logp_shape))
+    return no_grads_after(ctx, grad.view(ctx.logp_shape))
 
 
 _policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_loss_setup)
@@ -538,8 +532,6 @@ _policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_l
 
 def _global_metrics(metrics: Tensor, count: Tensor, process_group) -> Tensor:
     """This rank's metric means over its ``count`` unmasked tokens → the means over every rank's."""
-    if process_group is None:
-        return metrics
     sums = _sum_over_ranks(torch.cat([count.reshape(1), metrics * count]), process_group)
     return sums[1:] / sums[0].clamp_min(1.0)
 
@@ -901,7 +893,7 @@ def _scaled_by_incoming(ctx, grad: Tensor, grad_loss: Tensor) -> Tensor:
     forward raises. Otherwise (traced, or called as ``torch.ops.negkernels.*``): a plain product."""
     if not grad.numel():
         return grad
-    if not getattr(ctx, "direct_call", False) or not _plain_eager_call((grad, grad_loss)):
+    if not getattr(ctx, "direct_call", False) or not plain_eager_call((grad, grad_loss)):
         return grad * grad_loss.to(grad.dtype)
     from ..triton.logprobs import scale_rows_unless_one
 
@@ -936,7 +928,7 @@ class _InplacePolicyLossFromLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         (grad,) = _single_use(ctx)
-        return _no_grads_after(ctx, _scaled_by_incoming(ctx, grad, grad_loss))
+        return no_grads_after(ctx, _scaled_by_incoming(ctx, grad, grad_loss))
 
 
 @_policy_loss_from_logits_op.register_fake
@@ -966,7 +958,7 @@ def _single_use(ctx) -> tuple:
 
 def _from_logits_backward(ctx, grad_loss, *unused):
     (grad,) = _single_use(ctx)
-    return _no_grads_after(ctx, _scaled_by_incoming(ctx, grad, grad_loss))
+    return no_grads_after(ctx, _scaled_by_incoming(ctx, grad, grad_loss))
 
 
 _policy_loss_from_logits_op.register_autograd(_from_logits_backward, setup_context=_from_logits_setup)
@@ -1191,7 +1183,7 @@ def _linear_logprobs_grads(ctx, grad_logp, grad_entropy, with_entropy):
 
 def _linear_logprobs_backward(ctx, grad_logp, grad_entropy, grad_lse):
     with_entropy = ctx.saved_tensors[5] is not None
-    return (*_linear_logprobs_grads(ctx, grad_logp, grad_entropy, with_entropy), *([None] * 7))
+    return no_grads_after(ctx, *_linear_logprobs_grads(ctx, grad_logp, grad_entropy, with_entropy))
 
 
 _linear_token_logprobs_fwd_op.register_autograd(_linear_logprobs_backward, setup_context=_linear_logprobs_setup)
@@ -1403,7 +1395,7 @@ def _linear_policy_loss_backward(ctx, grad_loss, *unused):
     # The forward produced the gradients for an incoming gradient of 1, the usual case when the
     # loss ends the graph; only another scale costs a pass over them.
     dh, dw, db = (_scaled_by_incoming(ctx, g, grad_loss) for g in grads)
-    return _no_grads_after(ctx, dh if need[0] else None, dw if need[1] else None,
+    return no_grads_after(ctx, dh if need[0] else None, dw if need[1] else None,
                            db if ctx.has_bias and need[2] else None)
 
 

@@ -7,8 +7,8 @@
 * ``_policy_loss_fwd_kernel``: one program per sequence. An optional first sweep gathers what a
   sequence-level loss needs (token count, GSPO's mean log-ratio, NPO's log-likelihood gap); the
   second sweep computes every token's loss, its gradient (written straight away, so the backward
-  is a scale) and the metric sums. Per-sequence partial sums are added up afterwards in a fixed
-  order: the loss has the same bits every run.
+  is a scale) and the metric sums. The last program to finish adds up the per-sequence partials
+  in a fixed order: the loss has the same bits every run.
 * ``_policy_loss_from_logits_kernel``: logits → log-prob → loss gradient → logits gradient in one
   sweep per token for the token-local losses (ppo, cispo, sapo, gpg): the logits are read by the
   online pass and re-read from L2 while the gradient is written.
@@ -434,7 +434,7 @@ def _policy_loss_fwd_kernel(
         row_weight = 1.0 / norm_constant
     else:
         row_weight = 1.0
-    # Unnormalised: the host divides the loss and scales the gradient by the global normaliser.
+    # Not yet divided by the normaliser: the last program divides the loss, the backward the gradient.
     grad_weight = row_weight
     if LOSS == _LOSS_GSPO:
         seq_ratio = tl.exp(seq_a / safe_count)
@@ -525,9 +525,9 @@ def _policy_loss_fwd_kernel(
 def _finalize_policy_partials(partial_ptr, num_sequences, normaliser_ptr, loss_ptr, stats_ptr,
                               AGG: tl.constexpr, HAS_NORMALISER: tl.constexpr, FINAL_BLOCK: tl.constexpr):
     """[B, 8] partials → loss (Σ loss / normaliser) and stats [8]: the 6 metrics (means over the
-    unmasked tokens), the unmasked tokens, 1 / normaliser. The normaliser: the given one (NaN unless
-    positive and finite), else this call's token count (token-mean), its number of sequences with
-    an unmasked token (seq-mean-*) or 1 (token-sum), each at least 1."""
+    unmasked tokens), the unmasked tokens, 1 / normaliser. The normaliser: the given one (already
+    NaN on the host unless positive and finite), else this call's token count (token-mean), its
+    number of sequences with an unmasked token (seq-mean-*) or 1 (token-sum), each at least 1."""
     rows = tl.arange(0, FINAL_BLOCK).to(tl.int64)
     cols = tl.arange(0, 8)
     acc = tl.zeros([FINAL_BLOCK, 8], tl.float32)
@@ -544,7 +544,6 @@ def _finalize_policy_partials(partial_ptr, num_sequences, normaliser_ptr, loss_p
     count = tl.sum(tl.where(cols == 1, totals, 0.0), axis=0)
     if HAS_NORMALISER:
         denom = tl.load(normaliser_ptr).to(tl.float32)
-        denom = tl.where((denom > 0.0) & (denom < float("inf")), denom, float("nan"))
     elif AGG == _AGG_TOKEN_SUM:
         denom = 1.0
     elif AGG == _AGG_TOKEN_MEAN:
