@@ -357,6 +357,37 @@ def test_bank_topk_ties_and_degenerate(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("order", ["near-floor", "rising-masked"])
+def test_bank_topk_over_many_tiles(backend, order):
+    # 420 slots: 7 tiles, cut into 3 splits of 3, 3 and 1 tiles, so the running lists are merged
+    # across tiles and across splits. "near-floor" gives the first split's last tile one key just
+    # above the k-th best of its first two tiles (it belongs in the answer); "rising" orders the
+    # bank by similarity to the queries, so every tile displaces the list. Oracle: a float64
+    # stable sort of the similarities over the filled slots.
+    n, slots, d, k = 5, 420, 24, 60
+    direction = torch.randn(d)
+    q = direction + 0.3 * torch.randn(n, d)
+    b = torch.randn(slots, d)
+    if order == "near-floor":  # similarities exactly (row scale) × value
+        q = torch.arange(1.0, n + 1)[:, None] * direction
+        values = -torch.rand(slots) - 1
+        values[:128] = torch.randperm(128) + 1.0  # the k-th best of the first 128 is 69
+        values[128] = 69.5  # the new k-th best
+        b = values[:, None] * direction
+    if order == "rising-masked":
+        b = b[(direction @ b.T).argsort()]
+    bank_valid = torch.rand(slots) > 0.3 if order == "rising-masked" else None
+    with poisoned_allocations():
+        values, indices = nk.bank_topk(q, b, k, bank_valid=bank_valid, backend=backend)
+    sims = q.double() @ b.double().T
+    if bank_valid is not None:
+        sims[:, ~bank_valid] = -math.inf
+    expected = sims.sort(dim=1, descending=True, stable=True)
+    assert_close(values, expected.values[:, :k], rtol=1e-6, atol=1e-6, what="values")
+    assert (indices == expected.indices[:, :k]).all(), "slots (ties by the lower slot)"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype, d", [(torch.float32, 530), (torch.bfloat16, 1030)])
 @pytest.mark.parametrize("case", ["plain", "normalize-tau-bankgrad-noncontig", "bankgrad-exclude-extras-grad"])
 def test_bank_info_nce_wide_rows(backend, dtype, d, case):
