@@ -61,3 +61,14 @@ def test_cpu_torch_never_builds_on_first_use(monkeypatch, tmp_path):
         assert _cuda_ext.load() is None
         assert "not built" in _cuda_ext.load_error()
         assert not any(tmp_path.iterdir())
+
+
+def test_launch_arithmetic_matches_triton():
+    # The launchers' grid arithmetic is plain Python; it must agree with Triton's own helpers.
+    triton = pytest.importorskip("triton")
+    from negkernels.triton import cdiv, next_power_of_2
+
+    for n in [0, 1, 2, 3, 5, 16, 17, 1000, 4095, 4096, 4097, 2**31 - 1, 2**31, 2**40 + 3]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 1000):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .. import _backend
+from . import cdiv, next_power_of_2
 from .._fixedpoint import exponent_bound, headroom_bits
 from ..reference.advantages import ESTIMATORS, SCALES
 
@@ -366,9 +367,9 @@ def group_advantages_fwd(
     est, sc = ESTIMATOR_CODES[estimator], SCALE_CODES[scale]
     uniform = group_index is None
     if uniform and sc in (0, 2) and 0 < group_size <= MAX_UNIFORM_GROUP:
-        block_g = triton.next_power_of_2(group_size)
+        block_g = next_power_of_2(group_size)
         gpp = max(1, min(64, 4096 // block_g))
-        grid = (triton.cdiv(num_groups, gpp),)
+        grid = (cdiv(num_groups, gpp),)
         _group_advantages_uniform_kernel[grid](
             rewards, out, mean, std, count, pos_t, neg_t,
             num_groups, group_size,
@@ -383,7 +384,7 @@ def group_advantages_fwd(
     slots = num_groups + 2
     sms = _backend.sm_count(dev)
     # The interpreter runs programs one after another: a grid barrier needs one.
-    grid_size = 1 if sms is None else max(1, min(triton.cdiv(max(n, 4 * slots), block), sms))
+    grid_size = 1 if sms is None else max(1, min(cdiv(max(n, 4 * slots), block), sms))
     work = torch.empty(4 * slots, dtype=torch.int64, device=dev)
     headroom = headroom_bits(n)
     external = batch_stats is not None

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .. import _backend
+from . import cdiv, next_power_of_2
 from ..reference.contrastive import NORMALIZE_EPS
 
 _EPS = tl.constexpr(NORMALIZE_EPS)
@@ -508,11 +509,11 @@ def _bank_topk_merge_kernel(partial_ptr, values_ptr, indices_ptr, n_queries, k, 
 
 
 def _dim_block(d: int) -> int:
-    return max(16, triton.next_power_of_2(max(d, 1)))
+    return max(16, next_power_of_2(max(d, 1)))
 
 
 def _row_block(n: int, largest: int) -> int:
-    return max(16, min(largest, triton.next_power_of_2(max(n, 1))))
+    return max(16, min(largest, next_power_of_2(max(n, 1))))
 
 
 # Hopper gives a block at most 232,448 B of shared memory, where the operands of each tl.dot (a
@@ -547,11 +548,11 @@ def nce_tiles(dtype: torch.dtype, d: int, interpret: bool = False) -> dict:
 def topk_tiles(dtype: torch.dtype, d: int, k: int, interpret: bool = False) -> dict:
     """The top-k kernel's tiles: the list (= slot tile) width BLOCK_K ≥ k, the largest row block,
     and the head-dimension chunk BLOCK_D that keeps a slot tile within OPERAND_TILE_BYTES."""
-    block_k = max(SLOT_TILE, triton.next_power_of_2(k))
+    block_k = max(SLOT_TILE, next_power_of_2(k))
     operand = _operand_bytes(dtype, _dot_settings(dtype, interpret)["DOT_FP32"])
     block_d = _tile_rows(block_k, operand, _dim_block(d))  # a [block_k, block_d] tile, read the other way
     return dict(block_k=block_k, rows=max(16, min(64, 4096 // block_k)), block_d=block_d,
-                d_chunks=triton.cdiv(max(d, 1), block_d))
+                d_chunks=cdiv(max(d, 1), block_d))
 
 
 def _slot_end(num_slots: int, valid_mask, valid_count: int) -> int:
@@ -575,14 +576,14 @@ def _bank_splits(row_blocks: int, slot_end: int, device: torch.device, interpret
     tiles so that row blocks × splits programs fill the GPU (N = 4096 queries make only 32 row
     blocks of 128) in one wave of ``per_sm`` resident programs per SM: rounded down, since one
     program past a wave costs a whole second wave."""
-    tiles = max(1, triton.cdiv(slot_end, tile))
+    tiles = max(1, cdiv(slot_end, tile))
     sms = None if interpret else _backend.sm_count(device)
     if sms is None:
         splits = min(3, tiles)  # exercise the split and merge path on small shapes
     else:
         splits = max(1, min((per_sm * sms) // row_blocks, tiles // MIN_TILES_PER_SPLIT))
-    per_split = triton.cdiv(tiles, splits)
-    return triton.cdiv(tiles, per_split), per_split * tile
+    per_split = cdiv(tiles, splits)
+    return cdiv(tiles, per_split), per_split * tile
 
 
 def _strides(x):
@@ -604,7 +605,7 @@ def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank
     tiles = nce_tiles(query.dtype, d, interpret)
     block_d, slot_tile = tiles["block_d"], tiles["fwd_slots"]
     block_n = _row_block(n, tiles["fwd_rows"])
-    row_blocks = triton.cdiv(n, block_n)
+    row_blocks = cdiv(n, block_n)
     splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), dev, interpret,
                                        slot_tile, FWD_PROGRAMS_PER_SM)
     partial = torch.empty((4, splits, n), dtype=torch.float32, device=dev)  # max and sum, over A and over P
@@ -621,7 +622,7 @@ def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank
         NORMALIZE=normalize, DOT_FP32=dots["DOT_FP32"], PRECISION=dots["PRECISION"],
         BLOCK_N=block_n, BLOCK_K=slot_tile, BLOCK_D=block_d, num_warps=8 if block_n * block_d >= 128 * 128 else 4,
     )
-    _bank_info_nce_combine_kernel[(triton.cdiv(n, 256),)](partial, loss, lse_all, lse_pos, n, splits, BLOCK=256)
+    _bank_info_nce_combine_kernel[(cdiv(n, 256),)](partial, loss, lse_all, lse_pos, n, splits, BLOCK=256)
     return loss, lse_all, lse_pos
 
 
@@ -653,7 +654,7 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
     num_warps = 8 if block_d >= 128 else 4
     if n > 0:
         block_n = _row_block(n, tile)
-        row_blocks = triton.cdiv(n, block_n)
+        row_blocks = cdiv(n, block_n)
         splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), dev, interpret,
                                            tile, BWD_QUERY_PROGRAMS_PER_SM)
         acc = torch.empty((splits, n, d), dtype=torch.float32, device=dev)
@@ -672,7 +673,7 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
         )
     if bank_grad and num_slots > 0:
         block_k = _row_block(num_slots, tile)
-        _bank_info_nce_bwd_bank_kernel[(triton.cdiv(num_slots, block_k),)](
+        _bank_info_nce_bwd_bank_kernel[(cdiv(num_slots, block_k),)](
             query, bank, *ids, vmask, temperature, grad_loss, lse_all, lse_pos, dbank,
             n, num_slots, d, valid_count, grad_stride, *_strides(query), *_strides(bank),
             BLOCK_N=tile, BLOCK_K=block_k, num_warps=num_warps, **common,
@@ -692,7 +693,7 @@ def bank_topk(query, bank, k: int, valid_mask, valid_count: int, normalize: bool
     tiles = topk_tiles(query.dtype, d, k, interpret)
     block_k, block_d = tiles["block_k"], tiles["block_d"]
     block_n = _row_block(n, tiles["rows"])
-    row_blocks = triton.cdiv(n, block_n)
+    row_blocks = cdiv(n, block_n)
     splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), query.device,
                                        interpret, tile=block_k, per_sm=TOPK_PROGRAMS_PER_SM)
     partial = torch.empty((splits, n, block_k), dtype=torch.int64, device=query.device)

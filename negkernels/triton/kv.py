@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv, next_power_of_2
+
 _LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -86,11 +88,11 @@ def retention_scores_fwd(log_beta, positions, step, keys, key_norm_weight):
     kt = keys if has_keys else log_beta.new_empty((1, 1, 1, 1))
     dim = keys.shape[-1] if has_keys else 1
     block_s = 256
-    _retention_scores_kernel[(b * h, triton.cdiv(s, block_s))](
+    _retention_scores_kernel[(b * h, cdiv(s, block_s))](
         log_beta, positions, step if per_batch else out, 0 if per_batch else int(step), kt, out, h, s, dim,
         float(key_norm_weight), *log_beta.stride(), *positions.stride(), *kt.stride(),
         STEP_PER_BATCH=per_batch, POS_FLOAT=positions.is_floating_point() or (per_batch and step.is_floating_point()),
-        HAS_KEYS=has_keys, BLOCK_S=block_s, BLOCK_D=min(triton.next_power_of_2(dim), 64),
+        HAS_KEYS=has_keys, BLOCK_S=block_s, BLOCK_D=min(next_power_of_2(dim), 64),
     )
     return out
 
@@ -206,7 +208,7 @@ def _select_launch(b, h, s, kept, sink, window, lengths, device, *, scores=None,
     lb_strides = log_beta.stride() if from_lb else (0, 0, 0)
     pos_strides = positions.stride() if from_lb else (0, 0, 0)
     pos_float = from_lb and (positions.is_floating_point() or (per_batch and step.is_floating_point()))
-    block = min(max(triton.next_power_of_2(s), 16), 4096)
+    block = min(max(next_power_of_2(s), 16), 4096)
     _select_retained_kernel[(b * h,)](
         scores if not from_lb else dummy, lb, pos, step if per_batch else dummy,
         0 if per_batch or not from_lb else int(step), lengths if lengths is not None else dummy, out,
@@ -299,13 +301,13 @@ def compact_kv_fwd(keys, values, indices, metas, outs, in_place: bool):
     dim_k, dim_v = (keys.shape[-1], values.shape[-1]) if has_kv else (1, 1)
     seq = (keys if has_kv else metas[0]).shape[2]
     dim = max(dim_k, dim_v)
-    block_d = min(triton.next_power_of_2(max(dim, 1)), 128)
+    block_d = min(next_power_of_2(max(dim, 1)), 128)
     block_m = 64 if block_d <= 64 else 32
     if in_place:
-        kept_per_program, d_programs = kept, triton.cdiv(dim, block_d)
+        kept_per_program, d_programs = kept, cdiv(dim, block_d)
     else:
-        kept_per_program, d_programs = block_m * 4, triton.cdiv(dim, block_d)
-    grid = (b * h, triton.cdiv(kept, kept_per_program), d_programs if has_kv else 1)
+        kept_per_program, d_programs = block_m * 4, cdiv(dim, block_d)
+    grid = (b * h, cdiv(kept, kept_per_program), d_programs if has_kv else 1)
     zeros4, zeros3 = (0, 0, 0, 0), (0, 0, 0)
     kv = (keys, values, outs[0], outs[1]) if has_kv else (indices,) * 4
     kv_strides = (*keys.stride(), *values.stride(), *outs[0].stride(), *outs[1].stride()) if has_kv else zeros4 * 4
@@ -394,7 +396,7 @@ def retention_mass_fwd(log_beta_rows, cu_seqlens):
     if out.numel() == 0:
         return out
     starts, _ = _sequence_bounds(t, cu_seqlens, log_beta_rows.device)
-    _retention_mass_fwd_kernel[(r, triton.cdiv(t, _MASS_BLOCK))](
+    _retention_mass_fwd_kernel[(r, cdiv(t, _MASS_BLOCK))](
         log_beta_rows, starts, out, t, BLOCK_T=_MASS_BLOCK, BLOCK_I=_MASS_BLOCK, num_warps=4)
     return out
 
@@ -406,7 +408,7 @@ def retention_mass_bwd(log_beta_rows, cu_seqlens, grad_rows):
     if out.numel() == 0:
         return out
     _, ends = _sequence_bounds(t, cu_seqlens, log_beta_rows.device)
-    _retention_mass_bwd_kernel[(r, triton.cdiv(t, _MASS_BLOCK))](
+    _retention_mass_bwd_kernel[(r, cdiv(t, _MASS_BLOCK))](
         log_beta_rows, ends, grad_rows.float().contiguous(), out, t, BLOCK_T=_MASS_BLOCK, BLOCK_I=_MASS_BLOCK,
         num_warps=4)
     return out

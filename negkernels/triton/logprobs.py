@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import _backend
+from . import cdiv, next_power_of_2
 from ..reference.logprobs import (
     POLICY_LOSS_PARTIALS,
     Aggregation,
@@ -62,7 +63,7 @@ FUSED_NUM_WARPS = 32
 
 
 def _vocab_block(n_vocab: int, largest: int = 4096) -> int:
-    return max(16, min(largest, triton.next_power_of_2(max(n_vocab, 1))))
+    return max(16, min(largest, next_power_of_2(max(n_vocab, 1))))
 
 
 # ----------------------------------------------------------------------------- rows of logits
@@ -749,7 +750,7 @@ def policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_s
         return loss, stats, grad
     # The [B, 8] partials and, after them, the last-program ticket, zeroed in one op.
     partial = torch.zeros(num_sequences * POLICY_LOSS_PARTIALS + 1, dtype=torch.float32, device=dev)
-    block = max(16, min(2048, triton.next_power_of_2(max(codes.max_len, 1))))
+    block = max(16, min(2048, next_power_of_2(max(codes.max_len, 1))))
     placeholder = logp
     _policy_loss_fwd_kernel[(num_sequences,)](
         logp_ptr=logp, old_ptr=old_logp, adv_ptr=advantages if advantages is not None else placeholder,
@@ -816,7 +817,7 @@ def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, 
         lo=scalars.lo, hi=scalars.hi, delta=scalars.delta, dual_c=scalars.dual_clip, tau_pos=scalars.tau_pos,
         tau_neg=scalars.tau_neg, kl_coef=scalars.kl_coef, entropy_coef=scalars.entropy_coef, is_hi=scalars.is_hi,
         is_lo=scalars.is_lo, row_scale=row_scale, seq_len=max(codes.seq_len, 1), n_rows=rows,
-        rows_per_program=triton.cdiv(rows, programs),
+        rows_per_program=cdiv(rows, programs),
         LOSS=codes.loss, KL=codes.kl, IS=codes.is_mode, CISPO_TWO_SIDED=bool(codes.cispo_two_sided),
         COMPUTE_GRAD=bool(codes.compute_grad), WITH_ENTROPY=with_entropy, FINALIZE=finalize,
         HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None, ADV_PER_TOKEN=bool(codes.adv_per_token),
@@ -852,9 +853,9 @@ def linear_chunk_rows(rows: int, n_vocab: int, bytes_per_logit: int, chunk_size:
     if chunk_size > 0:
         return min(chunk_size, rows)
     cap = max(1, LINEAR_WORKSPACE_BYTES // max(1, n_vocab * bytes_per_logit))
-    chunks = triton.cdiv(rows, cap)
-    per = triton.cdiv(rows, chunks)
-    return min(rows, cap, triton.cdiv(per, 16) * 16) if cap >= 16 else per
+    chunks = cdiv(rows, cap)
+    per = cdiv(rows, chunks)
+    return min(rows, cap, cdiv(per, 16) * 16) if cap >= 16 else per
 
 
 def _mm_fp32(a: torch.Tensor, b_t: torch.Tensor, out: torch.Tensor) -> None:
