@@ -223,8 +223,9 @@ def _cases() -> list[StaticCase]:
     def nce(i):
         q, p, bank = i["query"].detach(), i["positive"].detach(), i["bank"]
         tau = torch.empty((), device="meta")
+        # as bank_info_nce calls it: the mean over queries, reduced by the combine kernel
         _, lse_all, lse_pos = tc.bank_info_nce_fwd(q, p, bank, tau, None, None, None, None, bank.shape[0], None, False,
-                                                   False)
+                                                   False, reduce_scale=1.0 / q.shape[0])
         tc.bank_info_nce_bwd(torch.empty((), device="meta"), q, p, bank, tau, None, None, None, None, bank.shape[0],
                              None, False, lse_all, lse_pos, False, False, False)
 
@@ -267,7 +268,11 @@ def _cases() -> list[StaticCase]:
     def policy_trips(launch):
         return [_cdiv(launch.args["max_len"], launch.args["BLOCK"])]
 
-    nce_trips = {"_bank_info_nce_fwd_kernel": slot_trips, "_bank_info_nce_bwd_query_kernel": slot_trips}
+    def combine_trips(launch):  # the one reducing program: each row block merges every split
+        return [launch.args["n_splits"] * _cdiv(launch.args["n_queries"], launch.args["BLOCK"])] * 2
+
+    nce_trips = {"_bank_info_nce_fwd_kernel": slot_trips, "_bank_info_nce_bwd_query_kernel": slot_trips,
+                 "_bank_info_nce_combine_kernel": combine_trips}
     return [
         StaticCase("advantages/uniform-g64", 0.010, advantages, {}),
         StaticCase("advantages/ragged", 0.010, advantages, {"_group_advantages_segmented_kernel": segmented_trips}),

@@ -73,8 +73,9 @@ class KernelOp:
     def __call__(self, *args):
         if not plain_eager_call(args):
             return self.op(*args)
-        if self._function is None or not torch.is_grad_enabled():
-            return self.impl(*args)
+        if self._function is None or not torch.is_grad_enabled() or not any(
+                isinstance(a, Tensor) and a.requires_grad for a in args):
+            return self.impl(*args)  # no gradient to track: no autograd node
         if self._has_tensor_lists:
             return self.op(*args)
         return self._function.apply(*args)

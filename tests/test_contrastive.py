@@ -205,6 +205,14 @@ def test_reductions_and_float_vs_tensor_temperature(backend):
                                per_query.mean())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case, reduction", [("plain", "mean"), ("normalize-tau-bankgrad-noncontig", "sum")])
+def test_reduced_loss_over_many_queries(backend, case, reduction):
+    # 1,100 queries: the kernel that merges the splits reduces over more than one 1,024-row
+    # block; the backward reads the one incoming gradient at stride 0, times the mean's 1/N.
+    run_case(case, backend, torch.float32, n=1100, k=20, d=8, reduction=reduction)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_deterministic(backend):
     q, p, b, _ = make_inputs(40, 90, 16, 0, torch.float32)

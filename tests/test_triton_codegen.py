@@ -56,7 +56,9 @@ PRELUDE = textwrap.dedent(
             elif name.endswith("_ptr"):
                 signature[name] = pointers.get(name, "*fp32")
             else:
-                signature[name] = int_type if name in ints else "fp64" if int_type == "i32" else "fp32"
+                # a *_scale argument multiplies fp32 values, as a Python float launches it (fp32)
+                signature[name] = int_type if name in ints else "fp32" if name.endswith("_scale") or \
+                    int_type != "i32" else "fp64"
         src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
         compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps))
         assert "ld.global" in compiled.asm["ptx"]
@@ -191,7 +193,7 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
     INTS = {"n_queries", "n_slots", "dim", "n_extra", "k", "valid_count", "split_slots", "n_splits", "grad_stride",
             "stride_qn", "stride_qd", "stride_pn", "stride_pd", "stride_bk", "stride_bd", "stride_en", "stride_em", "stride_ed"}
     FP32 = ("loss_ptr", "lse_all_ptr", "lse_pos_ptr", "temperature_ptr", "grad_loss_ptr", "r_ptr", "values_ptr",
-            "partial_ptr", "acc_ptr", "r_partial_ptr")
+            "partial_ptr", "acc_ptr", "r_partial_ptr", "reduced_ptr")
 
     def compile_contrastive(kernel, constexprs, dtype, num_warps=8, int_type="i32", **special):
         pointers = {name: f"*{dtype}" for name in kernel.arg_names if name.endswith("_ptr")}
@@ -220,8 +222,10 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
             count += 1
         compile_contrastive(ck._bank_info_nce_dq_kernel, dict(NORMALIZE=normalize, BLOCK_N=64, BLOCK_D=256), dtype)
         count += 1
-    compile_contrastive(ck._bank_info_nce_combine_kernel, dict(BLOCK=256), "fp32", 4)
-    count += 1
+    for reduce in (False, True):
+        compile_contrastive(ck._bank_info_nce_combine_kernel, dict(BLOCK=1024 if reduce else 256, REDUCE=reduce),
+                            "fp32", 4)
+        count += 1
     # wider top-k lists (up to TOPK_MAX_K) compile the same code with a wider sorting network
     for dtype, dot_fp32, mask, normalize in (("bf16", False, False, False), ("fp32", True, True, True)):
         compile_contrastive(ck._bank_topk_kernel,
@@ -336,7 +340,7 @@ def test_every_logprobs_kernel_variant_compiles_for_sm90():
 
 
 def test_every_contrastive_kernel_variant_compiles_for_sm90():
-    assert "compiled 25" in _compile_in_subprocess(CONTRASTIVE_SCRIPT)
+    assert "compiled 26" in _compile_in_subprocess(CONTRASTIVE_SCRIPT)
 
 
 def test_contrastive_tiles_fit_sm90_at_the_largest_head_dim_and_list():

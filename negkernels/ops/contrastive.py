@@ -70,6 +70,25 @@ def _check_temperature(temperature, device: torch.device) -> Tensor | float:
     return check_finite_float("temperature", temperature, minimum=0.0, exclusive=True)
 
 
+_TEMPERATURES: dict = {}
+
+
+def _temperature_tensor(value: float, device: torch.device) -> Tensor:
+    """A 0-d fp32 tensor holding a float temperature, which the kernels read on the device.
+
+    Eager calls share one tensor per (value, device), never written, so a fixed τ costs no
+    allocation and no copy per call; traced calls make their own."""
+    if torch.compiler.is_compiling():
+        return torch.full((), value, dtype=torch.float32, device=device)
+    key = (value, device)
+    tensor = _TEMPERATURES.get(key)
+    if tensor is None:
+        if len(_TEMPERATURES) >= 64:  # a schedule of many values: keep the newest few
+            _TEMPERATURES.clear()
+        tensor = _TEMPERATURES[key] = torch.full((), value, dtype=torch.float32, device=device)
+    return tensor
+
+
 def _check_ids(query_ids, bank_ids, n: int, k: int, device: torch.device):
     if (query_ids is None) != (bank_ids is None):
         raise ValueError("query_ids and bank_ids: give both (false negatives are slots whose id equals the query's) "
@@ -101,12 +120,9 @@ def _bank_info_nce_fwd_op(query: Tensor, positive: Tensor, bank: Tensor, tempera
     lse_all [N], lse_pos [N]). Reduced inside the op: no autograd nodes for the reduction."""
     from ..triton.contrastive import bank_info_nce_fwd
 
-    losses, lse_all, lse_pos = bank_info_nce_fwd(query, positive, bank, temperature, extra_negatives, query_ids,
-                                                 bank_ids, valid_mask, valid_count, false_negatives, normalize,
-                                                 triton_interpret())
-    if reduction:
-        losses = losses.sum() * _reduction_scale(reduction, query.shape[0])
-    return losses, lse_all, lse_pos
+    return bank_info_nce_fwd(query, positive, bank, temperature, extra_negatives, query_ids, bank_ids, valid_mask,
+                             valid_count, false_negatives, normalize, triton_interpret(),
+                             reduce_scale=_reduction_scale(reduction, query.shape[0]) if reduction else None)
 
 
 def _reduction_scale(reduction: int, n: int) -> float:
@@ -126,18 +142,19 @@ def _bank_info_nce_bwd_op(grad_loss: Tensor, query: Tensor, positive: Tensor, ba
                           extra_negatives: Optional[Tensor], query_ids: Optional[Tensor], bank_ids: Optional[Tensor],
                           valid_mask: Optional[Tensor], valid_count: int, false_negatives: Optional[str],
                           normalize: bool, lse_all: Tensor, lse_pos: Tensor, bank_grad: bool,
-                          extra_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """→ (d query, d positive, d bank or [0], d extras or [0], r = Σ_j (d loss_i / d l_ij)·l_ij per query)."""
+                          extra_grad: bool, grad_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """→ (d query, d positive, d bank or [0], d extras or [0], r = Σ_j (d loss_i / d l_ij)·l_ij per query),
+    for incoming gradients ``grad_loss`` ([N], or one 0-d for a reduced loss) times ``grad_scale``."""
     from ..triton.contrastive import bank_info_nce_bwd
 
     return bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra_negatives, query_ids, bank_ids,
                              valid_mask, valid_count, false_negatives, normalize, lse_all, lse_pos, bank_grad,
-                             extra_grad, triton_interpret())
+                             extra_grad, triton_interpret(), grad_scale)
 
 
 @_bank_info_nce_bwd_op.register_fake
 def _(grad_loss, query, positive, bank, temperature, extra_negatives, query_ids, bank_ids, valid_mask, valid_count,
-      false_negatives, normalize, lse_all, lse_pos, bank_grad, extra_grad):
+      false_negatives, normalize, lse_all, lse_pos, bank_grad, extra_grad, grad_scale):
     dextra = torch.empty_like(extra_negatives, memory_format=torch.contiguous_format) \
         if extra_grad and extra_negatives is not None else query.new_empty(0)
     return (torch.empty_like(query, memory_format=torch.contiguous_format),
@@ -160,11 +177,13 @@ def _bank_info_nce_backward(ctx, grad_loss, grad_lse_all, grad_lse_pos):
     query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, lse_all, lse_pos = ctx.saved_tensors
     valid_count, fn, normalize = ctx.options
     needs = ctx.needs_input_grad
-    if ctx.grad_scale is not None:  # one gradient for every query, read with stride 0 by the kernels
-        grad_loss = (grad_loss * ctx.grad_scale).reshape(1)
-    dq, dpos, dbank, dextra, r = _bank_info_nce_bwd_op(
+    # A reduced loss: its one gradient is read by every query at stride 0, times the reduction's scale.
+    # The direct eager entrance has already settled that nothing here is traced.
+    bwd = _bank_info_nce_bwd_op.impl if getattr(ctx, "direct_call", False) else _bank_info_nce_bwd_op
+    dq, dpos, dbank, dextra, r = bwd(
         grad_loss, query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, valid_count, fn,
-        normalize, lse_all, lse_pos, bool(needs[2]), bool(needs[4]) and extra is not None)
+        normalize, lse_all, lse_pos, bool(needs[2]), bool(needs[4]) and extra is not None,
+        1.0 if ctx.grad_scale is None else ctx.grad_scale)
     # l = (q·k)/τ, so d loss/dτ = −Σ_ij G_ij·l_ij / τ (a fixed-order sum: deterministic).
     dtemperature = -r.sum() / temperature if needs[3] else None
     return no_grads_after(ctx, dq, dpos, dbank if needs[2] else None, dtemperature, dextra if needs[4] else None)
@@ -253,10 +272,8 @@ def bank_info_nce(
             false_negatives=fn_mode, bank_valid=valid_mask if valid_mask is not None else valid_count,
             extra_negatives=up(extra_negatives), reduction=reduction).float()
 
-    if isinstance(temperature, Tensor):
-        temperature_t = temperature.float()
-    else:
-        temperature_t = torch.full((), temperature, dtype=torch.float32, device=query.device)
+    temperature_t = temperature.float() if isinstance(temperature, Tensor) else _temperature_tensor(temperature,
+                                                                                                   query.device)
     loss, _, _ = _bank_info_nce_fwd_op(query, positive, bank, temperature_t, extra_negatives, query_ids, bank_ids,
                                        valid_mask, valid_count, fn_mode, normalize, REDUCTION_CODES[reduction])
     return loss

@@ -32,6 +32,8 @@ temperature needs no host read and a new value does not recompile.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -47,6 +49,7 @@ FALSE_NEGATIVE_CODES = {None: 0, "exclude": 1, "positive": 2}
 TOPK_MAX_K = 256
 
 
+@functools.lru_cache(maxsize=None)  # pure in its arguments; read-only results
 def _dot_settings(dtype: torch.dtype, interpret: bool) -> dict:
     """Operand types of the tensor-core products.
 
@@ -227,15 +230,31 @@ def _merge_log_sum_exp(partial_ptr, plane_offset, rows, row_ok, n_queries, n_spl
 
 
 @triton.jit
-def _bank_info_nce_combine_kernel(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, n_queries, n_splits,
-                                  BLOCK: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _bank_info_nce_combine_kernel(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, reduced_ptr, n_queries, n_splits,
+                                  reduce_scale, REDUCE: tl.constexpr, BLOCK: tl.constexpr):
+    """Merges the splits → loss, lse_all, lse_pos [N]. With REDUCE one program walks every row
+    block and also writes reduce_scale·Σ loss (a fixed-order sum) to ``reduced_ptr``."""
+    if REDUCE:
+        total = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n_queries, BLOCK):
+            total += _combine_rows(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, start + tl.arange(0, BLOCK),
+                                   n_queries, n_splits)
+        tl.store(reduced_ptr, tl.sum(total, axis=0) * reduce_scale)
+    else:
+        _combine_rows(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, tl.program_id(0) * BLOCK + tl.arange(0, BLOCK),
+                      n_queries, n_splits)
+
+
+@triton.jit
+def _combine_rows(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, rows, n_queries, n_splits):
     row_ok = rows < n_queries
     lse_all = _merge_log_sum_exp(partial_ptr, 0, rows, row_ok, n_queries, n_splits)
     lse_pos = _merge_log_sum_exp(partial_ptr, 2 * n_splits * n_queries, rows, row_ok, n_queries, n_splits)
-    tl.store(loss_ptr + rows, lse_all - lse_pos, mask=row_ok)
+    loss = lse_all - lse_pos
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
     tl.store(lse_all_ptr + rows, lse_all, mask=row_ok)
     tl.store(lse_pos_ptr + rows, lse_pos, mask=row_ok)
+    return tl.where(row_ok, loss, 0.0)
 
 
 @triton.jit
@@ -260,7 +279,7 @@ def _grad_dot(grad_f32, keys, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.co
 def _bank_info_nce_bwd_query_kernel(
     q_ptr, pos_ptr, bank_ptr, extra_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr,
     grad_loss_ptr, lse_all_ptr, lse_pos_ptr, acc_ptr, r_partial_ptr, dpos_ptr, dextra_ptr,
-    n_queries, n_slots, dim, n_extra, valid_count, split_slots, grad_stride,
+    n_queries, n_slots, dim, n_extra, valid_count, split_slots, grad_stride, grad_scale,
     stride_qn, stride_qd, stride_pn, stride_pd, stride_bk, stride_bd, stride_en, stride_em, stride_ed,
     FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, EXTRA_GRAD: tl.constexpr,
     NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr,
@@ -278,8 +297,10 @@ def _bank_info_nce_bwd_query_kernel(
         q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
         NORMALIZE, DOT_FP32)
     qid = _query_ids(query_ids_ptr, rows, row_ok, FN_MODE)
-    # grad_stride 0: one incoming gradient shared by every query (a reduced loss).
-    g = tl.load(grad_loss_ptr + rows * grad_stride, mask=row_ok, other=0.0)
+    # grad_stride 0: one incoming gradient shared by every query (a reduced loss), times the
+    # reduction's scale.
+    g = tl.load(grad_loss_ptr + rows * grad_stride, mask=row_ok, other=0.0).to(tl.float32)
+    g *= grad_scale
     lse_all = tl.load(lse_all_ptr + rows, mask=row_ok, other=0.0)
     lse_pos = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
 
@@ -356,7 +377,7 @@ def _bank_info_nce_dq_kernel(
 def _bank_info_nce_bwd_bank_kernel(
     q_ptr, bank_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr,
     grad_loss_ptr, lse_all_ptr, lse_pos_ptr, dbank_ptr,
-    n_queries, n_slots, dim, valid_count, grad_stride,
+    n_queries, n_slots, dim, valid_count, grad_stride, grad_scale,
     stride_qn, stride_qd, stride_bk, stride_bd,
     FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.constexpr,
@@ -388,7 +409,8 @@ def _bank_info_nce_bwd_bank_kernel(
             logits = tl.dot(q, tl.trans(b), input_precision=PRECISION) * row_scale[:, None] * inv_b[None, :]
             qid = _query_ids(query_ids_ptr, rows, row_ok, FN_MODE)
             usable, in_pos = _tile_sets(qid, bank_ids_ptr, cols, filled, FN_MODE)
-            g = tl.load(grad_loss_ptr + rows * grad_stride, mask=row_ok, other=0.0)
+            g = tl.load(grad_loss_ptr + rows * grad_stride, mask=row_ok, other=0.0).to(tl.float32)
+            g *= grad_scale
             lse_all = tl.load(lse_all_ptr + rows, mask=row_ok, other=0.0)
             lse_pos = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
             grad = _logit_grads(logits, usable, in_pos, g, lse_all, lse_pos, FN_MODE)
@@ -533,6 +555,7 @@ def _operand_bytes(dtype: torch.dtype, dot_fp32: bool) -> int:
     return 4 if dot_fp32 else dtype.itemsize
 
 
+@functools.lru_cache(maxsize=None)  # pure in its arguments; read-only results
 def nce_tiles(dtype: torch.dtype, d: int, interpret: bool = False) -> dict:
     """The InfoNCE kernels' tiles for head dimension ``d``: BLOCK_D, the forward's largest row block
     and slot tile, and the backward's row block = slot tile (fp16's second products take fp32
@@ -545,6 +568,7 @@ def nce_tiles(dtype: torch.dtype, d: int, interpret: bool = False) -> dict:
                 bwd_tile=_tile_rows(block_d, bwd, 64))
 
 
+@functools.lru_cache(maxsize=None)  # pure in its arguments; read-only results
 def topk_tiles(dtype: torch.dtype, d: int, k: int, interpret: bool = False) -> dict:
     """The top-k kernel's tiles: the list (= slot tile) width BLOCK_K ≥ k, the largest row block,
     and the head-dimension chunk BLOCK_D that keeps a slot tile within OPERAND_TILE_BYTES."""
@@ -591,8 +615,9 @@ def _strides(x):
 
 
 def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, valid_count: int,
-                      fn_mode, normalize: bool, interpret: bool):
-    """[N, D] queries and positives, [K, D] bank, optional [N, M, D] extras → (loss, lse_all, lse_pos), fp32 [N]."""
+                      fn_mode, normalize: bool, interpret: bool, reduce_scale=None):
+    """[N, D] queries and positives, [K, D] bank, optional [N, M, D] extras → (loss, lse_all, lse_pos), fp32 [N];
+    with ``reduce_scale`` the loss is reduce_scale·Σ_i loss_i instead (0-d)."""
     n, d = query.shape
     num_slots = bank.shape[0]
     dev = query.device
@@ -600,7 +625,8 @@ def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank
     lse_all = torch.empty(n, dtype=torch.float32, device=dev)
     lse_pos = torch.empty(n, dtype=torch.float32, device=dev)
     if n == 0:
-        return loss, lse_all, lse_pos
+        return (torch.zeros((), dtype=torch.float32, device=dev) if reduce_scale is not None else loss), lse_all, lse_pos
+    reduced = torch.empty((), dtype=torch.float32, device=dev) if reduce_scale is not None else None
     dots = _dot_settings(query.dtype, interpret)
     tiles = nce_tiles(query.dtype, d, interpret)
     block_d, slot_tile = tiles["block_d"], tiles["fwd_slots"]
@@ -622,14 +648,23 @@ def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank
         NORMALIZE=normalize, DOT_FP32=dots["DOT_FP32"], PRECISION=dots["PRECISION"],
         BLOCK_N=block_n, BLOCK_K=slot_tile, BLOCK_D=block_d, num_warps=8 if block_n * block_d >= 128 * 128 else 4,
     )
-    _bank_info_nce_combine_kernel[(cdiv(n, 256),)](partial, loss, lse_all, lse_pos, n, splits, BLOCK=256)
-    return loss, lse_all, lse_pos
+    # Reducing, one program walks the rows in wide blocks (4 for N = 4096): a few µs on the device,
+    # where a torch sum and scale would cost two launches.
+    reduce = reduced is not None
+    block = 1024 if reduce else 256
+    _bank_info_nce_combine_kernel[(1 if reduce else cdiv(n, block),)](
+        partial, loss, lse_all, lse_pos, reduced if reduce else loss, n, splits, 1.0 if reduce_scale is None else
+        reduce_scale, REDUCE=reduce, BLOCK=block)
+    return (reduced if reduce else loss), lse_all, lse_pos
 
 
 def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask,
                       valid_count: int, fn_mode, normalize: bool, lse_all, lse_pos, bank_grad: bool, extra_grad: bool,
-                      interpret: bool):
-    """→ (d query [N, D], d positive [N, D], d bank [K, D] or [0], d extras [N, M, D] or [0], r [N] fp32)."""
+                      interpret: bool, grad_scale: float = 1.0):
+    """→ (d query [N, D], d positive [N, D], d bank [K, D] or [0], d extras [N, M, D] or [0], r [N] fp32).
+
+    ``grad_loss``: [N] per-query gradients, or one (0-d or [1]) that every query shares, read
+    at stride 0; either is multiplied by ``grad_scale`` in the kernels."""
     n, d = query.shape
     num_slots = bank.shape[0]
     dev = query.device
@@ -646,9 +681,9 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
     placeholder = r
     ids = (query_ids if query_ids is not None else placeholder, bank_ids if bank_ids is not None else placeholder)
     vmask = valid_mask if valid_mask is not None else placeholder
-    # [N] per-query gradients, or one [1] gradient every query shares (stride 0).
-    grad_loss = grad_loss.contiguous().float()
-    grad_stride = 1 if grad_loss.numel() == n and n != 1 else 0
+    if grad_loss.dim() and not grad_loss.is_contiguous():
+        grad_loss = grad_loss.contiguous()
+    grad_stride = 1 if grad_loss.dim() and grad_loss.numel() == n and n != 1 else 0
     common = dict(FN_MODE=FALSE_NEGATIVE_CODES[fn_mode], HAS_VALID_MASK=valid_mask is not None, NORMALIZE=normalize,
                   BLOCK_D=block_d, **_dot_settings(query.dtype, interpret))
     num_warps = 8 if block_d >= 128 else 4
@@ -662,7 +697,7 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
         _bank_info_nce_bwd_query_kernel[(row_blocks, splits)](
             query, positive, bank, extra if has_extra else query, *ids, vmask, temperature,
             grad_loss, lse_all, lse_pos, acc, r_partial, dpos, dextra if extra_grad else dpos,
-            n, num_slots, d, extra.shape[1] if has_extra else 0, valid_count, split_slots, grad_stride,
+            n, num_slots, d, extra.shape[1] if has_extra else 0, valid_count, split_slots, grad_stride, grad_scale,
             *_strides(query), *_strides(positive), *_strides(bank), *(extra.stride() if has_extra else (0, 0, 0)),
             HAS_EXTRA=has_extra, EXTRA_GRAD=extra_grad and has_extra, BLOCK_N=block_n, BLOCK_K=tile,
             num_warps=num_warps, **common,
@@ -675,7 +710,7 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
         block_k = _row_block(num_slots, tile)
         _bank_info_nce_bwd_bank_kernel[(cdiv(num_slots, block_k),)](
             query, bank, *ids, vmask, temperature, grad_loss, lse_all, lse_pos, dbank,
-            n, num_slots, d, valid_count, grad_stride, *_strides(query), *_strides(bank),
+            n, num_slots, d, valid_count, grad_stride, grad_scale, *_strides(query), *_strides(bank),
             BLOCK_N=tile, BLOCK_K=block_k, num_warps=num_warps, **common,
         )
     return dq, dpos, dbank, dextra, r
