@@ -230,9 +230,11 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
     for dtype, dot_fp32, mask, normalize in (("bf16", False, False, False), ("fp32", True, True, True)):
         compile_contrastive(ck._bank_topk_kernel,
                             dict(HAS_VALID_MASK=mask, NORMALIZE=normalize, DOT_FP32=dot_fp32, PRECISION="ieee",
-                                 BLOCK_N=64, BLOCK_K=64, BLOCK_D=128, D_CHUNKS=1), dtype, 4, partial_ptr="*i64")
+                                 BLOCK_N=64, BLOCK_K=64, BLOCK_D=128, D_CHUNKS=1, LOG2_N=6, LOG2_K=6), dtype, 4,
+                            partial_ptr="*i64")
         count += 1
-    compile_contrastive(ck._bank_topk_merge_kernel, dict(BLOCK_N=64, BLOCK_K=64), "fp32", 4, partial_ptr="*i64")
+    compile_contrastive(ck._bank_topk_merge_kernel, dict(BLOCK_N=64, BLOCK_K=64, LOG2_N=6, LOG2_K=6), "fp32", 4,
+                        partial_ptr="*i64")
     count += 1
     # 64-bit sizes and launches specialised on arguments equal to 1
     opts = dict(FN_MODE=1, HAS_VALID_MASK=False, NORMALIZE=True, DOT_FP32=False, PRECISION="ieee")
@@ -272,7 +274,8 @@ CONTRASTIVE_LIMITS_SCRIPT = CONTRASTIVE_SCRIPT.split("count = 0")[0] + textwrap.
             compile_contrastive(ck._bank_topk_kernel,
                                 dict(HAS_VALID_MASK=True, NORMALIZE=True, DOT_FP32=dots["DOT_FP32"], PRECISION="ieee",
                                      BLOCK_N=t["rows"], BLOCK_K=t["block_k"], BLOCK_D=t["block_d"],
-                                     D_CHUNKS=t["d_chunks"]), dtype, 4, partial_ptr="*i64")
+                                     D_CHUNKS=t["d_chunks"], LOG2_N=t["rows"].bit_length() - 1,
+                                     LOG2_K=t["block_k"].bit_length() - 1), dtype, 4, partial_ptr="*i64")
             count += 1
     print("compiled", count)
     """

@@ -17,9 +17,10 @@ order, so results are the same bits on every run.
 * ``_bank_info_nce_bwd_bank_kernel``: one program per block of slots streams the queries for
   d(bank) = Gᵀ·Q. It runs only when the bank requires a gradient (a MoCo queue does not).
 * ``_bank_topk_kernel``: keeps a sorted running top-KP list of (similarity, slot) packed into
-  int64 keys. Each bank tile is sorted ascending and merged with the running list by an
-  elementwise max (a bitonic merge), then re-sorted. ``_bank_topk_merge_kernel`` merges the
-  splits' lists in the same way.
+  int64 keys. Each bank tile is sorted ascending; its elementwise max with the descending list
+  is a bitonic sequence holding the top KP of both, which log2(KP) half-cleaner stages sort
+  (``_merge_bitonic_rows``; a second full sort would take 21 stages at KP = 64).
+  ``_bank_topk_merge_kernel`` merges the splits' lists in the same way.
 
 With ``NORMALIZE`` the inverse norms are computed from the tiles as they are loaded, so no
 normalised copy of the bank is made: l = (q·b)·|q|⁻¹·|b|⁻¹/τ. The chain rule through the
@@ -439,12 +440,40 @@ _EMPTY_KEY = tl.constexpr(-9223372036854775807)
 
 
 @triton.jit
+def _xor(a, b):
+    return a ^ b
+
+
+@triton.jit
+def _merge_bitonic_rows(x, LOG2_ROWS: tl.constexpr, LOG2_COLS: tl.constexpr):
+    """Each row of x [2^LOG2_ROWS, 2^LOG2_COLS], a bitonic sequence (e.g. the elementwise max of a
+    descending and an ascending list), sorted descending by LOG2_COLS half-cleaner stages: a
+    bitonic merge, where a full sort would take LOG2_COLS·(LOG2_COLS+1)/2 stages.
+
+    The tensor is viewed as a hypercube of 2s, one axis per index bit; at the stage for column
+    bit j each element meets its partner across that bit (x XOR the XOR over the pair), and the
+    element with the bit clear keeps the larger key."""
+    h = tl.reshape(x, [2] * (LOG2_ROWS + LOG2_COLS))
+    for stage in tl.static_range(LOG2_COLS):  # column bits from the highest: axes LOG2_ROWS, LOG2_ROWS + 1, ...
+        h = _half_cleaner(h, LOG2_ROWS + stage, LOG2_ROWS + LOG2_COLS)
+    return tl.reshape(h, x.shape)
+
+
+@triton.jit
+def _half_cleaner(h, AXIS: tl.constexpr, DIMS: tl.constexpr):
+    partner = h ^ tl.reduce(h, AXIS, _xor, keep_dims=True)
+    upper = tl.reshape(tl.arange(0, 2), [1] * AXIS + [2] + [1] * (DIMS - 1 - AXIS))
+    return tl.where(upper == 1, tl.minimum(h, partner), tl.maximum(h, partner))
+
+
+@triton.jit
 def _bank_topk_kernel(
     q_ptr, bank_ptr, valid_mask_ptr, partial_ptr,
     n_queries, n_slots, dim, valid_count, split_slots,
     stride_qn, stride_qd, stride_bk, stride_bd,
     HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    LOG2_N: tl.constexpr, LOG2_K: tl.constexpr,
 ):
     """Program (row block, split) → the split's sorted top-BLOCK_K packed keys [splits, N, BLOCK_K].
 
@@ -496,7 +525,7 @@ def _bank_topk_kernel(
             sims = dot * inv_q[:, None] * inv_b[None, :]
         keys = tl.where(filled[None, :], _pack_similarity(sims, cols[None, :]), _EMPTY_KEY)
         # best is descending and the tile ascending, so the elementwise max holds the top BLOCK_K of both.
-        best = tl.sort(tl.maximum(best, tl.sort(keys, dim=1, descending=False)), dim=1, descending=True)
+        best = _merge_bitonic_rows(tl.maximum(best, tl.sort(keys, dim=1, descending=False)), LOG2_N, LOG2_K)
     lanes = tl.arange(0, BLOCK_K)
     out = (split * n_queries + rows).to(tl.int64)[:, None] * BLOCK_K + lanes[None, :]
     tl.store(partial_ptr + out, best, mask=row_ok[:, None])
@@ -504,7 +533,7 @@ def _bank_topk_kernel(
 
 @triton.jit
 def _bank_topk_merge_kernel(partial_ptr, values_ptr, indices_ptr, n_queries, k, n_splits,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOG2_N: tl.constexpr, LOG2_K: tl.constexpr):
     """Merges the splits' sorted lists (each read back to front, i.e. ascending) and unpacks the first k."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_queries
@@ -515,7 +544,7 @@ def _bank_topk_merge_kernel(partial_ptr, values_ptr, indices_ptr, n_queries, k, 
         base = (split * n_queries + rows).to(tl.int64)[:, None] * BLOCK_K
         ascending = tl.load(partial_ptr + base + (BLOCK_K - 1 - lanes)[None, :], mask=row_ok[:, None],
                             other=_EMPTY_KEY)
-        best = tl.sort(tl.maximum(best, ascending), dim=1, descending=True)
+        best = _merge_bitonic_rows(tl.maximum(best, ascending), LOG2_N, LOG2_K)
     high = (best >> 32).to(tl.int32)
     bits = high ^ ((high >> 31) & 0x7FFFFFFF)
     missing = best == _EMPTY_KEY
@@ -591,7 +620,7 @@ SLOT_TILE = 64
 # benchmarks/static_cost.py reports them; tests/test_static_cost.py holds these to it).
 FWD_PROGRAMS_PER_SM = 2
 BWD_QUERY_PROGRAMS_PER_SM = 1
-TOPK_PROGRAMS_PER_SM = 3
+TOPK_PROGRAMS_PER_SM = 2
 
 
 def _bank_splits(row_blocks: int, slot_end: int, device: torch.device, interpret: bool,
@@ -732,14 +761,15 @@ def bank_topk(query, bank, k: int, valid_mask, valid_count: int, normalize: bool
     splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), query.device,
                                        interpret, tile=block_k, per_sm=TOPK_PROGRAMS_PER_SM)
     partial = torch.empty((splits, n, block_k), dtype=torch.int64, device=query.device)
+    logs = dict(LOG2_N=block_n.bit_length() - 1, LOG2_K=block_k.bit_length() - 1)  # both powers of two
     _bank_topk_kernel[(row_blocks, splits)](
         query, bank, valid_mask if valid_mask is not None else values, partial,
         n, num_slots, d, valid_count, split_slots,
         *_strides(query), *_strides(bank),
         HAS_VALID_MASK=valid_mask is not None, NORMALIZE=normalize, DOT_FP32=dots["DOT_FP32"],
         PRECISION=dots["PRECISION"], BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
-        D_CHUNKS=tiles["d_chunks"], num_warps=4,
+        D_CHUNKS=tiles["d_chunks"], **logs, num_warps=4,
     )
     _bank_topk_merge_kernel[(row_blocks,)](partial, values, indices, n, k, splits, BLOCK_N=block_n, BLOCK_K=block_k,
-                                           num_warps=4)
+                                           **logs, num_warps=4)
     return values, indices
