@@ -193,7 +193,7 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
     INTS = {"n_queries", "n_slots", "dim", "n_extra", "k", "valid_count", "split_slots", "n_splits", "grad_stride",
             "stride_qn", "stride_qd", "stride_pn", "stride_pd", "stride_bk", "stride_bd", "stride_en", "stride_em", "stride_ed"}
     FP32 = ("loss_ptr", "lse_all_ptr", "lse_pos_ptr", "temperature_ptr", "grad_loss_ptr", "r_ptr", "values_ptr",
-            "partial_ptr", "acc_ptr", "r_partial_ptr", "reduced_ptr")
+            "partial_ptr", "acc_ptr", "r_partial_ptr")
 
     def compile_contrastive(kernel, constexprs, dtype, num_warps=8, int_type="i32", **special):
         pointers = {name: f"*{dtype}" for name in kernel.arg_names if name.endswith("_ptr")}

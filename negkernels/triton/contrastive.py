@@ -231,28 +231,30 @@ def _merge_log_sum_exp(partial_ptr, plane_offset, rows, row_ok, n_queries, n_spl
 
 
 @triton.jit
-def _bank_info_nce_combine_kernel(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, reduced_ptr, n_queries, n_splits,
+def _bank_info_nce_combine_kernel(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, n_queries, n_splits,
                                   reduce_scale, REDUCE: tl.constexpr, BLOCK: tl.constexpr):
-    """Merges the splits → loss, lse_all, lse_pos [N]. With REDUCE one program walks every row
-    block and also writes reduce_scale·Σ loss (a fixed-order sum) to ``reduced_ptr``."""
+    """Merges the splits → lse_all, lse_pos [N] and the loss: per query [N], or with REDUCE one
+    0-d reduce_scale·Σ loss (a fixed-order sum, one program walking every row block)."""
     if REDUCE:
         total = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_queries, BLOCK):
             total += _combine_rows(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, start + tl.arange(0, BLOCK),
-                                   n_queries, n_splits)
-        tl.store(reduced_ptr, tl.sum(total, axis=0) * reduce_scale)
+                                   n_queries, n_splits, False)
+        tl.store(loss_ptr, tl.sum(total, axis=0) * reduce_scale)
     else:
         _combine_rows(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, tl.program_id(0) * BLOCK + tl.arange(0, BLOCK),
-                      n_queries, n_splits)
+                      n_queries, n_splits, True)
 
 
 @triton.jit
-def _combine_rows(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, rows, n_queries, n_splits):
+def _combine_rows(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, rows, n_queries, n_splits,
+                  STORE_LOSS: tl.constexpr):
     row_ok = rows < n_queries
     lse_all = _merge_log_sum_exp(partial_ptr, 0, rows, row_ok, n_queries, n_splits)
     lse_pos = _merge_log_sum_exp(partial_ptr, 2 * n_splits * n_queries, rows, row_ok, n_queries, n_splits)
     loss = lse_all - lse_pos
-    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    if STORE_LOSS:
+        tl.store(loss_ptr + rows, loss, mask=row_ok)
     tl.store(lse_all_ptr + rows, lse_all, mask=row_ok)
     tl.store(lse_pos_ptr + rows, lse_pos, mask=row_ok)
     return tl.where(row_ok, loss, 0.0)
@@ -650,12 +652,13 @@ def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank
     n, d = query.shape
     num_slots = bank.shape[0]
     dev = query.device
-    loss = torch.empty(n, dtype=torch.float32, device=dev)
+    reduce = reduce_scale is not None
+    # The loss: per query, or (reducing) one 0-d value; the mean of no queries is 0.
+    loss = torch.empty(() if reduce else n, dtype=torch.float32, device=dev)
     lse_all = torch.empty(n, dtype=torch.float32, device=dev)
     lse_pos = torch.empty(n, dtype=torch.float32, device=dev)
     if n == 0:
-        return (torch.zeros((), dtype=torch.float32, device=dev) if reduce_scale is not None else loss), lse_all, lse_pos
-    reduced = torch.empty((), dtype=torch.float32, device=dev) if reduce_scale is not None else None
+        return (loss.zero_() if reduce else loss), lse_all, lse_pos
     dots = _dot_settings(query.dtype, interpret)
     tiles = nce_tiles(query.dtype, d, interpret)
     block_d, slot_tile = tiles["block_d"], tiles["fwd_slots"]
@@ -679,12 +682,10 @@ def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank
     )
     # Reducing, one program walks the rows in wide blocks (4 for N = 4096): a few µs on the device,
     # where a torch sum and scale would cost two launches.
-    reduce = reduced is not None
     block = 1024 if reduce else 256
     _bank_info_nce_combine_kernel[(1 if reduce else cdiv(n, block),)](
-        partial, loss, lse_all, lse_pos, reduced if reduce else loss, n, splits, 1.0 if reduce_scale is None else
-        reduce_scale, REDUCE=reduce, BLOCK=block)
-    return (reduced if reduce else loss), lse_all, lse_pos
+        partial, loss, lse_all, lse_pos, n, splits, reduce_scale if reduce else 1.0, REDUCE=reduce, BLOCK=block)
+    return loss, lse_all, lse_pos
 
 
 def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask,
