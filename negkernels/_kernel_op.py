@@ -20,11 +20,16 @@ import torch
 from torch import Tensor
 
 
+def _modes_active() -> bool:
+    """Tracing, a dispatch or function mode, or a functorch transform: the dispatcher must run."""
+    return bool(torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled()
+                or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
 def plain_eager_call(args) -> bool:
     """True when ``args`` can skip the dispatcher without changing what the call does."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled()
-            or torch._C._functorch.peek_interpreter_stack() is not None):
+    if _modes_active():
         return False
     for a in args:
         if isinstance(a, Tensor) and (type(a) is not Tensor or a.is_meta):
@@ -71,10 +76,15 @@ class KernelOp:
             forward=staticmethod(forward), backward=staticmethod(backward)))
 
     def __call__(self, *args):
-        if not plain_eager_call(args):
+        if _modes_active():
             return self.op(*args)
-        if self._function is None or not torch.is_grad_enabled() or not any(
-                isinstance(a, Tensor) and a.requires_grad for a in args):
+        needs_grad = False
+        for a in args:  # plain_eager_call's test and the gradient test in one pass
+            if isinstance(a, Tensor):
+                if type(a) is not Tensor or a.is_meta:
+                    return self.op(*args)
+                needs_grad = needs_grad or a.requires_grad
+        if self._function is None or not needs_grad or not torch.is_grad_enabled():
             return self.impl(*args)  # no gradient to track: no autograd node
         if self._has_tensor_lists:
             return self.op(*args)

@@ -473,6 +473,31 @@ def test_policy_loss_from_logits_packed_and_scaled_grad(backend, loss_type):
     assert_close(x.grad, x64.grad, rtol=1e-4, atol=1e-7, what="packed grad")
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("masking", ["mask", "none", "all-masked", "given-count"])
+def test_policy_loss_from_logits_normalisers(backend, aggregation, masking, monkeypatch):
+    """Every aggregation's normaliser, whether the kernel counts the tokens itself (token-mean and
+    token-sum of this call: counted in several steps here) or the host gives it."""
+    import negkernels.triton.logprobs as triton_logprobs
+
+    monkeypatch.setattr(triton_logprobs, "MASK_COUNT_BLOCK", 16)  # 35 rows: three counting steps
+    logits, targets, old, ref, adv, mask = from_logits_case(5, 7, 19)
+    mask = {"mask": mask, "none": None, "all-masked": torch.zeros_like(mask), "given-count": mask}[masking]
+    given = dict(num_tokens=torch.tensor(9.0), num_sequences=3) if masking == "given-count" else {}
+    kw = dict(aggregation=aggregation, clip_low=0.1, clip_high=0.15, **given)
+    x = logits.clone().requires_grad_()
+    with poisoned_allocations():
+        out = nk.policy_loss_from_logits(x, targets, old, adv, mask, backend=backend, **kw)
+    (out.loss * 1.5).backward()
+    x64 = logits.double().requires_grad_()
+    ref_out = nk.policy_loss_from_logits(x64, targets, old.double(), adv.double(), mask, backend="reference", **kw)
+    (ref_out.loss * 1.5).backward()
+    assert_close(out.loss, ref_out.loss, **F32, what="loss")
+    assert_close(x.grad, x64.grad, rtol=1e-4, atol=1e-7, what="logits grad")
+    assert_close(out.mean_ratio, ref_out.mean_ratio, **F32, what="mean_ratio")
+
+
 def test_policy_loss_from_logits_bad_input():
     logits, targets, old, ref, adv, mask = from_logits_case()
     with pytest.raises(ValueError, match="logits"):

@@ -147,7 +147,8 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
         compile_logprobs(lk._policy_loss_fwd_kernel, v, logp_ptr="*fp32")
         count += 1
     fused = dict(LOSS=0, KL=-1, IS=0, CISPO_TWO_SIDED=False, COMPUTE_GRAD=True, WITH_ENTROPY=False, FINALIZE=True,
-                 HAS_WEIGHT=False, HAS_MASK=True, ADV_PER_TOKEN=False, IW_PER_TOKEN=False, BLOCK_V=4096)
+                 HAS_WEIGHT=False, HAS_MASK=True, ADV_PER_TOKEN=False, IW_PER_TOKEN=False, NORMALISER=1, BLOCK_V=4096,
+                 COUNT_BLOCK=lk.MASK_COUNT_BLOCK)
     for loss in (0, 2, 3, 4):
         compile_logprobs(lk._policy_loss_from_logits_kernel,
                          dict(fused, LOSS=loss, KL=loss % 5, IS=1 + loss % 2, CISPO_TWO_SIDED=loss == 2,
@@ -160,7 +161,8 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
         compile_logprobs(lk._policy_loss_from_logits_kernel, dict(fused, KL=kl, COMPUTE_GRAD=kl != 2,
                                                                   FINALIZE=kl != 0, HAS_WEIGHT=kl == 1,
                                                                   HAS_MASK=kl != 3, ADV_PER_TOKEN=kl == 4,
-                                                                  IW_PER_TOKEN=kl in (0, 4)))
+                                                                  IW_PER_TOKEN=kl in (0, 4),
+                                                                  NORMALISER=(kl + 1) % 3))
         count += 1
     for entropy in (False, True):
         compile_logprobs(lk._policy_loss_from_logits_kernel, dict(fused, WITH_ENTROPY=entropy,
@@ -172,7 +174,9 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
     compile_logprobs(lk._policy_loss_from_logits_kernel,
                      dict(fused, stride_outer=1, inner_size=1, n_vocab=1, grad_stride_outer=1, BLOCK_V=16, n_rows=1,
                           rows_per_program=1))
-    count += 2
+    compile_logprobs(lk._policy_loss_from_logits_kernel,
+                     dict(fused, HAS_MASK=False, BLOCK_V=16, n_rows=1, rows_per_program=1))
+    count += 3
     # The LM-head chunks with fp32_lm_head: fp32 logits, their gradient written to a bf16 buffer.
     compile_logprobs(lk._token_logprobs_fwd_kernel, dict(WITH_ENTROPY=True, BLOCK_V=4096), logits_ptr="*fp32")
     compile_logprobs(lk._token_logprobs_bwd_kernel, dict(HAS_GRAD_LOGP=True, HAS_GRAD_ENTROPY=True, BLOCK_V=4096),
@@ -339,7 +343,7 @@ def test_every_advantages_kernel_variant_compiles_for_sm90():
 
 
 def test_every_logprobs_kernel_variant_compiles_for_sm90():
-    assert "compiled 45" in _compile_in_subprocess(LOGPROBS_SCRIPT)
+    assert "compiled 46" in _compile_in_subprocess(LOGPROBS_SCRIPT)
 
 
 def test_every_contrastive_kernel_variant_compiles_for_sm90():

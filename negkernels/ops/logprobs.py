@@ -111,7 +111,7 @@ def _token_logprobs_fwd_op(logits: Tensor, targets: Tensor, temperature: float, 
 
     rows = targets.numel()
     x, so, si, inner = _row_view(logits)
-    logp, entropy, lse = token_logprobs_fwd(x, so, si, inner, rows, logits.shape[-1], targets.reshape(-1).contiguous(),
+    logp, entropy, lse = token_logprobs_fwd(x, so, si, inner, rows, logits.shape[-1], targets.contiguous(),
                                             temperature, vocab_start, with_entropy, vocab_total)
     lead = targets.shape
     return logp.view(lead), entropy.view(lead) if with_entropy else entropy, lse.view(lead)
@@ -132,7 +132,7 @@ def _bwd_launch(grad_logp, grad_entropy, logits, targets, lse, entropy, temperat
     token_logprobs_bwd(
         grad_logp.reshape(-1) if grad_logp is not None else None,
         grad_entropy.reshape(-1) if grad_entropy is not None else None,
-        x, so, si, inner, o, oso, osi, targets.numel(), logits.shape[-1], targets.reshape(-1).contiguous(),
+        x, so, si, inner, o, oso, osi, targets.numel(), logits.shape[-1], targets.contiguous(),
         lse.reshape(-1).contiguous(), entropy.reshape(-1).contiguous() if entropy is not None else None,
         temperature, vocab_start,
     )
@@ -366,7 +366,8 @@ def _check_mask_values(mask: Optional[Tensor]) -> None:
 def _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens, max_seqlen, ref_logp, is_weights,
                          cfg: PolicyLossConfig, validate=True):
     check_tensor("logp", logp, dtypes=FLOAT_DTYPES)
-    check_tensor("old_logp", old_logp, dtypes=FLOAT_DTYPES)
+    if old_logp is not logp:  # from logits, old_logp stands in for logp: checked once
+        check_tensor("old_logp", old_logp, dtypes=FLOAT_DTYPES)
     device = logp.device
     packed = cu_seqlens is not None
     if packed:
@@ -395,7 +396,7 @@ def _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens, max_seqle
         num_seq, seq_len = logp.shape
         max_seqlen = seq_len
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
-        if t is None:
+        if t is None or t is logp:
             continue
         check_tensor(name, t, dtypes=FLOAT_DTYPES, device=device)
         if t.shape != logp.shape:
@@ -477,7 +478,7 @@ def _policy_loss_op(
     (or [0]) before normalisation). ``logp`` is contiguous, of any shape; every other per-token input is read
     flat. ``codes`` and ``scalars`` are :class:`PolicyKernelCodes` and :class:`PolicyKernelScalars`;
     ``normaliser`` None: this call's own, from the kernel's per-sequence counts (no extra pass)."""
-    c, sc = PolicyKernelCodes(*codes), PolicyKernelScalars(*scalars)
+    c, sc = _codes(codes), _scalars(scalars)
     if backend == "cuda":
         from .._cuda_ext import policy_loss_fwd
 
@@ -507,7 +508,7 @@ def _finalize_partials(partial: Tensor, normaliser: Optional[Tensor], aggregatio
 
 @_policy_loss_op.register_fake
 def _(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, normaliser, codes, scalars, backend):
-    c = PolicyKernelCodes(*codes)
+    c = _codes(codes)
     f32 = dict(dtype=torch.float32)
     return (logp.new_empty((), **f32), logp.new_empty((POLICY_LOSS_PARTIALS,), **f32),
             logp.new_empty((logp.numel() if c.compute_grad else 0,), **f32))
@@ -576,6 +577,16 @@ class PolicyKernelScalars(NamedTuple):
     entropy_coef: float  # from logits only
 
 
+def _codes(codes) -> PolicyKernelCodes:
+    """The ``int[]`` of a custom op by name (kernel_args already gives the named tuple; the
+    dispatcher gives a list)."""
+    return codes if type(codes) is PolicyKernelCodes else PolicyKernelCodes(*codes)
+
+
+def _scalars(scalars) -> PolicyKernelScalars:
+    return scalars if type(scalars) is PolicyKernelScalars else PolicyKernelScalars(*scalars)
+
+
 def _optional_above(name: str, value, minimum: float) -> Optional[float]:
     return None if value is None else check_finite_float(name, value, minimum=minimum, exclusive=True)
 
@@ -632,6 +643,7 @@ class PolicyLossConfig:
         )
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+        object.__setattr__(self, "_kernel_args_cache", {})  # not a field: outside eq, hash and repr
 
     @classmethod
     def of(cls, config: Optional["PolicyLossConfig"], options: dict) -> "PolicyLossConfig":
@@ -644,6 +656,8 @@ class PolicyLossConfig:
             if not isinstance(config, cls):
                 raise TypeError(f"config: expected a PolicyLossConfig, got {type(config).__name__}")
             return config
+        if not options:
+            return _DEFAULT_CONFIG
         if torch.compiler.is_compiling():
             return cls(**options)
         try:
@@ -676,7 +690,23 @@ class PolicyLossConfig:
 
     def kernel_args(self, *, use_kl: bool, use_is: bool, adv_per_token: bool, iw_per_token: bool,
                     compute_grad: bool, num_sequences: int, seq_len: int, max_len: int, norm_constant: float,
-                    temperature: float = 1.0, entropy_coef: float = 0.0) -> tuple[list[int], list[float]]:
+                    temperature: float = 1.0, entropy_coef: float = 0.0) -> tuple[PolicyKernelCodes, PolicyKernelScalars]:
+        """The kernels' ``codes`` and ``scalars`` (the custom ops' ``int[]`` and ``float[]``) for one
+        call; a training loop asks for the same ones every step, so they are kept per config."""
+        key = (use_kl, use_is, adv_per_token, iw_per_token, compute_grad, num_sequences, seq_len, max_len,
+               norm_constant, temperature, entropy_coef)
+        if torch.compiler.is_compiling():
+            return self._build_kernel_args(*key)
+        cache = self._kernel_args_cache
+        found = cache.get(key)
+        if found is None:
+            if len(cache) >= 64:
+                cache.clear()
+            found = cache[key] = self._build_kernel_args(*key)
+        return found
+
+    def _build_kernel_args(self, use_kl, use_is, adv_per_token, iw_per_token, compute_grad, num_sequences, seq_len,
+                           max_len, norm_constant, temperature, entropy_coef):
         codes = PolicyKernelCodes(
             loss=int(LOSS_CODE[self.loss_type]),
             kl=int(KL_CODE[self.kl_estimator] if use_kl else KlEstimator.NONE),
@@ -692,11 +722,12 @@ class PolicyLossConfig:
             tau_neg=self.sapo_tau_neg, npo_beta=self.npo_beta, kl_coef=self.kl_coef if use_kl else 0.0,
             is_hi=self.is_threshold, is_lo=self.is_threshold_low, norm_constant=norm_constant,
             temperature=temperature, entropy_coef=entropy_coef)
-        return list(codes), list(scalars)
+        return codes, scalars
 
 
 # Validated configs by their keyword options: a training loop passes the same options every step.
 _CONFIGS: dict[tuple, PolicyLossConfig] = {}
+_DEFAULT_CONFIG = PolicyLossConfig()
 
 
 POLICY_OPTIONS = frozenset(f.name for f in fields(PolicyLossConfig))
@@ -854,27 +885,29 @@ def _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_
                                    is_weights, codes, scalars, with_entropy, grad):
     from ..triton.logprobs import policy_loss_from_logits_fwd
 
-    c, sc = PolicyKernelCodes(*codes), PolicyKernelScalars(*scalars)
+    c, sc = _codes(codes), _scalars(scalars)
     x, so, si, inner = _row_view(logits)
     g, gso, gsi, _ = _row_view(grad)
     row_scale = 1.0 / sc.norm_constant if c.aggregation == Aggregation.SEQ_MEAN_TOKEN_SUM_NORM else 1.0
     logp, entropy, loss, stats = policy_loss_from_logits_fwd(
-        x, so, si, inner, g, gso, gsi, targets.numel(), logits.shape[-1], targets.reshape(-1).contiguous(), old_logp,
+        x, so, si, inner, g, gso, gsi, targets.numel(), logits.shape[-1], targets.contiguous(), old_logp,
         advantages, token_weight, ref_logp, is_weights, c, sc, with_entropy, mask=mask, normaliser=normaliser,
-        row_scale=row_scale)
+        row_scale=row_scale, out_shape=targets.shape)
     return loss, stats, logp, entropy
 
 
 @kernel_op("negkernels::policy_loss_from_logits", mutates_args=())
 def _policy_loss_from_logits_op(
     logits: Tensor, targets: Tensor, old_logp: Tensor, advantages: Tensor, token_weight: Optional[Tensor],
-    mask: Optional[Tensor], normaliser: Tensor, ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
+    mask: Optional[Tensor], normaliser: Optional[Tensor], ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
     codes: list[int], scalars: list[float], with_entropy: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(Σ weight·(ℓ − entropy_coef·H), stats [8] = the 6 metrics and the entropy (means over the
     unmasked tokens) and their count, logp [N], entropy [N], d loss / d logits (empty unless
-    compute_grad)); the loss and stats come from the kernel's last program, in a fixed order."""
-    compute_grad = PolicyKernelCodes(*codes).compute_grad
+    compute_grad)); logp and entropy have the shape of ``targets``; the loss and stats come from
+    the kernel's last program, in a fixed order.
+    ``normaliser`` None (token-mean and token-sum only): this call's own, counted by the kernel."""
+    compute_grad = _codes(codes).compute_grad
     grad = (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad
             else logits.new_empty((0,)))
     out = _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_weight, mask, normaliser,
@@ -934,11 +967,11 @@ class _InplacePolicyLossFromLogits(torch.autograd.Function):
 @_policy_loss_from_logits_op.register_fake
 def _(logits, targets, old_logp, advantages, token_weight, mask, normaliser, ref_logp, is_weights, codes, scalars,
       with_entropy):
-    n = targets.numel()
-    grad = (torch.empty_like(logits, memory_format=torch.contiguous_format) if PolicyKernelCodes(*codes).compute_grad
+    grad = (torch.empty_like(logits, memory_format=torch.contiguous_format) if _codes(codes).compute_grad
             else logits.new_empty((0,)))
     return (logits.new_empty((), dtype=torch.float32), logits.new_empty((8,), dtype=torch.float32),
-            logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32), grad)
+            logits.new_empty(targets.shape, dtype=torch.float32), logits.new_empty(targets.shape, dtype=torch.float32),
+            grad)
 
 
 def _from_logits_setup(ctx, inputs, output):
@@ -1028,9 +1061,16 @@ def policy_loss_from_logits(
         _check_target_range(targets, logits.shape[-1])
     want_entropy = return_entropy or entropy_coef != 0.0
     counts = _sequence_counts(mask, old_logp, cu_seqlens) if cfg.aggregation.startswith("seq-mean") else None
-    denom = _normaliser(cfg.aggregation, mask, old_logp, cu_seqlens, num_tokens, num_sequences, process_group, counts)
+    fused = chosen != "reference" and cfg.loss_type in TOKEN_LOCAL_LOSSES
+    given = num_tokens if cfg.aggregation == "token-mean" else num_sequences
+    if fused and process_group is None and cfg.aggregation in ("token-mean", "token-sum") and (
+            given is None or cfg.aggregation == "token-sum"):
+        denom = None  # the kernel counts this call's tokens itself: no host op
+    else:
+        denom = _normaliser(cfg.aggregation, mask, old_logp, cu_seqlens, num_tokens, num_sequences, process_group,
+                            counts)
 
-    if chosen == "reference" or cfg.loss_type not in TOKEN_LOCAL_LOSSES:
+    if not fused:
         tl_backend = "reference" if chosen == "reference" else "triton"
         got = token_logprobs(logits, targets, temperature=temperature, return_entropy=want_entropy,
                              inplace_backward=inplace_backward, validate=False, backend=tl_backend)
@@ -1072,9 +1112,10 @@ def _fused_output(loss, stats, logp, entropy, targets, return_entropy, process_g
     count) → :class:`PolicyLossOutput`."""
     means = _global_metrics(stats[:7], stats[7], process_group) if process_group is not None else stats
     values = means.unbind(0)
-    return PolicyLossOutput(loss, *values[:6], entropy=values[6] if return_entropy else None,
-                            token_logp=logp.view(targets.shape),
-                            token_entropy=entropy.view(targets.shape) if return_entropy else None)
+    if logp.shape != targets.shape:  # the LM-head op's are flat
+        logp, entropy = logp.view(targets.shape), entropy.view(targets.shape)
+    return PolicyLossOutput(loss, *values[:6], entropy=values[6] if return_entropy else None, token_logp=logp,
+                            token_entropy=entropy if return_entropy else None)
 
 
 def _loss_from_token_logprobs(logp, entropy, old_logp, advantages, mask, cu_seqlens, max_len, ref_logp, is_weights,
@@ -1366,8 +1407,8 @@ def _linear_policy_loss_op(
     logp, entropy, loss, stats, dh, dw, db = linear_policy_loss_fwd(
         hidden, weight, bias, targets, old_logp, advantages, token_weight, ref_logp, is_weights,
         logits_dtype=_logits_dtype(hidden, fp32_lm_head), chunk_size=chunk_size, need_hidden=need_hidden,
-        need_weight=need_weight, need_bias=need_bias and bias is not None, codes=PolicyKernelCodes(*codes),
-        scalars=PolicyKernelScalars(*scalars), with_entropy=with_entropy)
+        need_weight=need_weight, need_bias=need_bias and bias is not None, codes=_codes(codes),
+        scalars=_scalars(scalars), with_entropy=with_entropy)
     return loss, stats, logp, entropy, dh, dw, db
 
 

@@ -19,6 +19,9 @@ passed as +inf sentinels so they need no compile-time variant.
 
 from __future__ import annotations
 
+import functools
+from enum import IntEnum
+
 import torch
 import triton
 import triton.language as tl
@@ -52,6 +55,20 @@ _IS_NONE: tl.constexpr = tl.constexpr(int(IsMode.NONE))
 _IS_TRUNCATE: tl.constexpr = tl.constexpr(int(IsMode.TRUNCATE))
 
 
+class NormaliserSource(IntEnum):
+    """Where the fused loss-from-logits kernel takes the divisor of a row's aggregation weight."""
+
+    TENSOR = 0  # the 0-d ``normaliser`` argument
+    UNMASKED_ROWS = 1  # token-mean of this call: the unmasked rows, counted by every program first
+    ONE = 2  # token-sum
+
+
+_NORMALISER_TENSOR: tl.constexpr = tl.constexpr(int(NormaliserSource.TENSOR))
+_NORMALISER_UNMASKED_ROWS: tl.constexpr = tl.constexpr(int(NormaliserSource.UNMASKED_ROWS))
+# Mask bytes a program counts per step before its first row (a few steps for any batch).
+MASK_COUNT_BLOCK = 4096
+
+
 # The fused loss-from-logits kernel keeps about one 151936-wide bf16 row (300 KB) per SM in
 # flight, about 40 MB on an H100, inside its 50 MB L2; wide blocks and many warps keep enough
 # bytes in flight per SM to approach the memory bandwidth. Untuned: no GPU has run it yet.
@@ -62,6 +79,7 @@ FUSED_MAX_BLOCK_V = 16384
 FUSED_NUM_WARPS = 32
 
 
+@functools.lru_cache(maxsize=256)
 def _vocab_block(n_vocab: int, largest: int = 4096) -> int:
     return max(16, min(largest, next_power_of_2(max(n_vocab, 1))))
 
@@ -559,6 +577,17 @@ def _finalize_policy_partials(partial_ptr, num_sequences, normaliser_ptr, loss_p
 
 
 @triton.jit
+def _count_nonzero(ptr, n, BLOCK: tl.constexpr):
+    """The nonzero entries of ``ptr[0:n]`` (uint8), as fp32 (exact up to 2^24)."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, n, BLOCK):
+        at = start + offs
+        acc += (tl.load(ptr + at, mask=at < n, other=0) != 0).to(tl.int32)
+    return tl.sum(acc, axis=0).to(tl.float32)
+
+
+@triton.jit
 def _policy_loss_from_logits_kernel(
     logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer, grad_stride_inner,
     targets_ptr, old_ptr, adv_ptr, weight_ptr, mask_ptr, normaliser_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr,
@@ -566,15 +595,26 @@ def _policy_loss_from_logits_kernel(
     is_hi, is_lo, row_scale, seq_len, n_rows, rows_per_program,
     LOSS: tl.constexpr, KL: tl.constexpr, IS: tl.constexpr, CISPO_TWO_SIDED: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, WITH_ENTROPY: tl.constexpr, FINALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_MASK: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, IW_PER_TOKEN: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_MASK: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, IW_PER_TOKEN: tl.constexpr, NORMALISER: tl.constexpr,
+    BLOCK_V: tl.constexpr, COUNT_BLOCK: tl.constexpr,
 ):
     # Persistent: a few rows in flight per SM, so a row read by the online pass is still in L2
     # when the gradient sweep reads it again. Each program sums its rows' terms in registers.
     pid = tl.program_id(0)
-    # Without per-token weights every unmasked token weighs row_scale / normaliser.
+    # Without per-token weights every unmasked token weighs row_scale / normaliser. A call's own
+    # token count is counted by every program (N mask bytes, from L2 after the first), so the
+    # host runs no op for it and the rows need no second pass.
     base_weight = 0.0
     if not HAS_WEIGHT:
-        base_weight = row_scale / tl.load(normaliser_ptr).to(tl.float32)
+        if NORMALISER == _NORMALISER_TENSOR:
+            base_weight = row_scale / tl.load(normaliser_ptr).to(tl.float32)
+        elif NORMALISER == _NORMALISER_UNMASKED_ROWS:
+            if HAS_MASK:
+                base_weight = row_scale / tl.maximum(_count_nonzero(mask_ptr, n_rows, COUNT_BLOCK), 1.0)
+            else:
+                base_weight = row_scale / n_rows  # n_rows >= 1: an empty call launches nothing
+        else:
+            base_weight = row_scale
     s_loss = 0.0
     s_n = 0.0
     s_low = 0.0
@@ -776,28 +816,39 @@ def policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_s
 def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, grad, grad_stride_outer,
                                 grad_stride_inner, rows: int, n_vocab: int, targets, old_logp, advantages, weight,
                                 ref_logp, is_weights, codes, scalars, with_entropy: bool, finalize: bool = True, *,
-                                mask=None, normaliser=None, row_scale: float = 1.0):
+                                mask=None, normaliser=None, row_scale: float = 1.0, out_shape=None):
     """Token rows of logits; per-token inputs read flat by row, in any float dtype; advantages and
     IS weights per token or, with ``codes.adv_per_token`` / ``iw_per_token`` off, per sequence of
     ``codes.seq_len`` rows. The aggregation weight of a row: ``weight`` [rows] fp32 if given (mask ·
-    aggregation weight / normaliser), else row_scale / ``normaliser`` (0-d) for the rows that
-    ``mask`` (uint8, optional) keeps. ``codes`` / ``scalars`` as in :func:`policy_loss_fwd` →
+    aggregation weight / normaliser), else row_scale / normaliser for the rows that ``mask`` (uint8,
+    optional) keeps, where the normaliser is ``normaliser`` (0-d) if given, else (from
+    ``codes.aggregation``) this call's unmasked rows for token-mean, 1 for token-sum. ``codes`` / ``scalars`` as in :func:`policy_loss_fwd` →
     (logp [rows],
     entropy [rows] (0 unless ``with_entropy``), loss 0-d, stats [8] = the 6 metrics and the mean
     entropy over the unmasked tokens, then their count); with ``codes.compute_grad`` the logits'
     gradient for an incoming gradient of 1 goes to ``grad`` (which may be ``logits``). Without
     ``finalize``, loss and stats are not written and the third result is the programs' raw
     partial sums [P, 9] (loss, count, the 6 metric sums, the entropy sum) for a caller that adds
-    up several launches."""
+    up several launches. ``out_shape``: the shape of logp and entropy (default [rows])."""
     dev = logits.device
-    logp = torch.empty(rows, dtype=torch.float32, device=dev)
-    entropy = torch.empty(rows, dtype=torch.float32, device=dev)
+    shape = rows if out_shape is None else out_shape
+    logp = torch.empty(shape, dtype=torch.float32, device=dev)
+    entropy = torch.empty(shape, dtype=torch.float32, device=dev)
     loss = torch.empty((), dtype=torch.float32, device=dev)
     stats = torch.empty(POLICY_LOSS_PARTIALS, dtype=torch.float32, device=dev)
     if rows == 0:
         loss.zero_()
         stats.zero_()
         return (logp, entropy, loss, stats) if finalize else (logp, entropy, stats.new_zeros((1, 9)), None)
+    if normaliser is not None or weight is not None:
+        source = NormaliserSource.TENSOR
+    elif codes.aggregation == Aggregation.TOKEN_MEAN:
+        source = NormaliserSource.UNMASKED_ROWS
+    elif codes.aggregation == Aggregation.TOKEN_SUM:
+        source = NormaliserSource.ONE
+    else:
+        raise ValueError(f"normaliser: required for aggregation code {codes.aggregation} (only token-mean and "
+                         "token-sum count their own)")
     block = _vocab_block(n_vocab, FUSED_MAX_BLOCK_V)
     sms = _backend.sm_count(logits.device)
     # The interpreter still walks the persistent loop with a few programs.
@@ -821,7 +872,8 @@ def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, 
         LOSS=codes.loss, KL=codes.kl, IS=codes.is_mode, CISPO_TWO_SIDED=bool(codes.cispo_two_sided),
         COMPUTE_GRAD=bool(codes.compute_grad), WITH_ENTROPY=with_entropy, FINALIZE=finalize,
         HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None, ADV_PER_TOKEN=bool(codes.adv_per_token),
-        IW_PER_TOKEN=bool(codes.iw_per_token) or is_weights is None, BLOCK_V=block,
+        IW_PER_TOKEN=bool(codes.iw_per_token) or is_weights is None, NORMALISER=source, BLOCK_V=block,
+        COUNT_BLOCK=MASK_COUNT_BLOCK,
         num_warps=FUSED_NUM_WARPS if block >= 8192 else _num_warps(block),
     )
     if finalize:
