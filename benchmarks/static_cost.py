@@ -249,8 +249,12 @@ def _cases() -> list[StaticCase]:
         return [launch.args["n_vocab"] // launch.args["BLOCK_V"]]
 
     def fused_trips(launch):
-        rows = launch.args["rows_per_program"] * (launch.args["n_vocab"] // launch.args["BLOCK_V"])
-        return [rows, rows]  # the online sweep and the gradient sweep; the finalize loops once
+        a = launch.args
+        rows = a["rows_per_program"] * (a["n_vocab"] // a["BLOCK_V"])
+        # A call's own token count first: every program counts the mask in COUNT_BLOCK steps.
+        counts = a["NORMALISER"] == tl_.NormaliserSource.UNMASKED_ROWS and a["HAS_MASK"] and not a["HAS_WEIGHT"]
+        counting = [-(-a["n_rows"] // a["COUNT_BLOCK"])] if counts else []
+        return counting + [rows, rows]  # the online sweep and the gradient sweep; the finalize loops once
 
     def segmented_trips(launch):
         n, programs = launch.args["n_rewards"], launch.grid[0]

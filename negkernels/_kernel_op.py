@@ -50,6 +50,7 @@ class KernelOp:
         self.op = op
         self.impl = impl
         self._function = None
+        self._differentiable = None  # leading arguments that may get a gradient; None: every one
         # autograd.Function does not track tensors inside list arguments: such ops keep the
         # dispatcher whenever they may need a gradient.
         self._has_tensor_lists = has_tensor_lists
@@ -57,20 +58,33 @@ class KernelOp:
     def register_fake(self, fn):
         return self.op.register_fake(fn)
 
-    def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+    def register_autograd(self, backward: Callable, *, setup_context: Callable,
+                          differentiable: int | None = None) -> None:
+        """As ``custom_op.register_autograd``. ``differentiable``: only the first this many
+        arguments can get a gradient (``backward`` returns theirs, through
+        :func:`no_grads_after`); the direct entrance then hands autograd those and one tuple of
+        the rest, since ``Function.apply`` walks each of its arguments on every call."""
         self.op.register_autograd(backward, setup_context=setup_context)
         impl = self.impl
+        self._differentiable = differentiable
 
-        # forward(ctx, ...) rather than a separate setup_context: Function.apply then skips
-        # binding its arguments with inspect.signature on every call.
-        def forward(ctx, *args):
-            out = impl(*args)
+        def finish(ctx, args, out):
             ctx.direct_call = True  # see KernelOp: the caller of this entrance never sees op outputs it discards
             # Outputs nobody differentiates get None, not a zero tensor each (every backward here
             # accepts None for such outputs).
             ctx.set_materialize_grads(False)
             setup_context(ctx, args, out)
             return tuple(out) if isinstance(out, list) else out
+
+        # forward(ctx, ...) rather than a separate setup_context: Function.apply then skips
+        # binding its arguments with inspect.signature on every call.
+        if differentiable is None:
+            def forward(ctx, *args):
+                return finish(ctx, args, impl(*args))
+        else:
+            def forward(ctx, *args):
+                args = (*args[:-1], *args[-1])
+                return finish(ctx, args, impl(*args))
 
         self._function = type(self.op._name.replace("::", "_"), (torch.autograd.Function,), dict(
             forward=staticmethod(forward), backward=staticmethod(backward)))
@@ -79,16 +93,19 @@ class KernelOp:
         if _modes_active():
             return self.op(*args)
         needs_grad = False
-        for a in args:  # plain_eager_call's test and the gradient test in one pass
+        k = self._differentiable
+        for i, a in enumerate(args):  # plain_eager_call's test and the gradient test in one pass
             if isinstance(a, Tensor):
                 if type(a) is not Tensor or a.is_meta:
                     return self.op(*args)
-                needs_grad = needs_grad or a.requires_grad
+                needs_grad = needs_grad or (a.requires_grad and (k is None or i < k))
         if self._function is None or not needs_grad or not torch.is_grad_enabled():
             return self.impl(*args)  # no gradient to track: no autograd node
         if self._has_tensor_lists:
             return self.op(*args)
-        return self._function.apply(*args)
+        if k is None:
+            return self._function.apply(*args)
+        return self._function.apply(*args[:k], args[k:])
 
 
 def no_grads_after(ctx, *grads) -> tuple:

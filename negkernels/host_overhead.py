@@ -81,6 +81,28 @@ def _sample_us(fn, calls: int) -> float:
     return statistics.median(samples) * 1e6
 
 
+def _sample_pair_us(base, fn, calls: int, block: int = 10) -> tuple[float, float]:
+    """The medians of ``calls`` single calls of ``base`` and of ``fn``, taken in alternating
+    blocks of ``block`` calls (so both see the same spell of a shared machine, and the median
+    still sees warm calls: the first call of a block finds the other's code in the caches), in
+    this thread's CPU time, garbage collection paused."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        base_s, fn_s = [], []
+        for _ in range(max(calls // block, 1)):
+            for f, samples in ((base, base_s), (fn, fn_s)):
+                for _ in range(block):
+                    t0 = time.thread_time()
+                    f()
+                    samples.append(time.thread_time() - t0)
+    finally:
+        if enabled:
+            gc.enable()
+    return statistics.median(base_s) * 1e6, statistics.median(fn_s) * 1e6
+
+
 def _cross_entropy_baseline():
     logits = torch.randn(16, 64, requires_grad=True)
     target = torch.randint(0, 64, (16,))
@@ -173,9 +195,10 @@ def _cases() -> list[HostCase]:
 def measure(reps: int = 300, rounds: int = 10) -> dict:
     """{"baseline_us": ..., "rows": [{"op", "us", "ratio", "target"}]} with every launch stubbed.
 
-    Interleaved: each round times the baseline and then every op, ``reps // rounds`` calls each,
-    and an op's ratio is the median over rounds of its time over that round's baseline, so a slow
-    spell of a shared machine scales both sides of a ratio alike."""
+    Interleaved: each round times every op, ``reps // rounds`` calls, in blocks of 10 that
+    alternate with blocks of baseline calls, and an op's ratio is the median over rounds of its
+    median over the baseline's in that round, so a slow spell of a shared machine (the baseline
+    alone moves by half between runs on one) scales both sides of a ratio alike."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -187,19 +210,20 @@ def measure(reps: int = 300, rounds: int = 10) -> dict:
                 for _ in range(10):
                     fn()
             per_round = max(reps // rounds, 5)
-            base_us, op_us = [], [[] for _ in cases]
+            base_us, op_us = [[] for _ in cases], [[] for _ in cases]
             for _ in range(rounds):
-                base_us.append(_sample_us(baseline, per_round))
-                for times, fn in zip(op_us, calls):
-                    times.append(_sample_us(fn, per_round))
+                for before, times, fn in zip(base_us, op_us, calls):
+                    b, t = _sample_pair_us(baseline, fn, per_round)
+                    before.append(b)
+                    times.append(t)
     finally:
         torch.set_num_threads(threads)
     rows = []
-    for case, times in zip(cases, op_us):
-        ratios = [t / b for t, b in zip(times, base_us)]
+    for case, before, times in zip(cases, base_us, op_us):
+        ratios = [t / b for t, b in zip(times, before)]
         rows.append(dict(op=case.name, us=statistics.median(times), ratio=statistics.median(ratios),
                          target=case.target))
-    return dict(baseline_us=statistics.median(base_us), rows=rows)
+    return dict(baseline_us=statistics.median(t for before in base_us for t in before), rows=rows)
 
 
 def print_table(result: dict) -> None:

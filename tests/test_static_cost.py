@@ -67,8 +67,10 @@ def test_the_fused_logits_sweeps_have_no_block_barrier_per_element(report):
     # is the only reduction: the two hot loops stay small.
     rows, _ = report
     (fused,) = rows["grpo-from-logits/fwd+bwd"]["kernels"]
-    online, gradient = fused["loop_bodies"][:2]
-    assert gradient <= 120 and fused["loop_barriers"][1] == 0 and fused["loop_shuffles"][1] == 0
+    first = len(fused["loop_trips"]) - 2  # after the loop that counts the mask, when the kernel counts it
+    assert first in (0, 1) and fused["loop_bodies"][0] <= 100  # counting, if there: a few mask bytes a step
+    online, gradient = fused["loop_bodies"][first:first + 2]
+    assert gradient <= 120 and fused["loop_barriers"][first + 1] == 0 and fused["loop_shuffles"][first + 1] == 0
     assert online <= 200
 
 

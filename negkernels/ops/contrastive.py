@@ -189,7 +189,8 @@ def _bank_info_nce_backward(ctx, grad_loss, grad_lse_all, grad_lse_pos):
     return no_grads_after(ctx, dq, dpos, dbank if needs[2] else None, dtemperature, dextra if needs[4] else None)
 
 
-_bank_info_nce_fwd_op.register_autograd(_bank_info_nce_backward, setup_context=_bank_info_nce_setup)
+_bank_info_nce_fwd_op.register_autograd(_bank_info_nce_backward, setup_context=_bank_info_nce_setup,
+                                         differentiable=5)  # query, positive, bank, temperature, extras
 
 
 # ============================================================================ InfoNCE public API

@@ -10,6 +10,7 @@ launchers. The ``reference`` backend is plain differentiable PyTorch.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from typing import NamedTuple, Optional
@@ -73,10 +74,22 @@ class PolicyLossOutput(NamedTuple):
 # ============================================================================ token log-probs
 
 
+@functools.cache
+def _triton_kernels():
+    """``negkernels.triton.logprobs``, imported on the first Triton call (only that backend needs
+    Triton); cached, since an import statement costs a hot path more than a cached call."""
+    from ..triton import logprobs
+
+    return logprobs
+
+
 def _row_view(x: Tensor) -> tuple[Tensor, int, int, int]:
     """[..., V] → (tensor, outer stride, inner stride, inner size) addressing rows without a copy
     when the last dim has unit stride and there are at most two leading dims (e.g. logits[:, :-1])."""
-    if x.dim() == 1:
+    dim = x.dim()
+    if dim == 3 and x.stride(2) == 1:  # the usual [B, T, V] logits: no view to build
+        return x, x.stride(0), x.stride(1), max(x.shape[1], 1)
+    if dim == 1:
         x = x.unsqueeze(0)
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -182,7 +195,8 @@ def _token_logprobs_backward(ctx, grad_logp, grad_entropy, grad_lse):
     return no_grads_after(ctx, grad)
 
 
-_token_logprobs_fwd_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup)
+_token_logprobs_fwd_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup,
+                                          differentiable=1)
 
 
 def _combine_vocab_partials(logp_r: Tensor, ent_r: Tensor, lse_r: Tensor, targets: Tensor, vocab_start: int,
@@ -249,7 +263,7 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
 
 def _check_targets(targets: Tensor, logits: Tensor, name: str = "targets") -> None:
     check_tensor(name, targets, dtypes=INDEX_DTYPES, device=logits.device)
-    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+    if targets.shape != logits.shape[:-1]:
         raise ValueError(f"{name}: shape {tuple(targets.shape)} must equal logits.shape[:-1] = {tuple(logits.shape[:-1])}")
 
 
@@ -484,9 +498,8 @@ def _policy_loss_op(
 
         partial, grad = policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, c, sc)
         return (*_finalize_partials(partial, normaliser, c.aggregation), grad)
-    from ..triton.logprobs import policy_loss_fwd
-
-    return policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, normaliser, c, sc)
+    return _triton_kernels().policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens,
+                                             normaliser, c, sc)
 
 
 def _finalize_partials(partial: Tensor, normaliser: Optional[Tensor], aggregation: int):
@@ -528,7 +541,7 @@ def _policy_loss_backward(ctx, grad_loss, *unused):
     return no_grads_after(ctx, grad.view(ctx.logp_shape))
 
 
-_policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_loss_setup)
+_policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_loss_setup, differentiable=1)
 
 
 def _global_metrics(metrics: Tensor, count: Tensor, process_group) -> Tensor:
@@ -883,13 +896,11 @@ def _per_token_values(x: Optional[Tensor], per_token: bool, targets: Tensor, cu_
 
 def _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_weight, mask, normaliser, ref_logp,
                                    is_weights, codes, scalars, with_entropy, grad):
-    from ..triton.logprobs import policy_loss_from_logits_fwd
-
     c, sc = _codes(codes), _scalars(scalars)
     x, so, si, inner = _row_view(logits)
     g, gso, gsi, _ = _row_view(grad)
     row_scale = 1.0 / sc.norm_constant if c.aggregation == Aggregation.SEQ_MEAN_TOKEN_SUM_NORM else 1.0
-    logp, entropy, loss, stats = policy_loss_from_logits_fwd(
+    logp, entropy, loss, stats = _triton_kernels().policy_loss_from_logits_fwd(
         x, so, si, inner, g, gso, gsi, targets.numel(), logits.shape[-1], targets.contiguous(), old_logp,
         advantages, token_weight, ref_logp, is_weights, c, sc, with_entropy, mask=mask, normaliser=normaliser,
         row_scale=row_scale, out_shape=targets.shape)
@@ -926,10 +937,9 @@ def _scaled_by_incoming(ctx, grad: Tensor, grad_loss: Tensor) -> Tensor:
     forward raises. Otherwise (traced, or called as ``torch.ops.negkernels.*``): a plain product."""
     if not grad.numel():
         return grad
-    if not getattr(ctx, "direct_call", False) or not plain_eager_call((grad, grad_loss)):
+    if not getattr(ctx, "direct_call", False) or not plain_eager_call((grad_loss,)):  # grad: this op's own
         return grad * grad_loss.to(grad.dtype)
-    from ..triton.logprobs import scale_rows_unless_one
-
+    scale_rows_unless_one = _triton_kernels().scale_rows_unless_one
     if grad_loss.dtype != torch.float32 or grad_loss.dim():
         grad_loss = grad_loss.float().reshape(())
     cols = grad.shape[-1] if grad.dim() else 1
@@ -994,7 +1004,8 @@ def _from_logits_backward(ctx, grad_loss, *unused):
     return no_grads_after(ctx, _scaled_by_incoming(ctx, grad, grad_loss))
 
 
-_policy_loss_from_logits_op.register_autograd(_from_logits_backward, setup_context=_from_logits_setup)
+_policy_loss_from_logits_op.register_autograd(_from_logits_backward, setup_context=_from_logits_setup,
+                                               differentiable=1)
 
 
 def policy_loss_from_logits(
@@ -1227,7 +1238,8 @@ def _linear_logprobs_backward(ctx, grad_logp, grad_entropy, grad_lse):
     return no_grads_after(ctx, *_linear_logprobs_grads(ctx, grad_logp, grad_entropy, with_entropy))
 
 
-_linear_token_logprobs_fwd_op.register_autograd(_linear_logprobs_backward, setup_context=_linear_logprobs_setup)
+_linear_token_logprobs_fwd_op.register_autograd(_linear_logprobs_backward, setup_context=_linear_logprobs_setup,
+                                                 differentiable=3)  # hidden, weight, bias
 
 
 class _VocabParallelLinearTokenLogprobs(torch.autograd.Function):
@@ -1440,7 +1452,8 @@ def _linear_policy_loss_backward(ctx, grad_loss, *unused):
                            db if ctx.has_bias and need[2] else None)
 
 
-_linear_policy_loss_op.register_autograd(_linear_policy_loss_backward, setup_context=_linear_policy_loss_setup)
+_linear_policy_loss_op.register_autograd(_linear_policy_loss_backward, setup_context=_linear_policy_loss_setup,
+                                          differentiable=3)  # hidden, weight, bias
 
 
 def linear_policy_loss(
