@@ -831,9 +831,9 @@ def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, 
     partial sums [P, 9] (loss, count, the 6 metric sums, the entropy sum) for a caller that adds
     up several launches. ``out_shape``: the shape of logp and entropy (default [rows])."""
     dev = logits.device
-    shape = rows if out_shape is None else out_shape
-    logp = torch.empty(shape, dtype=torch.float32, device=dev)
-    entropy = torch.empty(shape, dtype=torch.float32, device=dev)
+    shape = (rows,) if out_shape is None else out_shape
+    logp = torch.empty(*shape, dtype=torch.float32, device=dev)  # sizes unpacked: parsed faster than a Size
+    entropy = torch.empty(*shape, dtype=torch.float32, device=dev)
     loss = torch.empty((), dtype=torch.float32, device=dev)
     stats = torch.empty(POLICY_LOSS_PARTIALS, dtype=torch.float32, device=dev)
     if rows == 0:
