@@ -64,23 +64,6 @@ def stubbed_launches():
             os.environ["TRITON_INTERPRET"] = previous
 
 
-def _sample_us(fn, calls: int) -> float:
-    """The median of ``calls`` single calls, in this thread's CPU time, garbage collection paused."""
-    enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        samples = []
-        for _ in range(calls):
-            t0 = time.thread_time()
-            fn()
-            samples.append(time.thread_time() - t0)
-    finally:
-        if enabled:
-            gc.enable()
-    return statistics.median(samples) * 1e6
-
-
 def _sample_pair_us(base, fn, calls: int, block: int = 10) -> tuple[float, float]:
     """The medians of ``calls`` single calls of ``base`` and of ``fn``, taken in alternating
     blocks of ``block`` calls (so both see the same spell of a shared machine, and the median
@@ -89,8 +72,8 @@ def _sample_pair_us(base, fn, calls: int, block: int = 10) -> tuple[float, float
     enabled = gc.isenabled()
     gc.collect()
     gc.disable()
+    base_s, fn_s = [], []
     try:
-        base_s, fn_s = [], []
         for _ in range(max(calls // block, 1)):
             for f, samples in ((base, base_s), (fn, fn_s)):
                 for _ in range(block):
