@@ -92,16 +92,22 @@ class KernelOp:
     def __call__(self, *args):
         if _modes_active():
             return self.op(*args)
-        needs_grad = False
+        needs_grad = others_need_grad = False
         k = self._differentiable
         for i, a in enumerate(args):  # plain_eager_call's test and the gradient test in one pass
             if isinstance(a, Tensor):
                 if type(a) is not Tensor or a.is_meta:
                     return self.op(*args)
-                needs_grad = needs_grad or (a.requires_grad and (k is None or i < k))
-        if self._function is None or not needs_grad or not torch.is_grad_enabled():
+                if a.requires_grad:
+                    if k is None or i < k:
+                        needs_grad = True
+                    else:
+                        others_need_grad = True
+        if self._function is None or not torch.is_grad_enabled() or not (needs_grad or others_need_grad):
             return self.impl(*args)  # no gradient to track: no autograd node
-        if self._has_tensor_lists:
+        if self._has_tensor_lists or not needs_grad:
+            # Only arguments without a gradient require one: the registered op still makes the
+            # node its outputs hang from (their gradients are None), as a user's backward expects.
             return self.op(*args)
         if k is None:
             return self._function.apply(*args)

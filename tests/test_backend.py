@@ -113,3 +113,21 @@ def test_direct_and_dispatcher_entrances_agree():
             assert a is None and b is None, name
             continue
         assert a is not None and torch.equal(a, b), name
+
+
+def test_an_op_whose_only_grad_requiring_input_gets_no_gradient_still_backpropagates():
+    """old_logp requires grad, logp does not: both entrances give a loss that backpropagates
+    (to no gradient), as the registered op does."""
+    import contextlib
+
+    if "triton" not in nk.available_backends("cpu"):
+        pytest.skip("needs Triton under TRITON_INTERPRET=1")
+    for mode in (contextlib.nullcontext, _PassThroughMode):
+        old = torch.randn(2, 5, requires_grad=True)
+        with mode():
+            loss = nk.policy_loss(torch.randn(2, 5), old, torch.randn(2), backend="triton").loss
+            fused = nk.policy_loss_from_logits(torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5)), old,
+                                               torch.randn(2), backend="triton").loss
+        assert loss.requires_grad and fused.requires_grad
+        (loss + fused).backward()
+        assert old.grad is None

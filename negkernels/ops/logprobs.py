@@ -534,6 +534,8 @@ def _policy_loss_setup(ctx, inputs, output):
 
 
 def _policy_loss_backward(ctx, grad_loss, *unused):
+    if not ctx.needs_input_grad[0]:  # only a constant input required grad: no gradient was computed
+        return no_grads_after(ctx)
     grad, stats = ctx.saved_tensors
     grad = grad * (grad_loss * stats[7])  # stats[7] = 1 / normaliser
     if grad.dtype != ctx.logp_dtype:
