@@ -114,6 +114,18 @@ class KernelOp:
         return self._function.apply(*args[:k], args[k:])
 
 
+def bounded_memo(cache: dict, key, make: Callable[[], object], limit: int):
+    """``cache[key]``, made by ``make()`` on a miss. A cache holding ``limit`` entries is emptied
+    first, so a caller that keeps asking for new keys (a schedule of temperatures) keeps only the
+    newest few. For the eager host paths; a traced call builds its own value."""
+    found = cache.get(key)
+    if found is None:
+        if len(cache) >= limit:
+            cache.clear()
+        found = cache[key] = make()
+    return found
+
+
 def no_grads_after(ctx, *grads) -> tuple:
     """A backward's result: ``grads`` for the op's first inputs, then None for each other input."""
     return (*grads, *([None] * (len(ctx.needs_input_grad) - len(grads))))

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._kernel_op import kernel_op, no_grads_after
+from .._kernel_op import bounded_memo, kernel_op, no_grads_after
 from .._backend import register_op, resolve_backend, triton_interpret
 from .._validation import INDEX_DTYPES, check_choice, check_finite_float, check_int, check_tensor
 from ..reference.contrastive import (
@@ -80,13 +80,8 @@ def _temperature_tensor(value: float, device: torch.device) -> Tensor:
     allocation and no copy per call; traced calls make their own."""
     if torch.compiler.is_compiling():
         return torch.full((), value, dtype=torch.float32, device=device)
-    key = (value, device)
-    tensor = _TEMPERATURES.get(key)
-    if tensor is None:
-        if len(_TEMPERATURES) >= 64:  # a schedule of many values: keep the newest few
-            _TEMPERATURES.clear()
-        tensor = _TEMPERATURES[key] = torch.full((), value, dtype=torch.float32, device=device)
-    return tensor
+    return bounded_memo(_TEMPERATURES, (value, device),
+                        lambda: torch.full((), value, dtype=torch.float32, device=device), 64)
 
 
 def _check_ids(query_ids, bank_ids, n: int, k: int, device: torch.device):

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .._kernel_op import kernel_op, no_grads_after, plain_eager_call
+from .._kernel_op import bounded_memo, kernel_op, no_grads_after, plain_eager_call
 from .._backend import register_op, resolve_backend
 from .._validation import (
     FLOAT_DTYPES,
@@ -86,10 +86,7 @@ def _triton_kernels():
 def _row_view(x: Tensor) -> tuple[Tensor, int, int, int]:
     """[..., V] → (tensor, outer stride, inner stride, inner size) addressing rows without a copy
     when the last dim has unit stride and there are at most two leading dims (e.g. logits[:, :-1])."""
-    dim = x.dim()
-    if dim == 3 and x.stride(2) == 1:  # the usual [B, T, V] logits: no view to build
-        return x, x.stride(0), x.stride(1), max(x.shape[1], 1)
-    if dim == 1:
+    if x.dim() == 1:
         x = x.unsqueeze(0)
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -481,6 +478,13 @@ def _normaliser(aggregation, mask, logp, cu_seqlens, num_tokens, num_sequences, 
     return _sum_over_ranks(value, process_group).clamp_min(1.0)
 
 
+def _call_counts_itself(cfg, num_tokens, num_sequences, process_group) -> bool:
+    """True when the normaliser is this call's own count (none given, no ranks to sum over; a
+    token-sum has none), which the kernels can take themselves with no host op."""
+    given = num_tokens if cfg.aggregation == "token-mean" else num_sequences
+    return process_group is None and (given is None or cfg.aggregation == "token-sum")
+
+
 @kernel_op("negkernels::policy_loss", mutates_args=())
 def _policy_loss_op(
     logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor], ref_logp: Optional[Tensor],
@@ -677,14 +681,10 @@ class PolicyLossConfig:
             return cls(**options)
         try:
             key = tuple(sorted((k, type(v), v) for k, v in options.items()))
-            found = _CONFIGS.get(key)
+            hash(key)
         except TypeError:  # an unhashable value: the constructor names it
             return cls(**options)
-        if found is None:
-            if len(_CONFIGS) >= 256:
-                _CONFIGS.clear()
-            found = _CONFIGS[key] = cls(**options)
-        return found
+        return bounded_memo(_CONFIGS, key, lambda: cls(**options), 256)
 
     def resolved_norm_constant(self, seq_len: int, packed: bool) -> float:
         if self.norm_constant is not None:
@@ -712,13 +712,7 @@ class PolicyLossConfig:
                norm_constant, temperature, entropy_coef)
         if torch.compiler.is_compiling():
             return self._build_kernel_args(*key)
-        cache = self._kernel_args_cache
-        found = cache.get(key)
-        if found is None:
-            if len(cache) >= 64:
-                cache.clear()
-            found = cache[key] = self._build_kernel_args(*key)
-        return found
+        return bounded_memo(self._kernel_args_cache, key, lambda: self._build_kernel_args(*key), 64)
 
     def _build_kernel_args(self, use_kl, use_is, adv_per_token, iw_per_token, compute_grad, num_sequences, seq_len,
                            max_len, norm_constant, temperature, entropy_coef):
@@ -819,8 +813,7 @@ def policy_loss(
                                                                 max_seqlen, ref_logp, is_weights, cfg, validate)
     norm = cfg.resolved_norm_constant(seq_len, packed)
     chosen = resolve_backend(backend, logp.device, "policy_loss", POLICY_LOSS_BACKENDS)
-    given = num_tokens if cfg.aggregation == "token-mean" else num_sequences
-    if chosen != "reference" and process_group is None and (given is None or cfg.aggregation == "token-sum"):
+    if chosen != "reference" and _call_counts_itself(cfg, num_tokens, num_sequences, process_group):
         denom = None  # the kernel's own counts give it, with no pass over the mask
     else:
         denom = _normaliser(cfg.aggregation, mask, logp, cu_seqlens, num_tokens, num_sequences, process_group)
@@ -1075,9 +1068,8 @@ def policy_loss_from_logits(
     want_entropy = return_entropy or entropy_coef != 0.0
     counts = _sequence_counts(mask, old_logp, cu_seqlens) if cfg.aggregation.startswith("seq-mean") else None
     fused = chosen != "reference" and cfg.loss_type in TOKEN_LOCAL_LOSSES
-    given = num_tokens if cfg.aggregation == "token-mean" else num_sequences
-    if fused and process_group is None and cfg.aggregation in ("token-mean", "token-sum") and (
-            given is None or cfg.aggregation == "token-sum"):
+    if fused and cfg.aggregation in ("token-mean", "token-sum") and _call_counts_itself(
+            cfg, num_tokens, num_sequences, process_group):
         denom = None  # the kernel counts this call's tokens itself: no host op
     else:
         denom = _normaliser(cfg.aggregation, mask, old_logp, cu_seqlens, num_tokens, num_sequences, process_group,
