@@ -33,7 +33,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -139,20 +139,27 @@ def _cuobjdump(compiled, flag: str) -> str:
 
 
 def sass_profile(compiled) -> dict:
-    """Instruction count, the innermost loops' (start, end, body instructions) in address order."""
+    """Instruction count; the innermost loops' (start, end, body instructions) in address order;
+    the loops that hold other loops, with the instructions of their own (outside every loop
+    inside them), in address order."""
     lines = [ln for ln in _cuobjdump(compiled, "-sass").splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln)]
     address = [int(re.match(r"\s+/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
-    loops = []
+    ends: dict[int, int] = {}  # loop head → its last backward branch
     for ln, a in zip(lines, address):
         m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?(0x[0-9a-f]+)", ln)
         if m and int(m.group(1), 16) < a:
-            loops.append((int(m.group(1), 16), a))
-    inner = sorted((a, b) for a, b in loops
-                   if not any((a, b) != (c, d) and a <= c and d <= b for c, d in loops))
+            ends[int(m.group(1), 16)] = max(a, ends.get(int(m.group(1), 16), 0))
+    loops = sorted(ends.items())
+    within = lambda c, d, a, b: (a, b) != (c, d) and a <= c and d <= b  # noqa: E731
+    inner = [(a, b) for a, b in loops if not any(within(c, d, a, b) for c, d in loops)]
+    outer = [(a, b) for a, b in loops if (a, b) not in inner]
     bodies = [(a, b, sum(1 for x in address if a <= x <= b)) for a, b in inner]
+    own = [(a, b, sum(1 for x in address if a <= x <= b and not any(
+        within(c, d, a, b) and c <= x <= d for c, d in loops))) for a, b in outer]
     shuffles = [sum(1 for ln, x in zip(lines, address) if a <= x <= b and "SHFL" in ln) for a, b, _ in bodies]
     barriers = [sum(1 for ln, x in zip(lines, address) if a <= x <= b and " BAR" in ln) for a, b, _ in bodies]
-    return dict(instructions=len(lines), loops=bodies, loop_shuffles=shuffles, loop_barriers=barriers)
+    return dict(instructions=len(lines), loops=bodies, outer_loops=own, loop_shuffles=shuffles,
+                loop_barriers=barriers)
 
 
 def resources(compiled, num_warps: int) -> dict:
@@ -172,13 +179,34 @@ class StaticCase:
     case_id: str
     target_ms: float
     run: Callable[[dict], None]  # calls the launchers on the meta inputs
-    # kernel name → its innermost loops' trip counts per program, in address order, from the
-    # recorded launch; a kernel not named here runs its loops once
+    # kernel name → its innermost loops' trip counts per program (every trip of the program, not
+    # per trip of an enclosing loop), in address order, from the recorded launch; a kernel not
+    # named here runs its loops once
     trips: dict[str, Callable[[Launch], list]]
+    # likewise for the loops that hold other loops: their own instructions × these counts
+    outer_trips: dict[str, Callable[[Launch], list]] = field(default_factory=dict)
 
 
 def _cdiv(a, b):
     return -(-a // b)
+
+
+def expected_candidates(groups: int, k: int) -> float:
+    """Slots at or above the top-k bound τ (the k-th largest of ``groups`` group maxima) per row,
+    for independent, identically distributed similarities: the first m slots in descending order
+    fall into groups·(1 − e^(−m/groups)) distinct groups, which reaches k at
+    m = groups·ln(groups / (groups − k)). tests/test_static_cost.py checks it on random data."""
+    return groups * math.log(groups / (groups - k)) if groups > k else float("inf")
+
+
+def expected_rounds(per_tile: float, rows: int, limit: int) -> float:
+    """E[max over ``rows`` rows of a Poisson(per_tile) count, at most ``limit`` (the tile's
+    width)]: the gather's rounds in one tile, one per candidate of its busiest row."""
+    total, below = 0.0, 0.0
+    for j in range(limit):
+        below += math.exp(-per_tile) * per_tile ** j / math.factorial(j)  # P(count ≤ j)
+        total += 1.0 - min(below, 1.0) ** rows  # P(max > j)
+    return total
 
 
 def _cases() -> list[StaticCase]:
@@ -275,6 +303,36 @@ def _cases() -> list[StaticCase]:
     def combine_trips(launch):  # the one reducing program: each row block merges every split
         return [launch.args["n_splits"] * _cdiv(launch.args["n_queries"], launch.args["BLOCK"])] * 2
 
+    def topk_splits(a):
+        return _cdiv(_cdiv(a["n_slots"], a["BLOCK_K"]), a["split_slots"] // a["BLOCK_K"])
+
+    def topk_groups(a):  # the group maxima τ is taken from (see _bank_topk_threshold_kernel)
+        splits = topk_splits(a)
+        return a["BLOCK_K"] * splits * (2 if splits * a["BLOCK_K"] < 2 * a["k"] else 1)
+
+    def topk_tiles(launch):  # [tiles scanned without a slot mask, masked tiles], per program on average
+        a = launch.args
+        tiles, splits = a["split_slots"] // a["BLOCK_K"], topk_splits(a)
+        filled = min(a["n_slots"], a["valid_count"]) if a["HAS_VALID_MASK"] is False else 0
+        full = sum(min(max(filled - s * a["split_slots"], 0) // a["BLOCK_K"], tiles) for s in range(splits)) / splits
+        return [full, tiles - full]
+
+    def gather_rounds(launch):  # the split merge; one round per candidate the tile's busiest row takes
+        a = launch.args
+        rate = expected_candidates(topk_groups(a), a["k"]) / a["n_slots"]
+        rounds = expected_rounds(rate * a["BLOCK_K"], a["BLOCK_N"], a["BLOCK_K"])
+        return [a["n_splits"] - 1] + [t * rounds for t in topk_tiles(launch)]
+
+    def finish_trips(launch):  # the candidate lists in BLOCK_K chunks; the exact path not taken
+        a = launch.args
+        return [math.ceil(expected_candidates(topk_model["groups"], a["k"]) / a["BLOCK_K"]), 0]
+
+    topk_model = {}  # what the finish pass needs from the launches before it
+
+    def gather_seen(launch):
+        topk_model["groups"] = topk_groups(launch.args)
+        return gather_rounds(launch)
+
     nce_trips = {"_bank_info_nce_fwd_kernel": slot_trips, "_bank_info_nce_bwd_query_kernel": slot_trips,
                  "_bank_info_nce_combine_kernel": combine_trips}
     return [
@@ -286,7 +344,10 @@ def _cases() -> list[StaticCase]:
         StaticCase("policy-loss/fwd+bwd", 0.08, policy, {"_policy_loss_fwd_kernel": policy_trips}),
         StaticCase("contrastive/nce", 0.5, nce, nce_trips),
         StaticCase("contrastive/nce-large", 7.0, nce, nce_trips),
-        StaticCase("contrastive/topk64", 0.3, topk, {"_bank_topk_kernel": slot_trips}),
+        StaticCase("contrastive/topk64", 0.3, topk,
+                   {"_bank_topk_threshold_kernel": topk_tiles, "_bank_topk_gather_kernel": gather_seen,
+                    "_bank_topk_finish_kernel": finish_trips},
+                   outer_trips={"_bank_topk_gather_kernel": topk_tiles}),
         StaticCase("kv/evict", 0.13, evict, {"_select_retained_kernel": select_trips}),
         StaticCase("kv/evict-8rows", 0.03, evict, {"_select_retained_kernel": select_trips}),
         StaticCase("kv/retention-mass", float("nan"), mass,
@@ -325,13 +386,16 @@ def analyse(case_filter: str | None = None) -> list[dict]:
             loops = sass["loops"]
             looped = sum(body * (trips[j] if j < len(trips) and trips[j] is not None else 1)
                          for j, (_, _, body) in enumerate(loops))
-            straight = sass["instructions"] - sum(body for _, _, body in loops)
+            outer, outer_trips = sass["outer_loops"], sc.outer_trips.get(launch.kernel.__name__, lambda launch: [])(launch)
+            looped += sum(body * (outer_trips[j] if j < len(outer_trips) else 1) for j, (_, _, body) in enumerate(outer))
+            straight = sass["instructions"] - sum(body for _, _, body in loops) - sum(body for _, _, body in outer)
             per_program = straight + looped
             warp_instructions += per_program * warps * programs
             waves = math.ceil(programs / max(res["blocks_per_sm"] * SMS, 1))
             critical_s += waves * per_program * warps / min(warps, SCHEDULERS_PER_SM) / CLOCK_HZ
             kernels.append(dict(kernel=launch.kernel.__name__, grid=list(launch.grid), options=launch.options, **res,
                                 loop_bodies=[body for _, _, body in loops], loop_trips=trips,
+                                outer_bodies=[body for _, _, body in outer], outer_trips=outer_trips,
                                 loop_shuffles=sass["loop_shuffles"], loop_barriers=sass["loop_barriers"],
                                 warp_instructions=per_program * warps * programs,
                                 waves=programs / max(res["blocks_per_sm"] * SMS, 1)))
@@ -360,7 +424,10 @@ def print_report(rows: list[dict]) -> None:
         print(f"{r['case']:<26} {target:>8} {r['issue_bound_ms']:8.3f} {r['memory_floor_ms']:8.3f} "
               f"{r['matmul_floor_ms']:8.3f} {issue:>12} {ratio:>12}")
         for k in r["kernels"]:
-            loops = " ".join(f"{b}x{t}" for b, t in zip(k["loop_bodies"], k["loop_trips"] + [1] * len(k["loop_bodies"])))
+            loops = " ".join(f"{b}x{t:.4g}" for b, t in zip(k["loop_bodies"], k["loop_trips"] + [1] * len(k["loop_bodies"])))
+            if k["outer_bodies"]:
+                loops += "; outer " + " ".join(f"{b}x{t:.4g}" for b, t in zip(
+                    k["outer_bodies"], k["outer_trips"] + [1] * len(k["outer_bodies"])))
             print(f"{'':<26}   {k['kernel']}: {k['regs']}, {k['spill_bytes']}, {k['shared']}, {k['blocks_per_sm']}, "
                   f"{k['grid']}, [{loops}]")
     print("times in ms; issue: the issue-bound lower bound of the code as built; memory: bytes the case must move / "

@@ -367,8 +367,8 @@ def test_bank_topk_ties_and_degenerate(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("order", ["near-floor", "rising-masked"])
 def test_bank_topk_over_many_tiles(backend, order):
-    # 420 slots: 7 tiles, cut into 3 splits of 3, 3 and 1 tiles, so the running lists are merged
-    # across tiles and across splits. "near-floor" gives the first split's last tile one key just
+    # 420 slots: 7 tiles, cut into 3 splits of 3, 3 and 1 tiles, so the group maxima behind the
+    # bound τ are merged across splits and the lists across tiles. "near-floor" gives the first split's last tile one key just
     # above the k-th best of its first two tiles (it belongs in the answer); "rising" orders the
     # bank by similarity to the queries, so every tile displaces the list. Oracle: a float64
     # stable sort of the similarities over the filled slots.
@@ -393,6 +393,39 @@ def test_bank_topk_over_many_tiles(backend, order):
     expected = sims.sort(dim=1, descending=True, stable=True)
     assert_close(values, expected.values[:, :k], rtol=1e-6, atol=1e-6, what="values")
     assert (indices == expected.indices[:, :k]).all(), "slots (ties by the lower slot)"
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", ["short-lists", "ties-past-short-lists", "crowded-tile", "nan-and-inf"])
+def test_bank_topk_exact_path_and_many_rounds(backend, case, monkeypatch):
+    # The bound-and-gather passes hand a block of rows to the exact sweep when a row's candidates
+    # overflow its list (made short here, so that blocks of both kinds occur) or a similarity is
+    # NaN. A tile holding every row's nearest slots costs the gather one round per candidate.
+    # Oracle: the float64 reference (a stable sort: NaN first, ties by the lower slot, −inf
+    # reported as missing).
+    from negkernels.triton import contrastive as tc
+
+    n, slots, d, k = 24, 420, 16, 5
+    q = torch.randn(n, d)
+    b = torch.randn(slots, d)
+    if case.endswith("short-lists"):
+        monkeypatch.setattr(tc, "topk_capacity", lambda block_k: 6)
+    if case == "ties-past-short-lists":
+        q, b = torch.randint(-1, 2, (n, d)).float(), torch.randint(-1, 2, (slots, d)).float()
+    elif case == "crowded-tile":
+        k = 40
+        b[64:128] = q.mean(0) * 4 + 0.05 * torch.randn(64, d)  # one tile holds every row's nearest
+    elif case == "nan-and-inf":
+        b[77, 0] = math.inf  # +inf, −inf or (q = 0) NaN similarities with slot 77
+        q[::3, 0] = 0.0
+        q[1::3, 0] = -q[1::3, 0].abs()
+    with poisoned_allocations():
+        values, indices = nk.bank_topk(q, b, k, backend=backend)
+    ref_values, ref_indices = bank_topk_reference(q.double(), b.double(), k)
+    torch.testing.assert_close(values, ref_values.float(), rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert (indices == ref_indices).all(), "slots"
+    if case == "nan-and-inf":
+        assert values[::3, 0].isnan().all() and (indices[::3, 0] == 77).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # gradient on chip; splitting the query and bank gradients is the open fix). Any other spill fails.
 KNOWN_SPILLS = {("contrastive/nce-large", "_bank_info_nce_bwd_query_kernel"): 48}
 UNDER_TARGET = ("advantages/uniform-g64", "advantages/ragged", "logprobs/fwd", "logprobs/fwd-entropy",
-                "grpo-from-logits/fwd+bwd", "policy-loss/fwd+bwd")
+                "grpo-from-logits/fwd+bwd", "policy-loss/fwd+bwd", "contrastive/topk64")
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +100,36 @@ def test_bank_split_waves_match_the_kernels_occupancy(report):
     rows, _ = report
     assumed = {"_bank_info_nce_fwd_kernel": tc.FWD_PROGRAMS_PER_SM,
                "_bank_info_nce_bwd_query_kernel": tc.BWD_QUERY_PROGRAMS_PER_SM,
-               "_bank_topk_kernel": tc.TOPK_PROGRAMS_PER_SM}
+               "_bank_topk_threshold_kernel": tc.TOPK_PROGRAMS_PER_SM,
+               "_bank_topk_gather_kernel": tc.TOPK_PROGRAMS_PER_SM}
     for case in ("contrastive/nce", "contrastive/topk64"):
         for k in rows[case]["kernels"]:
             if k["kernel"] in assumed:
                 assert k["blocks_per_sm"] >= assumed[k["kernel"]], (case, k["kernel"], k["blocks_per_sm"])
                 assert k["grid"][0] * k["grid"][1] <= 132 * assumed[k["kernel"]], (case, k["kernel"], k["grid"])
+
+
+@pytest.mark.parametrize("splits, parity", [(4, False), (1, True)])
+def test_the_top_k_candidate_model_matches_random_data(splits, parity):
+    # The top-k bound's cost on paper rests on two predictions for independent similarities:
+    # slots at or above τ per row (expected_candidates) and the gather's rounds per tile
+    # (expected_rounds). Replay the first two passes' arithmetic in torch on random data.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from static_cost import expected_candidates, expected_rounds
+
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(0)
+    n, slots, d, k, tile = 512, 16384, 32, 64, 64
+    sims = torch.randn(n, d, generator=gen) @ torch.randn(slots, d, generator=gen).T
+    per_split = sims.reshape(n, splits, slots // splits // tile, tile)  # [row, split, tile, column]
+    if parity:  # the tiles' parity doubles the groups
+        per_split = per_split.reshape(n, splits, -1, 2, tile).transpose(2, 3).reshape(n, splits * 2, -1, tile)
+    group_max = per_split.amax(dim=2).reshape(n, -1)
+    groups = group_max.shape[1]
+    threshold = group_max.topk(k, dim=1).values[:, -1:]
+    taken = sims >= threshold
+    assert (taken.sum(1) >= k).all()  # τ never drops a top-k slot
+    assert taken.sum(1).double().mean().item() == pytest.approx(expected_candidates(groups, k), rel=0.1)
+    per_tile = taken.reshape(n // 64, 64, slots // tile, tile).sum(-1)  # [row block, row, tile]
+    rate = expected_candidates(groups, k) / slots
+    assert per_tile.amax(1).double().mean().item() == pytest.approx(expected_rounds(rate * tile, 64, tile), rel=0.1)

@@ -195,6 +195,7 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
     from negkernels.triton import contrastive as ck
 
     INTS = {"n_queries", "n_slots", "dim", "n_extra", "k", "valid_count", "split_slots", "n_splits", "grad_stride",
+            "slot_end",
             "stride_qn", "stride_qd", "stride_pn", "stride_pd", "stride_bk", "stride_bd", "stride_en", "stride_em", "stride_ed"}
     FP32 = ("loss_ptr", "lse_all_ptr", "lse_pos_ptr", "temperature_ptr", "grad_loss_ptr", "r_ptr", "values_ptr",
             "partial_ptr", "acc_ptr", "r_partial_ptr")
@@ -202,8 +203,23 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
     def compile_contrastive(kernel, constexprs, dtype, num_warps=8, int_type="i32", **special):
         pointers = {name: f"*{dtype}" for name in kernel.arg_names if name.endswith("_ptr")}
         pointers.update({name: "*fp32" for name in FP32})
-        pointers.update(query_ids_ptr="*i64", bank_ids_ptr="*i64", indices_ptr="*i64", valid_mask_ptr="*i1", **special)
+        pointers.update(query_ids_ptr="*i64", bank_ids_ptr="*i64", indices_ptr="*i64", valid_mask_ptr="*i1",
+                        group_max_ptr="*i32", count_ptr="*i32", candidate_ptr="*i64", **special)
         compile_variant(kernel, constexprs, num_warps, pointers, INTS, int_type)
+
+    def compile_topk(dtype, sweep, block_n, block_k):
+        # the three top-k passes (both group layouts of the first); returns how many compiled
+        logs = dict(LOG2_K=block_k.bit_length() - 1, BLOCK_K=block_k, CAPACITY=ck.topk_capacity(block_k))
+        for parity in (False, True):
+            compile_contrastive(ck._bank_topk_threshold_kernel,
+                                dict(sweep, **logs, BLOCK_N=block_n, LOG2_N=block_n.bit_length() - 1,
+                                     PARITY_GROUPS=parity), dtype, 4)
+        compile_contrastive(ck._bank_topk_gather_kernel,
+                            dict(sweep, **logs, BLOCK_N=block_n, LOG2_N=block_n.bit_length() - 1), dtype, 4)
+        rows = ck.TOPK_FINISH_ROWS
+        compile_contrastive(ck._bank_topk_finish_kernel,
+                            dict(sweep, **logs, BLOCK_N=rows, LOG2_N=rows.bit_length() - 1), dtype, 4)
+        return 4
 
     count = 0
     variants = [("bf16", 0, False, False, False), ("bf16", 1, True, True, True), ("bf16", 2, False, True, False),
@@ -230,16 +246,10 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
         compile_contrastive(ck._bank_info_nce_combine_kernel, dict(BLOCK=1024 if reduce else 256, REDUCE=reduce),
                             "fp32", 4)
         count += 1
-    # wider top-k lists (up to TOPK_MAX_K) compile the same code with a wider sorting network
+    # the three top-k passes, plain and with every option
     for dtype, dot_fp32, mask, normalize in (("bf16", False, False, False), ("fp32", True, True, True)):
-        compile_contrastive(ck._bank_topk_kernel,
-                            dict(HAS_VALID_MASK=mask, NORMALIZE=normalize, DOT_FP32=dot_fp32, PRECISION="ieee",
-                                 BLOCK_N=64, BLOCK_K=64, BLOCK_D=128, D_CHUNKS=1, LOG2_N=6, LOG2_K=6), dtype, 4,
-                            partial_ptr="*i64")
-        count += 1
-    compile_contrastive(ck._bank_topk_merge_kernel, dict(BLOCK_N=64, BLOCK_K=64, LOG2_N=6, LOG2_K=6), "fp32", 4,
-                        partial_ptr="*i64")
-    count += 1
+        count += compile_topk(dtype, dict(HAS_VALID_MASK=mask, NORMALIZE=normalize, DOT_FP32=dot_fp32,
+                                          PRECISION="ieee", BLOCK_D=128, D_CHUNKS=1), 64, 64)
     # 64-bit sizes and launches specialised on arguments equal to 1
     opts = dict(FN_MODE=1, HAS_VALID_MASK=False, NORMALIZE=True, DOT_FP32=False, PRECISION="ieee")
     grad_opts = dict(opts, GRAD_DOT_FP32=False, GRAD_PRECISION="ieee")
@@ -275,12 +285,9 @@ CONTRASTIVE_LIMITS_SCRIPT = CONTRASTIVE_SCRIPT.split("count = 0")[0] + textwrap.
         count += 3
         for d, k in ((128, 256), (1024, 256), (1024, 64)):
             t = ck.topk_tiles(torch_dtype, d, k)
-            compile_contrastive(ck._bank_topk_kernel,
-                                dict(HAS_VALID_MASK=True, NORMALIZE=True, DOT_FP32=dots["DOT_FP32"], PRECISION="ieee",
-                                     BLOCK_N=t["rows"], BLOCK_K=t["block_k"], BLOCK_D=t["block_d"],
-                                     D_CHUNKS=t["d_chunks"], LOG2_N=t["rows"].bit_length() - 1,
-                                     LOG2_K=t["block_k"].bit_length() - 1), dtype, 4, partial_ptr="*i64")
-            count += 1
+            count += compile_topk(dtype, dict(HAS_VALID_MASK=True, NORMALIZE=True, DOT_FP32=dots["DOT_FP32"],
+                                              PRECISION="ieee", BLOCK_D=t["block_d"], D_CHUNKS=t["d_chunks"]),
+                                  t["rows"], t["block_k"])
     print("compiled", count)
     """
 )
@@ -347,11 +354,11 @@ def test_every_logprobs_kernel_variant_compiles_for_sm90():
 
 
 def test_every_contrastive_kernel_variant_compiles_for_sm90():
-    assert "compiled 26" in _compile_in_subprocess(CONTRASTIVE_SCRIPT)
+    assert "compiled 31" in _compile_in_subprocess(CONTRASTIVE_SCRIPT)
 
 
 def test_contrastive_tiles_fit_sm90_at_the_largest_head_dim_and_list():
-    assert "compiled 18" in _compile_in_subprocess(CONTRASTIVE_LIMITS_SCRIPT)
+    assert "compiled 45" in _compile_in_subprocess(CONTRASTIVE_LIMITS_SCRIPT)
 
 
 def test_every_kv_kernel_variant_compiles_for_sm90():

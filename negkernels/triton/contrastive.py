@@ -16,11 +16,17 @@ order, so results are the same bits on every run.
   d(temperature) = −Σ r / τ and the normalisation term.
 * ``_bank_info_nce_bwd_bank_kernel``: one program per block of slots streams the queries for
   d(bank) = Gᵀ·Q. It runs only when the bank requires a gradient (a MoCo queue does not).
-* ``_bank_topk_kernel``: keeps a sorted running top-KP list of (similarity, slot) packed into
-  int64 keys. Each bank tile is sorted ascending; its elementwise max with the descending list
-  is a bitonic sequence holding the top KP of both, which log2(KP) half-cleaner stages sort
-  (``_merge_bitonic_rows``; a second full sort would take 21 stages at KP = 64).
-  ``_bank_topk_merge_kernel`` merges the splits' lists in the same way.
+* Top-k by a bound, in three passes. ``_bank_topk_threshold_kernel`` splits each row's slots
+  into groups (position within the tile, per split) and keeps the largest similarity of each:
+  one max per element. τ, the k-th largest group maximum, is at most the k-th largest
+  similarity, and for independent similarities only ~1.2·k slots reach it.
+  ``_bank_topk_gather_kernel`` recomputes the tiles and appends the slots at or above τ to a
+  per-row list, taking each tile's out one per row per round with row reductions (a row meets
+  one in about one tile in twelve). ``_bank_topk_finish_kernel`` merges each list into a sorted
+  top-k of (similarity, slot) keys packed into int64: a tile sorted ascending, max-ed with the
+  descending list, is a bitonic sequence that log2(KP) half-cleaner stages sort
+  (``_merge_bitonic_rows``). A row block whose lists overflowed (ties at τ, keys crowded into
+  few groups, NaN) takes the exact path there: the same merge over every filled slot.
 
 With ``NORMALIZE`` the inverse norms are computed from the tiles as they are loaded, so no
 normalised copy of the bank is made: l = (q·b)·|q|⁻¹·|b|⁻¹/τ. The chain rule through the
@@ -430,15 +436,40 @@ def _bank_info_nce_bwd_bank_kernel(
 
 
 @triton.jit
+def _flip_order(bits):
+    """fp32 bits (as int32) ↔ an int32 whose signed order is the float order (+NaN above +inf, −NaN
+    below −inf): negative floats have their other bits flipped. The map is its own inverse."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _ordered_bits(x):
+    return _flip_order(x.to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _float_of_ordered(key):
+    return _flip_order(key).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _pack_similarity(sim, cols):
-    """fp32 similarity and slot → an int64 key whose signed order is (similarity, then lower slot first)."""
-    bits = sim.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)
+    """fp32 similarity and slot → an int64 key whose signed order is (similarity, then lower slot
+    first). Every NaN ranks first, as in a descending sort (a NaN's sign bit is arbitrary)."""
+    sim = tl.where(sim != sim, float("nan"), sim)
+    return (_ordered_bits(sim).to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)
+
+
+@triton.jit
+def _pack_candidate(raw):
+    """A candidate as the gather stores it (similarity bits << 32 | slot) → its packed key."""
+    return (_flip_order((raw >> 32).to(tl.int32)).to(tl.int64) << 32) | (0x7FFFFFFF - (raw & 0xFFFFFFFF))
 
 
 # Below every packed similarity (its high word is below the key of −inf).
 _EMPTY_KEY = tl.constexpr(-9223372036854775807)
+_INT32_MIN = tl.constexpr(-2147483648)
+_ORDERED_NEG_INF = tl.constexpr(-2139095041)  # _ordered_bits(−inf)
 
 
 @triton.jit
@@ -448,9 +479,9 @@ def _xor(a, b):
 
 @triton.jit
 def _merge_bitonic_rows(x, LOG2_ROWS: tl.constexpr, LOG2_COLS: tl.constexpr):
-    """Each row of x [2^LOG2_ROWS, 2^LOG2_COLS], a bitonic sequence (e.g. the elementwise max of a
-    descending and an ascending list), sorted descending by LOG2_COLS half-cleaner stages: a
-    bitonic merge, where a full sort would take LOG2_COLS·(LOG2_COLS+1)/2 stages.
+    """Each row of x [2^LOG2_ROWS, 2^LOG2_COLS] (integers), a bitonic sequence (e.g. the elementwise
+    max of a descending and an ascending list), sorted descending by LOG2_COLS half-cleaner stages:
+    a bitonic merge, where a full sort would take LOG2_COLS·(LOG2_COLS+1)/2 stages.
 
     The tensor is viewed as a hypercube of 2s, one axis per index bit; at the stage for column
     bit j each element meets its partner across that bit (x XOR the XOR over the pair), and the
@@ -469,93 +500,286 @@ def _half_cleaner(h, AXIS: tl.constexpr, DIMS: tl.constexpr):
 
 
 @triton.jit
-def _bank_topk_kernel(
-    q_ptr, bank_ptr, valid_mask_ptr, partial_ptr,
-    n_queries, n_slots, dim, valid_count, split_slots,
-    stride_qn, stride_qd, stride_bk, stride_bd,
-    HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
-    LOG2_N: tl.constexpr, LOG2_K: tl.constexpr,
-):
-    """Program (row block, split) → the split's sorted top-BLOCK_K packed keys [splits, N, BLOCK_K].
-
-    The slot tile is as wide as the list (BLOCK_K ≥ k), so for a wide list the head dimension is
-    walked in D_CHUNKS chunks of BLOCK_D (the query chunk is re-read per tile, from cache): the
-    tiles then fit in shared memory for any D."""
-    split = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_queries
+def _topk_query(q_ptr, rows, row_ok, stride_qn, stride_qd, dim,
+                NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr):
+    """→ (the query block as the products take it, its inverse norms). With D_CHUNKS > 1 the block
+    is re-read chunk by chunk per tile (from cache) and the first value is only a placeholder."""
     lanes_d = tl.arange(0, BLOCK_D)
     if D_CHUNKS == 1:
         q = _load_rows(q_ptr, rows, row_ok, stride_qn, lanes_d, lanes_d < dim, stride_qd)
         qf = q.to(tl.float32)
         if DOT_FP32:
             q = qf
-        inv_q = _inverse_norm(qf, NORMALIZE)
+        return q, _inverse_norm(qf, NORMALIZE)
     else:
-        sq = tl.zeros([BLOCK_N], tl.float32)
+        sq = tl.zeros(rows.shape, tl.float32)
         if NORMALIZE:
             for c in range(0, D_CHUNKS):
                 dims = c * BLOCK_D + lanes_d
                 qf = _load_rows(q_ptr, rows, row_ok, stride_qn, dims, dims < dim, stride_qd).to(tl.float32)
                 sq += tl.sum(qf * qf, axis=1)
         inv_q = _inverse_norm_from_squares(sq, NORMALIZE)
-    best = tl.full([BLOCK_N, BLOCK_K], _EMPTY_KEY, tl.int64)  # sorted descending
-    slot_start = split * split_slots
-    for offset in range(0, split_slots, BLOCK_K):
-        cols = slot_start + offset + tl.arange(0, BLOCK_K)
-        filled = _slots_filled(cols, n_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK)
-        if D_CHUNKS == 1:
-            b, inv_b, sims = _bank_tile_logits(q, inv_q, bank_ptr, cols, filled, stride_bk, stride_bd, lanes_d,
-                                               lanes_d < dim, NORMALIZE, DOT_FP32, PRECISION)
-        else:
-            dot = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-            sqb = tl.zeros([BLOCK_K], tl.float32)
-            for c in range(0, D_CHUNKS):
-                dims = c * BLOCK_D + lanes_d
-                dim_ok = dims < dim
-                qc = _load_rows(q_ptr, rows, row_ok, stride_qn, dims, dim_ok, stride_qd)
-                bc = _load_rows(bank_ptr, cols, filled, stride_bk, dims, dim_ok, stride_bd)
-                if DOT_FP32:
-                    qc = qc.to(tl.float32)
-                    bc = bc.to(tl.float32)
-                dot = tl.dot(qc, tl.trans(bc), dot, input_precision=PRECISION)
-                if NORMALIZE:
-                    bf = bc.to(tl.float32)
-                    sqb += tl.sum(bf * bf, axis=1)
-            inv_b = _inverse_norm_from_squares(sqb, NORMALIZE)
-            sims = dot * inv_q[:, None] * inv_b[None, :]
-        keys = tl.where(filled[None, :], _pack_similarity(sims, cols[None, :]), _EMPTY_KEY)
-        # best is descending and the tile ascending, so the elementwise max holds the top BLOCK_K of both.
-        best = _merge_bitonic_rows(tl.maximum(best, tl.sort(keys, dim=1, descending=False)), LOG2_N, LOG2_K)
-    lanes = tl.arange(0, BLOCK_K)
-    out = (split * n_queries + rows).to(tl.int64)[:, None] * BLOCK_K + lanes[None, :]
-    tl.store(partial_ptr + out, best, mask=row_ok[:, None])
+        return inv_q, inv_q
 
 
 @triton.jit
-def _bank_topk_merge_kernel(partial_ptr, values_ptr, indices_ptr, n_queries, k, n_splits,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOG2_N: tl.constexpr, LOG2_K: tl.constexpr):
-    """Merges the splits' sorted lists (each read back to front, i.e. ascending) and unpacks the first k."""
+def _topk_tile(q, inv_q, q_ptr, bank_ptr, rows, row_ok, cols, filled, dim, stride_qn, stride_qd, stride_bk, stride_bd,
+               NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr):
+    """Similarities [BLOCK_N, BLOCK_K] of the rows with the slots ``cols`` (unfilled slots read as 0).
+    Every pass computes them with this one function, so a pass that re-computes a tile gets the
+    same bits."""
+    lanes_d = tl.arange(0, BLOCK_D)
+    if D_CHUNKS == 1:
+        _, _, sims = _bank_tile_logits(q, inv_q, bank_ptr, cols, filled, stride_bk, stride_bd, lanes_d,
+                                       lanes_d < dim, NORMALIZE, DOT_FP32, PRECISION)
+        return sims
+    else:
+        dot = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        sqb = tl.zeros([BLOCK_K], tl.float32)
+        for c in range(0, D_CHUNKS):
+            dims = c * BLOCK_D + lanes_d
+            dim_ok = dims < dim
+            qc = _load_rows(q_ptr, rows, row_ok, stride_qn, dims, dim_ok, stride_qd)
+            bc = _load_rows(bank_ptr, cols, filled, stride_bk, dims, dim_ok, stride_bd)
+            if DOT_FP32:
+                qc = qc.to(tl.float32)
+                bc = bc.to(tl.float32)
+            dot = tl.dot(qc, tl.trans(bc), dot, input_precision=PRECISION)
+            if NORMALIZE:
+                bf = bc.to(tl.float32)
+                sqb += tl.sum(bf * bf, axis=1)
+        return dot * inv_q[:, None] * _inverse_norm_from_squares(sqb, NORMALIZE)[None, :]
+
+
+@triton.jit
+def _full_tiles_end(slot_start, split_slots, n_slots, valid_count, HAS_VALID_MASK: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """Offset in the split below which every tile is filled throughout: those tiles are loaded
+    and scanned without a slot mask (with a validity mask, none is)."""
+    if HAS_VALID_MASK:
+        return 0
+    else:
+        filled_end = tl.minimum(n_slots, valid_count) - slot_start
+        return tl.minimum(tl.maximum(filled_end, 0) // BLOCK_K * BLOCK_K, split_slots)
+
+
+@triton.jit
+def _tile_slots(offset, slot_start, n_slots, valid_mask_ptr, valid_count, FULL: tl.constexpr,
+                HAS_VALID_MASK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(slots of the tile, which are filled); a FULL tile's mask is the constant true."""
+    cols = slot_start + offset + tl.arange(0, BLOCK_K)
+    if FULL:
+        return cols, tl.full([BLOCK_K], 1, tl.int1)
+    else:
+        return cols, _slots_filled(cols, n_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK)
+
+
+@triton.jit
+def _group_max_step(even, odd, offset, slot_start, q, inv_q, q_ptr, bank_ptr, rows, row_ok, valid_mask_ptr, n_slots,
+                    valid_count, dim, stride_qn, stride_qd, stride_bk, stride_bd, FULL: tl.constexpr,
+                    HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                    D_CHUNKS: tl.constexpr, PARITY_GROUPS: tl.constexpr):
+    """One tile of pass 1: the group maxima (NaN kept, so that a row with one is seen)."""
+    cols, filled = _tile_slots(offset, slot_start, n_slots, valid_mask_ptr, valid_count, FULL, HAS_VALID_MASK,
+                               BLOCK_K)
+    sims = _topk_tile(q, inv_q, q_ptr, bank_ptr, rows, row_ok, cols, filled, dim, stride_qn, stride_qd,
+                      stride_bk, stride_bd, NORMALIZE, DOT_FP32, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, D_CHUNKS)
+    if not FULL:
+        sims = tl.where(filled[None, :], sims, float("-inf"))
+    if PARITY_GROUPS and (offset // BLOCK_K) % 2 == 1:
+        odd = tl.maximum(odd, sims, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        even = tl.maximum(even, sims, propagate_nan=tl.PropagateNan.ALL)
+    return even, odd
+
+
+@triton.jit
+def _gather_step(full, offset, slot_start, threshold, lists, q, inv_q, q_ptr, bank_ptr, rows, row_ok, valid_mask_ptr,
+                 count_ptr, n_slots, valid_count, dim, stride_qn, stride_qd, stride_bk, stride_bd,
+                 FULL: tl.constexpr, HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                 D_CHUNKS: tl.constexpr, CAPACITY: tl.constexpr):
+    """One tile of pass 2: appends the tile's slots at or above each row's τ to the row's list
+    (rows already ``full`` excepted) → the rows whose lists are full.
+
+    A row meets a candidate in about one tile in twelve, so they are taken out one per row per
+    round, largest first, with row reductions (no per-element list writes); a tile holding many
+    of a row's candidates (a bank sorted or clustered by similarity) costs a round each. NaN marks what is not
+    (or no longer) a candidate: the max skips it. A similarity that is itself NaN was flagged by
+    the first pass, and its row takes the exact path."""
+    lanes = tl.arange(0, BLOCK_K)
+    cols, filled = _tile_slots(offset, slot_start, n_slots, valid_mask_ptr, valid_count, FULL, HAS_VALID_MASK,
+                               BLOCK_K)
+    sims = _topk_tile(q, inv_q, q_ptr, bank_ptr, rows, row_ok, cols, filled, dim, stride_qn, stride_qd,
+                      stride_bk, stride_bd, NORMALIZE, DOT_FP32, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, D_CHUNKS)
+    if FULL:
+        remaining = sims
+    else:
+        remaining = tl.where(filled[None, :], sims, float("nan"))
+    best = tl.max(remaining, axis=1)
+    taking = (best >= threshold) & ~full
+    while tl.max(taking.to(tl.int32), axis=0) > 0:
+        col = tl.min(tl.where(remaining == best[:, None], lanes[None, :], BLOCK_K), axis=1)
+        at = tl.atomic_add(count_ptr + rows, 1, mask=taking, sem="relaxed")
+        raw = (best.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (slot_start + offset + col).to(tl.int64)
+        tl.store(lists + at, raw, mask=taking & (at < CAPACITY))
+        # A list that overflowed stays so (its row takes the exact path): it takes no more.
+        full = full | (taking & (at >= CAPACITY))
+        remaining = tl.where(lanes[None, :] == col[:, None], float("nan"), remaining)
+        best = tl.max(remaining, axis=1)
+        taking = (best >= threshold) & ~full
+    return full
+
+
+@triton.jit
+def _bank_topk_threshold_kernel(
+    q_ptr, bank_ptr, valid_mask_ptr, group_max_ptr, count_ptr,
+    n_queries, n_slots, dim, valid_count, split_slots,
+    stride_qn, stride_qd, stride_bk, stride_bd,
+    HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    LOG2_N: tl.constexpr, LOG2_K: tl.constexpr, CAPACITY: tl.constexpr, PARITY_GROUPS: tl.constexpr,
+):
+    """Pass 1, program (row block, split): the split's slots fall into BLOCK_K groups by their
+    position within the tile (2·BLOCK_K with PARITY_GROUPS: × the tile's parity, when the splits
+    alone give fewer than 2k groups); the largest similarity of each group, per row, costs one
+    max per element. Writes each row's top BLOCK_K group maxima, descending, as ordered int32
+    keys [splits, N, BLOCK_K]. A row with a NaN similarity has its count pushed past the
+    capacity: it takes the exact path, which ranks NaN first as a sort does."""
+    split = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_queries
+    q, inv_q = _topk_query(q_ptr, rows, row_ok, stride_qn, stride_qd, dim, NORMALIZE, DOT_FP32, BLOCK_D, D_CHUNKS)
+    even = tl.full([BLOCK_N, BLOCK_K], float("-inf"), tl.float32)
+    odd = tl.full([BLOCK_N, BLOCK_K], float("-inf"), tl.float32)
+    slot_start = split * split_slots
+    full_end = _full_tiles_end(slot_start, split_slots, n_slots, valid_count, HAS_VALID_MASK, BLOCK_K)
+    for offset in range(0, full_end, BLOCK_K):
+        even, odd = _group_max_step(even, odd, offset, slot_start, q, inv_q, q_ptr, bank_ptr, rows, row_ok,
+                                    valid_mask_ptr, n_slots, valid_count, dim, stride_qn, stride_qd, stride_bk,
+                                    stride_bd, True, HAS_VALID_MASK, NORMALIZE, DOT_FP32, PRECISION, BLOCK_N,
+                                    BLOCK_K, BLOCK_D, D_CHUNKS, PARITY_GROUPS)
+    for offset in range(full_end, split_slots, BLOCK_K):
+        even, odd = _group_max_step(even, odd, offset, slot_start, q, inv_q, q_ptr, bank_ptr, rows, row_ok,
+                                    valid_mask_ptr, n_slots, valid_count, dim, stride_qn, stride_qd, stride_bk,
+                                    stride_bd, False, HAS_VALID_MASK, NORMALIZE, DOT_FP32, PRECISION, BLOCK_N,
+                                    BLOCK_K, BLOCK_D, D_CHUNKS, PARITY_GROUPS)
+    has_nan = tl.max(((even != even) | (odd != odd)).to(tl.int32), axis=1) > 0
+    tl.atomic_add(count_ptr + rows, CAPACITY + 1, mask=has_nan & row_ok, sem="relaxed")
+    top = tl.sort(_ordered_bits(even), dim=1, descending=True)
+    if PARITY_GROUPS:
+        top = _merge_into(top, _ordered_bits(odd), LOG2_N, LOG2_K)
+    lanes = tl.arange(0, BLOCK_K)
+    out = (split * n_queries + rows).to(tl.int64)[:, None] * BLOCK_K + lanes[None, :]
+    tl.store(group_max_ptr + out, top, mask=row_ok[:, None])
+
+
+@triton.jit
+def _bank_topk_gather_kernel(
+    q_ptr, bank_ptr, valid_mask_ptr, group_max_ptr, count_ptr, candidate_ptr,
+    n_queries, n_slots, dim, valid_count, split_slots, k, n_splits,
+    stride_qn, stride_qd, stride_bk, stride_bd,
+    HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    LOG2_N: tl.constexpr, LOG2_K: tl.constexpr, CAPACITY: tl.constexpr,
+):
+    """Pass 2, program (row block, split): τ, the k-th largest group maximum over all splits, is a
+    lower bound on the k-th largest similarity (k groups each hold one at least as large), so the
+    top k are among the slots with similarity ≥ τ. The same sweep appends those (similarity bits
+    << 32 | slot) to the row's list [N, CAPACITY], counting every one in count [N] (past CAPACITY
+    the count still grows: the finish pass then takes the exact path)."""
+    split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_queries
     lanes = tl.arange(0, BLOCK_K)
-    best = tl.load(partial_ptr + rows.to(tl.int64)[:, None] * BLOCK_K + lanes[None, :], mask=row_ok[:, None],
-                   other=_EMPTY_KEY)
-    for split in range(1, n_splits):
-        base = (split * n_queries + rows).to(tl.int64)[:, None] * BLOCK_K
-        ascending = tl.load(partial_ptr + base + (BLOCK_K - 1 - lanes)[None, :], mask=row_ok[:, None],
-                            other=_EMPTY_KEY)
-        best = _merge_bitonic_rows(tl.maximum(best, ascending), LOG2_N, LOG2_K)
-    high = (best >> 32).to(tl.int32)
-    bits = high ^ ((high >> 31) & 0x7FFFFFFF)
-    missing = best == _EMPTY_KEY
-    values = tl.where(missing, -float("inf"), bits.to(tl.float32, bitcast=True))
-    indices = tl.where(missing, -1, 0x7FFFFFFF - (best & 0xFFFFFFFF))
+    groups = tl.load(group_max_ptr + rows.to(tl.int64)[:, None] * BLOCK_K + lanes[None, :], mask=row_ok[:, None],
+                   other=_INT32_MIN)
+    for other in range(1, n_splits):
+        base = (other * n_queries + rows).to(tl.int64)[:, None] * BLOCK_K
+        ascending = tl.load(group_max_ptr + base + (BLOCK_K - 1 - lanes)[None, :], mask=row_ok[:, None],
+                            other=_INT32_MIN)
+        groups = _merge_bitonic_rows(tl.maximum(groups, ascending), LOG2_N, LOG2_K)
+    kth = tl.max(tl.where(lanes[None, :] == k - 1, groups, _INT32_MIN), axis=1)
+    # A few units in the last place lower, so that no rounding between passes can drop a slot;
+    # at most down to −inf (fewer than k groups filled: every filled slot is a candidate).
+    threshold = _float_of_ordered(tl.maximum(kth, _ORDERED_NEG_INF + 4) - 4)
+    q, inv_q = _topk_query(q_ptr, rows, row_ok, stride_qn, stride_qd, dim, NORMALIZE, DOT_FP32, BLOCK_D, D_CHUNKS)
+    lists = candidate_ptr + rows.to(tl.int64) * CAPACITY
+    slot_start = split * split_slots
+    full_end = _full_tiles_end(slot_start, split_slots, n_slots, valid_count, HAS_VALID_MASK, BLOCK_K)
+    full = ~row_ok  # rows past the queries take nothing
+    for offset in range(0, full_end, BLOCK_K):
+        full = _gather_step(full, offset, slot_start, threshold, lists, q, inv_q, q_ptr, bank_ptr, rows, row_ok,
+                            valid_mask_ptr, count_ptr, n_slots, valid_count, dim, stride_qn, stride_qd, stride_bk,
+                            stride_bd, True, HAS_VALID_MASK, NORMALIZE, DOT_FP32, PRECISION, BLOCK_N, BLOCK_K,
+                            BLOCK_D, D_CHUNKS, CAPACITY)
+    for offset in range(full_end, split_slots, BLOCK_K):
+        full = _gather_step(full, offset, slot_start, threshold, lists, q, inv_q, q_ptr, bank_ptr, rows, row_ok,
+                            valid_mask_ptr, count_ptr, n_slots, valid_count, dim, stride_qn, stride_qd, stride_bk,
+                            stride_bd, False, HAS_VALID_MASK, NORMALIZE, DOT_FP32, PRECISION, BLOCK_N, BLOCK_K,
+                            BLOCK_D, D_CHUNKS, CAPACITY)
+
+
+@triton.jit
+def _store_packed(keys, rows, row_ok, lanes, k, values_ptr, indices_ptr):
+    """Packed keys [rows, ≥ k], descending → the first k similarities and slots; empty keys and
+    −inf similarities → (−inf, −1)."""
+    values = tl.where(keys == _EMPTY_KEY, -float("inf"), _float_of_ordered((keys >> 32).to(tl.int32)))
+    # A filled slot at −inf is reported as missing too, as the reference does.
+    indices = tl.where(values == -float("inf"), -1, 0x7FFFFFFF - (keys & 0xFFFFFFFF))
     out = rows.to(tl.int64)[:, None] * k + lanes[None, :]
     out_mask = row_ok[:, None] & (lanes < k)[None, :]
     tl.store(values_ptr + out, values, mask=out_mask)
     tl.store(indices_ptr + out, indices, mask=out_mask)
+
+
+@triton.jit
+def _merge_into(best, keys, LOG2_N: tl.constexpr, LOG2_K: tl.constexpr):
+    """The top BLOCK_K of a descending list and a tile of keys [BLOCK_N, BLOCK_K], descending: the
+    tile sorted ascending, its elementwise max with the list is a bitonic sequence holding the top
+    BLOCK_K of both, which ``_merge_bitonic_rows`` sorts."""
+    return _merge_bitonic_rows(tl.maximum(best, tl.sort(keys, dim=1, descending=False)), LOG2_N, LOG2_K)
+
+
+@triton.jit
+def _bank_topk_finish_kernel(
+    q_ptr, bank_ptr, valid_mask_ptr, count_ptr, candidate_ptr, values_ptr, indices_ptr,
+    n_queries, n_slots, dim, valid_count, slot_end, k,
+    stride_qn, stride_qd, stride_bk, stride_bd,
+    HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    LOG2_N: tl.constexpr, LOG2_K: tl.constexpr, CAPACITY: tl.constexpr,
+):
+    """Pass 3, one program per BLOCK_N rows. When every row's candidates fit its list, the lists
+    are merged BLOCK_K at a time into a running top-BLOCK_K (as far as the longest list reaches).
+    Otherwise (many ties at τ, or the top slots crowded into few groups) the block takes the
+    exact path: the same running list over every filled slot, one bank tile at a time."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_queries
+    lanes = tl.arange(0, BLOCK_K)
+    count = tl.load(count_ptr + rows, mask=row_ok, other=0)
+    longest = tl.max(count, axis=0)
+    best = tl.full([BLOCK_N, BLOCK_K], _EMPTY_KEY, tl.int64)  # sorted descending
+    if longest <= CAPACITY:
+        lists = candidate_ptr + rows.to(tl.int64)[:, None] * CAPACITY
+        for start in range(0, longest, BLOCK_K):
+            listed = row_ok[:, None] & ((start + lanes)[None, :] < count[:, None])
+            raw = tl.load(lists + (start + lanes)[None, :], mask=listed, other=0)
+            best = _merge_into(best, tl.where(listed, _pack_candidate(raw), _EMPTY_KEY), LOG2_N, LOG2_K)
+    else:
+        q, inv_q = _topk_query(q_ptr, rows, row_ok, stride_qn, stride_qd, dim, NORMALIZE, DOT_FP32, BLOCK_D,
+                               D_CHUNKS)
+        for offset in range(0, slot_end, BLOCK_K):
+            cols = offset + lanes
+            filled = _slots_filled(cols, n_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK)
+            sims = _topk_tile(q, inv_q, q_ptr, bank_ptr, rows, row_ok, cols, filled, dim, stride_qn, stride_qd,
+                              stride_bk, stride_bd, NORMALIZE, DOT_FP32, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D,
+                              D_CHUNKS)
+            keys = tl.where(filled[None, :], _pack_similarity(sims, cols[None, :]), _EMPTY_KEY)
+            best = _merge_into(best, keys, LOG2_N, LOG2_K)
+    _store_packed(best, rows, row_ok, lanes, k, values_ptr, indices_ptr)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -601,13 +825,22 @@ def nce_tiles(dtype: torch.dtype, d: int, interpret: bool = False) -> dict:
 
 @functools.lru_cache(maxsize=None)  # pure in its arguments; read-only results
 def topk_tiles(dtype: torch.dtype, d: int, k: int, interpret: bool = False) -> dict:
-    """The top-k kernel's tiles: the list (= slot tile) width BLOCK_K ≥ k, the largest row block,
-    and the head-dimension chunk BLOCK_D that keeps a slot tile within OPERAND_TILE_BYTES."""
+    """The top-k kernels' tiles: the slot tile width BLOCK_K ≥ k (also the width of the group
+    maxima and of the exact path's running list), the largest row block, and the head-dimension
+    chunk BLOCK_D that keeps a slot tile within OPERAND_TILE_BYTES."""
     block_k = max(SLOT_TILE, next_power_of_2(k))
     operand = _operand_bytes(dtype, _dot_settings(dtype, interpret)["DOT_FP32"])
     block_d = _tile_rows(block_k, operand, _dim_block(d))  # a [block_k, block_d] tile, read the other way
     return dict(block_k=block_k, rows=max(16, min(64, 4096 // block_k)), block_d=block_d,
                 d_chunks=cdiv(max(d, 1), block_d))
+
+
+def topk_capacity(block_k: int) -> int:
+    """Candidates kept per row. With G ≥ 2k groups in all, the slots at or above τ are about
+    G·ln(G / (G − k)) for independent similarities (benchmarks/static_cost.py:
+    expected_candidates; ≈ 74 at k = 64 with 4 splits, ≤ 1.39·k at G = 2k): twice the tile
+    width, at least 256, holds them with room."""
+    return max(TOPK_MIN_CAPACITY, 2 * block_k)
 
 
 def _slot_end(num_slots: int, valid_mask, valid_count: int) -> int:
@@ -623,6 +856,9 @@ SLOT_TILE = 64
 FWD_PROGRAMS_PER_SM = 2
 BWD_QUERY_PROGRAMS_PER_SM = 1
 TOPK_PROGRAMS_PER_SM = 2
+# The top-k finish pass: rows per program, and the shortest candidate list (topk_capacity).
+TOPK_FINISH_ROWS = 16
+TOPK_MIN_CAPACITY = 256
 
 
 def _bank_splits(row_blocks: int, slot_end: int, device: torch.device, interpret: bool,
@@ -747,7 +983,11 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
 
 
 def bank_topk(query, bank, k: int, valid_mask, valid_count: int, normalize: bool, interpret: bool):
-    """→ (similarities [N, k] fp32, slots [N, k] int64), largest first; missing entries (−inf, −1)."""
+    """→ (similarities [N, k] fp32, slots [N, k] int64), largest first; missing entries (−inf, −1).
+
+    Three passes: group maxima per split (``_bank_topk_threshold_kernel``), the slots at or above
+    the bound they give (``_bank_topk_gather_kernel``), and a sort of those per row, or the exact
+    sweep for a row block whose candidates overflowed (``_bank_topk_finish_kernel``)."""
     n, d = query.shape
     num_slots = bank.shape[0]
     values = torch.empty((n, k), dtype=torch.float32, device=query.device)
@@ -756,21 +996,32 @@ def bank_topk(query, bank, k: int, valid_mask, valid_count: int, normalize: bool
         return values, indices
     dots = _dot_settings(query.dtype, interpret)
     tiles = topk_tiles(query.dtype, d, k, interpret)
-    block_k, block_d = tiles["block_k"], tiles["block_d"]
+    block_k = tiles["block_k"]
+    capacity = topk_capacity(block_k)
     block_n = _row_block(n, tiles["rows"])
     row_blocks = cdiv(n, block_n)
-    splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), query.device,
-                                       interpret, tile=block_k, per_sm=TOPK_PROGRAMS_PER_SM)
-    partial = torch.empty((splits, n, block_k), dtype=torch.int64, device=query.device)
-    logs = dict(LOG2_N=block_n.bit_length() - 1, LOG2_K=block_k.bit_length() - 1)  # both powers of two
-    _bank_topk_kernel[(row_blocks, splits)](
-        query, bank, valid_mask if valid_mask is not None else values, partial,
-        n, num_slots, d, valid_count, split_slots,
-        *_strides(query), *_strides(bank),
-        HAS_VALID_MASK=valid_mask is not None, NORMALIZE=normalize, DOT_FP32=dots["DOT_FP32"],
-        PRECISION=dots["PRECISION"], BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
-        D_CHUNKS=tiles["d_chunks"], **logs, num_warps=4,
-    )
-    _bank_topk_merge_kernel[(row_blocks,)](partial, values, indices, n, k, splits, BLOCK_N=block_n, BLOCK_K=block_k,
-                                           **logs, num_warps=4)
+    slot_end = _slot_end(num_slots, valid_mask, valid_count)
+    splits, split_slots = _bank_splits(row_blocks, slot_end, query.device, interpret, tile=block_k,
+                                       per_sm=TOPK_PROGRAMS_PER_SM)
+    group_max = torch.empty((splits, n, block_k), dtype=torch.int32, device=query.device)
+    counts = torch.zeros((n,), dtype=torch.int32, device=query.device)
+    candidates = torch.empty((n, capacity), dtype=torch.int64, device=query.device)
+    bank_args = dict(q_ptr=query, bank_ptr=bank, valid_mask_ptr=valid_mask if valid_mask is not None else values,
+                     n_queries=n, n_slots=num_slots, dim=d, valid_count=valid_count,
+                     stride_qn=query.stride(0), stride_qd=query.stride(1), stride_bk=bank.stride(0),
+                     stride_bd=bank.stride(1), HAS_VALID_MASK=valid_mask is not None, NORMALIZE=normalize,
+                     DOT_FP32=dots["DOT_FP32"], PRECISION=dots["PRECISION"], BLOCK_K=block_k,
+                     BLOCK_D=tiles["block_d"], D_CHUNKS=tiles["d_chunks"], LOG2_K=block_k.bit_length() - 1)
+    sweep = dict(bank_args, split_slots=split_slots, BLOCK_N=block_n, LOG2_N=block_n.bit_length() - 1, num_warps=4)
+    # Fewer than 2k groups (one split of a narrow tile) make τ loose: the tiles' parity doubles them.
+    parity = splits * block_k < 2 * k
+    _bank_topk_threshold_kernel[(row_blocks, splits)](group_max_ptr=group_max, count_ptr=counts, CAPACITY=capacity,
+                                                      PARITY_GROUPS=parity, **sweep)
+    _bank_topk_gather_kernel[(row_blocks, splits)](group_max_ptr=group_max, count_ptr=counts,
+                                                   candidate_ptr=candidates, k=k, n_splits=splits,
+                                                   CAPACITY=capacity, **sweep)
+    _bank_topk_finish_kernel[(cdiv(n, TOPK_FINISH_ROWS),)](
+        count_ptr=counts, candidate_ptr=candidates, values_ptr=values, indices_ptr=indices, slot_end=slot_end, k=k,
+        BLOCK_N=TOPK_FINISH_ROWS, LOG2_N=TOPK_FINISH_ROWS.bit_length() - 1, CAPACITY=capacity,
+        num_warps=4, **bank_args)
     return values, indices
