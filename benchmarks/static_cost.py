@@ -303,35 +303,31 @@ def _cases() -> list[StaticCase]:
     def combine_trips(launch):  # the one reducing program: each row block merges every split
         return [launch.args["n_splits"] * _cdiv(launch.args["n_queries"], launch.args["BLOCK"])] * 2
 
-    def topk_splits(a):
-        return _cdiv(_cdiv(a["n_slots"], a["BLOCK_K"]), a["split_slots"] // a["BLOCK_K"])
-
-    def topk_groups(a):  # the group maxima τ is taken from (see _bank_topk_threshold_kernel)
-        splits = topk_splits(a)
-        return a["BLOCK_K"] * splits * (2 if splits * a["BLOCK_K"] < 2 * a["k"] else 1)
-
     def topk_tiles(launch):  # [tiles scanned without a slot mask, masked tiles], per program on average
         a = launch.args
-        tiles, splits = a["split_slots"] // a["BLOCK_K"], topk_splits(a)
+        tiles = a["split_slots"] // a["BLOCK_K"]
+        splits = _cdiv(_cdiv(a["n_slots"], a["BLOCK_K"]), tiles)
         filled = min(a["n_slots"], a["valid_count"]) if a["HAS_VALID_MASK"] is False else 0
         full = sum(min(max(filled - s * a["split_slots"], 0) // a["BLOCK_K"], tiles) for s in range(splits)) / splits
         return [full, tiles - full]
 
-    def gather_rounds(launch):  # the split merge; one round per candidate the tile's busiest row takes
+    topk_model = {}  # the groups τ is taken from, as the first pass's launch sets them, for the later passes
+
+    def threshold_trips(launch):
         a = launch.args
-        rate = expected_candidates(topk_groups(a), a["k"]) / a["n_slots"]
+        groups_per_split = a["BLOCK_K"] * (2 if a["PARITY_GROUPS"] else 1)
+        topk_model["groups"] = groups_per_split * launch.grid[1]  # grid: (row blocks, splits)
+        return topk_tiles(launch)
+
+    def gather_trips(launch):  # the split merge; one round per candidate the tile's busiest row takes
+        a = launch.args
+        rate = expected_candidates(topk_model["groups"], a["k"]) / a["n_slots"]
         rounds = expected_rounds(rate * a["BLOCK_K"], a["BLOCK_N"], a["BLOCK_K"])
         return [a["n_splits"] - 1] + [t * rounds for t in topk_tiles(launch)]
 
     def finish_trips(launch):  # the candidate lists in BLOCK_K chunks; the exact path not taken
         a = launch.args
         return [math.ceil(expected_candidates(topk_model["groups"], a["k"]) / a["BLOCK_K"]), 0]
-
-    topk_model = {}  # what the finish pass needs from the launches before it
-
-    def gather_seen(launch):
-        topk_model["groups"] = topk_groups(launch.args)
-        return gather_rounds(launch)
 
     nce_trips = {"_bank_info_nce_fwd_kernel": slot_trips, "_bank_info_nce_bwd_query_kernel": slot_trips,
                  "_bank_info_nce_combine_kernel": combine_trips}
@@ -345,7 +341,7 @@ def _cases() -> list[StaticCase]:
         StaticCase("contrastive/nce", 0.5, nce, nce_trips),
         StaticCase("contrastive/nce-large", 7.0, nce, nce_trips),
         StaticCase("contrastive/topk64", 0.3, topk,
-                   {"_bank_topk_threshold_kernel": topk_tiles, "_bank_topk_gather_kernel": gather_seen,
+                   {"_bank_topk_threshold_kernel": threshold_trips, "_bank_topk_gather_kernel": gather_trips,
                     "_bank_topk_finish_kernel": finish_trips},
                    outer_trips={"_bank_topk_gather_kernel": topk_tiles}),
         StaticCase("kv/evict", 0.13, evict, {"_select_retained_kernel": select_trips}),
@@ -386,8 +382,10 @@ def analyse(case_filter: str | None = None) -> list[dict]:
             loops = sass["loops"]
             looped = sum(body * (trips[j] if j < len(trips) and trips[j] is not None else 1)
                          for j, (_, _, body) in enumerate(loops))
-            outer, outer_trips = sass["outer_loops"], sc.outer_trips.get(launch.kernel.__name__, lambda launch: [])(launch)
-            looped += sum(body * (outer_trips[j] if j < len(outer_trips) else 1) for j, (_, _, body) in enumerate(outer))
+            outer = sass["outer_loops"]
+            outer_trips = sc.outer_trips.get(launch.kernel.__name__, lambda launch: [])(launch)
+            looped += sum(body * (outer_trips[j] if j < len(outer_trips) else 1)
+                          for j, (_, _, body) in enumerate(outer))
             straight = sass["instructions"] - sum(body for _, _, body in loops) - sum(body for _, _, body in outer)
             per_program = straight + looped
             warp_instructions += per_program * warps * programs
@@ -424,7 +422,8 @@ def print_report(rows: list[dict]) -> None:
         print(f"{r['case']:<26} {target:>8} {r['issue_bound_ms']:8.3f} {r['memory_floor_ms']:8.3f} "
               f"{r['matmul_floor_ms']:8.3f} {issue:>12} {ratio:>12}")
         for k in r["kernels"]:
-            loops = " ".join(f"{b}x{t:.4g}" for b, t in zip(k["loop_bodies"], k["loop_trips"] + [1] * len(k["loop_bodies"])))
+            loops = " ".join(f"{b}x{t:.4g}" for b, t in zip(k["loop_bodies"],
+                                                             k["loop_trips"] + [1] * len(k["loop_bodies"])))
             if k["outer_bodies"]:
                 loops += "; outer " + " ".join(f"{b}x{t:.4g}" for b, t in zip(
                     k["outer_bodies"], k["outer_trips"] + [1] * len(k["outer_bodies"])))

@@ -368,10 +368,11 @@ def test_bank_topk_ties_and_degenerate(backend):
 @pytest.mark.parametrize("order", ["near-floor", "rising-masked"])
 def test_bank_topk_over_many_tiles(backend, order):
     # 420 slots: 7 tiles, cut into 3 splits of 3, 3 and 1 tiles, so the group maxima behind the
-    # bound τ are merged across splits and the lists across tiles. "near-floor" gives the first split's last tile one key just
-    # above the k-th best of its first two tiles (it belongs in the answer); "rising" orders the
-    # bank by similarity to the queries, so every tile displaces the list. Oracle: a float64
-    # stable sort of the similarities over the filled slots.
+    # bound τ are merged across splits and the lists across tiles. "near-floor" gives the first
+    # split's last tile one key just above the k-th best of its first two tiles (it belongs in
+    # the answer); "rising" orders the bank by similarity to the queries, so every row's nearest
+    # slots crowd into the last tiles. Oracle: a float64 stable sort of the similarities over
+    # the filled slots.
     n, slots, d, k = 5, 420, 24, 60
     direction = torch.randn(d)
     q = direction + 0.3 * torch.randn(n, d)

@@ -114,10 +114,11 @@ def test_the_top_k_candidate_model_matches_random_data(splits, parity):
     # The top-k bound's cost on paper rests on two predictions for independent similarities:
     # slots at or above τ per row (expected_candidates) and the gather's rounds per tile
     # (expected_rounds). Replay the first two passes' arithmetic in torch on random data.
+    import torch
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from static_cost import expected_candidates, expected_rounds
 
-    torch = pytest.importorskip("torch")
     gen = torch.Generator().manual_seed(0)
     n, slots, d, k, tile = 512, 16384, 32, 64, 64
     sims = torch.randn(n, d, generator=gen) @ torch.randn(slots, d, generator=gen).T

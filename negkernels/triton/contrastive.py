@@ -606,9 +606,9 @@ def _gather_step(full, offset, slot_start, threshold, lists, q, inv_q, q_ptr, ba
 
     A row meets a candidate in about one tile in twelve, so they are taken out one per row per
     round, largest first, with row reductions (no per-element list writes); a tile holding many
-    of a row's candidates (a bank sorted or clustered by similarity) costs a round each. NaN marks what is not
-    (or no longer) a candidate: the max skips it. A similarity that is itself NaN was flagged by
-    the first pass, and its row takes the exact path."""
+    of a row's candidates (a bank sorted or clustered by similarity) costs a round each. NaN marks
+    what is not (or no longer) a candidate: the max skips it. A similarity that is itself NaN was
+    flagged by the first pass, and its row takes the exact path."""
     lanes = tl.arange(0, BLOCK_K)
     cols, filled = _tile_slots(offset, slot_start, n_slots, valid_mask_ptr, valid_count, FULL, HAS_VALID_MASK,
                                BLOCK_K)
@@ -772,8 +772,7 @@ def _bank_topk_finish_kernel(
         q, inv_q = _topk_query(q_ptr, rows, row_ok, stride_qn, stride_qd, dim, NORMALIZE, DOT_FP32, BLOCK_D,
                                D_CHUNKS)
         for offset in range(0, slot_end, BLOCK_K):
-            cols = offset + lanes
-            filled = _slots_filled(cols, n_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK)
+            cols, filled = _tile_slots(offset, 0, n_slots, valid_mask_ptr, valid_count, False, HAS_VALID_MASK, BLOCK_K)
             sims = _topk_tile(q, inv_q, q_ptr, bank_ptr, rows, row_ok, cols, filled, dim, stride_qn, stride_qd,
                               stride_bk, stride_bd, NORMALIZE, DOT_FP32, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D,
                               D_CHUNKS)
