@@ -294,6 +294,18 @@ def _cases() -> list[StaticCase]:
     def select_trips(launch):
         return [_cdiv(launch.args["seq"], launch.args["BLOCK"])] * 16
 
+    def split_select_trips(launch):  # per pass before this one: the row's split histograms; then its chunk
+        a = launch.args
+        return [_cdiv(a["splits"], a["SPLIT_BLOCK"])] * a["PASS"] + [a["chunk"] // a["BLOCK"]]
+
+    def split_write_trips(launch):
+        # per pass: every split's histograms, then those of the splits before (on average half);
+        # then the chunk, and the unused slots, which only the last split fills
+        a = launch.args
+        before = (a["splits"] - 1) / 2 / a["SPLIT_BLOCK"]
+        return [_cdiv(a["splits"], a["SPLIT_BLOCK"]), before] * 4 + [
+            a["chunk"] // a["BLOCK"], _cdiv(a["kept"], a["BLOCK"]) / a["splits"]]
+
     def mass_trips(launch):
         return [_cdiv(launch.args["seq"], launch.args["BLOCK_I"]) // 2 + 1] * 2
 
@@ -344,8 +356,12 @@ def _cases() -> list[StaticCase]:
                    {"_bank_topk_threshold_kernel": threshold_trips, "_bank_topk_gather_kernel": gather_trips,
                     "_bank_topk_finish_kernel": finish_trips},
                    outer_trips={"_bank_topk_gather_kernel": topk_tiles}),
-        StaticCase("kv/evict", 0.13, evict, {"_select_retained_kernel": select_trips}),
-        StaticCase("kv/evict-8rows", 0.03, evict, {"_select_retained_kernel": select_trips}),
+        StaticCase("kv/evict", 0.13, evict, {"_select_retained_kernel": select_trips,
+                                             "_select_histogram_kernel": split_select_trips,
+                                             "_select_write_kernel": split_write_trips}),
+        StaticCase("kv/evict-8rows", 0.03, evict, {"_select_retained_kernel": select_trips,
+                                                   "_select_histogram_kernel": split_select_trips,
+                                                   "_select_write_kernel": split_write_trips}),
         StaticCase("kv/retention-mass", float("nan"), mass,
                    {"_retention_mass_fwd_kernel": mass_trips, "_retention_mass_bwd_kernel": mass_trips}),
     ]

@@ -182,6 +182,39 @@ def test_select_retained_against_brute_force(backend, case):
     assert torch.equal(out, expected), (out, expected)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton interpreter is not installed")
+@pytest.mark.parametrize("case, splits, ties", [
+    ((2, 3, 37, 10, 2, 3, None), 3, True),
+    ((3, 2, 50, 13, 0, 0, [50, 7, 0]), 3, True),
+    ((2, 3, 64, 8, 0, 8, [64, 30]), 3, False),  # only the window
+    ((2, 2, 29, 0, 0, 0, None), 3, False),  # budget 0
+    ((1, 1, 300, 17, 4, 4, [257]), 19, True),  # more splits than one block of their histograms
+    ((1, 2, 300, 40, 1, 2, None), 19, False),
+])
+def test_select_retained_split_rows_against_brute_force(monkeypatch, case, splits, ties):
+    # Rows shared by several programs (the few-long-rows launch): every split's histograms
+    # give all programs the same digits, and each split's first slot counts what came before.
+    import negkernels.triton.kv as tk
+
+    monkeypatch.setattr(tk, "select_splits", lambda rows, seq, sms: splits)
+    b, h, s, budget, sink, window, lengths = case
+    scores = random_scores(b, h, s, ties=ties)
+    lengths_t = torch.tensor(lengths) if lengths is not None else None
+    with poisoned_allocations():
+        out = nk.select_retained(scores, budget, sink=sink, window=window, lengths=lengths_t, backend="triton")
+    assert torch.equal(out, brute_select(scores, budget, sink, window, lengths)), (out, scores)
+    keys, values = torch.randn(b, h, s, 8).bfloat16(), torch.randn(b, h, s, 8).bfloat16()
+    log_beta = (-torch.rand(b, h, s) * 0.05).bfloat16()
+    positions = torch.randint(0, 300, (b, h, s))
+    with poisoned_allocations():
+        kept = nk.evict(keys, values, log_beta, positions, 301, budget, sink=sink, window=window,
+                        lengths=lengths_t, backend="triton")
+    indices = brute_select(retention_scores_reference(log_beta, positions, 301, keys, 0.0), budget, sink, window,
+                           lengths)
+    assert torch.equal(kept.indices, indices)
+    assert torch.equal(kept.keys, loop_compact(keys, indices))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_select_retained_hand_worked(backend):
     scores = torch.tensor([[[5.0, 1.0, 3.0, 3.0, 0.0, 3.0, 2.0]]])

@@ -321,6 +321,15 @@ KV_SCRIPT = PRELUDE + textwrap.dedent(
                               lb_ptr="*bf16", pos_ptr=pos, step_ptr="*i64", lengths_ptr="*i32", out_ptr="*i64")
         assert_strides_scaled_in_64_bits(kv._select_retained_kernel, compiled)
         count += 1
+    for digit_pass, from_lb, lengths, block, warps, int_type in (
+            (0, True, False, 4096, 16, "i32"), (3, True, True, 2048, 16, "i64"), (2, False, True, 16, 4, "i32")):
+        for kernel, extra in ((kv._select_histogram_kernel, dict(PASS=digit_pass)), (kv._select_write_kernel, {})):
+            compiled = compile_kv(kernel, dict(FROM_LOG_BETA=from_lb, STEP_PER_BATCH=False, POS_FLOAT=False,
+                                               HAS_LENGTHS=lengths, BLOCK=block, SPLIT_BLOCK=16, **extra),
+                                  warps, int_type, lb_ptr="*bf16", pos_ptr="*i64", step_ptr="*i64",
+                                  lengths_ptr="*i32", hist_ptr="*i32", out_ptr="*i64")
+            assert_strides_scaled_in_64_bits(kernel, compiled)
+            count += 1
     for has_kv, num_meta, in_place, int_type in ((True, 2, False, "i32"), (True, 0, True, "i32"),
                                                  (False, 1, True, "i64"), (True, 2, True, "i64")):
         compiled = compile_kv(kv._compact_kv_kernel,
@@ -362,4 +371,4 @@ def test_contrastive_tiles_fit_sm90_at_the_largest_head_dim_and_list():
 
 
 def test_every_kv_kernel_variant_compiles_for_sm90():
-    assert "compiled 15" in _compile_in_subprocess(KV_SCRIPT)
+    assert "compiled 21" in _compile_in_subprocess(KV_SCRIPT)

@@ -9,6 +9,11 @@ the training-side retention mass.
   unprotected token and how many of the tokens tied at T to keep. A last pass writes the kept
   indices in position order with a running prefix sum: protected tokens, keys above T, and the
   most recent of the ties at T. No sort, no host synchronisation, every output slot written.
+* ``_select_histogram_kernel`` / ``_select_write_kernel``: the same selection when the rows are
+  too few to fill the GPU (decode with a small batch): each row's tokens are split over several
+  programs, each pass is one launch, and every split stores its own histogram. Each program sums
+  its row's histograms to the same digits; the write pass starts each split at the slot that the
+  splits before it fill (their protected tokens, their keys above T, their kept ties).
 * ``_compact_kv_kernel``: gathers K and V rows and up to two per-token metadata rows at the kept
   indices. The out-of-place form runs one program per (row, block of kept tokens, block of
   head dims). The in-place form writes the prefix of the source buffers: kept index j ≥ j, so a
@@ -24,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _backend
 from . import cdiv, next_power_of_2
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -123,15 +129,8 @@ def _row_keys(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, offs
 
 
 @triton.jit
-def _select_retained_kernel(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, lengths_ptr, out_ptr,
-                            heads, seq, kept, sink, window,
-                            stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                            FROM_LOG_BETA: tl.constexpr, STEP_PER_BATCH: tl.constexpr, POS_FLOAT: tl.constexpr,
-                            HAS_LENGTHS: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # 64-bit addressing, as in _retention_scores_kernel
-    b = row // heads
-    h = row % heads
-    lanes = tl.arange(0, BLOCK)
+def _row_extent(lengths_ptr, b, seq, kept, sink, window, HAS_LENGTHS: tl.constexpr):
+    """(length, sink tokens, window tokens, unprotected tokens to choose) of a row."""
     if HAS_LENGTHS:
         length = tl.minimum(tl.maximum(tl.load(lengths_ptr + b).to(tl.int64), 0), seq)
     else:
@@ -139,44 +138,55 @@ def _select_retained_kernel(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, l
     n_sink = tl.minimum(sink, length)
     n_window = tl.minimum(window, length - n_sink)
     total = tl.minimum(kept, length)
-    k = total - n_sink - n_window  # unprotected tokens still to choose (>= 0: kept >= sink + window)
+    return length, n_sink, n_window, total - n_sink - n_window  # the last >= 0: kept >= sink + window
 
-    # Radix select over 8-bit digits, most significant first: `prefix` holds the digits found,
-    # `need` how many of the candidates matching them are still to be taken.
-    prefix = tl.zeros([], tl.int64)
-    need = k
-    ties = tl.zeros([], tl.int64)
-    bins = tl.arange(0, 256)
-    for p in tl.static_range(4):
-        hist = tl.zeros([256], tl.int32)
-        for start in range(0, seq, BLOCK):
-            offs = start + lanes
-            eligible = offs < length
-            key = _row_keys(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, offs, eligible, seq,
-                            stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                            FROM_LOG_BETA, STEP_PER_BATCH, POS_FLOAT)
-            candidate = eligible & (offs >= n_sink) & (offs < length - n_window)
-            if p > 0:
-                candidate = candidate & ((key >> (32 - 8 * p)) == (prefix >> (32 - 8 * p)))
-            digits = ((key >> (24 - 8 * p)) & 255).to(tl.int32)
-            hist += tl.histogram(digits, 256, mask=candidate)
-        # at_least[d] = number of candidates whose digit is >= d; take the largest d with enough.
-        at_least = tl.sum(hist) - tl.cumsum(hist, 0) + hist
-        digit = tl.max(tl.where(at_least >= need, bins, 0))
-        count_digit = tl.sum(tl.where(bins == digit, hist, 0))
-        above = tl.sum(tl.where(bins == digit, at_least, 0)) - count_digit
-        prefix = prefix | (digit.to(tl.int64) << (24 - 8 * p))
-        need = need - above
-        ties = count_digit.to(tl.int64)
-    threshold = tl.where(k > 0, prefix, 4294967296)
-    # The `need` most recent of the `ties` tokens whose key equals the threshold are kept.
-    first_kept_tie = ties - need
 
-    written = tl.zeros([], tl.int64)
-    ties_seen = tl.zeros([], tl.int64)
-    out_row = out_ptr + row.to(tl.int64) * kept
-    for start in range(0, seq, BLOCK):
-        offs = start + lanes
+@triton.jit
+def _choose_digit(hist, need, bins):
+    """The largest digit d with at least `need` candidates at or above it: (d, candidates above d,
+    candidates at d)."""
+    at_least = tl.sum(hist) - tl.cumsum(hist, 0) + hist
+    digit = tl.max(tl.where(at_least >= need, bins, 0))
+    count_digit = tl.sum(tl.where(bins == digit, hist, 0))
+    above = tl.sum(tl.where(bins == digit, at_least, 0)) - count_digit
+    return digit, above, count_digit
+
+
+@triton.jit
+def _digit_histogram(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, seq, start, end, length,
+                     n_sink, n_window, prefix,
+                     stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                     PASS: tl.constexpr, FROM_LOG_BETA: tl.constexpr, STEP_PER_BATCH: tl.constexpr,
+                     POS_FLOAT: tl.constexpr, BLOCK: tl.constexpr):
+    """Histogram of digit PASS (most significant first) of the unprotected tokens in [start, end)
+    whose keys match `prefix` in the digits before it."""
+    lanes = tl.arange(0, BLOCK)
+    hist = tl.zeros([256], tl.int32)
+    for block_start in range(start, end, BLOCK):
+        offs = block_start + lanes
+        eligible = offs < length
+        key = _row_keys(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, offs, eligible, seq,
+                        stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                        FROM_LOG_BETA, STEP_PER_BATCH, POS_FLOAT)
+        candidate = eligible & (offs >= n_sink) & (offs < length - n_window)
+        if PASS > 0:
+            candidate = candidate & ((key >> (32 - 8 * PASS)) == (prefix >> (32 - 8 * PASS)))
+        digits = ((key >> (24 - 8 * PASS)) & 255).to(tl.int32)
+        hist += tl.histogram(digits, 256, mask=candidate)
+    return hist
+
+
+@triton.jit
+def _write_kept(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, out_row, b, h, row, seq, start, end, length,
+                n_sink, n_window, threshold, first_kept_tie, written, ties_seen,
+                stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                FROM_LOG_BETA: tl.constexpr, STEP_PER_BATCH: tl.constexpr, POS_FLOAT: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """Writes the kept indices of [start, end) in position order from slot `written` (given the kept
+    tokens and ties before `start`); returns the slot after the last."""
+    lanes = tl.arange(0, BLOCK)
+    for block_start in range(start, end, BLOCK):
+        offs = block_start + lanes
         eligible = offs < length
         key = _row_keys(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, offs, eligible, seq,
                         stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
@@ -190,9 +200,152 @@ def _select_retained_kernel(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, l
         tl.store(out_row + slot, offs.to(tl.int64), mask=keep)
         written += tl.sum(keep.to(tl.int64))
         ties_seen += tl.sum(tie.to(tl.int64))
+    return written
+
+
+@triton.jit
+def _fill_unused(out_row, written, kept, BLOCK: tl.constexpr):
+    lanes = tl.arange(0, BLOCK)
     for start in range(0, kept, BLOCK):
         offs = start + lanes
         tl.store(out_row + offs, tl.full([BLOCK], -1, tl.int64), mask=(offs >= written) & (offs < kept))
+
+
+@triton.jit
+def _select_retained_kernel(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, lengths_ptr, out_ptr,
+                            heads, seq, kept, sink, window,
+                            stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                            FROM_LOG_BETA: tl.constexpr, STEP_PER_BATCH: tl.constexpr, POS_FLOAT: tl.constexpr,
+                            HAS_LENGTHS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # 64-bit addressing, as in _retention_scores_kernel
+    b = row // heads
+    h = row % heads
+    length, n_sink, n_window, k = _row_extent(lengths_ptr, b, seq, kept, sink, window, HAS_LENGTHS)
+
+    # Radix select over 8-bit digits, most significant first: `prefix` holds the digits found,
+    # `need` how many of the candidates matching them are still to be taken.
+    prefix = tl.zeros([], tl.int64)
+    need = k
+    ties = tl.zeros([], tl.int64)
+    bins = tl.arange(0, 256)
+    for p in tl.static_range(4):
+        hist = _digit_histogram(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, seq, 0, seq, length,
+                                n_sink, n_window, prefix,
+                                stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                                p, FROM_LOG_BETA, STEP_PER_BATCH, POS_FLOAT, BLOCK)
+        digit, above, count_digit = _choose_digit(hist, need, bins)
+        prefix = prefix | (digit.to(tl.int64) << (24 - 8 * p))
+        need = need - above
+        ties = count_digit.to(tl.int64)
+    threshold = tl.where(k > 0, prefix, 4294967296)
+    # The `need` most recent of the `ties` tokens whose key equals the threshold are kept.
+    out_row = out_ptr + row * kept
+    written = _write_kept(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, out_row, b, h, row, seq, 0, seq,
+                          length, n_sink, n_window, threshold, ties - need, tl.zeros([], tl.int64),
+                          tl.zeros([], tl.int64),
+                          stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                          FROM_LOG_BETA, STEP_PER_BATCH, POS_FLOAT, BLOCK)
+    _fill_unused(out_row, written, kept, BLOCK)
+
+
+@triton.jit
+def _split_digits(hist_ptr, row, splits, split, need, PASSES: tl.constexpr, COUNT_BEFORE: tl.constexpr,
+                  SPLIT_BLOCK: tl.constexpr):
+    """The digits of the first PASSES passes from every split's histograms of a row ([rows, splits,
+    4, 256] int32): (prefix, need, ties at the last digit). With COUNT_BEFORE, also the
+    candidates of the splits before `split` that lie above the prefix (each counted at the first
+    digit where it exceeds it) and those tied with it at the last digit."""
+    bins = tl.arange(0, 256)
+    split_lanes = tl.arange(0, SPLIT_BLOCK)
+    prefix = tl.zeros([], tl.int64)
+    ties = tl.zeros([], tl.int64)
+    above_before = tl.zeros([], tl.int64)
+    ties_before = tl.zeros([], tl.int64)
+    for p in tl.static_range(PASSES):
+        hist = tl.zeros([256], tl.int32)
+        for s0 in range(0, splits, SPLIT_BLOCK):
+            s = s0 + split_lanes
+            tile = tl.load(hist_ptr + ((row * splits + s[:, None]) * 4 + p) * 256 + bins[None, :],
+                           mask=(s < splits)[:, None], other=0)
+            hist += tl.sum(tile, 0)
+        digit, above, count_digit = _choose_digit(hist, need, bins)
+        if COUNT_BEFORE:
+            for s0 in range(0, split, SPLIT_BLOCK):
+                s = s0 + split_lanes
+                tile = tl.load(hist_ptr + ((row * splits + s[:, None]) * 4 + p) * 256 + bins[None, :],
+                               mask=(s < split)[:, None], other=0)
+                above_before += tl.sum(tl.sum(tl.where(bins[None, :] > digit, tile, 0), 1), 0).to(tl.int64)
+                if p == PASSES - 1:
+                    ties_before += tl.sum(tl.sum(tl.where(bins[None, :] == digit, tile, 0), 1), 0).to(tl.int64)
+        prefix = prefix | (digit.to(tl.int64) << (24 - 8 * p))
+        need = need - above
+        ties = count_digit.to(tl.int64)
+    return prefix, need, ties, above_before, ties_before
+
+
+@triton.jit
+def _select_histogram_kernel(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, lengths_ptr, hist_ptr,
+                             heads, seq, kept, sink, window, splits, chunk,
+                             stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                             PASS: tl.constexpr, FROM_LOG_BETA: tl.constexpr, STEP_PER_BATCH: tl.constexpr,
+                             POS_FLOAT: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK: tl.constexpr,
+                             SPLIT_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    b = row // heads
+    h = row % heads
+    length, n_sink, n_window, k = _row_extent(lengths_ptr, b, seq, kept, sink, window, HAS_LENGTHS)
+    prefix, _, _, _, _ = _split_digits(hist_ptr, row, splits, split, k, PASS, False, SPLIT_BLOCK)
+    start = split.to(tl.int64) * chunk
+    hist = _digit_histogram(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, seq, start,
+                            tl.minimum(start + chunk, seq), length, n_sink, n_window, prefix,
+                            stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                            PASS, FROM_LOG_BETA, STEP_PER_BATCH, POS_FLOAT, BLOCK)
+    tl.store(hist_ptr + ((row * splits + split) * 4 + PASS) * 256 + tl.arange(0, 256), hist)
+
+
+@triton.jit
+def _select_write_kernel(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, lengths_ptr, hist_ptr, out_ptr,
+                         heads, seq, kept, sink, window, splits, chunk,
+                         stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                         FROM_LOG_BETA: tl.constexpr, STEP_PER_BATCH: tl.constexpr, POS_FLOAT: tl.constexpr,
+                         HAS_LENGTHS: tl.constexpr, BLOCK: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    b = row // heads
+    h = row % heads
+    length, n_sink, n_window, k = _row_extent(lengths_ptr, b, seq, kept, sink, window, HAS_LENGTHS)
+    prefix, need, ties, above_before, ties_before = _split_digits(hist_ptr, row, splits, split, k, 4, True,
+                                                                  SPLIT_BLOCK)
+    threshold = tl.where(k > 0, prefix, 4294967296)
+    first_kept_tie = ties - need
+    start = split.to(tl.int64) * chunk
+    # This split's first slot: the protected tokens before it (the sink, then the window's part
+    # before it), the candidates above the threshold before it, and the kept ties before it (the
+    # ties past the first `first_kept_tie`).
+    protected_before = tl.minimum(n_sink, start) + tl.maximum(tl.minimum(length, start) - (length - n_window), 0)
+    chosen_before = tl.where(k > 0, above_before + tl.maximum(ties_before - first_kept_tie, 0), 0)
+    out_row = out_ptr + row * kept
+    written = _write_kept(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, out_row, b, h, row, seq, start,
+                          tl.minimum(start + chunk, seq), length, n_sink, n_window, threshold, first_kept_tie,
+                          protected_before + chosen_before, ties_before,
+                          stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                          FROM_LOG_BETA, STEP_PER_BATCH, POS_FLOAT, BLOCK)
+    if split == splits - 1:
+        _fill_unused(out_row, written, kept, BLOCK)
+
+
+SELECT_MIN_CHUNK = 2048  # tokens per program below which a row is not shared by several
+
+
+def select_splits(rows: int, seq: int, sms: int | None) -> int:
+    """Programs per (batch, head) row. One, unless the rows alone would leave SMs idle and are long
+    enough to share: then the row's tokens are split so that about every SM holds a program, and
+    the selection runs as four histogram launches and a write launch (each split's histograms,
+    summed over the row's splits, give every program the same digits; no atomics)."""
+    if sms is None:  # the interpreter: one program per row unless a test asks for more
+        return 1
+    return max(1, min(sms // max(rows, 1), cdiv(seq, SELECT_MIN_CHUNK), 64))
 
 
 def _select_launch(b, h, s, kept, sink, window, lengths, device, *, scores=None, log_beta=None, positions=None,
@@ -208,14 +361,32 @@ def _select_launch(b, h, s, kept, sink, window, lengths, device, *, scores=None,
     lb_strides = log_beta.stride() if from_lb else (0, 0, 0)
     pos_strides = positions.stride() if from_lb else (0, 0, 0)
     pos_float = from_lb and (positions.is_floating_point() or (per_batch and step.is_floating_point()))
-    block = min(max(next_power_of_2(s), 16), 4096)
-    _select_retained_kernel[(b * h,)](
-        scores if not from_lb else dummy, lb, pos, step if per_batch else dummy,
-        0 if per_batch or not from_lb else int(step), lengths if lengths is not None else dummy, out,
-        h, s, kept, sink, window, *lb_strides, *pos_strides,
-        FROM_LOG_BETA=from_lb, STEP_PER_BATCH=per_batch, POS_FLOAT=pos_float, HAS_LENGTHS=lengths is not None,
-        BLOCK=block, num_warps=16 if block >= 2048 else 4,
-    )
+    sources = dict(scores_ptr=scores if not from_lb else dummy, lb_ptr=lb, pos_ptr=pos,
+                   step_ptr=step if per_batch else dummy,
+                   step_value=0 if per_batch or not from_lb else int(step),
+                   lengths_ptr=lengths if lengths is not None else dummy,
+                   heads=h, seq=s, kept=kept, sink=sink, window=window,
+                   stride_lb_b=lb_strides[0], stride_lb_h=lb_strides[1], stride_lb_s=lb_strides[2],
+                   stride_pos_b=pos_strides[0], stride_pos_h=pos_strides[1], stride_pos_s=pos_strides[2],
+                   FROM_LOG_BETA=from_lb, STEP_PER_BATCH=per_batch, POS_FLOAT=pos_float,
+                   HAS_LENGTHS=lengths is not None)
+    rows = b * h
+    splits = select_splits(rows, s, _backend.sm_count(device))
+    if splits == 1:
+        block = min(max(next_power_of_2(s), 16), 4096)
+        _select_retained_kernel[(rows,)](**sources, out_ptr=out, BLOCK=block,
+                                         num_warps=16 if block >= 2048 else 4)
+        return out
+    block = min(max(next_power_of_2(cdiv(s, splits)), 16), 4096)
+    chunk = cdiv(cdiv(s, splits), block) * block
+    splits = cdiv(s, chunk)
+    # Every pass writes its own [256] per (row, split) before any later pass reads it: no zeroing.
+    hist = torch.empty((rows, splits, 4, 256), device=device, dtype=torch.int32)
+    shape = dict(splits=splits, chunk=chunk, BLOCK=block, SPLIT_BLOCK=min(next_power_of_2(splits), 16),
+                 num_warps=16 if block >= 2048 else 4)
+    for digit_pass in range(4):
+        _select_histogram_kernel[(rows, splits)](**sources, hist_ptr=hist, PASS=digit_pass, **shape)
+    _select_write_kernel[(rows, splits)](**sources, hist_ptr=hist, out_ptr=out, **shape)
     return out
 
 
