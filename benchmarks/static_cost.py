@@ -158,8 +158,10 @@ def sass_profile(compiled) -> dict:
         within(c, d, a, b) and c <= x <= d for c, d in loops))) for a, b in outer]
     shuffles = [sum(1 for ln, x in zip(lines, address) if a <= x <= b and "SHFL" in ln) for a, b, _ in bodies]
     barriers = [sum(1 for ln, x in zip(lines, address) if a <= x <= b and " BAR" in ln) for a, b, _ in bodies]
+    local = [sum(1 for ln, x in zip(lines, address) if a <= x <= b and re.search(r"\b(STL|LDL)\b", ln))
+             for a, b, _ in bodies]  # spill traffic inside the hot loops
     return dict(instructions=len(lines), loops=bodies, outer_loops=own, loop_shuffles=shuffles,
-                loop_barriers=barriers)
+                loop_barriers=barriers, loop_local=local)
 
 
 def resources(compiled, num_warps: int) -> dict:
@@ -291,6 +293,16 @@ def _cases() -> list[StaticCase]:
     def slot_trips(launch):  # bank slots of one split, in slot tiles
         return [_cdiv(launch.args["split_slots"], launch.args["BLOCK_K"])] * 4
 
+    def query_grad_trips(launch):  # [tiles filled throughout (no slot mask), the rest], per program on average
+        a = launch.args
+        tiles = _cdiv(a["split_slots"], a["BLOCK_K"])
+        if a["FN_MODE"] != 0 or a["HAS_VALID_MASK"]:
+            return [tiles]
+        splits, filled = launch.grid[1], min(a["valid_count"], a["n_slots"])
+        full = sum(max(min(a["split_slots"], filled - s * a["split_slots"]), 0) // a["BLOCK_K"]
+                   for s in range(splits)) / splits
+        return [full, tiles - full]
+
     def select_trips(launch):
         return [_cdiv(launch.args["seq"], launch.args["BLOCK"])] * 16
 
@@ -341,7 +353,7 @@ def _cases() -> list[StaticCase]:
         a = launch.args
         return [math.ceil(expected_candidates(topk_model["groups"], a["k"]) / a["BLOCK_K"]), 0]
 
-    nce_trips = {"_bank_info_nce_fwd_kernel": slot_trips, "_bank_info_nce_bwd_query_kernel": slot_trips,
+    nce_trips = {"_bank_info_nce_fwd_kernel": slot_trips, "_bank_info_nce_bwd_query_kernel": query_grad_trips,
                  "_bank_info_nce_combine_kernel": combine_trips}
     return [
         StaticCase("advantages/uniform-g64", 0.010, advantages, {}),
@@ -411,6 +423,7 @@ def analyse(case_filter: str | None = None) -> list[dict]:
                                 loop_bodies=[body for _, _, body in loops], loop_trips=trips,
                                 outer_bodies=[body for _, _, body in outer], outer_trips=outer_trips,
                                 loop_shuffles=sass["loop_shuffles"], loop_barriers=sass["loop_barriers"],
+                                loop_local=sass["loop_local"],
                                 warp_instructions=per_program * warps * programs,
                                 waves=programs / max(res["blocks_per_sm"] * SMS, 1)))
         issue_ms = max(warp_instructions / (SMS * SCHEDULERS_PER_SM * CLOCK_HZ), critical_s) * 1e3

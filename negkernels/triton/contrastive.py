@@ -50,6 +50,7 @@ from . import cdiv, next_power_of_2
 from ..reference.contrastive import NORMALIZE_EPS
 
 _EPS = tl.constexpr(NORMALIZE_EPS)
+_LOG2E = tl.constexpr(1.4426950408889634)
 FALSE_NEGATIVE_CODES = {None: 0, "exclude": 1, "positive": 2}
 # Largest k the streaming top-k keeps in registers ([rows, next_pow2(k)] int64 per program); the
 # sorting network's code grows quickly with its width (k = 512 takes minutes to compile).
@@ -285,6 +286,34 @@ def _grad_dot(grad_f32, keys, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.co
 
 
 @triton.jit
+def _query_grad_tile(q, c2, lse2_all, lse2_pos, qid, bank_ptr, bank_ids_ptr, valid_mask_ptr, cols, n_slots,
+                     valid_count, stride_bk, stride_bd, dims, dim_ok, FN_MODE: tl.constexpr,
+                     HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr,
+                     PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+                     MASKED: tl.constexpr):
+    """One bank tile of the query gradient, without the row's incoming gradient g_i:
+    (Σ_j (G_ij/g_i)·|k_j|⁻¹·k_j [BN, BD], Σ_j (G_ij/g_i)·u_ij [BN]). Unmasked (MASKED false) only
+    for a tile every slot of which is filled and in the denominator."""
+    if MASKED:
+        filled = _slots_filled(cols, n_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK)
+        b = _load_rows(bank_ptr, cols, filled, stride_bk, dims, dim_ok, stride_bd)
+    else:
+        b = tl.load(bank_ptr + cols.to(tl.int64)[:, None] * stride_bk + dims[None, :] * stride_bd,
+                    mask=dim_ok[None, :], other=0.0)
+    if DOT_FP32:
+        b = b.to(tl.float32)
+    inv_b = _inverse_norm(b.to(tl.float32), NORMALIZE)
+    u = tl.dot(q, tl.trans(b), input_precision=PRECISION) * inv_b[None, :]
+    grad = tl.math.exp2(u * c2[:, None] - lse2_all[:, None])
+    if MASKED:
+        usable, in_pos = _tile_sets(qid, bank_ids_ptr, cols, filled, FN_MODE)
+        grad = tl.where(usable, grad, 0.0)
+        if FN_MODE == 2:
+            grad -= tl.where(in_pos, tl.math.exp2(u * c2[:, None] - lse2_pos[:, None]), 0.0)
+    return _grad_dot(grad * inv_b[None, :], b, GRAD_DOT_FP32, GRAD_PRECISION), tl.sum(grad * u, axis=1)
+
+
+@triton.jit
 def _bank_info_nce_bwd_query_kernel(
     q_ptr, pos_ptr, bank_ptr, extra_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr,
     grad_loss_ptr, lse_all_ptr, lse_pos_ptr, acc_ptr, r_partial_ptr, dpos_ptr, dextra_ptr,
@@ -302,33 +331,59 @@ def _bank_info_nce_bwd_query_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < dim
     inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
-    q, qf, pf, inv_q, inv_p, row_scale, pos_logit = _query_block(
+    q, _, _, _, _, row_scale, pos_logit = _query_block(
         q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
         NORMALIZE, DOT_FP32)
     qid = _query_ids(query_ids_ptr, rows, row_ok, FN_MODE)
+    lse_all = tl.load(lse_all_ptr + rows, mask=row_ok, other=0.0)
+    lse_pos = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
+
+    # The sweep accumulates G_ij / g_i (g_i, the row's incoming gradient, is applied once after
+    # it), in base 2: the logit over |q_i|⁻¹/τ is u_ij = s_ij·|k_j|⁻¹, and the softmax weight
+    # exp(l_ij − lse_i) = 2^(u_ij·c_i − lse_i·log2 e) with c_i = |q_i|⁻¹/τ·log2 e: one multiply-add
+    # and the hardware's exp2 per element. r_i = Σ_j G_ij·l_ij = g_i·|q_i|⁻¹/τ·Σ_j (G_ij/g_i)·u_ij.
+    c2 = row_scale * _LOG2E
+    lse2_all = lse_all * _LOG2E
+    lse2_pos = lse_pos * _LOG2E
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    r = tl.zeros([BLOCK_N], tl.float32)
+    slot_start = split * split_slots
+    split_end = tl.minimum(split_slots, n_slots - slot_start)
+    if FN_MODE == 0 and not HAS_VALID_MASK:
+        # Tiles filled throughout need no slot mask and no select: every slot is in the denominator.
+        full_end = tl.maximum(tl.minimum(split_end, valid_count - slot_start), 0) // BLOCK_K * BLOCK_K
+        for offset in range(0, full_end, BLOCK_K):
+            d_acc, d_r = _query_grad_tile(q, c2, lse2_all, lse2_pos, qid, bank_ptr, bank_ids_ptr, valid_mask_ptr,
+                                          slot_start + offset + tl.arange(0, BLOCK_K), n_slots, valid_count,
+                                          stride_bk, stride_bd, dims, dim_ok, FN_MODE, HAS_VALID_MASK, NORMALIZE,
+                                          DOT_FP32, PRECISION, GRAD_DOT_FP32, GRAD_PRECISION, False)
+            acc += d_acc
+            r += d_r
+    else:
+        full_end = 0
+    for offset in range(full_end, split_slots, BLOCK_K):
+        d_acc, d_r = _query_grad_tile(q, c2, lse2_all, lse2_pos, qid, bank_ptr, bank_ids_ptr, valid_mask_ptr,
+                                      slot_start + offset + tl.arange(0, BLOCK_K), n_slots, valid_count,
+                                      stride_bk, stride_bd, dims, dim_ok, FN_MODE, HAS_VALID_MASK, NORMALIZE,
+                                      DOT_FP32, PRECISION, GRAD_DOT_FP32, GRAD_PRECISION, True)
+        acc += d_acc
+        r += d_r
     # grad_stride 0: one incoming gradient shared by every query (a reduced loss), times the
     # reduction's scale.
     g = tl.load(grad_loss_ptr + rows * grad_stride, mask=row_ok, other=0.0).to(tl.float32)
     g *= grad_scale
-    lse_all = tl.load(lse_all_ptr + rows, mask=row_ok, other=0.0)
-    lse_pos = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
-
-    g_pos = g * (tl.exp(pos_logit - lse_all) - tl.exp(pos_logit - lse_pos))
-    first = (split == 0).to(tl.float32)
-    acc = (g_pos * inv_p * first)[:, None] * pf
-    r = g_pos * pos_logit * first
-    slot_start = split * split_slots
-    for offset in range(0, split_slots, BLOCK_K):
-        cols = slot_start + offset + tl.arange(0, BLOCK_K)
-        filled = _slots_filled(cols, n_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK)
-        b, inv_b, logits = _bank_tile_logits(q, row_scale, bank_ptr, cols, filled, stride_bk, stride_bd, dims, dim_ok,
-                                             NORMALIZE, DOT_FP32, PRECISION)
-        usable, in_pos = _tile_sets(qid, bank_ids_ptr, cols, filled, FN_MODE)
-        grad = _logit_grads(logits, usable, in_pos, g, lse_all, lse_pos, FN_MODE)
-        r += tl.sum(grad * logits, axis=1)
-        acc += _grad_dot(grad * inv_b[None, :], b, GRAD_DOT_FP32, GRAD_PRECISION)
+    acc *= g[:, None]
+    r *= g * row_scale
     out_mask = row_ok[:, None] & dim_ok[None, :]
     if split == 0:
+        # The fp32 query and positive are loaded again rather than held through the sweep, where
+        # they would take 64 registers a thread.
+        _, qf, pf, _, inv_p, _, _ = _query_block(
+            q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
+            NORMALIZE, DOT_FP32)
+        g_pos = g * (tl.exp(pos_logit - lse_all) - tl.exp(pos_logit - lse_pos))
+        acc += (g_pos * inv_p)[:, None] * pf
+        r += g_pos * pos_logit
         if HAS_EXTRA:
             for m in range(0, n_extra):
                 extra_row = extra_ptr + m * stride_em
