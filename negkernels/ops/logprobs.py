@@ -893,7 +893,12 @@ def _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_
                                    is_weights, codes, scalars, with_entropy, grad):
     c, sc = _codes(codes), _scalars(scalars)
     x, so, si, inner = _row_view(logits)
-    g, gso, gsi, _ = _row_view(grad)
+    if grad is logits:
+        g, gso, gsi = x, so, si
+    elif x is logits and grad.is_contiguous() and logits.is_contiguous() and grad.shape == logits.shape:
+        g, gso, gsi = grad, so, si  # the usual buffer: laid out as the logits are, no second view
+    else:
+        g, gso, gsi, _ = _row_view(grad)
     row_scale = 1.0 / sc.norm_constant if c.aggregation == Aggregation.SEQ_MEAN_TOKEN_SUM_NORM else 1.0
     logp, entropy, loss, stats = _triton_kernels().policy_loss_from_logits_fwd(
         x, so, si, inner, g, gso, gsi, targets.numel(), logits.shape[-1], targets.contiguous(), old_logp,
@@ -914,7 +919,7 @@ def _policy_loss_from_logits_op(
     the kernel's last program, in a fixed order.
     ``normaliser`` None (token-mean and token-sum only): this call's own, counted by the kernel."""
     compute_grad = _codes(codes).compute_grad
-    grad = (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad
+    grad = (torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad
             else logits.new_empty((0,)))
     out = _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_weight, mask, normaliser,
                                          ref_logp, is_weights, codes, scalars, with_entropy,

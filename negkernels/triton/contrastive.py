@@ -932,7 +932,7 @@ def _bank_splits(row_blocks: int, slot_end: int, device: torch.device, interpret
 
 
 def _strides(x):
-    return (x.stride(0), x.stride(1)) if x is not None else (0, 0)
+    return x.stride() if x is not None else (0, 0)  # the [N, D] / [K, D] operands: two strides
 
 
 def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, valid_count: int,
@@ -988,14 +988,14 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
     n, d = query.shape
     num_slots = bank.shape[0]
     dev = query.device
-    dq = torch.empty((n, d), dtype=query.dtype, device=dev)
-    dpos = torch.empty((n, d), dtype=positive.dtype, device=dev)
+    # empty_like and new_empty take their dtype and device from the tensor: cheaper to parse
+    dq = torch.empty_like(query, memory_format=torch.contiguous_format)
+    dpos = torch.empty_like(positive, memory_format=torch.contiguous_format)
     r = torch.empty(n, dtype=torch.float32, device=dev)
-    dbank = torch.empty((num_slots, d) if bank_grad else (0,), dtype=bank.dtype, device=dev)
+    dbank = torch.empty_like(bank, memory_format=torch.contiguous_format) if bank_grad else bank.new_empty(0)
     has_extra = extra is not None and extra.shape[1] > 0
     # Extras may be strided (an expanded [1, M, D] shared by every query); their gradient is dense.
-    dextra = torch.empty(extra.shape if extra_grad else (0,), dtype=extra.dtype if extra is not None else query.dtype,
-                         device=dev)
+    dextra = torch.empty_like(extra, memory_format=torch.contiguous_format) if extra_grad else query.new_empty(0)
     tiles = nce_tiles(query.dtype, d, interpret)
     block_d, tile = tiles["block_d"], tiles["bwd_tile"]
     placeholder = r
