@@ -314,6 +314,23 @@ def _query_grad_tile(q, c2, lse2_all, lse2_pos, qid, bank_ptr, bank_ids_ptr, val
 
 
 @triton.jit
+def _query_grad_tiles(acc, r, q, c2, lse2_all, lse2_pos, qid, bank_ptr, bank_ids_ptr, valid_mask_ptr, slot_start,
+                      start, end, n_slots, valid_count, stride_bk, stride_bd, dims, dim_ok, FN_MODE: tl.constexpr,
+                      HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr,
+                      PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+                      BLOCK_K: tl.constexpr, MASKED: tl.constexpr):
+    """(acc, r) plus the tiles of slots [slot_start + start, slot_start + end) (see _query_grad_tile)."""
+    for offset in range(start, end, BLOCK_K):
+        d_acc, d_r = _query_grad_tile(q, c2, lse2_all, lse2_pos, qid, bank_ptr, bank_ids_ptr, valid_mask_ptr,
+                                      slot_start + offset + tl.arange(0, BLOCK_K), n_slots, valid_count,
+                                      stride_bk, stride_bd, dims, dim_ok, FN_MODE, HAS_VALID_MASK, NORMALIZE,
+                                      DOT_FP32, PRECISION, GRAD_DOT_FP32, GRAD_PRECISION, MASKED)
+        acc += d_acc
+        r += d_r
+    return acc, r
+
+
+@triton.jit
 def _bank_info_nce_bwd_query_kernel(
     q_ptr, pos_ptr, bank_ptr, extra_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr,
     grad_loss_ptr, lse_all_ptr, lse_pos_ptr, acc_ptr, r_partial_ptr, dpos_ptr, dextra_ptr,
@@ -349,25 +366,18 @@ def _bank_info_nce_bwd_query_kernel(
     r = tl.zeros([BLOCK_N], tl.float32)
     slot_start = split * split_slots
     split_end = tl.minimum(split_slots, n_slots - slot_start)
+    full_end = 0
     if FN_MODE == 0 and not HAS_VALID_MASK:
         # Tiles filled throughout need no slot mask and no select: every slot is in the denominator.
         full_end = tl.maximum(tl.minimum(split_end, valid_count - slot_start), 0) // BLOCK_K * BLOCK_K
-        for offset in range(0, full_end, BLOCK_K):
-            d_acc, d_r = _query_grad_tile(q, c2, lse2_all, lse2_pos, qid, bank_ptr, bank_ids_ptr, valid_mask_ptr,
-                                          slot_start + offset + tl.arange(0, BLOCK_K), n_slots, valid_count,
-                                          stride_bk, stride_bd, dims, dim_ok, FN_MODE, HAS_VALID_MASK, NORMALIZE,
-                                          DOT_FP32, PRECISION, GRAD_DOT_FP32, GRAD_PRECISION, False)
-            acc += d_acc
-            r += d_r
-    else:
-        full_end = 0
-    for offset in range(full_end, split_slots, BLOCK_K):
-        d_acc, d_r = _query_grad_tile(q, c2, lse2_all, lse2_pos, qid, bank_ptr, bank_ids_ptr, valid_mask_ptr,
-                                      slot_start + offset + tl.arange(0, BLOCK_K), n_slots, valid_count,
-                                      stride_bk, stride_bd, dims, dim_ok, FN_MODE, HAS_VALID_MASK, NORMALIZE,
-                                      DOT_FP32, PRECISION, GRAD_DOT_FP32, GRAD_PRECISION, True)
-        acc += d_acc
-        r += d_r
+        acc, r = _query_grad_tiles(acc, r, q, c2, lse2_all, lse2_pos, qid, bank_ptr, bank_ids_ptr, valid_mask_ptr,
+                                   slot_start, 0, full_end, n_slots, valid_count, stride_bk, stride_bd, dims, dim_ok,
+                                   FN_MODE, HAS_VALID_MASK, NORMALIZE, DOT_FP32, PRECISION, GRAD_DOT_FP32,
+                                   GRAD_PRECISION, BLOCK_K, False)
+    acc, r = _query_grad_tiles(acc, r, q, c2, lse2_all, lse2_pos, qid, bank_ptr, bank_ids_ptr, valid_mask_ptr,
+                               slot_start, full_end, split_slots, n_slots, valid_count, stride_bk, stride_bd, dims,
+                               dim_ok, FN_MODE, HAS_VALID_MASK, NORMALIZE, DOT_FP32, PRECISION, GRAD_DOT_FP32,
+                               GRAD_PRECISION, BLOCK_K, True)
     # grad_stride 0: one incoming gradient shared by every query (a reduced loss), times the
     # reduction's scale.
     g = tl.load(grad_loss_ptr + rows * grad_stride, mask=row_ok, other=0.0).to(tl.float32)

@@ -153,6 +153,18 @@ def _choose_digit(hist, need, bins):
 
 
 @triton.jit
+def _block_keys(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, offs, seq, length, n_sink, n_window,
+                stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                FROM_LOG_BETA: tl.constexpr, STEP_PER_BATCH: tl.constexpr, POS_FLOAT: tl.constexpr):
+    """A block of a row: (tokens before the length, unprotected ones among them, their keys)."""
+    eligible = offs < length
+    key = _row_keys(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, offs, eligible, seq,
+                    stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
+                    FROM_LOG_BETA, STEP_PER_BATCH, POS_FLOAT)
+    return eligible, eligible & (offs >= n_sink) & (offs < length - n_window), key
+
+
+@triton.jit
 def _digit_histogram(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, seq, start, end, length,
                      n_sink, n_window, prefix,
                      stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
@@ -164,11 +176,10 @@ def _digit_histogram(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, ro
     hist = tl.zeros([256], tl.int32)
     for block_start in range(start, end, BLOCK):
         offs = block_start + lanes
-        eligible = offs < length
-        key = _row_keys(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, offs, eligible, seq,
-                        stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                        FROM_LOG_BETA, STEP_PER_BATCH, POS_FLOAT)
-        candidate = eligible & (offs >= n_sink) & (offs < length - n_window)
+        eligible, candidate, key = _block_keys(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, offs,
+                                               seq, length, n_sink, n_window, stride_lb_b, stride_lb_h, stride_lb_s,
+                                               stride_pos_b, stride_pos_h, stride_pos_s, FROM_LOG_BETA,
+                                               STEP_PER_BATCH, POS_FLOAT)
         if PASS > 0:
             candidate = candidate & ((key >> (32 - 8 * PASS)) == (prefix >> (32 - 8 * PASS)))
         digits = ((key >> (24 - 8 * PASS)) & 255).to(tl.int32)
@@ -187,12 +198,11 @@ def _write_kept(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, out_row, b, h
     lanes = tl.arange(0, BLOCK)
     for block_start in range(start, end, BLOCK):
         offs = block_start + lanes
-        eligible = offs < length
-        key = _row_keys(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, offs, eligible, seq,
-                        stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                        FROM_LOG_BETA, STEP_PER_BATCH, POS_FLOAT)
+        eligible, candidate, key = _block_keys(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, offs,
+                                               seq, length, n_sink, n_window, stride_lb_b, stride_lb_h, stride_lb_s,
+                                               stride_pos_b, stride_pos_h, stride_pos_s, FROM_LOG_BETA,
+                                               STEP_PER_BATCH, POS_FLOAT)
         protected = eligible & ((offs < n_sink) | (offs >= length - n_window))
-        candidate = eligible & (offs >= n_sink) & (offs < length - n_window)
         tie = candidate & (key == threshold)
         tie_rank = ties_seen + tl.cumsum(tie.to(tl.int64), 0) - 1
         keep = protected | (candidate & (key > threshold)) | (tie & (tie_rank >= first_kept_tie))
