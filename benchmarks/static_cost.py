@@ -311,11 +311,10 @@ def _cases() -> list[StaticCase]:
         return [_cdiv(a["splits"], a["SPLIT_BLOCK"])] * a["PASS"] + [a["chunk"] // a["BLOCK"]]
 
     def split_write_trips(launch):
-        # per pass: every split's histograms, then those of the splits before (on average half);
-        # then the chunk, and the unused slots, which only the last split fills
+        # per pass, the row's split histograms; then the chunk, and the unused slots, which only
+        # the last split fills
         a = launch.args
-        before = (a["splits"] - 1) / 2 / a["SPLIT_BLOCK"]
-        return [_cdiv(a["splits"], a["SPLIT_BLOCK"]), before] * 4 + [
+        return [_cdiv(a["splits"], a["SPLIT_BLOCK"])] * 4 + [
             a["chunk"] // a["BLOCK"], _cdiv(a["kept"], a["BLOCK"]) / a["splits"]]
 
     def mass_trips(launch):

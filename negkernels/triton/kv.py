@@ -142,14 +142,16 @@ def _row_extent(lengths_ptr, b, seq, kept, sink, window, HAS_LENGTHS: tl.constex
 
 
 @triton.jit
-def _choose_digit(hist, need, bins):
-    """The largest digit d with at least `need` candidates at or above it: (d, candidates above d,
+def _take_digit(hist, prefix, need, bins, PASS: tl.constexpr):
+    """One radix step from a digit histogram of the candidates matching `prefix`: the largest digit
+    d with at least `need` of them at or above it → (d, prefix with d, need less those above d,
     candidates at d)."""
     at_least = tl.sum(hist) - tl.cumsum(hist, 0) + hist
     digit = tl.max(tl.where(at_least >= need, bins, 0))
     count_digit = tl.sum(tl.where(bins == digit, hist, 0))
     above = tl.sum(tl.where(bins == digit, at_least, 0)) - count_digit
-    return digit, above, count_digit
+    return (digit, prefix | (digit.to(tl.int64) << (24 - 8 * PASS)), need - above,
+            count_digit.to(tl.int64))
 
 
 @triton.jit
@@ -243,10 +245,7 @@ def _select_retained_kernel(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, l
                                 n_sink, n_window, prefix,
                                 stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
                                 p, FROM_LOG_BETA, STEP_PER_BATCH, POS_FLOAT, BLOCK)
-        digit, above, count_digit = _choose_digit(hist, need, bins)
-        prefix = prefix | (digit.to(tl.int64) << (24 - 8 * p))
-        need = need - above
-        ties = count_digit.to(tl.int64)
+        _, prefix, need, ties = _take_digit(hist, prefix, need, bins, p)
     threshold = tl.where(k > 0, prefix, 4294967296)
     # The `need` most recent of the `ties` tokens whose key equals the threshold are kept.
     out_row = out_ptr + row * kept
@@ -273,23 +272,19 @@ def _split_digits(hist_ptr, row, splits, split, need, PASSES: tl.constexpr, COUN
     ties_before = tl.zeros([], tl.int64)
     for p in tl.static_range(PASSES):
         hist = tl.zeros([256], tl.int32)
+        before = tl.zeros([256], tl.int32)  # the part of `hist` from the splits before `split`
         for s0 in range(0, splits, SPLIT_BLOCK):
             s = s0 + split_lanes
             tile = tl.load(hist_ptr + ((row * splits + s[:, None]) * 4 + p) * 256 + bins[None, :],
                            mask=(s < splits)[:, None], other=0)
             hist += tl.sum(tile, 0)
-        digit, above, count_digit = _choose_digit(hist, need, bins)
+            if COUNT_BEFORE:
+                before += tl.sum(tl.where((s < split)[:, None], tile, 0), 0)
+        digit, prefix, need, ties = _take_digit(hist, prefix, need, bins, p)
         if COUNT_BEFORE:
-            for s0 in range(0, split, SPLIT_BLOCK):
-                s = s0 + split_lanes
-                tile = tl.load(hist_ptr + ((row * splits + s[:, None]) * 4 + p) * 256 + bins[None, :],
-                               mask=(s < split)[:, None], other=0)
-                above_before += tl.sum(tl.sum(tl.where(bins[None, :] > digit, tile, 0), 1), 0).to(tl.int64)
-                if p == PASSES - 1:
-                    ties_before += tl.sum(tl.sum(tl.where(bins[None, :] == digit, tile, 0), 1), 0).to(tl.int64)
-        prefix = prefix | (digit.to(tl.int64) << (24 - 8 * p))
-        need = need - above
-        ties = count_digit.to(tl.int64)
+            above_before += tl.sum(tl.where(bins > digit, before, 0)).to(tl.int64)
+            if p == PASSES - 1:
+                ties_before = tl.sum(tl.where(bins == digit, before, 0)).to(tl.int64)
     return prefix, need, ties, above_before, ties_before
 
 
