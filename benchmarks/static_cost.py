@@ -354,6 +354,8 @@ def _cases() -> list[StaticCase]:
 
     nce_trips = {"_bank_info_nce_fwd_kernel": slot_trips, "_bank_info_nce_bwd_query_kernel": query_grad_trips,
                  "_bank_info_nce_combine_kernel": combine_trips}
+    evict_trips = {"_select_retained_kernel": select_trips, "_select_histogram_kernel": split_select_trips,
+                   "_select_write_kernel": split_write_trips}
     return [
         StaticCase("advantages/uniform-g64", 0.010, advantages, {}),
         StaticCase("advantages/ragged", 0.010, advantages, {"_group_advantages_segmented_kernel": segmented_trips}),
@@ -367,12 +369,8 @@ def _cases() -> list[StaticCase]:
                    {"_bank_topk_threshold_kernel": threshold_trips, "_bank_topk_gather_kernel": gather_trips,
                     "_bank_topk_finish_kernel": finish_trips},
                    outer_trips={"_bank_topk_gather_kernel": topk_tiles}),
-        StaticCase("kv/evict", 0.13, evict, {"_select_retained_kernel": select_trips,
-                                             "_select_histogram_kernel": split_select_trips,
-                                             "_select_write_kernel": split_write_trips}),
-        StaticCase("kv/evict-8rows", 0.03, evict, {"_select_retained_kernel": select_trips,
-                                                   "_select_histogram_kernel": split_select_trips,
-                                                   "_select_write_kernel": split_write_trips}),
+        StaticCase("kv/evict", 0.13, evict, evict_trips),
+        StaticCase("kv/evict-8rows", 0.03, evict, evict_trips),
         StaticCase("kv/retention-mass", float("nan"), mass,
                    {"_retention_mass_fwd_kernel": mass_trips, "_retention_mass_bwd_kernel": mass_trips}),
     ]

@@ -205,7 +205,7 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
         pointers.update({name: "*fp32" for name in FP32})
         pointers.update(query_ids_ptr="*i64", bank_ids_ptr="*i64", indices_ptr="*i64", valid_mask_ptr="*i1",
                         group_max_ptr="*i32", count_ptr="*i32", candidate_ptr="*i64", **special)
-        return compile_variant(kernel, constexprs, num_warps, pointers, INTS, int_type)
+        compile_variant(kernel, constexprs, num_warps, pointers, INTS, int_type)
 
     def compile_topk(dtype, sweep, block_n, block_k):
         # the three top-k passes (both group layouts of the first); returns how many compiled
