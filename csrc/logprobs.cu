@@ -142,6 +142,9 @@ __global__ void __launch_bounds__(kLossThreads) policy_loss_kernel(const PolicyL
     return a.iw_per_token ? importance_weight(load_value(a.is_weights, dt, start + i), a) : iw_seq;
   };
 
+  // GSPO with the bias-corrected KL: s·Σ_t k_t couples every token through s, so the sequence's
+  // KL sum is needed before the gradient sweep.
+  const bool kl_times_seq_ratio = a.kl_bias_correction && a.kl_estimator != kKlNone && a.loss_type == kGSPO;
   float count = 0.f, seq_a = 0.f, seq_b = 0.f;
   if (a.aggregation == kSeqMeanTokenMean || a.loss_type == kGSPO || a.loss_type == kNPO) {
     float c = 0.f, sa = 0.f, sb = 0.f;
@@ -150,6 +153,11 @@ __global__ void __launch_bounds__(kLossThreads) policy_loss_kernel(const PolicyL
       c += 1.f;
       const float lp = load_value(a.logp, dt, start + i);
       if (a.loss_type == kGSPO) sa += lp - load_value(a.old_logp, dt, start + i);
+      if (kl_times_seq_ratio) {
+        float kl, d_kl;
+        kl_term(lp - load_value(a.ref_logp, dt, start + i), a.kl_estimator, &kl, &d_kl);
+        sb += kl;
+      }
       if (a.loss_type == kNPO) {
         sa += lp - load_value(a.ref_logp, dt, start + i);
         sb += iw_at(i);
@@ -193,6 +201,13 @@ __global__ void __launch_bounds__(kLossThreads) policy_loss_kernel(const PolicyL
     if (a.kl_estimator != kKlNone) {
       float d_kl;
       kl_term(lp - load_value(a.ref_logp, dt, k), a.kl_estimator, &kl, &d_kl);
+      if (kl_times_seq_ratio) {  // d(s·Σ k)/d logp_t = s·(k'_t + Σ k / n)
+        d_kl = seq_ratio * (d_kl + seq_b / safe_count);
+        kl *= seq_ratio;
+      } else if (a.kl_bias_correction) {  // d(ρ·k)/d logp = ρ·(k' + k)
+        d_kl = ratio * (d_kl + kl);
+        kl *= ratio;
+      }
       token_loss += a.kl_coef * kl;
       d_logp += a.kl_coef * d_kl;
     }

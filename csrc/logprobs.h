@@ -17,8 +17,8 @@ enum IsMode : int { kIsNone = 0, kTruncate = 1, kMask = 2 };
 // Positions in the int[] codes and float[] scalars lists the Python side builds
 // (negkernels.ops.logprobs.PolicyKernelCodes / PolicyKernelScalars, same field order).
 enum PolicyCodeSlot : int {
-  kCodeLoss, kCodeKl, kCodeAggregation, kCodeIsMode, kCodeCispoTwoSided, kCodeAdvPerToken, kCodeIwPerToken,
-  kCodeComputeGrad, kCodeNumSequences, kCodeSeqLen, kCodeMaxLen, kPolicyCodeCount
+  kCodeLoss, kCodeKl, kCodeKlBiasCorrection, kCodeAggregation, kCodeIsMode, kCodeCispoTwoSided, kCodeAdvPerToken,
+  kCodeIwPerToken, kCodeOnPolicy, kCodeComputeGrad, kCodeNumSequences, kCodeSeqLen, kCodeMaxLen, kPolicyCodeCount
 };
 enum PolicyScalarSlot : int {
   kScalarLo, kScalarHi, kScalarDelta, kScalarDualClip, kScalarTauPos, kScalarTauNeg, kScalarNpoBeta, kScalarKlCoef,
@@ -42,6 +42,7 @@ struct PolicyLossArgs {
   int64_t num_sequences = 0, seq_len = 0, n_tokens = 0;
   int loss_type = kPPO, kl_estimator = kKlNone, aggregation = kTokenMean, is_mode = kIsNone;
   bool adv_per_token = false, iw_per_token = false, cispo_two_sided = false;
+  bool kl_bias_correction = false;  // the KL term times the importance ratio (gspo: the sequence ratio)
   float lo = 0.8f, hi = 1.2f, delta = 0.f, dual_clip = 0.f;  // delta / dual_clip: +inf disables
   float tau_pos = 1.f, tau_neg = 1.05f, npo_beta = 0.1f, kl_coef = 0.f;
   float is_hi = 2.f, is_lo = 0.5f, norm_constant = 1.f;

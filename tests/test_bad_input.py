@@ -110,7 +110,7 @@ BAD_INPUTS = [
     ("token_logprobs", "V = 0", lambda b: nk.token_logprobs(torch.randn(4, 0), torch.zeros(4, dtype=torch.long),
                                                               backend=b), ValueError, "logits"),
     # --- policy_loss
-    ("policy_loss", "old_logp missing", lambda b: _policy(b, old_logp=None), TypeError, "old_logp"),
+    ("policy_loss", "old_logp not a tensor", lambda b: _policy(b, old_logp=[0.5]), TypeError, "old_logp"),
     ("policy_loss", "advantages missing", lambda b: _policy(b, advantages=None), ValueError, "advantages"),
     ("policy_loss", "weighted float mask", lambda b: _policy(b, mask=torch.full((3, 5), 0.5)), ValueError, "mask"),
     ("policy_loss", "int mask with a 2", lambda b: _policy(b, mask=torch.full((3, 5), 2)), ValueError, "mask"),
@@ -134,7 +134,7 @@ BAD_INPUTS = [
     ("policy_loss", "unknown backend", lambda b: _policy("fast"), ValueError, "backend"),
     ("policy_loss", "unknown NEGKERNELS_BACKEND", _with_env_backend("fast"), ValueError, "NEGKERNELS_BACKEND"),
     # --- policy_loss_from_logits
-    ("policy_loss_from_logits", "old_logp missing", lambda b: _from_logits(b, old_logp=None), TypeError, "old_logp"),
+    ("policy_loss_from_logits", "old_logp not a tensor", lambda b: _from_logits(b, old_logp=[0.5]), TypeError, "old_logp"),
     ("policy_loss_from_logits", "weighted mask", lambda b: _from_logits(b, mask=torch.full((3, 5), 0.3)), ValueError,
      "mask"),
     ("policy_loss_from_logits", "target id = V", lambda b: _from_logits(b, targets=torch.full((3, 5), 11)),
@@ -148,7 +148,7 @@ BAD_INPUTS = [
      TypeError, "weight"),
     ("linear_token_logprobs", "bias of another length", lambda b: _linear_logprobs(b, bias=torch.randn(12)),
      ValueError, "bias"),
-    ("linear_policy_loss", "old_logp missing", lambda b: _linear(b, old_logp=None), TypeError, "old_logp"),
+    ("linear_policy_loss", "old_logp not a tensor", lambda b: _linear(b, old_logp=[0.5]), TypeError, "old_logp"),
     ("linear_policy_loss", "weighted mask", lambda b: _linear(b, mask=torch.full((3, 5), 0.5)), ValueError, "mask"),
     ("linear_policy_loss", "chunk_size 0", lambda b: _linear(b, chunk_size=0), ValueError, "chunk_size"),
     # --- group_advantages

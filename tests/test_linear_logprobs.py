@@ -283,6 +283,27 @@ def test_linear_policy_loss_parity(backend, loss_type):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_type", ["ppo", "gspo"])
+def test_linear_policy_loss_on_policy_with_bias_corrected_kl(backend, loss_type):
+    """TRL's num_iterations=1 step: old_logp=None (ρ = 1 with its gradient), the KL term times ρ,
+    advantages as a [B, 1] column; against the float64 reference given old_logp = logp."""
+    hidden, weight, bias, targets, old, ref, adv, mask = policy_case(4, 5, 12, 37)
+    kw = dict(loss_type=loss_type, ref_logp=ref, kl_coef=0.3, kl_bias_correction=True, return_entropy=True,
+              entropy_coef=0.02, aggregation="seq-mean-token-mean")
+    with poisoned_allocations():
+        got = run_linear_loss(hidden, weight, bias, targets, None, adv.unsqueeze(1), mask, chunk_size=7,
+                              backend=backend, **kw)
+    with torch.no_grad():
+        on_policy_old = oracle_linear_logprobs(hidden.double(), weight.double(), bias.double(), targets, 1.0)[0]
+    want = reference_linear_loss(hidden, weight, bias, targets, on_policy_old.float(), adv, mask, **kw)
+    assert_close(got[0].loss, want[0].loss, **F32, what="loss")
+    for name in METRIC_NAMES:
+        assert_close(getattr(got[0], name), getattr(want[0], name), **F32, what=name)
+    for name, g, r in zip(("d hidden", "d weight", "d bias"), got[1:], want[1:]):
+        assert_grad_close(g, r, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["ppo", "gspo"])
 def test_linear_policy_loss_packed_and_scaled_grad(backend, loss_type):
     hidden, weight, bias, targets, old, ref, adv, mask = policy_case(1, 11, 10, 23)
     cu = torch.tensor([0, 4, 4, 11])

@@ -181,7 +181,8 @@ def run_both(backend, logp, old, adv, mask, **kw):
     (g,) = torch.autograd.grad(out.loss, x)
     kw64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
     x64 = logp.double().requires_grad_()
-    ref = nk.policy_loss(x64, old.double(), adv.double() if adv is not None else None, mask, backend="reference", **kw64)
+    ref = nk.policy_loss(x64, old.double() if old is not None else None, adv.double() if adv is not None else None,
+                         mask, backend="reference", **kw64)
     (g64,) = torch.autograd.grad(ref.loss, x64)
     return out, g, ref, g64
 
@@ -212,6 +213,54 @@ def test_policy_loss_kl_estimators(backend, kl_estimator):
     logp, old, ref, adv, mask = policy_inputs()
     check_outputs(*run_both(backend, logp, old, adv, mask, ref_logp=ref, kl_coef=0.3, kl_estimator=kl_estimator),
                   what=kl_estimator)
+
+
+def kl_part_oracle(logp, old, ref, mask, loss_type, kl_coef):
+    """float64 from the definition: kl_coef · Σ_b (1/n_b) Σ_t m·r·k3(logp − ref) / (sequences with a
+    token), r = ρ_t = exp(logp − old) or, for gspo, s_b = exp(mean_t log ρ) (both differentiated)."""
+    x = logp.double().requires_grad_()
+    m = mask.double()
+    n = m.sum(-1)
+    d = x - ref.double()
+    k3 = torch.exp(-d) - 1 + d
+    log_ratio = (x - old.double()) * m
+    r = torch.exp(log_ratio) if loss_type != "gspo" else torch.exp(log_ratio.sum(-1) / n.clamp_min(1)).unsqueeze(-1)
+    per_seq = (m * r * k3).sum(-1) / n.clamp_min(1)
+    loss = kl_coef * per_seq.sum() / (n > 0).sum()
+    (g,) = torch.autograd.grad(loss, x)
+    return loss.detach(), g
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["ppo", "gspo", "cispo", "npo"])
+def test_policy_loss_kl_bias_correction(backend, loss_type):
+    logp, old, ref, adv, mask = policy_inputs()
+    kw = dict(loss_type=loss_type, aggregation="seq-mean-token-mean", ref_logp=ref, kl_coef=0.3,
+              kl_bias_correction=True)
+    out, g, want, g64 = run_both(backend, logp, old, adv, mask, **kw)
+    check_outputs(out, g, want, g64, what=loss_type)
+    if loss_type in ("ppo", "gspo"):
+        # The KL part from its definition: the loss with it minus the loss without it.
+        base, g_base, _, _ = run_both(backend, logp, old, adv, mask, **dict(kw, kl_coef=0.0))
+        kl_loss, kl_grad = kl_part_oracle(logp, old, ref, mask, loss_type, 0.3)
+        assert_close(out.loss - base.loss, kl_loss, rtol=1e-5, atol=1e-6, what="KL part of the loss")
+        assert_close(g - g_base, kl_grad, rtol=1e-4, atol=1e-6, what="KL part of the gradient")
+        plain = nk.policy_loss(logp, old, adv, mask, **dict(kw, kl_bias_correction=False), backend=backend)
+        assert not torch.allclose(plain.loss, out.loss)  # the correction changes the loss
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["ppo", "gspo", "sapo"])
+def test_policy_loss_on_policy_and_column_advantages(backend, loss_type):
+    """old_logp=None is old_logp = logp.detach(); [B, 1] advantages and IS weights are per sequence."""
+    logp, old, ref, adv, mask = policy_inputs(b=5, t=7)
+    iw = torch.rand(5) * 2
+    kw = dict(loss_type=loss_type, ref_logp=ref, kl_coef=0.2, kl_bias_correction=True, is_weights=iw)
+    got, g, _, _ = run_both(backend, logp, None, adv.unsqueeze(1), mask, **dict(kw, is_weights=iw.unsqueeze(1)))
+    want, g_want, _, _ = run_both(backend, logp, logp.detach(), adv, mask, **kw)
+    assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-7, what="loss")
+    assert_close(g, g_want, rtol=1e-6, atol=1e-8, what="grad")
+    assert float(got.mean_ratio) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -444,6 +493,33 @@ def test_policy_loss_from_logits_parity(backend, loss_type, inplace):
     assert_close(out.token_logp, ref_out.token_logp, **F32, what="token_logp")
     assert_close(out.token_entropy, ref_out.token_entropy, **F32, what="token_entropy")
     assert not out.token_logp.requires_grad
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("loss_type", ["ppo", "cispo", "gspo"])
+@pytest.mark.parametrize("on_policy", [False, True])
+def test_policy_loss_from_logits_kl_bias_correction_and_on_policy(backend, loss_type, on_policy):
+    """The fused kernel's bias-corrected KL and its on-policy ratio (old_logp=None: ρ = 1 computed
+    in the kernel from the row's own log-prob) against the float64 reference of the same call."""
+    logits, targets, old, ref, adv, mask = from_logits_case(b=4, t=5, v=53)
+    kw = dict(loss_type=loss_type, ref_logp=ref, kl_coef=0.4, kl_bias_correction=True, return_entropy=True,
+              aggregation="token-mean")
+    old_in = None if on_policy else old
+    leaf = logits.clone().requires_grad_()
+    with poisoned_allocations():
+        out = nk.policy_loss_from_logits(leaf, targets, old_in, adv.unsqueeze(1), mask, backend=backend, **kw)
+    out.loss.backward()
+    x64 = logits.double().requires_grad_()
+    kw64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    want = nk.policy_loss_from_logits(x64, targets, None if on_policy else old.double(), adv.double(), mask,
+                                      backend="reference", **kw64)
+    want.loss.backward()
+    assert_close(out.loss, want.loss, **F32, what="loss")
+    assert_close(leaf.grad, x64.grad, rtol=1e-4, atol=1e-7, what="logits grad")
+    for name in ("kl", "mean_ratio", "approx_kl", "clip_fraction_high"):
+        assert_close(getattr(out, name), getattr(want, name), **F32, what=name)
+    if on_policy:
+        assert float(out.mean_ratio) == pytest.approx(1.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

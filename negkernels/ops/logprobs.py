@@ -364,6 +364,30 @@ def _sum_over_ranks(x: Tensor, process_group) -> Tensor:
     return x
 
 
+def _per_sequence_column(x: Optional[Tensor], like: Tensor, cu_seqlens: Optional[Tensor]) -> Optional[Tensor]:
+    """Per-sequence values given as a [B, 1] column (TRL's and verl's advantages) → [B] (a view)."""
+    if (x is not None and cu_seqlens is None and x.dim() == 2 and x.shape[1] == 1 and like.dim() == 2
+            and like.shape[1] != 1 and x.shape[0] == like.shape[0]):
+        return x.view(-1) if x.is_contiguous() else x.reshape(-1)
+    return x
+
+
+def _on_policy_donor(targets: Tensor) -> Tensor:
+    """A float tensor of the targets' shape and device that stands in for a missing ``old_logp`` in
+    the shape checks and counts (never read: a 0-d value expanded, no allocation of its size)."""
+    return torch.empty((), device=targets.device).expand(targets.shape)
+
+
+def _old_logp_or_donor(old_logp: Optional[Tensor], targets: Tensor, device) -> Tensor:
+    """``old_logp`` checked against the targets, or (None: on-policy) a stand-in of their shape."""
+    if old_logp is None:
+        return _on_policy_donor(targets)
+    check_tensor("old_logp", old_logp, dtypes=FLOAT_DTYPES, device=device)
+    if old_logp.shape != targets.shape:
+        raise ValueError(f"old_logp: shape {tuple(old_logp.shape)} must equal targets' {tuple(targets.shape)}")
+    return old_logp
+
+
 def _check_mask_values(mask: Optional[Tensor]) -> None:
     """A non-bool mask must hold only 0 and 1 (one host read; a bool mask needs none): a weight
     such as 0.5 would otherwise count as 1."""
@@ -566,11 +590,13 @@ class PolicyKernelCodes(NamedTuple):
 
     loss: int  # LossType
     kl: int  # KlEstimator (NONE without ref_logp)
+    kl_bias_correction: int  # the KL term times the importance ratio
     aggregation: int  # Aggregation
     is_mode: int  # IsMode (NONE without is_weights)
     cispo_two_sided: int
     adv_per_token: int
     iw_per_token: int
+    on_policy: int  # from logits: old_logp is the token's own log-prob (no old_logp input)
     compute_grad: int
     num_sequences: int
     seq_len: int  # padded [B, T]: T; packed: 0
@@ -632,6 +658,7 @@ class PolicyLossConfig:
     npo_beta: float = 0.1
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
+    kl_bias_correction: bool = False
     is_mode: str = "truncate"
     is_threshold: float = 2.0
     is_threshold_low: Optional[float] = None  # default 1 / is_threshold
@@ -643,8 +670,9 @@ class PolicyLossConfig:
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_choice("is_mode", self.is_mode, IS_MODES)
-        if not isinstance(self.cispo_two_sided, bool):
-            raise TypeError(f"cispo_two_sided: expected a bool, got {type(self.cispo_two_sided).__name__}")
+        for name in ("cispo_two_sided", "kl_bias_correction"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {type(getattr(self, name)).__name__}")
         is_threshold = check_finite_float("is_threshold", self.is_threshold, minimum=0.0, exclusive=True)
         low = 1.0 / is_threshold if self.is_threshold_low is None else self.is_threshold_low
         checked = dict(
@@ -705,24 +733,27 @@ class PolicyLossConfig:
 
     def kernel_args(self, *, use_kl: bool, use_is: bool, adv_per_token: bool, iw_per_token: bool,
                     compute_grad: bool, num_sequences: int, seq_len: int, max_len: int, norm_constant: float,
-                    temperature: float = 1.0, entropy_coef: float = 0.0) -> tuple[PolicyKernelCodes, PolicyKernelScalars]:
+                    temperature: float = 1.0, entropy_coef: float = 0.0,
+                    on_policy: bool = False) -> tuple[PolicyKernelCodes, PolicyKernelScalars]:
         """The kernels' ``codes`` and ``scalars`` (the custom ops' ``int[]`` and ``float[]``) for one
         call; a training loop asks for the same ones every step, so they are kept per config."""
         key = (use_kl, use_is, adv_per_token, iw_per_token, compute_grad, num_sequences, seq_len, max_len,
-               norm_constant, temperature, entropy_coef)
+               norm_constant, temperature, entropy_coef, on_policy)
         if torch.compiler.is_compiling():
             return self._build_kernel_args(*key)
         return bounded_memo(self._kernel_args_cache, key, lambda: self._build_kernel_args(*key), 64)
 
     def _build_kernel_args(self, use_kl, use_is, adv_per_token, iw_per_token, compute_grad, num_sequences, seq_len,
-                           max_len, norm_constant, temperature, entropy_coef):
+                           max_len, norm_constant, temperature, entropy_coef, on_policy):
         codes = PolicyKernelCodes(
             loss=int(LOSS_CODE[self.loss_type]),
             kl=int(KL_CODE[self.kl_estimator] if use_kl else KlEstimator.NONE),
+            kl_bias_correction=int(self.kl_bias_correction and use_kl),
             aggregation=int(AGGREGATION_CODE[self.aggregation]),
             is_mode=int(IS_CODE[self.is_mode] if use_is else IsMode.NONE),
             cispo_two_sided=int(self.cispo_two_sided), adv_per_token=int(adv_per_token),
-            iw_per_token=int(iw_per_token), compute_grad=int(compute_grad), num_sequences=num_sequences,
+            iw_per_token=int(iw_per_token), on_policy=int(on_policy), compute_grad=int(compute_grad),
+            num_sequences=num_sequences,
             seq_len=seq_len, max_len=max_len)
         inf = math.inf
         scalars = PolicyKernelScalars(
@@ -744,7 +775,7 @@ POLICY_OPTIONS = frozenset(f.name for f in fields(PolicyLossConfig))
 
 def policy_loss(
     logp: Tensor,
-    old_logp: Tensor,
+    old_logp: Optional[Tensor],
     advantages: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     *,
@@ -764,7 +795,8 @@ def policy_loss(
 
     Shapes: ``logp``, ``old_logp``, ``ref_logp``, ``mask`` [B, T], or packed [N] with ``cu_seqlens``
     [B+1] (``max_seqlen`` avoids a host sync); ``advantages`` and ``is_weights`` per token (the
-    shape of ``logp``) or per sequence [B]. Any float dtype; ``mask`` bool or 0/1 numbers (a
+    shape of ``logp``) or per sequence [B] (or [B, 1]). ``old_logp=None`` means on-policy:
+    old_logp = sg(logp), so ρ = 1 with gradient ρ (TRL's ``num_iterations=1``). Any float dtype; ``mask`` bool or 0/1 numbers (a
     non-bool mask is checked for other values with one host read unless ``validate=False``;
     weighted masks are rejected, not rounded). Only ``logp`` receives a gradient (in its dtype);
     everything else is a constant.
@@ -784,7 +816,9 @@ def policy_loss(
     ``is_mode="truncate"`` uses min(w, is_threshold); ``"mask"`` zeroes w outside
     [is_threshold_low (default 1/is_threshold), is_threshold]. With ``kl_coef`` a KL penalty
     kl_coef·k(logp, ref_logp) is added per token (``kl_estimator`` k1, k2, k3, abs, or k3+ =
-    k3 value with the k2 gradient).
+    k3 value with the k2 gradient). ``kl_bias_correction`` multiplies that term by the importance
+    ratio ρ (gspo: the sequence ratio s), with its gradient (TRL's ``use_bias_correction_kl``);
+    the ``kl`` metric is then the mean of the product.
 
     Aggregation over unmasked tokens ℓ_t:
         ``"token-mean"``              Σ ℓ / num_tokens
@@ -809,6 +843,12 @@ def policy_loss(
     """
     cfg = PolicyLossConfig.of(config, options)
     packed = cu_seqlens is not None
+    if old_logp is None:  # on-policy: ρ = 1, with its gradient
+        old_logp = logp.detach()
+    if advantages is not None and advantages.dim() == 2:
+        advantages = _per_sequence_column(advantages, logp, cu_seqlens)
+    if is_weights is not None and is_weights.dim() == 2:
+        is_weights = _per_sequence_column(is_weights, logp, cu_seqlens)
     num_seq, seq_len, max_len, per_token = _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens,
                                                                 max_seqlen, ref_logp, is_weights, cfg, validate)
     norm = cfg.resolved_norm_constant(seq_len, packed)
@@ -909,7 +949,7 @@ def _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_
 
 @kernel_op("negkernels::policy_loss_from_logits", mutates_args=())
 def _policy_loss_from_logits_op(
-    logits: Tensor, targets: Tensor, old_logp: Tensor, advantages: Tensor, token_weight: Optional[Tensor],
+    logits: Tensor, targets: Tensor, old_logp: Optional[Tensor], advantages: Tensor, token_weight: Optional[Tensor],
     mask: Optional[Tensor], normaliser: Optional[Tensor], ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
     codes: list[int], scalars: list[float], with_entropy: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -1011,7 +1051,7 @@ _policy_loss_from_logits_op.register_autograd(_from_logits_backward, setup_conte
 def policy_loss_from_logits(
     logits: Tensor,
     targets: Tensor,
-    old_logp: Tensor,
+    old_logp: Optional[Tensor],
     advantages: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     *,
@@ -1058,11 +1098,11 @@ def policy_loss_from_logits(
     _check_targets(targets, logits)
     temperature = check_finite_float("temperature", temperature, minimum=0.0, exclusive=True)
     entropy_coef = check_finite_float("entropy_coef", entropy_coef)
-    check_tensor("old_logp", old_logp, dtypes=FLOAT_DTYPES, device=logits.device)
-    if old_logp.shape != targets.shape:
-        raise ValueError(f"old_logp: shape {tuple(old_logp.shape)} must equal targets' {tuple(targets.shape)}")
+    like = _old_logp_or_donor(old_logp, targets, logits.device)
+    advantages, is_weights = _per_sequence_column(advantages, like, cu_seqlens), \
+        _per_sequence_column(is_weights, like, cu_seqlens)
     cfg = PolicyLossConfig.of(config, options)
-    num_seq, seq_len, max_len, per_token = _check_policy_inputs(old_logp, old_logp, advantages, mask, cu_seqlens,
+    num_seq, seq_len, max_len, per_token = _check_policy_inputs(like, like, advantages, mask, cu_seqlens,
                                                                 max_seqlen, ref_logp, is_weights, cfg, validate)
     norm = cfg.resolved_norm_constant(seq_len, packed)
     chosen = resolve_backend(backend, logits.device, "policy_loss_from_logits", POLICY_LOSS_FROM_LOGITS_BACKENDS)
@@ -1071,13 +1111,13 @@ def policy_loss_from_logits(
     if validate:
         _check_target_range(targets, logits.shape[-1])
     want_entropy = return_entropy or entropy_coef != 0.0
-    counts = _sequence_counts(mask, old_logp, cu_seqlens) if cfg.aggregation.startswith("seq-mean") else None
+    counts = _sequence_counts(mask, like, cu_seqlens) if cfg.aggregation.startswith("seq-mean") else None
     fused = chosen != "reference" and cfg.loss_type in TOKEN_LOCAL_LOSSES
     if fused and cfg.aggregation in ("token-mean", "token-sum") and _call_counts_itself(
             cfg, num_tokens, num_sequences, process_group):
         denom = None  # the kernel counts this call's tokens itself: no host op
     else:
-        denom = _normaliser(cfg.aggregation, mask, old_logp, cu_seqlens, num_tokens, num_sequences, process_group,
+        denom = _normaliser(cfg.aggregation, mask, like, cu_seqlens, num_tokens, num_sequences, process_group,
                             counts)
 
     if not fused:
@@ -1091,7 +1131,7 @@ def policy_loss_from_logits(
 
     # Only seq-mean-token-mean needs per-token weights from the host (1 / each sequence's count);
     # otherwise the kernel weighs a row by the mask, the normaliser and norm_constant itself.
-    weight = _token_weights(cfg.aggregation, mask, old_logp, cu_seqlens, denom, norm, counts) \
+    weight = _token_weights(cfg.aggregation, mask, like, cu_seqlens, denom, norm, counts) \
         if cfg.aggregation == "seq-mean-token-mean" else None
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     inplace = inplace_backward and compute_grad and _rows_in_own_storage(logits)
@@ -1102,7 +1142,7 @@ def policy_loss_from_logits(
     codes, scalars = cfg.kernel_args(
         use_kl=ref_logp is not None, use_is=is_weights is not None, adv_per_token=adv_per_token,
         iw_per_token=iw_per_token, compute_grad=compute_grad, num_sequences=num_seq, seq_len=seq_len, max_len=max_len,
-        norm_constant=norm, temperature=temperature, entropy_coef=entropy_coef)
+        norm_constant=norm, temperature=temperature, entropy_coef=entropy_coef, on_policy=old_logp is None)
 
     def values(x, per_token_here, per_token_given):
         if x is None or not per_token_here or per_token_given:
@@ -1141,7 +1181,7 @@ def _loss_from_token_logprobs(logp, entropy, old_logp, advantages, mask, cu_seql
     mean_entropy = None
     if entropy is not None:
         if entropy_coef != 0.0:
-            weight = _token_weights(cfg.aggregation, mask, old_logp, cu_seqlens, denom, norm, counts)
+            weight = _token_weights(cfg.aggregation, mask, logp, cu_seqlens, denom, norm, counts)
             loss = loss - entropy_coef * (weight.to(entropy.dtype) * entropy.reshape(-1)).sum()
         mean_entropy = _masked_mean(entropy.detach(), mask, process_group)
     return out._replace(loss=loss, entropy=mean_entropy if return_entropy else None, token_logp=logp.detach(),
@@ -1405,7 +1445,8 @@ def linear_token_logprobs(
 
 @kernel_op("negkernels::linear_policy_loss", mutates_args=())
 def _linear_policy_loss_op(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old_logp: Tensor, advantages: Tensor,
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old_logp: Optional[Tensor],
+    advantages: Tensor,
     token_weight: Tensor, ref_logp: Optional[Tensor], is_weights: Optional[Tensor], codes: list[int],
     scalars: list[float], with_entropy: bool, fp32_lm_head: bool, chunk_size: int, need_grads: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -1459,7 +1500,7 @@ def linear_policy_loss(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    old_logp: Tensor,
+    old_logp: Optional[Tensor],
     advantages: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     *,
@@ -1515,17 +1556,17 @@ def linear_policy_loss(
     temperature = check_finite_float("temperature", temperature, minimum=0.0, exclusive=True)
     entropy_coef = check_finite_float("entropy_coef", entropy_coef)
     chunk = _chunk_arg(chunk_size)
-    check_tensor("old_logp", old_logp, dtypes=FLOAT_DTYPES, device=hidden.device)
-    if old_logp.shape != targets.shape:
-        raise ValueError(f"old_logp: shape {tuple(old_logp.shape)} must equal targets' {tuple(targets.shape)}")
+    like = _old_logp_or_donor(old_logp, targets, hidden.device)
+    advantages, is_weights = _per_sequence_column(advantages, like, cu_seqlens), \
+        _per_sequence_column(is_weights, like, cu_seqlens)
     cfg = PolicyLossConfig.of(config, options)
-    num_seq, seq_len, max_len, per_token = _check_policy_inputs(old_logp, old_logp, advantages, mask, cu_seqlens,
+    num_seq, seq_len, max_len, per_token = _check_policy_inputs(like, like, advantages, mask, cu_seqlens,
                                                                 max_seqlen, ref_logp, is_weights, cfg, validate)
     norm = cfg.resolved_norm_constant(seq_len, packed)
     chosen = _linear_backend(backend, hidden, "linear_policy_loss")
     want_entropy = return_entropy or entropy_coef != 0.0
-    counts = _sequence_counts(mask, old_logp, cu_seqlens) if cfg.aggregation.startswith("seq-mean") else None
-    denom = _normaliser(cfg.aggregation, mask, old_logp, cu_seqlens, num_tokens, num_sequences, data_parallel_group,
+    counts = _sequence_counts(mask, like, cu_seqlens) if cfg.aggregation.startswith("seq-mean") else None
+    denom = _normaliser(cfg.aggregation, mask, like, cu_seqlens, num_tokens, num_sequences, data_parallel_group,
                         counts)
 
     two_pass = fp32_weight_grad or cfg.loss_type not in TOKEN_LOCAL_LOSSES or process_group is not None
@@ -1540,17 +1581,18 @@ def linear_policy_loss(
 
     if validate:
         _check_target_range(targets, weight.shape[0])
-    token_weight = _token_weights(cfg.aggregation, mask, old_logp, cu_seqlens, denom, norm, counts)
+    token_weight = _token_weights(cfg.aggregation, mask, like, cu_seqlens, denom, norm, counts)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
             grad_on and bias is not None and bias.requires_grad]
     codes, scalars = cfg.kernel_args(
         use_kl=ref_logp is not None, use_is=is_weights is not None, adv_per_token=True, iw_per_token=True,
         compute_grad=any(need), num_sequences=num_seq, seq_len=seq_len, max_len=max_len, norm_constant=norm,
-        temperature=temperature, entropy_coef=entropy_coef)
+        temperature=temperature, entropy_coef=entropy_coef, on_policy=old_logp is None)
     loss, stats, logp, entropy, *_ = _linear_policy_loss_op(
         # Flat per-token inputs: the chunks below slice them by token.
-        _token_rows(hidden), weight, bias, targets.reshape(-1).contiguous(), old_logp.reshape(-1).float(),
+        _token_rows(hidden), weight, bias, targets.reshape(-1).contiguous(),
+        old_logp.reshape(-1).float() if old_logp is not None else None,
         _per_token_values(advantages, per_token.get("advantages", False), targets, cu_seqlens), token_weight,
         ref_logp.reshape(-1).float() if ref_logp is not None else None,
         _per_token_values(is_weights, per_token.get("is_weights", False), targets, cu_seqlens),

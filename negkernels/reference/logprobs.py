@@ -204,7 +204,7 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
 
 def policy_loss_reference(
     logp: Tensor,
-    old_logp: Tensor,
+    old_logp: Optional[Tensor],
     advantages: Optional[Tensor],
     mask: Optional[Tensor] = None,
     *,
@@ -222,6 +222,7 @@ def policy_loss_reference(
     npo_beta: float = 0.1,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    kl_bias_correction: bool = False,
     is_mode: str = "truncate",
     is_threshold: float = 2.0,
     is_threshold_low: Optional[float] = None,
@@ -251,8 +252,8 @@ def policy_loss_reference(
         return torch.where(m > 0, x, zero)
 
     lp = unmasked(logp.reshape(-1).to(dtype))
-    # old_logp, advantages and ref_logp are constants of the policy gradient.
-    old = unmasked(old_logp.detach().reshape(-1).to(dtype))
+    # old_logp, advantages and ref_logp are constants of the policy gradient; old_logp None: on-policy.
+    old = lp.detach() if old_logp is None else unmasked(old_logp.detach().reshape(-1).to(dtype))
     if advantages is None:
         adv = torch.zeros(n, dtype=dtype, device=logp.device)
     else:
@@ -312,6 +313,8 @@ def policy_loss_reference(
     kl = None
     if ref is not None:
         kl = kl_penalty(lp, ref, kl_estimator)
+        if kl_bias_correction:  # weighted by the importance ratio, with its gradient (s_b for gspo)
+            kl = kl * ratio
         if kl_coef != 0.0:
             token_loss = token_loss + kl_coef * kl
 

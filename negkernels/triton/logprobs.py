@@ -395,7 +395,7 @@ def _policy_loss_fwd_kernel(
     loss_ptr, stats_ptr, normaliser_ptr,
     n_tokens, seq_len, max_len, num_sequences,
     lo, hi, delta, dual_c, tau_pos, tau_neg, npo_beta, kl_coef, is_hi, is_lo, norm_constant,
-    LOSS: tl.constexpr, KL: tl.constexpr, AGG: tl.constexpr, IS: tl.constexpr,
+    LOSS: tl.constexpr, KL: tl.constexpr, KL_BIAS_CORRECTION: tl.constexpr, AGG: tl.constexpr, IS: tl.constexpr,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, IW_PER_TOKEN: tl.constexpr,
     CISPO_TWO_SIDED: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_NORMALISER: tl.constexpr,
     BLOCK: tl.constexpr, FINAL_BLOCK: tl.constexpr,
@@ -417,7 +417,9 @@ def _policy_loss_fwd_kernel(
         iw_seq = _importance_weight(tl.load(iw_ptr + b).to(tl.float32), is_hi, is_lo, IS)
 
     # Sweep 1, only for what depends on the whole sequence: its token count (seq-mean-token-mean),
-    # GSPO's mean log-ratio, NPO's log-likelihood gap and IS-weight sum.
+    # GSPO's mean log-ratio (and, with the bias-corrected KL, its KL sum: s·Σ k couples every
+    # token through s), NPO's log-likelihood gap and IS-weight sum.
+    KL_TIMES_SEQ_RATIO: tl.constexpr = KL_BIAS_CORRECTION and (KL != _KL_NONE) and (LOSS == _LOSS_GSPO)
     count = 0.0
     seq_a = 0.0
     seq_b = 0.0
@@ -436,6 +438,10 @@ def _policy_loss_fwd_kernel(
                 lp = tl.load(logp_ptr + offs, mask=m, other=0.0).to(tl.float32)
                 old = tl.load(old_ptr + offs, mask=m, other=0.0).to(tl.float32)
                 acc_a += tl.where(m, lp - old, 0.0)
+                if KL_TIMES_SEQ_RATIO:
+                    ref = tl.load(ref_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                    kl, _ = _kl_term(lp - ref, KL)
+                    acc_b += tl.where(m, kl, 0.0)
             if LOSS == _LOSS_NPO:
                 lp = tl.load(logp_ptr + offs, mask=m, other=0.0).to(tl.float32)
                 ref = tl.load(ref_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -506,6 +512,12 @@ def _policy_loss_fwd_kernel(
         if KL != _KL_NONE:
             ref = tl.load(ref_ptr + offs, mask=inside, other=0.0).to(tl.float32)
             kl, d_kl = _kl_term(lp - ref, KL)
+            if KL_TIMES_SEQ_RATIO:  # d(s·Σ k)/d logp_t = s·(k'_t + Σ k / n)
+                d_kl = seq_ratio * (d_kl + seq_b / safe_count)
+                kl = kl * seq_ratio
+            elif KL_BIAS_CORRECTION:  # d(ρ·k)/d logp = ρ·(k' + k)
+                d_kl = ratio * (d_kl + kl)
+                kl = kl * ratio
             token_loss += kl_coef * kl
             d_logp += kl_coef * d_kl
             acc_kl += tl.where(m, kl, 0.0)
@@ -593,7 +605,8 @@ def _policy_loss_from_logits_kernel(
     targets_ptr, old_ptr, adv_ptr, weight_ptr, mask_ptr, normaliser_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr,
     partial_ptr, loss_ptr, stats_ptr, n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef,
     is_hi, is_lo, row_scale, seq_len, n_rows, rows_per_program,
-    LOSS: tl.constexpr, KL: tl.constexpr, IS: tl.constexpr, CISPO_TWO_SIDED: tl.constexpr,
+    LOSS: tl.constexpr, KL: tl.constexpr, KL_BIAS_CORRECTION: tl.constexpr, IS: tl.constexpr,
+    CISPO_TWO_SIDED: tl.constexpr, ON_POLICY: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, WITH_ENTROPY: tl.constexpr, FINALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_MASK: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, IW_PER_TOKEN: tl.constexpr, NORMALISER: tl.constexpr,
     BLOCK_V: tl.constexpr, COUNT_BLOCK: tl.constexpr,
@@ -640,7 +653,8 @@ def _policy_loss_from_logits_kernel(
                 row, logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer,
                 grad_stride_inner, targets_ptr, old_ptr, adv_ptr + adv_at, weight, ref_ptr, iw_ptr + iw_at, logp_ptr,
                 entropy_ptr, n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi,
-                is_lo, LOSS, KL, IS, CISPO_TWO_SIDED, COMPUTE_GRAD, WITH_ENTROPY, BLOCK_V)
+                is_lo, LOSS, KL, KL_BIAS_CORRECTION, IS, CISPO_TWO_SIDED, ON_POLICY, COMPUTE_GRAD, WITH_ENTROPY,
+                BLOCK_V)
             s_loss += t_loss
             s_n += t_n
             s_low += t_low
@@ -682,7 +696,8 @@ def _policy_loss_from_logits_row(
     row, logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer, grad_stride_inner,
     targets_ptr, old_ptr, adv_at_ptr, weight, ref_ptr, iw_at_ptr, logp_ptr, entropy_ptr, n_vocab, inv_t,
     lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi, is_lo,
-    LOSS: tl.constexpr, KL: tl.constexpr, IS: tl.constexpr, CISPO_TWO_SIDED: tl.constexpr,
+    LOSS: tl.constexpr, KL: tl.constexpr, KL_BIAS_CORRECTION: tl.constexpr, IS: tl.constexpr,
+    CISPO_TWO_SIDED: tl.constexpr, ON_POLICY: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """One token row (``adv_at_ptr`` / ``iw_at_ptr`` already at its advantage and IS weight,
@@ -701,7 +716,10 @@ def _policy_loss_from_logits_row(
     # weight = mask · aggregation weight / normaliser: 0 exactly for masked tokens, whose other
     # inputs may be padding (±inf) and must not leak NaN into sums or gradients.
     m = weight != 0.0
-    old = tl.load(old_ptr + row).to(tl.float32)
+    if ON_POLICY:  # old_logp = sg(logp): ρ = 1, with its gradient
+        old = lp
+    else:
+        old = tl.load(old_ptr + row).to(tl.float32)
     adv = tl.load(adv_at_ptr).to(tl.float32)
     log_ratio = lp - old
     ratio = tl.exp(log_ratio)
@@ -715,6 +733,9 @@ def _policy_loss_from_logits_row(
     if KL != _KL_NONE:
         ref = tl.load(ref_ptr + row).to(tl.float32)
         kl, d_kl = _kl_term(lp - ref, KL)
+        if KL_BIAS_CORRECTION:  # d(ρ·k)/d logp = ρ·(k' + k)
+            d_kl = ratio * (d_kl + kl)
+            kl = kl * ratio
         value += kl_coef * kl
         d_logp += kl_coef * d_kl
     if COMPUTE_GRAD:
@@ -803,7 +824,8 @@ def policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_s
         lo=scalars.lo, hi=scalars.hi, delta=scalars.delta, dual_c=scalars.dual_clip, tau_pos=scalars.tau_pos,
         tau_neg=scalars.tau_neg, npo_beta=scalars.npo_beta, kl_coef=scalars.kl_coef, is_hi=scalars.is_hi,
         is_lo=scalars.is_lo, norm_constant=scalars.norm_constant,
-        LOSS=codes.loss, KL=codes.kl, AGG=codes.aggregation, IS=codes.is_mode,
+        LOSS=codes.loss, KL=codes.kl, KL_BIAS_CORRECTION=bool(codes.kl_bias_correction), AGG=codes.aggregation,
+        IS=codes.is_mode,
         PACKED=cu_seqlens is not None, HAS_MASK=mask is not None,
         ADV_PER_TOKEN=bool(codes.adv_per_token), IW_PER_TOKEN=bool(codes.iw_per_token),
         CISPO_TWO_SIDED=bool(codes.cispo_two_sided), COMPUTE_GRAD=bool(codes.compute_grad),
@@ -855,21 +877,23 @@ def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, 
     programs = min(rows, FUSED_PROGRAMS_PER_SM * sms if sms is not None else 4)
     # Per-program partial sums and, after them, the last-program ticket, zeroed in one op.
     partial = torch.zeros(programs * 9 + 1, dtype=torch.float32, device=dev)
+    placeholder = old_logp if old_logp is not None else targets  # old_logp None: on-policy
     _policy_loss_from_logits_kernel[(programs,)](
         logits_ptr=logits, stride_outer=stride_outer, stride_inner=stride_inner, inner_size=inner_size,
         grad_ptr=grad, grad_stride_outer=grad_stride_outer, grad_stride_inner=grad_stride_inner,
-        targets_ptr=targets, old_ptr=old_logp, adv_ptr=advantages,
-        weight_ptr=weight if weight is not None else old_logp, mask_ptr=mask if mask is not None else old_logp,
-        normaliser_ptr=normaliser if normaliser is not None else old_logp,
-        ref_ptr=ref_logp if ref_logp is not None else old_logp,
-        iw_ptr=is_weights if is_weights is not None else old_logp,
+        targets_ptr=targets, old_ptr=placeholder, adv_ptr=advantages,
+        weight_ptr=weight if weight is not None else placeholder, mask_ptr=mask if mask is not None else placeholder,
+        normaliser_ptr=normaliser if normaliser is not None else placeholder,
+        ref_ptr=ref_logp if ref_logp is not None else placeholder,
+        iw_ptr=is_weights if is_weights is not None else placeholder,
         logp_ptr=logp, entropy_ptr=entropy, partial_ptr=partial, loss_ptr=loss, stats_ptr=stats,
         n_vocab=n_vocab, inv_t=1.0 / scalars.temperature,
         lo=scalars.lo, hi=scalars.hi, delta=scalars.delta, dual_c=scalars.dual_clip, tau_pos=scalars.tau_pos,
         tau_neg=scalars.tau_neg, kl_coef=scalars.kl_coef, entropy_coef=scalars.entropy_coef, is_hi=scalars.is_hi,
         is_lo=scalars.is_lo, row_scale=row_scale, seq_len=max(codes.seq_len, 1), n_rows=rows,
         rows_per_program=cdiv(rows, programs),
-        LOSS=codes.loss, KL=codes.kl, IS=codes.is_mode, CISPO_TWO_SIDED=bool(codes.cispo_two_sided),
+        LOSS=codes.loss, KL=codes.kl, KL_BIAS_CORRECTION=bool(codes.kl_bias_correction), IS=codes.is_mode,
+        CISPO_TWO_SIDED=bool(codes.cispo_two_sided), ON_POLICY=bool(codes.on_policy),
         COMPUTE_GRAD=bool(codes.compute_grad), WITH_ENTROPY=with_entropy, FINALIZE=finalize,
         HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None, ADV_PER_TOKEN=bool(codes.adv_per_token),
         IW_PER_TOKEN=bool(codes.iw_per_token) or is_weights is None, NORMALISER=source, BLOCK_V=block,
@@ -1114,7 +1138,7 @@ def linear_policy_loss_fwd(hidden, weight, bias, targets, old_logp, advantages, 
         x, g = buf[:r], grad_buf[:r]
         linear_logits_into(hidden[start:start + r], weight, bias, x)
         lp, ent, partial, _ = policy_loss_from_logits_fwd(
-            x, 0, n_vocab, r, g, 0, n_vocab, r, n_vocab, targets[start:start + r], old_logp[start:start + r],
+            x, 0, n_vocab, r, g, 0, n_vocab, r, n_vocab, targets[start:start + r], part(old_logp, start, r),
             advantages[start:start + r], token_weight[start:start + r], part(ref_logp, start, r),
             part(is_weights, start, r), codes, scalars, with_entropy, finalize=False)
         logp[start:start + r] = lp
