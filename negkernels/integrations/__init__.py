@@ -1,0 +1,12 @@
+"""Adapters that put negkernels under the trainers and libraries people already run.
+
+Each submodule imports its peer package only when it is imported itself: ``import negkernels``
+never imports transformers, trl or liger-kernel.
+
+- :mod:`negkernels.integrations.transformers`: next-token log-probs and policy losses of a Hugging
+  Face causal LM from its backbone and LM head, without the logits.
+- :mod:`negkernels.integrations.trl`: ``NegkernelsGRPOTrainer``, a ``trl.GRPOTrainer`` whose loss
+  runs through :func:`negkernels.linear_policy_loss`.
+- :mod:`negkernels.integrations.liger`: ``FusedLinearGRPOLoss`` with Liger-Kernel's
+  ``LigerFusedLinearGRPOLoss`` constructor, call and return convention.
+"""
