@@ -1,0 +1,275 @@
+"""``NegkernelsGRPOTrainer``: TRL's ``GRPOTrainer`` with its loss fused with the LM head.
+
+The migration is the class name::
+
+    from negkernels.integrations.trl import NegkernelsGRPOTrainer as GRPOTrainer
+
+Same constructor, same ``GRPOConfig``, same logged metrics. Generation, rewards, advantages,
+the reference model and the vLLM importance-sampling ratios stay TRL's; the training loss is
+:func:`negkernels.linear_policy_loss` on the backbone's last hidden states and the LM head, so the
+[batch, completion, vocabulary] logits never exist and the log-probs, entropies, loss and the LM
+head's gradients come out of one fused pass. With ``num_iterations=1`` the step is on-policy
+(``old_logp=None``), as in TRL, with no second LM-head pass.
+
+TRL's options and how they map (``docs``: the README's "Swap it into your trainer"):
+
+================================  ==========================================================
+``loss_type``                     aggregation                    (policy term)
+``grpo`` / ``sapo``               seq-mean-token-mean, every row counted (ppo / sapo)
+``bnpo``                          token-mean
+``dr_grpo``                       seq-mean-token-sum-norm, norm_constant = max_completion_length
+``dapo`` / ``cispo``              token-mean over num_items_in_batch / processes · GA / steps_per_generation
+``luspo``                         seq-mean-token-sum, every row counted
+``importance_sampling_level``     ``"sequence"`` → loss_type gspo (grpo, bnpo, dr_grpo, dapo, luspo)
+``epsilon`` / ``epsilon_high``    clip_low / clip_high (cispo: clip_high = epsilon_high − 1)
+``delta``                         delta;  ``beta`` → kl_coef with k3 against ``ref_per_token_logps``
+``use_bias_correction_kl``        kl_bias_correction (the KL term times ρ, or s for gspo)
+``temperature``                   temperature (divided by the model's constant logit scale)
+``top_entropy_quantile``,         per-token weights on the policy term (is_weights); they need the
+``off_policy_mask_threshold``     entropies / log-probs first: one extra forward-only LM-head pass
+vLLM importance sampling          TRL's ``importance_sampling_ratio`` times the policy term
+gradient accumulation             folded into the normalisers, so the loss is TRL's divided by GA
+================================  ==========================================================
+
+Run by TRL's own loss instead (a warning says which and why, once): ``loss_type="vespo"``; an
+entropy bonus (``entropy_coef`` or adaptive entropy: TRL's bonus is a token mean whatever the
+loss's normaliser); ``importance_sampling_level="sequence"`` with cispo or sapo; cispo with
+``epsilon_high < 1``; MoE router auxiliary losses; multimodal inputs; models whose logits the
+fused head cannot reproduce exactly (a soft cap).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from trl import GRPOTrainer
+
+from ..ops.logprobs import PolicyLossConfig, linear_policy_loss, linear_token_logprobs
+from ._weights import per_sequence_weights
+from .transformers import lm_head
+
+__all__ = ["NegkernelsGRPOTrainer"]
+
+# A cap the IS weights never reach: the masks and TRL's ratios multiply the policy term as they are.
+_NO_CAP = float(torch.finfo(torch.float32).max)
+_GRPO_FAMILY = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+_MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "spatial_shapes",
+                      "num_tiles", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def _add_hidden_state_forward(model) -> None:
+    """``model(..., negkernels_hidden_states=True)`` returns the backbone's last hidden states.
+
+    Called through the model (and any DDP / FSDP wrapper around it), so the wrappers' hooks run
+    as for a normal forward; without the flag the forward is the one it replaces."""
+    inner = model.forward
+
+    @functools.wraps(type(model).forward)  # generate() validates its kwargs against this signature
+    def forward(self, *args, negkernels_hidden_states: bool = False, **kwargs):
+        if not negkernels_hidden_states:
+            return inner(*args, **kwargs)
+        kwargs["use_cache"] = False
+        out = self.base_model(*args, **kwargs)
+        return out.last_hidden_state
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _loss_config(trainer) -> tuple[Optional[PolicyLossConfig], Optional[str]]:
+    """(the config of every step, None) or (None, why TRL's own loss runs instead)."""
+    args = trainer.args
+    loss_type, level = trainer.loss_type, trainer.importance_sampling_level
+    if loss_type not in _GRPO_FAMILY + ("cispo", "sapo"):
+        return None, f"loss_type={loss_type!r} has no fused form"
+    if trainer._entropy_bonus_enabled:
+        return None, "an entropy bonus (entropy_coef / use_adaptive_entropy) is a token mean in TRL whatever the loss"
+    if trainer.aux_loss_enabled:
+        return None, "the MoE router auxiliary loss needs the model's own forward"
+    if level == "sequence" and loss_type in ("cispo", "sapo"):
+        return None, f"importance_sampling_level='sequence' with loss_type={loss_type!r}"
+    options = dict(kl_coef=float(trainer.beta), kl_estimator="k3",
+                   kl_bias_correction=bool(args.use_bias_correction_kl) and trainer.beta != 0.0,
+                   is_mode="truncate", is_threshold=_NO_CAP)
+    if loss_type == "cispo":
+        if trainer.epsilon_high < 1.0:
+            return None, f"cispo's epsilon_high={trainer.epsilon_high} is below 1 (an absolute cap on ρ)"
+        options.update(loss_type="cispo", clip_high=trainer.epsilon_high - 1.0)
+    elif loss_type == "sapo":
+        options.update(loss_type="sapo", sapo_tau_pos=float(args.sapo_temperature_pos),
+                       sapo_tau_neg=float(args.sapo_temperature_neg))
+    else:
+        options.update(loss_type="gspo" if level == "sequence" else "ppo", clip_low=trainer.epsilon_low,
+                       clip_high=trainer.epsilon_high, delta=args.delta)
+    options["aggregation"] = {
+        "grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean", "bnpo": "token-mean",
+        "dr_grpo": "seq-mean-token-sum-norm", "dapo": "token-mean", "cispo": "token-mean",
+        "luspo": "seq-mean-token-sum"}[loss_type]
+    if loss_type == "dr_grpo":
+        options["norm_constant"] = float(trainer.max_completion_length)
+    return PolicyLossConfig(**options), None
+
+
+class NegkernelsGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` whose loss is :func:`negkernels.linear_policy_loss`; see the module
+    docstring for the option mapping and for what still runs TRL's own loss."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        target = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self._negkernels_config, self._negkernels_fallback = _loss_config(self)
+        if self._negkernels_fallback is None:
+            try:
+                lm_head(target)
+            except ValueError as err:
+                self._negkernels_config, self._negkernels_fallback = None, str(err)
+        if self._negkernels_fallback is not None:
+            warnings.warn(f"NegkernelsGRPOTrainer: TRL's own loss runs: {self._negkernels_fallback}", stacklevel=2)
+        else:
+            _add_hidden_state_forward(target)
+        self._negkernels_target = target
+
+    def _compute_loss(self, model, inputs):
+        if self._negkernels_fallback is not None or any(inputs.get(k) is not None for k in _MULTIMODAL_INPUTS):
+            return super()._compute_loss(model, inputs)
+        cfg = self._negkernels_config
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+
+        completion_ids = inputs["completion_ids"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        bool_mask = mask.bool()
+        length = completion_ids.size(1)
+        with self.accelerator.autocast():
+            hidden = model(input_ids=input_ids, attention_mask=attention_mask, negkernels_hidden_states=True)
+            # The head in the dtype TRL's own head runs in: fp32 when asked, else the autocast
+            # dtype of mixed precision (as autocast would cast it), else the weight's.
+            device_type = hidden.device.type
+            if self.args.cast_lm_head_to_fp32:
+                head_dtype = torch.float32
+            elif torch.is_autocast_enabled(device_type):
+                head_dtype = torch.get_autocast_dtype(device_type)
+            else:
+                head_dtype = None
+        head = lm_head(self._negkernels_target)
+        weight, bias = head.weight, head.bias
+        head_dtype = head_dtype or weight.dtype
+        hidden, weight = hidden[:, -length - 1:-1].to(head_dtype), weight.to(head_dtype)
+        bias = bias.to(head_dtype) if bias is not None else None
+        temperature = head.temperature(self.temperature)
+
+        advantages = inputs["advantages"]
+        old = inputs.get("old_per_token_logps")  # None: on-policy (ρ = 1 with its gradient)
+        ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+        weights = self._policy_term_weights(inputs, hidden, weight, bias, completion_ids, temperature, mask,
+                                            advantages, old)
+
+        batch = completion_ids.size(0)
+        normaliser = {}
+        if cfg.aggregation == "token-mean":
+            if self.loss_type in ("dapo", "cispo"):
+                # num_items_in_batch spans the generation batch: rescaled to one accumulation window
+                tokens = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+                if mode == "train":
+                    tokens = tokens * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            else:
+                tokens = bool_mask.sum().float().clamp(min=1.0) * accumulation
+            normaliser["num_tokens"] = tokens
+        else:
+            normaliser["num_sequences"] = batch * accumulation  # TRL counts fully masked rows too
+
+        out = linear_policy_loss(
+            hidden, weight, completion_ids, old, advantages, bool_mask, bias=bias, temperature=temperature,
+            fp32_lm_head=bool(self.args.cast_lm_head_to_fp32), return_entropy=True, ref_logp=ref,
+            is_weights=weights, validate=False, config=cfg, **normaliser)
+        self._log_negkernels_metrics(mode, out, old, ref, advantages, mask)
+        return out.loss
+
+    def _policy_term_weights(self, inputs, hidden, weight, bias, targets, temperature, mask, advantages, old):
+        """TRL's high-entropy mask, off-policy sequence mask and vLLM IS ratios, multiplied: the
+        per-token weights of the policy term (not of the KL term), or None."""
+        weights = None
+        entropy_quantile = self.top_entropy_quantile < 1.0
+        if entropy_quantile or self.off_policy_mask_threshold is not None:
+            with torch.no_grad():  # both need this step's log-probs / entropies before the loss
+                logp, entropy = linear_token_logprobs(hidden.detach(), weight.detach(), targets,
+                                                      bias=None if bias is None else bias.detach(),
+                                                      temperature=temperature, return_entropy=True,
+                                                      fp32_lm_head=bool(self.args.cast_lm_head_to_fp32),
+                                                      validate=False)
+            if entropy_quantile:
+                weights = self.get_high_entropy_mask(entropy, mask, 1 - self.top_entropy_quantile).float()
+            if self.off_policy_mask_threshold is not None:
+                column = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+                sampling = inputs.get("sampling_per_token_logps", old if old is not None else logp)
+                keep = self.get_off_policy_mask(advantages=column, per_token_logps=logp,
+                                                sampling_per_token_logps=sampling, mask=mask,
+                                                off_policy_threshold=self.off_policy_mask_threshold).float()
+                weights = keep.expand_as(mask).float() if weights is None else weights * keep
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            ratio = inputs["importance_sampling_ratio"].float()
+            weights = ratio if weights is None else weights * ratio
+        if weights is None:
+            return None
+        if self.importance_sampling_level == "sequence":  # one weight per sequence ratio
+            return per_sequence_weights(weights, mask).contiguous()
+        return weights.expand(mask.shape).contiguous()
+
+    def _log_negkernels_metrics(self, mode, out, old, ref, advantages, mask):
+        """TRL's logged metrics (kl, entropy, clip ratios) from the fused pass's per-token outputs."""
+        cfg = self._negkernels_config
+        logp, entropy = out.token_logp, out.token_entropy
+        maskf = mask.float()
+        column = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        log_ratio = torch.zeros_like(logp) if old is None else logp - old
+        if self.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * maskf).sum(-1) / maskf.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        coef = torch.exp(log_ratio)
+
+        def global_masked_mean(x):
+            if x.shape[1] == 1:
+                local = torch.stack([x.sum(), torch.tensor(float(x.shape[0]), device=x.device)])
+            else:
+                local = torch.stack([(x * maskf).sum(), maskf.sum()])
+            totals = self.accelerator.reduce(local, reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        def masked_seq_mean(x):
+            return x.squeeze(1) if x.shape[1] == 1 else (x * maskf).sum(-1) / maskf.sum(-1)
+
+        metrics = self._metrics[mode]
+        if ref is not None:
+            d = ref - logp
+            kl = torch.exp(d) - d - 1
+            if cfg.kl_bias_correction:
+                kl = kl * coef
+            metrics["kl"].append(global_masked_mean(kl))
+        metrics["entropy"].append(global_masked_mean(entropy))
+        if self.loss_type in _GRPO_FAMILY:
+            if self.args.delta is not None:
+                coef = coef.clamp(max=self.args.delta)
+            low = ((coef < 1 - self.epsilon_low) & (column < 0)).float()
+            high = ((coef > 1 + self.epsilon_high) & (column > 0)).float()
+            metrics["clip_ratio/low_mean"].append(global_masked_mean(low))
+            metrics["clip_ratio/high_mean"].append(global_masked_mean(high))
+            metrics["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(low, high)))
+            low_seq = self.accelerator.gather(masked_seq_mean(low))
+            high_seq = self.accelerator.gather(masked_seq_mean(high))
+            metrics["clip_ratio/low_min"].append(_nan_extreme(low_seq, torch.min))
+            metrics["clip_ratio/high_max"].append(_nan_extreme(high_seq, torch.max))
+        elif self.loss_type == "cispo":
+            clipped = ((coef > self.epsilon_high) & (column > 0)).float()
+            metrics["cispo_clip_ratio"].append(global_masked_mean(clipped))
+
+
+def _nan_extreme(x: Tensor, reduce) -> float:
+    """The min / max over the non-NaN values (NaN if there are none), as TRL's nanmin / nanmax."""
+    x = x[~torch.isnan(x)]
+    return float("nan") if x.numel() == 0 else reduce(x).item()

@@ -1,0 +1,170 @@
+"""NegkernelsGRPOTrainer against the real trl.GRPOTrainer.
+
+Oracle: TRL's own trainer. Both train a tiny randomly initialised Llama (built from a config, no
+downloads) for two steps from the same seed on an in-memory dataset with a toy reward; the
+logged losses, gradient norms and metrics must agree to fp32 tolerance for every loss type and
+option. Plain SGD keeps the two trajectories together (Adam turns rounding-level gradient
+differences into ±lr updates) while a large step makes the second iteration off-policy and clip.
+"""
+
+import math
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+tokenizers = pytest.importorskip("tokenizers")
+
+from negkernels.integrations.trl import NegkernelsGRPOTrainer  # noqa: E402
+
+VOCAB = 64
+
+
+def tiny_tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(VOCAB - 3)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                                unk_token="<unk>")
+
+
+def toy_reward(completions, **kwargs):
+    return [0.1 * len(c) - 2.0 * c.count("w3") + 0.5 * c.count("w7") for c in completions]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Llama and tokenizer: TRL loads its reference model from the same path."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(1234)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
+                                      bos_token_id=1)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+PROMPTS = datasets.Dataset.from_dict({"prompt": [" ".join(f"w{(i * 7 + j) % 61}" for j in range(5))
+                                                 for i in range(16)]})
+
+
+def train(cls, model_dir, tmp_path, **options):
+    args = dict(output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=4, num_generations=4,
+                max_completion_length=10, max_steps=2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                optim="sgd", learning_rate=2.0, beta=0.04, epsilon=0.05, num_iterations=2, bf16=False,
+                save_strategy="no", disable_tqdm=True)
+    args.update(options)
+    trainer = cls(model=model_dir, reward_funcs=toy_reward, args=trl.GRPOConfig(**args), train_dataset=PROMPTS,
+                  processing_class=tiny_tokenizer())
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h], trainer
+
+
+def assert_same_logs(theirs, ours, rtol):
+    assert len(theirs) == len(ours)
+    for step, (a, b) in enumerate(zip(theirs, ours)):
+        compared = [k for k, v in a.items() if isinstance(v, float) and k not in ("step_time", "learning_rate")]
+        assert {"loss", "grad_norm", "entropy"} <= set(compared)
+        for key in compared:
+            assert key in b, f"step {step}: metric {key} not logged"
+            if math.isnan(a[key]):
+                assert math.isnan(b[key]), f"step {step} {key}: {b[key]} vs NaN"
+                continue
+            assert b[key] == pytest.approx(a[key], rel=rtol, abs=rtol * 1e-2), f"step {step} {key}"
+
+
+CASES = {
+    "grpo": dict(loss_type="grpo"),
+    "bnpo": dict(loss_type="bnpo"),
+    "dr_grpo": dict(loss_type="dr_grpo"),
+    "dapo": dict(loss_type="dapo"),
+    "cispo": dict(loss_type="cispo", epsilon_high=1.02),
+    "sapo": dict(loss_type="sapo"),
+    "luspo": dict(loss_type="luspo"),
+    "gspo (sequence-level IS)": dict(loss_type="grpo", importance_sampling_level="sequence"),
+    "dapo sequence-level": dict(loss_type="dapo", importance_sampling_level="sequence"),
+    "plain KL, delta": dict(loss_type="bnpo", use_bias_correction_kl=False, delta=1.5),
+    "on-policy, no KL": dict(loss_type="grpo", beta=0.0, num_iterations=1),
+    "on-policy with KL": dict(loss_type="dr_grpo", num_iterations=1),
+    "top-entropy quantile": dict(loss_type="bnpo", top_entropy_quantile=0.5),
+    "off-policy mask": dict(loss_type="grpo", off_policy_mask_threshold=0.05),
+    "gradient accumulation": dict(loss_type="dapo", gradient_accumulation_steps=2, max_steps=3),
+    "grad accumulation grpo": dict(loss_type="grpo", gradient_accumulation_steps=2, max_steps=3),
+    "temperature": dict(loss_type="grpo", temperature=0.7),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_trainer_matches_trl(case, tiny_model_dir, tmp_path):
+    theirs, _ = train(trl.GRPOTrainer, tiny_model_dir, tmp_path, **CASES[case])
+    ours, trainer = train(NegkernelsGRPOTrainer, tiny_model_dir, tmp_path, **CASES[case])
+    assert trainer._negkernels_fallback is None  # the fused loss ran, not TRL's
+    assert_same_logs(theirs, ours, rtol=1e-4)
+
+
+def test_trainer_matches_trl_on_the_triton_kernels(tiny_model_dir, tmp_path, monkeypatch):
+    """The fused Triton LM-head loss (under the interpreter on a CPU) inside the trainer."""
+    monkeypatch.setenv("NEGKERNELS_BACKEND", "triton")
+    options = dict(loss_type="grpo", max_completion_length=6)
+    theirs, _ = train(trl.GRPOTrainer, tiny_model_dir, tmp_path, **options)
+    ours, _ = train(NegkernelsGRPOTrainer, tiny_model_dir, tmp_path, **options)
+    assert_same_logs(theirs, ours, rtol=1e-4)
+
+
+def test_trainer_matches_trl_in_bf16(tiny_model_dir, tmp_path):
+    """Mixed precision: the LM head runs in the autocast dtype, as TRL's does; bf16 tolerance."""
+    theirs, _ = train(trl.GRPOTrainer, tiny_model_dir, tmp_path, loss_type="bnpo", bf16=True, max_steps=1)
+    ours, _ = train(NegkernelsGRPOTrainer, tiny_model_dir, tmp_path, loss_type="bnpo", bf16=True, max_steps=1)
+    assert_same_logs(theirs, ours, rtol=2e-2)
+
+
+def with_vllm_ratios(cls):
+    """The trainer with TRL's vLLM importance-sampling correction on, fed made-up ratios (no vLLM
+    on a CPU): generation runs TRL's own sampler, then per-token ratios join the batch."""
+
+    class WithRatios(cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.vllm_importance_sampling_correction = True
+
+        def _generate_and_score_completions(self, inputs):
+            self.use_vllm = False
+            out = super()._generate_and_score_completions(inputs)
+            self.use_vllm = True
+            ids = out["completion_ids"]
+            gen = torch.Generator().manual_seed(int(ids.sum()))
+            out["importance_sampling_ratio"] = 0.5 + torch.rand(ids.shape, generator=gen)
+            # the loss reads use_vllm: on from here to the next generation
+            return out
+
+    WithRatios.__name__ = cls.__name__
+    return WithRatios
+
+
+@pytest.mark.parametrize("options", [
+    dict(loss_type="grpo"),
+    dict(loss_type="cispo", epsilon_high=1.02),
+    # per-token ratios on a per-sequence term: each sequence weighed by its tokens' mean ratio
+    dict(loss_type="dapo", importance_sampling_level="sequence", top_entropy_quantile=0.5),
+], ids=["grpo", "cispo", "gspo with entropy mask"])
+def test_trainer_matches_trl_with_vllm_importance_ratios(options, tiny_model_dir, tmp_path):
+    theirs, _ = train(with_vllm_ratios(trl.GRPOTrainer), tiny_model_dir, tmp_path, **options)
+    ours, _ = train(with_vllm_ratios(NegkernelsGRPOTrainer), tiny_model_dir, tmp_path, **options)
+    assert_same_logs(theirs, ours, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options, reason", [
+    (dict(loss_type="vespo"), "vespo"),
+    (dict(loss_type="grpo", entropy_coef=0.01), "entropy bonus"),
+    (dict(loss_type="sapo", importance_sampling_level="sequence"), "sequence"),
+    (dict(loss_type="cispo"), "epsilon_high"),
+])
+def test_trainer_falls_back_to_trl_loss_with_a_warning(options, reason, tiny_model_dir, tmp_path):
+    with pytest.warns(UserWarning, match=reason):
+        ours, trainer = train(NegkernelsGRPOTrainer, tiny_model_dir, tmp_path, max_steps=1, **options)
+    assert trainer._negkernels_fallback is not None
+    theirs, _ = train(trl.GRPOTrainer, tiny_model_dir, tmp_path, max_steps=1, **options)
+    assert_same_logs(theirs, ours, rtol=1e-6)
