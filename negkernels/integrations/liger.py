@@ -1,0 +1,164 @@
+"""Liger-Kernel's fused-linear GRPO loss, with negkernels underneath.
+
+Code written for Liger switches by its import::
+
+    # from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    from negkernels.integrations.liger import FusedLinearGRPOLoss as LigerFusedLinearGRPOLoss
+
+Same constructor, same ``forward(_input, lin_weight, selected_token_ids, attention_mask,
+advantages, bias, ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, ref_bias,
+vllm_is_ratio, num_items_in_batch)``, same return: ``(loss, metrics)`` with ``metrics`` the KL
+mean (only when ``beta != 0``) and the clipped-token fraction, both over the batch's unmasked
+tokens. ``_input`` is [B, T, H]; the loss runs through :func:`negkernels.linear_policy_loss`
+(one fused pass; no ``chunk_size`` or ``compiled`` needed, both accepted and ignored).
+
+Liger's semantics kept: without ``ref_per_token_logps`` the reference log-probs come from
+``ref_input`` / ``ref_weight`` / ``ref_bias`` with no gradient (``use_ref_model``), and without a
+reference model the KL is 0; ``old_per_token_logps=None`` is on-policy; ``vllm_is_ratio``
+multiplies the policy term (at sequence level, each sequence's term by the mean ratio over its
+tokens, which is what Liger's broadcast amounts to); dapo and cispo divide by ``num_items_in_batch`` / world size when
+given, else by the batch's unmasked tokens (summed over ranks). Not supported (raises):
+``loss_type="vespo"``, and ``"luspo"`` other than at sequence level without a KL term (Liger
+weighs the per-token terms of padded positions too once they are per token).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..ops.logprobs import PolicyLossConfig, linear_policy_loss, linear_token_logprobs
+from ._weights import per_sequence_weights
+
+__all__ = ["FusedLinearGRPOLoss"]
+
+_NO_CAP = float(torch.finfo(torch.float32).max)  # IS weights multiply the policy term uncapped
+_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class FusedLinearGRPOLoss(torch.nn.Module):
+    """``LigerFusedLinearGRPOLoss``'s interface over :func:`negkernels.linear_policy_loss`."""
+
+    def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True, chunk_size: int = 1,
+                 epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = "dapo",
+                 max_completion_length: Optional[int] = None, importance_sampling_level: str = "token",
+                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, temperature: float = 1.0,
+                 delta: Optional[float] = None, use_bias_correction_kl: bool = False, **vespo_options):
+        super().__init__()
+        if loss_type not in _LOSS_TYPES:
+            raise ValueError(f"loss_type: {loss_type!r} is not supported (choose from {_LOSS_TYPES}; vespo has no "
+                             "fused form)")
+        if importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(f"importance_sampling_level: expected 'token' or 'sequence', got "
+                             f"{importance_sampling_level!r}")
+        sequence = importance_sampling_level == "sequence"
+        if sequence and loss_type in ("cispo", "sapo"):
+            raise ValueError(f"importance_sampling_level: 'sequence' is not supported for loss_type={loss_type!r}")
+        if loss_type == "luspo" and (not sequence or (beta != 0.0 and use_ref_model)):
+            raise NotImplementedError("loss_type='luspo' is supported at importance_sampling_level='sequence' with "
+                                      "beta=0 only: otherwise Liger's per-token terms are weighed at padded "
+                                      "positions too")
+        if loss_type == "dr_grpo" and max_completion_length is None:
+            raise ValueError("max_completion_length: required for loss_type='dr_grpo'")
+        if loss_type == "cispo" and epsilon_high < 1.0:
+            raise ValueError(f"epsilon_high: cispo's cap on the ratio must be >= 1, got {epsilon_high}")
+        unknown = set(vespo_options) - {"vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"}
+        if unknown:
+            raise TypeError(f"unexpected arguments {sorted(unknown)}")
+        self.beta, self.use_ref_model, self.temperature = float(beta), use_ref_model, temperature
+        self.loss_type, self.importance_sampling_level = loss_type, importance_sampling_level
+        self.epsilon_low, self.epsilon_high = epsilon_low, epsilon_high
+        self.compiled, self.chunk_size = compiled, chunk_size  # accepted for compatibility; nothing to tune
+
+        options = dict(is_mode="truncate", is_threshold=_NO_CAP, kl_estimator="k3",
+                       kl_bias_correction=bool(use_bias_correction_kl))
+        if loss_type == "cispo":
+            options.update(loss_type="cispo", clip_high=epsilon_high - 1.0)
+        elif loss_type == "sapo":
+            options.update(loss_type="sapo", sapo_tau_pos=sapo_temperature_pos, sapo_tau_neg=sapo_temperature_neg)
+        else:
+            options.update(loss_type="gspo" if sequence else "ppo", clip_low=epsilon_low, clip_high=epsilon_high,
+                           delta=delta)
+        options["aggregation"] = {"grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean",
+                                  "bnpo": "token-mean", "dapo": "token-mean", "cispo": "token-mean",
+                                  "dr_grpo": "seq-mean-token-sum-norm", "luspo": "seq-mean-token-sum"}[loss_type]
+        if loss_type == "dr_grpo":
+            options["norm_constant"] = float(max_completion_length)
+        self._options = options
+        self._configs: dict[bool, PolicyLossConfig] = {}
+
+    def _config(self, with_kl: bool) -> PolicyLossConfig:
+        if with_kl not in self._configs:
+            self._configs[with_kl] = PolicyLossConfig(**self._options, kl_coef=self.beta if with_kl else 0.0)
+        return self._configs[with_kl]
+
+    def forward(self, _input: Tensor, lin_weight: Tensor, selected_token_ids: Tensor, attention_mask: Tensor,
+                advantages: Tensor, bias: Optional[Tensor] = None, ref_per_token_logps: Optional[Tensor] = None,
+                old_per_token_logps: Optional[Tensor] = None, ref_input: Optional[Tensor] = None,
+                ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
+                vllm_is_ratio: Optional[Tensor] = None, num_items_in_batch=None):
+        mask = attention_mask.bool()
+        batch = selected_token_ids.shape[0]
+        ref = None
+        if self.beta != 0.0 and self.use_ref_model:
+            ref = ref_per_token_logps
+            if ref is None:
+                if ref_input is None:
+                    raise ValueError("ref_per_token_logps / ref_input: one is required with use_ref_model")
+                with torch.no_grad():
+                    ref = linear_token_logprobs(ref_input, lin_weight if ref_weight is None else ref_weight,
+                                                selected_token_ids, bias=ref_bias, temperature=self.temperature)
+        normaliser = {}
+        if self.loss_type in ("dapo", "cispo"):
+            if num_items_in_batch is not None:
+                tokens = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=mask.device)
+            else:
+                tokens = mask.sum(dtype=torch.float32)
+                if _world_size() > 1:
+                    tokens = tokens.clone()
+                    torch.distributed.all_reduce(tokens)
+            normaliser["num_tokens"] = (tokens / _world_size()).clamp(min=1.0)
+        elif self.loss_type == "bnpo":
+            normaliser["num_tokens"] = mask.sum(dtype=torch.float32).clamp(min=1.0)
+        else:
+            normaliser["num_sequences"] = batch  # Liger divides by B: fully masked rows count
+        weights = None
+        if vllm_is_ratio is not None:
+            weights = vllm_is_ratio.float()
+            if weights.dim() == 1:
+                weights = weights.unsqueeze(1)
+            if self.importance_sampling_level == "sequence":
+                weights = per_sequence_weights(weights, mask, over_padding=self.loss_type == "luspo")
+            else:
+                weights = weights.expand(mask.shape).contiguous()
+        out = linear_policy_loss(_input, lin_weight, selected_token_ids, old_per_token_logps, advantages, mask,
+                                 bias=bias, temperature=self.temperature, ref_logp=ref, is_weights=weights,
+                                 validate=False, config=self._config(ref is not None), **normaliser)
+        metrics = []
+        if self.beta != 0.0:
+            metrics.append(out.kl if ref is not None else out.kl.new_zeros(()))
+        metrics.append(self._clip_fraction(out, old_per_token_logps, advantages, mask))
+        return out.loss, tuple(metrics)
+
+    def _clip_fraction(self, out, old, advantages, mask) -> Tensor:
+        """Liger's clipped-token fraction (over the unmasked tokens) from the fused pass's log-probs."""
+        if self.loss_type == "sapo":
+            return out.loss.new_zeros(())
+        log_ratio = torch.zeros_like(out.token_logp) if old is None else out.token_logp - old
+        maskf = mask.float()
+        if self.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * maskf).sum(-1) / maskf.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        coef = torch.exp(log_ratio)
+        adv = advantages.reshape(advantages.shape[0], -1)
+        if self.loss_type == "cispo":
+            clipped = (coef > self.epsilon_high) & (adv > 0)
+        else:
+            clipped = ((coef < 1 - self.epsilon_low) & (adv < 0)) | ((coef > 1 + self.epsilon_high) & (adv > 0))
+        return (clipped.expand(mask.shape) * maskf).sum() / maskf.sum().clamp(min=1.0)
