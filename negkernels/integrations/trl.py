@@ -48,6 +48,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+import trl
 from trl import GRPOTrainer
 
 from ..ops.logprobs import PolicyLossConfig, linear_policy_loss, linear_token_logprobs
@@ -55,6 +56,13 @@ from ._weights import per_sequence_weights
 from .transformers import lm_head
 
 __all__ = ["NegkernelsGRPOTrainer"]
+
+# The trainer overrides GRPOTrainer._compute_loss and reads the batch's keys by TRL's names: both
+# are TRL internals, so a release outside the tested series gets a warning, not silence.
+TESTED_TRL = "1.16"
+if ".".join(trl.__version__.split(".")[:2]) != TESTED_TRL:
+    warnings.warn(f"negkernels.integrations.trl is tested against trl {TESTED_TRL}.x; trl {trl.__version__} is "
+                  "installed: compare a few steps against trl.GRPOTrainer before relying on it", stacklevel=2)
 
 # A cap the IS weights never reach: the masks and TRL's ratios multiply the policy term as they are.
 _NO_CAP = float(torch.finfo(torch.float32).max)
