@@ -195,6 +195,50 @@ def test_default_scales():
     assert DEFAULT_SCALE == {"grpo": "group", "dr_grpo": "none", "rloo": "none", "ngrpo": "group", "reinforce_pp_baseline": "whiten"}
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("estimator", ["reinforce_pp_baseline", "grpo", "rloo"])
+def test_whiten_weights_are_frequency_weights_of_the_batch_moments(backend, estimator):
+    n = 37
+    rewards = fresh((n,))
+    ids = ragged_ids(n, 9)
+    weights = torch.randint(1, 40, (n,)).double()  # response lengths, say
+    weights[5] = 0.0  # a reward that joins no batch statistic still gets its advantage
+    got = nk.group_advantages(rewards, ids, estimator=estimator, scale="whiten", whiten_weights=weights,
+                              positive_scale=1.5, backend=backend)
+    # oracle: the loop oracle's numerators, then the weighted moments written out in Python floats
+    a = [float(x) for x in loop_oracle(rewards, ids, estimator, "none")]
+    w = [float(x) for x in weights]
+    total = sum(w)
+    mean = sum(wi * ai for wi, ai in zip(w, a)) / total
+    std = math.sqrt(sum(wi * (ai - mean) ** 2 for wi, ai in zip(w, a)) / (total - 1))
+    sizes = torch.bincount(ids)
+    want = [0.0 if sizes[g] < 2 else (ai - mean) / (std + 1e-6) for ai, g in zip(a, ids.tolist())]
+    want = torch.tensor([x * 1.5 if x > 0 else x for x in want], dtype=torch.float64)
+    assert_close(got, want, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_unit_whiten_weights_equal_the_unweighted_whitening(backend):
+    rewards, ids = fresh((50,)), ragged_ids(50, 11)
+    plain = nk.group_advantages(rewards, ids, scale="whiten", backend=backend)
+    unit = nk.group_advantages(rewards, ids, scale="whiten", whiten_weights=torch.ones(50), backend=backend)
+    assert_close(unit, plain, atol=1e-6, rtol=1e-6)
+
+
+def test_whiten_weights_leave_out_unvalidated_out_of_range_ids():
+    rewards, ids = fresh((12,)), torch.arange(12) // 3
+    weights = torch.rand(12) + 0.5
+    bad = ids.clone()
+    bad[4] = 9  # outside num_groups=4, unvalidated
+    got = nk.group_advantages(rewards, bad, scale="whiten", estimator="reinforce_pp_baseline", num_groups=4,
+                              validate=False, whiten_weights=weights, backend="reference")
+    assert torch.isnan(got[4])
+    keep = torch.arange(12) != 4
+    want = nk.group_advantages(rewards[keep], ids[keep], scale="whiten", estimator="reinforce_pp_baseline",
+                               num_groups=4, whiten_weights=weights[keep], backend="reference")
+    assert_close(got[keep], want, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -218,6 +262,11 @@ def test_default_scales():
         (dict(rewards=torch.randn(4), group_size=2, positive_scale=torch.ones(3)), "positive_scale"),
         (dict(rewards=torch.randn(4), group_size=2, negative_scale=float("nan")), "negative_scale"),
         (dict(rewards=torch.randn(4), group_size=2, backend="tpu"), "backend"),
+        (dict(rewards=torch.randn(4), group_size=2, scale="group", whiten_weights=torch.ones(4)), "whiten_weights"),
+        (dict(rewards=torch.randn(4), group_size=2, scale="whiten", whiten_weights=torch.ones(3)), "whiten_weights"),
+        (dict(rewards=torch.randn(4), group_size=2, scale="whiten", whiten_weights=torch.ones(4, dtype=torch.long)), "whiten_weights"),
+        (dict(rewards=torch.randn(4), group_size=2, scale="whiten", whiten_weights=-torch.ones(4)), "whiten_weights"),
+        (dict(rewards=torch.randn(4), group_size=2, scale="whiten", whiten_weights=torch.full((4,), float("inf"))), "whiten_weights"),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, match):

@@ -12,6 +12,13 @@ import torch.multiprocessing as mp
 import negkernels as nk
 
 WORLD = 2
+# (estimator, scale, weighted): weighted whitening counts reward i (i % 7 + 1) times, like token counts.
+BATCH_CASES = [("grpo", "batch", False), ("reinforce_pp_baseline", "whiten", False), ("rloo", "whiten", False),
+               ("reinforce_pp_baseline", "whiten", True)]
+
+
+def _whiten_weights(n, weighted):
+    return (torch.arange(n) % 7 + 1).double() if weighted else None
 
 
 def _worker(rank, init_file, rewards, ids, backends, results):
@@ -23,10 +30,12 @@ def _worker(rank, init_file, rewards, ids, backends, results):
         mine = slice(rank * half, (rank + 1) * half)
         out = {}
         for backend in backends:
-            for estimator, scale in [("grpo", "batch"), ("reinforce_pp_baseline", "whiten"), ("rloo", "whiten")]:
+            for estimator, scale, weighted in BATCH_CASES:
+                weights = _whiten_weights(rewards.numel(), weighted)
                 adv = nk.group_advantages(rewards[mine], ids[mine], estimator=estimator, scale=scale,
+                                          whiten_weights=None if weights is None else weights[mine],
                                           num_groups=int(ids.max()) + 1, process_group=dist.group.WORLD, backend=backend)
-                out[(backend, estimator, scale)] = adv
+                out[(backend, estimator, scale, weighted)] = adv
         results[rank] = out
     finally:
         dist.destroy_process_group()
@@ -45,9 +54,10 @@ def test_batch_statistics_across_ranks():
                            nprocs=WORLD, join=True, start_method="spawn")
         results = dict(results)
     for backend in backends:
-        for estimator, scale in [("grpo", "batch"), ("reinforce_pp_baseline", "whiten"), ("rloo", "whiten")]:
-            combined = torch.cat([results[r][(backend, estimator, scale)] for r in range(WORLD)])
-            single = nk.group_advantages(rewards.double(), ids, estimator=estimator, scale=scale, backend="reference")
+        for estimator, scale, weighted in BATCH_CASES:
+            combined = torch.cat([results[r][(backend, estimator, scale, weighted)] for r in range(WORLD)])
+            single = nk.group_advantages(rewards.double(), ids, estimator=estimator, scale=scale,
+                                         whiten_weights=_whiten_weights(rewards.numel(), weighted), backend="reference")
             torch.testing.assert_close(combined, single, rtol=1e-5, atol=1e-6)
 
 

@@ -121,6 +121,15 @@ def _sign_scale(name: str, value, n: int, device: torch.device) -> tuple[float, 
     return check_finite_float(name, value), None
 
 
+def _in_range(group_index: Optional[Tensor], num_groups: int, weights: Optional[Tensor]) -> Optional[Tensor]:
+    """Weights for batch statistics taken outside the kernel: a reward whose (unvalidated) id is
+    out of range joins no statistic, as inside the kernels; ``None`` when every reward counts once."""
+    if group_index is None:
+        return weights
+    joined = (group_index >= 0) & (group_index < num_groups)
+    return joined.double() if weights is None else torch.where(joined, weights.double(), 0.0)
+
+
 def group_advantages(
     rewards: Tensor,
     group_index: Optional[Tensor] = None,
@@ -133,6 +142,7 @@ def group_advantages(
     num_virtual: int = 1,
     positive_scale: float | Tensor = 1.0,
     negative_scale: float | Tensor = 1.0,
+    whiten_weights: Optional[Tensor] = None,
     process_group=None,
     return_stats: bool = False,
     num_groups: Optional[int] = None,
@@ -158,15 +168,21 @@ def group_advantages(
             ``"group"`` σ_g + eps (σ'_g for ngrpo); ``"batch"`` σ of the raw rewards over the whole
             batch + eps; ``"none"`` 1; ``"whiten"`` subtract the batch mean of the numerators and
             divide by their batch std + eps.
+        whiten_weights: [N] fp16/bf16/fp32/fp64 ≥ 0, only with ``scale="whiten"``: the batch mean and
+            std of the numerators weight reward i ``whiten_weights[i]`` times (frequency weights:
+            mean Σw·a/Σw, variance Σw·(a − mean)²/(Σw − 1), std 0 when Σw < 2). The response
+            lengths in tokens give the token-level whitening of verl's ``masked_whiten`` over
+            a sequence reward repeated on every token. Default: every reward counts once.
         positive_scale, negative_scale: float or [N] tensor multiplying positive / negative
             advantages after normalization (W-REINFORCE's λ, confidence-modulated negatives).
         process_group: batch statistics ("batch", "whiten") over every rank of this group; each
-            group of rewards must live on one rank.
+            group of rewards must live on one rank. The batch statistics then cost one extra
+            launch (and, under "whiten", one more for the numerators) and two all-reduces.
         return_stats: also return :class:`GroupStats`.
         num_groups: number of group ids (ids in [0, num_groups)); default ``max(group_index)+1``,
             which reads the ids on the host. Pass it (and ``validate=False``) to avoid any host sync.
         eps: > 0, added to every divisor, so a zero-variance group gets advantages 0.
-        validate: check group ids on the host (negative or ≥ num_groups raise). Without it an
+        validate: check group ids (negative or ≥ num_groups raise) and whiten_weights on the host. Without it an
             id outside [0, num_groups) gives that reward a NaN advantage, and the reward joins
             no statistic (the batch's included); nothing is read or written out of bounds.
         backend: ``None`` (automatic), ``"reference"``, ``"triton"`` or ``"cuda"``.
@@ -217,13 +233,23 @@ def group_advantages(
         group_size = 0
     chosen = resolve_backend(backend, device, "group_advantages", GROUP_ADVANTAGES_BACKENDS)
 
+    if whiten_weights is not None:
+        if scale != "whiten":
+            raise ValueError(f"whiten_weights: only with scale='whiten' (scale is {scale!r})")
+        check_tensor("whiten_weights", whiten_weights, ndim=1, dtypes=FLOAT_DTYPES, device=device)
+        check_same_length("whiten_weights", whiten_weights, n, "rewards")
+        whiten_weights = whiten_weights.detach()
+        if validate and n and not bool(torch.isfinite(whiten_weights).all() & (whiten_weights >= 0).all()):
+            raise ValueError("whiten_weights: weights must be finite and >= 0")
+
     batch_stats = None
-    if process_group is not None and scale == "batch":
-        batch_stats = global_moments(rewards.double(), process_group)
-    elif process_group is not None and scale == "whiten":
+    if scale == "batch" and process_group is not None:
+        batch_stats = global_moments(rewards.double(), process_group, _in_range(group_index, num_groups, None))
+    elif scale == "whiten" and (process_group is not None or whiten_weights is not None):
         numerators = _group_advantages_op(rewards, group_index, group_size, num_groups, estimator, "none", eps,
                                           virtual_max_reward, num_virtual, 1.0, 1.0, None, None, None, chosen)[0]
-        batch_stats = global_moments(numerators.double(), process_group)
+        batch_stats = global_moments(numerators.double(), process_group,
+                                     _in_range(group_index, num_groups, whiten_weights))
 
     adv, mean, std, count = _group_advantages_op(
         rewards, group_index, group_size, num_groups, estimator, scale, eps, virtual_max_reward, num_virtual,

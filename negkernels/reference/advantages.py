@@ -28,22 +28,34 @@ def _unbiased_std(m2: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.where(count >= 2, (m2 / (count - 1).clamp_min(1)).sqrt(), torch.zeros_like(m2))
 
 
-def global_moments(x: torch.Tensor, process_group=None) -> torch.Tensor:
+def global_moments(x: torch.Tensor, process_group=None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean and unbiased std of all elements of ``x`` over every rank of ``process_group``.
+
+    ``weights`` (same shape, ≥ 0) are frequency weights: element i counts ``weights[i]`` times, so
+    the mean is Σw·x / Σw and the variance Σw·(x − mean)² / (Σw − 1) (the std is 0 when Σw < 2, as
+    for a group of one). A weight of 0 leaves an element out, NaN included.
 
     Returns a tensor ``[mean, std]`` in ``x``'s dtype. Two passes (mean, then squared deviations),
     each one all-reduce, so the result does not suffer the cancellation of ``E[x²] − E[x]²``.
     """
-    count = torch.tensor([float(x.numel())], dtype=x.dtype, device=x.device)
-    total = x.sum().reshape(1)
+    if weights is None:
+        count = torch.tensor([float(x.numel())], dtype=x.dtype, device=x.device)
+        total = x.sum().reshape(1)
+    else:
+        weights = weights.to(x.dtype)
+        # where, not a product: a left-out element may be NaN (an unvalidated id), and 0·NaN is NaN.
+        x = torch.where(weights > 0, x, torch.zeros_like(x))
+        count = weights.sum().reshape(1)
+        total = (weights * x).sum().reshape(1)
     if process_group is not None:
         import torch.distributed as dist
 
         packed = torch.cat([count, total])
         dist.all_reduce(packed, group=process_group)
         count, total = packed[:1], packed[1:]
-    mean = total / count.clamp_min(1)
-    m2 = ((x - mean) ** 2).sum().reshape(1)
+    mean = total / count.clamp_min(1) if weights is None else total / torch.where(count > 0, count, 1)
+    deviation2 = (x - mean) ** 2
+    m2 = (deviation2 if weights is None else weights * deviation2).sum().reshape(1)
     if process_group is not None:
         import torch.distributed as dist
 
