@@ -77,9 +77,10 @@ __device__ __forceinline__ GroupView read_group(const GroupAdvantagesArgs& a, in
 
 __device__ __forceinline__ double numerator(const GroupAdvantagesArgs& a, double r, const GroupView& g) {
   const double d = r - g.mean;
+  // NGRPO's group augmented with num_virtual rewards has a baseline even for one member.
+  if (a.estimator == kNgrpo) return r - (g.n * g.mean + a.num_virtual * a.virtual_max_reward) / (g.n + a.num_virtual);
   if (g.n < 2.0) return d * 0.0;
-  if (a.estimator == 2) return g.n / (g.n - 1.0) * d;
-  if (a.estimator == 3) return r - (g.n * g.mean + a.num_virtual * a.virtual_max_reward) / (g.n + a.num_virtual);
+  if (a.estimator == kRloo) return g.n / (g.n - 1.0) * d;
   return d;
 }
 
@@ -98,7 +99,7 @@ __global__ void __launch_bounds__(kThreads) group_advantages_kernel(GroupAdvanta
   __shared__ long long shared[kThreads / 32];
   const int64_t slots = a.num_groups + 2, batch = a.num_groups, whiten = a.num_groups + 1;
   const bool external = a.batch_stats != nullptr;
-  const bool need_batch = (a.scale == 1 || a.scale == 3) && !external;
+  const bool need_batch = (a.scale == kScaleBatch || a.scale == kScaleWhiten) && !external;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int top = 62 - a.headroom;
@@ -159,21 +160,21 @@ __global__ void __launch_bounds__(kThreads) group_advantages_kernel(GroupAdvanta
       const double d = r - gv.mean;
       atomicAdd(reinterpret_cast<unsigned long long*>(squares + g),
                 static_cast<unsigned long long>(quantize(d * d, top - (2 * gv.e + 2))));
-      if (a.scale == 3) local_num += quantize(numerator(a, r, gv), top - whiten_e);
+      if (a.scale == kScaleWhiten) local_num += quantize(numerator(a, r, gv), top - whiten_e);
       const double db = r - batch_view.mean;
       local_sq += quantize(db * db, top - (2 * batch_e + 2));
     }
   }
   if (need_batch) {
-    const long long total = block_reduce(a.scale == 1 ? local_sq : local_num, shared, Add{});
+    const long long total = block_reduce(a.scale == kScaleBatch ? local_sq : local_num, shared, Add{});
     if (threadIdx.x == 0)
-      atomicAdd(reinterpret_cast<unsigned long long*>(a.scale == 1 ? squares + batch : sums + whiten), static_cast<unsigned long long>(total));
+      atomicAdd(reinterpret_cast<unsigned long long*>(a.scale == kScaleBatch ? squares + batch : sums + whiten), static_cast<unsigned long long>(total));
   }
   grid.sync();
 
   const double batch_n = static_cast<double>(ld(count + batch));
   const double whiten_mean = ldexp(static_cast<double>(ld(sums + whiten)), whiten_e - top) / fmax(batch_n, 1.0);
-  if (need_batch && a.scale == 3) {
+  if (need_batch && a.scale == kScaleWhiten) {
     long long local = 0;
     for (int64_t i = first; i < a.n; i += stride) {
       const int64_t g = group_of(a, i);
@@ -190,7 +191,7 @@ __global__ void __launch_bounds__(kThreads) group_advantages_kernel(GroupAdvanta
   if (need_batch) {
     const double nb = batch_n;
     double m2b;
-    if (a.scale == 1) {
+    if (a.scale == kScaleBatch) {
       m2b = ldexp(static_cast<double>(ld(squares + batch)), (2 * batch_e + 2) - top);
     } else {
       center = whiten_mean;
@@ -199,7 +200,7 @@ __global__ void __launch_bounds__(kThreads) group_advantages_kernel(GroupAdvanta
     spread = nb >= 2.0 ? sqrt(m2b / fmax(nb - 1.0, 1.0)) : 0.0;
     if (non_finite(ld(maxbits + batch))) spread = nan("");
   } else if (external) {
-    center = a.scale == 3 ? a.batch_stats[0] : 0.0;
+    center = a.scale == kScaleWhiten ? a.batch_stats[0] : 0.0;
     spread = a.batch_stats[1];
   }
   for (int64_t i = first; i < a.n; i += stride) {
@@ -212,15 +213,15 @@ __global__ void __launch_bounds__(kThreads) group_advantages_kernel(GroupAdvanta
     const GroupView gv = read_group(a, g, slots);
     const double num = numerator(a, r, gv);
     double base;
-    if (a.scale == 0) {
+    if (a.scale == kScaleGroup) {
       const double m2 = ldexp(static_cast<double>(ld(squares + g)), (2 * gv.e + 2) - top);
-      base = num / (group_spread(a, gv, m2, a.estimator == 3) + a.eps);
-    } else if (a.scale == 2) {
+      base = num / (group_spread(a, gv, m2, a.estimator == kNgrpo) + a.eps);
+    } else if (a.scale == kScaleNone) {
       base = num;
     } else {
       base = (num - center) / (spread + a.eps);
     }
-    if (gv.n < 2.0) base = (r - gv.mean) * 0.0;
+    if (gv.n < 2.0 && a.estimator != kNgrpo) base = (r - gv.mean) * 0.0;
     const double pos = a.positive_scale ? static_cast<double>(a.positive_scale[i]) : a.positive_value;
     const double neg = a.negative_scale ? static_cast<double>(a.negative_scale[i]) : a.negative_value;
     a.out[i] = static_cast<float>(base > 0 ? base * pos : (base < 0 ? base * neg : base));

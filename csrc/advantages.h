@@ -7,6 +7,11 @@
 
 namespace negkernels {
 
+// Kernel codes: positions in negkernels.reference.advantages.ESTIMATORS and SCALES (a test holds
+// the two in step).
+enum Estimator : int { kGrpo = 0, kDrGrpo, kRloo, kNgrpo, kReinforcePpBaseline };
+enum Scale : int { kScaleGroup = 0, kScaleBatch, kScaleNone, kScaleWhiten };
+
 struct GroupAdvantagesArgs {
   const void* rewards = nullptr;
   int rewards_dtype = kValueF32;
@@ -23,8 +28,8 @@ struct GroupAdvantagesArgs {
   int64_t n = 0;
   int64_t num_groups = 0;
   int64_t group_size = 1;
-  int estimator = 0;  // position in ESTIMATORS: grpo, dr_grpo, rloo, ngrpo, reinforce_pp_baseline
-  int scale = 0;      // position in SCALES: group, batch, none, whiten
+  int estimator = kGrpo;  // an Estimator
+  int scale = kScaleGroup;  // a Scale
   int headroom = 2;   // fixed-point sums stay below 2**(62 - headroom); headroom > log2(n)
   int vmax_exponent = -126;
   double eps = 1e-6, virtual_max_reward = 1.0, num_virtual = 1.0;

@@ -31,7 +31,7 @@ def loop_oracle(rewards, ids, estimator, scale, eps=1e-6, vmax=1.0, k=1, pos=1.0
         mu, sd = stat(vals)
         aug_mu, aug_sd = stat(vals + [vmax] * k)
         for i in members:
-            if n < 2:
+            if n < 2 and estimator != "ngrpo":  # the augmented group of ngrpo has 1 + k members
                 num[i] = 0.0
             elif estimator == "rloo":
                 num[i] = r[i] - sum(vals[j] for j in range(n) if members[j] != i) / (n - 1)
@@ -50,7 +50,7 @@ def loop_oracle(rewards, ids, estimator, scale, eps=1e-6, vmax=1.0, k=1, pos=1.0
         div = [1.0] * len(r)
     out = []
     for i in range(len(r)):
-        b = 0.0 if len(groups[ids[i]]) < 2 else num[i] / div[i]
+        b = 0.0 if len(groups[ids[i]]) < 2 and estimator != "ngrpo" else num[i] / div[i]
         out.append(b * pos if b > 0 else b * neg if b < 0 else b)
     return torch.tensor(out, dtype=torch.float64)
 
@@ -135,6 +135,21 @@ def test_worked_examples(backend):
     adv = nk.group_advantages(torch.tensor([3.0, 1.0]), group_size=2, estimator="dr_grpo",
                               positive_scale=2.0, negative_scale=0.25, backend=backend)
     torch.testing.assert_close(adv, torch.tensor([2.0, -0.25]))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ngrpo_groups_of_one_learn_from_their_augmented_group(backend):
+    # One reward 0 and one virtual reward 1: μ' = 1/2, σ' = sqrt(1/2) → −1/√2. With two virtual
+    # rewards: {0, 1, 1}, μ' = 2/3, σ' = 1/√3 → −2/√3. A correct singleton (r = 1 = vmax) gets 0.
+    for k, want in [(1, -1 / math.sqrt(2)), (2, -2 / math.sqrt(3))]:
+        adv = nk.group_advantages(torch.zeros(3), group_size=1, estimator="ngrpo", num_virtual=k, eps=1e-12,
+                                  backend=backend)
+        torch.testing.assert_close(adv, torch.full((3,), want))
+    rewards = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    ids = torch.tensor([2, 0, 1, 1])  # ragged: two singletons and a pair
+    adv = nk.group_advantages(rewards, ids, estimator="ngrpo", eps=1e-12, backend=backend)
+    # the pair {0, 0} + virtual 1: μ' = 1/3, σ' = 1/√3 → −1/√3 each
+    torch.testing.assert_close(adv, torch.tensor([-1 / math.sqrt(2), 0.0, -1 / math.sqrt(3), -1 / math.sqrt(3)]))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -188,7 +188,8 @@ def group_advantages(
         backend: ``None`` (automatic), ``"reference"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
-        advantages [N] fp32 (and :class:`GroupStats` with ``return_stats``). Groups of one get 0.
+        advantages [N] fp32 (and :class:`GroupStats` with ``return_stats``). Groups of one get 0,
+        except under ngrpo, whose augmented group of 1 + num_virtual members has a mean and spread.
         NaN rewards make their group's advantages NaN (and all of them under batch statistics).
         Advantages are constants of the policy gradient: the output carries no gradient.
 

@@ -108,7 +108,9 @@ def group_advantages_reference(
     m2 = zeros.clone().index_add_(0, ids, d * d)
     std = _unbiased_std(m2, n_g)
     n = n_g[ids]
-    singleton = n < 2
+    # A group of one has no baseline: advantage 0. NGRPO's group augmented with num_virtual rewards
+    # has 1 + num_virtual members, so an all-wrong singleton still learns.
+    singleton = (n < 2) & (estimator != "ngrpo")
 
     if estimator == "rloo":
         # n/(n−1)·(r − μ) = r − (mean of the other n−1 rewards)

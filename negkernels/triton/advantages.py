@@ -27,9 +27,17 @@ from . import cdiv, next_power_of_2
 from .._fixedpoint import exponent_bound, headroom_bits
 from ..reference.advantages import ESTIMATORS, SCALES
 
-# Kernel codes are positions in the reference's tuples (the CUDA kernel uses the same codes).
+# Kernel codes are positions in the reference's tuples; csrc/advantages.h names the same codes
+# (enum Estimator, enum Scale) and tests/test_kernel_codes.py holds the three in step.
 ESTIMATOR_CODES = {name: i for i, name in enumerate(ESTIMATORS)}
 SCALE_CODES = {name: i for i, name in enumerate(SCALES)}
+_ESTIMATOR_GRPO = tl.constexpr(ESTIMATOR_CODES["grpo"])
+_ESTIMATOR_RLOO = tl.constexpr(ESTIMATOR_CODES["rloo"])
+_ESTIMATOR_NGRPO = tl.constexpr(ESTIMATOR_CODES["ngrpo"])
+_SCALE_GROUP = tl.constexpr(SCALE_CODES["group"])
+_SCALE_BATCH = tl.constexpr(SCALE_CODES["batch"])
+_SCALE_NONE = tl.constexpr(SCALE_CODES["none"])
+_SCALE_WHITEN = tl.constexpr(SCALE_CODES["whiten"])
 MAX_UNIFORM_GROUP = 4096
 
 
@@ -54,10 +62,11 @@ def _exponent_bound(abs_bits):
 @triton.jit
 def _numerator(r, n, mean, vmax, kvirt, ESTIMATOR: tl.constexpr):
     d = r - mean
-    if ESTIMATOR == 2:  # rloo
+    if ESTIMATOR == _ESTIMATOR_NGRPO:
+        # centre on the group augmented with kvirt copies of vmax: a baseline even for one member
+        return r - (n * mean + kvirt * vmax) / (n + kvirt)
+    if ESTIMATOR == _ESTIMATOR_RLOO:
         a = n / tl.maximum(n - 1.0, 1.0) * d
-    elif ESTIMATOR == 3:  # ngrpo: centre on the group augmented with kvirt copies of vmax
-        a = r - (n * mean + kvirt * vmax) / (n + kvirt)
     else:
         a = d
     return tl.where(n < 2.0, d * 0.0, a)
@@ -65,7 +74,7 @@ def _numerator(r, n, mean, vmax, kvirt, ESTIMATOR: tl.constexpr):
 
 @triton.jit
 def _group_spread(n, mean, m2, vmax, kvirt, ESTIMATOR: tl.constexpr):
-    if ESTIMATOR == 3:
+    if ESTIMATOR == _ESTIMATOR_NGRPO:
         mean_aug = (n * mean + kvirt * vmax) / (n + kvirt)
         m2_aug = m2 + n * (mean - mean_aug) * (mean - mean_aug) + kvirt * (vmax - mean_aug) * (vmax - mean_aug)
         return tl.sqrt(m2_aug / tl.maximum(n + kvirt - 1.0, 1.0))
@@ -73,8 +82,10 @@ def _group_spread(n, mean, m2, vmax, kvirt, ESTIMATOR: tl.constexpr):
 
 
 @triton.jit
-def _finish(base, n, zero_or_nan, pos_ptr, neg_ptr, offs, mask, pos_value, neg_value, PER_SAMPLE_SIGN_SCALES: tl.constexpr):
-    base = tl.where(n < 2.0, zero_or_nan, base)
+def _finish(base, n, zero_or_nan, pos_ptr, neg_ptr, offs, mask, pos_value, neg_value,
+            ESTIMATOR: tl.constexpr, PER_SAMPLE_SIGN_SCALES: tl.constexpr):
+    if ESTIMATOR != _ESTIMATOR_NGRPO:  # a group of one has no baseline (NGRPO's augmented group has)
+        base = tl.where(n < 2.0, zero_or_nan, base)
     if PER_SAMPLE_SIGN_SCALES:
         pos = tl.load(pos_ptr + offs, mask=mask, other=1.0).to(tl.float64)
         neg = tl.load(neg_ptr + offs, mask=mask, other=1.0).to(tl.float64)
@@ -105,14 +116,14 @@ def _group_advantages_uniform_kernel(
     m2 = tl.sum(d * d, axis=1)
     nb = tl.zeros_like(r) + n
     a = _numerator(r, nb, mean[:, None], vmax, kvirt, ESTIMATOR)
-    if SCALE == 0:
+    if SCALE == _SCALE_GROUP:
         base = a / (_group_spread(n, mean, m2, vmax, kvirt, ESTIMATOR)[:, None] + eps)
     else:
         base = a
-    adv = _finish(base, nb, d * 0.0, pos_ptr, neg_ptr, offs, mask, pos_value, neg_value, PER_SAMPLE_SIGN_SCALES)
+    adv = _finish(base, nb, d * 0.0, pos_ptr, neg_ptr, offs, mask, pos_value, neg_value, ESTIMATOR, PER_SAMPLE_SIGN_SCALES)
     tl.store(out_ptr + offs, adv.to(tl.float32), mask=mask)
     tl.store(mean_ptr + groups, mean.to(tl.float32), mask=gmask)
-    tl.store(std_ptr + groups, _group_spread(n, mean, m2, vmax, kvirt, 0).to(tl.float32), mask=gmask)
+    tl.store(std_ptr + groups, _group_spread(n, mean, m2, vmax, kvirt, _ESTIMATOR_GRPO).to(tl.float32), mask=gmask)
     tl.store(count_ptr + groups, tl.zeros_like(groups).to(tl.int64) + group_size, mask=gmask)
 
 
@@ -189,7 +200,7 @@ def _group_advantages_segmented_kernel(
     slots = num_groups + 2
     batch = num_groups
     whiten = num_groups + 1
-    NEED_BATCH: tl.constexpr = (SCALE == 1 or SCALE == 3) and not EXTERNAL_BATCH_STATS
+    NEED_BATCH: tl.constexpr = (SCALE == _SCALE_BATCH or SCALE == _SCALE_WHITEN) and not EXTERNAL_BATCH_STATS
     arrive_ptr = barrier_ptr
     generation_ptr = barrier_ptr + 1
     lanes = tl.arange(0, BLOCK).to(tl.int64)
@@ -240,7 +251,7 @@ def _group_advantages_segmented_kernel(
         if NEED_BATCH:
             bids = tl.zeros_like(ids) + batch
             _, bmean, be = _group_mean(work_ptr, slots, bids, valid, headroom)
-            if SCALE == 1:
+            if SCALE == _SCALE_BATCH:
                 tl.atomic_add(work_ptr + 3 * slots + batch, tl.sum(_square_quanta(r64 - bmean, be, headroom, valid), axis=0), sem="relaxed")
             else:
                 # |numerator| < 4·max(|r|max, |vmax|) = 2**ea
@@ -250,7 +261,7 @@ def _group_advantages_segmented_kernel(
                 tl.atomic_add(work_ptr + 2 * slots + whiten, tl.sum(qa, axis=0), sem="relaxed")
     _grid_barrier(arrive_ptr, generation_ptr, nprog)
 
-    if NEED_BATCH and SCALE == 3:
+    if NEED_BATCH and SCALE == _SCALE_WHITEN:
         # phase 4: squared deviations of the numerators from their batch mean
         for start in range(pid * BLOCK, n_rewards, nprog * BLOCK):
             offs = start + lanes
@@ -269,7 +280,7 @@ def _group_advantages_segmented_kernel(
         nb = tl.load(work_ptr + batch, cache_modifier=".cg").to(tl.float64)
         bbits = tl.load(work_ptr + slots + batch, cache_modifier=".cg")
         be = _exponent_bound(bbits)
-        if SCALE == 1:
+        if SCALE == _SCALE_BATCH:
             center = 0.0
             m2b = tl.load(work_ptr + 3 * slots + batch, cache_modifier=".cg").to(tl.float64) * _pow2((2 * be + 2) - (62 - headroom))
         else:
@@ -281,7 +292,7 @@ def _group_advantages_segmented_kernel(
     elif EXTERNAL_BATCH_STATS:
         center = tl.load(batch_stats_ptr).to(tl.float64)
         spread = tl.load(batch_stats_ptr + 1).to(tl.float64)
-        if SCALE == 1:
+        if SCALE == _SCALE_BATCH:
             center = 0.0
     else:
         center = 0.0
@@ -292,14 +303,14 @@ def _group_advantages_segmented_kernel(
         r64 = r.to(tl.float64)
         n, mean, e = _group_mean(work_ptr, slots, ids, valid, headroom)
         a = _numerator(r64, n, mean, vmax, kvirt, ESTIMATOR)
-        if SCALE == 0:
+        if SCALE == _SCALE_GROUP:
             m2 = _read_spread_m2(work_ptr, slots, ids, valid, e, headroom)
             base = a / (_group_spread(n, mean, m2, vmax, kvirt, ESTIMATOR) + eps)
-        elif SCALE == 2:
+        elif SCALE == _SCALE_NONE:
             base = a
         else:
             base = (a - center) / (spread + eps)
-        adv = _finish(base, n, (r64 - mean) * 0.0, pos_ptr, neg_ptr, offs, mask, pos_value, neg_value, PER_SAMPLE_SIGN_SCALES)
+        adv = _finish(base, n, (r64 - mean) * 0.0, pos_ptr, neg_ptr, offs, mask, pos_value, neg_value, ESTIMATOR, PER_SAMPLE_SIGN_SCALES)
         adv = tl.where(valid, adv, float("nan"))
         tl.store(out_ptr + offs, adv.to(tl.float32), mask=mask)
     for start in range(pid * BLOCK, num_groups, nprog * BLOCK):
@@ -309,7 +320,7 @@ def _group_advantages_segmented_kernel(
         m2 = _read_spread_m2(work_ptr, slots, g, gm, e, headroom)
         mean = tl.where(n > 0.0, mean, 0.0)
         tl.store(mean_ptr + g, mean.to(tl.float32), mask=gm)
-        std = _group_spread(n, mean, m2, vmax, kvirt, 0)
+        std = _group_spread(n, mean, m2, vmax, kvirt, _ESTIMATOR_GRPO)
         std = tl.where(mean == mean, std, float("nan"))
         tl.store(std_ptr + g, std.to(tl.float32), mask=gm)
         tl.store(count_ptr + g, n.to(tl.int64), mask=gm)
