@@ -156,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> policy_loss(
   PolicyLossArgs a;
   a.value_dtype = value_dtype_code(logp, "logp");
   TORCH_CHECK(num_sequences >= 0, "num_sequences: must be >= 0, got ", num_sequences);
-  TORCH_CHECK(loss_type >= kPPO && loss_type <= kNPO, "loss_type: unknown code ", loss_type);
+  TORCH_CHECK(loss_type >= kPPO && loss_type <= kGeoMean, "loss_type: unknown code ", loss_type);
   TORCH_CHECK(kl_estimator >= kKlNone && kl_estimator <= kK3Plus, "kl_estimator: unknown code ", kl_estimator);
   TORCH_CHECK(aggregation >= kTokenMean && aggregation <= kSeqMeanTokenSumNorm, "aggregation: unknown code ",
               aggregation);
@@ -209,6 +209,7 @@ std::tuple<at::Tensor, at::Tensor> policy_loss(
   a.tau_neg = static_cast<float>(scalars[kScalarTauNeg]);
   a.npo_beta = static_cast<float>(scalars[kScalarNpoBeta]);
   a.kl_coef = static_cast<float>(scalars[kScalarKlCoef]);
+  a.kl_clamp = static_cast<float>(scalars[kScalarKlClamp]);
   a.is_hi = static_cast<float>(scalars[kScalarIsHi]);
   a.is_lo = static_cast<float>(scalars[kScalarIsLo]);
   a.norm_constant = static_cast<float>(scalars[kScalarNormConstant]);

@@ -111,7 +111,7 @@ __device__ __forceinline__ float exp_minus_one_minus(float x) {
   return expf(x) - 1.f - x;
 }
 
-__device__ __forceinline__ void kl_term(float d, int estimator, float* value, float* grad) {
+__device__ __forceinline__ void kl_term(float d, int estimator, float clamp, float* value, float* grad) {
   switch (estimator) {
     case kK1: *value = d; *grad = 1.f; break;
     case kK2: *value = 0.5f * d * d; *grad = d; break;
@@ -119,6 +119,26 @@ __device__ __forceinline__ void kl_term(float d, int estimator, float* value, fl
     case kAbs: *value = fabsf(d); *grad = d > 0.f ? 1.f : (d < 0.f ? -1.f : 0.f); break;
     default: *value = exp_minus_one_minus(-d); *grad = d;  // k3+: k3 value, k2 gradient
   }
+  if (fabsf(*value) > clamp) {  // torch.clamp's rule: the band's edges keep their gradient
+    *value = copysignf(clamp, *value);
+    *grad = 0.f;
+  }
+}
+
+// GMPO's clipped log-ratio (a.lo = −clip_low, a.hi = clip_high): clipped on the pessimistic side
+// only, 0 where the advantage is 0. `keep` is its derivative in log ρ.
+struct GeoMeanTerm {
+  float c, keep, low, high;
+};
+
+__device__ __forceinline__ GeoMeanTerm geo_mean_log_ratio(float log_ratio, float adv, const PolicyLossArgs& a) {
+  GeoMeanTerm g;
+  const bool high = adv > 0.f && log_ratio > a.hi, low = adv < 0.f && log_ratio < a.lo;
+  g.c = adv == 0.f ? 0.f : (high || low ? fminf(fmaxf(log_ratio, a.lo), a.hi) : log_ratio);
+  g.keep = (adv != 0.f && !high && !low) ? 1.f : 0.f;
+  g.low = low ? 1.f : 0.f;
+  g.high = high ? 1.f : 0.f;
+  return g;
 }
 
 __global__ void __launch_bounds__(kLossThreads) policy_loss_kernel(const PolicyLossArgs a) {
@@ -146,16 +166,22 @@ __global__ void __launch_bounds__(kLossThreads) policy_loss_kernel(const PolicyL
   // KL sum is needed before the gradient sweep.
   const bool kl_times_seq_ratio = a.kl_bias_correction && a.kl_estimator != kKlNone && a.loss_type == kGSPO;
   float count = 0.f, seq_a = 0.f, seq_b = 0.f;
-  if (a.aggregation == kSeqMeanTokenMean || a.loss_type == kGSPO || a.loss_type == kNPO) {
+  const bool geo_mean = a.loss_type == kGeoMean;
+  if (a.aggregation == kSeqMeanTokenMean || a.loss_type == kGSPO || a.loss_type == kNPO || geo_mean) {
     float c = 0.f, sa = 0.f, sb = 0.f;
     for (int64_t i = threadIdx.x; i < length; i += kLossThreads) {
       if (!unmasked(i)) continue;
       c += 1.f;
       const float lp = load_value(a.logp, dt, start + i);
       if (a.loss_type == kGSPO) sa += lp - load_value(a.old_logp, dt, start + i);
+      if (geo_mean) {
+        const float adv = a.adv_per_token ? load_value(a.advantages, dt, start + i) : adv_seq;
+        sa += geo_mean_log_ratio(lp - load_value(a.old_logp, dt, start + i), adv, a).c;
+        if (a.adv_per_token) sb += adv;
+      }
       if (kl_times_seq_ratio) {
         float kl, d_kl;
-        kl_term(lp - load_value(a.ref_logp, dt, start + i), a.kl_estimator, &kl, &d_kl);
+        kl_term(lp - load_value(a.ref_logp, dt, start + i), a.kl_estimator, a.kl_clamp, &kl, &d_kl);
         sb += kl;
       }
       if (a.loss_type == kNPO) {
@@ -174,6 +200,7 @@ __global__ void __launch_bounds__(kLossThreads) policy_loss_kernel(const PolicyL
   // Unnormalised: the host divides the loss and scales the gradient by the global normaliser.
   const float grad_weight = row_weight;
   const float seq_ratio = expf(seq_a / safe_count);
+  const float seq_adv = a.adv_per_token ? seq_b / safe_count : adv_seq;  // geo_mean's Ā
   const float npo_value = (2.f / a.npo_beta) * softplus(a.npo_beta * seq_a) / safe_count;
   const float npo_grad = (seq_b / safe_count) * 2.f * sigmoid(a.npo_beta * seq_a);
 
@@ -190,6 +217,13 @@ __global__ void __launch_bounds__(kLossThreads) policy_loss_kernel(const PolicyL
     if (a.loss_type == kGSPO) {
       t = clipped_surrogate(seq_ratio, adv, a);
       t.d_logp *= iw * seq_ratio;
+    } else if (geo_mean) {  // −Ā·s, gradient through each token's own clipped log-ratio
+      const GeoMeanTerm g = geo_mean_log_ratio(log_ratio, adv, a);
+      t.value = -seq_adv * seq_ratio;
+      t.d_logp = iw * t.value * g.keep;
+      t.low = g.low;
+      t.high = g.high;
+      t.dual = 0.f;
     } else if (a.loss_type == kNPO) {
       t.value = npo_value;
       t.d_logp = npo_grad;
@@ -200,7 +234,7 @@ __global__ void __launch_bounds__(kLossThreads) policy_loss_kernel(const PolicyL
     float token_loss = iw * t.value, d_logp = t.d_logp, kl = 0.f;
     if (a.kl_estimator != kKlNone) {
       float d_kl;
-      kl_term(lp - load_value(a.ref_logp, dt, k), a.kl_estimator, &kl, &d_kl);
+      kl_term(lp - load_value(a.ref_logp, dt, k), a.kl_estimator, a.kl_clamp, &kl, &d_kl);
       if (kl_times_seq_ratio) {  // d(s·Σ k)/d logp_t = s·(k'_t + Σ k / n)
         d_kl = seq_ratio * (d_kl + seq_b / safe_count);
         kl *= seq_ratio;

@@ -9,7 +9,7 @@ namespace negkernels {
 
 // The option codes of negkernels/reference/logprobs.py (LossType, KlEstimator, Aggregation, IsMode),
 // which the Triton kernels use too; tests/test_kernel_codes.py holds the two definitions equal.
-enum LossType : int { kPPO = 0, kGSPO = 1, kCISPO = 2, kSAPO = 3, kGPG = 4, kNPO = 5 };
+enum LossType : int { kPPO = 0, kGSPO = 1, kCISPO = 2, kSAPO = 3, kGPG = 4, kNPO = 5, kGeoMean = 6 };
 enum KlEstimator : int { kKlNone = -1, kK1 = 0, kK2 = 1, kK3 = 2, kAbs = 3, kK3Plus = 4 };
 enum Aggregation : int { kTokenMean = 0, kTokenSum = 1, kSeqMeanTokenMean = 2, kSeqMeanTokenSum = 3, kSeqMeanTokenSumNorm = 4 };
 enum IsMode : int { kIsNone = 0, kTruncate = 1, kMask = 2 };
@@ -22,7 +22,7 @@ enum PolicyCodeSlot : int {
 };
 enum PolicyScalarSlot : int {
   kScalarLo, kScalarHi, kScalarDelta, kScalarDualClip, kScalarTauPos, kScalarTauNeg, kScalarNpoBeta, kScalarKlCoef,
-  kScalarIsHi, kScalarIsLo, kScalarNormConstant, kScalarTemperature, kScalarEntropyCoef, kPolicyScalarCount
+  kScalarKlClamp, kScalarIsHi, kScalarIsLo, kScalarNormConstant, kScalarTemperature, kScalarEntropyCoef, kPolicyScalarCount
 };
 constexpr int kPolicyLossPartials = 8;  // per sequence: loss, count, low, high, dual, approx-kl, ratio, kl
 
@@ -43,8 +43,9 @@ struct PolicyLossArgs {
   int loss_type = kPPO, kl_estimator = kKlNone, aggregation = kTokenMean, is_mode = kIsNone;
   bool adv_per_token = false, iw_per_token = false, cispo_two_sided = false;
   bool kl_bias_correction = false;  // the KL term times the importance ratio (gspo: the sequence ratio)
-  float lo = 0.8f, hi = 1.2f, delta = 0.f, dual_clip = 0.f;  // delta / dual_clip: +inf disables
+  float lo = 0.8f, hi = 1.2f, delta = 0.f, dual_clip = 0.f;  // delta / dual_clip: +inf disables; geo_mean: log-space lo, hi
   float tau_pos = 1.f, tau_neg = 1.05f, npo_beta = 0.1f, kl_coef = 0.f;
+  float kl_clamp = 0.f;  // |KL estimate| clamped to it, no gradient outside; +inf disables
   float is_hi = 2.f, is_lo = 0.5f, norm_constant = 1.f;
 };
 

@@ -130,6 +130,8 @@ BAD_INPUTS = [
                                                                         backend=b), ValueError, "cu_seqlens"),
     ("policy_loss", "unknown loss_type", lambda b: _policy(b, loss_type="trpo"), ValueError, "loss_type"),
     ("policy_loss", "dual_clip <= 1", lambda b: _policy(b, dual_clip=0.5), ValueError, "dual_clip"),
+    ("policy_loss", "kl_clamp <= 0", lambda b: _policy(b, kl_clamp=0.0), ValueError, "kl_clamp"),
+    ("policy_loss", "kl_clamp nan", lambda b: _policy(b, kl_clamp=float("nan")), ValueError, "kl_clamp"),
     ("policy_loss", "npo without ref_logp", lambda b: _policy(b, loss_type="npo"), ValueError, "ref_logp"),
     ("policy_loss", "unknown backend", lambda b: _policy("fast"), ValueError, "backend"),
     ("policy_loss", "unknown NEGKERNELS_BACKEND", _with_env_backend("fast"), ValueError, "NEGKERNELS_BACKEND"),

@@ -52,7 +52,7 @@ def run(fn, old, logp, adv, mask, agg, config, weights):
 
 @pytest.mark.parametrize("backend, dtype, tol", [("reference", torch.float64, 1e-10), ("triton", torch.float32, 2e-5)])
 @pytest.mark.parametrize("agg", AGG_MODES)
-@pytest.mark.parametrize("mode", ["vanilla", "gspo", "cispo", "sapo", "gpg"])
+@pytest.mark.parametrize("mode", ["vanilla", "gspo", "cispo", "sapo", "geo_mean", "gpg"])
 @pytest.mark.parametrize("batch_info", ["local", "global dp=2"])
 def test_policy_losses_match_verl(mode, agg, batch_info, backend, dtype, tol, monkeypatch):
     monkeypatch.setenv("NEGKERNELS_BACKEND", backend)
@@ -61,7 +61,7 @@ def test_policy_losses_match_verl(mode, agg, batch_info, backend, dtype, tol, mo
     if batch_info == "global dp=2":  # what verl's ppo_loss fills in before calling the loss
         config.global_batch_info.update(dp_size=2, batch_num_tokens=int(mask.sum()) * 2 + 5,
                                         global_batch_size=13, loss_scale_factor=16)
-    use_weights = weights if mode in ("vanilla", "gspo") else None
+    use_weights = weights if mode in ("vanilla", "gspo", "geo_mean") else None
     theirs = run(core_algos.get_policy_loss_fn(mode), old, logp, adv, mask, agg, config, use_weights)
     ours = run(core_algos.get_policy_loss_fn(f"negkernels_{mode}"), old, logp, adv, mask, agg, config, use_weights)
     assert_close(ours[0], theirs[0], rtol=tol, atol=tol, what="loss")

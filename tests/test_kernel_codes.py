@@ -17,13 +17,13 @@ from negkernels.reference.logprobs import (
     LossType,
 )
 
-HEADER = (Path(__file__).resolve().parents[1] / "csrc" / "logprobs.h").read_text()
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 
-def cpp_enum(name: str) -> list[tuple[str, int]]:
-    """(name, value) of every enumerator of ``enum name`` in csrc/logprobs.h, implicit values counted."""
-    body = re.search(r"enum\s+" + name + r"\s*:\s*int\s*\{([^}]*)\}", HEADER)
-    assert body, f"enum {name} not found in csrc/logprobs.h"
+def cpp_enum(name: str, header: str = "logprobs.h") -> list[tuple[str, int]]:
+    """(name, value) of every enumerator of ``enum name`` in csrc/<header>, implicit values counted."""
+    body = re.search(r"enum\s+" + name + r"\s*:\s*int\s*\{([^}]*)\}", (CSRC / header).read_text())
+    assert body, f"enum {name} not found in csrc/{header}"
     out, nxt = [], 0
     for item in (x.strip() for x in body.group(1).split(",")):
         if not item:
@@ -85,3 +85,13 @@ def test_config_codes_by_name():
         use_kl=False, use_is=False, adv_per_token=True, iw_per_token=True, compute_grad=True, num_sequences=1,
         seq_len=1, max_len=1, norm_constant=1.0)
     assert PolicyKernelCodes(*off).kl == KlEstimator.NONE and PolicyKernelCodes(*off).is_mode == IsMode.NONE
+
+
+def test_advantage_codes_equal_the_cpp_enums():
+    from negkernels.reference.advantages import ESTIMATORS, SCALES
+    from negkernels.triton.advantages import ESTIMATOR_CODES, SCALE_CODES
+
+    estimators = {snake(k).lower(): v for k, v in cpp_enum("Estimator", "advantages.h")}
+    scales = {snake(k, "Scale").lower(): v for k, v in cpp_enum("Scale", "advantages.h")}
+    assert estimators == ESTIMATOR_CODES == {name: i for i, name in enumerate(ESTIMATORS)}
+    assert scales == SCALE_CODES == {name: i for i, name in enumerate(SCALES)}

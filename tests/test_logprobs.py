@@ -250,6 +250,67 @@ def test_policy_loss_kl_bias_correction(backend, loss_type):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_token_adv", [False, True])
+def test_geo_mean_matches_its_definition(backend, per_token_adv):
+    """GMPO from the paper's form: sgn(A)·min(sgn(A)·log ρ, sgn(A)·clip(log ρ, −low, high)), its
+    masked mean exponentiated per sequence, times −(mean advantage), averaged over all B rows."""
+    logp, old, ref, adv, mask = policy_inputs(b=6, t=13, per_token_adv=per_token_adv)
+    if per_token_adv:
+        adv[1, :4] = 0.0  # zero advantages contribute a zero log-ratio
+    low, high = 0.15, 0.25
+    kw = dict(loss_type="geo_mean", clip_low=low, clip_high=high, aggregation="seq-mean-token-mean",
+              num_sequences=torch.tensor(6.0))
+    out, g, want, g64 = run_both(backend, logp, old, adv, mask, **kw)
+    check_outputs(out, g, want, g64, what="geo_mean")
+    x = logp.double().requires_grad_()
+    m = mask.double()
+    a = (adv if per_token_adv else adv[:, None].expand_as(logp)).double()
+    lr = x - old.double()
+    sgn = torch.sign(a)
+    c = sgn * torch.minimum(sgn * lr, sgn * lr.clamp(-low, high))
+    n = m.sum(-1)
+    s = torch.exp((c * m).sum(-1) / n.clamp_min(1))
+    a_bar = (a * m).sum(-1) / n.clamp_min(1)
+    loss = (-a_bar * s).mean()
+    (grad,) = torch.autograd.grad(loss, x)
+    assert_close(out.loss, loss, rtol=1e-5, atol=1e-6, what="loss")
+    assert_close(g, grad * m, rtol=1e-4, atol=1e-7, what="grad")
+    binds = ((a > 0) & (lr > high)) | ((a < 0) & (lr < -low))
+    assert 0 < int((binds & mask).sum())  # the clip binds somewhere
+    assert_close(out.clip_fraction_high, ((a > 0) & (lr > high) & mask).sum() / mask.sum(), rtol=1e-6, atol=1e-7)
+    assert_close(out.clip_fraction_low, ((a < 0) & (lr < -low) & mask).sum() / mask.sum(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kl_estimator, clamp", [("k3", 0.01), ("k1", 0.15), ("k3+", 0.01)])
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_policy_loss_kl_clamp(backend, kl_estimator, clamp, bias_correction):
+    logp, old, ref, adv, mask = policy_inputs(b=5, t=11)
+    kw = dict(loss_type="ppo", ref_logp=ref, kl_coef=0.7, kl_estimator=kl_estimator, kl_clamp=clamp,
+              kl_bias_correction=bias_correction)
+    out, g, want, g64 = run_both(backend, logp, old, adv, mask, **kw)
+    check_outputs(out, g, want, g64, what=f"{kl_estimator} clamped")
+    # The KL part from the definition (token mean of kl_coef·[ρ·]clamp(k(d), −c, c), no gradient
+    # outside the band), written with torch.where rather than torch.clamp.
+    base, g_base, _, _ = run_both(backend, logp, old, adv, mask, **dict(kw, kl_coef=0.0))
+    x = logp.double().requires_grad_()
+    d = x - ref.double()
+    k = d if kl_estimator == "k1" else torch.exp(-d) - 1 + d
+    if kl_estimator == "k3+":  # the k3 value with the k2 gradient
+        k = k.detach() + 0.5 * d * d - (0.5 * d * d).detach()
+    inside = k.detach().abs() <= clamp
+    assert 0 < int((~inside & mask).sum()) < int(mask.sum())  # the clamp binds on some tokens, not all
+    k = torch.where(inside, k, torch.sign(k.detach()) * clamp)
+    if bias_correction:
+        k = k * torch.exp(x - old.double())
+    m = mask.double()
+    kl_loss = 0.7 * (m * k).sum() / m.sum()
+    (kl_grad,) = torch.autograd.grad(kl_loss, x)
+    assert_close(out.loss - base.loss, kl_loss, rtol=1e-5, atol=1e-6, what="KL part of the loss")
+    assert_close(g - g_base, kl_grad, rtol=1e-4, atol=1e-7, what="KL part of the gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_type", ["ppo", "gspo", "sapo"])
 def test_policy_loss_on_policy_and_column_advantages(backend, loss_type):
     """old_logp=None is old_logp = logp.detach(); [B, 1] advantages and IS weights are per sequence."""
@@ -520,6 +581,27 @@ def test_policy_loss_from_logits_kl_bias_correction_and_on_policy(backend, loss_
         assert_close(getattr(out, name), getattr(want, name), **F32, what=name)
     if on_policy:
         assert float(out.mean_ratio) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_policy_loss_from_logits_kl_clamp(backend):
+    logits, targets, old, ref, adv, mask = from_logits_case(b=3, t=6, v=37)
+    ref = ref + torch.randn_like(ref)  # far from the policy: the clamp binds on some tokens
+    kw = dict(loss_type="ppo", ref_logp=ref, kl_coef=0.5, kl_clamp=0.3, kl_bias_correction=True)
+    leaf = logits.clone().requires_grad_()
+    with poisoned_allocations():
+        out = nk.policy_loss_from_logits(leaf, targets, old, adv, mask, backend=backend, **kw)
+    out.loss.backward()
+    x64 = logits.double().requires_grad_()
+    want = nk.policy_loss_from_logits(x64, targets, old.double(), adv.double(), mask, backend="reference",
+                                      **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    want.loss.backward()
+    unclamped = nk.policy_loss_from_logits(logits.double(), targets, old.double(), adv.double(), mask,
+                                           backend="reference", **dict(kw, ref_logp=ref.double(), kl_clamp=None))
+    assert not torch.allclose(unclamped.kl, want.kl)
+    assert_close(out.loss, want.loss, **F32, what="loss")
+    assert_close(out.kl, want.kl, **F32, what="kl")
+    assert_close(leaf.grad, x64.grad, rtol=1e-4, atol=1e-7, what="logits grad")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -137,7 +137,8 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
                 CISPO_TWO_SIDED=False, COMPUTE_GRAD=True, HAS_NORMALISER=False, BLOCK=2048,
                 FINAL_BLOCK=lk.FINAL_ROWS)
     variants = []
-    for loss in range(6):
+    from negkernels.reference.logprobs import LossType
+    for loss in map(int, LossType):
         variants.append(dict(base, LOSS=loss, KL=2, AGG=2, IS=1, PACKED=True, IW_PER_TOKEN=True, CISPO_TWO_SIDED=True))
         variants.append(dict(base, LOSS=loss, AGG=4, IS=2, ADV_PER_TOKEN=True, HAS_MASK=False, COMPUTE_GRAD=False))
     variants += [dict(base, KL=kl) for kl in range(5)] + [dict(base, AGG=agg) for agg in (1, 3)]
@@ -365,7 +366,7 @@ def test_every_advantages_kernel_variant_compiles_for_sm90():
 
 
 def test_every_logprobs_kernel_variant_compiles_for_sm90():
-    assert "compiled 50" in _compile_in_subprocess(LOGPROBS_SCRIPT)
+    assert "compiled 52" in _compile_in_subprocess(LOGPROBS_SCRIPT)
 
 
 def test_every_contrastive_kernel_variant_compiles_for_sm90():

@@ -15,6 +15,8 @@ loss_agg_mode, config, rollout_is_weights) -> (loss, metrics)``, the same metric
 ``negkernels_gspo``      gspo, token form (each token's share of the sequence ratio)
 ``negkernels_cispo``     cispo, two-sided as verl's: sg(clip(ρ, 1 − low, 1 + high))·A·logp
 ``negkernels_sapo``      sapo with ``tau_pos`` / ``tau_neg``; seq-mean-token-mean, as verl's
+``negkernels_geo_mean``  GMPO: log ρ clipped in log space, geometric-mean sequence ratio; the
+                         mean over the rows, IS weights' geometric mean per sequence, as verl's
 ``negkernels_gpg``       −A·logp
 =======================  ================================================================
 
@@ -169,6 +171,37 @@ def sapo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_ma
     return loss, metrics
 
 
+@register_policy_loss("negkernels_geo_mean")
+def geo_mean(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+             loss_agg_mode: str = "token-mean", config=None, rollout_is_weights: Optional[Tensor] = None):
+    """verl's ``geo_mean`` (GMPO): −Ā·exp(mean of log ρ clipped in log space on the pessimistic side).
+
+    As verl's, it ignores ``loss_agg_mode`` and the global batch info (the mean over this call's
+    rows, fully masked ones included) and weights each sequence by the geometric mean of its
+    rollout IS weights."""
+    low, high = _clip_range(config)
+    mask = response_mask.bool()
+    maskf = response_mask.to(log_prob.dtype)
+    count = maskf.sum(dim=-1)
+    options = dict(loss_type="geo_mean", clip_low=low, clip_high=high, aggregation="seq-mean-token-mean",
+                   num_sequences=float(mask.shape[0]))
+    if rollout_is_weights is not None:
+        log_w = torch.log(rollout_is_weights.detach() + 1e-10) * maskf
+        options.update(is_weights=torch.exp(log_w.sum(dim=-1) / (count + 1e-8)), is_mode="truncate",
+                       is_threshold=_NO_CAP)
+    out = policy_loss(log_prob, old_log_prob, advantages, mask, **options)
+    with torch.no_grad():  # verl's metrics: tokens outside the band, by the advantage's sign
+        log_ratio = log_prob.detach() - old_log_prob
+        outside = ((log_ratio < -low) | (log_ratio > high)) & mask
+        total = maskf.sum() + 1e-8
+        metrics = {
+            "actor/pg_clipfrac": float((outside & (advantages > 0)).sum() / total),
+            "actor/ppo_kl": float((-log_ratio * maskf).sum() / total),
+            "actor/pg_clipfrac_lower": float((outside & (advantages < 0)).sum() / total),
+        }
+    return out.loss, metrics
+
+
 @register_policy_loss("negkernels_gpg")
 def gpg(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
         loss_agg_mode: str = "token-mean", config=None, rollout_is_weights: Optional[Tensor] = None):
@@ -235,6 +268,6 @@ def reinforce_pp_baseline_advantage(token_level_rewards: Tensor, response_mask: 
 
 
 POLICY_LOSSES = {"negkernels_vanilla": vanilla, "negkernels_gspo": gspo, "negkernels_cispo": cispo,
-                 "negkernels_sapo": sapo, "negkernels_gpg": gpg}
+                 "negkernels_sapo": sapo, "negkernels_geo_mean": geo_mean, "negkernels_gpg": gpg}
 ADVANTAGE_ESTIMATORS = {"negkernels_grpo": grpo_advantage, "negkernels_rloo": rloo_advantage,
                         "negkernels_reinforce_plus_plus_baseline": reinforce_pp_baseline_advantage}

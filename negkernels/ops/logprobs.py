@@ -607,14 +607,15 @@ class PolicyKernelScalars(NamedTuple):
     """The float arguments of the policy-loss kernels (one ``float[]``; ``PolicyScalarSlot`` in C++).
     Disabled options are +inf, so they need no compile-time variant."""
 
-    lo: float  # 1 − clip_low
-    hi: float  # 1 + clip_high
+    lo: float  # 1 − clip_low (geo_mean: −clip_low, a bound on log ρ)
+    hi: float  # 1 + clip_high (geo_mean: clip_high)
     delta: float
     dual_clip: float
     tau_pos: float
     tau_neg: float
     npo_beta: float
     kl_coef: float  # 0 without ref_logp
+    kl_clamp: float  # +inf: no clamp
     is_hi: float
     is_lo: float
     norm_constant: float
@@ -659,6 +660,7 @@ class PolicyLossConfig:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     kl_bias_correction: bool = False
+    kl_clamp: Optional[float] = None  # default: no clamp
     is_mode: str = "truncate"
     is_threshold: float = 2.0
     is_threshold_low: Optional[float] = None  # default 1 / is_threshold
@@ -684,6 +686,7 @@ class PolicyLossConfig:
             sapo_tau_neg=check_finite_float("sapo_tau_neg", self.sapo_tau_neg, minimum=0.0, exclusive=True),
             npo_beta=check_finite_float("npo_beta", self.npo_beta, minimum=0.0, exclusive=True),
             kl_coef=check_finite_float("kl_coef", self.kl_coef),
+            kl_clamp=_optional_above("kl_clamp", self.kl_clamp, 0.0),
             is_threshold=is_threshold,
             is_threshold_low=check_finite_float("is_threshold_low", low, minimum=0.0),
             norm_constant=_optional_above("norm_constant", self.norm_constant, 0.0),
@@ -756,10 +759,12 @@ class PolicyLossConfig:
             num_sequences=num_sequences,
             seq_len=seq_len, max_len=max_len)
         inf = math.inf
+        geo_mean = self.loss_type == "geo_mean"  # clips log ρ: the band in log space
         scalars = PolicyKernelScalars(
-            lo=1.0 - self.clip_low, hi=1.0 + self.clip_high, delta=inf if self.delta is None else self.delta,
+            lo=-self.clip_low if geo_mean else 1.0 - self.clip_low, hi=self.clip_high if geo_mean else 1.0 + self.clip_high, delta=inf if self.delta is None else self.delta,
             dual_clip=inf if self.dual_clip is None else self.dual_clip, tau_pos=self.sapo_tau_pos,
             tau_neg=self.sapo_tau_neg, npo_beta=self.npo_beta, kl_coef=self.kl_coef if use_kl else 0.0,
+            kl_clamp=inf if self.kl_clamp is None else self.kl_clamp,
             is_hi=self.is_threshold, is_lo=self.is_threshold_low, norm_constant=norm_constant,
             temperature=temperature, entropy_coef=entropy_coef)
         return codes, scalars
@@ -811,12 +816,18 @@ def policy_loss(
         ``"gpg"``:   −A·logp
         ``"npo"``:   (2/β)·log(1 + exp(β·Σ_t(logp − ref_logp))) per sequence, shared equally by
                      its unmasked tokens (advantages unused)
+        ``"geo_mean"``: GMPO (verl's ``geo_mean``): −Ā·s per token, s = exp(mean_t c_t) with
+                     c_t = log ρ_t clipped in log space to [−clip_low, clip_high] on the pessimistic
+                     side (above for A_t > 0, below for A_t < 0; 0 where A_t = 0), Ā the
+                     sequence's mean advantage; token form as gspo (delta and dual_clip unused).
+                     verl's loss is seq-mean-token-mean over all B rows (``num_sequences=B``)
     At a clip boundary the unclipped branch (and its gradient) is taken.
     Rollout importance weights w (``is_weights``, detached) multiply the policy term:
     ``is_mode="truncate"`` uses min(w, is_threshold); ``"mask"`` zeroes w outside
     [is_threshold_low (default 1/is_threshold), is_threshold]. With ``kl_coef`` a KL penalty
     kl_coef·k(logp, ref_logp) is added per token (``kl_estimator`` k1, k2, k3, abs, or k3+ =
-    k3 value with the k2 gradient). ``kl_bias_correction`` multiplies that term by the importance
+    k3 value with the k2 gradient). ``kl_clamp`` c clamps the estimate to [−c, c], with no gradient
+    outside (verl's ``low_var_kl`` is k3 clamped at c = 10). ``kl_bias_correction`` multiplies that term by the importance
     ratio ρ (gspo: the sequence ratio s), with its gradient (TRL's ``use_bias_correction_kl``);
     the ``kl`` metric is then the mean of the product.
 
@@ -1083,7 +1094,7 @@ def policy_loss_from_logits(
     forward + backward read the logits once from memory and write their gradient once; the
     backward only rescales it when the incoming gradient is not 1. With ``inplace_backward`` that
     gradient overwrites the logits (no logits-sized buffer at all). The sequence-level losses
-    (gspo, npo) need the whole sequence's log-probs first: they run :func:`token_logprobs` and
+    (gspo, npo, geo_mean) need the whole sequence's log-probs first: they run :func:`token_logprobs` and
     :func:`policy_loss` as two differentiable ops.
 
     Returns :class:`PolicyLossOutput` with ``token_logp`` (detached, shape of ``targets``) and,
@@ -1545,7 +1556,7 @@ def linear_policy_loss(
     them when the incoming gradient is not 1. Peak extra memory: d weight, d hidden and one
     chunk of logits (512 MiB by default). d weight of a half-precision head is then accumulated
     in its dtype across token chunks (one rounding per chunk; an fp32 accumulator would cost
-    4·V·H bytes). ``fp32_weight_grad=True`` (and the sequence-level losses gspo and npo, and
+    4·V·H bytes). ``fp32_weight_grad=True`` (and the sequence-level losses gspo, npo and geo_mean, and
     ``process_group``) run :func:`linear_token_logprobs` then :func:`policy_loss` instead: the
     backward recomputes the logits slice by slice of the vocabulary, every slice's d weight is one
     product over all tokens with fp32 accumulation and d hidden is summed in fp32, for one more

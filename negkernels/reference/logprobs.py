@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-LOSS_TYPES = ("ppo", "gspo", "cispo", "sapo", "gpg", "npo")
+LOSS_TYPES = ("ppo", "gspo", "cispo", "sapo", "gpg", "npo", "geo_mean")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k3+")
 AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 IS_MODES = ("truncate", "mask")
@@ -29,6 +29,7 @@ class LossType(IntEnum):
     SAPO = 3
     GPG = 4
     NPO = 5
+    GEO_MEAN = 6
 
 
 class KlEstimator(IntEnum):
@@ -223,6 +224,7 @@ def policy_loss_reference(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     kl_bias_correction: bool = False,
+    kl_clamp: Optional[float] = None,
     is_mode: str = "truncate",
     is_threshold: float = 2.0,
     is_threshold_low: Optional[float] = None,
@@ -302,6 +304,18 @@ def policy_loss_reference(
         pg = -(4.0 / tau) * gate * adv
     elif loss_type == "gpg":
         pg = -adv * lp
+    elif loss_type == "geo_mean":
+        # GMPO: log ρ clipped to [−clip_low, clip_high] on the side the advantage's sign makes
+        # pessimistic (a zero advantage contributes 0), the sequence ratio s_b their exp-mean, and
+        # −Ā_b·s_b per token with Ā_b the sequence's mean advantage; token form as gspo.
+        high_flag = (adv > 0) & (log_ratio > clip_high)
+        low_flag = (adv < 0) & (log_ratio < -clip_low)
+        c = torch.where(high_flag | low_flag, log_ratio.clamp(-clip_low, clip_high).detach(), log_ratio)
+        c = torch.where((adv != 0) & (m > 0), c, zero)
+        seq_c = torch.zeros(num_seq, dtype=dtype, device=logp.device).index_add(0, seq, c)
+        s_b = torch.exp(seq_c / count_b.clamp_min(1))[seq]
+        adv_b = torch.zeros(num_seq, dtype=dtype, device=logp.device).index_add(0, seq, adv) / count_b.clamp_min(1)
+        pg = -adv_b[seq] * s_b.detach() * torch.exp(c - c.detach())
     elif loss_type == "npo":
         diff_b = torch.zeros(num_seq, dtype=dtype, device=logp.device).index_add(0, seq, torch.where(m > 0, lp - ref, 0.0))
         seq_loss = (2.0 / npo_beta) * torch.nn.functional.softplus(npo_beta * diff_b)
@@ -313,6 +327,8 @@ def policy_loss_reference(
     kl = None
     if ref is not None:
         kl = kl_penalty(lp, ref, kl_estimator)
+        if kl_clamp is not None:  # torch.clamp: no gradient outside the band, as verl's low_var_kl
+            kl = kl.clamp(-kl_clamp, kl_clamp)
         if kl_bias_correction:  # weighted by the importance ratio, with its gradient (s_b for gspo)
             kl = kl * ratio
         if kl_coef != 0.0:

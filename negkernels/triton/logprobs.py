@@ -42,6 +42,7 @@ _LOSS_GSPO: tl.constexpr = tl.constexpr(int(LossType.GSPO))
 _LOSS_CISPO: tl.constexpr = tl.constexpr(int(LossType.CISPO))
 _LOSS_SAPO: tl.constexpr = tl.constexpr(int(LossType.SAPO))
 _LOSS_NPO: tl.constexpr = tl.constexpr(int(LossType.NPO))
+_LOSS_GEO_MEAN: tl.constexpr = tl.constexpr(int(LossType.GEO_MEAN))
 _KL_NONE: tl.constexpr = tl.constexpr(int(KlEstimator.NONE))
 _KL_K1: tl.constexpr = tl.constexpr(int(KlEstimator.K1))
 _KL_K2: tl.constexpr = tl.constexpr(int(KlEstimator.K2))
@@ -344,8 +345,9 @@ def _exp_minus_one_minus(x):
 
 
 @triton.jit
-def _kl_term(d, KL: tl.constexpr):
-    """KL(π‖π_ref) estimate from d = logp − ref_logp and its derivative in logp."""
+def _kl_term(d, kl_clamp, KL: tl.constexpr):
+    """KL(π‖π_ref) estimate from d = logp − ref_logp and its derivative in logp, clamped to
+    [−kl_clamp, kl_clamp] with no gradient outside (torch.clamp's rule: the edges keep theirs)."""
     if KL == _KL_K1:
         value = d
         grad = tl.zeros_like(d) + 1.0
@@ -361,6 +363,9 @@ def _kl_term(d, KL: tl.constexpr):
     else:  # k3+: k3 value, k2 gradient
         value = _exp_minus_one_minus(-d)
         grad = d
+    outside = tl.abs(value) > kl_clamp
+    value = tl.where(outside, tl.where(value > 0.0, kl_clamp, -kl_clamp), value)
+    grad = tl.where(outside, 0.0, grad)
     return value, grad
 
 
@@ -390,11 +395,24 @@ def _softplus(x):
 
 
 @triton.jit
+def _geo_mean_log_ratio(log_ratio, adv, lo, hi):
+    """GMPO's clipped log-ratio c (lo = −clip_low, hi = clip_high), its derivative in log ρ, and the
+    clip flags (low: A < 0 below lo; high: A > 0 above hi). A zero advantage gives c = 0."""
+    high = (adv > 0.0) & (log_ratio > hi)
+    low = (adv < 0.0) & (log_ratio < lo)
+    binds = high | low
+    c = tl.where(binds, tl.minimum(tl.maximum(log_ratio, lo), hi), log_ratio)
+    keep = (adv != 0.0) & (binds == 0)
+    c = tl.where(adv != 0.0, c, 0.0)
+    return c, tl.where(keep, 1.0, 0.0), tl.where(low, 1.0, 0.0), tl.where(high, 1.0, 0.0)
+
+
+@triton.jit
 def _policy_loss_fwd_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, iw_ptr, cu_ptr, partial_ptr, grad_ptr,
     loss_ptr, stats_ptr, normaliser_ptr,
     n_tokens, seq_len, max_len, num_sequences,
-    lo, hi, delta, dual_c, tau_pos, tau_neg, npo_beta, kl_coef, is_hi, is_lo, norm_constant,
+    lo, hi, delta, dual_c, tau_pos, tau_neg, npo_beta, kl_coef, kl_clamp, is_hi, is_lo, norm_constant,
     LOSS: tl.constexpr, KL: tl.constexpr, KL_BIAS_CORRECTION: tl.constexpr, AGG: tl.constexpr, IS: tl.constexpr,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, IW_PER_TOKEN: tl.constexpr,
     CISPO_TWO_SIDED: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_NORMALISER: tl.constexpr,
@@ -418,12 +436,13 @@ def _policy_loss_fwd_kernel(
 
     # Sweep 1, only for what depends on the whole sequence: its token count (seq-mean-token-mean),
     # GSPO's mean log-ratio (and, with the bias-corrected KL, its KL sum: s·Σ k couples every
-    # token through s), NPO's log-likelihood gap and IS-weight sum.
+    # token through s), GMPO's mean clipped log-ratio and advantage sum, NPO's log-likelihood gap
+    # and IS-weight sum.
     KL_TIMES_SEQ_RATIO: tl.constexpr = KL_BIAS_CORRECTION and (KL != _KL_NONE) and (LOSS == _LOSS_GSPO)
     count = 0.0
     seq_a = 0.0
     seq_b = 0.0
-    if (AGG == _AGG_SEQ_MEAN_TOKEN_MEAN) or (LOSS == _LOSS_GSPO) or (LOSS == _LOSS_NPO):
+    if (AGG == _AGG_SEQ_MEAN_TOKEN_MEAN) or (LOSS == _LOSS_GSPO) or (LOSS == _LOSS_NPO) or (LOSS == _LOSS_GEO_MEAN):
         acc_count = tl.zeros([BLOCK], tl.float32)
         acc_a = tl.zeros([BLOCK], tl.float32)
         acc_b = tl.zeros([BLOCK], tl.float32)
@@ -440,8 +459,18 @@ def _policy_loss_fwd_kernel(
                 acc_a += tl.where(m, lp - old, 0.0)
                 if KL_TIMES_SEQ_RATIO:
                     ref = tl.load(ref_ptr + offs, mask=m, other=0.0).to(tl.float32)
-                    kl, _ = _kl_term(lp - ref, KL)
+                    kl, _ = _kl_term(lp - ref, kl_clamp, KL)
                     acc_b += tl.where(m, kl, 0.0)
+            if LOSS == _LOSS_GEO_MEAN:
+                lp = tl.load(logp_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                old = tl.load(old_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                if ADV_PER_TOKEN:
+                    adv = tl.load(adv_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                    acc_b += tl.where(m, adv, 0.0)
+                else:
+                    adv = tl.zeros_like(lp) + adv_seq
+                c, _, _, _ = _geo_mean_log_ratio(lp - old, adv, lo, hi)
+                acc_a += tl.where(m, c, 0.0)
             if LOSS == _LOSS_NPO:
                 lp = tl.load(logp_ptr + offs, mask=m, other=0.0).to(tl.float32)
                 ref = tl.load(ref_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -461,8 +490,10 @@ def _policy_loss_fwd_kernel(
         row_weight = 1.0
     # Not yet divided by the normaliser: the last program divides the loss, the backward the gradient.
     grad_weight = row_weight
-    if LOSS == _LOSS_GSPO:
+    if (LOSS == _LOSS_GSPO) or (LOSS == _LOSS_GEO_MEAN):
         seq_ratio = tl.exp(seq_a / safe_count)
+    if LOSS == _LOSS_GEO_MEAN:
+        seq_adv = seq_b / safe_count if ADV_PER_TOKEN else adv_seq
     if LOSS == _LOSS_NPO:
         seq_loss = (2.0 / npo_beta) * _softplus(npo_beta * seq_a)
         npo_value = seq_loss / safe_count
@@ -498,6 +529,11 @@ def _policy_loss_fwd_kernel(
             s = tl.zeros_like(lp) + seq_ratio
             value, d_ratio, low, high, dual = _clipped_surrogate(s, adv, lo, hi, delta, dual_c)
             d_logp = iw * d_ratio * s
+        elif LOSS == _LOSS_GEO_MEAN:  # −Ā·s, gradient through each token's own clipped log-ratio
+            _, d_c, low, high = _geo_mean_log_ratio(log_ratio, adv, lo, hi)
+            value = tl.zeros_like(lp) - seq_adv * seq_ratio
+            d_logp = iw * value * d_c
+            dual = tl.zeros_like(lp)
         elif LOSS == _LOSS_NPO:
             value = tl.zeros_like(lp) + npo_value
             d_logp = tl.zeros_like(lp) + npo_grad
@@ -511,7 +547,7 @@ def _policy_loss_fwd_kernel(
         token_loss = iw * value
         if KL != _KL_NONE:
             ref = tl.load(ref_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-            kl, d_kl = _kl_term(lp - ref, KL)
+            kl, d_kl = _kl_term(lp - ref, kl_clamp, KL)
             if KL_TIMES_SEQ_RATIO:  # d(s·Σ k)/d logp_t = s·(k'_t + Σ k / n)
                 d_kl = seq_ratio * (d_kl + seq_b / safe_count)
                 kl = kl * seq_ratio
@@ -603,7 +639,7 @@ def _count_nonzero(ptr, n, BLOCK: tl.constexpr):
 def _policy_loss_from_logits_kernel(
     logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer, grad_stride_inner,
     targets_ptr, old_ptr, adv_ptr, weight_ptr, mask_ptr, normaliser_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr,
-    partial_ptr, loss_ptr, stats_ptr, n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef,
+    partial_ptr, loss_ptr, stats_ptr, n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, kl_clamp, entropy_coef,
     is_hi, is_lo, row_scale, seq_len, n_rows, rows_per_program,
     LOSS: tl.constexpr, KL: tl.constexpr, KL_BIAS_CORRECTION: tl.constexpr, IS: tl.constexpr,
     CISPO_TWO_SIDED: tl.constexpr, ON_POLICY: tl.constexpr,
@@ -652,8 +688,8 @@ def _policy_loss_from_logits_kernel(
             t_loss, t_n, t_low, t_high, t_dual, t_akl, t_ratio, t_kl, t_ent = _policy_loss_from_logits_row(
                 row, logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer,
                 grad_stride_inner, targets_ptr, old_ptr, adv_ptr + adv_at, weight, ref_ptr, iw_ptr + iw_at, logp_ptr,
-                entropy_ptr, n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi,
-                is_lo, LOSS, KL, KL_BIAS_CORRECTION, IS, CISPO_TWO_SIDED, ON_POLICY, COMPUTE_GRAD, WITH_ENTROPY,
+                entropy_ptr, n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, kl_clamp, entropy_coef,
+                is_hi, is_lo, LOSS, KL, KL_BIAS_CORRECTION, IS, CISPO_TWO_SIDED, ON_POLICY, COMPUTE_GRAD, WITH_ENTROPY,
                 BLOCK_V)
             s_loss += t_loss
             s_n += t_n
@@ -695,7 +731,7 @@ def _policy_loss_from_logits_kernel(
 def _policy_loss_from_logits_row(
     row, logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer, grad_stride_inner,
     targets_ptr, old_ptr, adv_at_ptr, weight, ref_ptr, iw_at_ptr, logp_ptr, entropy_ptr, n_vocab, inv_t,
-    lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, entropy_coef, is_hi, is_lo,
+    lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, kl_clamp, entropy_coef, is_hi, is_lo,
     LOSS: tl.constexpr, KL: tl.constexpr, KL_BIAS_CORRECTION: tl.constexpr, IS: tl.constexpr,
     CISPO_TWO_SIDED: tl.constexpr, ON_POLICY: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -732,7 +768,7 @@ def _policy_loss_from_logits_row(
     kl = 0.0
     if KL != _KL_NONE:
         ref = tl.load(ref_ptr + row).to(tl.float32)
-        kl, d_kl = _kl_term(lp - ref, KL)
+        kl, d_kl = _kl_term(lp - ref, kl_clamp, KL)
         if KL_BIAS_CORRECTION:  # d(ρ·k)/d logp = ρ·(k' + k)
             d_kl = ratio * (d_kl + kl)
             kl = kl * ratio
@@ -822,7 +858,8 @@ def policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_s
         loss_ptr=loss, stats_ptr=stats, normaliser_ptr=normaliser if normaliser is not None else stats,
         n_tokens=n, seq_len=codes.seq_len, max_len=codes.max_len, num_sequences=num_sequences,
         lo=scalars.lo, hi=scalars.hi, delta=scalars.delta, dual_c=scalars.dual_clip, tau_pos=scalars.tau_pos,
-        tau_neg=scalars.tau_neg, npo_beta=scalars.npo_beta, kl_coef=scalars.kl_coef, is_hi=scalars.is_hi,
+        tau_neg=scalars.tau_neg, npo_beta=scalars.npo_beta, kl_coef=scalars.kl_coef, kl_clamp=scalars.kl_clamp,
+        is_hi=scalars.is_hi,
         is_lo=scalars.is_lo, norm_constant=scalars.norm_constant,
         LOSS=codes.loss, KL=codes.kl, KL_BIAS_CORRECTION=bool(codes.kl_bias_correction), AGG=codes.aggregation,
         IS=codes.is_mode,
@@ -889,7 +926,7 @@ def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, 
         logp_ptr=logp, entropy_ptr=entropy, partial_ptr=partial, loss_ptr=loss, stats_ptr=stats,
         n_vocab=n_vocab, inv_t=1.0 / scalars.temperature,
         lo=scalars.lo, hi=scalars.hi, delta=scalars.delta, dual_c=scalars.dual_clip, tau_pos=scalars.tau_pos,
-        tau_neg=scalars.tau_neg, kl_coef=scalars.kl_coef, entropy_coef=scalars.entropy_coef, is_hi=scalars.is_hi,
+        tau_neg=scalars.tau_neg, kl_coef=scalars.kl_coef, kl_clamp=scalars.kl_clamp, entropy_coef=scalars.entropy_coef, is_hi=scalars.is_hi,
         is_lo=scalars.is_lo, row_scale=row_scale, seq_len=max(codes.seq_len, 1), n_rows=rows,
         rows_per_program=cdiv(rows, programs),
         LOSS=codes.loss, KL=codes.kl, KL_BIAS_CORRECTION=bool(codes.kl_bias_correction), IS=codes.is_mode,
