@@ -86,3 +86,89 @@ def test_unsupported_options_raise_naming_them():
         FusedLinearGRPOLoss(loss_type="dr_grpo")
     with pytest.raises(ValueError, match="importance_sampling_level"):
         FusedLinearGRPOLoss(loss_type="cispo", importance_sampling_level="sequence")
+
+
+# ------------------------------------------------------------------ fused linear cross-entropy
+
+liger_transformers = pytest.importorskip("liger_kernel.transformers")
+
+from negkernels.integrations.liger import FusedLinearCrossEntropyLoss  # noqa: E402
+
+
+def cross_entropy_batch(n=29, h=20, v=61, ignore_index=-100):
+    hidden = torch.randn(n, h) * 0.7
+    weight = torch.randn(v, h) * 0.4
+    bias = torch.randn(v) * 0.2
+    target = torch.randint(0, v, (n,))
+    target[torch.rand(n) < 0.25] = ignore_index
+    return hidden, weight, bias, target
+
+
+def run_cross_entropy(module, hidden, weight, bias, target):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    b = bias.clone().requires_grad_() if bias is not None else None
+    loss = module(w, h, target, b)
+    (loss.sum() if loss.dim() else loss).backward()
+    return loss.detach(), h.grad, w.grad, b.grad if b is not None else None
+
+
+class TorchCrossEntropy(torch.nn.Module):
+    """The oracle of the oracle: torch's cross-entropy on materialised float64 logits."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.kwargs = kwargs
+
+    def forward(self, weight, hidden, target, bias=None):
+        logits = hidden.double() @ weight.double().T + (bias.double() if bias is not None else 0)
+        kwargs = dict(self.kwargs)
+        if kwargs.get("weight") is not None:
+            kwargs["weight"] = kwargs["weight"].double()
+        return torch.nn.functional.cross_entropy(logits, target, **kwargs).float()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [{}, dict(ignore_index=7), dict(class_weights=True), dict(no_bias=True)])
+def test_fused_linear_cross_entropy_matches_liger(reduction, options):
+    options = dict(options)
+    ignore_index = options.pop("ignore_index", -100)
+    hidden, weight, bias, target = cross_entropy_batch(ignore_index=ignore_index)
+    if options.pop("no_bias", False):
+        bias = None
+    kwargs = dict(ignore_index=ignore_index, reduction=reduction)
+    class_weights = torch.rand(weight.shape[0]) + 0.5 if options.pop("class_weights", False) else None
+    ours = run_cross_entropy(FusedLinearCrossEntropyLoss(ce_weight=class_weights, **kwargs), hidden, weight, bias,
+                             target)
+    oracles = [TorchCrossEntropy(weight=class_weights, **kwargs)]
+    if class_weights is None:  # Liger's class-weighted kernel does not run under Triton's interpreter
+        oracles.append(liger_transformers.LigerFusedLinearCrossEntropyLoss(**kwargs))
+    for oracle in oracles:
+        theirs = run_cross_entropy(oracle, hidden, weight, bias, target)
+        assert ours[0].shape == theirs[0].shape and ours[0].dtype == theirs[0].dtype
+        for what, a, b in zip(("loss", "d input", "d weight", "d bias"), ours, theirs):
+            if b is not None:
+                assert_close(a, b, rtol=2e-5, atol=2e-6, what=f"{what} vs {type(oracle).__name__}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_linear_cross_entropy_dtype_and_all_ignored_as_liger(dtype):
+    hidden, weight, bias, target = (x.to(dtype) if x.is_floating_point() else x for x in cross_entropy_batch(n=9))
+    target[:] = -100
+    for module in (FusedLinearCrossEntropyLoss(), liger_transformers.LigerFusedLinearCrossEntropyLoss()):
+        loss = module(weight, hidden, target, bias)
+        assert loss.dtype == torch.float32 and float(loss) == 0.0, type(module).__name__
+    target = torch.randint(0, weight.shape[0], (9,))
+    ours = FusedLinearCrossEntropyLoss(reduction="none")(weight, hidden, target, bias)
+    theirs = liger_transformers.LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, hidden, target, bias)
+    assert ours.dtype == theirs.dtype == torch.float32
+    tol = 5e-2 if dtype == torch.bfloat16 else 2e-5  # bf16 logits round differently inside each
+    assert_close(ours, theirs, rtol=tol, atol=tol, what="per-token loss")
+
+
+@pytest.mark.parametrize("option, value", [("label_smoothing", 0.1), ("lse_square_scale", 1e-4), ("softcap", 30.0),
+                                           ("return_z_loss", True), ("use_token_scaling", True),
+                                           ("return_token_accuracy", True), ("return_predicted_tokens", True),
+                                           ("reduction", "batchmean")])
+def test_fused_linear_cross_entropy_rejects_what_it_cannot_do(option, value):
+    with pytest.raises(ValueError, match=option):
+        FusedLinearCrossEntropyLoss(**{option: value})

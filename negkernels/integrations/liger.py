@@ -12,6 +12,9 @@ mean (only when ``beta != 0``) and the clipped-token fraction, both over the bat
 tokens. ``_input`` is [B, T, H]; the loss runs through :func:`negkernels.linear_policy_loss`
 (one fused pass; no ``chunk_size`` or ``compiled`` needed, both accepted and ignored).
 
+``FusedLinearCrossEntropyLoss`` does the same for ``LigerFusedLinearCrossEntropyLoss``
+(``forward(lin_weight, _input, target, bias)``, weight first as Liger's).
+
 Liger's semantics kept: without ``ref_per_token_logps`` the reference log-probs come from
 ``ref_input`` / ``ref_weight`` / ``ref_bias`` with no gradient (``use_ref_model``), and without a
 reference model the KL is 0; ``old_per_token_logps=None`` is on-policy; ``vllm_is_ratio``
@@ -32,7 +35,7 @@ from torch import Tensor
 from ..ops.logprobs import PolicyLossConfig, linear_policy_loss, linear_token_logprobs
 from ._weights import per_sequence_weights
 
-__all__ = ["FusedLinearGRPOLoss"]
+__all__ = ["FusedLinearGRPOLoss", "FusedLinearCrossEntropyLoss"]
 
 _NO_CAP = float(torch.finfo(torch.float32).max)  # IS weights multiply the policy term uncapped
 _LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
@@ -162,3 +165,58 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         else:
             clipped = ((coef < 1 - self.epsilon_low) & (adv < 0)) | ((coef > 1 + self.epsilon_high) & (adv > 0))
         return (clipped.expand(mask.shape) * maskf).sum() / maskf.sum().clamp(min=1.0)
+
+
+class FusedLinearCrossEntropyLoss(torch.nn.Module):
+    """``LigerFusedLinearCrossEntropyLoss`` on :func:`negkernels.linear_token_logprobs`: the
+    cross-entropy of the LM head's logits without the logits.
+
+    Same constructor and ``forward(lin_weight, _input, target, bias=None)``: ``_input`` [N, H],
+    ``lin_weight`` [V, H], ``target`` [N] with ``ignore_index`` entries left out; ``reduction``
+    ``"mean"`` (over the kept tokens, or Σ ce_weight[target] with class weights ``ce_weight``),
+    ``"sum"`` or ``"none"`` ([N], 0 at ignored tokens); fp32 for any input dtype and 0 when every
+    token is ignored, as Liger's. ``accum_dtype`` is accepted (the products
+    accumulate in fp32 here either way). Raises, naming the option, for what has no exact form
+    here: ``label_smoothing``, ``lse_square_scale`` (z-loss), ``softcap``, ``return_z_loss``,
+    ``use_token_scaling``, ``return_token_accuracy`` and ``return_predicted_tokens``.
+    """
+
+    def __init__(self, ce_weight: Optional[Tensor] = None, ignore_index: int = -100, lse_square_scale: float = 0.0,
+                 label_smoothing: float = 0.0, reduction: str = "mean", softcap: Optional[float] = None,
+                 return_z_loss: bool = False, accum_dtype: Optional[torch.dtype] = None,
+                 use_token_scaling: bool = False, return_token_accuracy: bool = False,
+                 return_predicted_tokens: bool = False):
+        super().__init__()
+        unsupported = dict(lse_square_scale=lse_square_scale != 0.0, label_smoothing=label_smoothing != 0.0,
+                           softcap=softcap is not None, return_z_loss=bool(return_z_loss),
+                           use_token_scaling=bool(use_token_scaling),
+                           return_token_accuracy=bool(return_token_accuracy),
+                           return_predicted_tokens=bool(return_predicted_tokens))
+        for name, used in unsupported.items():
+            if used:
+                raise ValueError(f"{name}: not supported by negkernels' fused cross-entropy (use Liger's for it)")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+        if ce_weight is not None and (not isinstance(ce_weight, Tensor) or ce_weight.dim() != 1):
+            raise ValueError("ce_weight: expected a 1-d tensor of class weights")
+        self.ce_weight = ce_weight
+        self.ignore_index = int(ignore_index)
+        self.reduction = reduction
+
+    def forward(self, lin_weight: Tensor, _input: Tensor, target: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        if target.shape != _input.shape[:-1]:
+            raise ValueError(f"target: shape {tuple(target.shape)} does not match _input {tuple(_input.shape)}")
+        kept = target != self.ignore_index
+        logp = linear_token_logprobs(_input, lin_weight, torch.where(kept, target, 0), bias=bias)
+        weight = kept.to(logp.dtype)
+        if self.ce_weight is not None:
+            if self.ce_weight.shape[0] != lin_weight.shape[0]:
+                raise ValueError(f"ce_weight: {self.ce_weight.shape[0]} classes for a vocabulary of {lin_weight.shape[0]}")
+            weight = weight * self.ce_weight.to(device=logp.device, dtype=logp.dtype)[torch.where(kept, target, 0)]
+        token_loss = -torch.where(kept, logp, 0.0) * weight
+        if self.reduction == "none":
+            return token_loss
+        total = token_loss.sum()
+        if self.reduction == "mean":  # no kept token: 0, as Liger's (torch's cross_entropy gives NaN)
+            total = total / weight.sum().clamp_min(torch.finfo(total.dtype).tiny)
+        return total
