@@ -141,3 +141,21 @@ def test_singleton_groups_get_zero_advantage_as_verls_vectorised_rloo():
     assert torch.all(ours[torch.from_numpy(~singles)].abs().sum(-1) > 0)
     with pytest.raises(ValueError, match="index"):
         nk_verl.grpo_advantage(rewards, mask, None)
+
+
+def test_verl_loads_the_plugin_in_a_fresh_process():
+    """The "verl.plugins" entry point: `import verl` alone registers every negkernels_* name (what a
+    Ray worker does); VERL_USE_EXTERNAL_PLUGINS=none leaves the registries as verl ships them."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import verl\nfrom verl.trainer.ppo import core_algos as c\n"
+              "print(sorted(k for k in c.POLICY_LOSS_REGISTRY if k.startswith('negkernels')),"
+              " sorted(k for k in c.ADV_ESTIMATOR_REGISTRY if str(k).startswith('negkernels')))")
+    for policy, expect in (("auto", True), ("none", False)):
+        env = dict(os.environ, VERL_USE_EXTERNAL_PLUGINS=policy)
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        names = sorted(nk_verl.POLICY_LOSSES), sorted(nk_verl.ADVANTAGE_ESTIMATORS)
+        assert proc.stdout.strip() == (str(names[0]) + " " + str(names[1]) if expect else "[] []"), policy

@@ -1,8 +1,8 @@
 """negkernels' policy losses and advantage estimators in verl's registries.
 
-Importing this module registers them, so a verl run switches by configuration::
-
-    import negkernels.integrations.verl  # e.g. in the trainer's entry point or a worker extension
+Importing this module registers them. verl imports it itself in every process through the
+``verl.plugins`` entry point in negkernels' package metadata (unless
+``VERL_USE_EXTERNAL_PLUGINS=none``), so a verl run switches by configuration::
 
     actor_rollout_ref.actor.policy_loss.loss_mode=negkernels_vanilla
     algorithm.adv_estimator=negkernels_grpo
