@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(kLossThreads) policy_loss_kernel(const PolicyL
       if (kl_times_seq_ratio) {
         float kl, d_kl;
         kl_term(lp - load_value(a.ref_logp, dt, start + i), a.kl_estimator, a.kl_clamp, &kl, &d_kl);
-        sb += kl;
+        sb += a.kl_times_is_weights ? kl * iw_at(i) : kl;
       }
       if (a.loss_type == kNPO) {
         sa += lp - load_value(a.ref_logp, dt, start + i);
@@ -235,6 +235,10 @@ __global__ void __launch_bounds__(kLossThreads) policy_loss_kernel(const PolicyL
     if (a.kl_estimator != kKlNone) {
       float d_kl;
       kl_term(lp - load_value(a.ref_logp, dt, k), a.kl_estimator, a.kl_clamp, &kl, &d_kl);
+      if (a.kl_times_is_weights) {
+        kl *= iw;
+        d_kl *= iw;
+      }
       if (kl_times_seq_ratio) {  // d(s·Σ k)/d logp_t = s·(k'_t + Σ k / n)
         d_kl = seq_ratio * (d_kl + seq_b / safe_count);
         kl *= seq_ratio;

@@ -17,7 +17,7 @@ enum IsMode : int { kIsNone = 0, kTruncate = 1, kMask = 2 };
 // Positions in the int[] codes and float[] scalars lists the Python side builds
 // (negkernels.ops.logprobs.PolicyKernelCodes / PolicyKernelScalars, same field order).
 enum PolicyCodeSlot : int {
-  kCodeLoss, kCodeKl, kCodeKlBiasCorrection, kCodeAggregation, kCodeIsMode, kCodeCispoTwoSided, kCodeAdvPerToken,
+  kCodeLoss, kCodeKl, kCodeKlBiasCorrection, kCodeKlTimesIsWeights, kCodeAggregation, kCodeIsMode, kCodeCispoTwoSided, kCodeAdvPerToken,
   kCodeIwPerToken, kCodeOnPolicy, kCodeComputeGrad, kCodeNumSequences, kCodeSeqLen, kCodeMaxLen, kPolicyCodeCount
 };
 enum PolicyScalarSlot : int {
@@ -43,6 +43,7 @@ struct PolicyLossArgs {
   int loss_type = kPPO, kl_estimator = kKlNone, aggregation = kTokenMean, is_mode = kIsNone;
   bool adv_per_token = false, iw_per_token = false, cispo_two_sided = false;
   bool kl_bias_correction = false;  // the KL term times the importance ratio (gspo: the sequence ratio)
+  bool kl_times_is_weights = false;  // the KL term times the rollout IS weight (only with is_weights)
   float lo = 0.8f, hi = 1.2f, delta = 0.f, dual_clip = 0.f;  // delta / dual_clip: +inf disables; geo_mean: log-space lo, hi
   float tau_pos = 1.f, tau_neg = 1.05f, npo_beta = 0.1f, kl_coef = 0.f;
   float kl_clamp = 0.f;  // |KL estimate| clamped to it, no gradient outside; +inf disables

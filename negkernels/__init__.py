@@ -31,6 +31,7 @@ from .ops.kv import (
 from .ops.logprobs import (
     PolicyLossConfig,
     PolicyLossOutput,
+    covariance_token_mask,
     linear_policy_loss,
     linear_token_logprobs,
     policy_loss,
@@ -77,6 +78,7 @@ __all__ = [
     "PolicyLoss",
     "PolicyLossConfig",
     "PolicyLossOutput",
+    "covariance_token_mask",
     "linear_policy_loss",
     "linear_token_logprobs",
     "RetentionCache",

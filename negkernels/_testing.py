@@ -12,8 +12,10 @@ import math
 
 import torch
 
-# Every clip edge, δ and dual-clip constant the checks use, as ratios.
-RATIO_EDGES = (0.8, 0.95, 1.05, 1.08, 1.2, 1.28, 1.5, 2.0, 2.5, 3.0)
+# Every clip edge, δ and dual-clip constant the checks use, as ratios; geo_mean clips log ρ at
+# ±clip, so its edges are the exponentials of the same clip values.
+GEO_MEAN_EDGES = tuple(math.exp(x) for x in (-0.2, 0.2, 0.28, -0.15, 0.25, -0.05, 0.08))
+RATIO_EDGES = (0.8, 0.95, 1.05, 1.08, 1.2, 1.28, 1.5, 2.0, 2.5, 3.0) + GEO_MEAN_EDGES
 
 
 def old_logp_off_edges(logp: torch.Tensor, old_logp: torch.Tensor, edges=RATIO_EDGES, margin: float = 1e-3):

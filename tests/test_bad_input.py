@@ -129,6 +129,8 @@ BAD_INPUTS = [
                                                                         cu_seqlens=torch.tensor([0, 9, 4, 15]),
                                                                         backend=b), ValueError, "cu_seqlens"),
     ("policy_loss", "unknown loss_type", lambda b: _policy(b, loss_type="trpo"), ValueError, "loss_type"),
+    ("covariance_token_mask", "fraction <= 0", lambda b: nk.covariance_token_mask(torch.randn(2, 3), torch.randn(2, 3), fraction=0.0), ValueError, "fraction"),
+    ("covariance_token_mask", "advantages shape", lambda b: nk.covariance_token_mask(torch.randn(2, 3), torch.randn(3), fraction=0.1), ValueError, "advantages"),
     ("policy_loss", "dual_clip <= 1", lambda b: _policy(b, dual_clip=0.5), ValueError, "dual_clip"),
     ("policy_loss", "kl_clamp <= 0", lambda b: _policy(b, kl_clamp=0.0), ValueError, "kl_clamp"),
     ("policy_loss", "kl_clamp nan", lambda b: _policy(b, kl_clamp=float("nan")), ValueError, "kl_clamp"),

@@ -21,8 +21,12 @@ AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-s
 
 
 def actor_config(**options):
+    # Clip-Cov / KL-Cov pick a fifth of the tokens (verl's defaults pick one), in a band that the
+    # covariances of these batches reach.
+    selection = verl_config.PolicyLossConfig(clip_cov_ratio=0.2, clip_cov_lb=0.05, clip_cov_ub=2.0,
+                                             kl_cov_ratio=0.2, ppo_kl_coef=0.7)
     base = dict(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, rollout_n=4, clip_ratio_low=0.2,
-                clip_ratio_high=0.28, clip_ratio_c=2.5, tau_pos=1.3, tau_neg=1.7)
+                clip_ratio_high=0.28, clip_ratio_c=2.5, tau_pos=1.3, tau_neg=1.7, policy_loss=selection)
     base.update(options)
     return verl_config.ActorConfig(**base)
 
@@ -43,6 +47,7 @@ def batch(dtype, b=6, t=11):
 
 
 def run(fn, old, logp, adv, mask, agg, config, weights):
+    torch.manual_seed(1234)  # Clip-Cov's random draw: the same on both sides
     lp = logp.clone().requires_grad_()
     loss, metrics = fn(old_log_prob=old, log_prob=lp, advantages=adv, response_mask=mask, loss_agg_mode=agg,
                        config=config, rollout_is_weights=weights)
@@ -52,7 +57,7 @@ def run(fn, old, logp, adv, mask, agg, config, weights):
 
 @pytest.mark.parametrize("backend, dtype, tol", [("reference", torch.float64, 1e-10), ("triton", torch.float32, 2e-5)])
 @pytest.mark.parametrize("agg", AGG_MODES)
-@pytest.mark.parametrize("mode", ["vanilla", "gspo", "cispo", "sapo", "geo_mean", "gpg"])
+@pytest.mark.parametrize("mode", ["vanilla", "gspo", "cispo", "sapo", "geo_mean", "clip_cov", "kl_cov", "gpg"])
 @pytest.mark.parametrize("batch_info", ["local", "global dp=2"])
 def test_policy_losses_match_verl(mode, agg, batch_info, backend, dtype, tol, monkeypatch):
     monkeypatch.setenv("NEGKERNELS_BACKEND", backend)
@@ -61,7 +66,7 @@ def test_policy_losses_match_verl(mode, agg, batch_info, backend, dtype, tol, mo
     if batch_info == "global dp=2":  # what verl's ppo_loss fills in before calling the loss
         config.global_batch_info.update(dp_size=2, batch_num_tokens=int(mask.sum()) * 2 + 5,
                                         global_batch_size=13, loss_scale_factor=16)
-    use_weights = weights if mode in ("vanilla", "gspo", "geo_mean") else None
+    use_weights = weights if mode in ("vanilla", "gspo", "geo_mean", "clip_cov", "kl_cov") else None
     theirs = run(core_algos.get_policy_loss_fn(mode), old, logp, adv, mask, agg, config, use_weights)
     ours = run(core_algos.get_policy_loss_fn(f"negkernels_{mode}"), old, logp, adv, mask, agg, config, use_weights)
     assert_close(ours[0], theirs[0], rtol=tol, atol=tol, what="loss")
@@ -76,6 +81,25 @@ def test_the_dual_clip_and_both_sided_clips_bind_in_the_batch():
     old, logp, adv, mask, _ = batch(torch.float64)
     _, metrics = core_algos.get_policy_loss_fn("vanilla")(old, logp, adv, mask, "token-mean", actor_config())
     assert metrics["actor/pg_clipfrac"] > 0.1 and metrics["actor/pg_clipfrac_lower"] > 0
+
+
+@pytest.mark.parametrize("mode", ["clip_cov", "kl_cov"])
+def test_the_covariance_selections_pick_tokens_and_change_the_loss(mode):
+    """Clip-Cov and KL-Cov are not vacuous in the parity cases: tokens are picked and the loss
+    differs from the plain clipped (Clip-Cov) or unclipped (KL-Cov, coefficient 0) surrogate."""
+    old, logp, adv, mask, _ = batch(torch.float64)
+    picked = nk_verl.covariance_token_mask(logp, adv, mask.bool(), fraction=0.2,
+                                           band=(0.05, 2.0) if mode == "clip_cov" else None)
+    assert int(picked.sum()) == int(0.2 * int(mask.sum())) and not bool((picked & ~mask.bool()).any())
+    loss = run(core_algos.get_policy_loss_fn(f"negkernels_{mode}"), old, logp, adv, mask, "token-mean",
+               actor_config(), None)[0]
+    if mode == "clip_cov":
+        plain = core_algos.get_policy_loss_fn("vanilla")(old, logp, adv, mask, "token-mean",
+                                                          actor_config(clip_ratio_c=1e9))[0]
+    else:
+        off = actor_config(policy_loss=verl_config.PolicyLossConfig(kl_cov_ratio=0.2, ppo_kl_coef=0.0))
+        plain = run(core_algos.get_policy_loss_fn("kl_cov"), old, logp, adv, mask, "token-mean", off, None)[0]
+    assert abs(float(loss) - float(plain)) > 1e-4
 
 
 def test_registration_and_bad_config():

@@ -311,6 +311,36 @@ def test_policy_loss_kl_clamp(backend, kl_estimator, clamp, bias_correction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type, bias_correction", [("ppo", False), ("ppo", True), ("gspo", True), ("cispo", False)])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_policy_loss_kl_times_is_weights(backend, loss_type, bias_correction, level):
+    logp, old, ref, adv, mask = policy_inputs(b=5, t=9)
+    w = torch.rand(logp.shape if level == "token" else logp.shape[:1]) * 2.5
+    kw = dict(loss_type=loss_type, ref_logp=ref, kl_coef=0.4, kl_estimator="abs", kl_bias_correction=bias_correction,
+              is_weights=w, is_threshold=1.7, aggregation="seq-mean-token-mean")
+    out, g, want, g64 = run_both(backend, logp, old, adv, mask, **dict(kw, kl_times_is_weights=True))
+    check_outputs(out, g, want, g64, what="kl × IS")
+    # The KL part from the definition: kl_coef · mean_b mean_t min(w, 1.7) · [r ·] |logp − ref|.
+    with_kl, g_with, _, _ = run_both(backend, logp, old, adv, mask, **dict(kw, kl_times_is_weights=True))
+    without, g_without, _, _ = run_both(backend, logp, old, adv, mask, **dict(kw, kl_coef=0.0))
+    x = logp.double().requires_grad_()
+    m = mask.double()
+    n = m.sum(-1)
+    iw = (w if level == "token" else w[:, None].expand_as(logp)).double().clamp(max=1.7)
+    k = (x - ref.double()).abs()
+    if bias_correction:
+        log_ratio = (x - old.double()) * m
+        k = k * (torch.exp(log_ratio.sum(-1) / n.clamp_min(1))[:, None] if loss_type == "gspo" else torch.exp(log_ratio))
+    per_seq = (m * iw * k).sum(-1) / n.clamp_min(1)
+    kl_loss = 0.4 * per_seq.sum() / (n > 0).sum()
+    (kl_grad,) = torch.autograd.grad(kl_loss, x)
+    assert_close(with_kl.loss - without.loss, kl_loss, rtol=1e-5, atol=1e-6, what="KL part")
+    assert_close(g_with - g_without, kl_grad, rtol=1e-4, atol=1e-7, what="KL part of the gradient")
+    plain = nk.policy_loss(logp, old, adv, mask, backend=backend, **kw)
+    assert not torch.allclose(plain.loss, out.loss)  # by default the KL term is not importance-weighted
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_type", ["ppo", "gspo", "sapo"])
 def test_policy_loss_on_policy_and_column_advantages(backend, loss_type):
     """old_logp=None is old_logp = logp.detach(); [B, 1] advantages and IS weights are per sequence."""
@@ -584,6 +614,24 @@ def test_policy_loss_from_logits_kl_bias_correction_and_on_policy(backend, loss_
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_policy_loss_from_logits_kl_times_is_weights(backend):
+    logits, targets, old, ref, adv, mask = from_logits_case(b=3, t=6, v=37)
+    w = torch.rand(targets.shape) * 2
+    kw = dict(loss_type="ppo", ref_logp=ref, kl_coef=0.5, kl_estimator="abs", is_weights=w, kl_times_is_weights=True)
+    leaf = logits.clone().requires_grad_()
+    with poisoned_allocations():
+        out = nk.policy_loss_from_logits(leaf, targets, old, adv, mask, backend=backend, **kw)
+    out.loss.backward()
+    x64 = logits.double().requires_grad_()
+    want = nk.policy_loss_from_logits(x64, targets, old.double(), adv.double(), mask, backend="reference",
+                                      **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    want.loss.backward()
+    assert_close(out.loss, want.loss, **F32, what="loss")
+    assert_close(out.kl, want.kl, **F32, what="kl")
+    assert_close(leaf.grad, x64.grad, rtol=1e-4, atol=1e-7, what="logits grad")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_policy_loss_from_logits_kl_clamp(backend):
     logits, targets, old, ref, adv, mask = from_logits_case(b=3, t=6, v=37)
     ref = ref + torch.randn_like(ref)  # far from the policy: the clamp binds on some tokens
@@ -764,3 +812,42 @@ def test_fused_backward_twice_raises(backend):
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagated twice"):
         out.loss.backward()
+
+
+def test_covariance_token_mask_top_and_band_against_a_loop():
+    logp, _, _, _, mask = policy_inputs(b=5, t=13)
+    adv = torch.randn(5, 13)
+    cells = [(b, t) for b in range(5) for t in range(13) if mask[b, t]]
+    a_mean = sum(float(adv[c]) for c in cells) / len(cells)
+    l_mean = sum(float(logp[c]) for c in cells) / len(cells)
+    cov = {c: (float(adv[c]) - a_mean) * (float(logp[c]) - l_mean) for c in cells}
+    k = max(1, int(len(cells) * 0.15))
+    top = nk.covariance_token_mask(logp, adv, mask, fraction=0.15)
+    want = sorted(cells, key=lambda c: -cov[c])[:k]
+    assert top.dtype == torch.bool and sorted(map(tuple, top.nonzero().tolist())) == sorted(want)
+    exclude = torch.rand(5, 13) < 0.3
+    band = (-0.2, 0.3)
+    candidates = [c for c in cells if band[0] < cov[c] < band[1] and not exclude[c]]  # row-major
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(7))
+    drawn = nk.covariance_token_mask(logp, adv, mask, fraction=0.15, band=band, exclude=exclude,
+                                     generator=torch.Generator().manual_seed(7))
+    assert sorted(map(tuple, drawn.nonzero().tolist())) == sorted(candidates[int(i)] for i in order[:k])
+    assert int(drawn.sum()) == min(k, len(candidates)) > 0
+    # nothing unmasked, or nothing in the band: nothing picked
+    assert not nk.covariance_token_mask(logp, adv, torch.zeros_like(mask), fraction=0.5).any()
+    assert not nk.covariance_token_mask(logp, adv, mask, fraction=0.5, band=(50.0, 60.0)).any()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(fraction=0.0), "fraction"),
+    (dict(fraction=float("nan")), "fraction"),
+    (dict(fraction=0.1, advantages=torch.randn(3, 4)), "advantages"),
+    (dict(fraction=0.1, mask=torch.ones(3, 4, dtype=torch.bool)), "mask"),
+    (dict(fraction=0.1, band=(0.0, 1.0), exclude=torch.ones(4, dtype=torch.bool)), "exclude"),
+    (dict(fraction=0.1, band=(0.0, float("inf"))), "band"),
+])
+def test_covariance_token_mask_bad_input(kwargs, match):
+    args = dict(logp=torch.randn(4, 3), advantages=torch.randn(4, 3), mask=None)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        nk.covariance_token_mask(args.pop("logp"), args.pop("advantages"), args.pop("mask"), **args)

@@ -133,7 +133,7 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
         compile_logprobs(lk._token_logprobs_bwd_kernel,
                          dict(HAS_GRAD_LOGP=grad_logp, HAS_GRAD_ENTROPY=grad_entropy, BLOCK_V=4096))
         count += 1
-    base = dict(LOSS=0, KL=-1, KL_BIAS_CORRECTION=False, AGG=0, IS=0, PACKED=False, HAS_MASK=True, ADV_PER_TOKEN=False, IW_PER_TOKEN=False,
+    base = dict(LOSS=0, KL=-1, KL_BIAS_CORRECTION=False, KL_TIMES_IS_WEIGHTS=False, AGG=0, IS=0, PACKED=False, HAS_MASK=True, ADV_PER_TOKEN=False, IW_PER_TOKEN=False,
                 CISPO_TWO_SIDED=False, COMPUTE_GRAD=True, HAS_NORMALISER=False, BLOCK=2048,
                 FINAL_BLOCK=lk.FINAL_ROWS)
     variants = []
@@ -146,10 +146,13 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
     variants.append(dict(base, LOSS=1, AGG=2, BLOCK=16, seq_len=1, max_len=1))
     # The bias-corrected KL: token ratio (ppo) and the sequence ratio's extra sweep (gspo).
     variants += [dict(base, LOSS=loss, KL=2, KL_BIAS_CORRECTION=True) for loss in (0, 1)]
+    # The KL term weighted by the rollout IS weights (verl's kl_cov), with gspo's sequence ratio too.
+    variants += [dict(base, LOSS=loss, KL=3, IS=1, IW_PER_TOKEN=True, KL_BIAS_CORRECTION=loss == 1,
+                      KL_TIMES_IS_WEIGHTS=True) for loss in (0, 1)]
     for v in variants:
         compile_logprobs(lk._policy_loss_fwd_kernel, v, logp_ptr="*fp32")
         count += 1
-    fused = dict(LOSS=0, KL=-1, KL_BIAS_CORRECTION=False, IS=0, CISPO_TWO_SIDED=False, ON_POLICY=False, COMPUTE_GRAD=True, WITH_ENTROPY=False, FINALIZE=True,
+    fused = dict(LOSS=0, KL=-1, KL_BIAS_CORRECTION=False, KL_TIMES_IS_WEIGHTS=False, IS=0, CISPO_TWO_SIDED=False, ON_POLICY=False, COMPUTE_GRAD=True, WITH_ENTROPY=False, FINALIZE=True,
                  HAS_WEIGHT=False, HAS_MASK=True, ADV_PER_TOKEN=False, IW_PER_TOKEN=False, NORMALISER=1, BLOCK_V=4096,
                  COUNT_BLOCK=lk.MASK_COUNT_BLOCK)
     for loss in (0, 2, 3, 4):
@@ -161,6 +164,8 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
         compile_logprobs(lk._policy_loss_from_logits_kernel,
                          dict(fused, KL=2, KL_BIAS_CORRECTION=True, ON_POLICY=on_policy, WITH_ENTROPY=True))
         count += 1
+    compile_logprobs(lk._policy_loss_from_logits_kernel, dict(fused, KL=3, IS=1, KL_TIMES_IS_WEIGHTS=True))
+    count += 1
     for dtype in ("*bf16", "*fp32"):
         compile_logprobs(lk._scale_rows_unless_one_kernel, dict(BLOCK=4096), x_ptr=dtype)
         count += 1
@@ -366,7 +371,7 @@ def test_every_advantages_kernel_variant_compiles_for_sm90():
 
 
 def test_every_logprobs_kernel_variant_compiles_for_sm90():
-    assert "compiled 52" in _compile_in_subprocess(LOGPROBS_SCRIPT)
+    assert "compiled 55" in _compile_in_subprocess(LOGPROBS_SCRIPT)
 
 
 def test_every_contrastive_kernel_variant_compiles_for_sm90():

@@ -17,6 +17,8 @@ loss_agg_mode, config, rollout_is_weights) -> (loss, metrics)``, the same metric
 ``negkernels_sapo``      sapo with ``tau_pos`` / ``tau_neg``; seq-mean-token-mean, as verl's
 ``negkernels_geo_mean``  GMPO: log ρ clipped in log space, geometric-mean sequence ratio; the
                          mean over the rows, IS weights' geometric mean per sequence, as verl's
+``negkernels_clip_cov``  Clip-Cov: a random share of the tokens in a covariance band drop out
+``negkernels_kl_cov``    KL-Cov: |log ρ| penalty on the tokens of largest covariance, unclipped
 ``negkernels_gpg``       −A·logp
 =======================  ================================================================
 
@@ -50,7 +52,7 @@ from torch import Tensor
 from verl.trainer.ppo.core_algos import register_adv_est, register_policy_loss
 
 from ..ops.advantages import group_advantages
-from ..ops.logprobs import policy_loss
+from ..ops.logprobs import covariance_token_mask, policy_loss
 
 __all__ = ["POLICY_LOSSES", "ADVANTAGE_ESTIMATORS"]
 
@@ -202,6 +204,70 @@ def geo_mean(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, respons
     return out.loss, metrics
 
 
+def _policy_option(config, name: str, default: float) -> float:
+    value = getattr(getattr(config, "policy_loss", None), name, None)
+    return float(default if value is None else value)
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> float:
+    maskf = mask.to(torch.float32)
+    return float((x.float() * maskf).sum() / (maskf.sum() + 1e-8))
+
+
+@register_policy_loss("negkernels_clip_cov")
+def clip_cov(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+             loss_agg_mode: str = "token-mean", config=None, rollout_is_weights: Optional[Tensor] = None):
+    """verl's ``clip_cov`` (Clip-Cov): the clipped surrogate, with the gradient of a random
+    ``clip_cov_ratio`` of the tokens whose advantage–log-prob covariance lies in
+    (``clip_cov_lb``, ``clip_cov_ub``) and whose clip does not bind taken out (value and gradient)."""
+    low, high = _clip_range(config)
+    ratio = _policy_option(config, "clip_cov_ratio", 0.0002)
+    if not ratio > 0:
+        raise ValueError(f"config.policy_loss.clip_cov_ratio: must be > 0, got {ratio}")
+    band = (_policy_option(config, "clip_cov_lb", 1.0), _policy_option(config, "clip_cov_ub", 5.0))
+    mask = response_mask.bool()
+    with torch.no_grad():
+        rho = torch.exp(log_prob.detach() - old_log_prob)
+        clip_binds = ((advantages > 0) & (rho > 1.0 + high)) | ((advantages < 0) & (rho < 1.0 - low))
+        picked = covariance_token_mask(log_prob.detach(), advantages, mask, fraction=ratio, band=band,
+                                       exclude=clip_binds & mask)
+        # the picked tokens' terms weigh 0: they still count in every normaliser, as verl's
+        kept = (~picked).to(log_prob.dtype)
+        weights = kept if rollout_is_weights is None else kept * rollout_is_weights.detach()
+    options = dict(loss_type="ppo", clip_low=low, clip_high=high, is_weights=weights, is_mode="truncate",
+                   is_threshold=_NO_CAP, **_aggregation(loss_agg_mode, config, mask))
+    out = policy_loss(log_prob, old_log_prob, advantages, mask, **options)
+    metrics = {"actor/pg_clipfrac": _masked_mean(picked, mask),
+               "actor/ppo_kl": _masked_mean(old_log_prob - log_prob.detach(), mask)}
+    return out.loss, metrics
+
+
+@register_policy_loss("negkernels_kl_cov")
+def kl_cov(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+           loss_agg_mode: str = "token-mean", config=None, rollout_is_weights: Optional[Tensor] = None):
+    """verl's ``kl_cov`` (KL-Cov): the unclipped −A·ρ, plus ``ppo_kl_coef``·|log ρ| on the
+    ``kl_cov_ratio`` of the tokens with the largest advantage–log-prob covariance (as a KL term
+    against ref = old on those tokens, importance-weighted with the policy term)."""
+    _actor_config(config)
+    ratio = _policy_option(config, "kl_cov_ratio", 0.0002)
+    if not ratio > 0:
+        raise ValueError(f"config.policy_loss.kl_cov_ratio: must be > 0, got {ratio}")
+    coef = _policy_option(config, "ppo_kl_coef", 1.0)
+    mask = response_mask.bool()
+    with torch.no_grad():
+        picked = covariance_token_mask(log_prob.detach(), advantages, mask, fraction=ratio)
+        # |logp − ref| is |log ρ| where picked and 0 (gradient 0) elsewhere
+        ref = torch.where(picked, old_log_prob, log_prob.detach())
+    # clip_low = 1 puts the lower bound at ρ = 0, clip_high at the float range: the clip never binds
+    options = dict(loss_type="ppo", clip_low=1.0, clip_high=_NO_CAP, ref_logp=ref, kl_coef=coef,
+                   kl_estimator="abs", **_aggregation(loss_agg_mode, config, mask))
+    if rollout_is_weights is not None:
+        options.update(is_weights=rollout_is_weights.detach(), is_mode="truncate", is_threshold=_NO_CAP,
+                       kl_times_is_weights=True)
+    out = policy_loss(log_prob, old_log_prob, advantages, mask, **options)
+    return out.loss, {"actor/ppo_kl": _masked_mean((log_prob.detach() - old_log_prob).abs(), mask)}
+
+
 @register_policy_loss("negkernels_gpg")
 def gpg(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
         loss_agg_mode: str = "token-mean", config=None, rollout_is_weights: Optional[Tensor] = None):
@@ -268,6 +334,7 @@ def reinforce_pp_baseline_advantage(token_level_rewards: Tensor, response_mask: 
 
 
 POLICY_LOSSES = {"negkernels_vanilla": vanilla, "negkernels_gspo": gspo, "negkernels_cispo": cispo,
-                 "negkernels_sapo": sapo, "negkernels_geo_mean": geo_mean, "negkernels_gpg": gpg}
+                 "negkernels_sapo": sapo, "negkernels_geo_mean": geo_mean, "negkernels_clip_cov": clip_cov,
+                 "negkernels_kl_cov": kl_cov, "negkernels_gpg": gpg}
 ADVANTAGE_ESTIMATORS = {"negkernels_grpo": grpo_advantage, "negkernels_rloo": rloo_advantage,
                         "negkernels_reinforce_plus_plus_baseline": reinforce_pp_baseline_advantage}

@@ -591,6 +591,7 @@ class PolicyKernelCodes(NamedTuple):
     loss: int  # LossType
     kl: int  # KlEstimator (NONE without ref_logp)
     kl_bias_correction: int  # the KL term times the importance ratio
+    kl_times_is_weights: int  # the KL term times the rollout IS weight too
     aggregation: int  # Aggregation
     is_mode: int  # IsMode (NONE without is_weights)
     cispo_two_sided: int
@@ -660,6 +661,7 @@ class PolicyLossConfig:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     kl_bias_correction: bool = False
+    kl_times_is_weights: bool = False
     kl_clamp: Optional[float] = None  # default: no clamp
     is_mode: str = "truncate"
     is_threshold: float = 2.0
@@ -672,7 +674,7 @@ class PolicyLossConfig:
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_choice("is_mode", self.is_mode, IS_MODES)
-        for name in ("cispo_two_sided", "kl_bias_correction"):
+        for name in ("cispo_two_sided", "kl_bias_correction", "kl_times_is_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {type(getattr(self, name)).__name__}")
         is_threshold = check_finite_float("is_threshold", self.is_threshold, minimum=0.0, exclusive=True)
@@ -752,6 +754,7 @@ class PolicyLossConfig:
             loss=int(LOSS_CODE[self.loss_type]),
             kl=int(KL_CODE[self.kl_estimator] if use_kl else KlEstimator.NONE),
             kl_bias_correction=int(self.kl_bias_correction and use_kl),
+            kl_times_is_weights=int(self.kl_times_is_weights and use_kl and use_is),
             aggregation=int(AGGREGATION_CODE[self.aggregation]),
             is_mode=int(IS_CODE[self.is_mode] if use_is else IsMode.NONE),
             cispo_two_sided=int(self.cispo_two_sided), adv_per_token=int(adv_per_token),
@@ -827,7 +830,9 @@ def policy_loss(
     [is_threshold_low (default 1/is_threshold), is_threshold]. With ``kl_coef`` a KL penalty
     kl_coef·k(logp, ref_logp) is added per token (``kl_estimator`` k1, k2, k3, abs, or k3+ =
     k3 value with the k2 gradient). ``kl_clamp`` c clamps the estimate to [−c, c], with no gradient
-    outside (verl's ``low_var_kl`` is k3 clamped at c = 10). ``kl_bias_correction`` multiplies that term by the importance
+    outside (verl's ``low_var_kl`` is k3 clamped at c = 10). ``kl_times_is_weights`` multiplies it by
+    the rollout IS weight as the policy term (verl's kl_cov, whose penalty is part of its policy
+    loss; by default the KL term is not importance-weighted, as in TRL). ``kl_bias_correction`` multiplies that term by the importance
     ratio ρ (gspo: the sequence ratio s), with its gradient (TRL's ``use_bias_correction_kl``);
     the ``kl`` metric is then the mean of the product.
 
@@ -1057,6 +1062,72 @@ def _from_logits_backward(ctx, grad_loss, *unused):
 
 _policy_loss_from_logits_op.register_autograd(_from_logits_backward, setup_context=_from_logits_setup,
                                                differentiable=1)
+
+
+def covariance_token_mask(
+    logp: Tensor,
+    advantages: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    fraction: float,
+    band: Optional[tuple[float, float]] = None,
+    exclude: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Tokens picked by the covariance of advantage and log-prob: Clip-Cov and KL-Cov (Cui et al.,
+    "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models", 2025).
+
+    With n unmasked tokens, cov_t = (A_t − Ā)·(logp_t − mean logp), both means over them, and
+    k = max(1, ⌊fraction·n⌋):
+
+    - ``band=None``: the k tokens of largest cov (KL-Cov; ties as :func:`torch.topk`).
+    - ``band=(lower, upper)``: k tokens drawn uniformly without replacement from the unmasked ones
+      with lower < cov < upper that ``exclude`` (bool, shape of ``logp``) leaves in (all of them
+      when fewer qualify): Clip-Cov. The draw is :func:`torch.randperm` over the candidates in
+      row-major order, on ``generator`` (default torch's global CPU generator, as verl's
+      ``clip_cov``, so a seeded run picks the same tokens).
+
+    ``logp``, ``advantages`` [B, T] (or any shape, the same for both), ``mask`` bool or 0/1 of that
+    shape. Returns a bool tensor of that shape, no gradient; no unmasked token picks nothing.
+    Reads k on the host (one synchronisation), as the subset's size must be known.
+    """
+    check_tensor("logp", logp, dtypes=FLOAT_DTYPES)
+    check_tensor("advantages", advantages, dtypes=FLOAT_DTYPES, device=logp.device)
+    if advantages.shape != logp.shape:
+        raise ValueError(f"advantages: shape {tuple(advantages.shape)} differs from logp {tuple(logp.shape)}")
+    fraction = check_finite_float("fraction", fraction, minimum=0.0, exclusive=True)
+    if mask is not None:
+        check_tensor("mask", mask, device=logp.device)
+        if mask.shape != logp.shape:
+            raise ValueError(f"mask: shape {tuple(mask.shape)} must equal logp's {tuple(logp.shape)}")
+        _check_mask_values(mask)
+    valid = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask != 0
+    picked = torch.zeros_like(valid)
+    with torch.no_grad():
+        lp, adv = logp.detach(), advantages.detach()
+        count = int(valid.sum())
+        if count == 0:
+            return picked
+        k = max(1, int(count * fraction))
+        a, lv = adv[valid], lp[valid]
+        cov = (a - a.mean()) * (lv - lv.mean())
+        flat = torch.nonzero(valid.reshape(-1), as_tuple=True)[0]
+        if band is None:
+            chosen = flat[torch.topk(cov, min(k, count), largest=True).indices]
+        else:
+            lower, upper = (check_finite_float("band", float(x)) for x in band)
+            keep = (cov > lower) & (cov < upper)
+            if exclude is not None:
+                if exclude.shape != logp.shape:
+                    raise ValueError(f"exclude: shape {tuple(exclude.shape)} differs from logp {tuple(logp.shape)}")
+                keep = keep & ~exclude.to(device=logp.device, dtype=torch.bool)[valid]
+            candidates = flat[keep]
+            if candidates.numel() == 0:
+                return picked
+            order = torch.randperm(candidates.numel(), generator=generator)
+            chosen = candidates[order[:k].to(candidates.device)]
+        picked.view(-1)[chosen] = True
+    return picked
 
 
 def policy_loss_from_logits(

@@ -224,6 +224,7 @@ def policy_loss_reference(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     kl_bias_correction: bool = False,
+    kl_times_is_weights: bool = False,
     kl_clamp: Optional[float] = None,
     is_mode: str = "truncate",
     is_threshold: float = 2.0,
@@ -331,6 +332,8 @@ def policy_loss_reference(
             kl = kl.clamp(-kl_clamp, kl_clamp)
         if kl_bias_correction:  # weighted by the importance ratio, with its gradient (s_b for gspo)
             kl = kl * ratio
+        if kl_times_is_weights:
+            kl = kl * iw
         if kl_coef != 0.0:
             token_loss = token_loss + kl_coef * kl
 

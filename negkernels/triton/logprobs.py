@@ -413,8 +413,8 @@ def _policy_loss_fwd_kernel(
     loss_ptr, stats_ptr, normaliser_ptr,
     n_tokens, seq_len, max_len, num_sequences,
     lo, hi, delta, dual_c, tau_pos, tau_neg, npo_beta, kl_coef, kl_clamp, is_hi, is_lo, norm_constant,
-    LOSS: tl.constexpr, KL: tl.constexpr, KL_BIAS_CORRECTION: tl.constexpr, AGG: tl.constexpr, IS: tl.constexpr,
-    PACKED: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, IW_PER_TOKEN: tl.constexpr,
+    LOSS: tl.constexpr, KL: tl.constexpr, KL_BIAS_CORRECTION: tl.constexpr, KL_TIMES_IS_WEIGHTS: tl.constexpr,
+    AGG: tl.constexpr, IS: tl.constexpr, PACKED: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, IW_PER_TOKEN: tl.constexpr,
     CISPO_TWO_SIDED: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_NORMALISER: tl.constexpr,
     BLOCK: tl.constexpr, FINAL_BLOCK: tl.constexpr,
 ):
@@ -460,6 +460,8 @@ def _policy_loss_fwd_kernel(
                 if KL_TIMES_SEQ_RATIO:
                     ref = tl.load(ref_ptr + offs, mask=m, other=0.0).to(tl.float32)
                     kl, _ = _kl_term(lp - ref, kl_clamp, KL)
+                    if KL_TIMES_IS_WEIGHTS:
+                        kl = kl * _token_importance_weights(iw_ptr, offs, m, iw_seq, is_hi, is_lo, IS, IW_PER_TOKEN)
                     acc_b += tl.where(m, kl, 0.0)
             if LOSS == _LOSS_GEO_MEAN:
                 lp = tl.load(logp_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -548,6 +550,9 @@ def _policy_loss_fwd_kernel(
         if KL != _KL_NONE:
             ref = tl.load(ref_ptr + offs, mask=inside, other=0.0).to(tl.float32)
             kl, d_kl = _kl_term(lp - ref, kl_clamp, KL)
+            if KL_TIMES_IS_WEIGHTS:
+                kl = kl * iw
+                d_kl = d_kl * iw
             if KL_TIMES_SEQ_RATIO:  # d(s·Σ k)/d logp_t = s·(k'_t + Σ k / n)
                 d_kl = seq_ratio * (d_kl + seq_b / safe_count)
                 kl = kl * seq_ratio
@@ -641,8 +646,8 @@ def _policy_loss_from_logits_kernel(
     targets_ptr, old_ptr, adv_ptr, weight_ptr, mask_ptr, normaliser_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr,
     partial_ptr, loss_ptr, stats_ptr, n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, kl_clamp, entropy_coef,
     is_hi, is_lo, row_scale, seq_len, n_rows, rows_per_program,
-    LOSS: tl.constexpr, KL: tl.constexpr, KL_BIAS_CORRECTION: tl.constexpr, IS: tl.constexpr,
-    CISPO_TWO_SIDED: tl.constexpr, ON_POLICY: tl.constexpr,
+    LOSS: tl.constexpr, KL: tl.constexpr, KL_BIAS_CORRECTION: tl.constexpr, KL_TIMES_IS_WEIGHTS: tl.constexpr,
+    IS: tl.constexpr, CISPO_TWO_SIDED: tl.constexpr, ON_POLICY: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, WITH_ENTROPY: tl.constexpr, FINALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_MASK: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, IW_PER_TOKEN: tl.constexpr, NORMALISER: tl.constexpr,
     BLOCK_V: tl.constexpr, COUNT_BLOCK: tl.constexpr,
@@ -689,7 +694,7 @@ def _policy_loss_from_logits_kernel(
                 row, logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer,
                 grad_stride_inner, targets_ptr, old_ptr, adv_ptr + adv_at, weight, ref_ptr, iw_ptr + iw_at, logp_ptr,
                 entropy_ptr, n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, kl_clamp, entropy_coef,
-                is_hi, is_lo, LOSS, KL, KL_BIAS_CORRECTION, IS, CISPO_TWO_SIDED, ON_POLICY, COMPUTE_GRAD, WITH_ENTROPY,
+                is_hi, is_lo, LOSS, KL, KL_BIAS_CORRECTION, KL_TIMES_IS_WEIGHTS, IS, CISPO_TWO_SIDED, ON_POLICY, COMPUTE_GRAD, WITH_ENTROPY,
                 BLOCK_V)
             s_loss += t_loss
             s_n += t_n
@@ -732,8 +737,8 @@ def _policy_loss_from_logits_row(
     row, logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer, grad_stride_inner,
     targets_ptr, old_ptr, adv_at_ptr, weight, ref_ptr, iw_at_ptr, logp_ptr, entropy_ptr, n_vocab, inv_t,
     lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, kl_clamp, entropy_coef, is_hi, is_lo,
-    LOSS: tl.constexpr, KL: tl.constexpr, KL_BIAS_CORRECTION: tl.constexpr, IS: tl.constexpr,
-    CISPO_TWO_SIDED: tl.constexpr, ON_POLICY: tl.constexpr,
+    LOSS: tl.constexpr, KL: tl.constexpr, KL_BIAS_CORRECTION: tl.constexpr, KL_TIMES_IS_WEIGHTS: tl.constexpr,
+    IS: tl.constexpr, CISPO_TWO_SIDED: tl.constexpr, ON_POLICY: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """One token row (``adv_at_ptr`` / ``iw_at_ptr`` already at its advantage and IS weight,
@@ -769,6 +774,9 @@ def _policy_loss_from_logits_row(
     if KL != _KL_NONE:
         ref = tl.load(ref_ptr + row).to(tl.float32)
         kl, d_kl = _kl_term(lp - ref, kl_clamp, KL)
+        if KL_TIMES_IS_WEIGHTS:  # the launcher sets it only with IS weights
+            kl = kl * iw
+            d_kl = d_kl * iw
         if KL_BIAS_CORRECTION:  # d(ρ·k)/d logp = ρ·(k' + k)
             d_kl = ratio * (d_kl + kl)
             kl = kl * ratio
@@ -861,7 +869,8 @@ def policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_s
         tau_neg=scalars.tau_neg, npo_beta=scalars.npo_beta, kl_coef=scalars.kl_coef, kl_clamp=scalars.kl_clamp,
         is_hi=scalars.is_hi,
         is_lo=scalars.is_lo, norm_constant=scalars.norm_constant,
-        LOSS=codes.loss, KL=codes.kl, KL_BIAS_CORRECTION=bool(codes.kl_bias_correction), AGG=codes.aggregation,
+        LOSS=codes.loss, KL=codes.kl, KL_BIAS_CORRECTION=bool(codes.kl_bias_correction),
+        KL_TIMES_IS_WEIGHTS=bool(codes.kl_times_is_weights), AGG=codes.aggregation,
         IS=codes.is_mode,
         PACKED=cu_seqlens is not None, HAS_MASK=mask is not None,
         ADV_PER_TOKEN=bool(codes.adv_per_token), IW_PER_TOKEN=bool(codes.iw_per_token),
@@ -929,7 +938,8 @@ def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, 
         tau_neg=scalars.tau_neg, kl_coef=scalars.kl_coef, kl_clamp=scalars.kl_clamp, entropy_coef=scalars.entropy_coef, is_hi=scalars.is_hi,
         is_lo=scalars.is_lo, row_scale=row_scale, seq_len=max(codes.seq_len, 1), n_rows=rows,
         rows_per_program=cdiv(rows, programs),
-        LOSS=codes.loss, KL=codes.kl, KL_BIAS_CORRECTION=bool(codes.kl_bias_correction), IS=codes.is_mode,
+        LOSS=codes.loss, KL=codes.kl, KL_BIAS_CORRECTION=bool(codes.kl_bias_correction),
+        KL_TIMES_IS_WEIGHTS=bool(codes.kl_times_is_weights), IS=codes.is_mode,
         CISPO_TWO_SIDED=bool(codes.cispo_two_sided), ON_POLICY=bool(codes.on_policy),
         COMPUTE_GRAD=bool(codes.compute_grad), WITH_ENTROPY=with_entropy, FINALIZE=finalize,
         HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None, ADV_PER_TOKEN=bool(codes.adv_per_token),
