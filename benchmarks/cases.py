@@ -84,6 +84,33 @@ def _advantage_impls(inputs: dict) -> dict:
     return impls
 
 
+def _disco_inputs(device: torch.device, full: bool) -> dict:
+    n = 131072 if full else 8192
+    # GRPO groups of 1-16 completions, shuffled; ids drawn on the host (the "meta" device has no values)
+    sizes = torch.randint(1, 17, (n,))
+    ids = torch.repeat_interleave(torch.arange(n), sizes)[:n]
+    ids = ids[torch.randperm(n)]
+    return dict(scores=torch.randn(n, device=device), correct=(torch.rand(n) > 0.5).to(device),
+                group_index=ids.to(device), num_groups=int(ids.max()) + 1, n=n)
+
+
+def _disco_impls(i: dict) -> dict:
+    import negkernels as nk
+
+    scores, correct, ids, groups = i["scores"], i["correct"], i["group_index"], i["num_groups"]
+
+    def loss_and_grad(backend):
+        def run():
+            s = scores.detach().requires_grad_()
+            loss = nk.group_discriminative_loss(s, correct, ids, num_groups=groups, validate=False, tau=0.5,
+                                                backend=backend)
+            return torch.autograd.grad(loss, s)
+        return run
+
+    return _kernel_impls({"eager": loss_and_grad("reference")}, scores.device, "group_discriminative_loss",
+                         loss_and_grad)
+
+
 def _logits_inputs(device: torch.device, full: bool) -> dict:
     b, t, v = (8, 1024, 151936) if full else (2, 64, 4099)
     logits = torch.randn(b, t, v, device=device, dtype=torch.bfloat16)
@@ -359,6 +386,15 @@ CASES: list[Case] = [
         min_bytes=lambda i: i["n"] * (4 + 8 + 4),  # rewards, int64 ids, advantages
         shape=lambda i: f"N={i['n']} sizes 1-128 shuffled, {i['num_groups']} groups",
         notes="H100 target: one launch, <= 10 us (today: eager 104 us)",
+    ),
+    Case(
+        family="advantages",
+        name="disco",
+        build=_disco_inputs,
+        implementations=_disco_impls,
+        min_bytes=lambda i: i["n"] * (4 + 1 + 8 + 4),  # scores, correct, int64 ids, d scores
+        shape=lambda i: f"N={i['n']} sizes 1-16 shuffled, {i['num_groups']} groups, DisCO fwd+bwd",
+        notes="target: one launch at the memory floor (the eager reference: index ops plus autograd)",
     ),
     Case(
         family="logprobs",

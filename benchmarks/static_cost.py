@@ -229,6 +229,9 @@ def _cases() -> list[StaticCase]:
         ta.group_advantages_fwd(i["rewards"], i.get("group_index"), i.get("group_size") or 0, i["num_groups"], "grpo",
                                 "group", 1e-6, 1.0, 1, 1.0, 1.0, None, None, None)
 
+    def disco(i):
+        ta.group_discriminative_fwd(i["scores"], i["correct"], i["group_index"], None, i["num_groups"], 0.5, True)
+
     def logprobs(with_entropy):
         def run(i):
             x, so, si, inner = _row_view(i["logits"])
@@ -289,6 +292,11 @@ def _cases() -> list[StaticCase]:
     def segmented_trips(launch):
         n, programs = launch.args["n_rewards"], launch.grid[0]
         return [_cdiv(n, programs * launch.args["BLOCK"])] * 8
+
+    def disco_trips(launch):  # the four element sweeps and the group sweep, per program
+        a, programs = launch.args, launch.grid[0]
+        elements, groups = _cdiv(a["n"], programs * a["BLOCK"]), _cdiv(a["num_groups"], programs * a["BLOCK"])
+        return [_cdiv(5 * a["num_groups"] + 2, programs * a["BLOCK"]), groups, elements, elements, groups, elements]
 
     def slot_trips(launch):  # bank slots of one split, in slot tiles
         return [_cdiv(launch.args["split_slots"], launch.args["BLOCK_K"])] * 4
@@ -359,6 +367,7 @@ def _cases() -> list[StaticCase]:
     return [
         StaticCase("advantages/uniform-g64", 0.010, advantages, {}),
         StaticCase("advantages/ragged", 0.010, advantages, {"_group_advantages_segmented_kernel": segmented_trips}),
+        StaticCase("advantages/disco", float("nan"), disco, {"_group_discriminative_kernel": disco_trips}),
         StaticCase("logprobs/fwd", 0.90, logprobs(False), {"_token_logprobs_fwd_kernel": vocab_trips}),
         StaticCase("logprobs/fwd-entropy", 0.95, logprobs(True), {"_token_logprobs_fwd_kernel": vocab_trips}),
         StaticCase("grpo-from-logits/fwd+bwd", 1.8, from_logits, {"_policy_loss_from_logits_kernel": fused_trips}),

@@ -354,15 +354,17 @@ def disco_loop_oracle(scores, correct, ids, tau, mode, weights=None):
     return -total / len(groups)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("mode", ["disco", "disco_b"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_discriminative_loss_matches_loop_oracle(mode, weighted):
+def test_discriminative_loss_matches_loop_oracle(backend, mode, weighted):
     n = 37
     scores = fresh((n,), scale=3.0)
     correct = torch.rand(n) > 0.5
     ids = ragged_ids(n, 8)
     weights = torch.rand(n) + 0.1 if weighted else None
-    loss = nk.group_discriminative_loss(scores, correct, ids, tau=0.7, mode=mode, weights=weights)
+    with poisoned_allocations():
+        loss = nk.group_discriminative_loss(scores, correct, ids, tau=0.7, mode=mode, weights=weights, backend=backend)
     expected = disco_loop_oracle(scores, correct, ids, 0.7, mode, weights)
     assert loss.dtype == torch.float32
     assert abs(loss.item() - expected) <= 1e-5 * max(1.0, abs(expected))
@@ -375,7 +377,8 @@ def test_discriminative_loss_gradcheck(mode):
     correct = torch.tensor([True, False] * 7)
     ids = torch.tensor([0, 0, 0, 2, 2, 2, 2, 3, 3, 3, 4, 4, 5, 5])
     weights = torch.rand(n, dtype=torch.float64) + 0.1
-    torch.autograd.gradcheck(lambda s: nk.group_discriminative_loss(s, correct, ids, tau=2.0, mode=mode, weights=weights), (scores,))
+    torch.autograd.gradcheck(lambda s: nk.group_discriminative_loss(s, correct, ids, tau=2.0, mode=mode, weights=weights,
+                                                                    backend="reference"), (scores,))
 
 
 def test_discriminative_loss_edge_cases():
@@ -394,8 +397,64 @@ def test_discriminative_loss_edge_cases():
         nk.group_discriminative_loss(scores, torch.ones(6), torch.zeros(6, dtype=torch.long))
     with pytest.raises(ValueError, match="mode"):
         nk.group_discriminative_loss(scores, torch.ones(6, dtype=torch.bool), torch.zeros(6, dtype=torch.long), mode="x")
-    with pytest.raises(nk.BackendUnavailable, match="triton"):
-        nk.group_discriminative_loss(scores, torch.ones(6, dtype=torch.bool), torch.zeros(6, dtype=torch.long), backend="triton")
+    with pytest.raises(nk.BackendUnavailable, match="cuda"):
+        nk.group_discriminative_loss(scores, torch.ones(6, dtype=torch.bool), torch.zeros(6, dtype=torch.long), backend="cuda")
+    with pytest.raises(ValueError, match="group_index"):
+        nk.group_discriminative_loss(scores, torch.ones(6, dtype=torch.bool), torch.tensor([0, 1, 2, 3, 4, 5]), num_groups=3)
+
+
+@pytest.mark.parametrize("mode", ["disco", "disco_b"])
+@pytest.mark.parametrize("case", ["ragged", "large groups", "bf16 strided", "unvalidated ids"])
+def test_discriminative_kernel_gradient_against_float64(mode, case):
+    """The Triton kernel's loss and its one-launch gradient against the float64 reference's autograd."""
+    n, groups = (2053, 9) if case == "large groups" else (61, 13)
+    scores = fresh((n,), scale=2.0, noncontiguous=case == "bf16 strided",
+                   dtype=torch.bfloat16 if case == "bf16 strided" else torch.float32)
+    correct = torch.rand(n) > 0.4
+    ids = ragged_ids(n, groups)
+    weights = torch.rand(n) + 0.2
+    kwargs = dict(tau=1.3, mode=mode, weights=weights)
+    if case == "unvalidated ids":
+        ids[[3, 17]] = torch.tensor([groups + 4, -2])
+        kwargs.update(num_groups=groups, validate=False)
+    x = scores.clone().requires_grad_()
+    with poisoned_allocations():
+        loss = nk.group_discriminative_loss(x, correct, ids, backend="triton", **kwargs)
+    loss.backward()
+    keep = (ids >= 0) & (ids < groups)
+    x64 = upcast(scores).requires_grad_()
+    want = nk.group_discriminative_loss(x64[keep], correct[keep], ids[keep], tau=1.3, mode=mode,
+                                        weights=weights[keep].double(), num_groups=groups, backend="reference")
+    want.backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == scores.dtype
+    assert_close(loss, want, rtol=1e-5, atol=1e-6, what="loss")
+    tol = 1e-2 if scores.dtype == torch.bfloat16 else 1e-6
+    assert_close(x.grad, x64.grad, rtol=tol, atol=tol * 1e-2, what="d scores")
+    if case == "unvalidated ids":
+        assert x.grad[3] == 0 and x.grad[17] == 0
+        ref = nk.group_discriminative_loss(scores, correct, ids, backend="reference", **kwargs)
+        assert_close(ref, want, rtol=1e-5, atol=1e-6, what="reference with the same ids")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_discriminative_loss_degenerate_and_nan(backend):
+    empty = torch.empty(0).requires_grad_()
+    loss = nk.group_discriminative_loss(empty, torch.empty(0, dtype=torch.bool), torch.empty(0, dtype=torch.long),
+                                        num_groups=4, backend=backend)
+    loss.backward()
+    assert float(loss.detach()) == 0 and empty.grad.shape == (0,)
+    scores = fresh((8,)).requires_grad_()
+    correct = torch.tensor([True, False, True, False, True, True, False, False])
+    ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])  # groups 2 (all correct) and 3 (all wrong) add 0
+    loss = nk.group_discriminative_loss(scores, correct, ids, mode="disco_b", backend=backend)
+    loss.backward()
+    s = scores.detach()
+    want = -((s[0] - s[1]) + (s[2] - s[3])) / 4
+    torch.testing.assert_close(loss, want)
+    assert torch.equal(scores.grad[4:], torch.zeros(4))
+    nan = scores.detach().clone()
+    nan[1] = float("nan")
+    assert torch.isnan(nk.group_discriminative_loss(nan, correct, ids, backend=backend))
 
 
 def test_discriminative_loss_compile_forward_backward():
@@ -404,7 +463,7 @@ def test_discriminative_loss_compile_forward_backward():
     ids = torch.tensor([0, 0, 1, 1, 1, 2])
 
     def loss_fn(s):
-        return nk.group_discriminative_loss(s, correct, ids, num_groups=3, tau=0.5)
+        return nk.group_discriminative_loss(s, correct, ids, num_groups=3, validate=False, tau=0.5)
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     s1 = fresh((6,), torch.float64).requires_grad_()

@@ -266,7 +266,9 @@ def test_bad_input_raises_naming_the_argument(call, exc, pattern, backend):
 
 
 def test_available_backends_per_op():
-    assert nk.available_backends("cpu", op="group_discriminative_loss") == ["reference"]
+    # an op without a CUDA kernel lists exactly this machine's other backends
+    assert nk.available_backends("cpu", op="group_discriminative_loss") == [
+        b for b in nk.available_backends("cpu") if b in ("reference", "triton")]
     for op, implemented in IMPLEMENTED.items():
         assert set(nk.available_backends("cpu", op=op)) <= set(implemented)
     with pytest.raises(ValueError, match="op"):

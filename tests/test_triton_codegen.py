@@ -109,6 +109,12 @@ SCRIPT = PRELUDE + textwrap.dedent(
                        dict(ESTIMATOR=0, SCALE=0, PER_SAMPLE_SIGN_SCALES=False, GROUPS_PER_PROGRAM=64, BLOCK_G=1,
                             group_size=1, num_groups=1), 4)
     count += 2
+    disco_pointers = {"scores_ptr": "*bf16", "correct_ptr": "*u8", "ids_ptr": "*i64", "work_ptr": "*fp64",
+                      "barrier_ptr": "*i32"}
+    for disco, weighted in itertools.product((True, False), (True, False)):
+        compile_variant(adv._group_discriminative_kernel, dict(DISCO=disco, HAS_WEIGHTS=weighted, BLOCK=1024), 8,
+                        disco_pointers, {"n", "num_groups"}, "i64")
+        count += 1
     print("compiled", count)
     """
 )
@@ -367,7 +373,7 @@ def _compile_in_subprocess(script: str) -> str:
 
 
 def test_every_advantages_kernel_variant_compiles_for_sm90():
-    assert "compiled 62" in _compile_in_subprocess(SCRIPT)
+    assert "compiled 66" in _compile_in_subprocess(SCRIPT)
 
 
 def test_every_logprobs_kernel_variant_compiles_for_sm90():

@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .._kernel_op import kernel_op
+from .._kernel_op import kernel_op, no_grads_after
 from .._backend import register_op, resolve_backend
 from .._fixedpoint import exponent_bound, headroom_bits
 from .._validation import (
@@ -34,7 +34,7 @@ from ..reference.advantages import (
 )
 
 GROUP_ADVANTAGES_BACKENDS = register_op("group_advantages", ("reference", "triton", "cuda"))
-DISCRIMINATIVE_LOSS_BACKENDS = register_op("group_discriminative_loss", ("reference",))
+DISCRIMINATIVE_LOSS_BACKENDS = register_op("group_discriminative_loss", ("reference", "triton"))
 DISCRIMINATIVE_MODES = ("disco", "disco_b")
 
 
@@ -284,6 +284,48 @@ def drpo_positive_weights(lengths: Tensor, correct: Tensor, group_index: Tensor,
     return _drpo_positive_weights_reference(lengths, correct, group_index, max_length, lam, num_groups)
 
 
+@kernel_op("negkernels::group_discriminative_loss", mutates_args=())
+def _discriminative_op(scores: Tensor, correct: Tensor, group_index: Tensor, weights: Optional[Tensor],
+                       num_groups: int, tau: float, mode: str, backend: str) -> tuple[Tensor, Tensor]:
+    """(loss, d loss / d scores): the gradient comes with the forward, the backward only scales it."""
+    if backend == "triton":
+        from ..triton.advantages import group_discriminative_fwd
+
+        return group_discriminative_fwd(scores, correct, group_index, weights, num_groups, tau, mode == "disco")
+    # As in the kernel, a member whose (unvalidated) id is outside [0, num_groups) joins no group.
+    inside = (group_index >= 0) & (group_index < num_groups)
+    with torch.enable_grad():
+        leaf = scores.detach().requires_grad_()
+        loss = group_discriminative_loss_reference(leaf[inside], correct[inside], group_index[inside], num_groups, tau,
+                                                   mode, weights[inside] if weights is not None else None)
+        (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+    if grad is None:  # no member inside
+        grad = torch.zeros_like(leaf)
+    return loss.detach(), grad.to(loss.dtype)
+
+
+@_discriminative_op.register_fake
+def _(scores, correct, group_index, weights, num_groups, tau, mode, backend):
+    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    return scores.new_empty((), dtype=dtype), scores.new_empty(scores.shape, dtype=dtype)
+
+
+def _discriminative_setup(ctx, inputs, output):
+    ctx.scores_dtype = inputs[0].dtype
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _discriminative_backward(ctx, grad_loss, unused):
+    if not ctx.needs_input_grad[0] or grad_loss is None:
+        return no_grads_after(ctx)
+    (grad,) = ctx.saved_tensors
+    return no_grads_after(ctx, (grad * grad_loss).to(ctx.scores_dtype))
+
+
+_discriminative_op.register_autograd(_discriminative_backward, setup_context=_discriminative_setup, differentiable=1)
+
+
 def group_discriminative_loss(
     scores: Tensor,
     correct: Tensor,
@@ -293,6 +335,7 @@ def group_discriminative_loss(
     mode: str = "disco",
     weights: Optional[Tensor] = None,
     num_groups: Optional[int] = None,
+    validate: bool = True,
     backend: Optional[str] = None,
 ) -> Tensor:
     """DisCO / DisCO-b discriminative objective over ragged groups, differentiable in ``scores``.
@@ -304,8 +347,13 @@ def group_discriminative_loss(
     loss = −Σ_valid J / (number of non-empty groups); groups lacking S+ or S− contribute 0.
 
     ``scores`` [N] float (sequence scores, e.g. mean token log-prob), ``correct`` [N] bool,
-    ``group_index`` [N] int. Returns a 0-d fp32 loss (fp64 for fp64 scores); the gradient comes
-    back in ``scores``' dtype. Implemented in PyTorch (``backend="reference"``) on every device.
+    ``group_index`` [N] int in [0, num_groups) (any order, any sizes), ``weights`` [N] ≥ 0 on
+    the positives (constants: no gradient). ``num_groups`` defaults to ``max(group_index) + 1``
+    and ``validate`` checks the ids, both on the host; with ``num_groups=..., validate=False``
+    there is no host synchronisation, and an id outside [0, num_groups) joins no group (its
+    gradient is 0). Returns a 0-d fp32 loss (fp64 for fp64 scores on the reference backend); the
+    gradient comes back in ``scores``' dtype. Backends: ``"reference"`` (PyTorch, any device) and
+    ``"triton"`` (one launch for the loss and its gradient; fp64 sums).
     """
     check_tensor("scores", scores, ndim=1, dtypes=FLOAT_DTYPES)
     n = scores.shape[0]
@@ -318,9 +366,17 @@ def group_discriminative_loss(
     if weights is not None:
         check_tensor("weights", weights, ndim=1, dtypes=FLOAT_DTYPES, device=scores.device)
         check_same_length("weights", weights, n, "scores")
-    resolve_backend(backend, scores.device, "group_discriminative_loss", DISCRIMINATIVE_LOSS_BACKENDS)
-    if num_groups is None:
-        if n and int(group_index.min()) < 0:
-            raise ValueError("group_index: ids must be >= 0")
-        num_groups = int(group_index.max()) + 1 if n else 0
-    return group_discriminative_loss_reference(scores, correct, group_index, num_groups, tau, mode, weights)
+        weights = weights.detach()
+    chosen = resolve_backend(backend, scores.device, "group_discriminative_loss", DISCRIMINATIVE_LOSS_BACKENDS)
+    if num_groups is not None:
+        check_int("num_groups", num_groups, minimum=0)
+    if validate or num_groups is None:
+        lo, hi = (int(v) for v in torch.aminmax(group_index)) if n else (0, -1)
+        if lo < 0:
+            raise ValueError(f"group_index: ids must be >= 0, found {lo}")
+        if num_groups is None:
+            num_groups = hi + 1
+        elif hi >= num_groups:
+            raise ValueError(f"group_index: id {hi} is out of range for num_groups={num_groups}")
+    loss, _ = _discriminative_op(scores, correct, group_index, weights, num_groups, tau, mode, chosen)
+    return loss

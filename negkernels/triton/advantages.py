@@ -1,6 +1,6 @@
-"""Triton kernels for group-normalized advantages.
+"""Triton kernels for group-normalized advantages and the group discriminative loss.
 
-Two kernels, each one launch:
+Three kernels, each one launch:
 
 * ``_group_advantages_uniform_kernel``: contiguous groups of ``group_size`` with a per-group divisor
   (or none). One program owns whole groups, so no atomics and no cross-program traffic.
@@ -12,7 +12,13 @@ Two kernels, each one launch:
   exactly, so the sums are exact down to 2^-(61-log2 N) of the group's largest |r| — far tighter
   than an fp32 running sum.
 
-Both compute statistics and the per-element formula in fp64 and store fp32.
+* ``_group_discriminative_kernel``: DisCO / DisCO-b over ragged groups, forward and gradient in
+  one persistent launch (the same grid barrier): member sums, the negatives' log-sum-exp, each
+  group's objective, then every score's gradient. Its sums are fp64 atomics (a loss, not a
+  statistic that must be bit-identical: the fp32 results repeat unless a sum rounds at an fp32
+  boundary).
+
+The advantage kernels compute statistics and the per-element formula in fp64 and store fp32.
 """
 
 from __future__ import annotations
@@ -414,3 +420,152 @@ def group_advantages_fwd(
         **({"launch_cooperative_grid": True} if sms is not None else {}),
     )
     return out, mean, std, count
+
+
+# ------------------------------------------------------------------ group discriminative loss
+# work (fp64) rows of num_groups: positives, negatives, Σ_{S+} w, Σ_{S+} w·s, Σ_{S−} e^{s/τ − max}
+# (disco) or Σ_{S−} s (disco_b); then the objective sum and the non-empty group count.
+DISCO_WORK_ROWS = 5
+_DISCO_ROWS = tl.constexpr(DISCO_WORK_ROWS)
+
+
+@triton.jit
+def _discriminative_members(scores_ptr, correct_ptr, ids_ptr, weights_ptr, offs, n, num_groups,
+                            HAS_WEIGHTS: tl.constexpr):
+    inside = offs < n
+    ids = tl.load(ids_ptr + offs, mask=inside, other=0).to(tl.int64)
+    # an unvalidated id outside [0, num_groups) joins no group and gets gradient 0
+    valid = inside & (ids >= 0) & (ids < num_groups)
+    ids = tl.where(valid, ids, 0)
+    s = tl.load(scores_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    correct = tl.load(correct_ptr + offs, mask=valid, other=0) != 0
+    if HAS_WEIGHTS:
+        w = tl.load(weights_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    else:
+        w = tl.full(s.shape, 1.0, tl.float32)
+    return ids, valid, valid & correct, valid & (correct == 0), s, w
+
+
+@triton.jit
+def _group_discriminative_kernel(
+    scores_ptr, correct_ptr, ids_ptr, weights_ptr, grad_ptr, loss_ptr, work_ptr, neg_max_ptr, barrier_ptr,
+    n, num_groups, tau,
+    DISCO: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    arrive_ptr = barrier_ptr
+    generation_ptr = barrier_ptr + 1
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    g_rows = _DISCO_ROWS * num_groups
+    objective_ptr = work_ptr + g_rows
+    present_ptr = work_ptr + g_rows + 1
+    inv_tau = 1.0 / tau
+
+    # phase 0: clear the accumulators
+    for start in range(pid * BLOCK, g_rows + 2, nprog * BLOCK):
+        o = start + lanes
+        tl.store(work_ptr + o, tl.zeros_like(o).to(tl.float64), mask=o < g_rows + 2)
+    for start in range(pid * BLOCK, num_groups, nprog * BLOCK):
+        o = start + lanes
+        tl.store(neg_max_ptr + o, tl.full(o.shape, float("-inf"), tl.float32), mask=o < num_groups)
+    _grid_barrier(arrive_ptr, generation_ptr, nprog)
+
+    # phase 1: member counts, the positives' weighted sums, the negatives' max (disco) or sum
+    for start in range(pid * BLOCK, n, nprog * BLOCK):
+        offs = start + lanes
+        ids, valid, pos, neg, s, w = _discriminative_members(scores_ptr, correct_ptr, ids_ptr, weights_ptr, offs, n,
+                                                             num_groups, HAS_WEIGHTS)
+        tl.atomic_add(work_ptr + ids, tl.where(pos, 1.0, 0.0).to(tl.float64), mask=pos, sem="relaxed")
+        tl.atomic_add(work_ptr + num_groups + ids, tl.where(neg, 1.0, 0.0).to(tl.float64), mask=neg, sem="relaxed")
+        tl.atomic_add(work_ptr + 2 * num_groups + ids, w.to(tl.float64), mask=pos, sem="relaxed")
+        tl.atomic_add(work_ptr + 3 * num_groups + ids, (w * s).to(tl.float64), mask=pos, sem="relaxed")
+        if DISCO:
+            tl.atomic_max(neg_max_ptr + ids, s * inv_tau, mask=neg, sem="relaxed")
+        else:
+            tl.atomic_add(work_ptr + 4 * num_groups + ids, s.to(tl.float64), mask=neg, sem="relaxed")
+    _grid_barrier(arrive_ptr, generation_ptr, nprog)
+
+    if DISCO:
+        # phase 2: Σ_{S−} exp(s/τ − max), every term in (0, 1]
+        for start in range(pid * BLOCK, n, nprog * BLOCK):
+            offs = start + lanes
+            ids, valid, pos, neg, s, w = _discriminative_members(scores_ptr, correct_ptr, ids_ptr, weights_ptr, offs,
+                                                                 n, num_groups, HAS_WEIGHTS)
+            top = tl.load(neg_max_ptr + ids, mask=neg, other=0.0, cache_modifier=".cg")
+            top = tl.where(tl.abs(top) < float("inf"), top, 0.0)
+            tl.atomic_add(work_ptr + 4 * num_groups + ids, tl.exp(s * inv_tau - top).to(tl.float64), mask=neg,
+                          sem="relaxed")
+        _grid_barrier(arrive_ptr, generation_ptr, nprog)
+
+    # phase 3: each group's objective J_g (groups with both kinds) and the non-empty groups
+    for start in range(pid * BLOCK, num_groups, nprog * BLOCK):
+        g = start + lanes
+        gm = g < num_groups
+        n_pos = tl.load(work_ptr + g, mask=gm, other=0.0, cache_modifier=".cg")
+        n_neg = tl.load(work_ptr + num_groups + g, mask=gm, other=0.0, cache_modifier=".cg")
+        sw = tl.load(work_ptr + 2 * num_groups + g, mask=gm, other=0.0, cache_modifier=".cg")
+        sws = tl.load(work_ptr + 3 * num_groups + g, mask=gm, other=0.0, cache_modifier=".cg")
+        neg_sum = tl.load(work_ptr + 4 * num_groups + g, mask=gm, other=0.0, cache_modifier=".cg")
+        # NaN must reach the loss: tl.maximum would drop it
+        pos_term = sws / tl.maximum(sw, 1e-300, propagate_nan=tl.PropagateNan.ALL)
+        if DISCO:
+            top = tl.load(neg_max_ptr + g, mask=gm, other=0.0, cache_modifier=".cg")
+            top = tl.where(tl.abs(top) < float("inf"), top, 0.0).to(tl.float64)
+            neg_term = tau * (tl.log(tl.maximum(neg_sum, 1e-300, propagate_nan=tl.PropagateNan.ALL)) + top)
+        else:
+            neg_term = neg_sum / tl.maximum(n_neg, 1.0)
+        both = gm & (n_pos > 0.0) & (n_neg > 0.0)
+        tl.atomic_add(objective_ptr, tl.sum(tl.where(both, pos_term - neg_term, 0.0), axis=0), sem="relaxed")
+        tl.atomic_add(present_ptr, tl.sum(tl.where(gm & (n_pos + n_neg > 0.0), 1.0, 0.0), axis=0), sem="relaxed")
+    _grid_barrier(arrive_ptr, generation_ptr, nprog)
+
+    # phase 4: d loss / d s. loss = −Σ J / present; dJ/ds = w / Σw on S+, −softmax(s/τ) (disco) or
+    # −1/|S−| (disco_b) on S−.
+    present = tl.maximum(tl.load(present_ptr, cache_modifier=".cg"), 1.0)
+    for start in range(pid * BLOCK, n, nprog * BLOCK):
+        offs = start + lanes
+        ids, valid, pos, neg, s, w = _discriminative_members(scores_ptr, correct_ptr, ids_ptr, weights_ptr, offs, n,
+                                                             num_groups, HAS_WEIGHTS)
+        n_pos = tl.load(work_ptr + ids, mask=valid, other=0.0, cache_modifier=".cg")
+        n_neg = tl.load(work_ptr + num_groups + ids, mask=valid, other=0.0, cache_modifier=".cg")
+        sw = tl.load(work_ptr + 2 * num_groups + ids, mask=valid, other=1.0, cache_modifier=".cg")
+        neg_sum = tl.load(work_ptr + 4 * num_groups + ids, mask=valid, other=1.0, cache_modifier=".cg")
+        d_pos = -w.to(tl.float64) / tl.maximum(sw, 1e-300, propagate_nan=tl.PropagateNan.ALL)
+        if DISCO:
+            top = tl.load(neg_max_ptr + ids, mask=valid, other=0.0, cache_modifier=".cg")
+            top = tl.where(tl.abs(top) < float("inf"), top, 0.0)
+            d_neg = tl.exp(s * inv_tau - top).to(tl.float64) / tl.maximum(neg_sum, 1e-300,
+                                                                           propagate_nan=tl.PropagateNan.ALL)
+        else:
+            d_neg = 1.0 / tl.maximum(n_neg, 1.0)
+        grad = tl.where(pos, d_pos, d_neg) / present
+        grad = tl.where(valid & (n_pos > 0.0) & (n_neg > 0.0), grad, 0.0)
+        tl.store(grad_ptr + offs, grad.to(tl.float32), mask=offs < n)
+    if pid == 0:
+        tl.store(loss_ptr, (-tl.load(objective_ptr, cache_modifier=".cg") / present).to(tl.float32))
+
+
+def group_discriminative_fwd(scores: torch.Tensor, correct: torch.Tensor, group_index: torch.Tensor,
+                             weights: torch.Tensor | None, num_groups: int, tau: float, disco: bool):
+    """One launch: (loss 0-d fp32, d loss / d scores [N] fp32)."""
+    n = scores.numel()
+    dev = scores.device
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    grad = torch.empty(n, dtype=torch.float32, device=dev)
+    block = 1024
+    sms = _backend.sm_count(dev)
+    # The interpreter runs programs one after another: a grid barrier needs one.
+    grid_size = 1 if sms is None else max(1, min(cdiv(max(n, DISCO_WORK_ROWS * num_groups + 2), block), sms))
+    work = torch.empty(DISCO_WORK_ROWS * num_groups + 2, dtype=torch.float64, device=dev)
+    neg_max = torch.empty(max(num_groups, 1), dtype=torch.float32, device=dev)
+    scores = scores.contiguous()
+    _group_discriminative_kernel[(grid_size,)](
+        scores_ptr=scores, correct_ptr=correct.contiguous().view(torch.uint8), ids_ptr=group_index.contiguous(),
+        weights_ptr=weights.contiguous() if weights is not None else scores,
+        grad_ptr=grad, loss_ptr=loss, work_ptr=work, neg_max_ptr=neg_max, barrier_ptr=_barrier_workspace(dev),
+        n=n, num_groups=num_groups, tau=float(tau),
+        DISCO=disco, HAS_WEIGHTS=weights is not None, BLOCK=block, num_warps=8,
+        **({"launch_cooperative_grid": True} if sms is not None else {}),
+    )
+    return loss, grad
