@@ -86,6 +86,9 @@ CASES = {
     "luspo": dict(loss_type="luspo"),
     "gspo (sequence-level IS)": dict(loss_type="grpo", importance_sampling_level="sequence"),
     "dapo sequence-level": dict(loss_type="dapo", importance_sampling_level="sequence"),
+    "cispo sequence-level": dict(loss_type="cispo", epsilon_high=1.02, importance_sampling_level="sequence", beta=0.0),
+    "cispo sequence-level, plain KL": dict(loss_type="cispo", epsilon_high=1.02, importance_sampling_level="sequence",
+                                           use_bias_correction_kl=False, top_entropy_quantile=0.5),
     "plain KL, delta": dict(loss_type="bnpo", use_bias_correction_kl=False, delta=1.5),
     "on-policy, no KL": dict(loss_type="grpo", beta=0.0, num_iterations=1),
     "on-policy with KL": dict(loss_type="dr_grpo", num_iterations=1),
@@ -94,6 +97,17 @@ CASES = {
     "gradient accumulation": dict(loss_type="dapo", gradient_accumulation_steps=2, max_steps=3),
     "grad accumulation grpo": dict(loss_type="grpo", gradient_accumulation_steps=2, max_steps=3),
     "temperature": dict(loss_type="grpo", temperature=0.7),
+    # TRL's entropy bonus is a token mean whatever the loss: folded into the fused pass under a
+    # token-mean loss, a second LM-head pass under the others or with an entropy mask
+    "entropy bonus, bnpo": dict(loss_type="bnpo", entropy_coef=0.05),
+    "entropy bonus, dapo with GA": dict(loss_type="dapo", entropy_coef=0.05, gradient_accumulation_steps=2,
+                                        max_steps=3),
+    "entropy bonus, grpo": dict(loss_type="grpo", entropy_coef=0.05),
+    "entropy bonus, entropy mask": dict(loss_type="bnpo", entropy_coef=0.05, top_entropy_quantile=0.5),
+    "adaptive entropy": dict(loss_type="dr_grpo", use_adaptive_entropy=True, entropy_coef=0.02,
+                             entropy_coef_delta=0.01, entropy_target=5.0, max_steps=3),
+    "adaptive entropy, gated off": dict(loss_type="bnpo", use_adaptive_entropy=True, entropy_coef=0.02,
+                                        entropy_coef_delta=0.01, entropy_target=0.5, max_steps=3),
 }
 
 
@@ -103,6 +117,10 @@ def test_trainer_matches_trl(case, tiny_model_dir, tmp_path):
     ours, trainer = train(NegkernelsGRPOTrainer, tiny_model_dir, tmp_path, **CASES[case])
     assert trainer._negkernels_fallback is None  # the fused loss ran, not TRL's
     assert_same_logs(theirs, ours, rtol=1e-4)
+    if "entropy_coef" in CASES[case]:  # TRL's bonus metrics are logged; adaptive control moves the coefficient
+        assert "policy_loss" in ours[0] and "entropy_coef" in ours[0]
+        if case == "adaptive entropy":
+            assert ours[-1]["entropy_coef"] > ours[0]["entropy_coef"]
 
 
 def test_trainer_matches_trl_on_the_triton_kernels(tiny_model_dir, tmp_path, monkeypatch):
@@ -158,8 +176,8 @@ def test_trainer_matches_trl_with_vllm_importance_ratios(options, tiny_model_dir
 
 @pytest.mark.parametrize("options, reason", [
     (dict(loss_type="vespo"), "vespo"),
-    (dict(loss_type="grpo", entropy_coef=0.01), "entropy bonus"),
     (dict(loss_type="sapo", importance_sampling_level="sequence"), "sequence"),
+    (dict(loss_type="cispo", epsilon_high=1.02, importance_sampling_level="sequence"), "bias-corrected"),
     (dict(loss_type="cispo"), "epsilon_high"),
 ])
 def test_trainer_falls_back_to_trl_loss_with_a_warning(options, reason, tiny_model_dir, tmp_path):

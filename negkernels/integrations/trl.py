@@ -20,20 +20,23 @@ TRL's options and how they map (``docs``: the README's "Swap it into your traine
 ``dr_grpo``                       seq-mean-token-sum-norm, norm_constant = max_completion_length
 ``dapo`` / ``cispo``              token-mean over num_items_in_batch / processes · GA / steps_per_generation
 ``luspo``                         seq-mean-token-sum, every row counted
-``importance_sampling_level``     ``"sequence"`` → loss_type gspo (grpo, bnpo, dr_grpo, dapo, luspo)
+``importance_sampling_level``     ``"sequence"`` → loss_type gspo (grpo, bnpo, dr_grpo, dapo, luspo);
+                                  cispo: gpg weighed by sg(min(s, epsilon_high)) per sequence
 ``epsilon`` / ``epsilon_high``    clip_low / clip_high (cispo: clip_high = epsilon_high − 1)
 ``delta``                         delta;  ``beta`` → kl_coef with k3 against ``ref_per_token_logps``
 ``use_bias_correction_kl``        kl_bias_correction (the KL term times ρ, or s for gspo)
 ``temperature``                   temperature (divided by the model's constant logit scale)
+``entropy_coef``, adaptive entropy  entropy_coef of the fused pass (token-mean losses without an
+                                  entropy mask), else a second differentiable LM-head pass for H;
+                                  TRL's adaptive controller, the same rule and logged coefficient
 ``top_entropy_quantile``,         per-token weights on the policy term (is_weights); they need the
 ``off_policy_mask_threshold``     entropies / log-probs first: one extra forward-only LM-head pass
 vLLM importance sampling          TRL's ``importance_sampling_ratio`` times the policy term
 gradient accumulation             folded into the normalisers, so the loss is TRL's divided by GA
 ================================  ==========================================================
 
-Run by TRL's own loss instead (a warning says which and why, once): ``loss_type="vespo"``; an
-entropy bonus (``entropy_coef`` or adaptive entropy: TRL's bonus is a token mean whatever the
-loss's normaliser); ``importance_sampling_level="sequence"`` with cispo or sapo; cispo with
+Run by TRL's own loss instead (a warning says which and why, once): ``loss_type="vespo"``;
+``importance_sampling_level="sequence"`` with sapo, or with cispo and the bias-corrected KL; cispo with
 ``epsilon_high < 1``; MoE router auxiliary losses; multimodal inputs; models whose logits the
 fused head cannot reproduce exactly (a soft cap).
 """
@@ -95,19 +98,21 @@ def _loss_config(trainer) -> tuple[Optional[PolicyLossConfig], Optional[str]]:
     loss_type, level = trainer.loss_type, trainer.importance_sampling_level
     if loss_type not in _GRPO_FAMILY + ("cispo", "sapo"):
         return None, f"loss_type={loss_type!r} has no fused form"
-    if trainer._entropy_bonus_enabled:
-        return None, "an entropy bonus (entropy_coef / use_adaptive_entropy) is a token mean in TRL whatever the loss"
     if trainer.aux_loss_enabled:
         return None, "the MoE router auxiliary loss needs the model's own forward"
-    if level == "sequence" and loss_type in ("cispo", "sapo"):
-        return None, f"importance_sampling_level='sequence' with loss_type={loss_type!r}"
+    if level == "sequence" and loss_type == "sapo":
+        return None, "importance_sampling_level='sequence' with loss_type='sapo'"
+    if level == "sequence" and loss_type == "cispo" and trainer.beta != 0.0 and args.use_bias_correction_kl:
+        return None, "importance_sampling_level='sequence' with cispo and the bias-corrected KL (ρ is the sequence's)"
     options = dict(kl_coef=float(trainer.beta), kl_estimator="k3",
                    kl_bias_correction=bool(args.use_bias_correction_kl) and trainer.beta != 0.0,
                    is_mode="truncate", is_threshold=_NO_CAP)
     if loss_type == "cispo":
         if trainer.epsilon_high < 1.0:
             return None, f"cispo's epsilon_high={trainer.epsilon_high} is below 1 (an absolute cap on ρ)"
-        options.update(loss_type="cispo", clip_high=trainer.epsilon_high - 1.0)
+        # sequence level: −sg(min(s, epsilon_high))·A·logp, the capped sequence ratio a per-sequence
+        # weight (from a forward-only pass) on gpg's −A·logp
+        options.update(loss_type="gpg" if level == "sequence" else "cispo", clip_high=trainer.epsilon_high - 1.0)
     elif loss_type == "sapo":
         options.update(loss_type="sapo", sapo_tau_pos=float(args.sapo_temperature_pos),
                        sapo_tau_neg=float(args.sapo_temperature_neg))
@@ -176,8 +181,8 @@ class NegkernelsGRPOTrainer(GRPOTrainer):
         advantages = inputs["advantages"]
         old = inputs.get("old_per_token_logps")  # None: on-policy (ρ = 1 with its gradient)
         ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
-        weights = self._policy_term_weights(inputs, hidden, weight, bias, completion_ids, temperature, mask,
-                                            advantages, old)
+        weights, entropy_mask = self._policy_term_weights(inputs, hidden, weight, bias, completion_ids, temperature,
+                                                          mask, advantages, old)
 
         batch = completion_ids.size(0)
         normaliser = {}
@@ -193,17 +198,71 @@ class NegkernelsGRPOTrainer(GRPOTrainer):
         else:
             normaliser["num_sequences"] = batch * accumulation  # TRL counts fully masked rows too
 
+        # TRL's entropy bonus: coef · (the mean entropy over the tokens the policy term acts on) / GA,
+        # whatever the loss's normaliser. Under a token mean over exactly those tokens it folds
+        # into the fused pass as entropy_coef (rescaled to the policy's normaliser); otherwise
+        # the entropies come from a second, differentiable LM-head pass.
+        coef = self._negkernels_entropy_coef()
+        folded = coef != 0.0 and cfg.aggregation == "token-mean" and entropy_mask is None
+        entropy_coef = 0.0
+        if folded:
+            entropy_coef = coef * float(normaliser["num_tokens"]) / (float(bool_mask.sum().clamp(min=1)) * accumulation)
         out = linear_policy_loss(
             hidden, weight, completion_ids, old, advantages, bool_mask, bias=bias, temperature=temperature,
-            fp32_lm_head=bool(self.args.cast_lm_head_to_fp32), return_entropy=True, ref_logp=ref,
-            is_weights=weights, validate=False, config=cfg, **normaliser)
+            fp32_lm_head=bool(self.args.cast_lm_head_to_fp32), return_entropy=True, entropy_coef=entropy_coef,
+            ref_logp=ref, is_weights=weights, validate=False, config=cfg, **normaliser)
+        loss = out.loss
         self._log_negkernels_metrics(mode, out, old, ref, advantages, mask)
-        return out.loss
+        if self._entropy_bonus_enabled:
+            effective = mask.float() if entropy_mask is None else mask.float() * entropy_mask
+            entropy_sum = (out.token_entropy * effective).sum()
+            policy = loss.detach()
+            if folded:  # the fused loss holds −entropy_coef·ΣH / num_tokens: put it back for the metric
+                policy = policy + entropy_coef * (out.token_entropy * mask.float()).sum() / normaliser["num_tokens"]
+            elif coef != 0.0:
+                _, entropy = linear_token_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature,
+                                                   return_entropy=True,
+                                                   fp32_lm_head=bool(self.args.cast_lm_head_to_fp32), validate=False)
+                loss = loss - coef * (entropy * effective).sum() / effective.sum().clamp(min=1.0) / accumulation
+            if self.loss_type not in ("dapo", "cispo"):  # TRL logs its policy loss before the GA division
+                policy = policy * accumulation
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
+            self._negkernels_entropy_controller(mode, entropy_sum.detach(), effective.sum().detach())
+        return loss
+
+    def _negkernels_entropy_coef(self) -> float:
+        """The bonus coefficient of this step (TRL's rule: adaptive control gates it on the entropy
+        measured over the previous optimisation step's window)."""
+        if not self._entropy_bonus_enabled:
+            return 0.0
+        if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
+            return 0.0
+        return float(self.entropy_coef)
+
+    def _negkernels_entropy_controller(self, mode, entropy_sum, count):
+        """TRL's adaptive entropy control: the window's token-weighted mean entropy over every rank
+        moves the coefficient by entropy_coef_delta within [entropy_coef_min, entropy_coef_max] at
+        each optimiser step; the coefficient is logged at each step's boundary."""
+        args = self.args
+        if self.use_adaptive_entropy and mode == "train":
+            stats = torch.stack([entropy_sum, count])
+            self._entropy_window_stats = stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+            if self.accelerator.sync_gradients:
+                total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world = (total[0] / total[1].clamp(min=1.0)).item()
+                if world <= args.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+                self._last_world_entropy = world
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
     def _policy_term_weights(self, inputs, hidden, weight, bias, targets, temperature, mask, advantages, old):
         """TRL's high-entropy mask, off-policy sequence mask and vLLM IS ratios, multiplied: the
         per-token weights of the policy term (not of the KL term), or None."""
-        weights = None
+        weights = entropy_mask = None
         entropy_quantile = self.top_entropy_quantile < 1.0
         if entropy_quantile or self.off_policy_mask_threshold is not None:
             with torch.no_grad():  # both need this step's log-probs / entropies before the loss
@@ -213,7 +272,7 @@ class NegkernelsGRPOTrainer(GRPOTrainer):
                                                       fp32_lm_head=bool(self.args.cast_lm_head_to_fp32),
                                                       validate=False)
             if entropy_quantile:
-                weights = self.get_high_entropy_mask(entropy, mask, 1 - self.top_entropy_quantile).float()
+                weights = entropy_mask = self.get_high_entropy_mask(entropy, mask, 1 - self.top_entropy_quantile).float()
             if self.off_policy_mask_threshold is not None:
                 column = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
                 sampling = inputs.get("sampling_per_token_logps", old if old is not None else logp)
@@ -224,11 +283,26 @@ class NegkernelsGRPOTrainer(GRPOTrainer):
         if self.use_vllm and self.vllm_importance_sampling_correction:
             ratio = inputs["importance_sampling_ratio"].float()
             weights = ratio if weights is None else weights * ratio
+        if self._negkernels_config.loss_type == "gpg" and self.loss_type == "cispo":
+            # sequence-level cispo: each token weighed by sg(min(s, epsilon_high)), s the sequence ratio
+            if old is None:
+                capped = torch.clamp(torch.ones(mask.shape[0], 1, device=mask.device), max=self.epsilon_high)
+            else:
+                with torch.no_grad():
+                    logp = linear_token_logprobs(hidden.detach(), weight.detach(), targets,
+                                                 bias=None if bias is None else bias.detach(),
+                                                 temperature=temperature,
+                                                 fp32_lm_head=bool(self.args.cast_lm_head_to_fp32), validate=False)
+                    maskf = mask.float()
+                    log_s = ((logp - old) * maskf).sum(-1, keepdim=True) / maskf.sum(-1, keepdim=True).clamp(min=1.0)
+                    capped = torch.clamp(torch.exp(log_s), max=self.epsilon_high)
+            weights = capped.expand(mask.shape) if weights is None else weights * capped
+            return weights.expand(mask.shape).contiguous(), entropy_mask  # a token-level term: weights per token
         if weights is None:
-            return None
+            return None, entropy_mask
         if self.importance_sampling_level == "sequence":  # one weight per sequence ratio
-            return per_sequence_weights(weights, mask).contiguous()
-        return weights.expand(mask.shape).contiguous()
+            return per_sequence_weights(weights, mask).contiguous(), entropy_mask
+        return weights.expand(mask.shape).contiguous(), entropy_mask
 
     def _log_negkernels_metrics(self, mode, out, old, ref, advantages, mask):
         """TRL's logged metrics (kl, entropy, clip ratios) from the fused pass's per-token outputs."""
