@@ -618,6 +618,11 @@ def test_policy_loss_from_logits_kl_times_is_weights(backend):
     logits, targets, old, ref, adv, mask = from_logits_case(b=3, t=6, v=37)
     w = torch.rand(targets.shape) * 2
     kw = dict(loss_type="ppo", ref_logp=ref, kl_coef=0.5, kl_estimator="abs", is_weights=w, kl_times_is_weights=True)
+    check_from_logits_against_float64(backend, logits, targets, old, adv, mask, **kw)
+
+
+def check_from_logits_against_float64(backend, logits, targets, old, adv, mask, **kw):
+    """The kernel's loss, KL metric and logits gradient against the float64 reference of the same call."""
     leaf = logits.clone().requires_grad_()
     with poisoned_allocations():
         out = nk.policy_loss_from_logits(leaf, targets, old, adv, mask, backend=backend, **kw)
@@ -629,6 +634,7 @@ def test_policy_loss_from_logits_kl_times_is_weights(backend):
     assert_close(out.loss, want.loss, **F32, what="loss")
     assert_close(out.kl, want.kl, **F32, what="kl")
     assert_close(leaf.grad, x64.grad, rtol=1e-4, atol=1e-7, what="logits grad")
+    return want
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -636,20 +642,10 @@ def test_policy_loss_from_logits_kl_clamp(backend):
     logits, targets, old, ref, adv, mask = from_logits_case(b=3, t=6, v=37)
     ref = ref + torch.randn_like(ref)  # far from the policy: the clamp binds on some tokens
     kw = dict(loss_type="ppo", ref_logp=ref, kl_coef=0.5, kl_clamp=0.3, kl_bias_correction=True)
-    leaf = logits.clone().requires_grad_()
-    with poisoned_allocations():
-        out = nk.policy_loss_from_logits(leaf, targets, old, adv, mask, backend=backend, **kw)
-    out.loss.backward()
-    x64 = logits.double().requires_grad_()
-    want = nk.policy_loss_from_logits(x64, targets, old.double(), adv.double(), mask, backend="reference",
-                                      **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
-    want.loss.backward()
+    want = check_from_logits_against_float64(backend, logits, targets, old, adv, mask, **kw)
     unclamped = nk.policy_loss_from_logits(logits.double(), targets, old.double(), adv.double(), mask,
                                            backend="reference", **dict(kw, ref_logp=ref.double(), kl_clamp=None))
     assert not torch.allclose(unclamped.kl, want.kl)
-    assert_close(out.loss, want.loss, **F32, what="loss")
-    assert_close(out.kl, want.kl, **F32, what="kl")
-    assert_close(leaf.grad, x64.grad, rtol=1e-4, atol=1e-7, what="logits grad")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

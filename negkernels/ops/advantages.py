@@ -121,6 +121,22 @@ def _sign_scale(name: str, value, n: int, device: torch.device) -> tuple[float, 
     return check_finite_float(name, value), None
 
 
+def _checked_num_groups(group_index: Tensor, num_groups: Optional[int], validate: bool) -> int:
+    """``num_groups``, by default ``max(group_index) + 1``; with ``validate`` (or no
+    ``num_groups``) the ids are read on the host and a negative or too large one raises."""
+    if num_groups is not None:
+        check_int("num_groups", num_groups, minimum=0)
+    if validate or num_groups is None:
+        lo, hi = (int(v) for v in torch.aminmax(group_index)) if group_index.numel() else (0, -1)
+        if lo < 0:
+            raise ValueError(f"group_index: ids must be >= 0, found {lo}")
+        if num_groups is None:
+            return hi + 1
+        if hi >= num_groups:
+            raise ValueError(f"group_index: id {hi} is out of range for num_groups={num_groups}")
+    return num_groups
+
+
 def _in_range(group_index: Optional[Tensor], num_groups: int, weights: Optional[Tensor]) -> Optional[Tensor]:
     """Weights for batch statistics taken outside the kernel: a reward whose (unvalidated) id is
     out of range joins no statistic, as inside the kernels; ``None`` when every reward counts once."""
@@ -221,16 +237,7 @@ def group_advantages(
     else:
         check_tensor("group_index", group_index, ndim=1, dtypes=INDEX_DTYPES, device=device)
         check_same_length("group_index", group_index, n, "rewards")
-        if num_groups is not None:
-            check_int("num_groups", num_groups, minimum=0)
-        if validate or num_groups is None:
-            lo, hi = (int(v) for v in torch.aminmax(group_index)) if n else (0, -1)
-            if lo < 0:
-                raise ValueError(f"group_index: ids must be >= 0, found {lo}")
-            if num_groups is None:
-                num_groups = hi + 1
-            elif hi >= num_groups:
-                raise ValueError(f"group_index: id {hi} is out of range for num_groups={num_groups}")
+        num_groups = _checked_num_groups(group_index, num_groups, validate)
         group_size = 0
     chosen = resolve_backend(backend, device, "group_advantages", GROUP_ADVANTAGES_BACKENDS)
 
@@ -368,15 +375,6 @@ def group_discriminative_loss(
         check_same_length("weights", weights, n, "scores")
         weights = weights.detach()
     chosen = resolve_backend(backend, scores.device, "group_discriminative_loss", DISCRIMINATIVE_LOSS_BACKENDS)
-    if num_groups is not None:
-        check_int("num_groups", num_groups, minimum=0)
-    if validate or num_groups is None:
-        lo, hi = (int(v) for v in torch.aminmax(group_index)) if n else (0, -1)
-        if lo < 0:
-            raise ValueError(f"group_index: ids must be >= 0, found {lo}")
-        if num_groups is None:
-            num_groups = hi + 1
-        elif hi >= num_groups:
-            raise ValueError(f"group_index: id {hi} is out of range for num_groups={num_groups}")
+    num_groups = _checked_num_groups(group_index, num_groups, validate)
     loss, _ = _discriminative_op(scores, correct, group_index, weights, num_groups, tau, mode, chosen)
     return loss
