@@ -199,6 +199,7 @@ std::tuple<at::Tensor, at::Tensor> policy_loss(
   a.adv_per_token = adv_per_token;
   a.iw_per_token = iw_per_token;
   a.cispo_two_sided = codes[kCodeCispoTwoSided] != 0;
+  a.sequence_ratio = codes[kCodeSequenceRatio] != 0;
   a.kl_bias_correction = codes[kCodeKlBiasCorrection] != 0;
   a.kl_times_is_weights = codes[kCodeKlTimesIsWeights] != 0 && a.is_mode != kIsNone;
   TORCH_CHECK(codes[kCodeOnPolicy] == 0, "on_policy: the CUDA kernel takes old_logp (logp.detach() when on-policy)");

@@ -164,16 +164,18 @@ __global__ void __launch_bounds__(kLossThreads) policy_loss_kernel(const PolicyL
 
   // GSPO with the bias-corrected KL: s·Σ_t k_t couples every token through s, so the sequence's
   // KL sum is needed before the gradient sweep.
-  const bool kl_times_seq_ratio = a.kl_bias_correction && a.kl_estimator != kKlNone && a.loss_type == kGSPO;
+  // GSPO and the sequence-level sapo / cispo share s = exp(mean_t log ρ).
+  const bool uses_seq_ratio = a.loss_type == kGSPO || a.sequence_ratio;
+  const bool kl_times_seq_ratio = a.kl_bias_correction && a.kl_estimator != kKlNone && uses_seq_ratio;
   float count = 0.f, seq_a = 0.f, seq_b = 0.f;
   const bool geo_mean = a.loss_type == kGeoMean;
-  if (a.aggregation == kSeqMeanTokenMean || a.loss_type == kGSPO || a.loss_type == kNPO || geo_mean) {
+  if (a.aggregation == kSeqMeanTokenMean || uses_seq_ratio || a.loss_type == kNPO || geo_mean) {
     float c = 0.f, sa = 0.f, sb = 0.f;
     for (int64_t i = threadIdx.x; i < length; i += kLossThreads) {
       if (!unmasked(i)) continue;
       c += 1.f;
       const float lp = load_value(a.logp, dt, start + i);
-      if (a.loss_type == kGSPO) sa += lp - load_value(a.old_logp, dt, start + i);
+      if (uses_seq_ratio) sa += lp - load_value(a.old_logp, dt, start + i);
       if (geo_mean) {
         const float adv = a.adv_per_token ? load_value(a.advantages, dt, start + i) : adv_seq;
         sa += geo_mean_log_ratio(lp - load_value(a.old_logp, dt, start + i), adv, a).c;
@@ -227,8 +229,8 @@ __global__ void __launch_bounds__(kLossThreads) policy_loss_kernel(const PolicyL
     } else if (a.loss_type == kNPO) {
       t.value = npo_value;
       t.d_logp = npo_grad;
-    } else {
-      t = token_local_terms(lp, ratio, adv, a);
+    } else {  // sequence level: s in place of ρ, in token form (dρ/dlogp = ρ ↔ s)
+      t = token_local_terms(lp, a.sequence_ratio ? seq_ratio : ratio, adv, a);
       t.d_logp *= iw;
     }
     float token_loss = iw * t.value, d_logp = t.d_logp, kl = 0.f;

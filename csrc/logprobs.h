@@ -17,7 +17,7 @@ enum IsMode : int { kIsNone = 0, kTruncate = 1, kMask = 2 };
 // Positions in the int[] codes and float[] scalars lists the Python side builds
 // (negkernels.ops.logprobs.PolicyKernelCodes / PolicyKernelScalars, same field order).
 enum PolicyCodeSlot : int {
-  kCodeLoss, kCodeKl, kCodeKlBiasCorrection, kCodeKlTimesIsWeights, kCodeAggregation, kCodeIsMode, kCodeCispoTwoSided, kCodeAdvPerToken,
+  kCodeLoss, kCodeKl, kCodeKlBiasCorrection, kCodeKlTimesIsWeights, kCodeAggregation, kCodeIsMode, kCodeCispoTwoSided, kCodeSequenceRatio, kCodeAdvPerToken,
   kCodeIwPerToken, kCodeOnPolicy, kCodeComputeGrad, kCodeNumSequences, kCodeSeqLen, kCodeMaxLen, kPolicyCodeCount
 };
 enum PolicyScalarSlot : int {
@@ -42,6 +42,7 @@ struct PolicyLossArgs {
   int64_t num_sequences = 0, seq_len = 0, n_tokens = 0;
   int loss_type = kPPO, kl_estimator = kKlNone, aggregation = kTokenMean, is_mode = kIsNone;
   bool adv_per_token = false, iw_per_token = false, cispo_two_sided = false;
+  bool sequence_ratio = false;  // sapo / cispo on the sequence ratio s instead of each token's ratio
   bool kl_bias_correction = false;  // the KL term times the importance ratio (gspo: the sequence ratio)
   bool kl_times_is_weights = false;  // the KL term times the rollout IS weight (only with is_weights)
   float lo = 0.8f, hi = 1.2f, delta = 0.f, dual_clip = 0.f;  // delta / dual_clip: +inf disables; geo_mean: log-space lo, hi

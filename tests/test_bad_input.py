@@ -132,6 +132,8 @@ BAD_INPUTS = [
     ("covariance_token_mask", "fraction <= 0", lambda b: nk.covariance_token_mask(torch.randn(2, 3), torch.randn(2, 3), fraction=0.0), ValueError, "fraction"),
     ("covariance_token_mask", "advantages shape", lambda b: nk.covariance_token_mask(torch.randn(2, 3), torch.randn(3), fraction=0.1), ValueError, "advantages"),
     ("policy_loss", "dual_clip <= 1", lambda b: _policy(b, dual_clip=0.5), ValueError, "dual_clip"),
+    ("policy_loss", "ppo at sequence level", lambda b: _policy(b, ratio_level="sequence"), ValueError, "ratio_level"),
+    ("policy_loss", "unknown ratio_level", lambda b: _policy(b, loss_type="sapo", ratio_level="batch"), ValueError, "ratio_level"),
     ("policy_loss", "kl_clamp <= 0", lambda b: _policy(b, kl_clamp=0.0), ValueError, "kl_clamp"),
     ("policy_loss", "kl_clamp nan", lambda b: _policy(b, kl_clamp=float("nan")), ValueError, "kl_clamp"),
     ("policy_loss", "npo without ref_logp", lambda b: _policy(b, loss_type="npo"), ValueError, "ref_logp"),

@@ -86,9 +86,12 @@ CASES = {
     "luspo": dict(loss_type="luspo"),
     "gspo (sequence-level IS)": dict(loss_type="grpo", importance_sampling_level="sequence"),
     "dapo sequence-level": dict(loss_type="dapo", importance_sampling_level="sequence"),
-    "cispo sequence-level": dict(loss_type="cispo", epsilon_high=1.02, importance_sampling_level="sequence", beta=0.0),
+    "cispo sequence-level": dict(loss_type="cispo", epsilon_high=1.02, importance_sampling_level="sequence"),
     "cispo sequence-level, plain KL": dict(loss_type="cispo", epsilon_high=1.02, importance_sampling_level="sequence",
                                            use_bias_correction_kl=False, top_entropy_quantile=0.5),
+    "sapo sequence-level": dict(loss_type="sapo", importance_sampling_level="sequence"),
+    "sapo sequence-level, entropy mask": dict(loss_type="sapo", importance_sampling_level="sequence",
+                                              top_entropy_quantile=0.5, beta=0.0),
     "plain KL, delta": dict(loss_type="bnpo", use_bias_correction_kl=False, delta=1.5),
     "on-policy, no KL": dict(loss_type="grpo", beta=0.0, num_iterations=1),
     "on-policy with KL": dict(loss_type="dr_grpo", num_iterations=1),
@@ -176,8 +179,6 @@ def test_trainer_matches_trl_with_vllm_importance_ratios(options, tiny_model_dir
 
 @pytest.mark.parametrize("options, reason", [
     (dict(loss_type="vespo"), "vespo"),
-    (dict(loss_type="sapo", importance_sampling_level="sequence"), "sequence"),
-    (dict(loss_type="cispo", epsilon_high=1.02, importance_sampling_level="sequence"), "bias-corrected"),
     (dict(loss_type="cispo"), "epsilon_high"),
 ])
 def test_trainer_falls_back_to_trl_loss_with_a_warning(options, reason, tiny_model_dir, tmp_path):

@@ -250,6 +250,40 @@ def test_policy_loss_kl_bias_correction(backend, loss_type):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["sapo", "cispo"])
+@pytest.mark.parametrize("kl", [False, True])
+def test_sequence_ratio_sapo_and_cispo_match_their_definition(backend, loss_type, kl):
+    """TRL's importance_sampling_level="sequence": s = exp(masked mean of log ρ) per sequence, with
+    its full gradient, in place of ρ; written here as TRL writes it (a [B, 1] ratio broadcast)."""
+    logp, old, ref, adv, mask = policy_inputs(b=6, t=11)
+    kw = dict(loss_type=loss_type, ratio_level="sequence", aggregation="seq-mean-token-mean", clip_high=0.01,
+              sapo_tau_pos=1.3, sapo_tau_neg=2.1)
+    if kl:
+        kw.update(ref_logp=ref, kl_coef=0.3, kl_bias_correction=True)
+    out, g, want, g64 = run_both(backend, logp, old, adv, mask, **kw)
+    check_outputs(out, g, want, g64, what=f"{loss_type} at sequence level")
+    x = logp.double().requires_grad_()
+    m = mask.double()
+    n = m.sum(-1, keepdim=True)
+    s = torch.exp(((x - old.double()) * m).sum(-1, keepdim=True) / n.clamp_min(1))
+    a = adv.double()[:, None]
+    if loss_type == "sapo":
+        tau = torch.where(a > 0, 1.3, 2.1)
+        per_token = -(4 / tau) * torch.sigmoid(tau * (s - 1)) * a * torch.ones_like(x)
+    else:
+        per_token = -torch.clamp(s, max=1.01).detach() * a * x
+    if kl:
+        d = ref.double() - x
+        per_token = per_token + 0.3 * (torch.exp(d) - d - 1) * s
+    loss = ((per_token * m).sum(-1) / n.squeeze(-1).clamp_min(1)).sum() / (n.squeeze(-1) > 0).sum()
+    (grad,) = torch.autograd.grad(loss, x)
+    assert_close(out.loss, loss, rtol=1e-5, atol=1e-6, what="loss")
+    assert_close(g, grad * m, rtol=1e-4, atol=1e-7, what="grad")
+    if loss_type == "cispo":
+        assert 0 < float(out.clip_fraction_high) < 1  # the cap on s binds for some sequences
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("per_token_adv", [False, True])
 def test_geo_mean_matches_its_definition(backend, per_token_adv):
     """GMPO from the paper's form: sgn(A)·min(sgn(A)·log ρ, sgn(A)·clip(log ρ, −low, high)), its

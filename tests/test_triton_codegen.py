@@ -140,7 +140,7 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
                          dict(HAS_GRAD_LOGP=grad_logp, HAS_GRAD_ENTROPY=grad_entropy, BLOCK_V=4096))
         count += 1
     base = dict(LOSS=0, KL=-1, KL_BIAS_CORRECTION=False, KL_TIMES_IS_WEIGHTS=False, AGG=0, IS=0, PACKED=False, HAS_MASK=True, ADV_PER_TOKEN=False, IW_PER_TOKEN=False,
-                CISPO_TWO_SIDED=False, COMPUTE_GRAD=True, HAS_NORMALISER=False, BLOCK=2048,
+                CISPO_TWO_SIDED=False, SEQUENCE_RATIO=False, COMPUTE_GRAD=True, HAS_NORMALISER=False, BLOCK=2048,
                 FINAL_BLOCK=lk.FINAL_ROWS)
     variants = []
     from negkernels.reference.logprobs import LossType
@@ -152,6 +152,8 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
     variants.append(dict(base, LOSS=1, AGG=2, BLOCK=16, seq_len=1, max_len=1))
     # The bias-corrected KL: token ratio (ppo) and the sequence ratio's extra sweep (gspo).
     variants += [dict(base, LOSS=loss, KL=2, KL_BIAS_CORRECTION=True) for loss in (0, 1)]
+    # sapo / cispo on the sequence ratio (TRL's sequence-level importance sampling), with its KL
+    variants += [dict(base, LOSS=loss, SEQUENCE_RATIO=True, KL=2, KL_BIAS_CORRECTION=True, AGG=2) for loss in (2, 3)]
     # The KL term weighted by the rollout IS weights (verl's kl_cov), with gspo's sequence ratio too.
     variants += [dict(base, LOSS=loss, KL=3, IS=1, IW_PER_TOKEN=True, KL_BIAS_CORRECTION=loss == 1,
                       KL_TIMES_IS_WEIGHTS=True) for loss in (0, 1)]
@@ -377,7 +379,7 @@ def test_every_advantages_kernel_variant_compiles_for_sm90():
 
 
 def test_every_logprobs_kernel_variant_compiles_for_sm90():
-    assert "compiled 55" in _compile_in_subprocess(LOGPROBS_SCRIPT)
+    assert "compiled 57" in _compile_in_subprocess(LOGPROBS_SCRIPT)
 
 
 def test_every_contrastive_kernel_variant_compiles_for_sm90():

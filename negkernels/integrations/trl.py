@@ -21,7 +21,7 @@ TRL's options and how they map (``docs``: the README's "Swap it into your traine
 ``dapo`` / ``cispo``              token-mean over num_items_in_batch / processes · GA / steps_per_generation
 ``luspo``                         seq-mean-token-sum, every row counted
 ``importance_sampling_level``     ``"sequence"`` → loss_type gspo (grpo, bnpo, dr_grpo, dapo, luspo);
-                                  cispo: gpg weighed by sg(min(s, epsilon_high)) per sequence
+                                  sapo / cispo: ratio_level="sequence"
 ``epsilon`` / ``epsilon_high``    clip_low / clip_high (cispo: clip_high = epsilon_high − 1)
 ``delta``                         delta;  ``beta`` → kl_coef with k3 against ``ref_per_token_logps``
 ``use_bias_correction_kl``        kl_bias_correction (the KL term times ρ, or s for gspo)
@@ -35,8 +35,7 @@ vLLM importance sampling          TRL's ``importance_sampling_ratio`` times the 
 gradient accumulation             folded into the normalisers, so the loss is TRL's divided by GA
 ================================  ==========================================================
 
-Run by TRL's own loss instead (a warning says which and why, once): ``loss_type="vespo"``;
-``importance_sampling_level="sequence"`` with sapo, or with cispo and the bias-corrected KL; cispo with
+Run by TRL's own loss instead (a warning says which and why, once): ``loss_type="vespo"``; cispo with
 ``epsilon_high < 1``; MoE router auxiliary losses; multimodal inputs; models whose logits the
 fused head cannot reproduce exactly (a soft cap).
 """
@@ -100,22 +99,16 @@ def _loss_config(trainer) -> tuple[Optional[PolicyLossConfig], Optional[str]]:
         return None, f"loss_type={loss_type!r} has no fused form"
     if trainer.aux_loss_enabled:
         return None, "the MoE router auxiliary loss needs the model's own forward"
-    if level == "sequence" and loss_type == "sapo":
-        return None, "importance_sampling_level='sequence' with loss_type='sapo'"
-    if level == "sequence" and loss_type == "cispo" and trainer.beta != 0.0 and args.use_bias_correction_kl:
-        return None, "importance_sampling_level='sequence' with cispo and the bias-corrected KL (ρ is the sequence's)"
     options = dict(kl_coef=float(trainer.beta), kl_estimator="k3",
                    kl_bias_correction=bool(args.use_bias_correction_kl) and trainer.beta != 0.0,
                    is_mode="truncate", is_threshold=_NO_CAP)
     if loss_type == "cispo":
         if trainer.epsilon_high < 1.0:
             return None, f"cispo's epsilon_high={trainer.epsilon_high} is below 1 (an absolute cap on ρ)"
-        # sequence level: −sg(min(s, epsilon_high))·A·logp, the capped sequence ratio a per-sequence
-        # weight (from a forward-only pass) on gpg's −A·logp
-        options.update(loss_type="gpg" if level == "sequence" else "cispo", clip_high=trainer.epsilon_high - 1.0)
+        options.update(loss_type="cispo", clip_high=trainer.epsilon_high - 1.0, ratio_level=level)
     elif loss_type == "sapo":
         options.update(loss_type="sapo", sapo_tau_pos=float(args.sapo_temperature_pos),
-                       sapo_tau_neg=float(args.sapo_temperature_neg))
+                       sapo_tau_neg=float(args.sapo_temperature_neg), ratio_level=level)
     else:
         options.update(loss_type="gspo" if level == "sequence" else "ppo", clip_low=trainer.epsilon_low,
                        clip_high=trainer.epsilon_high, delta=args.delta)
@@ -283,24 +276,10 @@ class NegkernelsGRPOTrainer(GRPOTrainer):
         if self.use_vllm and self.vllm_importance_sampling_correction:
             ratio = inputs["importance_sampling_ratio"].float()
             weights = ratio if weights is None else weights * ratio
-        if self._negkernels_config.loss_type == "gpg" and self.loss_type == "cispo":
-            # sequence-level cispo: each token weighed by sg(min(s, epsilon_high)), s the sequence ratio
-            if old is None:
-                capped = torch.clamp(torch.ones(mask.shape[0], 1, device=mask.device), max=self.epsilon_high)
-            else:
-                with torch.no_grad():
-                    logp = linear_token_logprobs(hidden.detach(), weight.detach(), targets,
-                                                 bias=None if bias is None else bias.detach(),
-                                                 temperature=temperature,
-                                                 fp32_lm_head=bool(self.args.cast_lm_head_to_fp32), validate=False)
-                    maskf = mask.float()
-                    log_s = ((logp - old) * maskf).sum(-1, keepdim=True) / maskf.sum(-1, keepdim=True).clamp(min=1.0)
-                    capped = torch.clamp(torch.exp(log_s), max=self.epsilon_high)
-            weights = capped.expand(mask.shape) if weights is None else weights * capped
-            return weights.expand(mask.shape).contiguous(), entropy_mask  # a token-level term: weights per token
         if weights is None:
             return None, entropy_mask
-        if self.importance_sampling_level == "sequence":  # one weight per sequence ratio
+        if self.importance_sampling_level == "sequence" and self.loss_type != "cispo":
+            # one weight per sequence ratio (cispo's term stays per token: −sg(min(s, ε))·A·logp_t)
             return per_sequence_weights(weights, mask).contiguous(), entropy_mask
         return weights.expand(mask.shape).contiguous(), entropy_mask
 

@@ -54,6 +54,8 @@ TOKEN_LOGPROBS_BACKENDS = register_op("token_logprobs", ("reference", "triton"))
 POLICY_LOSS_BACKENDS = register_op("policy_loss", ("reference", "triton", "cuda"))
 POLICY_LOSS_FROM_LOGITS_BACKENDS = register_op("policy_loss_from_logits", ("reference", "triton"))
 TOKEN_LOCAL_LOSSES = ("ppo", "cispo", "sapo", "gpg")
+RATIO_LEVELS = ("token", "sequence")
+SEQUENCE_RATIO_LOSSES = ("sapo", "cispo")
 
 
 class PolicyLossOutput(NamedTuple):
@@ -595,6 +597,7 @@ class PolicyKernelCodes(NamedTuple):
     aggregation: int  # Aggregation
     is_mode: int  # IsMode (NONE without is_weights)
     cispo_two_sided: int
+    sequence_ratio: int  # sapo / cispo on the sequence ratio s instead of each token's ρ
     adv_per_token: int
     iw_per_token: int
     on_policy: int  # from logits: old_logp is the token's own log-prob (no old_logp input)
@@ -655,6 +658,7 @@ class PolicyLossConfig:
     dual_clip: Optional[float] = None
     delta: Optional[float] = None
     cispo_two_sided: bool = False
+    ratio_level: str = "token"  # "sequence": sapo / cispo on the sequence ratio
     sapo_tau_pos: float = 1.0
     sapo_tau_neg: float = 1.05
     npo_beta: float = 0.1
@@ -674,6 +678,11 @@ class PolicyLossConfig:
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_choice("is_mode", self.is_mode, IS_MODES)
+        check_choice("ratio_level", self.ratio_level, RATIO_LEVELS)
+        if self.ratio_level == "sequence" and self.loss_type not in SEQUENCE_RATIO_LOSSES:
+            hint = " (ppo on the sequence ratio is loss_type='gspo')" if self.loss_type == "ppo" else ""
+            raise ValueError(f"ratio_level: 'sequence' applies to {SEQUENCE_RATIO_LOSSES}, not "
+                             f"loss_type={self.loss_type!r}{hint}")
         for name in ("cispo_two_sided", "kl_bias_correction", "kl_times_is_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {type(getattr(self, name)).__name__}")
@@ -719,6 +728,11 @@ class PolicyLossConfig:
             return cls(**options)
         return bounded_memo(_CONFIGS, key, lambda: cls(**options), 256)
 
+    @property
+    def token_local(self) -> bool:
+        """Each token's term depends on that token alone (the from-logits kernel's one-pass form)."""
+        return self.loss_type in TOKEN_LOCAL_LOSSES and self.ratio_level == "token"
+
     def resolved_norm_constant(self, seq_len: int, packed: bool) -> float:
         if self.norm_constant is not None:
             return self.norm_constant
@@ -757,7 +771,8 @@ class PolicyLossConfig:
             kl_times_is_weights=int(self.kl_times_is_weights and use_kl and use_is),
             aggregation=int(AGGREGATION_CODE[self.aggregation]),
             is_mode=int(IS_CODE[self.is_mode] if use_is else IsMode.NONE),
-            cispo_two_sided=int(self.cispo_two_sided), adv_per_token=int(adv_per_token),
+            cispo_two_sided=int(self.cispo_two_sided), sequence_ratio=int(self.ratio_level == "sequence"),
+            adv_per_token=int(adv_per_token),
             iw_per_token=int(iw_per_token), on_policy=int(on_policy), compute_grad=int(compute_grad),
             num_sequences=num_sequences,
             seq_len=seq_len, max_len=max_len)
@@ -815,6 +830,9 @@ def policy_loss(
         ``"gspo"``:  the same with ρ replaced by s = exp(mean_t log ρ) over the sequence's unmasked
                      tokens, differentiated in the token form sg(s)·exp(logp − sg(logp))
         ``"cispo"``: −sg(min(ρ, hi))·A·logp (``cispo_two_sided``: sg(clip(ρ, lo, hi)))
+        ``ratio_level="sequence"`` puts sapo and cispo on the sequence ratio s instead of ρ (TRL's
+        ``importance_sampling_level="sequence"``; gspo is ppo's): sapo in token form as gspo, cispo
+        as −sg(min(s, hi))·A·logp; the bias-corrected KL then uses s as well
         ``"sapo"``:  −(4/τ)·σ(τ(ρ − 1))·A, τ = ``sapo_tau_pos`` if A > 0 else ``sapo_tau_neg``
         ``"gpg"``:   −A·logp
         ``"npo"``:   (2/β)·log(1 + exp(β·Σ_t(logp − ref_logp))) per sequence, shared equally by
@@ -1194,7 +1212,7 @@ def policy_loss_from_logits(
         _check_target_range(targets, logits.shape[-1])
     want_entropy = return_entropy or entropy_coef != 0.0
     counts = _sequence_counts(mask, like, cu_seqlens) if cfg.aggregation.startswith("seq-mean") else None
-    fused = chosen != "reference" and cfg.loss_type in TOKEN_LOCAL_LOSSES
+    fused = chosen != "reference" and cfg.token_local
     if fused and cfg.aggregation in ("token-mean", "token-sum") and _call_counts_itself(
             cfg, num_tokens, num_sequences, process_group):
         denom = None  # the kernel counts this call's tokens itself: no host op
@@ -1651,7 +1669,7 @@ def linear_policy_loss(
     denom = _normaliser(cfg.aggregation, mask, like, cu_seqlens, num_tokens, num_sequences, data_parallel_group,
                         counts)
 
-    two_pass = fp32_weight_grad or cfg.loss_type not in TOKEN_LOCAL_LOSSES or process_group is not None
+    two_pass = fp32_weight_grad or not cfg.token_local or process_group is not None
     if chosen == "reference" or two_pass:
         got = linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                     return_entropy=want_entropy, fp32_lm_head=fp32_lm_head, chunk_size=chunk_size,

@@ -218,6 +218,7 @@ def policy_loss_reference(
     dual_clip: Optional[float] = None,
     delta: Optional[float] = None,
     cispo_two_sided: bool = False,
+    ratio_level: str = "token",
     sapo_tau_pos: float = 1.0,
     sapo_tau_neg: float = 1.05,
     npo_beta: float = 0.1,
@@ -283,6 +284,10 @@ def policy_loss_reference(
 
     zeros = torch.zeros(n, dtype=torch.bool, device=logp.device)
     low_flag = high_flag = dual_flag = zeros
+    if ratio_level == "sequence":  # sapo / cispo on s, in token form; the KL's bias correction too
+        seq_log_ratio = torch.zeros(num_seq, dtype=dtype, device=logp.device).index_add(0, seq, torch.where(m > 0, log_ratio, 0.0))
+        s_full = torch.exp(seq_log_ratio / count_b.clamp_min(1))[seq]
+        ratio = s_full.detach() * torch.exp(lp - lp.detach())
     if loss_type == "ppo":
         pg, low_flag, high_flag, dual_flag = clipped_surrogate(ratio, adv, lo, hi, delta, dual_clip)
     elif loss_type == "gspo":
@@ -324,6 +329,8 @@ def policy_loss_reference(
     else:
         raise ValueError(f"loss_type: unknown {loss_type!r}")
 
+    if ratio_level == "sequence":
+        ratio = s_full
     token_loss = iw * pg
     kl = None
     if ref is not None:

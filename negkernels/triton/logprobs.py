@@ -415,7 +415,8 @@ def _policy_loss_fwd_kernel(
     lo, hi, delta, dual_c, tau_pos, tau_neg, npo_beta, kl_coef, kl_clamp, is_hi, is_lo, norm_constant,
     LOSS: tl.constexpr, KL: tl.constexpr, KL_BIAS_CORRECTION: tl.constexpr, KL_TIMES_IS_WEIGHTS: tl.constexpr,
     AGG: tl.constexpr, IS: tl.constexpr, PACKED: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, IW_PER_TOKEN: tl.constexpr,
-    CISPO_TWO_SIDED: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_NORMALISER: tl.constexpr,
+    CISPO_TWO_SIDED: tl.constexpr, SEQUENCE_RATIO: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    HAS_NORMALISER: tl.constexpr,
     BLOCK: tl.constexpr, FINAL_BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -438,11 +439,13 @@ def _policy_loss_fwd_kernel(
     # GSPO's mean log-ratio (and, with the bias-corrected KL, its KL sum: s·Σ k couples every
     # token through s), GMPO's mean clipped log-ratio and advantage sum, NPO's log-likelihood gap
     # and IS-weight sum.
-    KL_TIMES_SEQ_RATIO: tl.constexpr = KL_BIAS_CORRECTION and (KL != _KL_NONE) and (LOSS == _LOSS_GSPO)
+    # GSPO and the sequence-level sapo / cispo share s = exp(mean_t log ρ)
+    USES_SEQ_RATIO: tl.constexpr = (LOSS == _LOSS_GSPO) or SEQUENCE_RATIO
+    KL_TIMES_SEQ_RATIO: tl.constexpr = KL_BIAS_CORRECTION and (KL != _KL_NONE) and USES_SEQ_RATIO
     count = 0.0
     seq_a = 0.0
     seq_b = 0.0
-    if (AGG == _AGG_SEQ_MEAN_TOKEN_MEAN) or (LOSS == _LOSS_GSPO) or (LOSS == _LOSS_NPO) or (LOSS == _LOSS_GEO_MEAN):
+    if (AGG == _AGG_SEQ_MEAN_TOKEN_MEAN) or USES_SEQ_RATIO or (LOSS == _LOSS_NPO) or (LOSS == _LOSS_GEO_MEAN):
         acc_count = tl.zeros([BLOCK], tl.float32)
         acc_a = tl.zeros([BLOCK], tl.float32)
         acc_b = tl.zeros([BLOCK], tl.float32)
@@ -453,7 +456,7 @@ def _policy_loss_fwd_kernel(
             if HAS_MASK:
                 m = m & (tl.load(mask_ptr + offs, mask=m, other=0) != 0)
             acc_count += tl.where(m, 1.0, 0.0)
-            if LOSS == _LOSS_GSPO:
+            if USES_SEQ_RATIO:
                 lp = tl.load(logp_ptr + offs, mask=m, other=0.0).to(tl.float32)
                 old = tl.load(old_ptr + offs, mask=m, other=0.0).to(tl.float32)
                 acc_a += tl.where(m, lp - old, 0.0)
@@ -492,7 +495,7 @@ def _policy_loss_fwd_kernel(
         row_weight = 1.0
     # Not yet divided by the normaliser: the last program divides the loss, the backward the gradient.
     grad_weight = row_weight
-    if (LOSS == _LOSS_GSPO) or (LOSS == _LOSS_GEO_MEAN):
+    if USES_SEQ_RATIO or (LOSS == _LOSS_GEO_MEAN):
         seq_ratio = tl.exp(seq_a / safe_count)
     if LOSS == _LOSS_GEO_MEAN:
         seq_adv = seq_b / safe_count if ADV_PER_TOKEN else adv_seq
@@ -542,6 +545,11 @@ def _policy_loss_fwd_kernel(
             low = tl.zeros_like(lp)
             high = low
             dual = low
+        elif SEQUENCE_RATIO:  # sapo / cispo of s, in token form: s in place of ρ (dρ/dlogp = ρ ↔ s)
+            s = tl.zeros_like(lp) + seq_ratio
+            value, d_pg, low, high, dual = _token_local_loss(lp, s, adv, lo, hi, delta, dual_c, tau_pos, tau_neg,
+                                                             LOSS, CISPO_TWO_SIDED)
+            d_logp = iw * d_pg
         else:
             value, d_pg, low, high, dual = _token_local_loss(lp, ratio, adv, lo, hi, delta, dual_c, tau_pos, tau_neg,
                                                              LOSS, CISPO_TWO_SIDED)
@@ -874,7 +882,7 @@ def policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_s
         IS=codes.is_mode,
         PACKED=cu_seqlens is not None, HAS_MASK=mask is not None,
         ADV_PER_TOKEN=bool(codes.adv_per_token), IW_PER_TOKEN=bool(codes.iw_per_token),
-        CISPO_TWO_SIDED=bool(codes.cispo_two_sided), COMPUTE_GRAD=bool(codes.compute_grad),
+        CISPO_TWO_SIDED=bool(codes.cispo_two_sided), SEQUENCE_RATIO=bool(codes.sequence_ratio), COMPUTE_GRAD=bool(codes.compute_grad),
         HAS_NORMALISER=normaliser is not None, BLOCK=block, FINAL_BLOCK=FINAL_ROWS,
         num_warps=4 if block <= 512 else 8,
     )
