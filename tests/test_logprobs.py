@@ -881,3 +881,16 @@ def test_covariance_token_mask_bad_input(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         nk.covariance_token_mask(args.pop("logp"), args.pop("advantages"), args.pop("mask"), **args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cispo_cap_below_one(backend):
+    """cispo's cap hi = 1 + clip_high may lie below 1 (TRL's default epsilon_high = 0.2 is the cap)."""
+    logp, old, ref, adv, mask = policy_inputs()
+    out, g, want, g64 = run_both(backend, logp, old, adv, mask, loss_type="cispo", clip_high=-0.8)
+    check_outputs(out, g, want, g64, what="cispo, cap 0.2")
+    rho = torch.exp(logp.double() - old.double())
+    m = mask.double()
+    expected = (-(rho.clamp(max=0.2) * adv.double()[:, None] * logp.double()) * m).sum() / m.sum()
+    assert_close(out.loss, expected, rtol=1e-5, atol=1e-6, what="loss")
+    assert float(out.clip_fraction_high) > 0.9  # nearly every ratio is above 0.2

@@ -35,8 +35,8 @@ vLLM importance sampling          TRL's ``importance_sampling_ratio`` times the 
 gradient accumulation             folded into the normalisers, so the loss is TRL's divided by GA
 ================================  ==========================================================
 
-Run by TRL's own loss instead (a warning says which and why, once): ``loss_type="vespo"``; cispo with
-``epsilon_high < 1``; MoE router auxiliary losses; multimodal inputs; models whose logits the
+Run by TRL's own loss instead (a warning says which and why, once): ``loss_type="vespo"``; MoE
+router auxiliary losses; multimodal inputs; models whose logits the
 fused head cannot reproduce exactly (a soft cap).
 """
 
@@ -103,8 +103,6 @@ def _loss_config(trainer) -> tuple[Optional[PolicyLossConfig], Optional[str]]:
                    kl_bias_correction=bool(args.use_bias_correction_kl) and trainer.beta != 0.0,
                    is_mode="truncate", is_threshold=_NO_CAP)
     if loss_type == "cispo":
-        if trainer.epsilon_high < 1.0:
-            return None, f"cispo's epsilon_high={trainer.epsilon_high} is below 1 (an absolute cap on ρ)"
         options.update(loss_type="cispo", clip_high=trainer.epsilon_high - 1.0, ratio_level=level)
     elif loss_type == "sapo":
         options.update(loss_type="sapo", sapo_tau_pos=float(args.sapo_temperature_pos),

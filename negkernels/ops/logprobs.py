@@ -690,7 +690,9 @@ class PolicyLossConfig:
         low = 1.0 / is_threshold if self.is_threshold_low is None else self.is_threshold_low
         checked = dict(
             clip_low=check_finite_float("clip_low", self.clip_low, minimum=0.0),
-            clip_high=check_finite_float("clip_high", self.clip_high, minimum=0.0),
+            # cispo's cap hi = 1 + clip_high may sit below 1 (TRL's epsilon_high is that cap itself)
+            clip_high=check_finite_float("clip_high", self.clip_high, minimum=-1.0 if self.loss_type == "cispo" else 0.0,
+                                         exclusive=self.loss_type == "cispo"),
             dual_clip=_optional_above("dual_clip", self.dual_clip, 1.0),
             delta=_optional_above("delta", self.delta, 1.0),
             sapo_tau_pos=check_finite_float("sapo_tau_pos", self.sapo_tau_pos, minimum=0.0, exclusive=True),
