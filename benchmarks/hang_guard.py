@@ -1,5 +1,5 @@
 """The kernels that synchronise their programs on the device, once each, at their bench shapes:
-the grid-barrier advantages kernel and the policy-loss kernels whose last program finishes the
+the grid-barrier advantages and DisCO kernels and the policy-loss kernels whose last program finishes the
 reduction. A kernel that deadlocks stops the process here, under a timeout, before anything
 else runs. Prints each one's device time (CUDA events) and whether its result matches the
 reference.
@@ -47,6 +47,14 @@ def main() -> int:
                     lambda a, s=scale: torch.allclose(
                         a.double(), nk.group_advantages(rewards.double(), ids, num_groups=groups, scale=s,
                                                         backend="reference"), atol=1e-4))
+    # the DisCO kernel: the same grid barrier, four phases
+    scores, correct = torch.randn(n, device=dev), torch.rand(n, device=dev) > 0.5
+    disco_ref = nk.group_discriminative_loss(scores.double(), correct, ids, num_groups=groups, tau=0.5,
+                                             backend="reference")
+    ok &= timed(f"group_discriminative_loss ragged N={n}",
+                lambda: nk.group_discriminative_loss(scores, correct, ids, num_groups=groups, tau=0.5, validate=False,
+                                                     backend="triton"),
+                lambda loss: abs(float(loss) - float(disco_ref)) <= 1e-4 * max(1.0, abs(float(disco_ref))))
     b, t = 1024, 8192
     logp = (torch.randn(b, t, device=dev) * 0.3 - 2).requires_grad_()
     old = logp.detach() + 0.05 * torch.randn(b, t, device=dev)
