@@ -64,3 +64,23 @@ def test_gpu_compile_fullgraph():
     fn = torch.compile(lambda r: nk.group_advantages(r, group_size=16) * 2, fullgraph=True)
     r = torch.randn(4096, device="cuda")
     assert_close(fn(r), nk.group_advantages(r, group_size=16, backend="reference") * 2, **OUTPUT_TOLERANCE)
+
+
+@pytest.mark.parametrize("mode", ["disco", "disco_b"])
+@pytest.mark.parametrize("n", [7, 131072, 300001])
+def test_gpu_discriminative_kernel_parity(mode, n):
+    """The one-launch DisCO kernel (grid barrier over every SM) against the float64 reference."""
+    scores = (torch.randn(n, device="cuda") * 2).requires_grad_()
+    correct = torch.rand(n, device="cuda") > 0.5
+    ids = torch.randint(0, max(1, n // 9), (n,), device="cuda")
+    weights = torch.rand(n, device="cuda") + 0.1
+    with poisoned_allocations():
+        loss = nk.group_discriminative_loss(scores, correct, ids, tau=0.7, mode=mode, weights=weights,
+                                            backend="triton")
+    loss.backward()
+    x64 = upcast(scores.detach()).requires_grad_()
+    want = nk.group_discriminative_loss(x64, correct, ids, tau=0.7, mode=mode, weights=weights.double(),
+                                        backend="reference")
+    want.backward()
+    assert_close(loss, want, rtol=1e-5, atol=1e-6, what="loss")
+    assert_close(scores.grad, x64.grad, rtol=1e-5, atol=1e-9, what="d scores")
