@@ -67,6 +67,8 @@ def test_policy_losses_match_verl(mode, agg, batch_info, backend, dtype, tol, mo
         config.global_batch_info.update(dp_size=2, batch_num_tokens=int(mask.sum()) * 2 + 5,
                                         global_batch_size=13, loss_scale_factor=16)
     use_weights = weights if mode in ("vanilla", "gspo", "geo_mean", "clip_cov", "kl_cov") else None
+    if mode == "geo_mean":  # verl divides each sequence's sums by its token count + 1e-8: ~1e-9 relative
+        tol = max(tol, 1e-7)
     theirs = run(core_algos.get_policy_loss_fn(mode), old, logp, adv, mask, agg, config, use_weights)
     ours = run(core_algos.get_policy_loss_fn(f"negkernels_{mode}"), old, logp, adv, mask, agg, config, use_weights)
     assert_close(ours[0], theirs[0], rtol=tol, atol=tol, what="loss")
