@@ -832,9 +832,6 @@ def policy_loss(
         ``"gspo"``:  the same with ρ replaced by s = exp(mean_t log ρ) over the sequence's unmasked
                      tokens, differentiated in the token form sg(s)·exp(logp − sg(logp))
         ``"cispo"``: −sg(min(ρ, hi))·A·logp (``cispo_two_sided``: sg(clip(ρ, lo, hi)))
-        ``ratio_level="sequence"`` puts sapo and cispo on the sequence ratio s instead of ρ (TRL's
-        ``importance_sampling_level="sequence"``; gspo is ppo's): sapo in token form as gspo, cispo
-        as −sg(min(s, hi))·A·logp; the bias-corrected KL then uses s as well
         ``"sapo"``:  −(4/τ)·σ(τ(ρ − 1))·A, τ = ``sapo_tau_pos`` if A > 0 else ``sapo_tau_neg``
         ``"gpg"``:   −A·logp
         ``"npo"``:   (2/β)·log(1 + exp(β·Σ_t(logp − ref_logp))) per sequence, shared equally by
@@ -844,6 +841,10 @@ def policy_loss(
                      side (above for A_t > 0, below for A_t < 0; 0 where A_t = 0), Ā the
                      sequence's mean advantage; token form as gspo (delta and dual_clip unused).
                      verl's loss is seq-mean-token-mean over all B rows (``num_sequences=B``)
+    ``ratio_level="sequence"`` puts sapo and cispo on the sequence ratio s instead of ρ (TRL's
+    ``importance_sampling_level="sequence"``; gspo is ppo's): sapo in token form as gspo, cispo as
+    −sg(min(s, hi))·A·logp; the bias-corrected KL then uses s as well. cispo's cap hi may lie
+    below 1 (clip_high > −1).
     At a clip boundary the unclipped branch (and its gradient) is taken.
     Rollout importance weights w (``is_weights``, detached) multiply the policy term:
     ``is_mode="truncate"`` uses min(w, is_threshold); ``"mask"`` zeroes w outside
