@@ -109,18 +109,31 @@ def _as_count(value, mask: Tensor):
     return float(value)
 
 
+def _masked_mean(x: Tensor, mask: Tensor) -> float:
+    """verl's masked_mean (Σ x·m / (Σ m + 1e-8)), in x's dtype (fp32 for a bool x), as a float."""
+    x = x if x.is_floating_point() else x.float()
+    maskf = mask.to(x.dtype)
+    return float((x * maskf).sum() / (maskf.sum() + 1e-8))
+
+
 def _ppo_kl(old_log_prob: Tensor, log_prob: Tensor, mask: Tensor) -> float:
     neg_kl = (log_prob.detach() - old_log_prob).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    maskf = mask.float()
-    return float(((-neg_kl) * maskf).sum() / (maskf.sum() + 1e-8))
+    return _masked_mean(-neg_kl, mask)
+
+
+def _uncapped(is_weights: Optional[Tensor]) -> dict:
+    """verl's rollout IS weights as the fused loss's ``is_weights``: they multiply the policy term
+    as they are (verl caps them itself, before the loss)."""
+    if is_weights is None:
+        return {}
+    return dict(is_weights=is_weights.detach(), is_mode="truncate", is_threshold=_NO_CAP)
 
 
 def _run(loss_type_options: dict, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
          rollout_is_weights, *, dual_clip_metric: bool, force_agg_mode: Optional[str] = None):
     mask = response_mask.bool()
-    options = dict(loss_type_options, **_aggregation(force_agg_mode or loss_agg_mode, config, mask))
-    if rollout_is_weights is not None:
-        options.update(is_weights=rollout_is_weights.detach(), is_mode="truncate", is_threshold=_NO_CAP)
+    options = dict(loss_type_options, **_aggregation(force_agg_mode or loss_agg_mode, config, mask),
+                   **_uncapped(rollout_is_weights))
     out = policy_loss(log_prob, old_log_prob, advantages, mask, **options)
     metrics = {
         "actor/pg_clipfrac": float(out.clip_fraction_low + out.clip_fraction_high),
@@ -189,17 +202,15 @@ def geo_mean(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, respons
                    num_sequences=float(mask.shape[0]))
     if rollout_is_weights is not None:
         log_w = torch.log(rollout_is_weights.detach() + 1e-10) * maskf
-        options.update(is_weights=torch.exp(log_w.sum(dim=-1) / (count + 1e-8)), is_mode="truncate",
-                       is_threshold=_NO_CAP)
+        options.update(_uncapped(torch.exp(log_w.sum(dim=-1) / (count + 1e-8))))
     out = policy_loss(log_prob, old_log_prob, advantages, mask, **options)
     with torch.no_grad():  # verl's metrics: tokens outside the band, by the advantage's sign
         log_ratio = log_prob.detach() - old_log_prob
-        outside = ((log_ratio < -low) | (log_ratio > high)) & mask
-        total = maskf.sum() + 1e-8
+        outside = (log_ratio < -low) | (log_ratio > high)
         metrics = {
-            "actor/pg_clipfrac": float((outside & (advantages > 0)).sum() / total),
-            "actor/ppo_kl": float((-log_ratio * maskf).sum() / total),
-            "actor/pg_clipfrac_lower": float((outside & (advantages < 0)).sum() / total),
+            "actor/pg_clipfrac": _masked_mean(outside & (advantages > 0), mask),
+            "actor/ppo_kl": _masked_mean(-log_ratio, mask),
+            "actor/pg_clipfrac_lower": _masked_mean(outside & (advantages < 0), mask),
         }
     return out.loss, metrics
 
@@ -209,9 +220,12 @@ def _policy_option(config, name: str, default: float) -> float:
     return float(default if value is None else value)
 
 
-def _masked_mean(x: Tensor, mask: Tensor) -> float:
-    maskf = mask.to(torch.float32)
-    return float((x.float() * maskf).sum() / (maskf.sum() + 1e-8))
+def _selection_ratio(config, name: str) -> float:
+    """Clip-Cov's / KL-Cov's share of the tokens (verl's default 0.0002), which must be > 0."""
+    ratio = _policy_option(config, name, 0.0002)
+    if not ratio > 0:
+        raise ValueError(f"config.policy_loss.{name}: must be > 0, got {ratio}")
+    return ratio
 
 
 @register_policy_loss("negkernels_clip_cov")
@@ -221,9 +235,7 @@ def clip_cov(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, respons
     ``clip_cov_ratio`` of the tokens whose advantage–log-prob covariance lies in
     (``clip_cov_lb``, ``clip_cov_ub``) and whose clip does not bind taken out (value and gradient)."""
     low, high = _clip_range(config)
-    ratio = _policy_option(config, "clip_cov_ratio", 0.0002)
-    if not ratio > 0:
-        raise ValueError(f"config.policy_loss.clip_cov_ratio: must be > 0, got {ratio}")
+    ratio = _selection_ratio(config, "clip_cov_ratio")
     band = (_policy_option(config, "clip_cov_lb", 1.0), _policy_option(config, "clip_cov_ub", 5.0))
     mask = response_mask.bool()
     with torch.no_grad():
@@ -233,9 +245,9 @@ def clip_cov(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, respons
                                        exclude=clip_binds & mask)
         # the picked tokens' terms weigh 0: they still count in every normaliser, as verl's
         kept = (~picked).to(log_prob.dtype)
-        weights = kept if rollout_is_weights is None else kept * rollout_is_weights.detach()
-    options = dict(loss_type="ppo", clip_low=low, clip_high=high, is_weights=weights, is_mode="truncate",
-                   is_threshold=_NO_CAP, **_aggregation(loss_agg_mode, config, mask))
+        weights = kept if rollout_is_weights is None else kept * rollout_is_weights
+    options = dict(loss_type="ppo", clip_low=low, clip_high=high, **_uncapped(weights),
+                   **_aggregation(loss_agg_mode, config, mask))
     out = policy_loss(log_prob, old_log_prob, advantages, mask, **options)
     metrics = {"actor/pg_clipfrac": _masked_mean(picked, mask),
                "actor/ppo_kl": _masked_mean(old_log_prob - log_prob.detach(), mask)}
@@ -249,9 +261,7 @@ def kl_cov(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_
     ``kl_cov_ratio`` of the tokens with the largest advantage–log-prob covariance (as a KL term
     against ref = old on those tokens, importance-weighted with the policy term)."""
     _actor_config(config)
-    ratio = _policy_option(config, "kl_cov_ratio", 0.0002)
-    if not ratio > 0:
-        raise ValueError(f"config.policy_loss.kl_cov_ratio: must be > 0, got {ratio}")
+    ratio = _selection_ratio(config, "kl_cov_ratio")
     coef = _policy_option(config, "ppo_kl_coef", 1.0)
     mask = response_mask.bool()
     with torch.no_grad():
@@ -262,8 +272,7 @@ def kl_cov(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_
     options = dict(loss_type="ppo", clip_low=1.0, clip_high=_NO_CAP, ref_logp=ref, kl_coef=coef,
                    kl_estimator="abs", **_aggregation(loss_agg_mode, config, mask))
     if rollout_is_weights is not None:
-        options.update(is_weights=rollout_is_weights.detach(), is_mode="truncate", is_threshold=_NO_CAP,
-                       kl_times_is_weights=True)
+        options.update(_uncapped(rollout_is_weights), kl_times_is_weights=True)
     out = policy_loss(log_prob, old_log_prob, advantages, mask, **options)
     return out.loss, {"actor/ppo_kl": _masked_mean((log_prob.detach() - old_log_prob).abs(), mask)}
 
