@@ -779,9 +779,12 @@ class PolicyLossConfig:
             num_sequences=num_sequences,
             seq_len=seq_len, max_len=max_len)
         inf = math.inf
-        geo_mean = self.loss_type == "geo_mean"  # clips log ρ: the band in log space
+        if self.loss_type == "geo_mean":  # clips log ρ: the band in log space
+            lo, hi = -self.clip_low, self.clip_high
+        else:
+            lo, hi = 1.0 - self.clip_low, 1.0 + self.clip_high
         scalars = PolicyKernelScalars(
-            lo=-self.clip_low if geo_mean else 1.0 - self.clip_low, hi=self.clip_high if geo_mean else 1.0 + self.clip_high, delta=inf if self.delta is None else self.delta,
+            lo=lo, hi=hi, delta=inf if self.delta is None else self.delta,
             dual_clip=inf if self.dual_clip is None else self.dual_clip, tau_pos=self.sapo_tau_pos,
             tau_neg=self.sapo_tau_neg, npo_beta=self.npo_beta, kl_coef=self.kl_coef if use_kl else 0.0,
             kl_clamp=inf if self.kl_clamp is None else self.kl_clamp,

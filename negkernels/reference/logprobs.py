@@ -284,19 +284,19 @@ def policy_loss_reference(
 
     zeros = torch.zeros(n, dtype=torch.bool, device=logp.device)
     low_flag = high_flag = dual_flag = zeros
-    if ratio_level == "sequence":  # sapo / cispo on s, in token form; the KL's bias correction too
+    seq_ratio = None
+    if loss_type == "gspo" or ratio_level == "sequence":
+        # s = exp(mean_t log ρ) per sequence, with its gradient through every token (the bias-
+        # corrected KL's factor); the policy term takes its token form s_t = sg(s)·exp(logp − sg(logp))
         seq_log_ratio = torch.zeros(num_seq, dtype=dtype, device=logp.device).index_add(0, seq, torch.where(m > 0, log_ratio, 0.0))
-        s_full = torch.exp(seq_log_ratio / count_b.clamp_min(1))[seq]
-        ratio = s_full.detach() * torch.exp(lp - lp.detach())
+        seq_ratio = torch.exp(seq_log_ratio / count_b.clamp_min(1))[seq]
+        seq_ratio_token_form = seq_ratio.detach() * torch.exp(lp - lp.detach())
+        if ratio_level == "sequence":  # sapo / cispo on s
+            ratio = seq_ratio_token_form
     if loss_type == "ppo":
         pg, low_flag, high_flag, dual_flag = clipped_surrogate(ratio, adv, lo, hi, delta, dual_clip)
-    elif loss_type == "gspo":
-        seq_log_ratio = torch.zeros(num_seq, dtype=dtype, device=logp.device).index_add(0, seq, torch.where(m > 0, log_ratio, 0.0))
-        s_b = torch.exp(seq_log_ratio / count_b.clamp_min(1))[seq]
-        # Token form: value s_b, gradient s_b through each token's own log-prob only.
-        s_t = s_b.detach() * torch.exp(lp - lp.detach())
-        pg, low_flag, high_flag, dual_flag = clipped_surrogate(s_t, adv, lo, hi, delta, dual_clip)
-        ratio = s_b
+    elif loss_type == "gspo":  # the token form: value s, gradient s through each token's own log-prob
+        pg, low_flag, high_flag, dual_flag = clipped_surrogate(seq_ratio_token_form, adv, lo, hi, delta, dual_clip)
     elif loss_type == "cispo":
         weight = ratio.clamp(lo, hi) if cispo_two_sided else ratio.clamp(max=hi)
         pg = -weight.detach() * adv * lp
@@ -329,8 +329,8 @@ def policy_loss_reference(
     else:
         raise ValueError(f"loss_type: unknown {loss_type!r}")
 
-    if ratio_level == "sequence":
-        ratio = s_full
+    if seq_ratio is not None:  # the KL's bias correction uses s (with its gradient) for gspo / sequence level
+        ratio = seq_ratio
     token_loss = iw * pg
     kl = None
     if ref is not None:
