@@ -12,10 +12,11 @@ import math
 import pytest
 import torch
 
-trl = pytest.importorskip("trl")
-transformers = pytest.importorskip("transformers")
-datasets = pytest.importorskip("datasets")
-tokenizers = pytest.importorskip("tokenizers")
+# The test extra installs TRL (with datasets and tokenizers): a missing peer fails, never skips.
+import datasets
+import tokenizers
+import transformers
+import trl
 
 from negkernels.integrations.trl import NegkernelsGRPOTrainer  # noqa: E402
 
@@ -108,6 +109,7 @@ CASES = {
                                         max_steps=3),
     "entropy bonus, grpo": dict(loss_type="grpo", entropy_coef=0.05),
     "entropy bonus, entropy mask": dict(loss_type="bnpo", entropy_coef=0.05, top_entropy_quantile=0.5),
+    "entropy bonus, off-policy mask": dict(loss_type="grpo", entropy_coef=0.05, off_policy_mask_threshold=0.05),
     "adaptive entropy": dict(loss_type="dr_grpo", use_adaptive_entropy=True, entropy_coef=0.02,
                              entropy_coef_delta=0.01, entropy_target=5.0, max_steps=3),
     "adaptive entropy, gated off": dict(loss_type="bnpo", use_adaptive_entropy=True, entropy_coef=0.02,

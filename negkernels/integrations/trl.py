@@ -172,8 +172,20 @@ class NegkernelsGRPOTrainer(GRPOTrainer):
         advantages = inputs["advantages"]
         old = inputs.get("old_per_token_logps")  # None: on-policy (ρ = 1 with its gradient)
         ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+        # TRL's entropy bonus: coef · (the mean entropy over the tokens the policy term acts on) / GA,
+        # whatever the loss's normaliser. Under a token mean over exactly those tokens it folds
+        # into the fused pass as entropy_coef (rescaled to the policy's normaliser); otherwise
+        # the entropies come from a second, differentiable LM-head pass, which also serves the
+        # masks below (they need this step's entropies and log-probs before the loss).
+        coef = self._negkernels_entropy_coef()
+        folded = coef != 0.0 and cfg.aggregation == "token-mean" and self.top_entropy_quantile >= 1.0
+        bonus_pass = None
+        if coef != 0.0 and not folded:
+            bonus_pass = linear_token_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature,
+                                               return_entropy=True, fp32_lm_head=bool(self.args.cast_lm_head_to_fp32),
+                                               validate=False)
         weights, entropy_mask = self._policy_term_weights(inputs, hidden, weight, bias, completion_ids, temperature,
-                                                          mask, advantages, old)
+                                                          mask, advantages, old, bonus_pass)
 
         batch = completion_ids.size(0)
         normaliser = {}
@@ -189,12 +201,6 @@ class NegkernelsGRPOTrainer(GRPOTrainer):
         else:
             normaliser["num_sequences"] = batch * accumulation  # TRL counts fully masked rows too
 
-        # TRL's entropy bonus: coef · (the mean entropy over the tokens the policy term acts on) / GA,
-        # whatever the loss's normaliser. Under a token mean over exactly those tokens it folds
-        # into the fused pass as entropy_coef (rescaled to the policy's normaliser); otherwise
-        # the entropies come from a second, differentiable LM-head pass.
-        coef = self._negkernels_entropy_coef()
-        folded = coef != 0.0 and cfg.aggregation == "token-mean" and entropy_mask is None
         entropy_coef = 0.0
         if folded:
             entropy_coef = coef * float(normaliser["num_tokens"]) / (float(bool_mask.sum().clamp(min=1)) * accumulation)
@@ -210,10 +216,8 @@ class NegkernelsGRPOTrainer(GRPOTrainer):
             policy = loss.detach()
             if folded:  # the fused loss holds −entropy_coef·ΣH / num_tokens: put it back for the metric
                 policy = policy + entropy_coef * (out.token_entropy * mask.float()).sum() / normaliser["num_tokens"]
-            elif coef != 0.0:
-                _, entropy = linear_token_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature,
-                                                   return_entropy=True,
-                                                   fp32_lm_head=bool(self.args.cast_lm_head_to_fp32), validate=False)
+            elif bonus_pass is not None:
+                entropy = bonus_pass[1]
                 loss = loss - coef * (entropy * effective).sum() / effective.sum().clamp(min=1.0) / accumulation
             if self.loss_type not in ("dapo", "cispo"):  # TRL logs its policy loss before the GA division
                 policy = policy * accumulation
@@ -250,18 +254,23 @@ class NegkernelsGRPOTrainer(GRPOTrainer):
         if mode == "train" and self.accelerator.sync_gradients:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
-    def _policy_term_weights(self, inputs, hidden, weight, bias, targets, temperature, mask, advantages, old):
+    def _policy_term_weights(self, inputs, hidden, weight, bias, targets, temperature, mask, advantages, old,
+                             computed=None):
         """TRL's high-entropy mask, off-policy sequence mask and vLLM IS ratios, multiplied: the
-        per-token weights of the policy term (not of the KL term), or None."""
+        per-token weights of the policy term (not of the KL term), or None; and the entropy mask.
+        ``computed``: this step's (log-probs, entropies) when a pass already made them."""
         weights = entropy_mask = None
         entropy_quantile = self.top_entropy_quantile < 1.0
         if entropy_quantile or self.off_policy_mask_threshold is not None:
-            with torch.no_grad():  # both need this step's log-probs / entropies before the loss
-                logp, entropy = linear_token_logprobs(hidden.detach(), weight.detach(), targets,
-                                                      bias=None if bias is None else bias.detach(),
-                                                      temperature=temperature, return_entropy=True,
-                                                      fp32_lm_head=bool(self.args.cast_lm_head_to_fp32),
-                                                      validate=False)
+            if computed is not None:
+                logp, entropy = (x.detach() for x in computed)
+            else:
+                with torch.no_grad():  # both need this step's log-probs / entropies before the loss
+                    logp, entropy = linear_token_logprobs(hidden.detach(), weight.detach(), targets,
+                                                          bias=None if bias is None else bias.detach(),
+                                                          temperature=temperature, return_entropy=True,
+                                                          fp32_lm_head=bool(self.args.cast_lm_head_to_fp32),
+                                                          validate=False)
             if entropy_quantile:
                 weights = entropy_mask = self.get_high_entropy_mask(entropy, mask, 1 - self.top_entropy_quantile).float()
             if self.off_policy_mask_threshold is not None:
