@@ -157,6 +157,12 @@ def _cases() -> list[HostCase]:
         query, bank = torch.randn(8, 32), torch.randn(256, 32)
         return lambda: nk.bank_topk(query, bank, 16, backend="triton")
 
+    def discriminative():
+        scores = torch.randn(4096, requires_grad=True)
+        correct, ids = torch.rand(4096) > 0.5, torch.randint(0, 512, (4096,))
+        return lambda: nk.group_discriminative_loss(scores, correct, ids, num_groups=512, validate=False,
+                                                    backend="triton").backward()
+
     def info_nce():
         query = torch.randn(8, 32, requires_grad=True)
         positive, bank = torch.randn(8, 32), torch.randn(256, 32)
@@ -171,6 +177,7 @@ def _cases() -> list[HostCase]:
         HostCase("policy_loss fwd+bwd", policy_loss(), 3.0),
         HostCase("policy_loss_from_logits fwd+bwd", from_logits, 3.0),
         HostCase("bank_info_nce fwd+bwd", info_nce, 3.0),
+        HostCase("group_discriminative_loss fwd+bwd", discriminative, 3.0),
         HostCase("eager GRPO loss fwd+bwd (for comparison)", eager_grpo, None),
     ]
 

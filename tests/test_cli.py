@@ -52,7 +52,8 @@ def test_bench_host_times_every_op_with_launches_stubbed(tmp_path, capsys):
     assert "host overhead per call" in capsys.readouterr().out
     result = json.loads((tmp_path / "host.json").read_text())
     ops = {r["op"] for r in result["rows"]}
-    assert {"policy_loss fwd+bwd", "bank_info_nce fwd+bwd", "evict"} <= {o.split(",")[0] for o in ops}
+    assert {"policy_loss fwd+bwd", "bank_info_nce fwd+bwd", "group_discriminative_loss fwd+bwd", "evict"} <= {
+        o.split(",")[0] for o in ops}
     assert result["baseline_us"] > 0 and all(r["us"] > 0 and r["ratio"] > 0 for r in result["rows"])
 
 
