@@ -255,7 +255,13 @@ def test_policy_loss_kl_bias_correction(backend, loss_type):
 def test_sequence_ratio_sapo_and_cispo_match_their_definition(backend, loss_type, kl):
     """TRL's importance_sampling_level="sequence": s = exp(masked mean of log ρ) per sequence, with
     its full gradient, in place of ρ; written here as TRL writes it (a [B, 1] ratio broadcast)."""
-    logp, old, ref, adv, mask = policy_inputs(b=6, t=11)
+    for _ in range(20):  # a draw where cispo's cap on s binds for some sequences but not all
+        logp, old, ref, adv, mask = policy_inputs(b=6, t=11)
+        m = mask.double()
+        s_draw = torch.exp(((logp - old).double() * m).sum(-1) / m.sum(-1).clamp_min(1))
+        capped = int((s_draw[m.sum(-1) > 0] > 1.01).sum())
+        if 0 < capped < int((m.sum(-1) > 0).sum()):
+            break
     kw = dict(loss_type=loss_type, ratio_level="sequence", aggregation="seq-mean-token-mean", clip_high=0.01,
               sapo_tau_pos=1.3, sapo_tau_neg=2.1)
     if kl:
