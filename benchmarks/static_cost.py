@@ -11,7 +11,8 @@ each loop's trip count per program:
                                  waves × one program's warp-instructions / (min(warps, 4) × 1.98 GHz))
 
 (the second term: a grid of fewer programs than SMs, or one program per SM, cannot use the
-whole machine)
+whole machine), and the SFU bound: Σ MUFU warp-instructions × 32 lanes / (132 SMs × 16 lanes ×
+1.98 GHz), which an exponential-heavy kernel meets before the issue bound;
 beside the case's memory floor (bytes it must move / 3.35 TB/s) and, for matmul cases, the bf16
 tensor-core floor (989 TFLOP/s). Both are lower bounds: a case whose larger bound exceeds its
 target cannot reach the target as built; "bound/target" is the larger bound over the target.
@@ -48,6 +49,7 @@ from triton.compiler import ASTSource  # noqa: E402
 # H100 SXM: the targets in benchmarks/cases.py are H100 figures.
 SMS = 132
 SCHEDULERS_PER_SM = 4
+SFU_LANES_PER_SM = 16  # MUFU results per clock and SM (the CUDA guide's throughput table, cc 9.0)
 CLOCK_HZ = 1.98e9  # the highest boost clock: the bound stays a lower bound
 HBM_BYTES_PER_S = 3.35e12
 BF16_FLOPS_PER_S = 989e12
@@ -160,8 +162,14 @@ def sass_profile(compiled) -> dict:
     barriers = [sum(1 for ln, x in zip(lines, address) if a <= x <= b and " BAR" in ln) for a, b, _ in bodies]
     local = [sum(1 for ln, x in zip(lines, address) if a <= x <= b and re.search(r"\b(STL|LDL)\b", ln))
              for a, b, _ in bodies]  # spill traffic inside the hot loops
+    # MUFU (exponentials, logarithms, reciprocals): 16 lanes an SM, a quarter of the issue rate
+    mufu = [x for ln, x in zip(lines, address) if "MUFU" in ln]
+    loop_mufu = [sum(1 for x in mufu if a <= x <= b) for a, b, _ in bodies]
+    outer_mufu = [sum(1 for x in mufu if a <= x <= b and not any(within(c, d, a, b) and c <= x <= d
+                                                                 for c, d in loops)) for a, b, _ in own]
     return dict(instructions=len(lines), loops=bodies, outer_loops=own, loop_shuffles=shuffles,
-                loop_barriers=barriers, loop_local=local)
+                loop_barriers=barriers, loop_local=local, mufu=len(mufu), loop_mufu=loop_mufu,
+                outer_mufu=outer_mufu)
 
 
 def resources(compiled, num_warps: int) -> dict:
@@ -325,8 +333,22 @@ def _cases() -> list[StaticCase]:
         return [_cdiv(a["splits"], a["SPLIT_BLOCK"])] * 4 + [
             a["chunk"] // a["BLOCK"], _cdiv(a["kept"], a["BLOCK"]) / a["splits"]]
 
-    def mass_trips(launch):
-        return [_cdiv(launch.args["seq"], launch.args["BLOCK_I"]) // 2 + 1] * 2
+    def mass_fwd_trips(launch):  # [column blocks with a sequence start: none here, unmasked ones]
+        blocks = _cdiv(launch.args["seq"], launch.args["BLOCK_T"])
+        return [0, (blocks - 1) / 2]  # program p sweeps the p blocks left of its diagonal
+
+    def mass_bwd_trips(launch):
+        # Program p sums the blocks - 1 - p step blocks right of its diagonal in chunks of
+        # _MASS_CHUNK by Horner's rule; Triton unrolls that loop by 4 (the SASS body holds four
+        # blocks' FFMAs), leaving a remainder loop. No block holds a sequence end here.
+        blocks, chunk, unroll = _cdiv(launch.args["seq"], launch.args["BLOCK_I"]), tk._MASS_CHUNK.value, 4
+        spans = [[min(chunk, n - c) for c in range(0, n, chunk)] for n in (blocks - 1 - p for p in range(blocks))]
+        return [sum(b // unroll for s in spans for b in s) / blocks, sum(b % unroll for s in spans for b in s) / blocks,
+                0]
+
+    def mass_chunks(launch):
+        blocks, chunk = _cdiv(launch.args["seq"], launch.args["BLOCK_I"]), tk._MASS_CHUNK.value
+        return [sum(_cdiv(blocks - 1 - p, chunk) for p in range(blocks)) / blocks]
 
     def policy_trips(launch):
         return [_cdiv(launch.args["max_len"], launch.args["BLOCK"])]
@@ -380,8 +402,9 @@ def _cases() -> list[StaticCase]:
                    outer_trips={"_bank_topk_gather_kernel": topk_tiles}),
         StaticCase("kv/evict", 0.13, evict, evict_trips),
         StaticCase("kv/evict-8rows", 0.03, evict, evict_trips),
-        StaticCase("kv/retention-mass", float("nan"), mass,
-                   {"_retention_mass_fwd_kernel": mass_trips, "_retention_mass_bwd_kernel": mass_trips}),
+        StaticCase("kv/retention-mass", 1.2, mass,
+                   {"_retention_mass_fwd_kernel": mass_fwd_trips, "_retention_mass_bwd_kernel": mass_bwd_trips},
+                   outer_trips={"_retention_mass_bwd_kernel": mass_chunks}),
     ]
 
 
@@ -402,7 +425,7 @@ def analyse(case_filter: str | None = None) -> list[dict]:
         floor_ms = case.min_bytes(inputs) / HBM_BYTES_PER_S * 1e3
         flops = case.flops(inputs)
         matmul_ms = flops / BF16_FLOPS_PER_S * 1e3 if flops else 0.0
-        kernels, warp_instructions, critical_s = [], 0.0, 0.0
+        kernels, warp_instructions, critical_s, sfu_s = [], 0.0, 0.0, 0.0
         for launch in launches:
             key = (launch.kernel.__name__, repr(sorted((k, v) for k, v in launch.args.items()
                                                         if not isinstance(v, torch.Tensor))), repr(launch.options))
@@ -414,14 +437,18 @@ def analyse(case_filter: str | None = None) -> list[dict]:
             warps = res["threads"] // 32
             trips = sc.trips.get(launch.kernel.__name__, lambda launch: [])(launch)
             loops = sass["loops"]
-            looped = sum(body * (trips[j] if j < len(trips) and trips[j] is not None else 1)
-                         for j, (_, _, body) in enumerate(loops))
+            trip = lambda j: trips[j] if j < len(trips) and trips[j] is not None else 1  # noqa: E731
+            looped = sum(body * trip(j) for j, (_, _, body) in enumerate(loops))
             outer = sass["outer_loops"]
             outer_trips = sc.outer_trips.get(launch.kernel.__name__, lambda launch: [])(launch)
-            looped += sum(body * (outer_trips[j] if j < len(outer_trips) else 1)
-                          for j, (_, _, body) in enumerate(outer))
+            outer_trip = lambda j: outer_trips[j] if j < len(outer_trips) else 1  # noqa: E731
+            looped += sum(body * outer_trip(j) for j, (_, _, body) in enumerate(outer))
             straight = sass["instructions"] - sum(body for _, _, body in loops) - sum(body for _, _, body in outer)
             per_program = straight + looped
+            mufu = (sass["mufu"] - sum(sass["loop_mufu"]) - sum(sass["outer_mufu"])
+                    + sum(m * trip(j) for j, m in enumerate(sass["loop_mufu"]))
+                    + sum(m * outer_trip(j) for j, m in enumerate(sass["outer_mufu"])))
+            sfu_s += mufu * warps * programs * 32 / (SMS * SFU_LANES_PER_SM * CLOCK_HZ)
             warp_instructions += per_program * warps * programs
             waves = math.ceil(programs / max(res["blocks_per_sm"] * SMS, 1))
             critical_s += waves * per_program * warps / min(warps, SCHEDULERS_PER_SM) / CLOCK_HZ
@@ -429,15 +456,19 @@ def analyse(case_filter: str | None = None) -> list[dict]:
                                 loop_bodies=[body for _, _, body in loops], loop_trips=trips,
                                 outer_bodies=[body for _, _, body in outer], outer_trips=outer_trips,
                                 loop_shuffles=sass["loop_shuffles"], loop_barriers=sass["loop_barriers"],
-                                loop_local=sass["loop_local"],
+                                loop_local=sass["loop_local"], loop_mufu=sass["loop_mufu"],
                                 warp_instructions=per_program * warps * programs,
                                 waves=programs / max(res["blocks_per_sm"] * SMS, 1)))
         issue_ms = max(warp_instructions / (SMS * SCHEDULERS_PER_SM * CLOCK_HZ), critical_s) * 1e3
-        bound = max(issue_ms, floor_ms, matmul_ms)
-        rows.append(dict(case=sc.case_id, target_ms=sc.target_ms, issue_bound_ms=issue_ms, memory_floor_ms=floor_ms,
+        sfu_ms = sfu_s * 1e3
+        bound = max(issue_ms, sfu_ms, floor_ms, matmul_ms)
+        rows.append(dict(case=sc.case_id, target_ms=sc.target_ms, issue_bound_ms=issue_ms, sfu_bound_ms=sfu_ms,
+                         memory_floor_ms=floor_ms,
                          matmul_floor_ms=matmul_ms, bound_ms=bound,
                          bound_over_target=bound / sc.target_ms if sc.target_ms == sc.target_ms else None,
                          issue_over_target=issue_ms / sc.target_ms if sc.target_ms == sc.target_ms else None,
+                         code_over_target=max(issue_ms, sfu_ms) / sc.target_ms if sc.target_ms == sc.target_ms
+                         else None,
                          kernels=kernels))
     return rows
 
@@ -445,7 +476,7 @@ def analyse(case_filter: str | None = None) -> list[dict]:
 def print_report(rows: list[dict]) -> None:
     print(f"static cost on an H100 (sm_90a code from Triton {triton.__version__}; {SMS} SMs x {SCHEDULERS_PER_SM} "
           f"schedulers at {CLOCK_HZ / 1e9:.2f} GHz, HBM {HBM_BYTES_PER_S / 1e12:.2f} TB/s)")
-    header = (f"{'case':<26} {'target':>8} {'issue':>8} {'memory':>8} {'matmul':>8} {'issue/target':>12} "
+    header = (f"{'case':<26} {'target':>8} {'issue':>8} {'sfu':>8} {'memory':>8} {'matmul':>8} {'issue/target':>12} "
               f"{'bound/target':>12}   "
               "kernel: regs, spill B, smem B, blocks/SM, grid, hot-loop SASS x trips")
     print(header)
@@ -454,7 +485,8 @@ def print_report(rows: list[dict]) -> None:
         ratio = "-" if r["bound_over_target"] is None else f"{100 * r['bound_over_target']:.0f}%"
         issue = "-" if r["issue_over_target"] is None else f"{100 * r['issue_over_target']:.0f}%"
         target = "-" if r["target_ms"] != r["target_ms"] else f"{r['target_ms']:.3f}"
-        print(f"{r['case']:<26} {target:>8} {r['issue_bound_ms']:8.3f} {r['memory_floor_ms']:8.3f} "
+        print(f"{r['case']:<26} {target:>8} {r['issue_bound_ms']:8.3f} {r['sfu_bound_ms']:8.3f} "
+              f"{r['memory_floor_ms']:8.3f} "
               f"{r['matmul_floor_ms']:8.3f} {issue:>12} {ratio:>12}")
         for k in r["kernels"]:
             loops = " ".join(f"{b}x{t:.4g}" for b, t in zip(k["loop_bodies"],
@@ -464,8 +496,9 @@ def print_report(rows: list[dict]) -> None:
                     k["outer_bodies"], k["outer_trips"] + [1] * len(k["outer_bodies"])))
             print(f"{'':<26}   {k['kernel']}: {k['regs']}, {k['spill_bytes']}, {k['shared']}, {k['blocks_per_sm']}, "
                   f"{k['grid']}, [{loops}]")
-    print("times in ms; issue: the issue-bound lower bound of the code as built; memory: bytes the case must move / "
-          "HBM bandwidth; matmul: flops / bf16 tensor-core rate; bound/target: the largest of the three over the "
+    print("times in ms; issue: the issue-bound lower bound of the code as built; sfu: its MUFU instructions "
+          "(exponentials, logarithms, reciprocals) / 16 lanes an SM; memory: bytes the case must move / "
+          "HBM bandwidth; matmul: flops / bf16 tensor-core rate; bound/target: the largest of the four over the "
           "target (above 100% the target is out of reach as built; a memory floor above 70% of the target means the "
           "target leaves little room for anything but streaming).")
 

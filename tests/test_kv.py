@@ -365,6 +365,30 @@ def test_retention_mass_parity_and_grad(backend, packed):
     assert_close(lb.grad, lb64.grad, rtol=1e-4, atol=1e-4 * lb64.grad.abs().max().item(), what="d log_beta")
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_retention_mass_long_rows_reach_every_tile_kind(backend, packed):
+    # 1,000+ steps: the kernels' unmasked blocks, the backward's carried powers over several
+    # reseeds (8 blocks of 64 each), sequence starts and ends inside blocks and on block edges,
+    # gates near 1 (terms stay large over hundreds of steps), β = 1 and β = 0.
+    t = 1153
+    lb = torch.nn.functional.logsigmoid(torch.randn(2, t) * 2 + 5)
+    lb[0, 100] = 0.0
+    lb[1, 700] = -math.inf
+    lb = lb.requires_grad_()
+    cu = torch.tensor([0, 64, 611, 640, 1153]) if packed else None
+    with poisoned_allocations():
+        mass = nk.retention_mass(lb, cu, backend=backend)
+    lb64 = lb.detach().double().requires_grad_()
+    expected = retention_mass_reference(lb64, cu)
+    assert_close(mass, expected, rtol=2e-5, atol=1e-6, what="mass")
+    g = torch.randn(2, t)
+    mass.backward(g)
+    expected.backward(g.double())
+    assert torch.isfinite(lb.grad).all()
+    assert_close(lb.grad, lb64.grad, rtol=1e-4, atol=1e-5 * lb64.grad.abs().max().item(), what="d log_beta")
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_retention_capacity_loss_hand_worked(backend):
     # β = 1 everywhere: mass_t = t (1-based), so the loss is mean_t max(0, t − budget)/t.

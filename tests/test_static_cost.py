@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KNOWN_SPILLS = {("contrastive/nce-large", "_bank_info_nce_bwd_query_kernel"): 88}
 UNDER_TARGET = ("advantages/uniform-g64", "advantages/ragged", "logprobs/fwd", "logprobs/fwd-entropy",
                 "grpo-from-logits/fwd+bwd", "policy-loss/fwd+bwd", "contrastive/nce", "contrastive/nce-large",
-                "contrastive/topk64", "kv/evict", "kv/evict-8rows")
+                "contrastive/topk64", "kv/evict", "kv/evict-8rows", "kv/retention-mass")
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,9 @@ def test_cases_brought_under_target_stay_there(report):
     rows, _ = report
     for case in UNDER_TARGET:
         row = rows[case]
-        assert row["issue_over_target"] <= 0.70, f"{case}: issue bound {row['issue_bound_ms']:.3f} ms is " \
-                                                 f"{100 * row['issue_over_target']:.0f}% of {row['target_ms']} ms"
+        bound = max(row["issue_bound_ms"], row["sfu_bound_ms"])  # the code's own bounds: issue slots, MUFU lanes
+        assert row["code_over_target"] <= 0.70, f"{case}: the code's bound {bound:.3f} ms is " \
+                                                f"{100 * row['code_over_target']:.0f}% of {row['target_ms']} ms"
 
 
 def test_the_fused_logits_sweeps_have_no_block_barrier_per_element(report):
@@ -137,3 +138,16 @@ def test_the_top_k_candidate_model_matches_random_data(splits, parity):
     per_tile = taken.reshape(n // 64, 64, slots // tile, tile).sum(-1)  # [row block, row, tile]
     rate = expected_candidates(groups, k) / slots
     assert per_tile.amax(1).double().mean().item() == pytest.approx(expected_rounds(rate * tile, 64, tile), rel=0.1)
+
+
+def test_the_retention_mass_sweeps_take_few_exponentials(report):
+    # Forward: per 64-column block a thread holds 8 of its 32 pairs' exponentials (one of four
+    # step groups) and one for the group step; backward: Horner's rule, two FFMAs per pair and
+    # no exponential in the loop. The plain formula takes one exponential per pair each way.
+    rows, _ = report
+    fwd, bwd = rows["kv/retention-mass"]["kernels"]
+    assert fwd["kernel"] == "_retention_mass_fwd_kernel" and bwd["kernel"] == "_retention_mass_bwd_kernel"
+    unmasked = fwd["loop_trips"].index(max(fwd["loop_trips"]))
+    assert fwd["loop_mufu"][unmasked] <= 10 and fwd["loop_bodies"][unmasked] <= 100
+    horner = bwd["loop_trips"].index(max(bwd["loop_trips"]))
+    assert bwd["loop_mufu"][horner] == 0 and bwd["loop_bodies"][horner] <= 180  # four blocks, 16 pairs a thread each

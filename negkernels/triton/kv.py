@@ -20,7 +20,11 @@ the training-side retention mass.
   program that walks its row's blocks in order, loading a whole block before storing it (with a
   barrier between), never overwrites a token it still has to read.
 * ``_retention_mass_fwd_kernel`` / ``_bwd_kernel``: Σ_{i≤t} β_i^{t−i} over causal tiles, skipping
-  the tiles above the diagonal and before the token's sequence start (packed sequences).
+  the tiles above the diagonal and before the token's sequence start (packed sequences). Only the
+  diagonal block and the blocks holding a sequence boundary are masked. One exponential per pair
+  would make the MUFU units the limit (16 lanes an SM against 128 for FFMA), so the forward takes
+  them for a quarter of its pairs and multiplies for the rest, and the backward sums its blocks by
+  Horner's rule in β^BLOCK_T with exponentials once per chunk of blocks.
 """
 
 from __future__ import annotations
@@ -510,47 +514,163 @@ def compact_kv_fwd(keys, values, indices, metas, outs, in_place: bool):
 # ----------------------------------------------------------------------------- retention mass
 
 
+# Far below any exponent that matters, and finite: (t − i)·c is formed as r·c + q·c (r + q = t − i),
+# which for c = −inf (β = 0) would be −inf + inf = NaN. With c ≥ −1e30 it is ≤ −1e30 for every
+# positive age, so its power is 0 as it should be; a NaN gate stays NaN.
+_MIN_LOG2_BETA = tl.constexpr(-1e30)
+# The backward sums each token's terms over _MASS_CHUNK step blocks at a time by Horner's rule in
+# β^BLOCK_T, so its exponentials are one per pair and chunk, and a term carries at most
+# _MASS_CHUNK roundings of the carried power (~5e-6 relative).
+_MASS_CHUNK = tl.constexpr(32)
+
+
+@triton.jit
+def _log2_beta(lb_ptr, offs, mask):
+    c = tl.load(lb_ptr + offs, mask=mask, other=0.0).to(tl.float32) * _LOG2E
+    return tl.where(c < _MIN_LOG2_BETA, _MIN_LOG2_BETA, c)
+
+
+@triton.jit
+def _mass_fwd_group(acc, c, i, t_group, start_t, seq, MASKED: tl.constexpr, BLOCK_G: tl.constexpr):
+    """acc[t, i] += β_i^(t − i) for the steps t_group + [0, BLOCK_G), by exponentials, masked."""
+    t = t_group + tl.arange(0, BLOCK_G)
+    x = tl.fma(tl.arange(0, BLOCK_G).to(tl.float32)[:, None], c[None, :], ((t_group - i).to(tl.float32) * c)[None, :])
+    if MASKED:
+        age = t[:, None] - i[None, :]
+        live = (age >= 0) & (i[None, :] >= start_t[:, None]) & (t[:, None] < seq)
+        # β⁰ = 1 also for β = 0: the exponent is 0 by selection.
+        return acc + tl.where(live, tl.exp2(tl.where(age > 0, x, 0.0)), 0.0)
+    return acc + tl.exp2(x)
+
+
+@triton.jit
+def _mass_fwd_tile(acc0, acc1, acc2, acc3, lb_ptr, row, seq, i0, t0, starts_ptr, MASKED: tl.constexpr,
+                   BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr):
+    """The four groups of BLOCK_G steps t0 + g·BLOCK_G + [0, BLOCK_G) against the columns i0 +
+    [0, BLOCK_I). Unmasked (every step sees every column at a positive age), only the first group
+    takes exponentials: group g's powers are the first's times β^(g·BLOCK_G), one FFMA per pair
+    into its accumulator, so a pair costs a quarter of an exponential and 1.5 instructions."""
+    i = i0 + tl.arange(0, BLOCK_I)
+    c = _log2_beta(lb_ptr, row * seq + i, i < seq)
+    if MASKED:
+        g = tl.arange(0, BLOCK_G)
+        acc0 = _mass_fwd_group(acc0, c, i, t0, tl.load(starts_ptr + t0 + g, mask=t0 + g < seq, other=seq), seq,
+                               True, BLOCK_G)
+        acc1 = _mass_fwd_group(acc1, c, i, t0 + BLOCK_G, tl.load(starts_ptr + t0 + BLOCK_G + g,
+                               mask=t0 + BLOCK_G + g < seq, other=seq), seq, True, BLOCK_G)
+        acc2 = _mass_fwd_group(acc2, c, i, t0 + 2 * BLOCK_G, tl.load(starts_ptr + t0 + 2 * BLOCK_G + g,
+                               mask=t0 + 2 * BLOCK_G + g < seq, other=seq), seq, True, BLOCK_G)
+        acc3 = _mass_fwd_group(acc3, c, i, t0 + 3 * BLOCK_G, tl.load(starts_ptr + t0 + 3 * BLOCK_G + g,
+                               mask=t0 + 3 * BLOCK_G + g < seq, other=seq), seq, True, BLOCK_G)
+    else:
+        power = _mass_fwd_group(tl.zeros([BLOCK_G, BLOCK_I], tl.float32), c, i, t0, t0, seq, False, BLOCK_G)
+        step1 = tl.exp2(c * BLOCK_G)[None, :]
+        step2 = step1 * step1
+        acc0 += power
+        acc1 = tl.fma(power, step1, acc1)
+        acc2 = tl.fma(power, step2, acc2)
+        acc3 = tl.fma(power, step2 * step1, acc3)
+    return acc0, acc1, acc2, acc3
+
+
 @triton.jit
 def _retention_mass_fwd_kernel(lb_ptr, starts_ptr, out_ptr, seq, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr):
+    """One program per (row, block of BLOCK_T steps t; BLOCK_T == BLOCK_I), in four groups of
+    BLOCK_T / 4 steps. The column blocks [lo, full) hold the sequence start of some row, and the
+    diagonal block: both masked; the blocks [full, t0) between them run unmasked."""
+    BLOCK_G: tl.constexpr = BLOCK_T // 4
     row = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_in = t < seq
-    start_t = tl.load(starts_ptr + t, mask=t_in, other=seq)
-    lo = tl.load(starts_ptr + tl.program_id(1) * BLOCK_T)  # starts are non-decreasing
-    lo = lo - lo % BLOCK_I
-    hi = tl.minimum(tl.program_id(1) * BLOCK_T + BLOCK_T, seq)
-    acc = tl.zeros([BLOCK_T], tl.float32)
-    for i0 in range(lo, hi, BLOCK_I):
-        i = i0 + tl.arange(0, BLOCK_I)
-        lb = tl.load(lb_ptr + row * seq + i, mask=i < seq, other=0.0).to(tl.float32)
-        age = t[:, None] - i[None, :]
-        live = (age >= 0) & (i[None, :] >= start_t[:, None]) & t_in[:, None]
-        # β⁰ = 1 also for β = 0 (log β = −inf): the exponent is 0 by selection, not 0·(−inf) = NaN.
-        term = tl.exp2(tl.where(live & (age > 0), age.to(tl.float32) * lb[None, :] * _LOG2E, 0.0))
-        acc += tl.sum(tl.where(live, term, 0.0), axis=1)
-    tl.store(out_ptr + row * seq + t, acc, mask=t_in)
+    t0 = tl.program_id(1) * BLOCK_T
+    first_start = tl.load(starts_ptr + t0).to(tl.int32)  # starts are non-decreasing
+    last_start = tl.load(starts_ptr + tl.minimum(t0 + BLOCK_T, seq) - 1).to(tl.int32)
+    lo = first_start - first_start % BLOCK_I
+    full = tl.minimum(tl.cdiv(last_start, BLOCK_I) * BLOCK_I, t0)
+    acc0 = tl.zeros([BLOCK_G, BLOCK_I], tl.float32)
+    acc1 = tl.zeros([BLOCK_G, BLOCK_I], tl.float32)
+    acc2 = tl.zeros([BLOCK_G, BLOCK_I], tl.float32)
+    acc3 = tl.zeros([BLOCK_G, BLOCK_I], tl.float32)
+    for i0 in range(lo, full, BLOCK_I):
+        acc0, acc1, acc2, acc3 = _mass_fwd_tile(acc0, acc1, acc2, acc3, lb_ptr, row, seq, i0, t0, starts_ptr, True,
+                                                BLOCK_I, BLOCK_G)
+    for i0 in range(full, t0, BLOCK_I):
+        acc0, acc1, acc2, acc3 = _mass_fwd_tile(acc0, acc1, acc2, acc3, lb_ptr, row, seq, i0, t0, starts_ptr, False,
+                                                BLOCK_I, BLOCK_G)
+    acc0, acc1, acc2, acc3 = _mass_fwd_tile(acc0, acc1, acc2, acc3, lb_ptr, row, seq, t0, t0, starts_ptr, True,
+                                            BLOCK_I, BLOCK_G)  # the diagonal block
+    g = t0 + tl.arange(0, BLOCK_G)
+    out = out_ptr + row * seq
+    tl.store(out + g, tl.sum(acc0, axis=1), mask=g < seq)
+    tl.store(out + g + BLOCK_G, tl.sum(acc1, axis=1), mask=g + BLOCK_G < seq)
+    tl.store(out + g + 2 * BLOCK_G, tl.sum(acc2, axis=1), mask=g + 2 * BLOCK_G < seq)
+    tl.store(out + g + 3 * BLOCK_G, tl.sum(acc3, axis=1), mask=g + 3 * BLOCK_G < seq)
+
+
+@triton.jit
+def _mass_bwd_tile(acc_lead, acc_grad, power, grad_ptr, row, seq, t0, i0, i, end_i, MASKED: tl.constexpr,
+                   BLOCK_T: tl.constexpr):
+    """Over the tile of steps t = t0 + [0, BLOCK_T), with ``power`` = β_i^(t − i) given (0 at ages
+    ≤ 0): acc_lead += g_t·(t − i0)·power and acc_grad += g_t·power. Since t − i = (t − i0) −
+    (i − i0), the gradient is Σ acc_lead − (i − i0)·Σ acc_grad: two FFMAs per pair and nothing per
+    token i inside the loop. (i − i0 < BLOCK_I ≤ t − i0 past the diagonal block: the two parts
+    cancel by at most one bit there, by at most BLOCK_I in the diagonal block.)"""
+    t = t0 + tl.arange(0, BLOCK_T)
+    g = tl.load(grad_ptr + row * seq + t, mask=t < seq, other=0.0)
+    lead = g * (t - i0).to(tl.float32)
+    if MASKED:
+        power = tl.where(t[None, :] < end_i[:, None], power, 0.0)
+    acc_lead = tl.fma(lead[None, :], power, acc_lead)
+    acc_grad = tl.fma(g[None, :], power, acc_grad)
+    return acc_lead, acc_grad
+
+
+@triton.jit
+def _mass_bwd_powers(i, t0, c, BLOCK_T: tl.constexpr):
+    """β_i^(t − i) over the tile of steps t0 + [0, BLOCK_T), by exponentials (0 at ages ≤ 0)."""
+    s = tl.arange(0, BLOCK_T).to(tl.float32)
+    x = tl.fma(s[None, :], c[:, None], ((t0 - i).to(tl.float32) * c)[:, None])
+    return tl.exp2(tl.where(t0 + tl.arange(0, BLOCK_T)[None, :] > i[:, None], x, -float("inf")))
 
 
 @triton.jit
 def _retention_mass_bwd_kernel(lb_ptr, ends_ptr, grad_ptr, out_ptr, seq, BLOCK_T: tl.constexpr,
                                BLOCK_I: tl.constexpr):
+    """One program per (row, block of BLOCK_I tokens i; BLOCK_T == BLOCK_I), over the step blocks
+    from the diagonal to the last end of its tokens' sequences. The diagonal block and the blocks
+    holding a sequence end are masked; between them, chunks of _MASS_CHUNK blocks are summed by
+    Horner's rule (β^(a + n·BLOCK_T) = β^a·(β^BLOCK_T)^n): two FFMAs per pair."""
     row = tl.program_id(0).to(tl.int64)
-    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    i0 = tl.program_id(1) * BLOCK_I
+    i = i0 + tl.arange(0, BLOCK_I)
     i_in = i < seq
-    end_i = tl.load(ends_ptr + i, mask=i_in, other=0)
-    lb = tl.load(lb_ptr + row * seq + i, mask=i_in, other=0.0).to(tl.float32)
-    lo = tl.program_id(1) * BLOCK_I
-    hi = tl.load(ends_ptr + tl.minimum(lo + BLOCK_I, seq) - 1)  # ends are non-decreasing
-    acc = tl.zeros([BLOCK_I], tl.float32)
-    for t0 in range(lo, hi, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        g = tl.load(grad_ptr + row * seq + t, mask=t < seq, other=0.0)
-        age = t[None, :] - i[:, None]
-        live = (age >= 0) & (t[None, :] < end_i[:, None]) & i_in[:, None]
-        agef = tl.where(live, age.to(tl.float32), 0.0)
-        term = tl.exp2(tl.where(agef > 0.0, agef * lb[:, None] * _LOG2E, 0.0))
-        acc += tl.sum(tl.where(live, g[None, :] * agef * term, 0.0), axis=1)
-    tl.store(out_ptr + row * seq + i, acc, mask=i_in)
+    end_i = tl.load(ends_ptr + i, mask=i_in, other=0).to(tl.int32)  # 0 past the row: nothing is live
+    c = _log2_beta(lb_ptr, row * seq + i, i_in)
+    step = tl.exp2(c * BLOCK_T)[:, None]
+    first_end = tl.load(ends_ptr + i0).to(tl.int32)  # ends are non-decreasing
+    hi = tl.load(ends_ptr + tl.minimum(i0 + BLOCK_I, seq) - 1).to(tl.int32)
+    full = tl.maximum((first_end // BLOCK_T) * BLOCK_T, i0 + BLOCK_T)
+    acc_lead = tl.zeros([BLOCK_I, BLOCK_T], tl.float32)
+    acc_grad = tl.zeros([BLOCK_I, BLOCK_T], tl.float32)
+    acc_lead, acc_grad = _mass_bwd_tile(acc_lead, acc_grad, _mass_bwd_powers(i, i0, c, BLOCK_T), grad_ptr, row,
+                                        seq, i0, i0, i, end_i, True, BLOCK_T)  # the diagonal block
+    for chunk in range(i0 + BLOCK_T, full, BLOCK_T * _MASS_CHUNK):
+        # Σ_n a_n·step^n over the chunk's blocks n by Horner's rule, last block first: one FFMA per
+        # pair and sum, then one multiplication by the powers of the chunk's first block.
+        blocks = tl.minimum(_MASS_CHUNK, (full - chunk) // BLOCK_T)
+        lead_sum = tl.zeros([BLOCK_I, BLOCK_T], tl.float32)
+        grad_sum = tl.zeros([BLOCK_I, BLOCK_T], tl.float32)
+        for n in range(0, blocks):
+            t = chunk + (blocks - 1 - n) * BLOCK_T + tl.arange(0, BLOCK_T)
+            g = tl.load(grad_ptr + row * seq + t)  # t < full ≤ seq
+            lead_sum = tl.fma(lead_sum, step, (g * (t - i0).to(tl.float32))[None, :])
+            grad_sum = tl.fma(grad_sum, step, g[None, :])
+        power = _mass_bwd_powers(i, chunk, c, BLOCK_T)
+        acc_lead = tl.fma(power, lead_sum, acc_lead)
+        acc_grad = tl.fma(power, grad_sum, acc_grad)
+    for t0 in range(full, hi, BLOCK_T):
+        acc_lead, acc_grad = _mass_bwd_tile(acc_lead, acc_grad, _mass_bwd_powers(i, t0, c, BLOCK_T), grad_ptr,
+                                            row, seq, t0, i0, i, end_i, True, BLOCK_T)
+    grad = tl.sum(acc_lead, axis=1) - (i - i0).to(tl.float32) * tl.sum(acc_grad, axis=1)
+    tl.store(out_ptr + row * seq + i, grad, mask=i_in)
 
 
 def _sequence_bounds(seq: int, cu_seqlens, device):
@@ -586,5 +706,5 @@ def retention_mass_bwd(log_beta_rows, cu_seqlens, grad_rows):
     _, ends = _sequence_bounds(t, cu_seqlens, log_beta_rows.device)
     _retention_mass_bwd_kernel[(r, cdiv(t, _MASS_BLOCK))](
         log_beta_rows, ends, grad_rows.float().contiguous(), out, t, BLOCK_T=_MASS_BLOCK, BLOCK_I=_MASS_BLOCK,
-        num_warps=4)
+        num_warps=8)  # four [64, 64] fp32 tiles live in the Horner loop: 128 registers a thread at 8 warps
     return out
