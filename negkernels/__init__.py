@@ -13,7 +13,7 @@ from .ops.advantages import (
     group_discriminative_loss,
 )
 from .nn import MemoryBank, PolicyLoss
-from .ops.contrastive import bank_info_nce, bank_topk, mochi_negatives
+from .ops.contrastive import bank_info_nce, bank_supcon, bank_topk, mochi_negatives
 from .ops.kv import (
     Evicted,
     GlobalSelection,
@@ -67,6 +67,7 @@ __all__ = [
     "select_retained",
     "MemoryBank",
     "bank_info_nce",
+    "bank_supcon",
     "bank_topk",
     "mochi_negatives",
     "GroupStats",

@@ -297,7 +297,11 @@ def test_opcheck_and_compile(backend):
     tau = torch.tensor(0.2)
     for reduction in (0, 2):  # per query, and the mean reduced inside the op
         args = (q.requires_grad_(), p, b, tau, e, torch.arange(5), torch.arange(19) % 5, None, 15, "positive", True,
-                reduction)
+                reduction, None)
+        torch.library.opcheck(torch.ops.negkernels.bank_info_nce_fwd.default, args)
+        # SupCon: no explicit positive, self slots
+        args = (q, None, b, tau, None, torch.arange(5) % 3, torch.arange(19) % 3, None, 15, "supcon", True,
+                reduction, torch.tensor([0, 3, -1, 7, 14]))
         torch.library.opcheck(torch.ops.negkernels.bank_info_nce_fwd.default, args)
     torch.library.opcheck(torch.ops.negkernels.bank_topk.default, (q.detach(), b, 4, None, 15, False))
 
@@ -598,3 +602,166 @@ def test_a_bad_tensor_temperature_makes_the_loss_nan_without_a_host_read(backend
     assert loss.isnan()
     ok = nk.bank_info_nce(q, p, b, temperature=torch.tensor(0.3), backend=backend)
     assert ok.isfinite()
+
+
+# ============================================================================ bank_supcon (several positives)
+
+SUPCON_CASES = {
+    "labels-only": dict(),
+    "self-slots-mask-normalize": dict(self_slots=True, bank_valid="mask", normalize=True),
+    "positive-count-tau-bankgrad": dict(positive=True, bank_valid=70, learnable_tau=True, bank_grad=True),
+    "all-options-noncontig": dict(positive=True, self_slots=True, bank_valid="mask", normalize=True,
+                                  learnable_tau=True, bank_grad=True, noncontiguous=True),
+}
+
+
+def supcon_brute_force(q, b, ql, bl, tau, positive=None, self_slots=None, filled=None):
+    """SupCon's L_out written out one query at a time, straight from the paper (float64)."""
+    losses = []
+    for i in range(q.shape[0]):
+        keys = [j for j in range(b.shape[0]) if (filled is None or filled[j])
+                and (self_slots is None or j != int(self_slots[i]))]
+        logits = [float(q[i] @ b[j]) / tau for j in keys]
+        positives = [x for x, j in zip(logits, keys) if int(bl[j]) == int(ql[i])]
+        if positive is not None:
+            logits.append(float(q[i] @ positive[i]) / tau)
+            positives.append(logits[-1])
+        if not positives:
+            losses.append(0.0)
+            continue
+        top = max(logits)
+        lse = top + math.log(sum(math.exp(x - top) for x in logits))
+        losses.append(lse - sum(positives) / len(positives))
+    return torch.tensor(losses, dtype=torch.float64)
+
+
+def run_supcon_case(case, backend, dtype, n=29, k=83, d=20, reduction="none"):
+    opts = SUPCON_CASES[case]
+    q, p, b, _ = make_inputs(n, k, d, 0, dtype, noncontiguous=opts.get("noncontiguous", False),
+                             scale=1.0 if opts.get("normalize") else 0.4)
+    ql, bl = torch.randint(0, 5, (n,)), torch.randint(0, 5, (k,))
+    ql[0] = 7  # a query without positives in the bank
+    kwargs = dict(normalize=opts.get("normalize", False))
+    if opts.get("self_slots"):
+        kwargs["self_slots"] = torch.randint(-1, k, (n,))
+    valid = opts.get("bank_valid")
+    kwargs["bank_valid"] = torch.rand(k) > 0.3 if valid == "mask" else valid
+    tau_value = 0.2 + 0.2 * torch.rand(()).item()
+    tau = torch.tensor(tau_value, requires_grad=True) if opts.get("learnable_tau") else tau_value
+    with_positive = opts.get("positive", False)
+    q_, p_ = q.clone().requires_grad_(), p.clone().requires_grad_()
+    b_ = b.clone().requires_grad_(opts.get("bank_grad", False))
+    with poisoned_allocations():
+        loss = nk.bank_supcon(q_, b_, ql, bl, positive=p_ if with_positive else None, temperature=tau,
+                              reduction=reduction, backend=backend, **kwargs)
+    grad_out = torch.rand(loss.shape) + 0.5
+    (loss * grad_out).sum().backward()
+
+    tau64 = torch.tensor(tau_value, dtype=torch.float64, requires_grad=True) if opts.get("learnable_tau") else tau_value
+    q64, p64, b64 = (x.double().requires_grad_() for x in (q, p, b))
+    ref = nk.reference.bank_supcon_reference(q64, b64, ql, bl, tau64, positive=p64 if with_positive else None,
+                                             reduction=reduction, **kwargs)
+    (ref * grad_out.double()).sum().backward()
+    assert loss.dtype == torch.float32
+    assert_close_scaled(loss, ref, 1e-5, "loss")
+    rtol = grad_rtol(dtype)
+    assert_close_scaled(q_.grad, q64.grad, rtol, "d query")
+    if with_positive:
+        assert_close_scaled(p_.grad, p64.grad, rtol, "d positive")
+    else:
+        assert p_.grad is None
+    if opts.get("bank_grad"):
+        assert_close_scaled(b_.grad, b64.grad, rtol, "d bank")
+    if opts.get("learnable_tau"):
+        assert_close_scaled(tau.grad, tau64.grad, 1e-4 if dtype == torch.float32 else rtol, "d temperature")
+    return loss
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(SUPCON_CASES))
+def test_bank_supcon_parity_fp32(backend, case):
+    loss = run_supcon_case(case, backend, torch.float32)
+    if not SUPCON_CASES[case].get("positive"):
+        assert loss[0].item() == 0.0  # no positive: no loss
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bank_supcon_parity_bf16_and_reduced(backend):
+    run_supcon_case("all-options-noncontig", backend, torch.bfloat16)
+    run_supcon_case("labels-only", backend, torch.float32, reduction="mean")
+    run_supcon_case("positive-count-tau-bankgrad", backend, torch.float32, reduction="mean", n=70, k=200)
+    run_supcon_case("self-slots-mask-normalize", backend, torch.float32, reduction="sum")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bank_supcon_matches_the_formula_written_out(backend):
+    n, k, d = 13, 45, 9
+    q, p, b, _ = make_inputs(n, k, d, 0, torch.float64, scale=0.5)
+    ql, bl = torch.randint(0, 4, (n,)), torch.randint(0, 4, (k,))
+    ql[2] = 9
+    self_slots = torch.randint(-1, k, (n,))
+    filled = torch.rand(k) > 0.25
+    for positive in (None, p):
+        want = supcon_brute_force(q, b, ql, bl, 0.3, positive, self_slots, filled)
+        dt = torch.float64 if backend == "reference" else torch.float32
+        got = nk.bank_supcon(q.to(dt), b.to(dt), ql, bl, positive=positive.to(dt) if positive is not None else None,
+                             temperature=0.3, self_slots=self_slots, bank_valid=filled, reduction="none",
+                             backend=backend)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        mean = nk.bank_supcon(q.to(dt), b.to(dt), ql, bl, positive=positive.to(dt) if positive is not None else None,
+                              temperature=0.3, self_slots=self_slots, bank_valid=filled, backend=backend)
+        has = (want != 0).sum() if positive is None else n
+        torch.testing.assert_close(mean.double(), want.sum() / has, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bank_supcon_hand_worked_example(backend):
+    # τ = 1, q = e1, bank logits [1, 0, −1, 2] with labels [A, B, A, B], query label A, slot 3 is the
+    # query's own: A = {0, 1, 2}, P = {0, 2}; loss = log(e + 1 + 1/e) − (1 − 1)/2.
+    q = torch.tensor([[1.0, 0.0]])
+    b = torch.tensor([[1.0, 5.0], [0.0, 1.0], [-1.0, 2.0], [2.0, 0.0]])
+    loss = nk.bank_supcon(q, b, torch.tensor([0]), torch.tensor([0, 1, 0, 1]), temperature=1.0,
+                          self_slots=torch.tensor([3]), backend=backend)
+    assert abs(loss.item() - math.log(math.e + 1 + 1 / math.e)) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bank_supcon_degenerate(backend):
+    n, k, d = 7, 30, 8
+    q, p, b, _ = make_inputs(n, k, d, 0, torch.float32)
+    q.requires_grad_()
+    labels, bank_labels = torch.zeros(n, dtype=torch.long), torch.ones(k, dtype=torch.long)
+    for kwargs in [dict(), dict(bank_valid=0), dict(bank_valid=torch.zeros(k, dtype=torch.bool))]:
+        q.grad = None
+        loss = nk.bank_supcon(q, b, labels, bank_labels, backend=backend, **kwargs)  # no positive anywhere
+        assert loss.item() == 0.0
+        loss.backward()
+        assert torch.equal(q.grad, torch.zeros(n, d))
+    # every slot its own query's: A and P empty
+    one = nk.bank_supcon(q[:1], b[:1], labels[:1], labels[:1], self_slots=torch.tensor([0]), reduction="none",
+                         backend=backend)
+    assert one.item() == 0.0
+    assert nk.bank_supcon(q, b[:0], labels, bank_labels[:0], backend=backend).item() == 0.0
+    assert nk.bank_supcon(q[:0], b, labels[:0], bank_labels, backend=backend).item() == 0.0
+    # with an explicit positive and nothing else, the loss is log 1 − l⁺ + l⁺ = 0
+    alone = nk.bank_supcon(q, b, labels, bank_labels, positive=p, bank_valid=0, reduction="none", backend=backend)
+    torch.testing.assert_close(alone, torch.zeros(n), atol=1e-6, rtol=0)
+
+
+def test_bank_supcon_bad_input():
+    q, p, b, _ = make_inputs(4, 10, 8, 0, torch.float32)
+    ql, bl = torch.zeros(4, dtype=torch.long), torch.zeros(10, dtype=torch.long)
+    for kwargs, error, name in [
+        (dict(query_labels=ql[:3]), ValueError, "query_labels"),
+        (dict(bank_labels=bl[:3]), ValueError, "bank_labels"),
+        (dict(query_labels=ql.float()), TypeError, "query_labels"),
+        (dict(self_slots=torch.zeros(3, dtype=torch.long)), ValueError, "self_slots"),
+        (dict(positive=p[:2]), ValueError, "positive"),
+        (dict(positive=p.double()), TypeError, "positive"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+    ]:
+        args = dict(query_labels=ql, bank_labels=bl)
+        args.update({key: kwargs.pop(key) for key in ("query_labels", "bank_labels") if key in kwargs})
+        with pytest.raises(error, match=name):
+            nk.bank_supcon(q, b, args["query_labels"], args["bank_labels"], **kwargs)

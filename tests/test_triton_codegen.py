@@ -224,6 +224,7 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
         pointers = {name: f"*{dtype}" for name in kernel.arg_names if name.endswith("_ptr")}
         pointers.update({name: "*fp32" for name in FP32})
         pointers.update(query_ids_ptr="*i64", bank_ids_ptr="*i64", indices_ptr="*i64", valid_mask_ptr="*i1",
+                        self_slot_ptr="*i64",
                         group_max_ptr="*i32", count_ptr="*i32", candidate_ptr="*i64", **special)
         compile_variant(kernel, constexprs, num_warps, pointers, INTS, int_type)
 
@@ -242,19 +243,23 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
         return 4
 
     count = 0
-    variants = [("bf16", 0, False, False, False), ("bf16", 1, True, True, True), ("bf16", 2, False, True, False),
-                ("fp16", 2, True, False, True), ("fp32", 2, True, False, True)]
-    for dtype, fn, mask, normalize, extra in variants:
+    # (dtype, false-negative mode, valid mask, normalize, extras, self slots, explicit positive)
+    variants = [("bf16", 0, False, False, False, False, True), ("bf16", 1, True, True, True, True, True),
+                ("bf16", 2, False, True, False, False, True), ("fp16", 2, True, False, True, False, True),
+                ("fp32", 2, True, False, True, False, True), ("bf16", 3, True, True, False, True, False),
+                ("fp32", 3, False, False, False, True, True)]
+    for dtype, fn, mask, normalize, extra, self_slot, positive in variants:
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         dots = ck._dot_settings(torch_dtype, interpret=False)
-        opts = dict(FN_MODE=fn, HAS_VALID_MASK=mask, NORMALIZE=normalize, DOT_FP32=dots["DOT_FP32"],
-                    PRECISION=dots["PRECISION"])
+        opts = dict(FN_MODE=fn, HAS_VALID_MASK=mask, NORMALIZE=normalize, HAS_SELF_SLOT=self_slot,
+                    DOT_FP32=dots["DOT_FP32"], PRECISION=dots["PRECISION"])
         grad_opts = dict(opts, GRAD_DOT_FP32=dots["GRAD_DOT_FP32"], GRAD_PRECISION=dots["GRAD_PRECISION"])
         compile_contrastive(ck._bank_info_nce_fwd_kernel,
-                            dict(opts, HAS_EXTRA=extra, BLOCK_N=128, BLOCK_K=64, BLOCK_D=128), dtype)
-        compile_contrastive(ck._bank_info_nce_bwd_query_kernel,
-                            dict(grad_opts, HAS_EXTRA=extra, EXTRA_GRAD=extra, BLOCK_N=64, BLOCK_K=64, BLOCK_D=256),
+                            dict(opts, HAS_EXTRA=extra, HAS_POSITIVE=positive, BLOCK_N=128, BLOCK_K=64, BLOCK_D=128),
                             dtype)
+        compile_contrastive(ck._bank_info_nce_bwd_query_kernel,
+                            dict(grad_opts, HAS_EXTRA=extra, EXTRA_GRAD=extra, HAS_POSITIVE=positive, BLOCK_N=64,
+                                 BLOCK_K=64, BLOCK_D=256), dtype)
         count += 2
         if dtype != "fp32":
             compile_contrastive(ck._bank_info_nce_bwd_bank_kernel, dict(grad_opts, BLOCK_N=64, BLOCK_K=64, BLOCK_D=128),
@@ -262,20 +267,21 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
             count += 1
         compile_contrastive(ck._bank_info_nce_dq_kernel, dict(NORMALIZE=normalize, BLOCK_N=64, BLOCK_D=256), dtype)
         count += 1
-    for reduce in (False, True):
-        compile_contrastive(ck._bank_info_nce_combine_kernel, dict(BLOCK=1024 if reduce else 256, REDUCE=reduce),
-                            "fp32", 4)
+    for reduce, fn in ((False, 0), (True, 2), (False, 3), (True, 3)):
+        compile_contrastive(ck._bank_info_nce_combine_kernel,
+                            dict(BLOCK=1024 if reduce else 256, FN_MODE=fn, REDUCE=reduce), "fp32", 4)
         count += 1
     # the three top-k passes, plain and with every option
     for dtype, dot_fp32, mask, normalize in (("bf16", False, False, False), ("fp32", True, True, True)):
         count += compile_topk(dtype, dict(HAS_VALID_MASK=mask, NORMALIZE=normalize, DOT_FP32=dot_fp32,
                                           PRECISION="ieee", BLOCK_D=128, D_CHUNKS=1), 64, 64)
     # 64-bit sizes and launches specialised on arguments equal to 1
-    opts = dict(FN_MODE=1, HAS_VALID_MASK=False, NORMALIZE=True, DOT_FP32=False, PRECISION="ieee")
+    opts = dict(FN_MODE=1, HAS_VALID_MASK=False, NORMALIZE=True, HAS_SELF_SLOT=False, DOT_FP32=False,
+                PRECISION="ieee")
     grad_opts = dict(opts, GRAD_DOT_FP32=False, GRAD_PRECISION="ieee")
     ones = dict(n_queries=1, n_slots=1, dim=1, stride_qd=1, stride_bd=1)
     compile_contrastive(ck._bank_info_nce_fwd_kernel,
-                        dict(opts, HAS_EXTRA=True, BLOCK_N=16, BLOCK_K=64, BLOCK_D=16, n_extra=1, **ones), "bf16", 4, "i64")
+                        dict(opts, HAS_EXTRA=True, HAS_POSITIVE=True, BLOCK_N=16, BLOCK_K=64, BLOCK_D=16, n_extra=1, **ones), "bf16", 4, "i64")
     compile_contrastive(ck._bank_info_nce_bwd_bank_kernel, dict(grad_opts, BLOCK_N=64, BLOCK_K=16, BLOCK_D=16, **ones),
                         "bf16", 4, "i64")
     count += 2
@@ -291,16 +297,16 @@ CONTRASTIVE_LIMITS_SCRIPT = CONTRASTIVE_SCRIPT.split("count = 0")[0] + textwrap.
     count = 0
     for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
         dots = ck._dot_settings(torch_dtype, interpret=False)
-        opts = dict(FN_MODE=2, HAS_VALID_MASK=True, NORMALIZE=True, DOT_FP32=dots["DOT_FP32"],
+        opts = dict(FN_MODE=2, HAS_VALID_MASK=True, NORMALIZE=True, HAS_SELF_SLOT=True, DOT_FP32=dots["DOT_FP32"],
                     PRECISION=dots["PRECISION"])
         grad_opts = dict(opts, GRAD_DOT_FP32=dots["GRAD_DOT_FP32"], GRAD_PRECISION=dots["GRAD_PRECISION"])
         t = ck.nce_tiles(torch_dtype, 1024)
         bwd = dict(BLOCK_N=t["bwd_tile"], BLOCK_K=t["bwd_tile"], BLOCK_D=t["block_d"])
         compile_contrastive(ck._bank_info_nce_fwd_kernel,
-                            dict(opts, HAS_EXTRA=True, BLOCK_N=t["fwd_rows"], BLOCK_K=t["fwd_slots"],
+                            dict(opts, HAS_EXTRA=True, HAS_POSITIVE=True, BLOCK_N=t["fwd_rows"], BLOCK_K=t["fwd_slots"],
                                  BLOCK_D=t["block_d"]), dtype, 8 if t["fwd_rows"] * t["block_d"] >= 128 * 128 else 4)
-        compile_contrastive(ck._bank_info_nce_bwd_query_kernel, dict(grad_opts, HAS_EXTRA=True, EXTRA_GRAD=True, **bwd),
-                            dtype)
+        compile_contrastive(ck._bank_info_nce_bwd_query_kernel,
+                            dict(grad_opts, HAS_EXTRA=True, EXTRA_GRAD=True, HAS_POSITIVE=True, **bwd), dtype)
         compile_contrastive(ck._bank_info_nce_bwd_bank_kernel, dict(grad_opts, **bwd), dtype)
         count += 3
         for d, k in ((128, 256), (1024, 256), (1024, 64)):
@@ -383,7 +389,7 @@ def test_every_logprobs_kernel_variant_compiles_for_sm90():
 
 
 def test_every_contrastive_kernel_variant_compiles_for_sm90():
-    assert "compiled 31" in _compile_in_subprocess(CONTRASTIVE_SCRIPT)
+    assert "compiled 40" in _compile_in_subprocess(CONTRASTIVE_SCRIPT)
 
 
 def test_contrastive_tiles_fit_sm90_at_the_largest_head_dim_and_list():

@@ -20,11 +20,13 @@ from ..reference.contrastive import (
     FALSE_NEGATIVE_MODES,
     REDUCTIONS,
     bank_info_nce_reference,
+    bank_supcon_reference,
     bank_topk_reference,
 )
 
 BANK_INFO_NCE_BACKENDS = register_op("bank_info_nce", ("reference", "triton"))
 BANK_TOPK_BACKENDS = register_op("bank_topk", ("reference", "triton"))
+BANK_SUPCON_BACKENDS = register_op("bank_supcon", ("reference", "triton"))
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
 INPUT_DTYPES = KERNEL_DTYPES + (torch.float64,)
@@ -107,17 +109,20 @@ def _upcast_half(x: Optional[Tensor]) -> Optional[Tensor]:
 
 
 @kernel_op("negkernels::bank_info_nce_fwd", mutates_args=())
-def _bank_info_nce_fwd_op(query: Tensor, positive: Tensor, bank: Tensor, temperature: Tensor,
+def _bank_info_nce_fwd_op(query: Tensor, positive: Optional[Tensor], bank: Tensor, temperature: Tensor,
                           extra_negatives: Optional[Tensor], query_ids: Optional[Tensor], bank_ids: Optional[Tensor],
                           valid_mask: Optional[Tensor], valid_count: int, false_negatives: Optional[str],
-                          normalize: bool, reduction: int) -> tuple[Tensor, Tensor, Tensor]:
+                          normalize: bool, reduction: int, self_slots: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """(loss: [N] per query, or their fixed-order sum (``reduction`` 1) or mean (2), 0-d;
-    lse_all [N], lse_pos [N]). Reduced inside the op: no autograd nodes for the reduction."""
+    lse_all [N], lse_pos [N] (log |P| for ``"supcon"``)). Reduced inside the op: no autograd nodes
+    for the reduction. ``positive`` may be None (then P holds bank slots only); ``self_slots``
+    [N] int64 names each query's own slot (−1: none), which is in neither set."""
     from ..triton.contrastive import bank_info_nce_fwd
 
     return bank_info_nce_fwd(query, positive, bank, temperature, extra_negatives, query_ids, bank_ids, valid_mask,
                              valid_count, false_negatives, normalize, triton_interpret(),
-                             reduce_scale=_reduction_scale(reduction, query.shape[0]) if reduction else None)
+                             reduce_scale=_reduction_scale(reduction, query.shape[0]) if reduction else None,
+                             self_slots=self_slots)
 
 
 def _reduction_scale(reduction: int, n: int) -> float:
@@ -126,50 +131,55 @@ def _reduction_scale(reduction: int, n: int) -> float:
 
 @_bank_info_nce_fwd_op.register_fake
 def _(query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, valid_count, fn, normalize,
-      reduction):
+      reduction, self_slots):
     out = query.new_empty(query.shape[0], dtype=torch.float32)
     loss = query.new_empty((), dtype=torch.float32) if reduction else out.clone()
     return loss, out, out.clone()
 
 
 @kernel_op("negkernels::bank_info_nce_bwd", mutates_args=())
-def _bank_info_nce_bwd_op(grad_loss: Tensor, query: Tensor, positive: Tensor, bank: Tensor, temperature: Tensor,
-                          extra_negatives: Optional[Tensor], query_ids: Optional[Tensor], bank_ids: Optional[Tensor],
-                          valid_mask: Optional[Tensor], valid_count: int, false_negatives: Optional[str],
-                          normalize: bool, lse_all: Tensor, lse_pos: Tensor, bank_grad: bool,
-                          extra_grad: bool, grad_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """→ (d query, d positive, d bank or [0], d extras or [0], r = Σ_j (d loss_i / d l_ij)·l_ij per query),
-    for incoming gradients ``grad_loss`` ([N], or one 0-d for a reduced loss) times ``grad_scale``."""
+def _bank_info_nce_bwd_op(grad_loss: Tensor, query: Tensor, positive: Optional[Tensor], bank: Tensor,
+                          temperature: Tensor, extra_negatives: Optional[Tensor], query_ids: Optional[Tensor],
+                          bank_ids: Optional[Tensor], valid_mask: Optional[Tensor], valid_count: int,
+                          false_negatives: Optional[str], normalize: bool, lse_all: Tensor, lse_pos: Tensor,
+                          bank_grad: bool, extra_grad: bool, grad_scale: float,
+                          self_slots: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """→ (d query, d positive or [0], d bank or [0], d extras or [0], r = Σ_j (d loss_i / d l_ij)·l_ij
+    per query), for incoming gradients ``grad_loss`` ([N], or one 0-d for a reduced loss) times
+    ``grad_scale``."""
     from ..triton.contrastive import bank_info_nce_bwd
 
     return bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra_negatives, query_ids, bank_ids,
                              valid_mask, valid_count, false_negatives, normalize, lse_all, lse_pos, bank_grad,
-                             extra_grad, triton_interpret(), grad_scale)
+                             extra_grad, triton_interpret(), grad_scale, self_slots=self_slots)
 
 
 @_bank_info_nce_bwd_op.register_fake
 def _(grad_loss, query, positive, bank, temperature, extra_negatives, query_ids, bank_ids, valid_mask, valid_count,
-      false_negatives, normalize, lse_all, lse_pos, bank_grad, extra_grad, grad_scale):
+      false_negatives, normalize, lse_all, lse_pos, bank_grad, extra_grad, grad_scale, self_slots):
     dextra = torch.empty_like(extra_negatives, memory_format=torch.contiguous_format) \
         if extra_grad and extra_negatives is not None else query.new_empty(0)
     return (torch.empty_like(query, memory_format=torch.contiguous_format),
-            torch.empty_like(positive, memory_format=torch.contiguous_format),
+            torch.empty_like(positive, memory_format=torch.contiguous_format) if positive is not None
+            else query.new_empty(0),
             torch.empty_like(bank, memory_format=torch.contiguous_format) if bank_grad else bank.new_empty(0),
             dextra, query.new_empty(query.shape[0], dtype=torch.float32))
 
 
 def _bank_info_nce_setup(ctx, inputs, output):
     (query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, valid_count, fn, normalize,
-     reduction) = inputs
+     reduction, self_slots) = inputs
     _, lse_all, lse_pos = output
-    ctx.save_for_backward(query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, lse_all, lse_pos)
+    ctx.save_for_backward(query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, lse_all, lse_pos,
+                          self_slots)
     ctx.options = (valid_count, fn, normalize)
     ctx.grad_scale = _reduction_scale(reduction, query.shape[0]) if reduction else None
     ctx.mark_non_differentiable(lse_all, lse_pos)
 
 
 def _bank_info_nce_backward(ctx, grad_loss, grad_lse_all, grad_lse_pos):
-    query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, lse_all, lse_pos = ctx.saved_tensors
+    (query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, lse_all, lse_pos,
+     self_slots) = ctx.saved_tensors
     valid_count, fn, normalize = ctx.options
     needs = ctx.needs_input_grad
     # A reduced loss: its one gradient is read by every query at stride 0, times the reduction's scale.
@@ -178,10 +188,10 @@ def _bank_info_nce_backward(ctx, grad_loss, grad_lse_all, grad_lse_pos):
     dq, dpos, dbank, dextra, r = bwd(
         grad_loss, query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, valid_count, fn,
         normalize, lse_all, lse_pos, bool(needs[2]), bool(needs[4]) and extra is not None,
-        1.0 if ctx.grad_scale is None else ctx.grad_scale)
+        1.0 if ctx.grad_scale is None else ctx.grad_scale, self_slots)
     # l = (q·k)/τ, so d loss/dτ = −Σ_ij G_ij·l_ij / τ (a fixed-order sum: deterministic).
     dtemperature = -r.sum() / temperature if needs[3] else None
-    return no_grads_after(ctx, dq, dpos, dbank if needs[2] else None, dtemperature, dextra if needs[4] else None)
+    return no_grads_after(ctx, dq, dpos if positive is not None else None, dbank if needs[2] else None, dtemperature, dextra if needs[4] else None)
 
 
 _bank_info_nce_fwd_op.register_autograd(_bank_info_nce_backward, setup_context=_bank_info_nce_setup,
@@ -271,8 +281,99 @@ def bank_info_nce(
     temperature_t = temperature.float() if isinstance(temperature, Tensor) else _temperature_tensor(temperature,
                                                                                                    query.device)
     loss, _, _ = _bank_info_nce_fwd_op(query, positive, bank, temperature_t, extra_negatives, query_ids, bank_ids,
-                                       valid_mask, valid_count, fn_mode, normalize, REDUCTION_CODES[reduction])
+                                       valid_mask, valid_count, fn_mode, normalize, REDUCTION_CODES[reduction], None)
     return loss
+
+
+# ============================================================================ SupCon (several positives per query)
+
+
+def bank_supcon(
+    query: Tensor,
+    bank: Tensor,
+    query_labels: Tensor,
+    bank_labels: Tensor,
+    *,
+    positive: Optional[Tensor] = None,
+    temperature=0.1,
+    normalize: bool = False,
+    self_slots: Optional[Tensor] = None,
+    bank_valid=None,
+    reduction: str = "mean",
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Supervised contrastive loss against a bank: every filled slot with the query's label is a
+    positive (SupCon's L_out, Khosla et al. 2020), in one streaming pass, never forming N×K logits.
+
+    Args:
+        query: [N, D] fp16 / bf16 / fp32 (fp64 on the reference backend); bank: [K, D], same dtype
+            and device (it gets a gradient only when it requires one).
+        query_labels [N], bank_labels [K]: integer class labels.
+        positive: optional [N, D] explicit positive per query (e.g. the other view), always in P_i.
+        temperature: τ > 0, a float or a learnable 0-d tensor (as :func:`bank_info_nce`).
+        normalize: L2-normalise query, positive and bank inside the op (cosine similarities).
+        self_slots: optional [N] integer slot of each query's own key in the bank (−1: none);
+            that slot is in neither set (pytorch-metric-learning's "self comparisons").
+        bank_valid: filled count or bool mask [K], as :func:`bank_info_nce`.
+        reduction: ``"mean"`` over the queries that have at least one positive (0 if none),
+            ``"sum"``, or ``"none"`` ([N]).
+
+    Formula, per query i, with A_i = the filled slots except ``self_slots[i]`` (plus k⁺_i) and
+    P_i = the members of A_i labelled ``query_labels[i]`` (plus k⁺_i), l = q·k/τ::
+
+        loss_i = logsumexp_{a∈A_i} l_a − (1/|P_i|)·Σ_{p∈P_i} l_p      (0 when P_i is empty)
+
+    Its gradient is d loss_i/d l_a = softmax_A(l)_a − 1[a∈P_i]/|P_i|. The Triton kernels keep an
+    online log-sum-exp over A and a running Σ_P l and |P| per query, so memory is O(N·D) whatever
+    the number of positives; :func:`bank_info_nce` with ``false_negatives="positive"`` is the
+    other SupCon form, L_in (the log of the summed positive probabilities).
+    """
+    _check_bank(query, bank)
+    n, num_slots = query.shape[0], bank.shape[0]
+    if positive is not None:
+        check_tensor("positive", positive, ndim=2, device=query.device)
+        if positive.shape != query.shape:
+            raise ValueError(f"positive: shape {tuple(positive.shape)} does not match query shape {tuple(query.shape)}")
+        if positive.dtype != query.dtype:
+            raise TypeError(f"positive: dtype {positive.dtype} does not match query dtype {query.dtype}")
+    check_tensor("query_labels", query_labels, ndim=1, dtypes=INDEX_DTYPES, device=query.device)
+    check_tensor("bank_labels", bank_labels, ndim=1, dtypes=INDEX_DTYPES, device=query.device)
+    if query_labels.shape[0] != n:
+        raise ValueError(f"query_labels: length {query_labels.shape[0]} does not match the {n} queries")
+    if bank_labels.shape[0] != num_slots:
+        raise ValueError(f"bank_labels: length {bank_labels.shape[0]} does not match the {num_slots} bank slots")
+    if self_slots is not None:
+        check_tensor("self_slots", self_slots, ndim=1, dtypes=INDEX_DTYPES, device=query.device)
+        if self_slots.shape[0] != n:
+            raise ValueError(f"self_slots: length {self_slots.shape[0]} does not match the {n} queries")
+        self_slots = self_slots.to(torch.int64).contiguous()
+    check_choice("reduction", reduction, REDUCTIONS)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
+    temperature = _check_temperature(temperature, query.device)
+    valid_mask, valid_count = _check_bank_valid(bank_valid, num_slots, query.device)
+    query_labels, bank_labels = query_labels.to(torch.int64).contiguous(), bank_labels.to(torch.int64).contiguous()
+
+    implemented = BANK_SUPCON_BACKENDS if query.dtype in KERNEL_DTYPES else ("reference",)
+    chosen = resolve_backend(backend, query.device, "bank_supcon", implemented)
+    if chosen == "reference":
+        up = _upcast_half
+        return bank_supcon_reference(
+            up(query), up(bank), query_labels, bank_labels, temperature, positive=up(positive), normalize=normalize,
+            self_slots=self_slots, bank_valid=valid_mask if valid_mask is not None else valid_count,
+            reduction=reduction).float()
+
+    temperature_t = temperature.float() if isinstance(temperature, Tensor) else _temperature_tensor(temperature,
+                                                                                                   query.device)
+    # With an explicit positive every query has one, so the mean is over all N, inside the op.
+    in_op = reduction if reduction != "mean" or positive is not None else "none"
+    loss, _, log_count = _bank_info_nce_fwd_op(query, positive, bank, temperature_t, None, query_labels, bank_labels,
+                                               valid_mask, valid_count, "supcon", normalize, REDUCTION_CODES[in_op],
+                                               self_slots)
+    if in_op == reduction:
+        return loss
+    # log |P_i| is −inf exactly for the queries without positives: no host read.
+    return loss.sum() / (log_count > float("-inf")).sum().clamp(min=1)
 
 
 # ============================================================================ top-k and MoCHi

@@ -6,7 +6,7 @@ from .advantages import (
     group_advantages_reference,
     group_discriminative_loss_reference,
 )
-from .contrastive import bank_info_nce_reference, bank_topk_reference
+from .contrastive import bank_info_nce_reference, bank_supcon_reference, bank_topk_reference
 from .logprobs import (
     kl_penalty,
     linear_logits_reference,
@@ -17,6 +17,7 @@ from .logprobs import (
 
 __all__ = [
     "bank_info_nce_reference",
+    "bank_supcon_reference",
     "bank_topk_reference",
     "drpo_positive_weights",
     "global_moments",

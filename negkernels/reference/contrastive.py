@@ -114,3 +114,60 @@ def bank_topk_reference(query: Tensor, bank: Tensor, k: int, *, normalize: bool 
         values = torch.cat([values, values.new_full((values.shape[0], pad), float("-inf"))], 1)
         indices = torch.cat([indices, indices.new_full((indices.shape[0], pad), -1)], 1)
     return values, indices
+
+
+def bank_supcon_reference(
+    query: Tensor,
+    bank: Tensor,
+    query_labels: Tensor,
+    bank_labels: Tensor,
+    temperature=0.1,
+    *,
+    positive: Optional[Tensor] = None,
+    normalize: bool = False,
+    self_slots: Optional[Tensor] = None,
+    bank_valid=None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Supervised contrastive loss (SupCon's L_out) of each query against a bank, in plain PyTorch.
+
+    Per query i, over the denominator set A_i (the filled slots other than ``self_slots[i]``, plus
+    the explicit positive k⁺_i when given) and the positive set P_i ⊆ A_i (those of A_i whose label
+    is ``query_labels[i]``, plus k⁺_i)::
+
+        loss_i = logsumexp_{a∈A_i} l_a − (1/|P_i|)·Σ_{p∈P_i} l_p,   l = q·k/τ,
+
+    and loss_i = 0 when P_i is empty. ``"mean"`` averages over the queries with |P_i| > 0 (0 when
+    there are none), as SupCon and pytorch-metric-learning's ``AvgNonZeroReducer`` do.
+    """
+    filled = bank_valid_mask(bank_valid, bank.shape[0], query.device)
+    bank = torch.where(filled.unsqueeze(1), bank, torch.zeros((), dtype=bank.dtype, device=bank.device))
+    if normalize:
+        query, bank = _normalize(query), _normalize(bank)
+        positive = _normalize(positive) if positive is not None else None
+    n, k = query.shape[0], bank.shape[0]
+    logits = query @ bank.transpose(0, 1) / temperature
+    usable = filled.expand(n, k)
+    if self_slots is not None:
+        usable = usable & (torch.arange(k, device=query.device).reshape(1, k) != self_slots.reshape(n, 1))
+    in_pos = usable & (query_labels.reshape(n, 1) == bank_labels.reshape(1, k))
+    if positive is not None:
+        pos_logit = ((query * positive).sum(-1, keepdim=True) / temperature)
+        logits = torch.cat([pos_logit, logits], dim=1)
+        ones = torch.ones(n, 1, dtype=torch.bool, device=query.device)
+        usable, in_pos = torch.cat([ones, usable], 1), torch.cat([ones, in_pos], 1)
+    count = in_pos.sum(1)
+    has = count > 0
+    # Rows without positives take the constant 0: their logits are swapped out before the
+    # log-sum-exp, so no −inf (and no NaN gradient) arises from an empty set.
+    kept = usable & has.unsqueeze(1)
+    safe = torch.where(kept, logits, torch.where(has.unsqueeze(1), float("-inf"), 0.0).to(logits.dtype))
+    mean_pos = torch.where(in_pos, logits, torch.zeros((), dtype=logits.dtype, device=logits.device)).sum(1) \
+        / count.clamp(min=1)
+    loss = torch.where(has, torch.logsumexp(safe, dim=1) - mean_pos, torch.zeros((), dtype=logits.dtype,
+                                                                                  device=logits.device))
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / has.sum().clamp(min=1)

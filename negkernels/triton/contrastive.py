@@ -51,7 +51,13 @@ from ..reference.contrastive import NORMALIZE_EPS
 
 _EPS = tl.constexpr(NORMALIZE_EPS)
 _LOG2E = tl.constexpr(1.4426950408889634)
-FALSE_NEGATIVE_CODES = {None: 0, "exclude": 1, "positive": 2}
+FALSE_NEGATIVE_CODES = {None: 0, "exclude": 1, "positive": 2, "supcon": 3}
+# Kernel codes of the positive-set modes: "positive" takes log Σ_P exp(l) (SupCon's L_in),
+# "supcon" the mean of the positive logits (SupCon's L_out), whose gradient weight is 1/|P|.
+_FN_POSITIVE: tl.constexpr = 2
+_FN_SUPCON: tl.constexpr = 3
+# The running maximum of a row with no positive key starts here: finite, so no −inf − (−inf).
+_NO_LOGIT: tl.constexpr = -1e30
 # Largest k the streaming top-k keeps in registers ([rows, next_pow2(k)] int64 per program); the
 # sorting network's code grows quickly with its width (k = 512 takes minutes to compile).
 TOPK_MAX_K = 256
@@ -118,10 +124,13 @@ def _bank_tile_logits(q_dot, row_scale, bank_ptr, cols, filled, stride_bk, strid
 
 
 @triton.jit
-def _tile_sets(qid, bank_ids_ptr, cols, filled, FN_MODE: tl.constexpr):
-    """(usable [BN, BK]: counted in the denominator, in_positive_set [BN, BK])."""
+def _tile_sets(qid, self_slot, bank_ids_ptr, cols, filled, FN_MODE: tl.constexpr, HAS_SELF_SLOT: tl.constexpr):
+    """(usable [BN, BK]: counted in the denominator, in_positive_set [BN, BK]). A row's own slot
+    (``self_slot``, −1 for none) is in neither."""
     # (x == x) and (x != x) on the row ids broadcast the slot mask to [BN, BK] as all-true / all-false.
     usable = filled[None, :] & (qid[:, None] == qid[:, None])
+    if HAS_SELF_SLOT:
+        usable = usable & (cols[None, :].to(tl.int64) != self_slot[:, None])
     in_pos = usable & (qid[:, None] != qid[:, None])
     if FN_MODE != 0:
         bid = tl.load(bank_ids_ptr + cols, mask=filled, other=0)
@@ -143,9 +152,19 @@ def _query_ids(query_ids_ptr, rows, row_ok, FN_MODE: tl.constexpr):
 
 
 @triton.jit
+def _self_slots(self_slot_ptr, rows, row_ok, HAS_SELF_SLOT: tl.constexpr):
+    """Each row's own bank slot, excluded from its sets (−1: none; unread without HAS_SELF_SLOT)."""
+    if HAS_SELF_SLOT:
+        return tl.load(self_slot_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    else:
+        return tl.full(rows.shape, -1, tl.int64)
+
+
+@triton.jit
 def _query_block(q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
-                 NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr):
-    """Loads a block of queries and positives → (q for the dot, q fp32, p fp32, |q|⁻¹, |p|⁻¹, |q|⁻¹/τ, positive logits)."""
+                 NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, HAS_POSITIVE: tl.constexpr):
+    """Loads a block of queries and positives (without HAS_POSITIVE, ``pos_ptr`` is the queries' and
+    the positive logit reads _NO_LOGIT) → (q for the dot, q fp32, p fp32, |q|⁻¹, |p|⁻¹, |q|⁻¹/τ, positive logits)."""
     q = _load_rows(q_ptr, rows, row_ok, stride_qn, dims, dim_ok, stride_qd)
     qf = q.to(tl.float32)
     pf = _load_rows(pos_ptr, rows, row_ok, stride_pn, dims, dim_ok, stride_pd).to(tl.float32)
@@ -153,6 +172,8 @@ def _query_block(q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, 
     inv_p = _inverse_norm(pf, NORMALIZE)
     row_scale = inv_q * inv_t
     pos_logit = tl.sum(qf * pf, axis=1) * row_scale * inv_p
+    if not HAS_POSITIVE:
+        pos_logit = tl.full(pos_logit.shape, _NO_LOGIT, tl.float32)
     if DOT_FP32:
         q = qf
     return q, qf, pf, inv_q, inv_p, row_scale, pos_logit
@@ -163,14 +184,15 @@ def _query_block(q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, 
 
 @triton.jit
 def _bank_info_nce_fwd_kernel(
-    q_ptr, pos_ptr, bank_ptr, extra_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr, partial_ptr,
-    n_queries, n_slots, dim, n_extra, valid_count, split_slots,
+    q_ptr, pos_ptr, bank_ptr, extra_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, self_slot_ptr, temperature_ptr,
+    partial_ptr, n_queries, n_slots, dim, n_extra, valid_count, split_slots,
     stride_qn, stride_qd, stride_pn, stride_pd, stride_bk, stride_bd, stride_en, stride_em, stride_ed,
     FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, NORMALIZE: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SELF_SLOT: tl.constexpr, HAS_POSITIVE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Program (row block, split): online log-sum-exps over the split's slots → partials [4, splits, N]."""
+    """Program (row block, split): online log-sum-exps over the split's slots → partials [4, splits, N]:
+    (max, sum) over A, then over P; with _FN_SUPCON the last two are Σ_P l and |P| instead."""
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_queries
@@ -179,32 +201,40 @@ def _bank_info_nce_fwd_kernel(
     inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
     q, qf, pf, inv_q, inv_p, row_scale, pos_logit = _query_block(
         q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
-        NORMALIZE, DOT_FP32)
+        NORMALIZE, DOT_FP32, HAS_POSITIVE)
     qid = _query_ids(query_ids_ptr, rows, row_ok, FN_MODE)
+    sid = _self_slots(self_slot_ptr, rows, row_ok, HAS_SELF_SLOT)
 
-    # Every split starts its maxima at the positive logit, so they are finite and no −inf − (−inf)
-    # arises; only split 0 counts the positive (and the extras) in its sums.
+    # Every split starts its maxima at the positive logit (or _NO_LOGIT), so they are finite and
+    # no −inf − (−inf) arises; only split 0 counts the positive (and the extras) in its sums.
     first = (split == 0).to(tl.float32)
+    if not HAS_POSITIVE:
+        first = first * 0.0
     m_all = pos_logit
     s_all = tl.full([BLOCK_N], 1.0, tl.float32) * first
     m_pos = pos_logit
     s_pos = tl.full([BLOCK_N], 1.0, tl.float32) * first
+    if FN_MODE == _FN_SUPCON:
+        m_pos = tl.where(first > 0, pos_logit, 0.0)  # Σ_P l; s_pos counts |P|
     slot_start = split * split_slots
     for offset in range(0, split_slots, BLOCK_K):
         cols = slot_start + offset + tl.arange(0, BLOCK_K)
         filled = _slots_filled(cols, n_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK)
         b, inv_b, logits = _bank_tile_logits(q, row_scale, bank_ptr, cols, filled, stride_bk, stride_bd, dims, dim_ok,
                                              NORMALIZE, DOT_FP32, PRECISION)
-        usable, in_pos = _tile_sets(qid, bank_ids_ptr, cols, filled, FN_MODE)
+        usable, in_pos = _tile_sets(qid, sid, bank_ids_ptr, cols, filled, FN_MODE, HAS_SELF_SLOT)
         l_all = tl.where(usable, logits, -float("inf"))
         m_new = tl.maximum(m_all, tl.max(l_all, axis=1))
         s_all = s_all * tl.exp(m_all - m_new) + tl.sum(tl.exp(l_all - m_new[:, None]), axis=1)
         m_all = m_new
-        if FN_MODE == 2:
+        if FN_MODE == _FN_POSITIVE:
             l_pos = tl.where(in_pos, logits, -float("inf"))
             m_new = tl.maximum(m_pos, tl.max(l_pos, axis=1))
             s_pos = s_pos * tl.exp(m_pos - m_new) + tl.sum(tl.exp(l_pos - m_new[:, None]), axis=1)
             m_pos = m_new
+        if FN_MODE == _FN_SUPCON:
+            m_pos += tl.sum(tl.where(in_pos, logits, 0.0), axis=1)
+            s_pos += tl.sum(in_pos.to(tl.float32), axis=1)
     if HAS_EXTRA:
         if split == 0:
             for m in range(0, n_extra):
@@ -239,27 +269,38 @@ def _merge_log_sum_exp(partial_ptr, plane_offset, rows, row_ok, n_queries, n_spl
 
 @triton.jit
 def _bank_info_nce_combine_kernel(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, n_queries, n_splits,
-                                  reduce_scale, REDUCE: tl.constexpr, BLOCK: tl.constexpr):
+                                  reduce_scale, FN_MODE: tl.constexpr, REDUCE: tl.constexpr, BLOCK: tl.constexpr):
     """Merges the splits → lse_all, lse_pos [N] and the loss: per query [N], or with REDUCE one
     0-d reduce_scale·Σ loss (a fixed-order sum, one program walking every row block)."""
     if REDUCE:
         total = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_queries, BLOCK):
             total += _combine_rows(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, start + tl.arange(0, BLOCK),
-                                   n_queries, n_splits, False)
+                                   n_queries, n_splits, FN_MODE, False)
         tl.store(loss_ptr, tl.sum(total, axis=0) * reduce_scale)
     else:
         _combine_rows(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, tl.program_id(0) * BLOCK + tl.arange(0, BLOCK),
-                      n_queries, n_splits, True)
+                      n_queries, n_splits, FN_MODE, True)
 
 
 @triton.jit
 def _combine_rows(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, rows, n_queries, n_splits,
-                  STORE_LOSS: tl.constexpr):
+                  FN_MODE: tl.constexpr, STORE_LOSS: tl.constexpr):
+    """Per row: lse_all; lse_pos (with _FN_SUPCON log |P|, −inf for none) and the loss."""
     row_ok = rows < n_queries
     lse_all = _merge_log_sum_exp(partial_ptr, 0, rows, row_ok, n_queries, n_splits)
-    lse_pos = _merge_log_sum_exp(partial_ptr, 2 * n_splits * n_queries, rows, row_ok, n_queries, n_splits)
-    loss = lse_all - lse_pos
+    if FN_MODE == _FN_SUPCON:
+        pos_sum = tl.zeros(rows.shape, tl.float32)
+        count = tl.zeros(rows.shape, tl.float32)
+        for split in range(0, n_splits):
+            pos_sum += tl.load(partial_ptr + (2 * n_splits + split) * n_queries + rows, mask=row_ok, other=0.0)
+            count += tl.load(partial_ptr + (3 * n_splits + split) * n_queries + rows, mask=row_ok, other=0.0)
+        # A row without positives has loss 0 (and, in the backward, no gradient).
+        loss = tl.where(count > 0, lse_all - pos_sum / tl.maximum(count, 1.0), 0.0)
+        lse_pos = tl.log(count)
+    else:
+        lse_pos = _merge_log_sum_exp(partial_ptr, 2 * n_splits * n_queries, rows, row_ok, n_queries, n_splits)
+        loss = lse_all - lse_pos
     if STORE_LOSS:
         tl.store(loss_ptr + rows, loss, mask=row_ok)
     tl.store(lse_all_ptr + rows, lse_all, mask=row_ok)
@@ -269,11 +310,24 @@ def _combine_rows(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, rows, n_queri
 
 @triton.jit
 def _logit_grads(logits, usable, in_pos, g, lse_all, lse_pos, FN_MODE: tl.constexpr):
-    """d loss_i / d l_ij · g_i = g_i·(softmax over A − softmax over P restricted to P)."""
+    """d loss_i / d l_ij · g_i = g_i·(softmax over A − softmax over P restricted to P); with
+    _FN_SUPCON the second term is 1[P]/|P| (lse_pos = log |P|)."""
     grad = tl.where(usable, tl.exp(logits - lse_all[:, None]), 0.0)
-    if FN_MODE == 2:
+    if FN_MODE == _FN_POSITIVE:
         grad -= tl.where(in_pos, tl.exp(logits - lse_pos[:, None]), 0.0)
+    if FN_MODE == _FN_SUPCON:
+        grad -= tl.where(in_pos, tl.exp(-lse_pos)[:, None], 0.0)
     return grad * g[:, None]
+
+
+@triton.jit
+def _row_grads(grad_loss_ptr, rows, row_ok, grad_stride, grad_scale, lse_pos, FN_MODE: tl.constexpr):
+    """Each row's incoming gradient times the reduction's scale; 0 for a _FN_SUPCON row without
+    positives, whose loss is the constant 0."""
+    g = tl.load(grad_loss_ptr + rows * grad_stride, mask=row_ok, other=0.0).to(tl.float32) * grad_scale
+    if FN_MODE == _FN_SUPCON:
+        g = tl.where(lse_pos > -float("inf"), g, 0.0)
+    return g
 
 
 @triton.jit
@@ -286,9 +340,10 @@ def _grad_dot(grad_f32, keys, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.co
 
 
 @triton.jit
-def _query_grad_tile(q, c2, lse2_all, lse2_pos, qid, bank_ptr, bank_ids_ptr, valid_mask_ptr, cols, n_slots,
+def _query_grad_tile(q, c2, lse2_all, lse2_pos, qid, sid, bank_ptr, bank_ids_ptr, valid_mask_ptr, cols, n_slots,
                      valid_count, stride_bk, stride_bd, dims, dim_ok, FN_MODE: tl.constexpr,
-                     HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr,
+                     HAS_VALID_MASK: tl.constexpr, HAS_SELF_SLOT: tl.constexpr, NORMALIZE: tl.constexpr,
+                     DOT_FP32: tl.constexpr,
                      PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.constexpr,
                      MASKED: tl.constexpr):
     """One bank tile of the query gradient, without the row's incoming gradient g_i:
@@ -306,24 +361,27 @@ def _query_grad_tile(q, c2, lse2_all, lse2_pos, qid, bank_ptr, bank_ids_ptr, val
     u = tl.dot(q, tl.trans(b), input_precision=PRECISION) * inv_b[None, :]
     grad = tl.math.exp2(u * c2[:, None] - lse2_all[:, None])
     if MASKED:
-        usable, in_pos = _tile_sets(qid, bank_ids_ptr, cols, filled, FN_MODE)
+        usable, in_pos = _tile_sets(qid, sid, bank_ids_ptr, cols, filled, FN_MODE, HAS_SELF_SLOT)
         grad = tl.where(usable, grad, 0.0)
-        if FN_MODE == 2:
+        if FN_MODE == _FN_POSITIVE:
             grad -= tl.where(in_pos, tl.math.exp2(u * c2[:, None] - lse2_pos[:, None]), 0.0)
+        if FN_MODE == _FN_SUPCON:
+            grad -= tl.where(in_pos, tl.math.exp2(-lse2_pos)[:, None], 0.0)
     return _grad_dot(grad * inv_b[None, :], b, GRAD_DOT_FP32, GRAD_PRECISION), tl.sum(grad * u, axis=1)
 
 
 @triton.jit
-def _query_grad_tiles(acc, r, q, c2, lse2_all, lse2_pos, qid, bank_ptr, bank_ids_ptr, valid_mask_ptr, slot_start,
+def _query_grad_tiles(acc, r, q, c2, lse2_all, lse2_pos, qid, sid, bank_ptr, bank_ids_ptr, valid_mask_ptr, slot_start,
                       start, end, n_slots, valid_count, stride_bk, stride_bd, dims, dim_ok, FN_MODE: tl.constexpr,
-                      HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr,
+                      HAS_VALID_MASK: tl.constexpr, HAS_SELF_SLOT: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr,
                       PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.constexpr,
                       BLOCK_K: tl.constexpr, MASKED: tl.constexpr):
     """(acc, r) plus the tiles of slots [slot_start + start, slot_start + end) (see _query_grad_tile)."""
     for offset in range(start, end, BLOCK_K):
-        d_acc, d_r = _query_grad_tile(q, c2, lse2_all, lse2_pos, qid, bank_ptr, bank_ids_ptr, valid_mask_ptr,
+        d_acc, d_r = _query_grad_tile(q, c2, lse2_all, lse2_pos, qid, sid, bank_ptr, bank_ids_ptr, valid_mask_ptr,
                                       slot_start + offset + tl.arange(0, BLOCK_K), n_slots, valid_count,
-                                      stride_bk, stride_bd, dims, dim_ok, FN_MODE, HAS_VALID_MASK, NORMALIZE,
+                                      stride_bk, stride_bd, dims, dim_ok, FN_MODE, HAS_VALID_MASK, HAS_SELF_SLOT,
+                                      NORMALIZE,
                                       DOT_FP32, PRECISION, GRAD_DOT_FP32, GRAD_PRECISION, MASKED)
         acc += d_acc
         r += d_r
@@ -332,13 +390,13 @@ def _query_grad_tiles(acc, r, q, c2, lse2_all, lse2_pos, qid, bank_ptr, bank_ids
 
 @triton.jit
 def _bank_info_nce_bwd_query_kernel(
-    q_ptr, pos_ptr, bank_ptr, extra_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr,
+    q_ptr, pos_ptr, bank_ptr, extra_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, self_slot_ptr, temperature_ptr,
     grad_loss_ptr, lse_all_ptr, lse_pos_ptr, acc_ptr, r_partial_ptr, dpos_ptr, dextra_ptr,
     n_queries, n_slots, dim, n_extra, valid_count, split_slots, grad_stride, grad_scale,
     stride_qn, stride_qd, stride_pn, stride_pd, stride_bk, stride_bd, stride_en, stride_em, stride_ed,
     FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, EXTRA_GRAD: tl.constexpr,
-    NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr,
-    GRAD_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SELF_SLOT: tl.constexpr, HAS_POSITIVE: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program (row block, split) → Σ_j G_j·|k_j|⁻¹·k_j [splits, N, D] and r = Σ_j G_j·l_j [splits, N]
     over the split's slots; split 0 adds the positive and the extras and writes their gradients."""
@@ -350,8 +408,9 @@ def _bank_info_nce_bwd_query_kernel(
     inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
     q, _, _, _, _, row_scale, pos_logit = _query_block(
         q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
-        NORMALIZE, DOT_FP32)
+        NORMALIZE, DOT_FP32, HAS_POSITIVE)
     qid = _query_ids(query_ids_ptr, rows, row_ok, FN_MODE)
+    sid = _self_slots(self_slot_ptr, rows, row_ok, HAS_SELF_SLOT)
     lse_all = tl.load(lse_all_ptr + rows, mask=row_ok, other=0.0)
     lse_pos = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
 
@@ -367,21 +426,20 @@ def _bank_info_nce_bwd_query_kernel(
     slot_start = split * split_slots
     split_end = tl.minimum(split_slots, n_slots - slot_start)
     full_end = 0
-    if FN_MODE == 0 and not HAS_VALID_MASK:
+    if FN_MODE == 0 and not HAS_VALID_MASK and not HAS_SELF_SLOT:
         # Tiles filled throughout need no slot mask and no select: every slot is in the denominator.
         full_end = tl.maximum(tl.minimum(split_end, valid_count - slot_start), 0) // BLOCK_K * BLOCK_K
-        acc, r = _query_grad_tiles(acc, r, q, c2, lse2_all, lse2_pos, qid, bank_ptr, bank_ids_ptr, valid_mask_ptr,
-                                   slot_start, 0, full_end, n_slots, valid_count, stride_bk, stride_bd, dims, dim_ok,
-                                   FN_MODE, HAS_VALID_MASK, NORMALIZE, DOT_FP32, PRECISION, GRAD_DOT_FP32,
-                                   GRAD_PRECISION, BLOCK_K, False)
-    acc, r = _query_grad_tiles(acc, r, q, c2, lse2_all, lse2_pos, qid, bank_ptr, bank_ids_ptr, valid_mask_ptr,
+        acc, r = _query_grad_tiles(acc, r, q, c2, lse2_all, lse2_pos, qid, sid, bank_ptr, bank_ids_ptr,
+                                   valid_mask_ptr, slot_start, 0, full_end, n_slots, valid_count, stride_bk, stride_bd,
+                                   dims, dim_ok, FN_MODE, HAS_VALID_MASK, HAS_SELF_SLOT, NORMALIZE, DOT_FP32,
+                                   PRECISION, GRAD_DOT_FP32, GRAD_PRECISION, BLOCK_K, False)
+    acc, r = _query_grad_tiles(acc, r, q, c2, lse2_all, lse2_pos, qid, sid, bank_ptr, bank_ids_ptr, valid_mask_ptr,
                                slot_start, full_end, split_slots, n_slots, valid_count, stride_bk, stride_bd, dims,
-                               dim_ok, FN_MODE, HAS_VALID_MASK, NORMALIZE, DOT_FP32, PRECISION, GRAD_DOT_FP32,
-                               GRAD_PRECISION, BLOCK_K, True)
+                               dim_ok, FN_MODE, HAS_VALID_MASK, HAS_SELF_SLOT, NORMALIZE, DOT_FP32, PRECISION,
+                               GRAD_DOT_FP32, GRAD_PRECISION, BLOCK_K, True)
     # grad_stride 0: one incoming gradient shared by every query (a reduced loss), times the
     # reduction's scale.
-    g = tl.load(grad_loss_ptr + rows * grad_stride, mask=row_ok, other=0.0).to(tl.float32)
-    g *= grad_scale
+    g = _row_grads(grad_loss_ptr, rows, row_ok, grad_stride, grad_scale, lse_pos, FN_MODE)
     acc *= g[:, None]
     r *= g * row_scale
     out_mask = row_ok[:, None] & dim_ok[None, :]
@@ -390,8 +448,13 @@ def _bank_info_nce_bwd_query_kernel(
         # they would take 64 registers a thread.
         _, qf, pf, _, inv_p, _, _ = _query_block(
             q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
-            NORMALIZE, DOT_FP32)
-        g_pos = g * (tl.exp(pos_logit - lse_all) - tl.exp(pos_logit - lse_pos))
+            NORMALIZE, DOT_FP32, HAS_POSITIVE)
+        if FN_MODE == _FN_SUPCON:
+            g_pos = g * (tl.exp(pos_logit - lse_all) - tl.exp(-lse_pos))
+        else:
+            g_pos = g * (tl.exp(pos_logit - lse_all) - tl.exp(pos_logit - lse_pos))
+        if not HAS_POSITIVE:
+            g_pos = g * 0.0
         acc += (g_pos * inv_p)[:, None] * pf
         r += g_pos * pos_logit
         if HAS_EXTRA:
@@ -412,8 +475,9 @@ def _bank_info_nce_bwd_query_kernel(
         dpos = (g_pos * row_scale * inv_p)[:, None] * qf
         if NORMALIZE:
             dpos -= (g_pos * pos_logit * inv_p * inv_p)[:, None] * pf
-        out = rows.to(tl.int64)[:, None] * dim + dims[None, :]
-        tl.store(dpos_ptr + out, dpos.to(dpos_ptr.dtype.element_ty), mask=out_mask)
+        if HAS_POSITIVE:
+            out = rows.to(tl.int64)[:, None] * dim + dims[None, :]
+            tl.store(dpos_ptr + out, dpos.to(dpos_ptr.dtype.element_ty), mask=out_mask)
     part = split * n_queries + rows
     tl.store(acc_ptr + part.to(tl.int64)[:, None] * dim + dims[None, :], acc, mask=out_mask)
     tl.store(r_partial_ptr + part, r, mask=row_ok)
@@ -449,11 +513,11 @@ def _bank_info_nce_dq_kernel(
 
 @triton.jit
 def _bank_info_nce_bwd_bank_kernel(
-    q_ptr, bank_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, temperature_ptr,
+    q_ptr, bank_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, self_slot_ptr, temperature_ptr,
     grad_loss_ptr, lse_all_ptr, lse_pos_ptr, dbank_ptr,
     n_queries, n_slots, dim, valid_count, grad_stride, grad_scale,
     stride_qn, stride_qd, stride_bk, stride_bd,
-    FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
+    FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, HAS_SELF_SLOT: tl.constexpr, NORMALIZE: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -482,11 +546,11 @@ def _bank_info_nce_bwd_bank_kernel(
             row_scale = inv_q * inv_t
             logits = tl.dot(q, tl.trans(b), input_precision=PRECISION) * row_scale[:, None] * inv_b[None, :]
             qid = _query_ids(query_ids_ptr, rows, row_ok, FN_MODE)
-            usable, in_pos = _tile_sets(qid, bank_ids_ptr, cols, filled, FN_MODE)
-            g = tl.load(grad_loss_ptr + rows * grad_stride, mask=row_ok, other=0.0).to(tl.float32)
-            g *= grad_scale
+            sid = _self_slots(self_slot_ptr, rows, row_ok, HAS_SELF_SLOT)
+            usable, in_pos = _tile_sets(qid, sid, bank_ids_ptr, cols, filled, FN_MODE, HAS_SELF_SLOT)
             lse_all = tl.load(lse_all_ptr + rows, mask=row_ok, other=0.0)
             lse_pos = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
+            g = _row_grads(grad_loss_ptr, rows, row_ok, grad_stride, grad_scale, lse_pos, FN_MODE)
             grad = _logit_grads(logits, usable, in_pos, g, lse_all, lse_pos, FN_MODE)
             r += tl.sum(grad * logits, axis=0)
             acc += _grad_dot(tl.trans(grad * inv_q[:, None]), q, GRAD_DOT_FP32, GRAD_PRECISION)
@@ -946,9 +1010,10 @@ def _strides(x):
 
 
 def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, valid_count: int,
-                      fn_mode, normalize: bool, interpret: bool, reduce_scale=None):
-    """[N, D] queries and positives, [K, D] bank, optional [N, M, D] extras → (loss, lse_all, lse_pos), fp32 [N];
-    with ``reduce_scale`` the loss is reduce_scale·Σ_i loss_i instead (0-d)."""
+                      fn_mode, normalize: bool, interpret: bool, reduce_scale=None, self_slots=None):
+    """[N, D] queries and positives (or None), [K, D] bank, optional [N, M, D] extras and [N] int64
+    self slots → (loss, lse_all, lse_pos), fp32 [N]; with ``reduce_scale`` the loss is
+    reduce_scale·Σ_i loss_i instead (0-d)."""
     n, d = query.shape
     num_slots = bank.shape[0]
     dev = query.device
@@ -969,29 +1034,34 @@ def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank
     partial = torch.empty((4, splits, n), dtype=torch.float32, device=dev)  # max and sum, over A and over P
     m = extra.shape[1] if extra is not None else 0
     placeholder = lse_all
+    has_positive = positive is not None
+    positive = positive if has_positive else query
     _bank_info_nce_fwd_kernel[(row_blocks, splits)](
         query, positive, bank, extra if extra is not None else query,
         query_ids if query_ids is not None else placeholder, bank_ids if bank_ids is not None else placeholder,
-        valid_mask if valid_mask is not None else placeholder, temperature, partial,
-        n, num_slots, d, m, valid_count, split_slots,
+        valid_mask if valid_mask is not None else placeholder, self_slots if self_slots is not None else placeholder,
+        temperature, partial, n, num_slots, d, m, valid_count, split_slots,
         *_strides(query), *_strides(positive), *_strides(bank),
         *(extra.stride() if extra is not None else (0, 0, 0)),
         FN_MODE=FALSE_NEGATIVE_CODES[fn_mode], HAS_VALID_MASK=valid_mask is not None, HAS_EXTRA=m > 0,
-        NORMALIZE=normalize, DOT_FP32=dots["DOT_FP32"], PRECISION=dots["PRECISION"],
+        NORMALIZE=normalize, HAS_SELF_SLOT=self_slots is not None, HAS_POSITIVE=has_positive,
+        DOT_FP32=dots["DOT_FP32"], PRECISION=dots["PRECISION"],
         BLOCK_N=block_n, BLOCK_K=slot_tile, BLOCK_D=block_d, num_warps=8 if block_n * block_d >= 128 * 128 else 4,
     )
     # Reducing, one program walks the rows in wide blocks (4 for N = 4096): a few µs on the device,
     # where a torch sum and scale would cost two launches.
     block = 1024 if reduce else 256
     _bank_info_nce_combine_kernel[(1 if reduce else cdiv(n, block),)](
-        partial, loss, lse_all, lse_pos, n, splits, reduce_scale if reduce else 1.0, REDUCE=reduce, BLOCK=block)
+        partial, loss, lse_all, lse_pos, n, splits, reduce_scale if reduce else 1.0,
+        FN_MODE=FALSE_NEGATIVE_CODES[fn_mode], REDUCE=reduce, BLOCK=block)
     return loss, lse_all, lse_pos
 
 
 def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask,
                       valid_count: int, fn_mode, normalize: bool, lse_all, lse_pos, bank_grad: bool, extra_grad: bool,
-                      interpret: bool, grad_scale: float = 1.0):
-    """→ (d query [N, D], d positive [N, D], d bank [K, D] or [0], d extras [N, M, D] or [0], r [N] fp32).
+                      interpret: bool, grad_scale: float = 1.0, self_slots=None):
+    """→ (d query [N, D], d positive [N, D] (or [0] without a positive), d bank [K, D] or [0],
+    d extras [N, M, D] or [0], r [N] fp32).
 
     ``grad_loss``: [N] per-query gradients, or one (0-d or [1]) that every query shares, read
     at stride 0; either is multiplied by ``grad_scale`` in the kernels."""
@@ -1000,7 +1070,9 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
     dev = query.device
     # empty_like and new_empty take their dtype and device from the tensor: cheaper to parse
     dq = torch.empty_like(query, memory_format=torch.contiguous_format)
-    dpos = torch.empty_like(positive, memory_format=torch.contiguous_format)
+    has_positive = positive is not None
+    dpos = torch.empty_like(positive, memory_format=torch.contiguous_format) if has_positive else query.new_empty(0)
+    positive = positive if has_positive else query
     r = torch.empty(n, dtype=torch.float32, device=dev)
     dbank = torch.empty_like(bank, memory_format=torch.contiguous_format) if bank_grad else bank.new_empty(0)
     has_extra = extra is not None and extra.shape[1] > 0
@@ -1011,11 +1083,13 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
     placeholder = r
     ids = (query_ids if query_ids is not None else placeholder, bank_ids if bank_ids is not None else placeholder)
     vmask = valid_mask if valid_mask is not None else placeholder
+    sslots = self_slots if self_slots is not None else placeholder
     if grad_loss.dim() and not grad_loss.is_contiguous():
         grad_loss = grad_loss.contiguous()
     grad_stride = 1 if grad_loss.dim() and grad_loss.numel() == n and n != 1 else 0
-    common = dict(FN_MODE=FALSE_NEGATIVE_CODES[fn_mode], HAS_VALID_MASK=valid_mask is not None, NORMALIZE=normalize,
-                  BLOCK_D=block_d, **_dot_settings(query.dtype, interpret))
+    common = dict(FN_MODE=FALSE_NEGATIVE_CODES[fn_mode], HAS_VALID_MASK=valid_mask is not None,
+                  HAS_SELF_SLOT=self_slots is not None, NORMALIZE=normalize, BLOCK_D=block_d,
+                  **_dot_settings(query.dtype, interpret))
     num_warps = 8 if block_d >= 128 else 4
     if n > 0:
         block_n = _row_block(n, tile)
@@ -1025,11 +1099,12 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
         acc = torch.empty((splits, n, d), dtype=torch.float32, device=dev)
         r_partial = torch.empty((splits, n), dtype=torch.float32, device=dev)
         _bank_info_nce_bwd_query_kernel[(row_blocks, splits)](
-            query, positive, bank, extra if has_extra else query, *ids, vmask, temperature,
-            grad_loss, lse_all, lse_pos, acc, r_partial, dpos, dextra if extra_grad else dpos,
+            query, positive, bank, extra if has_extra else query, *ids, vmask, sslots, temperature,
+            grad_loss, lse_all, lse_pos, acc, r_partial, dpos if has_positive else dq, dextra if extra_grad else dq,
             n, num_slots, d, extra.shape[1] if has_extra else 0, valid_count, split_slots, grad_stride, grad_scale,
             *_strides(query), *_strides(positive), *_strides(bank), *(extra.stride() if has_extra else (0, 0, 0)),
-            HAS_EXTRA=has_extra, EXTRA_GRAD=extra_grad and has_extra, BLOCK_N=block_n, BLOCK_K=tile,
+            HAS_EXTRA=has_extra, EXTRA_GRAD=extra_grad and has_extra, HAS_POSITIVE=has_positive,
+            BLOCK_N=block_n, BLOCK_K=tile,
             num_warps=num_warps, **common,
         )
         _bank_info_nce_dq_kernel[(row_blocks,)](
@@ -1039,7 +1114,7 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
     if bank_grad and num_slots > 0:
         block_k = _row_block(num_slots, tile)
         _bank_info_nce_bwd_bank_kernel[(cdiv(num_slots, block_k),)](
-            query, bank, *ids, vmask, temperature, grad_loss, lse_all, lse_pos, dbank,
+            query, bank, *ids, vmask, sslots, temperature, grad_loss, lse_all, lse_pos, dbank,
             n, num_slots, d, valid_count, grad_stride, grad_scale, *_strides(query), *_strides(bank),
             BLOCK_N=tile, BLOCK_K=block_k, num_warps=num_warps, **common,
         )
