@@ -226,14 +226,16 @@ def test_select_retained_hand_worked(backend):
     assert nk.select_retained(torch.zeros(1, 2, 0), 5, backend=backend).shape == (1, 2, 0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("min_per_head", [0, 2, 6])
-def test_select_retained_global_against_brute_force(min_per_head):
+def test_select_retained_global_against_brute_force(min_per_head, backend):
     b, h, s, budget, sink, window = 3, 4, 23, 6, 1, 2
     scores = random_scores(b, h, s)
     scores[0, 0] += 100  # one head dominates: the floor decides what the others keep
     lengths = torch.tensor([23, 5, 0])
-    sel = nk.select_retained(scores, budget, sink=sink, window=window, lengths=lengths, mode="global",
-                             min_per_head=min_per_head)
+    with poisoned_allocations():
+        sel = nk.select_retained(scores, budget, sink=sink, window=window, lengths=lengths, mode="global",
+                                 min_per_head=min_per_head, backend=backend)
     expected = brute_select_global(scores, budget, sink, window, lengths, min_per_head)
     cu = sel.cu_seqlens.long()
     assert cu[0] == 0 and torch.equal(cu[1:] - cu[:-1], sel.counts.reshape(-1))
@@ -248,6 +250,46 @@ def test_select_retained_global_against_brute_force(min_per_head):
     assert sel.counts[0].sum() == h * budget
     assert torch.all(sel.counts[1] == 5) and torch.all(sel.counts[2] == 0)
     assert torch.all(sel.counts[0] >= min(min_per_head, budget))
+
+
+def _global_sets(sel, b, h):
+    cu = sel.cu_seqlens.long()
+    return [{(hi, int(i)) for hi in range(h) for i in sel.indices[cu[bi * h + hi]: cu[bi * h + hi + 1]]}
+            for bi in range(b)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_select_retained_global_ties_go_to_recent_then_lower_head(backend):
+    # head 0: [−2, −2], head 1: [0, −2], budget 1 (two pairs kept): (1, 0) by score, then of the
+    # three −2 ties the most recent token, t = 1, of the lower head, 0.
+    scores = torch.tensor([[[-2.0, -2.0], [0.0, -2.0]]])
+    sel = nk.select_retained(scores, 1, mode="global", backend=backend)
+    assert _global_sets(sel, 1, 2) == [{(1, 0), (0, 1)}]
+    assert sel.counts.tolist() == [[1, 1]] and sel.indices.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_select_retained_global_kernel_on_many_small_rows(backend):
+    # heavy ties, NaN and ±inf, short and empty sequences, every option
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(30):
+        b, h, s = (int(torch.randint(lo, hi, (), generator=gen)) for lo, hi in ((1, 4), (1, 6), (1, 37)))
+        budget = int(torch.randint(1, s + 3, (), generator=gen))
+        sink, window = (int(torch.randint(0, 3, (), generator=gen)) for _ in range(2))
+        if sink + window > budget:
+            sink = window = 0
+        min_per_head = int(torch.randint(0, budget + 1, (), generator=gen))
+        scores = torch.randint(-2, 3, (b, h, s), generator=gen).float()
+        scores.view(-1)[torch.randint(0, b * h * s, (3,), generator=gen)] = torch.tensor([float("nan"), float("inf"),
+                                                                                           -float("inf")])
+        lengths = torch.randint(0, s + 2, (b,), generator=gen) if trial % 2 else None
+        kwargs = dict(sink=sink, window=window, lengths=lengths, mode="global", min_per_head=min_per_head)
+        with poisoned_allocations():
+            got = nk.select_retained(scores, budget, backend=backend, **kwargs)
+        want = nk.select_retained(scores, budget, backend="reference", **kwargs)
+        for name, x, y in zip(got._fields, got, want):
+            assert torch.equal(x, y), (trial, name, x, y)
+        assert _global_sets(got, b, h) == brute_select_global(scores, budget, sink, window, lengths, min_per_head)
 
 
 # ============================================================================ compaction and evict

@@ -368,6 +368,10 @@ KV_SCRIPT = PRELUDE + textwrap.dedent(
         compile_kv(kv._retention_mass_fwd_kernel, dict(BLOCK_T=64, BLOCK_I=64), 4, lb_ptr=f"*{lb}", starts_ptr="*i64")
         compile_kv(kv._retention_mass_bwd_kernel, dict(BLOCK_T=64, BLOCK_I=64), 8, lb_ptr=f"*{lb}", ends_ptr="*i64")
         count += 2
+    for lengths, block, warps, int_type in ((False, 2048, 8, "i32"), (True, 16, 4, "i64")):
+        compiled = compile_kv(kv._select_global_kernel, dict(HAS_LENGTHS=lengths, BLOCK=block), warps, int_type,
+                              forced_ptr="*i8", lengths_ptr="*i32", keep_ptr="*i8")
+        count += 1
     print("compiled", count)
     """
 )
@@ -397,4 +401,4 @@ def test_contrastive_tiles_fit_sm90_at_the_largest_head_dim_and_list():
 
 
 def test_every_kv_kernel_variant_compiles_for_sm90():
-    assert "compiled 21" in _compile_in_subprocess(KV_SCRIPT)
+    assert "compiled 23" in _compile_in_subprocess(KV_SCRIPT)

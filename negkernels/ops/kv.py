@@ -34,6 +34,8 @@ from ..reference.kv import (
     SELECT_MODES,
     attention_scores_reference,
     compact_kv_reference,
+    forced_per_head,
+    ragged_from_keep,
     key_norm_scores_reference,
     keydiff_scores_reference,
     retention_mass_reference,
@@ -45,6 +47,7 @@ from ..reference.kv import (
 
 RETENTION_SCORES_BACKENDS = register_op("retention_scores", ("reference", "triton"))
 SELECT_RETAINED_BACKENDS = register_op("select_retained", ("reference", "triton", "cuda"))
+SELECT_GLOBAL_BACKENDS = ("reference", "triton")  # select_retained(mode="global")
 COMPACT_KV_BACKENDS = register_op("compact_kv", ("reference", "triton"))
 EVICT_BACKENDS = register_op("evict", ("reference", "triton", "cuda"))
 RETENTION_MASS_BACKENDS = register_op("retention_mass", ("reference", "triton"))
@@ -291,13 +294,34 @@ def select_retained(scores: Tensor, budget: int, *, sink: int = 0, window: int =
     if min_per_head > budget:
         raise ValueError(f"min_per_head: {min_per_head} exceeds the per-head budget {budget}")
     if mode == "global":
-        resolve_backend(backend, scores.device, "select_retained_global", ("reference",))
-        return GlobalSelection(*select_retained_global_reference(scores.detach(), budget, sink, window, lengths,
-                                                                 min_per_head))
+        chosen = resolve_backend(backend, scores.device, "select_retained_global", SELECT_GLOBAL_BACKENDS)
+        if chosen == "reference":
+            return GlobalSelection(*select_retained_global_reference(scores.detach(), budget, sink, window, lengths,
+                                                                     min_per_head))
+        return GlobalSelection(*_select_global_triton(scores.detach().float().contiguous(), budget, sink, window,
+                                                      lengths, min_per_head))
     chosen = resolve_backend(backend, scores.device, "select_retained", SELECT_RETAINED_BACKENDS)
     if chosen == "reference":
         return select_retained_reference(scores.detach(), budget, sink, window, lengths)
     return _select_retained_op(scores.detach().float().contiguous(), budget, sink, window, lengths, chosen)
+
+
+def _select_global_triton(scores: Tensor, budget: int, sink: int, window: int, lengths: Optional[Tensor],
+                          min_per_head: int):
+    """Global selection on the device, no host reads: each head's forced tokens (its protected ones
+    and its best ``min_per_head``) come from the per-head radix select at budget
+    max(min_per_head, sink + window); one program per sequence then radix-selects H·M (head,
+    token) pairs with the forced ones first; the ragged layout is built from the keep mask."""
+    from ..triton.kv import select_global_keep, select_retained_fwd
+
+    b, h, s = scores.shape
+    forced_budget = max(min_per_head, sink + window)
+    if forced_budget > 0:
+        forced = forced_per_head(select_retained_fwd(scores, forced_budget, sink, window, lengths), s)
+    else:
+        forced = torch.zeros(b, h, s, dtype=torch.bool, device=scores.device)
+    keep = select_global_keep(scores, forced, budget, lengths)
+    return ragged_from_keep(keep, min(budget, s))
 
 
 # ============================================================================ compaction

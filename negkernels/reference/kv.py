@@ -140,23 +140,39 @@ def select_retained_global_reference(scores: Tensor, budget: int, sink: int = 0,
     flat_scores = scores.reshape(b, h * s)
     token = torch.arange(s, device=scores.device).repeat(h)
     head = torch.arange(h, device=scores.device).repeat_interleave(s)
-    order = torch.argsort(head, stable=True, descending=True)  # lower head last → wins after the index sort
-    order = order[torch.argsort(token[order], stable=True, descending=True)]
+    # Pairs are in head order; a stable sort by token, most recent first, puts the lower head
+    # first among a token's pairs, and the stable sorts below keep that order among equals.
+    order = torch.argsort(token, stable=True, descending=True)
     order = order.expand(b, h * s)
     order = torch.gather(order, -1, torch.sort(torch.gather(flat_scores, -1, order), dim=-1, descending=True, stable=True).indices)
     order = torch.gather(order, -1, torch.sort(torch.gather(klass2, -1, order), dim=-1, descending=True, stable=True).indices)
     chosen = order[:, : h * m]
     keep = torch.zeros(b, h * s, dtype=torch.bool, device=scores.device)
     keep.scatter_(-1, chosen, torch.gather(klass2, -1, chosen) > 0)
-    keep = keep.reshape(b, h, s)
+    return ragged_from_keep(keep.reshape(b, h, s), m)
+
+
+def forced_per_head(indices: Tensor, seq: int) -> Tensor:
+    """Bool mask [B, H, S] of per-head kept ``indices`` [B, H, M] (−1 unused)."""
+    b, h, _ = indices.shape
+    mask = torch.zeros(b, h, seq + 1, dtype=torch.bool, device=indices.device)
+    mask.scatter_(-1, torch.where(indices < 0, seq, indices), True)
+    return mask[..., :seq].contiguous()
+
+
+def ragged_from_keep(keep: Tensor, m: int):
+    """A keep mask [B, H, S] → (indices [B·H·m] ragged by (batch, head), ascending, unused tail −1;
+    counts [B, H] int64; cu_seqlens [B·H + 1] int32), with no read on the host."""
+    b, h, s = keep.shape
+    keep = keep.bool()
     counts = keep.sum(-1)
-    cu = torch.zeros(b * h + 1, dtype=torch.int32, device=scores.device)
+    cu = torch.zeros(b * h + 1, dtype=torch.int32, device=keep.device)
     cu[1:] = counts.reshape(-1).cumsum(0).to(torch.int32)
     # Scatter the kept tokens to their ragged slots without reading a count on the host.
     flat_keep = keep.reshape(-1)
     slot = torch.where(flat_keep, flat_keep.long().cumsum(0) - 1, torch.full_like(flat_keep, b * h * m, dtype=torch.long))
-    token_ids = torch.arange(s, device=scores.device).repeat(b * h)
-    out = torch.full((b * h * m + 1,), -1, dtype=torch.long, device=scores.device)
+    token_ids = torch.arange(s, device=keep.device).repeat(b * h)
+    out = torch.full((b * h * m + 1,), -1, dtype=torch.long, device=keep.device)
     out.scatter_(0, slot, token_ids)
     return out[:-1], counts, cu
 

@@ -149,12 +149,18 @@ def _row_extent(lengths_ptr, b, seq, kept, sink, window, HAS_LENGTHS: tl.constex
 def _take_digit(hist, prefix, need, bins, PASS: tl.constexpr):
     """One radix step from a digit histogram of the candidates matching `prefix`: the largest digit
     d with at least `need` of them at or above it → (d, prefix with d, need less those above d,
-    candidates at d)."""
+    candidates at d). Digit PASS of a 32-bit key (most significant first)."""
+    return _take_digit_at(hist, prefix, need, bins, 24 - 8 * PASS)
+
+
+@triton.jit
+def _take_digit_at(hist, prefix, need, bins, SHIFT: tl.constexpr):
+    """_take_digit for the 8-bit digit at bit SHIFT."""
     at_least = tl.sum(hist) - tl.cumsum(hist, 0) + hist
     digit = tl.max(tl.where(at_least >= need, bins, 0))
     count_digit = tl.sum(tl.where(bins == digit, hist, 0))
     above = tl.sum(tl.where(bins == digit, at_least, 0)) - count_digit
-    return (digit, prefix | (digit.to(tl.int64) << (24 - 8 * PASS)), need - above,
+    return (digit, prefix | (digit.to(tl.int64) << SHIFT), need - above,
             count_digit.to(tl.int64))
 
 
@@ -410,6 +416,82 @@ def select_from_log_beta_fwd(log_beta, positions, step, budget, sink, window, le
     b, h, s = log_beta.shape
     return _select_launch(b, h, s, min(budget, s), sink, window, lengths, log_beta.device, log_beta=log_beta,
                           positions=positions, step=step)
+
+
+# ---------------------------------------------------------------------- selection across heads
+
+
+@triton.jit
+def _global_keys(scores_ptr, forced_ptr, b, heads, seq, offs, length):
+    """Flattened (token, head) positions p = t·H + (H − 1 − h) of sequence b → 40-bit keys:
+    class (3 forced, 1 eligible, 0 past the length) above the 32-bit ordered score. In this order
+    a higher position is a more recent token, then a lower head: the tie order of the selection."""
+    t = offs // heads
+    hd = heads - 1 - offs % heads
+    in_row = offs < heads * seq
+    at = (b * heads + hd) * seq + t
+    score = tl.load(scores_ptr + at, mask=in_row, other=0.0)
+    forced = tl.load(forced_ptr + at, mask=in_row, other=0) != 0
+    eligible = in_row & (t < length)
+    klass = tl.where(eligible, tl.where(forced, 3, 1), 0).to(tl.int64)
+    return (klass << 32) | _ordered_key(score), in_row, at
+
+
+@triton.jit
+def _select_global_kernel(scores_ptr, forced_ptr, lengths_ptr, keep_ptr, heads, seq, kept,
+                          HAS_LENGTHS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program b: marks (keep_ptr [B, H, S] int8) the H·kept best (head, token) pairs of sequence
+    b by (class, score, recency, lower head), by a radix select over five 8-bit digits of the
+    40-bit keys (the class digit first); nothing past the length is kept."""
+    b = tl.program_id(0).to(tl.int64)
+    if HAS_LENGTHS:
+        length = tl.minimum(tl.maximum(tl.load(lengths_ptr + b).to(tl.int64), 0), seq)
+    else:
+        length = seq + tl.zeros([], tl.int64)
+    k = heads * tl.minimum(kept, length)
+    lanes = tl.arange(0, BLOCK)
+    bins = tl.arange(0, 256)
+    total = heads * seq
+    prefix = tl.zeros([], tl.int64)
+    need = k
+    ties = tl.zeros([], tl.int64)
+    for p in tl.static_range(5):
+        hist = tl.zeros([256], tl.int32)
+        for start in range(0, total, BLOCK):
+            key, in_row, _ = _global_keys(scores_ptr, forced_ptr, b, heads, seq, start + lanes, length)
+            candidate = in_row & (key >= 4294967296)  # eligible: class ≥ 1
+            if p > 0:
+                candidate = candidate & ((key >> (40 - 8 * p)) == (prefix >> (40 - 8 * p)))
+            hist += tl.histogram(((key >> (32 - 8 * p)) & 255).to(tl.int32), 256, mask=candidate)
+        _, prefix, need, ties = _take_digit_at(hist, prefix, need, bins, 32 - 8 * p)
+    threshold = tl.where(k > 0, prefix, 1 << 40)
+    first_kept_tie = ties - need  # the `need` most recent ties are kept
+    ties_seen = tl.zeros([], tl.int64)
+    for start in range(0, total, BLOCK):
+        key, in_row, at = _global_keys(scores_ptr, forced_ptr, b, heads, seq, start + lanes, length)
+        tie = in_row & (key == threshold)
+        tie_rank = ties_seen + tl.cumsum(tie.to(tl.int64), 0) - 1
+        keep = in_row & ((key > threshold) | (tie & (tie_rank >= first_kept_tie)))
+        tl.store(keep_ptr + at, keep.to(tl.int8), mask=in_row)
+        ties_seen += tl.sum(tie.to(tl.int64))
+
+
+def select_global_keep(scores, forced, budget, lengths):
+    """[B, H, S] int8 keep mask of the global selection (see _select_global_kernel) from fp32
+    scores and a forced mask [B, H, S] (int8 or bool), both contiguous."""
+    b, h, s = scores.shape
+    keep = torch.empty((b, h, s), dtype=torch.int8, device=scores.device)
+    if b * h * s == 0:
+        return keep.zero_()
+    forced = forced.contiguous()
+    if forced.dtype == torch.bool:
+        forced = forced.view(torch.int8)  # the same bytes, read as bytes (a bool pointer is i1)
+    block = min(max(next_power_of_2(h * s), 16), 2048)
+    _select_global_kernel[(b,)](
+        scores_ptr=scores, forced_ptr=forced, lengths_ptr=lengths if lengths is not None else scores,
+        keep_ptr=keep, heads=h, seq=s, kept=min(budget, s), HAS_LENGTHS=lengths is not None, BLOCK=block,
+        num_warps=8 if block >= 1024 else 4)
+    return keep
 
 
 # --------------------------------------------------------------------------------- compaction
