@@ -173,6 +173,12 @@ BAD_INPUTS = [
     # --- contrastive
     ("bank_info_nce", "bank of another width", lambda b: _nce(b, bank=torch.randn(20, 7)), ValueError, "bank"),
     ("bank_info_nce", "temperature 0", lambda b: _nce(b, temperature=0.0), ValueError, "temperature"),
+    ("bank_supcon", "labels of the wrong length", lambda b: nk.bank_supcon(
+        torch.randn(4, 8), torch.randn(20, 8), torch.zeros(3, dtype=torch.long), torch.zeros(20, dtype=torch.long),
+        backend=b), ValueError, "query_labels"),
+    ("bank_supcon", "self slots of floats", lambda b: nk.bank_supcon(
+        torch.randn(4, 8), torch.randn(20, 8), torch.zeros(4, dtype=torch.long), torch.zeros(20, dtype=torch.long),
+        self_slots=torch.zeros(4), backend=b), TypeError, "self_slots"),
     ("bank_topk", "k < 0", lambda b: nk.bank_topk(torch.randn(4, 8), torch.randn(20, 8), -1, backend=b), ValueError,
      "k"),
     # --- kv

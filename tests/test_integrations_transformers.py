@@ -134,3 +134,39 @@ def test_bad_input_is_rejected_naming_the_argument():
         causal_lm_logprobs(model, ids[0], logits_to_keep=2)
     with pytest.raises(ValueError, match="temperature"):
         causal_lm_logprobs(model, ids, attention, temperature=0.0)
+
+
+# ============================================================================ last_window_attention
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("window", [1, 5, 40])
+def test_last_window_attention_is_the_eager_layers_weights(arch, window):
+    from negkernels.integrations.transformers import last_window_attention
+
+    torch.manual_seed(3)
+    common = dict(vocab_size=61, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, max_position_embeddings=128, attn_implementation="eager")
+    if arch == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common)).eval()
+    else:
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=8, **common)).eval()  # q_norm on the queries
+    ids = torch.randint(0, 61, (2, 23))
+    seen = {}
+
+    def grab(module, args, kwargs, output):
+        seen[module.layer_idx] = (kwargs["hidden_states"], kwargs["position_embeddings"], output[1])
+
+    layers = [layer.self_attn for layer in model.model.layers]
+    hooks = [layer.register_forward_hook(grab, with_kwargs=True) for layer in layers]
+    cache = tf.DynamicCache()
+    with torch.no_grad():
+        model(ids, past_key_values=cache, output_attentions=True)
+    for hook in hooks:
+        hook.remove()
+    for layer, module in enumerate(layers):
+        hidden, rope, weights = seen[layer]
+        got = last_window_attention(module, hidden, cache.layers[layer].keys, window, rope)
+        w = min(window, ids.shape[1])
+        assert got.shape == (2, 6, w, 23) and got.dtype == torch.float32
+        torch.testing.assert_close(got, weights[..., -w:, :].float(), rtol=1e-5, atol=1e-6)

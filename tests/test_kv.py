@@ -15,6 +15,7 @@ from negkernels.reference.kv import (
     retention_mass_reference,
     retention_scores_reference,
     select_retained_global_reference,
+    ATTENTION_SCORERS,
     select_retained_reference,
 )
 
@@ -135,19 +136,28 @@ def test_attention_scores_against_loops():
     b, hq, hkv, w, s, kernel = 2, 6, 2, 3, 11, 5
     attn = torch.rand(b, hq, w, s).double()
     group = hq // hkv
-    snap = nk.attention_scores(attn, hkv, "snapkv", pool_kernel=kernel)
-    tova = nk.attention_scores(attn, hkv, "tova")
-    h2o = nk.attention_scores(attn, hkv, "h2o")
+    got = {m: nk.attention_scores(attn, hkv, m, pool_kernel=kernel) for m in ATTENTION_SCORERS}
+    prefix = s - w
     for bi in range(b):
+        tova_all = [sum(attn[bi, hh, -1, j].item() for hh in range(hq)) / hq for j in range(s)]
         for g in range(hkv):
             heads = range(g * group, (g + 1) * group)
             mean = [sum(attn[bi, hh, q, j].item() for hh in heads for q in range(w)) / (group * w) for j in range(s)]
             for j in range(s):
                 window = [mean[i] for i in range(j - kernel // 2, j + kernel // 2 + 1) if 0 <= i < s]
-                assert snap[bi, g, j].item() == pytest.approx(sum(window) / len(window), rel=1e-12)
-                assert tova[bi, g, j].item() == pytest.approx(sum(attn[bi, hh, -1, j].item() for hh in heads) / group)
-                assert h2o[bi, g, j].item() == pytest.approx(
-                    sum(attn[bi, hh, q, j].item() for hh in heads for q in range(w)) / group)
+                assert got["snapkv_whole_row"][bi, g, j].item() == pytest.approx(sum(window) / len(window), rel=1e-12)
+                if j < prefix:  # SnapKV: the prefix alone, zero padding counted in every window
+                    inside = [mean[i] for i in range(j - kernel // 2, j + kernel // 2 + 1) if 0 <= i < prefix]
+                    assert got["snapkv"][bi, g, j].item() == pytest.approx(sum(inside) / kernel, rel=1e-12)
+                else:
+                    assert got["snapkv"][bi, g, j].item() == math.inf
+                assert got["tova"][bi, g, j].item() == pytest.approx(tova_all[j], rel=1e-12)
+                assert got["tova_grouped"][bi, g, j].item() == pytest.approx(
+                    sum(attn[bi, hh, -1, j].item() for hh in heads) / group, rel=1e-12)
+                total = sum(attn[bi, hh, q, j].item() for hh in heads for q in range(w)) / group
+                assert got["h2o"][bi, g, j].item() == pytest.approx(total, rel=1e-12)
+                seen = sum(1 for q in range(w) if j <= s - w + q)  # causal: query s − w + q sees j ≤ s − w + q
+                assert got["h2o_normalized"][bi, g, j].item() == pytest.approx(total / seen, rel=1e-12)
 
 
 # ============================================================================ selection

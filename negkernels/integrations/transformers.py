@@ -158,3 +158,58 @@ def causal_lm_policy_loss(model, input_ids: Tensor, old_logp: Optional[Tensor], 
     h, targets = _shifted(hidden, input_ids, k)
     return linear_policy_loss(h.to(head.weight.dtype), head.weight, targets, old_logp, advantages, mask,
                               bias=head.bias, temperature=temperature, **loss_options)
+
+
+# ============================================================================ attention of the last queries
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def last_window_attention(module, hidden_states: Tensor, keys: Tensor, window: int,
+                          position_embeddings: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    """The softmax weights of the last ``window`` queries of a Hugging Face attention layer over the
+    cached keys: the input :func:`negkernels.attention_scores` needs (SnapKV, TOVA, H2O), without
+    running the layer with ``attn_implementation="eager"`` over the whole prompt.
+
+    Args:
+        module: a Llama-like attention layer (``q_proj``, or Phi-3's fused ``qkv_proj``; a
+            ``q_norm``, as Qwen3's and Gemma 3's, is applied), with ``config`` and ``head_dim``.
+        hidden_states: [B, T, hidden], the layer's input; its last ``window`` rows are the queries.
+        keys: [B, Hkv, S, D], the layer's cached keys after RoPE (the last T of them are this
+            call's, so query i sits at position S − W + i).
+        window: W ≥ 1 (clipped to T).
+        position_embeddings: the layer's ``(cos, sin)`` [B, T, D]; None for a model without RoPE.
+
+    Returns fp32 [B, Hq, W, S]: query i attends to the keys j ≤ S − W + i (causal), scaled by the
+    layer's ``scaling`` (1/√D when it has none), the query heads of a KV head sharing its keys.
+    """
+    check_int("window", window, minimum=1)
+    b, t, _ = hidden_states.shape
+    w = min(window, t)
+    heads = module.config.num_attention_heads
+    dim = module.head_dim
+    x = hidden_states[:, -w:]
+    if hasattr(module, "q_proj"):
+        q = module.q_proj(x)
+    elif hasattr(module, "qkv_proj"):
+        q = module.qkv_proj(x)[..., : heads * dim]
+    else:
+        raise TypeError(f"module: {type(module).__name__} has neither q_proj nor qkv_proj")
+    q = q.view(b, w, heads, dim).transpose(1, 2)
+    if getattr(module, "q_norm", None) is not None:
+        q = module.q_norm(q)
+    if position_embeddings is not None:
+        cos, sin = position_embeddings
+        cos, sin = cos[:, -w:].unsqueeze(1), sin[:, -w:].unsqueeze(1)
+        q = q * cos + _rotate_half(q) * sin
+    kv_heads, s = keys.shape[1], keys.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"keys: {kv_heads} KV heads do not divide the layer's {heads} query heads")
+    k = keys.float().repeat_interleave(heads // kv_heads, dim=1)
+    logits = q.float() @ k.transpose(-1, -2) * float(getattr(module, "scaling", dim ** -0.5))
+    query_pos = s - w + torch.arange(w, device=keys.device)
+    hidden = torch.arange(s, device=keys.device)[None, :] > query_pos[:, None]
+    return torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)

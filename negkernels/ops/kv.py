@@ -214,13 +214,31 @@ def attention_scores(attention: Tensor, num_kv_heads: int, method: str = "snapkv
     """Scores from the attention weights of the last W queries, reduced to the KV heads.
 
     Args:
-        attention: [B, Hq, W, S] softmax weights of the last W queries over the S cached tokens.
-        num_kv_heads: Hkv; must divide Hq. Each KV head's score is the mean over its Hq/Hkv query
-            heads (grouped-query attention).
-        method: ``"snapkv"`` mean over the W queries, then a 1-D average pool of width
-            ``pool_kernel`` (stride 1, centred; at the edges only the tokens inside are averaged);
-            ``"tova"`` the last query's weights; ``"h2o"`` the weights summed over the W queries
-            (accumulated attention).
+        attention: [B, Hq, W, S] softmax weights of the last W queries (the last W of the S
+            tokens) over the S cached tokens (:func:`last_window_attention` computes them).
+        num_kv_heads: Hkv; must divide Hq (grouped-query attention: query heads h·G … h·G + G − 1
+            share KV head h).
+        method, as the papers define them, and the variants kept beside them:
+
+            * ``"snapkv"`` (Li et al. 2024): the prefix's (the first S − W tokens') weights,
+              averaged over the W queries and each KV head's query heads, then a 1-D average pool
+              of width ``pool_kernel`` (stride 1, centred) over the prefix only, with the zero
+              padding counted (``avg_pool1d(kernel, padding=kernel // 2)``); the W tokens of the
+              observation window score +inf (always kept).
+            * ``"snapkv_whole_row"``: the same mean over every one of the S tokens, pooled over
+              the whole row without counting padding (at the edges only the tokens inside).
+            * ``"tova"`` (Oren et al. 2024): the last query's weights averaged over **all** Hq query
+              heads (TOVA's ``mean(attn_weights[:, :, -1, :], dim=1)``), the same for every KV head.
+            * ``"tova_grouped"``: the last query's weights averaged within each KV head's group.
+            * ``"h2o"`` (Zhang et al. 2023): the weights summed over the W queries (accumulated
+              attention), averaged over each KV head's query heads.
+            * ``"h2o_normalized"``: that sum divided by the number of the W queries that see each
+              token, min(W, S − j) under causal masking (kvpress's ``ObservedAttentionPress``).
+
+    Ties: every scorer's ranking goes through :func:`select_retained`, where equal scores go to
+    the more recent token (then, in ``mode="global"``, the lower head). TOVA's scores are the same
+    for every KV head, so its heads keep the same tokens; SnapKV's window ties at +inf and is kept
+    whole whenever the budget holds it.
 
     Returns fp32 [B, Hkv, S]. Plain PyTorch on every device.
     """

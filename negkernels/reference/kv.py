@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SELECT_MODES = ("per_head", "global")
-ATTENTION_SCORERS = ("snapkv", "tova", "h2o")
+ATTENTION_SCORERS = ("snapkv", "snapkv_whole_row", "tova", "tova_grouped", "h2o", "h2o_normalized")
 NORM_EPS = 1e-12
 
 
@@ -59,18 +59,36 @@ def keydiff_scores_reference(keys: Tensor) -> Tensor:
 
 
 def attention_scores_reference(attention: Tensor, num_kv_heads: int, method: str, pool_kernel: int = 5) -> Tensor:
-    """Scores from attention weights ``[B, Hq, W, S]`` of the last W queries, averaged over each KV head's
-    group of query heads (GQA): ``"snapkv"`` mean over W then a 1-D average pool of width
-    ``pool_kernel`` (edges average only the tokens inside); ``"tova"`` the last query's weights;
-    ``"h2o"`` the sum over the W queries. → [B, Hkv, S]."""
+    """Scores from attention weights ``[B, Hq, W, S]`` of the last W queries (the last W of the S
+    tokens) → [B, Hkv, S]. See :func:`negkernels.attention_scores` for each ``method``."""
     a = attention.to(_compute_dtype(attention))
     b, hq, w, s = a.shape
-    a = a.reshape(b, num_kv_heads, hq // num_kv_heads, w, s)
-    if method == "tova":
-        return a[:, :, :, -1, :].mean(dim=2) if w else a.new_zeros(b, num_kv_heads, s)
-    if method == "h2o":
-        return a.sum(dim=3).mean(dim=2)
-    mean = a.mean(dim=(2, 3)) if w else a.new_zeros(b, num_kv_heads, s)
+    group = a.reshape(b, num_kv_heads, hq // num_kv_heads, w, s)
+    if method == "tova":  # the last query's weights, averaged over every query head
+        last = a[:, :, -1, :].mean(dim=1, keepdim=True) if w else a.new_zeros(b, 1, s)
+        return last.expand(b, num_kv_heads, s).contiguous()
+    if method == "tova_grouped":  # ... averaged over each KV head's query heads
+        return group[:, :, :, -1, :].mean(dim=2) if w else a.new_zeros(b, num_kv_heads, s)
+    if method in ("h2o", "h2o_normalized"):
+        total = group.sum(dim=3)
+        if method == "h2o_normalized":
+            # query S − W + i sees the tokens j ≤ S − W + i: token j is seen by min(W, S − j) of them
+            seen = (s - torch.arange(s, device=a.device)).clamp(max=w).clamp(min=1).to(a.dtype)
+            total = total / seen
+        return total.mean(dim=2)
+    if method == "snapkv":
+        prefix = max(s - w, 0)
+        mean = group[..., :prefix].mean(dim=(2, 3)) if w else a.new_zeros(b, num_kv_heads, prefix)
+        if pool_kernel > 1 and prefix:
+            # zero padding counted, as SnapKV's avg_pool1d(kernel, padding=kernel // 2)
+            flat = F.avg_pool1d(mean.reshape(b * num_kv_heads, 1, prefix), pool_kernel, stride=1,
+                                padding=pool_kernel // 2, count_include_pad=True)
+            mean = flat[..., :prefix].reshape(b, num_kv_heads, prefix)
+        # the observation window itself is always kept
+        return torch.cat([mean, mean.new_full((b, num_kv_heads, s - prefix), float("inf"))], dim=-1)
+    # "snapkv_whole_row": mean over the W queries and each KV head's query heads, pooled over the
+    # whole row; at the edges only the tokens inside are averaged
+    mean = group.mean(dim=(2, 3)) if w else a.new_zeros(b, num_kv_heads, s)
     if pool_kernel <= 1 or s == 0:
         return mean
     flat = mean.reshape(b * num_kv_heads, 1, s)

@@ -54,10 +54,10 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 FALSE_NEGATIVE_CODES = {None: 0, "exclude": 1, "positive": 2, "supcon": 3}
 # Kernel codes of the positive-set modes: "positive" takes log Σ_P exp(l) (SupCon's L_in),
 # "supcon" the mean of the positive logits (SupCon's L_out), whose gradient weight is 1/|P|.
-_FN_POSITIVE: tl.constexpr = 2
-_FN_SUPCON: tl.constexpr = 3
+_FN_POSITIVE = tl.constexpr(FALSE_NEGATIVE_CODES["positive"])
+_FN_SUPCON = tl.constexpr(FALSE_NEGATIVE_CODES["supcon"])
 # The running maximum of a row with no positive key starts here: finite, so no −inf − (−inf).
-_NO_LOGIT: tl.constexpr = -1e30
+_NO_LOGIT = tl.constexpr(-1e30)
 # Largest k the streaming top-k keeps in registers ([rows, next_pow2(k)] int64 per program); the
 # sorting network's code grows quickly with its width (k = 512 takes minutes to compile).
 TOPK_MAX_K = 256

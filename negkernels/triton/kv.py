@@ -458,12 +458,12 @@ def _select_global_kernel(scores_ptr, forced_ptr, lengths_ptr, keep_ptr, heads, 
     for p in tl.static_range(5):
         hist = tl.zeros([256], tl.int32)
         for start in range(0, total, BLOCK):
-            key, in_row, _ = _global_keys(scores_ptr, forced_ptr, b, heads, seq, start + lanes, length)
+            key, in_row, unused_at = _global_keys(scores_ptr, forced_ptr, b, heads, seq, start + lanes, length)
             candidate = in_row & (key >= 4294967296)  # eligible: class ≥ 1
             if p > 0:
                 candidate = candidate & ((key >> (40 - 8 * p)) == (prefix >> (40 - 8 * p)))
             hist += tl.histogram(((key >> (32 - 8 * p)) & 255).to(tl.int32), 256, mask=candidate)
-        _, prefix, need, ties = _take_digit_at(hist, prefix, need, bins, 32 - 8 * p)
+        digit, prefix, need, ties = _take_digit_at(hist, prefix, need, bins, 32 - 8 * p)
     threshold = tl.where(k > 0, prefix, 1 << 40)
     first_kept_tie = ties - need  # the `need` most recent ties are kept
     ties_seen = tl.zeros([], tl.int64)
