@@ -7,7 +7,7 @@ import torch
 
 from ._backend import available_backends
 from ._testing import old_logp_off_edges
-from .reference.contrastive import bank_info_nce_reference, bank_topk_reference
+from .reference.contrastive import bank_info_nce_reference, bank_supcon_reference, bank_topk_reference
 from .reference.advantages import ESTIMATORS, SCALES, group_advantages_reference, group_discriminative_loss_reference
 from .reference.logprobs import AGGREGATIONS, LOSS_TYPES, policy_loss_reference, token_logprobs_reference
 
@@ -226,6 +226,30 @@ def _contrastive_checks(device):
                                                               for g in grads]))
             return results[0], results[1]
         yield "bank_info_nce", config, run
+    for config, opts in {"labels/self-slots/normalize": dict(normalize=True),
+                         "positive/mask/learnable-tau/bank-grad": dict(positive=True, tau_grad=True)}.items():
+        def run(backend, opts=opts):
+            n, k, d = (300, 1000, 96) if device.type == "cuda" else (23, 413, 20)
+            q, p, bank = (torch.randn(s, d, device=device) * 0.3 for s in (n, n, k))
+            labels, bank_labels = torch.randint(0, 9, (n,), device=device), torch.randint(0, 9, (k,), device=device)
+            kw = dict(normalize=opts.get("normalize", False), self_slots=torch.randint(-1, k, (n,), device=device),
+                      bank_valid=torch.rand(k, device=device) > 0.3 if opts.get("positive") else k - 7)
+            results = []
+            for dtype in (torch.float32, torch.float64):
+                tau = torch.tensor(0.2, dtype=dtype, device=device, requires_grad=opts.get("tau_grad", False))
+                query, keys = q.to(dtype).requires_grad_(), bank.to(dtype).requires_grad_(opts.get("tau_grad", False))
+                positive = p.to(dtype).requires_grad_() if opts.get("positive") else None
+                if dtype == torch.float32:
+                    loss = nk.bank_supcon(query, keys, labels, bank_labels, positive=positive, temperature=tau,
+                                          backend=backend, **kw)
+                else:
+                    loss = bank_supcon_reference(query, keys, labels, bank_labels, tau, positive=positive, **kw)
+                wrt = [x for x in (query, keys, positive, tau) if x is not None and x.requires_grad]
+                grads = torch.autograd.grad(loss, wrt)
+                results.append(torch.cat([loss.reshape(1)] + [g.reshape(-1) / g.abs().max().clamp_min(1e-30)
+                                                              for g in grads]))
+            return results[0], results[1]
+        yield "bank_supcon", config, run
     for config, (kk, normalize) in {"k=16": (16, False), "k=100/normalize": (100, True)}.items():
         def run(backend, kk=kk, normalize=normalize):
             n, k, d = (300, 1000, 96) if device.type == "cuda" else (23, 413, 20)

@@ -279,3 +279,41 @@ def test_memory_bank_gathers_every_rank_in_rank_order():
         buffer, bank_ids, ptr, valid, total = results[rank]
         assert torch.equal(buffer, single.buffer) and torch.equal(bank_ids, single.ids)
         assert (ptr, valid, total) == (single.ptr, single.valid, single.total)
+
+
+def _lightly_worker(rank, init_file, views, results):
+    from negkernels.integrations.lightly import NTXentLoss
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        half = views[0].shape[0] // WORLD
+        mine = [v[rank * half:(rank + 1) * half].clone().requires_grad_() for v in views]
+        loss = NTXentLoss(temperature=0.3, gather_distributed=True, backend="reference")(*mine)
+        loss.backward()
+        results[rank] = (loss.detach(), mine[0].grad, mine[1].grad)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_lightly_simclr_gathers_every_ranks_views_as_negatives():
+    from negkernels.integrations.lightly import NTXentLoss
+
+    views = [torch.randn(12, 7, dtype=torch.float64) for _ in range(2)]
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = mp.Manager()
+        results = manager.dict()
+        mp.start_processes(_lightly_worker, args=(os.path.join(tmp, "store"), views, results), nprocs=WORLD,
+                           join=True, start_method="spawn")
+        results = dict(results)
+    # One process over the whole batch: its mean over all 2·12 rows is the ranks' mean, and each
+    # rank's gradient (its loss's, and through the gather every other rank's) is WORLD times the
+    # whole-batch mean's gradient on its rows.
+    whole = [v.clone().requires_grad_() for v in views]
+    loss = NTXentLoss(temperature=0.3, backend="reference")(*whole)
+    loss.backward()
+    ranks_mean = sum(results[r][0] for r in range(WORLD)) / WORLD
+    assert abs(ranks_mean.item() - loss.item()) < 1e-6
+    for which in (1, 2):
+        got = torch.cat([results[r][which] for r in range(WORLD)])
+        torch.testing.assert_close(got, WORLD * whole[which - 1].grad, rtol=1e-10, atol=1e-12)
