@@ -244,10 +244,10 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
 
     count = 0
     # (dtype, false-negative mode, valid mask, normalize, extras, self slots, explicit positive)
+    # (the limits script below compiles mode 2 in every dtype)
     variants = [("bf16", 0, False, False, False, False, True), ("bf16", 1, True, True, True, True, True),
-                ("bf16", 2, False, True, False, False, True), ("fp16", 2, True, False, True, False, True),
-                ("fp32", 2, True, False, True, False, True), ("bf16", 3, True, True, False, True, False),
-                ("fp32", 3, False, False, False, True, True)]
+                ("bf16", 3, False, True, False, True, False), ("fp16", 2, True, False, True, False, True),
+                ("fp32", 3, True, False, True, True, True)]
     for dtype, fn, mask, normalize, extra, self_slot, positive in variants:
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         dots = ck._dot_settings(torch_dtype, interpret=False)
@@ -267,7 +267,7 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
             count += 1
         compile_contrastive(ck._bank_info_nce_dq_kernel, dict(NORMALIZE=normalize, BLOCK_N=64, BLOCK_D=256), dtype)
         count += 1
-    for reduce, fn in ((False, 0), (True, 2), (False, 3), (True, 3)):
+    for reduce, fn in ((False, 0), (True, 0), (False, 3), (True, 3)):
         compile_contrastive(ck._bank_info_nce_combine_kernel,
                             dict(BLOCK=1024 if reduce else 256, FN_MODE=fn, REDUCE=reduce), "fp32", 4)
         count += 1
@@ -393,7 +393,7 @@ def test_every_logprobs_kernel_variant_compiles_for_sm90():
 
 
 def test_every_contrastive_kernel_variant_compiles_for_sm90():
-    assert "compiled 40" in _compile_in_subprocess(CONTRASTIVE_SCRIPT)
+    assert "compiled 33" in _compile_in_subprocess(CONTRASTIVE_SCRIPT)
 
 
 def test_contrastive_tiles_fit_sm90_at_the_largest_head_dim_and_list():
