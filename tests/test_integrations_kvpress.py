@@ -6,11 +6,16 @@ kvpress 0.5.5 requires transformers >= 4.56, < 5.3; CI runs this file in its sta
 transformers 5.0.0 and 5.2.0 (.ci/run). The main stage, at the newest transformers, has no kvpress.
 """
 
+import os
+
 import pytest
 import torch
 
-kvpress = pytest.importorskip("kvpress", reason="kvpress 0.5.5 needs transformers < 5.3: CI runs this file in its "
-                              "transformers 5.0.0 and 5.2.0 stages")
+if os.environ.get("NEGKERNELS_REQUIRE_KVPRESS"):  # CI's kvpress stages: an import error fails
+    import kvpress
+else:
+    kvpress = pytest.importorskip("kvpress", reason="kvpress 0.5.5 needs transformers < 5.3: CI runs this file in "
+                                  "its transformers 5.0.0 and 5.2.0 stages")
 
 from kvpress.utils import compute_n_kept  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
