@@ -168,6 +168,12 @@ def _cases() -> list[HostCase]:
         positive, bank = torch.randn(8, 32), torch.randn(256, 32)
         return lambda: nk.bank_info_nce(query, positive, bank, backend="triton").backward()
 
+    def supcon():
+        query = torch.randn(8, 32, requires_grad=True)
+        bank = torch.randn(256, 32)
+        labels, bank_labels = torch.randint(0, 4, (8,)), torch.randint(0, 4, (256,))
+        return lambda: nk.bank_supcon(query, bank, labels, bank_labels, backend="triton").backward()
+
     return [
         HostCase("group_advantages uniform, 4096 rewards", advantages(False), 1.5),
         HostCase("group_advantages ragged, 4096 rewards", advantages(True), 1.5),
@@ -177,6 +183,7 @@ def _cases() -> list[HostCase]:
         HostCase("policy_loss fwd+bwd", policy_loss(), 3.0),
         HostCase("policy_loss_from_logits fwd+bwd", from_logits, 3.0),
         HostCase("bank_info_nce fwd+bwd", info_nce, 3.0),
+        HostCase("bank_supcon fwd+bwd", supcon, None),
         HostCase("group_discriminative_loss fwd+bwd", discriminative, 3.0),
         HostCase("eager GRPO loss fwd+bwd (for comparison)", eager_grpo, None),
     ]
