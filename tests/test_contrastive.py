@@ -31,6 +31,17 @@ def grad_rtol(dtype):
     return {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
 
 
+def assert_bank_and_tau_grads(opts, dtype, bank, bank64, tau, tau64):
+    """d bank (None unless the bank requires grad) and d temperature (with a learnable τ) against float64."""
+    rtol = grad_rtol(dtype)
+    if opts.get("bank_grad"):
+        assert_close_scaled(bank.grad, bank64.grad, rtol, "d bank")
+    else:
+        assert bank.grad is None
+    if opts.get("learnable_tau"):
+        assert_close_scaled(tau.grad, tau64.grad, 1e-4 if dtype == torch.float32 else rtol, "d temperature")
+
+
 def make_inputs(n, k, d, m, dtype, *, noncontiguous=False, scale=1.0):
     def draw(*shape):
         if noncontiguous:
@@ -89,14 +100,9 @@ def run_case(case, backend, dtype, n=37, k=101, d=24, reduction="none"):
     for name, got, want in [("d query", q_, q64), ("d positive", p_, p64)]:
         assert got.grad.dtype == dtype
         assert_close_scaled(got.grad, want.grad, rtol, name)
-    if opts.get("bank_grad"):
-        assert_close_scaled(b_.grad, b64.grad, rtol, "d bank")
-    else:
-        assert b_.grad is None
+    assert_bank_and_tau_grads(opts, dtype, b_, b64, tau, tau64)
     if opts.get("extra_grad"):
         assert_close_scaled(e_.grad, e64.grad, rtol, "d extras")
-    if opts.get("learnable_tau"):
-        assert_close_scaled(tau.grad, tau64.grad, 1e-4 if dtype == torch.float32 else rtol, "d temperature")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -670,10 +676,7 @@ def run_supcon_case(case, backend, dtype, n=29, k=83, d=20, reduction="none"):
         assert_close_scaled(p_.grad, p64.grad, rtol, "d positive")
     else:
         assert p_.grad is None
-    if opts.get("bank_grad"):
-        assert_close_scaled(b_.grad, b64.grad, rtol, "d bank")
-    if opts.get("learnable_tau"):
-        assert_close_scaled(tau.grad, tau64.grad, 1e-4 if dtype == torch.float32 else rtol, "d temperature")
+    assert_bank_and_tau_grads(opts, dtype, b_, b64, tau, tau64)
     return loss
 
 

@@ -55,10 +55,6 @@ __all__ = ["KnormPress", "KeyDiffPress", "SnapKVPress", "TOVAPress", "ObservedAt
            "last_window_attention"]
 
 
-def _kv_heads(module: nn.Module, keys: Tensor) -> tuple[int, int]:
-    return module.config.num_attention_heads, keys.shape[1]
-
-
 class _SelectOnNegkernels:
     """``compress`` for a ScorerPress: negkernels' per-head selection and gather."""
 

@@ -33,17 +33,13 @@ import torch
 from torch import Tensor
 
 from ..ops.logprobs import PolicyLossConfig, linear_policy_loss, linear_token_logprobs
+from ._distributed import world_size as _world_size
 from ._weights import per_sequence_weights
 
 __all__ = ["FusedLinearGRPOLoss", "FusedLinearCrossEntropyLoss"]
 
 _NO_CAP = float(torch.finfo(torch.float32).max)  # IS weights multiply the policy term uncapped
 _LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
-
-
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class FusedLinearGRPOLoss(torch.nn.Module):

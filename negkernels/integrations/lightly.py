@@ -42,22 +42,26 @@ from torch import Tensor, nn
 from .._validation import check_finite_float, check_int, check_tensor
 from ..nn.memory_bank import MemoryBank
 from ..ops.contrastive import bank_info_nce
+from ._distributed import world_size
 
 __all__ = ["NTXentLoss", "MoCoLoss", "update_momentum"]
 
 _BANK_INITS = ("random", "empty")
 
 
-def _distributed_world() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _enqueue_after_read(bank: MemoryBank, keys: Tensor, group) -> None:
-    """Enqueues into a fresh copy of the buffer: the loss just computed may have saved the old one
-    for its backward (lightly's bank hands out a clone for the same reason)."""
-    bank.buffer = bank.buffer.clone()
-    bank.enqueue(keys.to(bank.buffer.dtype), process_group=group)
+def _bank_step(query: Tensor, positive: Tensor, bank: MemoryBank, temperature: float, backend, *, enqueue: bool,
+               gather_distributed: bool) -> Tensor:
+    """InfoNCE of (normalised) ``query`` against ``positive`` and the bank's keys as stored, then,
+    with ``enqueue``, the positives appended (every rank's, with ``gather_distributed``). They go
+    into a fresh copy of the buffer: the loss just computed saved the old one for its backward
+    (lightly's bank hands out a clone for the same reason)."""
+    keys = bank.buffer if bank.buffer.dtype == query.dtype else bank.buffer.to(query.dtype)
+    loss = bank_info_nce(query, positive, keys, temperature=temperature, bank_valid=bank.valid, backend=backend)
+    if enqueue:
+        group = torch.distributed.group.WORLD if gather_distributed and world_size() > 1 else None
+        bank.buffer = bank.buffer.clone()
+        bank.enqueue(positive.detach().to(bank.buffer.dtype), process_group=group)
+    return loss
 
 
 def _random_unit_keys(bank: MemoryBank) -> None:
@@ -132,18 +136,13 @@ class NTXentLoss(nn.Module):
         # The views are normalised here, not in the op: the bank's keys are used as stored, as
         # lightly uses them (normalising them again would move each by up to an ulp).
         out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
-        keys = bank.buffer if bank.buffer.dtype == out0.dtype else bank.buffer.to(out0.dtype)
-        loss = bank_info_nce(out0, out1, keys, temperature=self.temperature, bank_valid=bank.valid,
-                             backend=self.backend)
-        if out0.requires_grad:
-            group = torch.distributed.group.WORLD if self.gather_distributed and _distributed_world() > 1 else None
-            _enqueue_after_read(bank, out1.detach(), group)
-        return loss
+        return _bank_step(out0, out1, bank, self.temperature, self.backend, enqueue=out0.requires_grad,
+                          gather_distributed=self.gather_distributed)
 
     def _simclr(self, out0: Tensor, out1: Tensor) -> Tensor:
         batch = out0.shape[0]
         rank, keys0, keys1 = 0, out0, out1
-        if self.gather_distributed and _distributed_world() > 1:
+        if self.gather_distributed and world_size() > 1:
             from torch.distributed.nn.functional import all_gather
 
             rank = torch.distributed.get_rank()
@@ -198,13 +197,9 @@ class MoCoLoss(nn.Module):
         key = key.detach().to(query.dtype)
         if self.normalize:  # the queue holds normalised keys, used as stored
             query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
-        keys = queue.buffer if queue.buffer.dtype == query.dtype else queue.buffer.to(query.dtype)
-        loss = bank_info_nce(query, key, keys, temperature=self.temperature, bank_valid=queue.valid,
-                             backend=self.backend)
-        if query.requires_grad if enqueue is None else enqueue:
-            group = torch.distributed.group.WORLD if self.gather_distributed and _distributed_world() > 1 else None
-            _enqueue_after_read(queue, key, group)
-        return loss
+        return _bank_step(query, key, queue, self.temperature, self.backend,
+                          enqueue=query.requires_grad if enqueue is None else enqueue,
+                          gather_distributed=self.gather_distributed)
 
 
 @torch.no_grad()

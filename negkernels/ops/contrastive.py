@@ -101,6 +101,19 @@ def _check_ids(query_ids, bank_ids, n: int, k: int, device: torch.device):
     return query_ids.to(torch.int64).contiguous(), bank_ids.to(torch.int64).contiguous()
 
 
+def _check_positive(query: Tensor, positive: Tensor) -> None:
+    check_tensor("positive", positive, ndim=2, device=query.device)
+    if positive.shape != query.shape:
+        raise ValueError(f"positive: shape {tuple(positive.shape)} does not match query shape {tuple(query.shape)}")
+    if positive.dtype != query.dtype:
+        raise TypeError(f"positive: dtype {positive.dtype} does not match query dtype {query.dtype}")
+
+
+def _kernel_temperature(temperature, device: torch.device) -> Tensor:
+    """The checked temperature as the 0-d fp32 tensor the kernels read."""
+    return temperature.float() if isinstance(temperature, Tensor) else _temperature_tensor(temperature, device)
+
+
 def _upcast_half(x: Optional[Tensor]) -> Optional[Tensor]:
     return x.float() if x is not None and x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -112,7 +125,8 @@ def _upcast_half(x: Optional[Tensor]) -> Optional[Tensor]:
 def _bank_info_nce_fwd_op(query: Tensor, positive: Optional[Tensor], bank: Tensor, temperature: Tensor,
                           extra_negatives: Optional[Tensor], query_ids: Optional[Tensor], bank_ids: Optional[Tensor],
                           valid_mask: Optional[Tensor], valid_count: int, false_negatives: Optional[str],
-                          normalize: bool, reduction: int, self_slots: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                          normalize: bool, reduction: int,
+                          self_slots: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """(loss: [N] per query, or their fixed-order sum (``reduction`` 1) or mean (2), 0-d;
     lse_all [N], lse_pos [N] (log |P| for ``"supcon"``)). Reduced inside the op: no autograd nodes
     for the reduction. ``positive`` may be None (then P holds bank slots only); ``self_slots``
@@ -191,7 +205,8 @@ def _bank_info_nce_backward(ctx, grad_loss, grad_lse_all, grad_lse_pos):
         1.0 if ctx.grad_scale is None else ctx.grad_scale, self_slots)
     # l = (q·k)/τ, so d loss/dτ = −Σ_ij G_ij·l_ij / τ (a fixed-order sum: deterministic).
     dtemperature = -r.sum() / temperature if needs[3] else None
-    return no_grads_after(ctx, dq, dpos if positive is not None else None, dbank if needs[2] else None, dtemperature, dextra if needs[4] else None)
+    return no_grads_after(ctx, dq, dpos if positive is not None else None, dbank if needs[2] else None, dtemperature,
+                          dextra if needs[4] else None)
 
 
 _bank_info_nce_fwd_op.register_autograd(_bank_info_nce_backward, setup_context=_bank_info_nce_setup,
@@ -246,11 +261,7 @@ def bank_info_nce(
     Extra memory is O(N·D).
     """
     _check_bank(query, bank)
-    check_tensor("positive", positive, ndim=2, device=query.device)
-    if positive.shape != query.shape:
-        raise ValueError(f"positive: shape {tuple(positive.shape)} does not match query shape {tuple(query.shape)}")
-    if positive.dtype != query.dtype:
-        raise TypeError(f"positive: dtype {positive.dtype} does not match query dtype {query.dtype}")
+    _check_positive(query, positive)
     n, num_slots = query.shape[0], bank.shape[0]
     check_choice("false_negatives", false_negatives, FALSE_NEGATIVE_MODES + (None,))
     check_choice("reduction", reduction, REDUCTIONS)
@@ -278,10 +289,9 @@ def bank_info_nce(
             false_negatives=fn_mode, bank_valid=valid_mask if valid_mask is not None else valid_count,
             extra_negatives=up(extra_negatives), reduction=reduction).float()
 
-    temperature_t = temperature.float() if isinstance(temperature, Tensor) else _temperature_tensor(temperature,
-                                                                                                   query.device)
-    loss, _, _ = _bank_info_nce_fwd_op(query, positive, bank, temperature_t, extra_negatives, query_ids, bank_ids,
-                                       valid_mask, valid_count, fn_mode, normalize, REDUCTION_CODES[reduction], None)
+    loss, _, _ = _bank_info_nce_fwd_op(query, positive, bank, _kernel_temperature(temperature, query.device),
+                                       extra_negatives, query_ids, bank_ids, valid_mask, valid_count, fn_mode,
+                                       normalize, REDUCTION_CODES[reduction], None)
     return loss
 
 
@@ -331,11 +341,7 @@ def bank_supcon(
     _check_bank(query, bank)
     n, num_slots = query.shape[0], bank.shape[0]
     if positive is not None:
-        check_tensor("positive", positive, ndim=2, device=query.device)
-        if positive.shape != query.shape:
-            raise ValueError(f"positive: shape {tuple(positive.shape)} does not match query shape {tuple(query.shape)}")
-        if positive.dtype != query.dtype:
-            raise TypeError(f"positive: dtype {positive.dtype} does not match query dtype {query.dtype}")
+        _check_positive(query, positive)
     check_tensor("query_labels", query_labels, ndim=1, dtypes=INDEX_DTYPES, device=query.device)
     check_tensor("bank_labels", bank_labels, ndim=1, dtypes=INDEX_DTYPES, device=query.device)
     if query_labels.shape[0] != n:
@@ -363,13 +369,11 @@ def bank_supcon(
             self_slots=self_slots, bank_valid=valid_mask if valid_mask is not None else valid_count,
             reduction=reduction).float()
 
-    temperature_t = temperature.float() if isinstance(temperature, Tensor) else _temperature_tensor(temperature,
-                                                                                                   query.device)
     # With an explicit positive every query has one, so the mean is over all N, inside the op.
     in_op = reduction if reduction != "mean" or positive is not None else "none"
-    loss, _, log_count = _bank_info_nce_fwd_op(query, positive, bank, temperature_t, None, query_labels, bank_labels,
-                                               valid_mask, valid_count, "supcon", normalize, REDUCTION_CODES[in_op],
-                                               self_slots)
+    loss, _, log_count = _bank_info_nce_fwd_op(query, positive, bank, _kernel_temperature(temperature, query.device),
+                                               None, query_labels, bank_labels, valid_mask, valid_count, "supcon",
+                                               normalize, REDUCTION_CODES[in_op], self_slots)
     if in_op == reduction:
         return loss
     # log |P_i| is −inf exactly for the queries without positives: no host read.

@@ -54,6 +54,8 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 FALSE_NEGATIVE_CODES = {None: 0, "exclude": 1, "positive": 2, "supcon": 3}
 # Kernel codes of the positive-set modes: "positive" takes log Σ_P exp(l) (SupCon's L_in),
 # "supcon" the mean of the positive logits (SupCon's L_out), whose gradient weight is 1/|P|.
+_FN_NONE = tl.constexpr(FALSE_NEGATIVE_CODES[None])
+_FN_EXCLUDE = tl.constexpr(FALSE_NEGATIVE_CODES["exclude"])
 _FN_POSITIVE = tl.constexpr(FALSE_NEGATIVE_CODES["positive"])
 _FN_SUPCON = tl.constexpr(FALSE_NEGATIVE_CODES["supcon"])
 # The running maximum of a row with no positive key starts here: finite, so no −inf − (−inf).
@@ -124,7 +126,8 @@ def _bank_tile_logits(q_dot, row_scale, bank_ptr, cols, filled, stride_bk, strid
 
 
 @triton.jit
-def _tile_sets(qid, self_slot, bank_ids_ptr, cols, filled, FN_MODE: tl.constexpr, HAS_SELF_SLOT: tl.constexpr):
+def _tile_sets(qid, self_slot, bank_ids_ptr, cols, filled, FN_MODE: tl.constexpr,
+               HAS_SELF_SLOT: tl.constexpr):
     """(usable [BN, BK]: counted in the denominator, in_positive_set [BN, BK]). A row's own slot
     (``self_slot``, −1 for none) is in neither."""
     # (x == x) and (x != x) on the row ids broadcast the slot mask to [BN, BK] as all-true / all-false.
@@ -132,10 +135,10 @@ def _tile_sets(qid, self_slot, bank_ids_ptr, cols, filled, FN_MODE: tl.constexpr
     if HAS_SELF_SLOT:
         usable = usable & (cols[None, :].to(tl.int64) != self_slot[:, None])
     in_pos = usable & (qid[:, None] != qid[:, None])
-    if FN_MODE != 0:
+    if FN_MODE != _FN_NONE:
         bid = tl.load(bank_ids_ptr + cols, mask=filled, other=0)
         same = qid[:, None] == bid[None, :]
-        if FN_MODE == 1:
+        if FN_MODE == _FN_EXCLUDE:
             usable = usable & ~same
         else:
             in_pos = usable & same
@@ -145,7 +148,7 @@ def _tile_sets(qid, self_slot, bank_ids_ptr, cols, filled, FN_MODE: tl.constexpr
 @triton.jit
 def _query_ids(query_ids_ptr, rows, row_ok, FN_MODE: tl.constexpr):
     """The rows' ids; without ids the row numbers stand in (only their shape is used then)."""
-    if FN_MODE != 0:
+    if FN_MODE != _FN_NONE:
         return tl.load(query_ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     else:
         return rows.to(tl.int64)
@@ -373,7 +376,8 @@ def _query_grad_tile(q, c2, lse2_all, lse2_pos, qid, sid, bank_ptr, bank_ids_ptr
 @triton.jit
 def _query_grad_tiles(acc, r, q, c2, lse2_all, lse2_pos, qid, sid, bank_ptr, bank_ids_ptr, valid_mask_ptr, slot_start,
                       start, end, n_slots, valid_count, stride_bk, stride_bd, dims, dim_ok, FN_MODE: tl.constexpr,
-                      HAS_VALID_MASK: tl.constexpr, HAS_SELF_SLOT: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr,
+                      HAS_VALID_MASK: tl.constexpr, HAS_SELF_SLOT: tl.constexpr, NORMALIZE: tl.constexpr,
+                      DOT_FP32: tl.constexpr,
                       PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.constexpr,
                       BLOCK_K: tl.constexpr, MASKED: tl.constexpr):
     """(acc, r) plus the tiles of slots [slot_start + start, slot_start + end) (see _query_grad_tile)."""
@@ -396,7 +400,8 @@ def _bank_info_nce_bwd_query_kernel(
     stride_qn, stride_qd, stride_pn, stride_pd, stride_bk, stride_bd, stride_en, stride_em, stride_ed,
     FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, EXTRA_GRAD: tl.constexpr,
     HAS_SELF_SLOT: tl.constexpr, HAS_POSITIVE: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program (row block, split) → Σ_j G_j·|k_j|⁻¹·k_j [splits, N, D] and r = Σ_j G_j·l_j [splits, N]
     over the split's slots; split 0 adds the positive and the extras and writes their gradients."""
@@ -426,7 +431,7 @@ def _bank_info_nce_bwd_query_kernel(
     slot_start = split * split_slots
     split_end = tl.minimum(split_slots, n_slots - slot_start)
     full_end = 0
-    if FN_MODE == 0 and not HAS_VALID_MASK and not HAS_SELF_SLOT:
+    if FN_MODE == _FN_NONE and not HAS_VALID_MASK and not HAS_SELF_SLOT:
         # Tiles filled throughout need no slot mask and no select: every slot is in the denominator.
         full_end = tl.maximum(tl.minimum(split_end, valid_count - slot_start), 0) // BLOCK_K * BLOCK_K
         acc, r = _query_grad_tiles(acc, r, q, c2, lse2_all, lse2_pos, qid, sid, bank_ptr, bank_ids_ptr,

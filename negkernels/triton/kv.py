@@ -444,11 +444,8 @@ def _select_global_kernel(scores_ptr, forced_ptr, lengths_ptr, keep_ptr, heads, 
     b by (class, score, recency, lower head), by a radix select over five 8-bit digits of the
     40-bit keys (the class digit first); nothing past the length is kept."""
     b = tl.program_id(0).to(tl.int64)
-    if HAS_LENGTHS:
-        length = tl.minimum(tl.maximum(tl.load(lengths_ptr + b).to(tl.int64), 0), seq)
-    else:
-        length = seq + tl.zeros([], tl.int64)
-    k = heads * tl.minimum(kept, length)
+    length, no_sink, no_window, kept_per_head = _row_extent(lengths_ptr, b, seq, kept, 0, 0, HAS_LENGTHS)
+    k = heads * kept_per_head
     lanes = tl.arange(0, BLOCK)
     bins = tl.arange(0, 256)
     total = heads * seq
