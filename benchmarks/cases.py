@@ -80,7 +80,7 @@ def _advantage_impls(inputs: dict) -> dict:
     kwargs = dict(group_size=g) if ids is None else dict(group_index=ids, num_groups=num_groups, validate=False)
     for backend in ("triton", "cuda"):
         if backend in available and r.device.type == "cuda":
-            impls[backend] = (lambda b: (lambda: nk.group_advantages(r, backend=b, **kwargs)))(backend)
+            impls[backend] = (lambda b: lambda: nk.group_advantages(r, backend=b, **kwargs))(backend)
     return impls
 
 
@@ -90,8 +90,13 @@ def _disco_inputs(device: torch.device, full: bool) -> dict:
     sizes = torch.randint(1, 17, (n,))
     ids = torch.repeat_interleave(torch.arange(n), sizes)[:n]
     ids = ids[torch.randperm(n)]
-    return dict(scores=torch.randn(n, device=device), correct=(torch.rand(n) > 0.5).to(device),
-                group_index=ids.to(device), num_groups=int(ids.max()) + 1, n=n)
+    return dict(
+        scores=torch.randn(n, device=device),
+        correct=(torch.rand(n) > 0.5).to(device),
+        group_index=ids.to(device),
+        num_groups=int(ids.max()) + 1,
+        n=n,
+    )
 
 
 def _disco_impls(i: dict) -> dict:
@@ -102,13 +107,16 @@ def _disco_impls(i: dict) -> dict:
     def loss_and_grad(backend):
         def run():
             s = scores.detach().requires_grad_()
-            loss = nk.group_discriminative_loss(s, correct, ids, num_groups=groups, validate=False, tau=0.5,
-                                                backend=backend)
+            loss = nk.group_discriminative_loss(
+                s, correct, ids, num_groups=groups, validate=False, tau=0.5, backend=backend
+            )
             return torch.autograd.grad(loss, s)
+
         return run
 
-    return _kernel_impls({"eager": loss_and_grad("reference")}, scores.device, "group_discriminative_loss",
-                         loss_and_grad)
+    return _kernel_impls(
+        {"eager": loss_and_grad("reference")}, scores.device, "group_discriminative_loss", loss_and_grad
+    )
 
 
 def _logits_inputs(device: torch.device, full: bool) -> dict:
@@ -118,8 +126,16 @@ def _logits_inputs(device: torch.device, full: bool) -> dict:
     with torch.no_grad():
         base = torch.log_softmax(logits[:, :4].float(), -1).mean()  # a plausible log-prob level
     old = base + 0.1 * torch.randn(b, t, device=device)
-    return dict(logits=logits, targets=targets, old_logp=old, advantages=torch.randn(b, device=device),
-                mask=torch.rand(b, t, device=device) > 0.1, b=b, t=t, v=v)
+    return dict(
+        logits=logits,
+        targets=targets,
+        old_logp=old,
+        advantages=torch.randn(b, device=device),
+        mask=torch.rand(b, t, device=device) > 0.1,
+        b=b,
+        t=t,
+        v=v,
+    )
 
 
 def _selective_logprobs_eager(logits, targets):
@@ -150,14 +166,21 @@ def _logprobs_impls(with_entropy: bool):
 
         x, tg = i["logits"], i["targets"]
         if with_entropy:
+
             def eager():
                 return _selective_logprobs_eager(x, tg), _entropy_eager(x)
         else:
+
             def eager():
                 return _selective_logprobs_eager(x, tg)
+
         out = {"eager": eager, "compile": torch.compile(eager)}
-        return _kernel_impls(out, x.device, "token_logprobs", lambda b: (
-            lambda: nk.token_logprobs(x, tg, return_entropy=with_entropy, validate=False, backend=b)))
+        return _kernel_impls(
+            out,
+            x.device,
+            "token_logprobs",
+            lambda b: lambda: nk.token_logprobs(x, tg, return_entropy=with_entropy, validate=False, backend=b),
+        )
 
     return impls
 
@@ -180,9 +203,16 @@ def _grpo_from_logits_impls(i: dict) -> dict:
         "eager": lambda: torch.autograd.grad(eager_loss(x), x),
         "compile": lambda: torch.autograd.grad(compiled_loss(x), x),
     }
-    return _kernel_impls(out, logits.device, "policy_loss_from_logits", lambda b: (
-        lambda: torch.autograd.grad(nk.policy_loss_from_logits(x, tg, old, adv, mask, clip_high=0.28, validate=False,
-                                                               backend=b).loss, x)))
+    return _kernel_impls(
+        out,
+        logits.device,
+        "policy_loss_from_logits",
+        lambda b: (
+            lambda: torch.autograd.grad(
+                nk.policy_loss_from_logits(x, tg, old, adv, mask, clip_high=0.28, validate=False, backend=b).loss, x
+            )
+        ),
+    )
 
 
 def _lm_head_inputs(device: torch.device, full: bool) -> dict:
@@ -190,19 +220,31 @@ def _lm_head_inputs(device: torch.device, full: bool) -> dict:
     dtype = _kernel_dtype(device)
     b = 8 if full else 4
     hidden = torch.randn(b, n // b, h, device=device).to(dtype).requires_grad_()
-    weight = (torch.randn(v, h, device=device) / h ** 0.5 * 2).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, device=device) / h**0.5 * 2).to(dtype).requires_grad_()
     targets = torch.randint(0, v, (b, n // b), device=device)
-    old = torch.full((b, n // b), -float(torch.log(torch.tensor(float(v)))), device=device) \
-        + 0.1 * torch.randn(b, n // b, device=device)
-    return dict(hidden=hidden, weight=weight, targets=targets, old_logp=old, advantages=torch.randn(b, device=device),
-                mask=torch.rand(b, n // b, device=device) > 0.1, n=n, h=h, v=v, dtype=dtype)
+    old = torch.full((b, n // b), -float(torch.log(torch.tensor(float(v)))), device=device) + 0.1 * torch.randn(
+        b, n // b, device=device
+    )
+    return dict(
+        hidden=hidden,
+        weight=weight,
+        targets=targets,
+        old_logp=old,
+        advantages=torch.randn(b, device=device),
+        mask=torch.rand(b, n // b, device=device) > 0.1,
+        n=n,
+        h=h,
+        v=v,
+        dtype=dtype,
+    )
 
 
 def _linear_grpo_impls(i: dict) -> dict:
     import negkernels as nk
 
-    hidden, weight, tg, old, adv, mask = (i[k] for k in ("hidden", "weight", "targets", "old_logp", "advantages",
-                                                         "mask"))
+    hidden, weight, tg, old, adv, mask = (
+        i[k] for k in ("hidden", "weight", "targets", "old_logp", "advantages", "mask")
+    )
 
     def eager_loss(hidden, weight):
         # What trainers run today: the full logits, an fp32 log-softmax, the clipped surrogate.
@@ -217,16 +259,32 @@ def _linear_grpo_impls(i: dict) -> dict:
         "eager": lambda: torch.autograd.grad(eager_loss(hidden, weight), (hidden, weight)),
         "compile": lambda: torch.autograd.grad(compiled_loss(hidden, weight), (hidden, weight)),
     }
-    return _kernel_impls(out, hidden.device, "linear_policy_loss", lambda b: (
-        lambda: torch.autograd.grad(nk.linear_policy_loss(hidden, weight, tg, old, adv, mask, clip_high=0.28,
-                                                          validate=False, backend=b).loss, (hidden, weight))))
+    return _kernel_impls(
+        out,
+        hidden.device,
+        "linear_policy_loss",
+        lambda b: (
+            lambda: torch.autograd.grad(
+                nk.linear_policy_loss(
+                    hidden, weight, tg, old, adv, mask, clip_high=0.28, validate=False, backend=b
+                ).loss,
+                (hidden, weight),
+            )
+        ),
+    )
 
 
 def _policy_loss_inputs(device: torch.device, full: bool) -> dict:
     b, t = (1024, 8192) if full else (64, 512)
     logp = (torch.randn(b, t, device=device) * 0.3 - 2).requires_grad_()
-    return dict(logp=logp, old_logp=logp.detach() + 0.05 * torch.randn(b, t, device=device),
-                advantages=torch.randn(b, device=device), mask=torch.rand(b, t, device=device) > 0.1, b=b, t=t)
+    return dict(
+        logp=logp,
+        old_logp=logp.detach() + 0.05 * torch.randn(b, t, device=device),
+        advantages=torch.randn(b, device=device),
+        mask=torch.rand(b, t, device=device) > 0.1,
+        b=b,
+        t=t,
+    )
 
 
 def _policy_loss_impls(i: dict) -> dict:
@@ -246,8 +304,12 @@ def _policy_loss_impls(i: dict) -> dict:
         "eager": lambda: torch.autograd.grad(eager_loss(x)[0], x),
         "compile": lambda: torch.autograd.grad(compiled_loss(x)[0], x),
     }
-    return _kernel_impls(out, x.device, "policy_loss", lambda b: (
-        lambda: torch.autograd.grad(nk.policy_loss(x, old, adv, mask, clip_high=0.28, backend=b).loss, x)))
+    return _kernel_impls(
+        out,
+        x.device,
+        "policy_loss",
+        lambda b: lambda: torch.autograd.grad(nk.policy_loss(x, old, adv, mask, clip_high=0.28, backend=b).loss, x),
+    )
 
 
 def _bank_inputs(sizes_full, sizes_cpu):
@@ -278,8 +340,12 @@ def _info_nce_impls(i: dict) -> dict:
         "eager": lambda: torch.autograd.grad(eager_loss(q, p), (q, p)),
         "compile": lambda: torch.autograd.grad(compiled_loss(q, p), (q, p)),
     }
-    return _kernel_impls(out, q.device, "bank_info_nce", lambda b: (
-        lambda: torch.autograd.grad(nk.bank_info_nce(q, p, bank, temperature=0.07, backend=b), (q, p))))
+    return _kernel_impls(
+        out,
+        q.device,
+        "bank_info_nce",
+        lambda b: lambda: torch.autograd.grad(nk.bank_info_nce(q, p, bank, temperature=0.07, backend=b), (q, p)),
+    )
 
 
 def _bank_topk_impls(i: dict) -> dict:
@@ -291,7 +357,7 @@ def _bank_topk_impls(i: dict) -> dict:
         return (q @ bank.T).float().topk(64, dim=1)
 
     out = {"eager": eager, "compile": torch.compile(eager)}
-    return _kernel_impls(out, q.device, "bank_topk", lambda b: (lambda: nk.bank_topk(q, bank, 64, backend=b)))
+    return _kernel_impls(out, q.device, "bank_topk", lambda b: lambda: nk.bank_topk(q, bank, 64, backend=b))
 
 
 def _bank_bytes(i: dict) -> int:
@@ -308,8 +374,19 @@ def _kv_inputs(sizes_full, sizes_cpu):
         values = torch.randn(b, h, s, d, device=device, dtype=dtype)
         log_beta = torch.nn.functional.logsigmoid(torch.randn(b, h, s, device=device) + 3).to(dtype)
         positions = torch.arange(s, device=device, dtype=torch.int32).expand(b, h, s).contiguous()
-        return dict(keys=keys, values=values, log_beta=log_beta, positions=positions, step=s, budget=budget,
-                    b=b, h=h, s=s, d=d, dtype=dtype)
+        return dict(
+            keys=keys,
+            values=values,
+            log_beta=log_beta,
+            positions=positions,
+            step=s,
+            budget=budget,
+            b=b,
+            h=h,
+            s=s,
+            d=d,
+            dtype=dtype,
+        )
 
     return build
 
@@ -317,8 +394,9 @@ def _kv_inputs(sizes_full, sizes_cpu):
 def _evict_impls(i: dict) -> dict:
     import negkernels as nk
 
-    keys, values, log_beta, positions, step, budget = (i[k] for k in ("keys", "values", "log_beta", "positions", "step",
-                                                                      "budget"))
+    keys, values, log_beta, positions, step, budget = (
+        i[k] for k in ("keys", "values", "log_beta", "positions", "step", "budget")
+    )
 
     def eager():
         # What eviction code does today: scores, topk, sort the kept indices, gather K and V.
@@ -328,8 +406,12 @@ def _evict_impls(i: dict) -> dict:
         return keys.gather(2, gather), values.gather(2, gather)
 
     out = {"eager": eager, "compile": torch.compile(eager)}
-    return _kernel_impls(out, keys.device, "evict", lambda b: (
-        lambda: nk.evict(keys, values, log_beta, positions, step, budget, backend=b)))
+    return _kernel_impls(
+        out,
+        keys.device,
+        "evict",
+        lambda b: lambda: nk.evict(keys, values, log_beta, positions, step, budget, backend=b),
+    )
 
 
 def _evict_bytes(i: dict) -> int:
@@ -356,7 +438,7 @@ def _mass_impls(i: dict) -> dict:
         pos = torch.arange(t, device=lb.device)
         out = []
         for start in range(0, t, 1024):
-            rows = pos[start:start + 1024, None]
+            rows = pos[start : start + 1024, None]
             age = (rows - pos[None, :]).clamp_min(0).float()
             terms = torch.exp(age * lb[:, None, :]) * (rows >= pos[None, :])
             out.append(terms.sum(-1))
@@ -364,8 +446,12 @@ def _mass_impls(i: dict) -> dict:
         return torch.autograd.grad(mass.sum(), lb)
 
     out = {"eager": chunked_eager}
-    return _kernel_impls(out, lb.device, "retention_mass", lambda b: (
-        lambda: torch.autograd.grad(nk.retention_mass(lb, backend=b).sum(), lb)))
+    return _kernel_impls(
+        out,
+        lb.device,
+        "retention_mass",
+        lambda b: lambda: torch.autograd.grad(nk.retention_mass(lb, backend=b).sum(), lb),
+    )
 
 
 CASES: list[Case] = [
@@ -422,7 +508,7 @@ CASES: list[Case] = [
         min_bytes=lambda i: 2 * i["b"] * i["t"] * i["v"] * 2,  # read the logits, write their gradient
         shape=lambda i: f"logits {i['b']}x{i['t']}x{i['v']} bf16, PPO clip, token-mean",
         notes="H100 target <= 1.8 ms, no memory beyond the gradient (today: eager 25.5 ms +14 GB, "
-              "torch.compile 7.9 ms +4.8 GB, Liger 2.53 ms)",
+        "torch.compile 7.9 ms +4.8 GB, Liger 2.53 ms)",
     ),
     Case(
         family="linear-grpo",
@@ -434,7 +520,7 @@ CASES: list[Case] = [
         flops=lambda i: 3 * 2 * i["n"] * i["h"] * i["v"],  # logits, d hidden, d weight
         shape=lambda i: f"{i['n']} tokens H={i['h']} V={i['v']} {str(i['dtype'])[6:]}, PPO clip, token-mean",
         notes="H100 target <= 50 ms and <= 2.0 GB extra memory, d weight included (today: eager 59 ms +14.3 GB, "
-              "torch.compile 50 ms +5.9 GB, Liger chunked GRPO 564 ms +3.6 GB; matmul floor ~39 ms)",
+        "torch.compile 50 ms +5.9 GB, Liger chunked GRPO 564 ms +3.6 GB; matmul floor ~39 ms)",
     ),
     Case(
         family="policy-loss",
@@ -455,7 +541,7 @@ CASES: list[Case] = [
         flops=lambda i: 3 * 2 * i["n"] * i["k"] * i["d"],  # q·Bᵀ forward; recompute and G·B backward
         shape=lambda i: f"N={i['n']} K={i['k']} D={i['d']} {str(i['dtype'])[6:]}, fwd+bwd, bank without grad",
         notes="H100 target <= 0.5 ms, extra memory O(N) (today: eager 6.8 ms +3.1 GB, torch.compile 2.63 ms +1 GB; "
-              "floor ~0.26 ms)",
+        "floor ~0.26 ms)",
     ),
     Case(
         family="contrastive",
@@ -503,8 +589,8 @@ CASES: list[Case] = [
         min_bytes=lambda i: i["h"] * i["t"] * 4 * 4,  # not its limit: the S²/2 pairs of arithmetic are
         shape=lambda i: f"H={i['h']} S={i['t']} fp32, fwd+bwd",
         notes="H100 target <= 1.2 ms; one exponential per pair forward and backward (H·S²/2 = 4.3e9 pairs "
-              "each way) would need 2.06 ms of MUFU time alone, so the kernels derive most powers by "
-              "multiplication (benchmarks/static_cost.py: 0.78 ms on paper)",
+        "each way) would need 2.06 ms of MUFU time alone, so the kernels derive most powers by "
+        "multiplication (benchmarks/static_cost.py: 0.78 ms on paper)",
     ),
 ]
 

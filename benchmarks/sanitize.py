@@ -38,7 +38,9 @@ def main(cuda_only: bool = False, device: str = "cuda") -> int:
         (logp.sum() + ent.sum()).backward()
         y = logits.clone().requires_grad_()
         work = y * 1
-        nk.token_logprobs(work, torch.randint(0, 1001, (3, 6), device=dev), inplace_backward=True, backend=b).sum().backward()
+        nk.token_logprobs(
+            work, torch.randint(0, 1001, (3, 6), device=dev), inplace_backward=True, backend=b
+        ).sum().backward()
         ran.append(f"token_logprobs/{b}")
 
     logp = torch.randn(5, 37, device=dev) - 2
@@ -48,12 +50,29 @@ def main(cuda_only: bool = False, device: str = "cuda") -> int:
     for b in available("policy_loss"):
         for loss_type in ("ppo", "gspo", "cispo", "sapo", "gpg", "npo"):
             x = logp.clone().requires_grad_()
-            nk.policy_loss(x, old, torch.randn(5, device=dev), mask, ref_logp=old, kl_coef=0.1, loss_type=loss_type,
-                           is_weights=torch.rand(5, 37, device=dev), aggregation="seq-mean-token-mean",
-                           backend=b).loss.backward()
+            nk.policy_loss(
+                x,
+                old,
+                torch.randn(5, device=dev),
+                mask,
+                ref_logp=old,
+                kl_coef=0.1,
+                loss_type=loss_type,
+                is_weights=torch.rand(5, 37, device=dev),
+                aggregation="seq-mean-token-mean",
+                backend=b,
+            ).loss.backward()
             xp = logp.reshape(-1).clone().requires_grad_()
-            nk.policy_loss(xp, old.reshape(-1), torch.randn(5, device=dev), mask.reshape(-1), cu_seqlens=cu,
-                           ref_logp=old.reshape(-1), loss_type=loss_type, backend=b).loss.backward()
+            nk.policy_loss(
+                xp,
+                old.reshape(-1),
+                torch.randn(5, device=dev),
+                mask.reshape(-1),
+                cu_seqlens=cu,
+                ref_logp=old.reshape(-1),
+                loss_type=loss_type,
+                backend=b,
+            ).loss.backward()
         ran.append(f"policy_loss/{b}")
 
     old_l = torch.randn(3, 5, device=dev) - 7
@@ -61,9 +80,16 @@ def main(cuda_only: bool = False, device: str = "cuda") -> int:
         for loss_type in ("ppo", "gspo"):
             for inplace in (False, True):
                 x = logits.clone().requires_grad_()
-                out = nk.policy_loss_from_logits(x[:, :-1] * 1 if inplace else x[:, :-1], targets, old_l,
-                                                 torch.randn(3, device=dev), loss_type=loss_type, return_entropy=True,
-                                                 inplace_backward=inplace, backend=b)
+                out = nk.policy_loss_from_logits(
+                    x[:, :-1] * 1 if inplace else x[:, :-1],
+                    targets,
+                    old_l,
+                    torch.randn(3, device=dev),
+                    loss_type=loss_type,
+                    return_entropy=True,
+                    inplace_backward=inplace,
+                    backend=b,
+                )
                 out.loss.backward()
         ran.append(f"policy_loss_from_logits/{b}")
     hidden = torch.randn(3, 5, 48, device=dev, dtype=torch.bfloat16)
@@ -72,14 +98,24 @@ def main(cuda_only: bool = False, device: str = "cuda") -> int:
     for b in available("linear_policy_loss"):
         for fp32_lm_head in (False, True):
             h, w, bias = (t.clone().requires_grad_() for t in (hidden, head, head_bias))
-            logp, ent = nk.linear_token_logprobs(h, w, targets, bias=bias, return_entropy=True,
-                                                 fp32_lm_head=fp32_lm_head, chunk_size=4, backend=b)
+            logp, ent = nk.linear_token_logprobs(
+                h, w, targets, bias=bias, return_entropy=True, fp32_lm_head=fp32_lm_head, chunk_size=4, backend=b
+            )
             (logp.sum() + ent.sum()).backward()
             for loss_type in ("ppo", "gspo"):
                 h, w, bias = (t.clone().requires_grad_() for t in (hidden, head, head_bias))
-                nk.linear_policy_loss(h, w, targets, old_l, torch.randn(3, device=dev), bias=bias,
-                                      loss_type=loss_type, fp32_lm_head=fp32_lm_head, chunk_size=4,
-                                      backend=b).loss.backward()
+                nk.linear_policy_loss(
+                    h,
+                    w,
+                    targets,
+                    old_l,
+                    torch.randn(3, device=dev),
+                    bias=bias,
+                    loss_type=loss_type,
+                    fp32_lm_head=fp32_lm_head,
+                    chunk_size=4,
+                    backend=b,
+                ).loss.backward()
         ran.append(f"linear_token_logprobs+linear_policy_loss/{b}")
     q = torch.randn(37, 40, device=dev, dtype=torch.bfloat16)
     bank = torch.randn(203, 40, device=dev, dtype=torch.bfloat16)
@@ -89,8 +125,19 @@ def main(cuda_only: bool = False, device: str = "cuda") -> int:
         for fn, valid, normalize in (("exclude", 150, False), ("positive", torch.rand(203, device=dev) > 0.4, True)):
             xs = [t.clone().requires_grad_() for t in (q, q.flip(0), bank, extra)]
             tau = torch.tensor(0.1, device=dev, requires_grad=True)
-            nk.bank_info_nce(xs[0], xs[1], xs[2], temperature=tau, normalize=normalize, query_ids=qid, bank_ids=bid,
-                             false_negatives=fn, bank_valid=valid, extra_negatives=xs[3], backend=b).backward()
+            nk.bank_info_nce(
+                xs[0],
+                xs[1],
+                xs[2],
+                temperature=tau,
+                normalize=normalize,
+                query_ids=qid,
+                bank_ids=bid,
+                false_negatives=fn,
+                bank_valid=valid,
+                extra_negatives=xs[3],
+                backend=b,
+            ).backward()
         ran.append(f"bank_info_nce/{b}")
     for b in available("bank_topk"):
         nk.bank_topk(q, bank, 70, bank_valid=199, backend=b)
@@ -105,8 +152,17 @@ def main(cuda_only: bool = False, device: str = "cuda") -> int:
         ran.append(f"select_retained/{b}")
     for b in available("evict"):
         nk.evict(keys, keys.flip(2), log_beta, positions, 1001, 257, sink=1, window=7, backend=b)
-        nk.evict(keys, keys, log_beta, positions, torch.tensor([1001, 1500, 2000], device=dev), 99,
-                 lengths=torch.tensor([1001, 40, 99], device=dev), key_norm_weight=0.5, backend=b)
+        nk.evict(
+            keys,
+            keys,
+            log_beta,
+            positions,
+            torch.tensor([1001, 1500, 2000], device=dev),
+            99,
+            lengths=torch.tensor([1001, 40, 99], device=dev),
+            key_norm_weight=0.5,
+            backend=b,
+        )
         ran.append(f"evict/{b}")
     for b in available("compact_kv"):
         indices = nk.select_retained(scores, 500)

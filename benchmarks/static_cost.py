@@ -60,8 +60,17 @@ MAX_BLOCKS_PER_SM = 32
 MAX_WARPS_PER_SM = 64
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-                torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+TRITON_TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
 
 
 @dataclass
@@ -84,11 +93,11 @@ def recorded_launches():
 
     def getitem(kernel, grid):
         def record(*args, **kwargs):
-            options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_cooperative_grid")
-                       if k in kwargs}
+            options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_cooperative_grid") if k in kwargs}
             bound = dict(zip(kernel.arg_names, args))
             bound.update(kwargs)
             launches.append(Launch(kernel, tuple(grid) if not callable(grid) else grid(bound), bound, options))
+
         return record
 
     jit.JITFunction.__getitem__ = getitem
@@ -124,7 +133,7 @@ def compile_launch(launch: Launch):
                 signature[name] = "constexpr"
                 constexprs[(i,)] = 1
             else:
-                signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+                signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
                 if value % 16 == 0:
                     attrs[(i,)] = [["tt.divisibility", 16]]
         else:
@@ -156,20 +165,33 @@ def sass_profile(compiled) -> dict:
     inner = [(a, b) for a, b in loops if not any(within(c, d, a, b) for c, d in loops)]
     outer = [(a, b) for a, b in loops if (a, b) not in inner]
     bodies = [(a, b, sum(1 for x in address if a <= x <= b)) for a, b in inner]
-    own = [(a, b, sum(1 for x in address if a <= x <= b and not any(
-        within(c, d, a, b) and c <= x <= d for c, d in loops))) for a, b in outer]
+    own = [
+        (a, b, sum(1 for x in address if a <= x <= b and not any(within(c, d, a, b) and c <= x <= d for c, d in loops)))
+        for a, b in outer
+    ]
     shuffles = [sum(1 for ln, x in zip(lines, address) if a <= x <= b and "SHFL" in ln) for a, b, _ in bodies]
     barriers = [sum(1 for ln, x in zip(lines, address) if a <= x <= b and " BAR" in ln) for a, b, _ in bodies]
-    local = [sum(1 for ln, x in zip(lines, address) if a <= x <= b and re.search(r"\b(STL|LDL)\b", ln))
-             for a, b, _ in bodies]  # spill traffic inside the hot loops
+    local = [
+        sum(1 for ln, x in zip(lines, address) if a <= x <= b and re.search(r"\b(STL|LDL)\b", ln)) for a, b, _ in bodies
+    ]  # spill traffic inside the hot loops
     # MUFU (exponentials, logarithms, reciprocals): 16 lanes an SM, a quarter of the issue rate
     mufu = [x for ln, x in zip(lines, address) if "MUFU" in ln]
     loop_mufu = [sum(1 for x in mufu if a <= x <= b) for a, b, _ in bodies]
-    outer_mufu = [sum(1 for x in mufu if a <= x <= b and not any(within(c, d, a, b) and c <= x <= d
-                                                                 for c, d in loops)) for a, b, _ in own]
-    return dict(instructions=len(lines), loops=bodies, outer_loops=own, loop_shuffles=shuffles,
-                loop_barriers=barriers, loop_local=local, mufu=len(mufu), loop_mufu=loop_mufu,
-                outer_mufu=outer_mufu)
+    outer_mufu = [
+        sum(1 for x in mufu if a <= x <= b and not any(within(c, d, a, b) and c <= x <= d for c, d in loops))
+        for a, b, _ in own
+    ]
+    return dict(
+        instructions=len(lines),
+        loops=bodies,
+        outer_loops=own,
+        loop_shuffles=shuffles,
+        loop_barriers=barriers,
+        loop_local=local,
+        mufu=len(mufu),
+        loop_mufu=loop_mufu,
+        outer_mufu=outer_mufu,
+    )
 
 
 def resources(compiled, num_warps: int) -> dict:
@@ -214,7 +236,7 @@ def expected_rounds(per_tile: float, rows: int, limit: int) -> float:
     width)]: the gather's rounds in one tile, one per candidate of its busiest row."""
     total, below = 0.0, 0.0
     for j in range(limit):
-        below += math.exp(-per_tile) * per_tile ** j / math.factorial(j)  # P(count ≤ j)
+        below += math.exp(-per_tile) * per_tile**j / math.factorial(j)  # P(count ≤ j)
         total += 1.0 - min(below, 1.0) ** rows  # P(max > j)
     return total
 
@@ -228,14 +250,35 @@ def _cases() -> list[StaticCase]:
 
     def codes_for(i, rows, compute_grad=True, **extra):
         codes, scalars = PolicyLossConfig().kernel_args(
-            use_kl=False, use_is=False, adv_per_token=extra.get("adv_per_token", True), iw_per_token=True,
-            compute_grad=compute_grad, num_sequences=i.get("b", 1), seq_len=i.get("t", rows),
-            max_len=i.get("t", rows), norm_constant=1.0)
+            use_kl=False,
+            use_is=False,
+            adv_per_token=extra.get("adv_per_token", True),
+            iw_per_token=True,
+            compute_grad=compute_grad,
+            num_sequences=i.get("b", 1),
+            seq_len=i.get("t", rows),
+            max_len=i.get("t", rows),
+            norm_constant=1.0,
+        )
         return PolicyKernelCodes(*codes), PolicyKernelScalars(*scalars)
 
     def advantages(i):
-        ta.group_advantages_fwd(i["rewards"], i.get("group_index"), i.get("group_size") or 0, i["num_groups"], "grpo",
-                                "group", 1e-6, 1.0, 1, 1.0, 1.0, None, None, None)
+        ta.group_advantages_fwd(
+            i["rewards"],
+            i.get("group_index"),
+            i.get("group_size") or 0,
+            i["num_groups"],
+            "grpo",
+            "group",
+            1e-6,
+            1.0,
+            1,
+            1.0,
+            1.0,
+            None,
+            None,
+            None,
+        )
 
     def disco(i):
         ta.group_discriminative_fwd(i["scores"], i["correct"], i["group_index"], None, i["num_groups"], 0.5, True)
@@ -243,32 +286,80 @@ def _cases() -> list[StaticCase]:
     def logprobs(with_entropy):
         def run(i):
             x, so, si, inner = _row_view(i["logits"])
-            tl_.token_logprobs_fwd(x, so, si, inner, i["b"] * i["t"], i["v"], i["targets"].reshape(-1), 1.0, 0,
-                                   with_entropy)
+            tl_.token_logprobs_fwd(
+                x, so, si, inner, i["b"] * i["t"], i["v"], i["targets"].reshape(-1), 1.0, 0, with_entropy
+            )
+
         return run
 
     def from_logits(i):
         x, so, si, inner = _row_view(i["logits"])
         rows = i["b"] * i["t"]
         codes, scalars = codes_for(i, rows, adv_per_token=False)  # as policy_loss_from_logits calls it
-        tl_.policy_loss_from_logits_fwd(x, so, si, inner, torch.empty_like(x), so, si, rows, i["v"],
-                                        i["targets"].reshape(-1), i["old_logp"], i["advantages"], None, None, None,
-                                        codes, scalars, False, mask=i["mask"].view(torch.uint8),
-                                        normaliser=None)  # token-mean of this call: the kernel counts the mask
+        tl_.policy_loss_from_logits_fwd(
+            x,
+            so,
+            si,
+            inner,
+            torch.empty_like(x),
+            so,
+            si,
+            rows,
+            i["v"],
+            i["targets"].reshape(-1),
+            i["old_logp"],
+            i["advantages"],
+            None,
+            None,
+            None,
+            codes,
+            scalars,
+            False,
+            mask=i["mask"].view(torch.uint8),
+            normaliser=None,
+        )  # token-mean of this call: the kernel counts the mask
 
     def policy(i):
         codes, scalars = codes_for(i, i["b"] * i["t"], adv_per_token=False)
-        tl_.policy_loss_fwd(i["logp"], i["old_logp"], i["advantages"], i["mask"].view(torch.uint8), None, None, None,
-                            None, codes, scalars)
+        tl_.policy_loss_fwd(
+            i["logp"],
+            i["old_logp"],
+            i["advantages"],
+            i["mask"].view(torch.uint8),
+            None,
+            None,
+            None,
+            None,
+            codes,
+            scalars,
+        )
 
     def nce(i):
         q, p, bank = i["query"].detach(), i["positive"].detach(), i["bank"]
         tau = torch.empty((), device="meta")
         # as bank_info_nce calls it: the mean over queries, reduced by the combine kernel
-        _, lse_all, lse_pos = tc.bank_info_nce_fwd(q, p, bank, tau, None, None, None, None, bank.shape[0], None, False,
-                                                   False, reduce_scale=1.0 / q.shape[0])
-        tc.bank_info_nce_bwd(torch.empty((), device="meta"), q, p, bank, tau, None, None, None, None, bank.shape[0],
-                             None, False, lse_all, lse_pos, False, False, False)
+        _, lse_all, lse_pos = tc.bank_info_nce_fwd(
+            q, p, bank, tau, None, None, None, None, bank.shape[0], None, False, False, reduce_scale=1.0 / q.shape[0]
+        )
+        tc.bank_info_nce_bwd(
+            torch.empty((), device="meta"),
+            q,
+            p,
+            bank,
+            tau,
+            None,
+            None,
+            None,
+            None,
+            bank.shape[0],
+            None,
+            False,
+            lse_all,
+            lse_pos,
+            False,
+            False,
+            False,
+        )
 
     def topk(i):
         tc.bank_topk(i["query"].detach(), i["bank"], 64, None, i["bank"].shape[0], False, False)
@@ -277,8 +368,12 @@ def _cases() -> list[StaticCase]:
         indices = tk.select_from_log_beta_fwd(i["log_beta"], i["positions"], i["step"], i["budget"], 0, 0, None)
         b, h, m = indices.shape
         keys, values = i["keys"], i["values"]
-        outs = [keys.new_empty((b, h, m, keys.shape[-1])), values.new_empty((b, h, m, values.shape[-1])),
-                i["log_beta"].new_empty((b, h, m)), i["positions"].new_empty((b, h, m))]
+        outs = [
+            keys.new_empty((b, h, m, keys.shape[-1])),
+            values.new_empty((b, h, m, values.shape[-1])),
+            i["log_beta"].new_empty((b, h, m)),
+            i["positions"].new_empty((b, h, m)),
+        ]
         tk.compact_kv_fwd(keys, values, indices, [i["log_beta"], i["positions"]], outs, in_place=False)
 
     def mass(i):
@@ -315,8 +410,10 @@ def _cases() -> list[StaticCase]:
         if a["FN_MODE"] != 0 or a["HAS_VALID_MASK"]:
             return [tiles]
         splits, filled = launch.grid[1], min(a["valid_count"], a["n_slots"])
-        full = sum(max(min(a["split_slots"], filled - s * a["split_slots"]), 0) // a["BLOCK_K"]
-                   for s in range(splits)) / splits
+        full = (
+            sum(max(min(a["split_slots"], filled - s * a["split_slots"]), 0) // a["BLOCK_K"] for s in range(splits))
+            / splits
+        )
         return [full, tiles - full]
 
     def select_trips(launch):
@@ -331,7 +428,9 @@ def _cases() -> list[StaticCase]:
         # the last split fills
         a = launch.args
         return [_cdiv(a["splits"], a["SPLIT_BLOCK"])] * 4 + [
-            a["chunk"] // a["BLOCK"], _cdiv(a["kept"], a["BLOCK"]) / a["splits"]]
+            a["chunk"] // a["BLOCK"],
+            _cdiv(a["kept"], a["BLOCK"]) / a["splits"],
+        ]
 
     def mass_fwd_trips(launch):  # [column blocks with a sequence start: none here, unmasked ones]
         blocks = _cdiv(launch.args["seq"], launch.args["BLOCK_T"])
@@ -343,8 +442,11 @@ def _cases() -> list[StaticCase]:
         # blocks' FFMAs), leaving a remainder loop. No block holds a sequence end here.
         blocks, chunk, unroll = _cdiv(launch.args["seq"], launch.args["BLOCK_I"]), tk._MASS_CHUNK.value, 4
         spans = [[min(chunk, n - c) for c in range(0, n, chunk)] for n in (blocks - 1 - p for p in range(blocks))]
-        return [sum(b // unroll for s in spans for b in s) / blocks, sum(b % unroll for s in spans for b in s) / blocks,
-                0]
+        return [
+            sum(b // unroll for s in spans for b in s) / blocks,
+            sum(b % unroll for s in spans for b in s) / blocks,
+            0,
+        ]
 
     def mass_chunks(launch):
         blocks, chunk = _cdiv(launch.args["seq"], launch.args["BLOCK_I"]), tk._MASS_CHUNK.value
@@ -382,10 +484,16 @@ def _cases() -> list[StaticCase]:
         a = launch.args
         return [math.ceil(expected_candidates(topk_model["groups"], a["k"]) / a["BLOCK_K"]), 0]
 
-    nce_trips = {"_bank_info_nce_fwd_kernel": slot_trips, "_bank_info_nce_bwd_query_kernel": query_grad_trips,
-                 "_bank_info_nce_combine_kernel": combine_trips}
-    evict_trips = {"_select_retained_kernel": select_trips, "_select_histogram_kernel": split_select_trips,
-                   "_select_write_kernel": split_write_trips}
+    nce_trips = {
+        "_bank_info_nce_fwd_kernel": slot_trips,
+        "_bank_info_nce_bwd_query_kernel": query_grad_trips,
+        "_bank_info_nce_combine_kernel": combine_trips,
+    }
+    evict_trips = {
+        "_select_retained_kernel": select_trips,
+        "_select_histogram_kernel": split_select_trips,
+        "_select_write_kernel": split_write_trips,
+    }
     return [
         StaticCase("advantages/uniform-g64", 0.010, advantages, {}),
         StaticCase("advantages/ragged", 0.010, advantages, {"_group_advantages_segmented_kernel": segmented_trips}),
@@ -396,15 +504,26 @@ def _cases() -> list[StaticCase]:
         StaticCase("policy-loss/fwd+bwd", 0.08, policy, {"_policy_loss_fwd_kernel": policy_trips}),
         StaticCase("contrastive/nce", 0.5, nce, nce_trips),
         StaticCase("contrastive/nce-large", 7.0, nce, nce_trips),
-        StaticCase("contrastive/topk64", 0.3, topk,
-                   {"_bank_topk_threshold_kernel": threshold_trips, "_bank_topk_gather_kernel": gather_trips,
-                    "_bank_topk_finish_kernel": finish_trips},
-                   outer_trips={"_bank_topk_gather_kernel": topk_tiles}),
+        StaticCase(
+            "contrastive/topk64",
+            0.3,
+            topk,
+            {
+                "_bank_topk_threshold_kernel": threshold_trips,
+                "_bank_topk_gather_kernel": gather_trips,
+                "_bank_topk_finish_kernel": finish_trips,
+            },
+            outer_trips={"_bank_topk_gather_kernel": topk_tiles},
+        ),
         StaticCase("kv/evict", 0.13, evict, evict_trips),
         StaticCase("kv/evict-8rows", 0.03, evict, evict_trips),
-        StaticCase("kv/retention-mass", 1.2, mass,
-                   {"_retention_mass_fwd_kernel": mass_fwd_trips, "_retention_mass_bwd_kernel": mass_bwd_trips},
-                   outer_trips={"_retention_mass_bwd_kernel": mass_chunks}),
+        StaticCase(
+            "kv/retention-mass",
+            1.2,
+            mass,
+            {"_retention_mass_fwd_kernel": mass_fwd_trips, "_retention_mass_bwd_kernel": mass_bwd_trips},
+            outer_trips={"_retention_mass_bwd_kernel": mass_chunks},
+        ),
     ]
 
 
@@ -427,8 +546,11 @@ def analyse(case_filter: str | None = None) -> list[dict]:
         matmul_ms = flops / BF16_FLOPS_PER_S * 1e3 if flops else 0.0
         kernels, warp_instructions, critical_s, sfu_s = [], 0.0, 0.0, 0.0
         for launch in launches:
-            key = (launch.kernel.__name__, repr(sorted((k, v) for k, v in launch.args.items()
-                                                        if not isinstance(v, torch.Tensor))), repr(launch.options))
+            key = (
+                launch.kernel.__name__,
+                repr(sorted((k, v) for k, v in launch.args.items() if not isinstance(v, torch.Tensor))),
+                repr(launch.options),
+            )
             if key not in compiled_cache:
                 compiled = compile_launch(launch)
                 compiled_cache[key] = (resources(compiled, launch.options.get("num_warps", 4)), sass_profile(compiled))
@@ -437,70 +559,104 @@ def analyse(case_filter: str | None = None) -> list[dict]:
             warps = res["threads"] // 32
             trips = sc.trips.get(launch.kernel.__name__, lambda launch: [])(launch)
             loops = sass["loops"]
-            trip = lambda j: trips[j] if j < len(trips) and trips[j] is not None else 1  # noqa: E731
+            trip = lambda j, trips=trips: trips[j] if j < len(trips) and trips[j] is not None else 1  # noqa: E731
             looped = sum(body * trip(j) for j, (_, _, body) in enumerate(loops))
             outer = sass["outer_loops"]
             outer_trips = sc.outer_trips.get(launch.kernel.__name__, lambda launch: [])(launch)
-            outer_trip = lambda j: outer_trips[j] if j < len(outer_trips) else 1  # noqa: E731
+            outer_trip = lambda j, outer_trips=outer_trips: outer_trips[j] if j < len(outer_trips) else 1  # noqa: E731
             looped += sum(body * outer_trip(j) for j, (_, _, body) in enumerate(outer))
             straight = sass["instructions"] - sum(body for _, _, body in loops) - sum(body for _, _, body in outer)
             per_program = straight + looped
-            mufu = (sass["mufu"] - sum(sass["loop_mufu"]) - sum(sass["outer_mufu"])
-                    + sum(m * trip(j) for j, m in enumerate(sass["loop_mufu"]))
-                    + sum(m * outer_trip(j) for j, m in enumerate(sass["outer_mufu"])))
+            mufu = (
+                sass["mufu"]
+                - sum(sass["loop_mufu"])
+                - sum(sass["outer_mufu"])
+                + sum(m * trip(j) for j, m in enumerate(sass["loop_mufu"]))
+                + sum(m * outer_trip(j) for j, m in enumerate(sass["outer_mufu"]))
+            )
             sfu_s += mufu * warps * programs * 32 / (SMS * SFU_LANES_PER_SM * CLOCK_HZ)
             warp_instructions += per_program * warps * programs
             waves = math.ceil(programs / max(res["blocks_per_sm"] * SMS, 1))
             critical_s += waves * per_program * warps / min(warps, SCHEDULERS_PER_SM) / CLOCK_HZ
-            kernels.append(dict(kernel=launch.kernel.__name__, grid=list(launch.grid), options=launch.options, **res,
-                                loop_bodies=[body for _, _, body in loops], loop_trips=trips,
-                                outer_bodies=[body for _, _, body in outer], outer_trips=outer_trips,
-                                loop_shuffles=sass["loop_shuffles"], loop_barriers=sass["loop_barriers"],
-                                loop_local=sass["loop_local"], loop_mufu=sass["loop_mufu"],
-                                warp_instructions=per_program * warps * programs,
-                                waves=programs / max(res["blocks_per_sm"] * SMS, 1)))
+            kernels.append(
+                dict(
+                    kernel=launch.kernel.__name__,
+                    grid=list(launch.grid),
+                    options=launch.options,
+                    **res,
+                    loop_bodies=[body for _, _, body in loops],
+                    loop_trips=trips,
+                    outer_bodies=[body for _, _, body in outer],
+                    outer_trips=outer_trips,
+                    loop_shuffles=sass["loop_shuffles"],
+                    loop_barriers=sass["loop_barriers"],
+                    loop_local=sass["loop_local"],
+                    loop_mufu=sass["loop_mufu"],
+                    warp_instructions=per_program * warps * programs,
+                    waves=programs / max(res["blocks_per_sm"] * SMS, 1),
+                )
+            )
         issue_ms = max(warp_instructions / (SMS * SCHEDULERS_PER_SM * CLOCK_HZ), critical_s) * 1e3
         sfu_ms = sfu_s * 1e3
         bound = max(issue_ms, sfu_ms, floor_ms, matmul_ms)
-        rows.append(dict(case=sc.case_id, target_ms=sc.target_ms, issue_bound_ms=issue_ms, sfu_bound_ms=sfu_ms,
-                         memory_floor_ms=floor_ms,
-                         matmul_floor_ms=matmul_ms, bound_ms=bound,
-                         bound_over_target=bound / sc.target_ms if sc.target_ms == sc.target_ms else None,
-                         issue_over_target=issue_ms / sc.target_ms if sc.target_ms == sc.target_ms else None,
-                         code_over_target=max(issue_ms, sfu_ms) / sc.target_ms if sc.target_ms == sc.target_ms
-                         else None,
-                         kernels=kernels))
+        rows.append(
+            dict(
+                case=sc.case_id,
+                target_ms=sc.target_ms,
+                issue_bound_ms=issue_ms,
+                sfu_bound_ms=sfu_ms,
+                memory_floor_ms=floor_ms,
+                matmul_floor_ms=matmul_ms,
+                bound_ms=bound,
+                bound_over_target=bound / sc.target_ms if sc.target_ms == sc.target_ms else None,
+                issue_over_target=issue_ms / sc.target_ms if sc.target_ms == sc.target_ms else None,
+                code_over_target=max(issue_ms, sfu_ms) / sc.target_ms if sc.target_ms == sc.target_ms else None,
+                kernels=kernels,
+            )
+        )
     return rows
 
 
 def print_report(rows: list[dict]) -> None:
-    print(f"static cost on an H100 (sm_90a code from Triton {triton.__version__}; {SMS} SMs x {SCHEDULERS_PER_SM} "
-          f"schedulers at {CLOCK_HZ / 1e9:.2f} GHz, HBM {HBM_BYTES_PER_S / 1e12:.2f} TB/s)")
-    header = (f"{'case':<26} {'target':>8} {'issue':>8} {'sfu':>8} {'memory':>8} {'matmul':>8} {'issue/target':>12} "
-              f"{'bound/target':>12}   "
-              "kernel: regs, spill B, smem B, blocks/SM, grid, hot-loop SASS x trips")
+    print(
+        f"static cost on an H100 (sm_90a code from Triton {triton.__version__}; {SMS} SMs x {SCHEDULERS_PER_SM} "
+        f"schedulers at {CLOCK_HZ / 1e9:.2f} GHz, HBM {HBM_BYTES_PER_S / 1e12:.2f} TB/s)"
+    )
+    header = (
+        f"{'case':<26} {'target':>8} {'issue':>8} {'sfu':>8} {'memory':>8} {'matmul':>8} {'issue/target':>12} "
+        f"{'bound/target':>12}   "
+        "kernel: regs, spill B, smem B, blocks/SM, grid, hot-loop SASS x trips"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         ratio = "-" if r["bound_over_target"] is None else f"{100 * r['bound_over_target']:.0f}%"
         issue = "-" if r["issue_over_target"] is None else f"{100 * r['issue_over_target']:.0f}%"
         target = "-" if r["target_ms"] != r["target_ms"] else f"{r['target_ms']:.3f}"
-        print(f"{r['case']:<26} {target:>8} {r['issue_bound_ms']:8.3f} {r['sfu_bound_ms']:8.3f} "
-              f"{r['memory_floor_ms']:8.3f} "
-              f"{r['matmul_floor_ms']:8.3f} {issue:>12} {ratio:>12}")
+        print(
+            f"{r['case']:<26} {target:>8} {r['issue_bound_ms']:8.3f} {r['sfu_bound_ms']:8.3f} "
+            f"{r['memory_floor_ms']:8.3f} "
+            f"{r['matmul_floor_ms']:8.3f} {issue:>12} {ratio:>12}"
+        )
         for k in r["kernels"]:
-            loops = " ".join(f"{b}x{t:.4g}" for b, t in zip(k["loop_bodies"],
-                                                             k["loop_trips"] + [1] * len(k["loop_bodies"])))
+            loops = " ".join(
+                f"{b}x{t:.4g}" for b, t in zip(k["loop_bodies"], k["loop_trips"] + [1] * len(k["loop_bodies"]))
+            )
             if k["outer_bodies"]:
-                loops += "; outer " + " ".join(f"{b}x{t:.4g}" for b, t in zip(
-                    k["outer_bodies"], k["outer_trips"] + [1] * len(k["outer_bodies"])))
-            print(f"{'':<26}   {k['kernel']}: {k['regs']}, {k['spill_bytes']}, {k['shared']}, {k['blocks_per_sm']}, "
-                  f"{k['grid']}, [{loops}]")
-    print("times in ms; issue: the issue-bound lower bound of the code as built; sfu: its MUFU instructions "
-          "(exponentials, logarithms, reciprocals) / 16 lanes an SM; memory: bytes the case must move / "
-          "HBM bandwidth; matmul: flops / bf16 tensor-core rate; bound/target: the largest of the four over the "
-          "target (above 100% the target is out of reach as built; a memory floor above 70% of the target means the "
-          "target leaves little room for anything but streaming).")
+                loops += "; outer " + " ".join(
+                    f"{b}x{t:.4g}" for b, t in zip(k["outer_bodies"], k["outer_trips"] + [1] * len(k["outer_bodies"]))
+                )
+            print(
+                f"{'':<26}   {k['kernel']}: {k['regs']}, {k['spill_bytes']}, {k['shared']}, {k['blocks_per_sm']}, "
+                f"{k['grid']}, [{loops}]"
+            )
+    print(
+        "times in ms; issue: the issue-bound lower bound of the code as built; sfu: its MUFU instructions "
+        "(exponentials, logarithms, reciprocals) / 16 lanes an SM; memory: bytes the case must move / "
+        "HBM bandwidth; matmul: flops / bf16 tensor-core rate; bound/target: the largest of the four over the "
+        "target (above 100% the target is out of reach as built; a memory floor above 70% of the target means the "
+        "target leaves little room for anything but streaming)."
+    )
 
 
 def main(argv=None) -> int:

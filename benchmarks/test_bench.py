@@ -1,6 +1,6 @@
 """pytest-benchmark suite over the same cases as `negkernels bench`:
 
-    pytest benchmarks/ --benchmark-only
+pytest benchmarks/ --benchmark-only
 """
 
 import pytest

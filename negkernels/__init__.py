@@ -6,13 +6,13 @@ CUDA wins, a compiled CUDA kernel; ``backend=`` or ``NEGKERNELS_BACKEND`` picks 
 
 from ._backend import BackendUnavailable, available_backends
 from ._cuda_ext import has_cuda_ext
+from .nn import MemoryBank, PolicyLoss
 from .ops.advantages import (
     GroupStats,
     drpo_positive_weights,
     group_advantages,
     group_discriminative_loss,
 )
-from .nn import MemoryBank, PolicyLoss
 from .ops.contrastive import bank_info_nce, bank_supcon, bank_topk, mochi_negatives
 from .ops.kv import (
     Evicted,

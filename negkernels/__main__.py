@@ -12,11 +12,16 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="measure the roofline, then every benchmark case × implementation")
     b.add_argument("--family", help="only this op family (e.g. advantages)")
     b.add_argument("--case", help="only this case (e.g. advantages/ragged)")
-    b.add_argument("--impl", action="append", help="only these implementations (eager, compile, triton, cuda); repeatable")
+    b.add_argument(
+        "--impl", action="append", help="only these implementations (eager, compile, triton, cuda); repeatable"
+    )
     b.add_argument("--out", default="bench-results", help="folder for bench.json and bench.png")
     b.add_argument("--full", action="store_true", help="full-size cases even on the CPU")
-    b.add_argument("--host", action="store_true",
-                   help="only the host overhead per call, every kernel launch a no-op (works on a CPU)")
+    b.add_argument(
+        "--host",
+        action="store_true",
+        help="only the host overhead per call, every kernel launch a no-op (works on a CPU)",
+    )
     b.add_argument("--reps", type=int, default=300, help="calls per op for --host, spread over ten interleaved rounds")
     sub.add_parser("check", help="every available backend of every op against the float64 reference")
     e = sub.add_parser("build-ext", help="build the CUDA extension (CMake + Ninja + nvcc) into the cache")

@@ -120,11 +120,15 @@ def resolve_backend(backend: str | None, device: torch.device, op: str, implemen
     if requested is not None:
         if requested not in BACKENDS:
             if from_env:
-                raise ValueError(f"NEGKERNELS_BACKEND: expected one of {BACKENDS} or unset, got {requested!r} "
-                                 "(the environment variable sets the default backend)")
+                raise ValueError(
+                    f"NEGKERNELS_BACKEND: expected one of {BACKENDS} or unset, got {requested!r} "
+                    "(the environment variable sets the default backend)"
+                )
             raise ValueError(f"backend: expected one of {BACKENDS} or None, got {requested!r}")
         if requested not in implemented:
-            raise BackendUnavailable(f"backend={requested!r}: `{op}` has no {requested} implementation (it has {implemented})")
+            raise BackendUnavailable(
+                f"backend={requested!r}: `{op}` has no {requested} implementation (it has {implemented})"
+            )
         if requested == "triton":
             ok, why = _triton_runs_on(device)
             if not ok:

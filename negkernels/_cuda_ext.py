@@ -88,7 +88,9 @@ def build(cuda_archs: str | None = None, build_dir: Path | None = None, verbose:
     Raises ``RuntimeError`` with the build log when the build fails.
     """
     if not source_files():
-        raise RuntimeError(f"no csrc/ and CMakeLists.txt under {SOURCE_ROOT}: build from a source checkout (pip install -e .)")
+        raise RuntimeError(
+            f"no csrc/ and CMakeLists.txt under {SOURCE_ROOT}: build from a source checkout (pip install -e .)"
+        )
     for tool in ("cmake", "nvcc"):
         if shutil.which(tool) is None and not (tool == "nvcc" and os.environ.get("CUDACXX")):
             raise RuntimeError(f"building the CUDA extension needs `{tool}` on PATH")
@@ -103,9 +105,16 @@ def build(cuda_archs: str | None = None, build_dir: Path | None = None, verbose:
         import pybind11
 
         configure = [
-            "cmake", "-S", str(SOURCE_ROOT), "-B", str(bdir), "-DCMAKE_BUILD_TYPE=Release",
-            f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DCMAKE_CUDA_ARCHITECTURES={archs}", "-DNEGKERNELS_WITH_CUDA=ON",
+            "cmake",
+            "-S",
+            str(SOURCE_ROOT),
+            "-B",
+            str(bdir),
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
+            "-DNEGKERNELS_WITH_CUDA=ON",
         ]
         if shutil.which("ninja"):
             configure += ["-G", "Ninja"]
@@ -114,7 +123,9 @@ def build(cuda_archs: str | None = None, build_dir: Path | None = None, verbose:
             if verbose:
                 print(proc.stdout, proc.stderr, file=sys.stderr)
             if proc.returncode != 0:
-                raise RuntimeError(f"CUDA extension build failed: {' '.join(cmd)}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+                raise RuntimeError(
+                    f"CUDA extension build failed: {' '.join(cmd)}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+                )
         built = next(iter(sorted(bdir.glob(f"{MODULE_NAME}*.so"))), None)
         if built is None:
             raise RuntimeError(f"CMake finished but produced no {MODULE_NAME}*.so in {bdir}")
@@ -149,7 +160,9 @@ def load():
         path = _built_module_path(build_key(default_archs())) if source_files() else None
         if path is None or not path.exists():
             if not _may_build_on_first_use():
-                _state["error"] = "not built (run `negkernels build-ext` on a machine with a CUDA build of torch and nvcc)"
+                _state["error"] = (
+                    "not built (run `negkernels build-ext` on a machine with a CUDA build of torch and nvcc)"
+                )
                 return None
             print("negkernels: building the CUDA extension (first use; cached afterwards)...", file=sys.stderr)
             path = build()
@@ -186,9 +199,16 @@ def policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_s
         return None if t is None else t.to(common).reshape(-1).contiguous()
 
     return torch.ops.negkernels_cuda.policy_loss(
-        values(logp), values(old_logp), values(advantages), mask, values(ref_logp), values(is_weights),
+        values(logp),
+        values(old_logp),
+        values(advantages),
+        mask,
+        values(ref_logp),
+        values(is_weights),
         cu_seqlens.long().contiguous() if cu_seqlens is not None else None,
-        list(codes), list(scalars), torch.cuda.current_stream(logp.device).cuda_stream,
+        list(codes),
+        list(scalars),
+        torch.cuda.current_stream(logp.device).cuda_stream,
     )
 
 
@@ -199,5 +219,14 @@ def select_retained(scores, log_beta, positions, step, budget, sink, window, len
     device = (scores if scores is not None else log_beta).device
     step_tensor = step if isinstance(step, torch.Tensor) else None
     return torch.ops.negkernels_cuda.select_retained(
-        scores, log_beta, positions, step_tensor, 0 if step is None or step_tensor is not None else int(step), budget,
-        sink, window, lengths, torch.cuda.current_stream(device).cuda_stream)
+        scores,
+        log_beta,
+        positions,
+        step_tensor,
+        0 if step is None or step_tensor is not None else int(step),
+        budget,
+        sink,
+        window,
+        lengths,
+        torch.cuda.current_stream(device).cuda_stream,
+    )

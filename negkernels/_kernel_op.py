@@ -22,9 +22,12 @@ from torch import Tensor
 
 def _modes_active() -> bool:
     """Tracing, a dispatch or function mode, or a functorch transform: the dispatcher must run."""
-    return bool(torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-                or torch._C._is_torch_function_mode_enabled()
-                or torch._C._functorch.peek_interpreter_stack() is not None)
+    return bool(
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+    )
 
 
 def plain_eager_call(args) -> bool:
@@ -58,8 +61,9 @@ class KernelOp:
     def register_fake(self, fn):
         return self.op.register_fake(fn)
 
-    def register_autograd(self, backward: Callable, *, setup_context: Callable,
-                          differentiable: int | None = None) -> None:
+    def register_autograd(
+        self, backward: Callable, *, setup_context: Callable, differentiable: int | None = None
+    ) -> None:
         """As ``custom_op.register_autograd``. ``differentiable``: only the first this many
         arguments can get a gradient (``backward`` returns theirs, through
         :func:`no_grads_after`); the direct entrance then hands autograd those and one tuple of
@@ -79,15 +83,20 @@ class KernelOp:
         # forward(ctx, ...) rather than a separate setup_context: Function.apply then skips
         # binding its arguments with inspect.signature on every call.
         if differentiable is None:
+
             def forward(ctx, *args):
                 return finish(ctx, args, impl(*args))
         else:
+
             def forward(ctx, *args):
                 args = (*args[:-1], *args[-1])
                 return finish(ctx, args, impl(*args))
 
-        self._function = type(self.op._name.replace("::", "_"), (torch.autograd.Function,), dict(
-            forward=staticmethod(forward), backward=staticmethod(backward)))
+        self._function = type(
+            self.op._name.replace("::", "_"),
+            (torch.autograd.Function,),
+            dict(forward=staticmethod(forward), backward=staticmethod(backward)),
+        )
 
     def __call__(self, *args):
         if _modes_active():
@@ -133,8 +142,10 @@ def no_grads_after(ctx, *grads) -> tuple:
 
 def kernel_op(name: str, *, mutates_args) -> Callable[[Callable], KernelOp]:
     """``torch.library.custom_op(name, mutates_args=...)`` returning a :class:`KernelOp`."""
+
     def wrap(fn: Callable) -> KernelOp:
         op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
         lists = any(str(a.type) in ("List[Tensor]", "List[Optional[Tensor]]") for a in op._opoverload._schema.arguments)
         return KernelOp(op, fn, lists)
+
     return wrap

@@ -59,7 +59,9 @@ def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, name: str = "
         raise ValueError(f"{name}: needs at least one entry (0)")
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     ends = (cu_seqlens[0], cu_seqlens[-1])
-    first, last, shortest, longest = torch.stack([*ends, *(torch.aminmax(lengths) if lengths.numel() else ends)]).tolist()
+    first, last, shortest, longest = torch.stack(
+        [*ends, *(torch.aminmax(lengths) if lengths.numel() else ends)]
+    ).tolist()
     if first != 0 or last != total or shortest < 0:
         shown = cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else f"first {first}, last {last}, shortest {shortest}"
         raise ValueError(f"{name}: must start at 0, be non-decreasing and end at {total}, got {shown}")
@@ -73,9 +75,11 @@ def check_disjoint_outputs(outputs: dict) -> None:
     named = [(name, x) for name, x in outputs.items() if x.numel()]
     for name, x in named:
         if torch._debug_has_internal_overlap(x) == 1:
-            raise ValueError(f"{name}: an output written in place must not overlap itself (an expanded or broadcast "
-                             f"view, strides {tuple(x.stride())}); pass a materialised tensor")
+            raise ValueError(
+                f"{name}: an output written in place must not overlap itself (an expanded or broadcast "
+                f"view, strides {tuple(x.stride())}); pass a materialised tensor"
+            )
     for i, (a, x) in enumerate(named):
-        for b, y in named[i + 1:]:
+        for b, y in named[i + 1 :]:
             if torch._C._overlaps(x, y):
                 raise ValueError(f"{b}: an output written in place must not share memory with {a}")

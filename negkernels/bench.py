@@ -143,7 +143,12 @@ def run(family=None, case=None, impls=None, out_dir="bench-results", full=None, 
                 extra = peak_extra_bytes(fn, device)
                 error = None
             except Exception as exc:  # a failing implementation is a row, not a crash
-                wall, kernel, extra, error = float("nan"), None, None, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                wall, kernel, extra, error = (
+                    float("nan"),
+                    None,
+                    None,
+                    f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
+                )
             # The device time where there is one (nothing of the host in it), else wall time.
             ms = kernel if kernel is not None and kernel > 0 else wall
             nbytes, flops = c.min_bytes(inputs), c.flops(inputs)
@@ -155,11 +160,23 @@ def run(family=None, case=None, impls=None, out_dir="bench-results", full=None, 
                 pct = 100 * gbps / roof["copy_GBps"]
             if device.type != "cuda":
                 pct = None  # small CPU shapes live in cache: a DRAM copy roof says nothing about them
-            rows.append(dict(case=c.id, shape=c.shape(inputs), impl=impl, ms=ms, device_ms=kernel, wall_ms=wall,
-                             GBps=gbps, TFLOPs=tflops, pct_roofline=pct,
-                             roof_suspect=pct is not None and pct == pct and pct > 100,
-                             peak_extra_MB=None if extra is None else extra / 2**20, error=error,
-                             floor_ms=nbytes / (roof["copy_GBps"] * 1e6)))
+            rows.append(
+                dict(
+                    case=c.id,
+                    shape=c.shape(inputs),
+                    impl=impl,
+                    ms=ms,
+                    device_ms=kernel,
+                    wall_ms=wall,
+                    GBps=gbps,
+                    TFLOPs=tflops,
+                    pct_roofline=pct,
+                    roof_suspect=pct is not None and pct == pct and pct > 100,
+                    peak_extra_MB=None if extra is None else extra / 2**20,
+                    error=error,
+                    floor_ms=nbytes / (roof["copy_GBps"] * 1e6),
+                )
+            )
         case_rows = [r for r in rows if r["case"] == c.id]
         base = {r["impl"]: r["ms"] for r in case_rows}
         for r in case_rows:
@@ -168,8 +185,10 @@ def run(family=None, case=None, impls=None, out_dir="bench-results", full=None, 
             r["vs_compile"] = base.get("compile", float("nan")) / r["ms"] if r["ms"] else float("nan")
     print_table(rows, device, name, roof)
     if device.type != "cuda":
-        print("not measured here (no CUDA device): " + ", ".join(
-            f"{c.id} · {b}" for c in cases for b in ("triton", "cuda") if not impls or b in impls))
+        print(
+            "not measured here (no CUDA device): "
+            + ", ".join(f"{c.id} · {b}" for c in cases for b in ("triton", "cuda") if not impls or b in impls)
+        )
     write_outputs(rows, device, name, roof, Path(out_dir))
     return rows
 
@@ -180,21 +199,30 @@ def _fmt(v, spec):
 
 
 def print_table(rows, device, name, roof) -> None:
-    print(f"\nnegkernels bench on {name} ({device.type}); roofline: " + ", ".join(f"{k}={v:.1f}" for k, v in roof.items()))
+    print(
+        f"\nnegkernels bench on {name} ({device.type}); roofline: " + ", ".join(f"{k}={v:.1f}" for k, v in roof.items())
+    )
     if device.type != "cuda":
-        print("SMOKE TEST on a CPU: wall time of the eager and compiled references on small shapes; no kernel "
-              "of this package is timed here.")
-    header = (f"{'case':<24} {'impl':<8} {'device ms':>10} {'wall ms':>10} {'GB/s':>9} {'%roof':>6} {'floor ms':>9} "
-              f"{'+mem MB':>8} {'x eager':>8} {'x compile':>9}  shape")
+        print(
+            "SMOKE TEST on a CPU: wall time of the eager and compiled references on small shapes; no kernel "
+            "of this package is timed here."
+        )
+    header = (
+        f"{'case':<24} {'impl':<8} {'device ms':>10} {'wall ms':>10} {'GB/s':>9} {'%roof':>6} {'floor ms':>9} "
+        f"{'+mem MB':>8} {'x eager':>8} {'x compile':>9}  shape"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         suspect = "  %roof > 100: the roof or the byte count is wrong" if r.get("roof_suspect") else ""
-        print(f"{r['case']:<24} {r['impl']:<8} {_fmt(r.get('device_ms'), '10.4f')} {_fmt(r.get('wall_ms'), '10.4f')} "
-              f"{_fmt(r['GBps'], '9.1f')} {_fmt(r['pct_roofline'], '6.1f')} "
-              f"{_fmt(r['floor_ms'], '9.4f')} {_fmt(r['peak_extra_MB'], '8.1f')} {_fmt(r.get('vs_eager'), '8.2f')} "
-              f"{_fmt(r.get('vs_compile'), '9.2f')}  {r['shape']}" + (f"  ERROR {r['error']}" if r["error"] else "")
-              + suspect)
+        print(
+            f"{r['case']:<24} {r['impl']:<8} {_fmt(r.get('device_ms'), '10.4f')} {_fmt(r.get('wall_ms'), '10.4f')} "
+            f"{_fmt(r['GBps'], '9.1f')} {_fmt(r['pct_roofline'], '6.1f')} "
+            f"{_fmt(r['floor_ms'], '9.4f')} {_fmt(r['peak_extra_MB'], '8.1f')} {_fmt(r.get('vs_eager'), '8.2f')} "
+            f"{_fmt(r.get('vs_compile'), '9.2f')}  {r['shape']}"
+            + (f"  ERROR {r['error']}" if r["error"] else "")
+            + suspect
+        )
     notes = dict.fromkeys(f"{r['case']}: {r['notes']}" for r in rows if r.get("notes"))
     if notes:
         print("\n" + "\n".join(notes))
@@ -202,8 +230,14 @@ def print_table(rows, device, name, roof) -> None:
 
 def write_outputs(rows, device, name, roof, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = dict(device=name, device_type=device.type, torch=torch.__version__, roofline=roof,
-                   smoke_test=device.type != "cuda", rows=rows)
+    payload = dict(
+        device=name,
+        device_type=device.type,
+        torch=torch.__version__,
+        roofline=roof,
+        smoke_test=device.type != "cuda",
+        rows=rows,
+    )
     (out_dir / "bench.json").write_text(json.dumps(payload, indent=2, default=float))
     try:
         import matplotlib

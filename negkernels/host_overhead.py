@@ -106,6 +106,7 @@ def _cases() -> list[HostCase]:
                 ids = torch.randint(0, 512, (4096,))
                 return lambda: nk.group_advantages(rewards, ids, num_groups=512, validate=False, backend="triton")
             return lambda: nk.group_advantages(rewards, group_size=8, backend="triton")
+
         return build
 
     def token_logprobs():
@@ -122,6 +123,7 @@ def _cases() -> list[HostCase]:
         def build():
             logp, old, adv, mask = grpo_inputs()
             return lambda: nk.policy_loss(logp, old, adv, mask, backend=backend).loss.backward()
+
         return build
 
     def eager_grpo():
@@ -136,6 +138,7 @@ def _cases() -> list[HostCase]:
             clipped = ((ratio < 0.8) & (a < 0)) | ((ratio > 1.2) & (a > 0))
             (clipped.float() * m).sum() / m.sum().clamp_min(1)
             loss.backward()
+
         return call
 
     def from_logits():
@@ -143,8 +146,9 @@ def _cases() -> list[HostCase]:
         targets = torch.randint(0, 64, (4, 8))
         old, adv = torch.randn(4, 8), torch.randn(4)
         mask = torch.rand(4, 8) > 0.2
-        return lambda: nk.policy_loss_from_logits(logits, targets, old, adv, mask, validate=False,
-                                                  backend="triton").loss.backward()
+        return lambda: nk.policy_loss_from_logits(
+            logits, targets, old, adv, mask, validate=False, backend="triton"
+        ).loss.backward()
 
     def evict():
         b, h, s, d = 2, 2, 64, 16
@@ -160,8 +164,9 @@ def _cases() -> list[HostCase]:
     def discriminative():
         scores = torch.randn(4096, requires_grad=True)
         correct, ids = torch.rand(4096) > 0.5, torch.randint(0, 512, (4096,))
-        return lambda: nk.group_discriminative_loss(scores, correct, ids, num_groups=512, validate=False,
-                                                    backend="triton").backward()
+        return lambda: nk.group_discriminative_loss(
+            scores, correct, ids, num_groups=512, validate=False, backend="triton"
+        ).backward()
 
     def info_nce():
         query = torch.randn(8, 32, requires_grad=True)
@@ -218,15 +223,18 @@ def measure(reps: int = 300, rounds: int = 10) -> dict:
     rows = []
     for case, before, times in zip(cases, base_us, op_us):
         ratios = [t / b for t, b in zip(times, before)]
-        rows.append(dict(op=case.name, us=statistics.median(times), ratio=statistics.median(ratios),
-                         target=case.target))
+        rows.append(
+            dict(op=case.name, us=statistics.median(times), ratio=statistics.median(ratios), target=case.target)
+        )
     return dict(baseline_us=statistics.median(t for before in base_us for t in before), rows=rows)
 
 
 def print_table(result: dict) -> None:
     base = result["baseline_us"]
-    print(f"host overhead per call, every kernel launch a no-op (CPU, 1 thread); baseline "
-          f"F.cross_entropy fwd+bwd [16, 64] = {base:.1f} µs")
+    print(
+        f"host overhead per call, every kernel launch a no-op (CPU, 1 thread); baseline "
+        f"F.cross_entropy fwd+bwd [16, 64] = {base:.1f} µs"
+    )
     header = f"{'op (kernel path)':<44} {'µs':>8} {'× baseline':>11} {'target':>7}"
     print(header)
     print("-" * len(header))

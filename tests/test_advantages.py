@@ -22,10 +22,14 @@ def loop_oracle(rewards, ids, estimator, scale, eps=1e-6, vmax=1.0, k=1, pos=1.0
     groups: dict[int, list[int]] = {}
     for i, g in enumerate(ids):
         groups.setdefault(g, []).append(i)
-    stat = lambda xs: (sum(xs) / len(xs), math.sqrt(sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+
+    def stat(xs):
+        mean = sum(xs) / len(xs)
+        return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+
     num = [0.0] * len(r)
     div = [1.0] * len(r)
-    for g, members in groups.items():
+    for members in groups.values():
         vals = [r[i] for i in members]
         n = len(vals)
         mu, sd = stat(vals)
@@ -89,8 +93,16 @@ def test_parity_with_float64_reference(backend, estimator, scale, grouping):
         kwargs = dict(group_index=ids.to(torch.int32))
         num_groups = 12
     with poisoned_allocations():
-        adv, stats = nk.group_advantages(rewards, estimator=estimator, scale=scale, return_stats=True,
-                                         virtual_max_reward=1.7, num_virtual=3, backend=backend, **kwargs)
+        adv, stats = nk.group_advantages(
+            rewards,
+            estimator=estimator,
+            scale=scale,
+            return_stats=True,
+            virtual_max_reward=1.7,
+            num_virtual=3,
+            backend=backend,
+            **kwargs,
+        )
     ref, mean, std, count = group_advantages_reference(upcast(rewards), ids, num_groups, estimator, scale, 1e-6, 1.7, 3)
     assert adv.dtype == torch.float32 and stats.mean.dtype == torch.float32 and stats.count.dtype == torch.int64
     assert_close(adv, ref, **OUTPUT_TOLERANCE, what="advantages")
@@ -132,8 +144,14 @@ def test_worked_examples(backend):
     adv = nk.group_advantages(torch.tensor([1.0, 0.0, 0.0]), group_size=3, estimator="rloo", backend=backend)
     torch.testing.assert_close(adv, torch.tensor([1.0, -0.5, -0.5]))
     # Dr. GRPO with asymmetric scaling: (r − μ)·{2 if > 0, 0.25 if < 0}.
-    adv = nk.group_advantages(torch.tensor([3.0, 1.0]), group_size=2, estimator="dr_grpo",
-                              positive_scale=2.0, negative_scale=0.25, backend=backend)
+    adv = nk.group_advantages(
+        torch.tensor([3.0, 1.0]),
+        group_size=2,
+        estimator="dr_grpo",
+        positive_scale=2.0,
+        negative_scale=0.25,
+        backend=backend,
+    )
     torch.testing.assert_close(adv, torch.tensor([2.0, -0.25]))
 
 
@@ -142,8 +160,9 @@ def test_ngrpo_groups_of_one_learn_from_their_augmented_group(backend):
     # One reward 0 and one virtual reward 1: μ' = 1/2, σ' = sqrt(1/2) → −1/√2. With two virtual
     # rewards: {0, 1, 1}, μ' = 2/3, σ' = 1/√3 → −2/√3. A correct singleton (r = 1 = vmax) gets 0.
     for k, want in [(1, -1 / math.sqrt(2)), (2, -2 / math.sqrt(3))]:
-        adv = nk.group_advantages(torch.zeros(3), group_size=1, estimator="ngrpo", num_virtual=k, eps=1e-12,
-                                  backend=backend)
+        adv = nk.group_advantages(
+            torch.zeros(3), group_size=1, estimator="ngrpo", num_virtual=k, eps=1e-12, backend=backend
+        )
         torch.testing.assert_close(adv, torch.full((3,), want))
     rewards = torch.tensor([0.0, 1.0, 0.0, 0.0])
     ids = torch.tensor([2, 0, 1, 1])  # ragged: two singletons and a pair
@@ -180,8 +199,9 @@ def test_degenerate_inputs(backend):
     # Empty batch.
     empty = nk.group_advantages(torch.empty(0), group_size=4, backend=backend)
     assert empty.shape == (0,)
-    empty, stats = nk.group_advantages(torch.empty(0), torch.empty(0, dtype=torch.long), num_groups=3,
-                                       return_stats=True, backend=backend)
+    empty, stats = nk.group_advantages(
+        torch.empty(0), torch.empty(0, dtype=torch.long), num_groups=3, return_stats=True, backend=backend
+    )
     assert empty.shape == (0,) and stats.count.tolist() == [0, 0, 0]
 
 
@@ -207,7 +227,13 @@ def test_large_offset_small_spread(backend):
 
 
 def test_default_scales():
-    assert DEFAULT_SCALE == {"grpo": "group", "dr_grpo": "none", "rloo": "none", "ngrpo": "group", "reinforce_pp_baseline": "whiten"}
+    assert DEFAULT_SCALE == {
+        "grpo": "group",
+        "dr_grpo": "none",
+        "rloo": "none",
+        "ngrpo": "group",
+        "reinforce_pp_baseline": "whiten",
+    }
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -218,8 +244,9 @@ def test_whiten_weights_are_frequency_weights_of_the_batch_moments(backend, esti
     ids = ragged_ids(n, 9)
     weights = torch.randint(1, 40, (n,)).double()  # response lengths, say
     weights[5] = 0.0  # a reward that joins no batch statistic still gets its advantage
-    got = nk.group_advantages(rewards, ids, estimator=estimator, scale="whiten", whiten_weights=weights,
-                              positive_scale=1.5, backend=backend)
+    got = nk.group_advantages(
+        rewards, ids, estimator=estimator, scale="whiten", whiten_weights=weights, positive_scale=1.5, backend=backend
+    )
     # oracle: the loop oracle's numerators, then the weighted moments written out in Python floats
     a = [float(x) for x in loop_oracle(rewards, ids, estimator, "none")]
     w = [float(x) for x in weights]
@@ -245,12 +272,27 @@ def test_whiten_weights_leave_out_unvalidated_out_of_range_ids():
     weights = torch.rand(12) + 0.5
     bad = ids.clone()
     bad[4] = 9  # outside num_groups=4, unvalidated
-    got = nk.group_advantages(rewards, bad, scale="whiten", estimator="reinforce_pp_baseline", num_groups=4,
-                              validate=False, whiten_weights=weights, backend="reference")
+    got = nk.group_advantages(
+        rewards,
+        bad,
+        scale="whiten",
+        estimator="reinforce_pp_baseline",
+        num_groups=4,
+        validate=False,
+        whiten_weights=weights,
+        backend="reference",
+    )
     assert torch.isnan(got[4])
     keep = torch.arange(12) != 4
-    want = nk.group_advantages(rewards[keep], ids[keep], scale="whiten", estimator="reinforce_pp_baseline",
-                               num_groups=4, whiten_weights=weights[keep], backend="reference")
+    want = nk.group_advantages(
+        rewards[keep],
+        ids[keep],
+        scale="whiten",
+        estimator="reinforce_pp_baseline",
+        num_groups=4,
+        whiten_weights=weights[keep],
+        backend="reference",
+    )
     assert_close(got[keep], want, atol=1e-6, rtol=1e-6)
 
 
@@ -263,7 +305,10 @@ def test_whiten_weights_leave_out_unvalidated_out_of_range_ids():
         (dict(rewards=torch.randn(6), group_size=4), "group_size"),
         (dict(rewards=torch.randn(6), group_size=0), "group_size"),
         (dict(rewards=torch.randn(6)), "group_index / group_size"),
-        (dict(rewards=torch.randn(6), group_size=2, group_index=torch.zeros(6, dtype=torch.long)), "group_index / group_size"),
+        (
+            dict(rewards=torch.randn(6), group_size=2, group_index=torch.zeros(6, dtype=torch.long)),
+            "group_index / group_size",
+        ),
         (dict(rewards=torch.randn(6), group_index=torch.zeros(5, dtype=torch.long)), "group_index"),
         (dict(rewards=torch.randn(6), group_index=torch.zeros(6)), "group_index"),
         (dict(rewards=torch.randn(3), group_index=torch.tensor([0, -1, 2])), "group_index"),
@@ -279,9 +324,15 @@ def test_whiten_weights_leave_out_unvalidated_out_of_range_ids():
         (dict(rewards=torch.randn(4), group_size=2, backend="tpu"), "backend"),
         (dict(rewards=torch.randn(4), group_size=2, scale="group", whiten_weights=torch.ones(4)), "whiten_weights"),
         (dict(rewards=torch.randn(4), group_size=2, scale="whiten", whiten_weights=torch.ones(3)), "whiten_weights"),
-        (dict(rewards=torch.randn(4), group_size=2, scale="whiten", whiten_weights=torch.ones(4, dtype=torch.long)), "whiten_weights"),
+        (
+            dict(rewards=torch.randn(4), group_size=2, scale="whiten", whiten_weights=torch.ones(4, dtype=torch.long)),
+            "whiten_weights",
+        ),
         (dict(rewards=torch.randn(4), group_size=2, scale="whiten", whiten_weights=-torch.ones(4)), "whiten_weights"),
-        (dict(rewards=torch.randn(4), group_size=2, scale="whiten", whiten_weights=torch.full((4,), float("inf"))), "whiten_weights"),
+        (
+            dict(rewards=torch.randn(4), group_size=2, scale="whiten", whiten_weights=torch.full((4,), float("inf"))),
+            "whiten_weights",
+        ),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, match):
@@ -313,7 +364,23 @@ def test_opcheck(backend):
     for args in [
         (rewards, None, 6, 4, "grpo", "group", 1e-6, 1.0, 1, 1.0, 1.0, None, None, None, backend),
         (rewards, ids, 0, 5, "ngrpo", "whiten", 1e-6, 1.0, 2, 1.0, 0.5, torch.rand(24), None, None, backend),
-        (rewards, ids, 0, 5, "rloo", "batch", 1e-6, 1.0, 1, 1.0, 1.0, None, None, torch.tensor([0.1, 2.0], dtype=torch.float64), backend),
+        (
+            rewards,
+            ids,
+            0,
+            5,
+            "rloo",
+            "batch",
+            1e-6,
+            1.0,
+            1,
+            1.0,
+            1.0,
+            None,
+            None,
+            torch.tensor([0.1, 2.0], dtype=torch.float64),
+            backend,
+        ),
     ]:
         torch.library.opcheck(_group_advantages_op.op, args)
 
@@ -377,8 +444,12 @@ def test_discriminative_loss_gradcheck(mode):
     correct = torch.tensor([True, False] * 7)
     ids = torch.tensor([0, 0, 0, 2, 2, 2, 2, 3, 3, 3, 4, 4, 5, 5])
     weights = torch.rand(n, dtype=torch.float64) + 0.1
-    torch.autograd.gradcheck(lambda s: nk.group_discriminative_loss(s, correct, ids, tau=2.0, mode=mode, weights=weights,
-                                                                    backend="reference"), (scores,))
+    torch.autograd.gradcheck(
+        lambda s: nk.group_discriminative_loss(
+            s, correct, ids, tau=2.0, mode=mode, weights=weights, backend="reference"
+        ),
+        (scores,),
+    )
 
 
 def test_discriminative_loss_edge_cases():
@@ -396,11 +467,17 @@ def test_discriminative_loss_edge_cases():
     with pytest.raises(TypeError, match="correct"):
         nk.group_discriminative_loss(scores, torch.ones(6), torch.zeros(6, dtype=torch.long))
     with pytest.raises(ValueError, match="mode"):
-        nk.group_discriminative_loss(scores, torch.ones(6, dtype=torch.bool), torch.zeros(6, dtype=torch.long), mode="x")
+        nk.group_discriminative_loss(
+            scores, torch.ones(6, dtype=torch.bool), torch.zeros(6, dtype=torch.long), mode="x"
+        )
     with pytest.raises(nk.BackendUnavailable, match="cuda"):
-        nk.group_discriminative_loss(scores, torch.ones(6, dtype=torch.bool), torch.zeros(6, dtype=torch.long), backend="cuda")
+        nk.group_discriminative_loss(
+            scores, torch.ones(6, dtype=torch.bool), torch.zeros(6, dtype=torch.long), backend="cuda"
+        )
     with pytest.raises(ValueError, match="group_index"):
-        nk.group_discriminative_loss(scores, torch.ones(6, dtype=torch.bool), torch.tensor([0, 1, 2, 3, 4, 5]), num_groups=3)
+        nk.group_discriminative_loss(
+            scores, torch.ones(6, dtype=torch.bool), torch.tensor([0, 1, 2, 3, 4, 5]), num_groups=3
+        )
 
 
 @pytest.mark.parametrize("mode", ["disco", "disco_b"])
@@ -408,8 +485,12 @@ def test_discriminative_loss_edge_cases():
 def test_discriminative_kernel_gradient_against_float64(mode, case):
     """The Triton kernel's loss and its one-launch gradient against the float64 reference's autograd."""
     n, groups = (2053, 9) if case == "large groups" else (61, 13)
-    scores = fresh((n,), scale=2.0, noncontiguous=case == "bf16 strided",
-                   dtype=torch.bfloat16 if case == "bf16 strided" else torch.float32)
+    scores = fresh(
+        (n,),
+        scale=2.0,
+        noncontiguous=case == "bf16 strided",
+        dtype=torch.bfloat16 if case == "bf16 strided" else torch.float32,
+    )
     correct = torch.rand(n) > 0.4
     ids = ragged_ids(n, groups)
     weights = torch.rand(n) + 0.2
@@ -423,8 +504,16 @@ def test_discriminative_kernel_gradient_against_float64(mode, case):
     loss.backward()
     keep = (ids >= 0) & (ids < groups)
     x64 = upcast(scores).requires_grad_()
-    want = nk.group_discriminative_loss(x64[keep], correct[keep], ids[keep], tau=1.3, mode=mode,
-                                        weights=weights[keep].double(), num_groups=groups, backend="reference")
+    want = nk.group_discriminative_loss(
+        x64[keep],
+        correct[keep],
+        ids[keep],
+        tau=1.3,
+        mode=mode,
+        weights=weights[keep].double(),
+        num_groups=groups,
+        backend="reference",
+    )
     want.backward()
     assert loss.dtype == torch.float32 and x.grad.dtype == scores.dtype
     assert_close(loss, want, rtol=1e-5, atol=1e-6, what="loss")
@@ -439,8 +528,9 @@ def test_discriminative_kernel_gradient_against_float64(mode, case):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_discriminative_loss_degenerate_and_nan(backend):
     empty = torch.empty(0).requires_grad_()
-    loss = nk.group_discriminative_loss(empty, torch.empty(0, dtype=torch.bool), torch.empty(0, dtype=torch.long),
-                                        num_groups=4, backend=backend)
+    loss = nk.group_discriminative_loss(
+        empty, torch.empty(0, dtype=torch.bool), torch.empty(0, dtype=torch.long), num_groups=4, backend=backend
+    )
     loss.backward()
     assert float(loss.detach()) == 0 and empty.grad.shape == (0,)
     scores = fresh((8,)).requires_grad_()
@@ -479,6 +569,11 @@ def test_drpo_weights():
     ids = torch.tensor([0, 0, 0, 1, 1, 2])
     w = nk.drpo_positive_weights(lengths, correct, ids, max_length=100, lam=0.5)
     a, b = (1 - 0.1) / 0.5, (1 - 0.5) / 0.5
-    torch.testing.assert_close(w, torch.tensor([math.exp(a) / (math.exp(a) + math.exp(b)), math.exp(b) / (math.exp(a) + math.exp(b)), 0, 1, 0, 0]))
+    torch.testing.assert_close(
+        w,
+        torch.tensor(
+            [math.exp(a) / (math.exp(a) + math.exp(b)), math.exp(b) / (math.exp(a) + math.exp(b)), 0, 1, 0, 0]
+        ),
+    )
     with pytest.raises(ValueError, match="max_length"):
         nk.drpo_positive_weights(lengths, correct, ids, max_length=0)

@@ -17,7 +17,9 @@ def test_available_backends_on_cpu():
 def test_automatic_choice_on_cpu(monkeypatch):
     monkeypatch.delenv("NEGKERNELS_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert resolve_backend(None, torch.device("cpu"), "group_advantages", ("reference", "triton", "cuda")) == "reference"
+    assert (
+        resolve_backend(None, torch.device("cpu"), "group_advantages", ("reference", "triton", "cuda")) == "reference"
+    )
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     expected = "triton" if nk._backend.has_triton() else "reference"
     assert resolve_backend(None, torch.device("cpu"), "group_advantages", ("reference", "triton", "cuda")) == expected
@@ -105,8 +107,9 @@ def test_direct_and_dispatcher_entrances_agree():
 
     direct = _policy_and_nce_grads(contextlib.nullcontext)
     dispatched = _policy_and_nce_grads(_PassThroughMode)
-    for name, a, b in zip(["loss", "nce", "d logp", "d old_logp", "d query", "d positive", "d bank", "d tau"],
-                          direct, dispatched):
+    for name, a, b in zip(
+        ["loss", "nce", "d logp", "d old_logp", "d query", "d positive", "d bank", "d tau"], direct, dispatched
+    ):
         if name == "d old_logp":
             assert a is None and b is None, name
             continue
@@ -122,8 +125,9 @@ def test_an_op_whose_only_grad_requiring_input_gets_no_gradient_still_backpropag
         old = torch.randn(2, 5, requires_grad=True)
         with mode():
             loss = nk.policy_loss(torch.randn(2, 5), old, torch.randn(2), backend="triton").loss
-            fused = nk.policy_loss_from_logits(torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5)), old,
-                                               torch.randn(2), backend="triton").loss
+            fused = nk.policy_loss_from_logits(
+                torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5)), old, torch.randn(2), backend="triton"
+            ).loss
         assert loss.requires_grad and fused.requires_grad
         (loss + fused).backward()
         assert old.grad is None

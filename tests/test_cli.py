@@ -30,11 +30,22 @@ def test_sanitizer_driver_runs_every_kernel_call():
     # same calls through the Triton interpreter.
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "sanitize.py"), "--device=cpu"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "sanitize.py"), "--device=cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for op in ("group_advantages/triton", "token_logprobs/triton", "policy_loss/triton", "policy_loss_from_logits/triton",
-               "bank_info_nce/triton", "bank_topk/triton"):
+    for op in (
+        "group_advantages/triton",
+        "token_logprobs/triton",
+        "policy_loss/triton",
+        "policy_loss_from_logits/triton",
+        "bank_info_nce/triton",
+        "bank_topk/triton",
+    ):
         assert op in proc.stdout
 
 
@@ -53,7 +64,8 @@ def test_bench_host_times_every_op_with_launches_stubbed(tmp_path, capsys):
     result = json.loads((tmp_path / "host.json").read_text())
     ops = {r["op"] for r in result["rows"]}
     assert {"policy_loss fwd+bwd", "bank_info_nce fwd+bwd", "group_discriminative_loss fwd+bwd", "evict"} <= {
-        o.split(",")[0] for o in ops}
+        o.split(",")[0] for o in ops
+    }
     assert result["baseline_us"] > 0 and all(r["us"] > 0 and r["ratio"] > 0 for r in result["rows"])
 
 

@@ -60,16 +60,24 @@ CASES = {
     "ignore-ids-normalize": dict(false_negatives=None, ids=True, normalize=True),
     "normalize-positive-extras": dict(normalize=True, false_negatives="positive", ids=True, extra=3),
     "extras-learnable-tau": dict(extra=4, learnable_tau=True, bank_valid=77),
-    "normalize-tau-bankgrad-noncontig": dict(normalize=True, learnable_tau=True, bank_grad=True,
-                                             noncontiguous=True, ids=True, bank_valid="mask"),
+    "normalize-tau-bankgrad-noncontig": dict(
+        normalize=True, learnable_tau=True, bank_grad=True, noncontiguous=True, ids=True, bank_valid="mask"
+    ),
     "bankgrad-exclude-extras-grad": dict(bank_grad=True, ids=True, extra=2, extra_grad=True),
 }
 
 
 def run_case(case, backend, dtype, n=37, k=101, d=24, reduction="none"):
     opts = CASES[case]
-    q, p, b, e = make_inputs(n, k, d, opts.get("extra", 0), dtype, noncontiguous=opts.get("noncontiguous", False),
-                             scale=1.0 if opts.get("normalize") else 0.4)
+    q, p, b, e = make_inputs(
+        n,
+        k,
+        d,
+        opts.get("extra", 0),
+        dtype,
+        noncontiguous=opts.get("noncontiguous", False),
+        scale=1.0 if opts.get("normalize") else 0.4,
+    )
     kwargs = dict(normalize=opts.get("normalize", False), false_negatives=opts.get("false_negatives", "exclude"))
     if opts.get("ids"):
         # few distinct ids so that every mode has false negatives to act on
@@ -83,8 +91,9 @@ def run_case(case, backend, dtype, n=37, k=101, d=24, reduction="none"):
     b_ = b.clone().requires_grad_(opts.get("bank_grad", False))
     e_ = e.clone().requires_grad_(opts.get("extra_grad", False)) if e is not None else None
     with poisoned_allocations():
-        loss = nk.bank_info_nce(q_, p_, b_, temperature=tau, extra_negatives=e_, reduction=reduction, backend=backend,
-                                **kwargs)
+        loss = nk.bank_info_nce(
+            q_, p_, b_, temperature=tau, extra_negatives=e_, reduction=reduction, backend=backend, **kwargs
+        )
     grad_out = torch.rand(loss.shape) + 0.5
     (loss * grad_out).sum().backward()
 
@@ -113,7 +122,9 @@ def test_bank_info_nce_parity_fp32(backend, case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", ["positive-ids-mask", "normalize-tau-bankgrad-noncontig", "bankgrad-exclude-extras-grad"])
+@pytest.mark.parametrize(
+    "case", ["positive-ids-mask", "normalize-tau-bankgrad-noncontig", "bankgrad-exclude-extras-grad"]
+)
 def test_bank_info_nce_parity_half(backend, dtype, case):
     run_case(case, backend, dtype)
 
@@ -135,16 +146,16 @@ def test_hand_worked_example(backend):
     ids = dict(query_ids=torch.tensor([7]), bank_ids=torch.tensor([3, 3, 7]))
     e = math.e
     plain = nk.bank_info_nce(q, pos, bank, temperature=1.0, backend=backend)
-    assert plain.item() == pytest.approx(-math.log(e / (e + 1 + 1 / e + e ** 2)), rel=1e-5)
+    assert plain.item() == pytest.approx(-math.log(e / (e + 1 + 1 / e + e**2)), rel=1e-5)
     excluded = nk.bank_info_nce(q, pos, bank, temperature=1.0, false_negatives="exclude", backend=backend, **ids)
     assert excluded.item() == pytest.approx(-math.log(e / (e + 1 + 1 / e)), rel=1e-5)
     positive = nk.bank_info_nce(q, pos, bank, temperature=1.0, false_negatives="positive", backend=backend, **ids)
-    assert positive.item() == pytest.approx(-math.log((e + e ** 2) / (e + 1 + 1 / e + e ** 2)), rel=1e-5)
+    assert positive.item() == pytest.approx(-math.log((e + e**2) / (e + 1 + 1 / e + e**2)), rel=1e-5)
     partly = nk.bank_info_nce(q, pos, bank, temperature=1.0, bank_valid=1, backend=backend)
     assert partly.item() == pytest.approx(-math.log(e / (e + 1)), rel=1e-5)
     # τ = 0.5 doubles every logit
     halved = nk.bank_info_nce(q, pos, bank, temperature=0.5, bank_valid=2, backend=backend)
-    assert halved.item() == pytest.approx(-math.log(e ** 2 / (e ** 2 + 1 + e ** -2)), rel=1e-5)
+    assert halved.item() == pytest.approx(-math.log(e**2 / (e**2 + 1 + e**-2)), rel=1e-5)
     # the gradient of the loss w.r.t. the query, by hand: (Σ_a p_a·k_a − k⁺)/τ
     q_ = q.clone().requires_grad_()
     nk.bank_info_nce(q_, pos, bank, temperature=1.0, bank_valid=2, backend=backend).backward()
@@ -159,9 +170,12 @@ def test_degenerate_banks(backend):
     q, p, b, _ = make_inputs(n, k, d, 0, torch.float32)
     q.requires_grad_()
     same = dict(query_ids=torch.zeros(n, dtype=torch.long), bank_ids=torch.zeros(k, dtype=torch.long))
-    for kwargs in [dict(false_negatives="exclude", **same),  # every slot excluded
-                   dict(false_negatives="positive", **same),  # every slot a positive
-                   dict(bank_valid=0), dict(bank_valid=torch.zeros(k, dtype=torch.bool))]:
+    for kwargs in [
+        dict(false_negatives="exclude", **same),  # every slot excluded
+        dict(false_negatives="positive", **same),  # every slot a positive
+        dict(bank_valid=0),
+        dict(bank_valid=torch.zeros(k, dtype=torch.bool)),
+    ]:
         q.grad = None
         loss = nk.bank_info_nce(q, p, b, reduction="none", backend=backend, **kwargs)
         torch.testing.assert_close(loss, torch.zeros(n), atol=1e-5, rtol=0)
@@ -205,10 +219,12 @@ def test_nan_in_used_data_propagates(backend):
 def test_reductions_and_float_vs_tensor_temperature(backend):
     q, p, b, _ = make_inputs(11, 30, 8, 0, torch.float32, scale=0.5)
     per_query = nk.bank_info_nce(q, p, b, temperature=0.2, reduction="none", backend=backend)
-    torch.testing.assert_close(nk.bank_info_nce(q, p, b, temperature=0.2, reduction="sum", backend=backend),
-                               per_query.sum())
-    torch.testing.assert_close(nk.bank_info_nce(q, p, b, temperature=torch.tensor(0.2), backend=backend),
-                               per_query.mean())
+    torch.testing.assert_close(
+        nk.bank_info_nce(q, p, b, temperature=0.2, reduction="sum", backend=backend), per_query.sum()
+    )
+    torch.testing.assert_close(
+        nk.bank_info_nce(q, p, b, temperature=torch.tensor(0.2), backend=backend), per_query.mean()
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -302,12 +318,38 @@ def test_opcheck_and_compile(backend):
     q, p, b, e = make_inputs(5, 19, 16, 2, torch.float32)
     tau = torch.tensor(0.2)
     for reduction in (0, 2):  # per query, and the mean reduced inside the op
-        args = (q.requires_grad_(), p, b, tau, e, torch.arange(5), torch.arange(19) % 5, None, 15, "positive", True,
-                reduction, None)
+        args = (
+            q.requires_grad_(),
+            p,
+            b,
+            tau,
+            e,
+            torch.arange(5),
+            torch.arange(19) % 5,
+            None,
+            15,
+            "positive",
+            True,
+            reduction,
+            None,
+        )
         torch.library.opcheck(torch.ops.negkernels.bank_info_nce_fwd.default, args)
         # SupCon: no explicit positive, self slots
-        args = (q, None, b, tau, None, torch.arange(5) % 3, torch.arange(19) % 3, None, 15, "supcon", True,
-                reduction, torch.tensor([0, 3, -1, 7, 14]))
+        args = (
+            q,
+            None,
+            b,
+            tau,
+            None,
+            torch.arange(5) % 3,
+            torch.arange(19) % 3,
+            None,
+            15,
+            "supcon",
+            True,
+            reduction,
+            torch.tensor([0, 3, -1, 7, 14]),
+        )
         torch.library.opcheck(torch.ops.negkernels.bank_info_nce_fwd.default, args)
     torch.library.opcheck(torch.ops.negkernels.bank_topk.default, (q.detach(), b, 4, None, 15, False))
 
@@ -326,8 +368,15 @@ def test_opcheck_and_compile(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("k,valid,normalize,dtype", [(5, None, False, torch.float32), (70, 100, True, torch.float32),
-                                                    (16, "mask", False, torch.bfloat16), (9, 4, True, torch.float32)])
+@pytest.mark.parametrize(
+    "k,valid,normalize,dtype",
+    [
+        (5, None, False, torch.float32),
+        (70, 100, True, torch.float32),
+        (16, "mask", False, torch.bfloat16),
+        (9, 4, True, torch.float32),
+    ],
+)
 def test_bank_topk_parity(backend, dtype, k, valid, normalize):
     n, slots, d = 21, 131, 20
     q, _, b, _ = make_inputs(n, slots, d, 0, dtype)
@@ -336,8 +385,11 @@ def test_bank_topk_parity(backend, dtype, k, valid, normalize):
         values, indices = nk.bank_topk(q, b, k, normalize=normalize, bank_valid=bank_valid, backend=backend)
     sims = bank_topk_reference(q.double(), b.double(), slots, normalize=normalize, bank_valid=bank_valid)[0]
     ref_values = sims[:, :k] if k <= slots else None
-    ref_full = (q.double() @ b.double().T) if not normalize else (
-        torch.nn.functional.normalize(q.double(), dim=1) @ torch.nn.functional.normalize(b.double(), dim=1).T)
+    ref_full = (
+        (q.double() @ b.double().T)
+        if not normalize
+        else (torch.nn.functional.normalize(q.double(), dim=1) @ torch.nn.functional.normalize(b.double(), dim=1).T)
+    )
     assert values.dtype == torch.float32 and indices.dtype == torch.int64
     assert_close(values, ref_values, rtol=1e-5, atol=1e-5, what="values")
     found = indices >= 0
@@ -448,8 +500,10 @@ def test_bank_info_nce_wide_rows(backend, dtype, d, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype, d, k, normalize", [(torch.float32, 100, 200, True), (torch.bfloat16, 1030, 64, False),
-                                                    (torch.float16, 70, 256, False)])
+@pytest.mark.parametrize(
+    "dtype, d, k, normalize",
+    [(torch.float32, 100, 200, True), (torch.bfloat16, 1030, 64, False), (torch.float16, 70, 256, False)],
+)
 def test_bank_topk_wide_rows_and_lists(backend, dtype, d, k, normalize):
     # Wide lists and rows walk the head dimension in chunks (topk_tiles); oracle: a float64 sort.
     q, _, b, _ = make_inputs(5, min(k + 40, 256), d, 0, dtype)  # one 256-slot tile: the interpreter sorts slowly
@@ -498,8 +552,15 @@ def test_mochi_negatives_are_mixes_of_the_hardest():
             fits = [_span_coefficients(h, qi, negs[j]) for j in range(top_n)]
             x, y, res = min(fits, key=lambda f: f[2])
             assert res < 1e-9 and 0 <= x <= y
-    again = nk.mochi_negatives(q, b, top_n=top_n, num_pair_mixes=6, num_query_mixes=5, bank_valid=45,
-                               generator=torch.Generator().manual_seed(1234))
+    again = nk.mochi_negatives(
+        q,
+        b,
+        top_n=top_n,
+        num_pair_mixes=6,
+        num_query_mixes=5,
+        bank_valid=45,
+        generator=torch.Generator().manual_seed(1234),
+    )
     assert torch.equal(mixes, again)
 
 
@@ -509,8 +570,9 @@ def test_mochi_negatives_feed_the_loss(backend):
     extra = nk.mochi_negatives(q, b, top_n=8, num_pair_mixes=3, num_query_mixes=2, backend=backend)
     assert not extra.requires_grad and extra.dtype == q.dtype
     loss = nk.bank_info_nce(q, p, b, extra_negatives=extra, normalize=True, backend=backend)
-    ref = bank_info_nce_reference(q.double(), p.double(), b.double(), 0.07, normalize=True,
-                                  extra_negatives=extra.double())
+    ref = bank_info_nce_reference(
+        q.double(), p.double(), b.double(), 0.07, normalize=True, extra_negatives=extra.double()
+    )
     assert_close_scaled(loss, ref, 1e-5, "loss with MoCHi negatives")
 
 
@@ -619,8 +681,15 @@ SUPCON_CASES = {
     "labels-only": dict(),
     "self-slots-mask-normalize": dict(self_slots=True, bank_valid="mask", normalize=True),
     "positive-count-tau-bankgrad": dict(positive=True, bank_valid=70, learnable_tau=True, bank_grad=True),
-    "all-options-noncontig": dict(positive=True, self_slots=True, bank_valid="mask", normalize=True,
-                                  learnable_tau=True, bank_grad=True, noncontiguous=True),
+    "all-options-noncontig": dict(
+        positive=True,
+        self_slots=True,
+        bank_valid="mask",
+        normalize=True,
+        learnable_tau=True,
+        bank_grad=True,
+        noncontiguous=True,
+    ),
 }
 
 
@@ -628,8 +697,11 @@ def supcon_brute_force(q, b, ql, bl, tau, positive=None, self_slots=None, filled
     """SupCon's L_out written out one query at a time, straight from the paper (float64)."""
     losses = []
     for i in range(q.shape[0]):
-        keys = [j for j in range(b.shape[0]) if (filled is None or filled[j])
-                and (self_slots is None or j != int(self_slots[i]))]
+        keys = [
+            j
+            for j in range(b.shape[0])
+            if (filled is None or filled[j]) and (self_slots is None or j != int(self_slots[i]))
+        ]
         logits = [float(q[i] @ b[j]) / tau for j in keys]
         positives = [x for x, j in zip(logits, keys) if int(bl[j]) == int(ql[i])]
         if positive is not None:
@@ -646,8 +718,9 @@ def supcon_brute_force(q, b, ql, bl, tau, positive=None, self_slots=None, filled
 
 def run_supcon_case(case, backend, dtype, n=29, k=83, d=20, reduction="none"):
     opts = SUPCON_CASES[case]
-    q, p, b, _ = make_inputs(n, k, d, 0, dtype, noncontiguous=opts.get("noncontiguous", False),
-                             scale=1.0 if opts.get("normalize") else 0.4)
+    q, p, b, _ = make_inputs(
+        n, k, d, 0, dtype, noncontiguous=opts.get("noncontiguous", False), scale=1.0 if opts.get("normalize") else 0.4
+    )
     ql, bl = torch.randint(0, 5, (n,)), torch.randint(0, 5, (k,))
     ql[0] = 7  # a query without positives in the bank
     kwargs = dict(normalize=opts.get("normalize", False))
@@ -661,15 +734,25 @@ def run_supcon_case(case, backend, dtype, n=29, k=83, d=20, reduction="none"):
     q_, p_ = q.clone().requires_grad_(), p.clone().requires_grad_()
     b_ = b.clone().requires_grad_(opts.get("bank_grad", False))
     with poisoned_allocations():
-        loss = nk.bank_supcon(q_, b_, ql, bl, positive=p_ if with_positive else None, temperature=tau,
-                              reduction=reduction, backend=backend, **kwargs)
+        loss = nk.bank_supcon(
+            q_,
+            b_,
+            ql,
+            bl,
+            positive=p_ if with_positive else None,
+            temperature=tau,
+            reduction=reduction,
+            backend=backend,
+            **kwargs,
+        )
     grad_out = torch.rand(loss.shape) + 0.5
     (loss * grad_out).sum().backward()
 
     tau64 = torch.tensor(tau_value, dtype=torch.float64, requires_grad=True) if opts.get("learnable_tau") else tau_value
     q64, p64, b64 = (x.double().requires_grad_() for x in (q, p, b))
-    ref = nk.reference.bank_supcon_reference(q64, b64, ql, bl, tau64, positive=p64 if with_positive else None,
-                                             reduction=reduction, **kwargs)
+    ref = nk.reference.bank_supcon_reference(
+        q64, b64, ql, bl, tau64, positive=p64 if with_positive else None, reduction=reduction, **kwargs
+    )
     (ref * grad_out.double()).sum().backward()
     assert loss.dtype == torch.float32
     assert_close_scaled(loss, ref, 1e-5, "loss")
@@ -710,12 +793,30 @@ def test_bank_supcon_matches_the_formula_written_out(backend):
     for positive in (None, p):
         want = supcon_brute_force(q, b, ql, bl, 0.3, positive, self_slots, filled)
         dt = torch.float64 if backend == "reference" else torch.float32
-        got = nk.bank_supcon(q.to(dt), b.to(dt), ql, bl, positive=positive.to(dt) if positive is not None else None,
-                             temperature=0.3, self_slots=self_slots, bank_valid=filled, reduction="none",
-                             backend=backend)
+        got = nk.bank_supcon(
+            q.to(dt),
+            b.to(dt),
+            ql,
+            bl,
+            positive=positive.to(dt) if positive is not None else None,
+            temperature=0.3,
+            self_slots=self_slots,
+            bank_valid=filled,
+            reduction="none",
+            backend=backend,
+        )
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-        mean = nk.bank_supcon(q.to(dt), b.to(dt), ql, bl, positive=positive.to(dt) if positive is not None else None,
-                              temperature=0.3, self_slots=self_slots, bank_valid=filled, backend=backend)
+        mean = nk.bank_supcon(
+            q.to(dt),
+            b.to(dt),
+            ql,
+            bl,
+            positive=positive.to(dt) if positive is not None else None,
+            temperature=0.3,
+            self_slots=self_slots,
+            bank_valid=filled,
+            backend=backend,
+        )
         has = (want != 0).sum() if positive is None else n
         torch.testing.assert_close(mean.double(), want.sum() / has, rtol=1e-5, atol=1e-5)
 
@@ -726,8 +827,15 @@ def test_bank_supcon_hand_worked_example(backend):
     # query's own: A = {0, 1, 2}, P = {0, 2}; loss = log(e + 1 + 1/e) − (1 − 1)/2.
     q = torch.tensor([[1.0, 0.0]])
     b = torch.tensor([[1.0, 5.0], [0.0, 1.0], [-1.0, 2.0], [2.0, 0.0]])
-    loss = nk.bank_supcon(q, b, torch.tensor([0]), torch.tensor([0, 1, 0, 1]), temperature=1.0,
-                          self_slots=torch.tensor([3]), backend=backend)
+    loss = nk.bank_supcon(
+        q,
+        b,
+        torch.tensor([0]),
+        torch.tensor([0, 1, 0, 1]),
+        temperature=1.0,
+        self_slots=torch.tensor([3]),
+        backend=backend,
+    )
     assert abs(loss.item() - math.log(math.e + 1 + 1 / math.e)) < 1e-6
 
 
@@ -744,8 +852,9 @@ def test_bank_supcon_degenerate(backend):
         loss.backward()
         assert torch.equal(q.grad, torch.zeros(n, d))
     # every slot its own query's: A and P empty
-    one = nk.bank_supcon(q[:1], b[:1], labels[:1], labels[:1], self_slots=torch.tensor([0]), reduction="none",
-                         backend=backend)
+    one = nk.bank_supcon(
+        q[:1], b[:1], labels[:1], labels[:1], self_slots=torch.tensor([0]), reduction="none", backend=backend
+    )
     assert one.item() == 0.0
     assert nk.bank_supcon(q, b[:0], labels, bank_labels[:0], backend=backend).item() == 0.0
     assert nk.bank_supcon(q[:0], b, labels[:0], bank_labels, backend=backend).item() == 0.0

@@ -26,7 +26,19 @@ def test_cuda_file_compiles_for_sm90(source, tmp_path):
     from torch.utils.cpp_extension import include_paths
 
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{source.parent}"]
-    cmd = [NVCC, "-c", "-std=c++17", "-O2", "-arch=sm_90", "-Werror", "all-warnings", *includes, str(source), "-o", str(tmp_path / "out.o")]
+    cmd = [
+        NVCC,
+        "-c",
+        "-std=c++17",
+        "-O2",
+        "-arch=sm_90",
+        "-Werror",
+        "all-warnings",
+        *includes,
+        str(source),
+        "-o",
+        str(tmp_path / "out.o"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"nvcc failed on {source.name}:\n{proc.stderr[-4000:]}"
 
@@ -57,9 +69,23 @@ def test_extension_builds_and_registers_ops(extension):
 @pytest.mark.slow
 def test_extension_checks_arguments(extension):
     op = torch.ops.negkernels_cuda.group_advantages
-    base = dict(group_size=4, num_groups=2, estimator=0, scale=0, eps=1e-6, virtual_max_reward=1.0, num_virtual=1.0,
-                positive_scale=1.0, negative_scale=1.0, positive_scale_tensor=None, negative_scale_tensor=None,
-                batch_stats=None, headroom=5, vmax_exponent=-126, stream=0)
+    base = dict(
+        group_size=4,
+        num_groups=2,
+        estimator=0,
+        scale=0,
+        eps=1e-6,
+        virtual_max_reward=1.0,
+        num_virtual=1.0,
+        positive_scale=1.0,
+        negative_scale=1.0,
+        positive_scale_tensor=None,
+        negative_scale_tensor=None,
+        batch_stats=None,
+        headroom=5,
+        vmax_exponent=-126,
+        stream=0,
+    )
     with pytest.raises(RuntimeError, match="rewards: the CUDA kernel needs a CUDA tensor"):
         op(torch.randn(8), None, **base)
     if not torch.cuda.is_available():
@@ -86,8 +112,16 @@ def test_extension_checks_policy_loss_arguments(extension):
     from negkernels.ops.logprobs import PolicyKernelCodes, PolicyLossConfig
 
     codes, scalars = PolicyLossConfig().kernel_args(
-        use_kl=False, use_is=False, adv_per_token=False, iw_per_token=False, compute_grad=True, num_sequences=2,
-        seq_len=3, max_len=3, norm_constant=1.0)
+        use_kl=False,
+        use_is=False,
+        adv_per_token=False,
+        iw_per_token=False,
+        compute_grad=True,
+        num_sequences=2,
+        seq_len=3,
+        max_len=3,
+        norm_constant=1.0,
+    )
 
     def changed(**fields):
         return list(PolicyKernelCodes(*codes)._replace(**fields))

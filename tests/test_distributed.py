@@ -13,8 +13,12 @@ import negkernels as nk
 
 WORLD = 2
 # (estimator, scale, weighted): weighted whitening counts reward i (i % 7 + 1) times, like token counts.
-BATCH_CASES = [("grpo", "batch", False), ("reinforce_pp_baseline", "whiten", False), ("rloo", "whiten", False),
-               ("reinforce_pp_baseline", "whiten", True)]
+BATCH_CASES = [
+    ("grpo", "batch", False),
+    ("reinforce_pp_baseline", "whiten", False),
+    ("rloo", "whiten", False),
+    ("reinforce_pp_baseline", "whiten", True),
+]
 
 
 def _whiten_weights(n, weighted):
@@ -32,9 +36,16 @@ def _worker(rank, init_file, rewards, ids, backends, results):
         for backend in backends:
             for estimator, scale, weighted in BATCH_CASES:
                 weights = _whiten_weights(rewards.numel(), weighted)
-                adv = nk.group_advantages(rewards[mine], ids[mine], estimator=estimator, scale=scale,
-                                          whiten_weights=None if weights is None else weights[mine],
-                                          num_groups=int(ids.max()) + 1, process_group=dist.group.WORLD, backend=backend)
+                adv = nk.group_advantages(
+                    rewards[mine],
+                    ids[mine],
+                    estimator=estimator,
+                    scale=scale,
+                    whiten_weights=None if weights is None else weights[mine],
+                    num_groups=int(ids.max()) + 1,
+                    process_group=dist.group.WORLD,
+                    backend=backend,
+                )
                 out[(backend, estimator, scale, weighted)] = adv
         results[rank] = out
     finally:
@@ -50,14 +61,25 @@ def test_batch_statistics_across_ranks():
     with tempfile.TemporaryDirectory() as tmp:
         manager = mp.Manager()
         results = manager.dict()
-        mp.start_processes(_worker, args=(os.path.join(tmp, "store"), rewards, ids, backends, results),
-                           nprocs=WORLD, join=True, start_method="spawn")
+        mp.start_processes(
+            _worker,
+            args=(os.path.join(tmp, "store"), rewards, ids, backends, results),
+            nprocs=WORLD,
+            join=True,
+            start_method="spawn",
+        )
         results = dict(results)
     for backend in backends:
         for estimator, scale, weighted in BATCH_CASES:
             combined = torch.cat([results[r][(backend, estimator, scale, weighted)] for r in range(WORLD)])
-            single = nk.group_advantages(rewards.double(), ids, estimator=estimator, scale=scale,
-                                         whiten_weights=_whiten_weights(rewards.numel(), weighted), backend="reference")
+            single = nk.group_advantages(
+                rewards.double(),
+                ids,
+                estimator=estimator,
+                scale=scale,
+                whiten_weights=_whiten_weights(rewards.numel(), weighted),
+                backend="reference",
+            )
             torch.testing.assert_close(combined, single, rtol=1e-5, atol=1e-6)
 
 
@@ -73,8 +95,9 @@ def _logprobs_worker(rank, init_file, logits, targets, old, adv, mask, backends,
         mine = slice(0, cut) if rank == 0 else slice(cut, logits.shape[-1])
         for backend in backends:
             x = logits[..., mine].clone().requires_grad_()
-            logp, entropy = nk.token_logprobs(x, targets, return_entropy=True, temperature=0.8, process_group=group,
-                                              backend=backend)
+            logp, entropy = nk.token_logprobs(
+                x, targets, return_entropy=True, temperature=0.8, process_group=group, backend=backend
+            )
             (logp.sum() + 0.3 * entropy.sum()).backward()
             out[("vocab", backend)] = (logp.detach(), entropy.detach(), x.grad)
             # Data-parallel policy loss: each rank holds half the sequences; global normalisers.
@@ -82,13 +105,23 @@ def _logprobs_worker(rank, init_file, logits, targets, old, adv, mask, backends,
             rows = slice(rank * half, (rank + 1) * half)
             for aggregation in ("token-mean", "seq-mean-token-mean"):
                 lp = (old[rows] + 0.1).clone().requires_grad_()
-                res = nk.policy_loss(lp, old[rows], adv[rows], mask[rows], aggregation=aggregation,
-                                     process_group=group, backend=backend)
+                res = nk.policy_loss(
+                    lp, old[rows], adv[rows], mask[rows], aggregation=aggregation, process_group=group, backend=backend
+                )
                 res.loss.backward()
                 out[("dp", backend, aggregation)] = (res.loss.detach(), lp.grad, torch.stack(res[1:7]))
             xl = logits[rows].clone().requires_grad_()
-            res = nk.policy_loss_from_logits(xl, targets[rows], old[rows], adv[rows], mask[rows], return_entropy=True,
-                                             aggregation="seq-mean-token-mean", process_group=group, backend=backend)
+            res = nk.policy_loss_from_logits(
+                xl,
+                targets[rows],
+                old[rows],
+                adv[rows],
+                mask[rows],
+                return_entropy=True,
+                aggregation="seq-mean-token-mean",
+                process_group=group,
+                backend=backend,
+            )
             res.loss.backward()
             out[("logits", backend)] = (res.loss.detach(), xl.grad, res.entropy)
         results[rank] = out
@@ -109,9 +142,13 @@ def test_vocab_parallel_logprobs_and_data_parallel_policy_loss():
     with tempfile.TemporaryDirectory() as tmp:
         manager = mp.Manager()
         results = manager.dict()
-        mp.start_processes(_logprobs_worker, args=(os.path.join(tmp, "store"), logits, targets, old, adv, mask,
-                                                   backends, results),
-                           nprocs=WORLD, join=True, start_method="spawn")
+        mp.start_processes(
+            _logprobs_worker,
+            args=(os.path.join(tmp, "store"), logits, targets, old, adv, mask, backends, results),
+            nprocs=WORLD,
+            join=True,
+            start_method="spawn",
+        )
         results = dict(results)
     x64 = logits.double().requires_grad_()
     logp, entropy = nk.token_logprobs(x64, targets, return_entropy=True, temperature=0.8, backend="reference")
@@ -134,8 +171,16 @@ def test_vocab_parallel_logprobs_and_data_parallel_policy_loss():
             for p in parts:  # metrics are global
                 torch.testing.assert_close(p[2].double(), torch.stack(whole[1:7]).detach(), rtol=1e-5, atol=1e-6)
         y64 = logits.double().requires_grad_()
-        whole = nk.policy_loss_from_logits(y64, targets, old.double(), adv.double(), mask, return_entropy=True,
-                                           aggregation="seq-mean-token-mean", backend="reference")
+        whole = nk.policy_loss_from_logits(
+            y64,
+            targets,
+            old.double(),
+            adv.double(),
+            mask,
+            return_entropy=True,
+            aggregation="seq-mean-token-mean",
+            backend="reference",
+        )
         whole.loss.backward()
         parts = [results[r][("logits", backend)] for r in range(WORLD)]
         torch.testing.assert_close((parts[0][0] + parts[1][0]).double(), whole.loss.detach(), rtol=1e-5, atol=1e-6)
@@ -144,8 +189,9 @@ def test_vocab_parallel_logprobs_and_data_parallel_policy_loss():
             torch.testing.assert_close(p[2].double(), whole.entropy.detach(), rtol=1e-5, atol=1e-6)
 
 
-def _tensor_parallel_lm_head_worker(rank, init_file, hidden, weight, bias, targets, old, adv, mask, g_logp, g_ent,
-                                    cut, backends, results):
+def _tensor_parallel_lm_head_worker(
+    rank, init_file, hidden, weight, bias, targets, old, adv, mask, g_logp, g_ent, cut, backends, results
+):
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import negkernels.triton.logprobs as triton_logprobs
@@ -160,14 +206,35 @@ def _tensor_parallel_lm_head_worker(rank, init_file, hidden, weight, bias, targe
         for backend in backends:
             h = hidden.clone().requires_grad_()
             w, b = weight[mine].clone().requires_grad_(), bias[mine].clone().requires_grad_()
-            logp, ent = nk.linear_token_logprobs(h, w, targets, bias=b, return_entropy=True, temperature=0.9,
-                                                 chunk_size=4, process_group=group, backend=backend)
+            logp, ent = nk.linear_token_logprobs(
+                h,
+                w,
+                targets,
+                bias=b,
+                return_entropy=True,
+                temperature=0.9,
+                chunk_size=4,
+                process_group=group,
+                backend=backend,
+            )
             (logp * g_logp + ent * g_ent).sum().backward()
             out[("logprobs", backend)] = (logp.detach(), ent.detach(), h.grad, w.grad, b.grad)
             h = hidden.clone().requires_grad_()
             w, b = weight[mine].clone().requires_grad_(), bias[mine].clone().requires_grad_()
-            res = nk.linear_policy_loss(h, w, targets, old, adv, mask, bias=b, return_entropy=True, entropy_coef=0.02,
-                                        chunk_size=4, process_group=group, backend=backend)
+            res = nk.linear_policy_loss(
+                h,
+                w,
+                targets,
+                old,
+                adv,
+                mask,
+                bias=b,
+                return_entropy=True,
+                entropy_coef=0.02,
+                chunk_size=4,
+                process_group=group,
+                backend=backend,
+            )
             res.loss.backward()
             out[("loss", backend)] = (res.loss.detach(), res.entropy, h.grad, w.grad, b.grad)
             # Data parallel: each rank holds half the sequences and the whole head.
@@ -175,9 +242,19 @@ def _tensor_parallel_lm_head_worker(rank, init_file, hidden, weight, bias, targe
             rows = slice(rank * half, (rank + 1) * half)
             h = hidden[rows].clone().requires_grad_()
             w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
-            res = nk.linear_policy_loss(h, w, targets[rows], old[rows], adv[rows], mask[rows], bias=b,
-                                        aggregation="seq-mean-token-mean", chunk_size=3, data_parallel_group=group,
-                                        backend=backend)
+            res = nk.linear_policy_loss(
+                h,
+                w,
+                targets[rows],
+                old[rows],
+                adv[rows],
+                mask[rows],
+                bias=b,
+                aggregation="seq-mean-token-mean",
+                chunk_size=3,
+                data_parallel_group=group,
+                backend=backend,
+            )
             res.loss.backward()
             out[("dp", backend)] = (res.loss.detach(), res.clip_fraction_low, h.grad, w.grad, b.grad)
         results[rank] = out
@@ -189,7 +266,7 @@ def _tensor_parallel_lm_head_worker(rank, init_file, hidden, weight, bias, targe
 def test_tensor_parallel_lm_head_equals_single_process():
     b, t, h, v, cut = 4, 5, 12, 41, 17
     hidden = torch.randn(b, t, h)
-    weight = torch.randn(v, h) / h ** 0.5 * 2
+    weight = torch.randn(v, h) / h**0.5 * 2
     bias = torch.randn(v) * 0.5
     targets = torch.randint(0, v, (b, t))
     targets[0, :2] = torch.tensor([cut - 1, cut])  # ids on both sides of the shard boundary
@@ -201,25 +278,54 @@ def test_tensor_parallel_lm_head_equals_single_process():
     with tempfile.TemporaryDirectory() as tmp:
         manager = mp.Manager()
         results = manager.dict()
-        mp.start_processes(_tensor_parallel_lm_head_worker,
-                           args=(os.path.join(tmp, "store"), hidden, weight, bias, targets, old, adv, mask, g_logp,
-                                 g_ent, cut, backends, results),
-                           nprocs=WORLD, join=True, start_method="spawn")
+        mp.start_processes(
+            _tensor_parallel_lm_head_worker,
+            args=(
+                os.path.join(tmp, "store"),
+                hidden,
+                weight,
+                bias,
+                targets,
+                old,
+                adv,
+                mask,
+                g_logp,
+                g_ent,
+                cut,
+                backends,
+                results,
+            ),
+            nprocs=WORLD,
+            join=True,
+            start_method="spawn",
+        )
         results = dict(results)
     h64, w64, b64 = (x.double().requires_grad_() for x in (hidden, weight, bias))
-    logp, ent = nk.linear_token_logprobs(h64, w64, targets, bias=b64, return_entropy=True, temperature=0.9,
-                                         backend="reference")
+    logp, ent = nk.linear_token_logprobs(
+        h64, w64, targets, bias=b64, return_entropy=True, temperature=0.9, backend="reference"
+    )
     (logp * g_logp.double() + ent * g_ent.double()).sum().backward()
     single = {"logprobs": (logp.detach(), ent.detach(), h64.grad, w64.grad, b64.grad)}
     h64, w64, b64 = (x.double().requires_grad_() for x in (hidden, weight, bias))
-    whole = nk.linear_policy_loss(h64, w64, targets, old.double(), adv.double(), mask, bias=b64, return_entropy=True,
-                                  entropy_coef=0.02, backend="reference")
+    whole = nk.linear_policy_loss(
+        h64,
+        w64,
+        targets,
+        old.double(),
+        adv.double(),
+        mask,
+        bias=b64,
+        return_entropy=True,
+        entropy_coef=0.02,
+        backend="reference",
+    )
     whole.loss.backward()
     single["loss"] = (whole.loss.detach(), whole.entropy, h64.grad, w64.grad, b64.grad)
 
     def close(a, b, what):
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-5 * max(b.abs().max().item(), 1e-3),
-                                   msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(
+            a.double(), b, rtol=1e-4, atol=2e-5 * max(b.abs().max().item(), 1e-3), msg=lambda m: f"{what}: {m}"
+        )
 
     for backend in backends:
         for kind, want in single.items():
@@ -230,12 +336,24 @@ def test_tensor_parallel_lm_head_equals_single_process():
                     close(a, b, f"{backend} {kind} rank {rank} {name}")
             # The shards' d weight and d bias are the slices of the single-process ones.
             for i, name in ((3, "d weight"), (4, "d bias")):
-                close(torch.cat([results[r][(kind, backend)][i] for r in range(WORLD)]), want[i],
-                      f"{backend} {kind} {name}")
+                close(
+                    torch.cat([results[r][(kind, backend)][i] for r in range(WORLD)]),
+                    want[i],
+                    f"{backend} {kind} {name}",
+                )
         # Data parallel: the ranks' losses and head gradients add up to the whole batch's.
         h64, w64, b64 = (x.double().requires_grad_() for x in (hidden, weight, bias))
-        whole = nk.linear_policy_loss(h64, w64, targets, old.double(), adv.double(), mask, bias=b64,
-                                      aggregation="seq-mean-token-mean", backend="reference")
+        whole = nk.linear_policy_loss(
+            h64,
+            w64,
+            targets,
+            old.double(),
+            adv.double(),
+            mask,
+            bias=b64,
+            aggregation="seq-mean-token-mean",
+            backend="reference",
+        )
         whole.loss.backward()
         parts = [results[r][("dp", backend)] for r in range(WORLD)]
         close(parts[0][0] + parts[1][0], whole.loss.detach(), f"{backend} dp loss")
@@ -267,14 +385,21 @@ def test_memory_bank_gathers_every_rank_in_rank_order():
     with tempfile.TemporaryDirectory() as tmp:
         manager = mp.Manager()
         results = manager.dict()
-        mp.start_processes(_memory_bank_worker, args=(os.path.join(tmp, "store"), keys, ids, masks, results),
-                           nprocs=WORLD, join=True, start_method="spawn")
+        mp.start_processes(
+            _memory_bank_worker,
+            args=(os.path.join(tmp, "store"), keys, ids, masks, results),
+            nprocs=WORLD,
+            join=True,
+            start_method="spawn",
+        )
         results = dict(results)
     # the same bank, built in one process from the rank-ordered concatenation of each step
     single = nk.MemoryBank(11, dim, with_ids=True)
     for step in range(steps):
-        single.enqueue(torch.cat([keys[step, r][masks[step, r]] for r in range(WORLD)]),
-                       ids=torch.cat([ids[step, r][masks[step, r]] for r in range(WORLD)]))
+        single.enqueue(
+            torch.cat([keys[step, r][masks[step, r]] for r in range(WORLD)]),
+            ids=torch.cat([ids[step, r][masks[step, r]] for r in range(WORLD)]),
+        )
     for rank in range(WORLD):
         buffer, bank_ids, ptr, valid, total = results[rank]
         assert torch.equal(buffer, single.buffer) and torch.equal(bank_ids, single.ids)
@@ -287,7 +412,7 @@ def _lightly_worker(rank, init_file, views, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         half = views[0].shape[0] // WORLD
-        mine = [v[rank * half:(rank + 1) * half].clone().requires_grad_() for v in views]
+        mine = [v[rank * half : (rank + 1) * half].clone().requires_grad_() for v in views]
         loss = NTXentLoss(temperature=0.3, gather_distributed=True, backend="reference")(*mine)
         loss.backward()
         results[rank] = (loss.detach(), mine[0].grad, mine[1].grad)
@@ -303,8 +428,13 @@ def test_lightly_simclr_gathers_every_ranks_views_as_negatives():
     with tempfile.TemporaryDirectory() as tmp:
         manager = mp.Manager()
         results = manager.dict()
-        mp.start_processes(_lightly_worker, args=(os.path.join(tmp, "store"), views, results), nprocs=WORLD,
-                           join=True, start_method="spawn")
+        mp.start_processes(
+            _lightly_worker,
+            args=(os.path.join(tmp, "store"), views, results),
+            nprocs=WORLD,
+            join=True,
+            start_method="spawn",
+        )
         results = dict(results)
     # One process over the whole batch: its mean over all 2·12 rows is the ranks' mean, and each
     # rank's gradient (its loss's, and through the gather every other rank's) is WORLD times the

@@ -47,8 +47,7 @@ def test_inplace_backward_gives_the_right_gradient_for_any_layout(backend, layou
         view = lambda x: x.transpose(0, 1)  # noqa: E731  [3, 4, 5, 23], dims 0-1 do not flatten
         targets = torch.randint(0, 23, (3, 4, 5))
     leaf = base.clone().requires_grad_()
-    logp, entropy = nk.token_logprobs(view(leaf), targets, return_entropy=True, inplace_backward=True,
-                                      backend=backend)
+    logp, entropy = nk.token_logprobs(view(leaf), targets, return_entropy=True, inplace_backward=True, backend=backend)
     (logp.sum() + 0.3 * entropy.sum()).backward()
     b64 = base.double().requires_grad_()
     logp_all, ent64 = _oracle_logp_entropy(view(b64))
@@ -59,7 +58,9 @@ def test_inplace_backward_gives_the_right_gradient_for_any_layout(backend, layou
         old = -3.3 + 0.1 * torch.randn(3, 4)
         adv = torch.randn(3)
         leaf = base.clone().requires_grad_()
-        nk.policy_loss_from_logits(view(leaf), targets, old, adv, inplace_backward=True, backend=backend).loss.backward()
+        nk.policy_loss_from_logits(
+            view(leaf), targets, old, adv, inplace_backward=True, backend=backend
+        ).loss.backward()
         b64 = base.double().requires_grad_()
         nk.policy_loss_from_logits(view(b64), targets, old.double(), adv.double(), backend="reference").loss.backward()
         assert_close(leaf.grad, b64.grad, rtol=1e-4, atol=1e-6, what="fused loss in place, strided vocab")
@@ -101,8 +102,9 @@ def test_nan_reaches_the_fused_losses(backend, loss_type):
     old = torch.full((1, 2), -2.0)
     bad_logits = logits.clone()
     bad_logits[0, 0, 3] = NAN
-    out = nk.policy_loss_from_logits(bad_logits, targets, old, torch.ones(1), loss_type=loss_type, backend=backend,
-                                     **kw)
+    out = nk.policy_loss_from_logits(
+        bad_logits, targets, old, torch.ones(1), loss_type=loss_type, backend=backend, **kw
+    )
     assert torch.isnan(out.loss)
     if loss_type != "npo":
         bad_old = old.clone()
@@ -112,8 +114,9 @@ def test_nan_reaches_the_fused_losses(backend, loss_type):
     hidden, weight = torch.randn(1, 2, 4), torch.randn(7, 4)
     bad_hidden = hidden.clone()
     bad_hidden[0, 1, 2] = NAN
-    out = nk.linear_policy_loss(bad_hidden, weight, targets, old, torch.ones(1), loss_type=loss_type, backend=backend,
-                                **kw)
+    out = nk.linear_policy_loss(
+        bad_hidden, weight, targets, old, torch.ones(1), loss_type=loss_type, backend=backend, **kw
+    )
     assert torch.isnan(out.loss)
 
 
@@ -189,8 +192,14 @@ def test_unvalidated_bad_target_gives_nan(backend):
     logits = torch.randn(4, 10)
     logp = nk.token_logprobs(logits, torch.tensor([0, 10, -3, 9]), validate=False, backend=backend)
     assert torch.isnan(logp[1:3]).all() and torch.isfinite(logp[[0, 3]]).all()
-    out = nk.policy_loss_from_logits(logits.unsqueeze(0), torch.tensor([[0, 1, 10**6, 3]]), torch.zeros(1, 4),
-                                     torch.ones(1), validate=False, backend=backend)
+    out = nk.policy_loss_from_logits(
+        logits.unsqueeze(0),
+        torch.tensor([[0, 1, 10**6, 3]]),
+        torch.zeros(1, 4),
+        torch.ones(1),
+        validate=False,
+        backend=backend,
+    )
     assert torch.isnan(out.token_logp[0, 2]) and torch.isfinite(out.token_logp[0, [0, 1, 3]]).all()
     assert torch.isnan(out.loss)
 
@@ -218,8 +227,9 @@ def test_zero_variance_group_gets_zero_advantages(backend):
     rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
     adv = nk.group_advantages(rewards, group_size=4, backend=backend)
     assert (adv[:4] == 0).all()
-    assert_close(adv[4:], torch.tensor([-1.0, 1.0, -1.0, 1.0]) * math.sqrt(3) / 2 / (1 + 1e-6 / math.sqrt(1 / 3)),
-                 **F32)
+    assert_close(
+        adv[4:], torch.tensor([-1.0, 1.0, -1.0, 1.0]) * math.sqrt(3) / 2 / (1 + 1e-6 / math.sqrt(1 / 3)), **F32
+    )
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "whiten", "none"])

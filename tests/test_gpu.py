@@ -34,7 +34,9 @@ def test_gpu_parity(estimator, scale, grouping, n):
     ref, mean, std, count = group_advantages_reference(upcast(rewards), ids, num_groups, estimator, scale, 1e-6, 1.0, 1)
     for backend in gpu_backends():
         with poisoned_allocations():
-            adv, stats = nk.group_advantages(rewards, estimator=estimator, scale=scale, return_stats=True, backend=backend, **kwargs)
+            adv, stats = nk.group_advantages(
+                rewards, estimator=estimator, scale=scale, return_stats=True, backend=backend, **kwargs
+            )
         assert_close(adv, ref, **OUTPUT_TOLERANCE, what=backend)
         assert_close(stats.mean, mean, **OUTPUT_TOLERANCE, what=f"{backend} mean")
         assert_close(stats.std, std, **OUTPUT_TOLERANCE, what=f"{backend} std")
@@ -75,12 +77,12 @@ def test_gpu_discriminative_kernel_parity(mode, n):
     ids = torch.randint(0, max(1, n // 9), (n,), device="cuda")
     weights = torch.rand(n, device="cuda") + 0.1
     with poisoned_allocations():
-        loss = nk.group_discriminative_loss(scores, correct, ids, tau=0.7, mode=mode, weights=weights,
-                                            backend="triton")
+        loss = nk.group_discriminative_loss(scores, correct, ids, tau=0.7, mode=mode, weights=weights, backend="triton")
     loss.backward()
     x64 = upcast(scores.detach()).requires_grad_()
-    want = nk.group_discriminative_loss(x64, correct, ids, tau=0.7, mode=mode, weights=weights.double(),
-                                        backend="reference")
+    want = nk.group_discriminative_loss(
+        x64, correct, ids, tau=0.7, mode=mode, weights=weights.double(), backend="reference"
+    )
     want.backward()
     assert_close(loss, want, rtol=1e-5, atol=1e-6, what="loss")
     assert_close(scores.grad, x64.grad, rtol=1e-5, atol=1e-9, what="d scores")

@@ -29,25 +29,38 @@ def test_gpu_bank_info_nce_parity(case, dtype, n, k, d):
     e = gen(n, opts["extra"], d) if opts.get("extra") else None
     kw = dict(normalize=opts.get("normalize", False), false_negatives=opts.get("false_negatives", "exclude"))
     if opts.get("ids"):
-        kw.update(query_ids=torch.randint(0, 40, (n,), device="cuda"), bank_ids=torch.randint(0, 40, (k,), device="cuda"))
+        kw.update(
+            query_ids=torch.randint(0, 40, (n,), device="cuda"), bank_ids=torch.randint(0, 40, (k,), device="cuda")
+        )
     valid = opts.get("bank_valid")
     kw["bank_valid"] = torch.rand(k, device="cuda") > 0.3 if valid == "mask" else (k * 3 // 5 if valid else None)
     tau = torch.tensor(0.07, device="cuda", requires_grad=True) if opts.get("learnable_tau") else 0.07
-    xs = [q.clone().requires_grad_(), p.clone().requires_grad_(), b.clone().requires_grad_(opts.get("bank_grad", False))]
+    xs = [
+        q.clone().requires_grad_(),
+        p.clone().requires_grad_(),
+        b.clone().requires_grad_(opts.get("bank_grad", False)),
+    ]
     ex = e.clone().requires_grad_(opts.get("extra_grad", False)) if e is not None else None
     loss = nk.bank_info_nce(*xs, temperature=tau, extra_negatives=ex, reduction="none", backend="triton", **kw)
     g = torch.rand(n, device="cuda")
     (loss * g).sum().backward()
-    tau64 = torch.tensor(0.07, dtype=torch.float64, device="cuda", requires_grad=True) if opts.get("learnable_tau") \
+    tau64 = (
+        torch.tensor(0.07, dtype=torch.float64, device="cuda", requires_grad=True)
+        if opts.get("learnable_tau")
         else 0.07
+    )
     r = [x.detach().double().requires_grad_(x.requires_grad) for x in xs]
     re = ex.detach().double().requires_grad_(ex.requires_grad) if ex is not None else None
     ref = bank_info_nce_reference(*r, tau64, extra_negatives=re, reduction="none", **kw)
     (ref * g.double()).sum().backward()
     assert_close_scaled(loss, ref, 1e-5, "loss")
     rtol = _tensor_core_rtol(dtype)
-    for name, a, c in [("d query", xs[0], r[0]), ("d positive", xs[1], r[1]), ("d bank", xs[2], r[2]),
-                       ("d extras", ex, re)]:
+    for name, a, c in [
+        ("d query", xs[0], r[0]),
+        ("d positive", xs[1], r[1]),
+        ("d bank", xs[2], r[2]),
+        ("d extras", ex, re),
+    ]:
         if c is not None and c.grad is not None:
             assert_close_scaled(a.grad, c.grad, rtol, name)
     if opts.get("learnable_tau"):
@@ -85,8 +98,9 @@ def test_gpu_bank_info_nce_deterministic_and_compiled():
         runs.append((loss, gq, gb, gt))
     for a, c in zip(*runs):
         assert torch.equal(a, c)
-    fn = torch.compile(lambda x: nk.bank_info_nce(x, p, bank.detach(), temperature=tau, backend="triton") * 2,
-                       fullgraph=True)
+    fn = torch.compile(
+        lambda x: nk.bank_info_nce(x, p, bank.detach(), temperature=tau, backend="triton") * 2, fullgraph=True
+    )
     x = q.clone().requires_grad_()
     (gx,) = torch.autograd.grad(fn(x), x)
     y = q.clone().requires_grad_()
@@ -112,17 +126,33 @@ def test_gpu_bank_topk(dtype, k, d):
 def test_gpu_memory_bank_and_mochi():
     bank = nk.MemoryBank(1000, 64, dtype=torch.bfloat16, device="cuda", with_ids=True)
     for _ in range(3):
-        bank.enqueue(torch.randn(384, 64, device="cuda", dtype=torch.bfloat16),
-                     ids=torch.randint(0, 100, (384,), device="cuda"))
+        bank.enqueue(
+            torch.randn(384, 64, device="cuda", dtype=torch.bfloat16), ids=torch.randint(0, 100, (384,), device="cuda")
+        )
     assert bank.valid == 1000 and bank.ptr == 152
     q = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
     gen = torch.Generator(device="cuda").manual_seed(3)
     extra = nk.mochi_negatives(q, bank.buffer, top_n=32, num_pair_mixes=8, num_query_mixes=4, generator=gen)
     assert extra.shape == (64, 12, 64) and extra.dtype == torch.bfloat16
-    loss = nk.bank_info_nce(q, q, bank.buffer, normalize=True, extra_negatives=extra, bank_valid=bank.valid,
-                            query_ids=torch.arange(64, device="cuda"), bank_ids=bank.ids, backend="triton")
-    ref = nk.bank_info_nce(q.double(), q.double(), bank.buffer.double(), normalize=True,
-                           extra_negatives=extra.double(), query_ids=torch.arange(64, device="cuda"),
-                           bank_ids=bank.ids, backend="reference")
+    loss = nk.bank_info_nce(
+        q,
+        q,
+        bank.buffer,
+        normalize=True,
+        extra_negatives=extra,
+        bank_valid=bank.valid,
+        query_ids=torch.arange(64, device="cuda"),
+        bank_ids=bank.ids,
+        backend="triton",
+    )
+    ref = nk.bank_info_nce(
+        q.double(),
+        q.double(),
+        bank.buffer.double(),
+        normalize=True,
+        extra_negatives=extra.double(),
+        query_ids=torch.arange(64, device="cuda"),
+        bank_ids=bank.ids,
+        backend="reference",
+    )
     torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-5)
-

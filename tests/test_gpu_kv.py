@@ -17,8 +17,10 @@ def kernel_backends(op):
 
 
 @pytest.mark.parametrize("backend", kernel_backends("select_retained"))
-@pytest.mark.parametrize("b,h,s,budget,sink,window", [(2, 8, 131072, 4096, 4, 64), (1, 8, 32768, 2048, 0, 0),
-                                                       (3, 5, 1001, 999, 1, 1), (4, 2, 70000, 1, 0, 1)])
+@pytest.mark.parametrize(
+    "b,h,s,budget,sink,window",
+    [(2, 8, 131072, 4096, 4, 64), (1, 8, 32768, 2048, 0, 0), (3, 5, 1001, 999, 1, 1), (4, 2, 70000, 1, 0, 1)],
+)
 def test_gpu_select_retained_parity(backend, b, h, s, budget, sink, window):
     scores = torch.randint(-1000, 1000, (b, h, s), device="cuda").float() / 7  # many ties
     scores.view(-1)[torch.randint(0, scores.numel(), (5,))] = float("nan")
@@ -28,8 +30,9 @@ def test_gpu_select_retained_parity(backend, b, h, s, budget, sink, window):
         assert torch.equal(out, select_retained_reference(scores, budget, sink, window, lens))
 
 
-@pytest.mark.parametrize("b,h,s,budget,sink,window,min_per_head", [(2, 8, 32768, 2048, 4, 64, 128),
-                                                                    (3, 5, 1001, 999, 1, 1, 0)])
+@pytest.mark.parametrize(
+    "b,h,s,budget,sink,window,min_per_head", [(2, 8, 32768, 2048, 4, 64, 128), (3, 5, 1001, 999, 1, 1, 0)]
+)
 def test_gpu_select_retained_global_parity_and_graph_capture(b, h, s, budget, sink, window, min_per_head):
     scores = torch.randint(-1000, 1000, (b, h, s), device="cuda").float() / 7  # many ties
     lengths = torch.randint(0, s + 1, (b,), device="cuda")
@@ -51,7 +54,10 @@ def test_gpu_select_retained_global_parity_and_graph_capture(b, h, s, budget, si
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_evict_parity_and_graph_capture(backend, dtype):
     b, h, s, d, budget = 2, 4, 20000, 128, 1000
-    keys, values = torch.randn(b, h, s, d, device="cuda", dtype=dtype), torch.randn(b, h, s, d, device="cuda", dtype=dtype)
+    keys, values = (
+        torch.randn(b, h, s, d, device="cuda", dtype=dtype),
+        torch.randn(b, h, s, d, device="cuda", dtype=dtype),
+    )
     log_beta = torch.nn.functional.logsigmoid(torch.randn(b, h, s, device="cuda") + 3).to(dtype)
     positions = torch.randint(0, 3 * s, (b, h, s), device="cuda")
     step = torch.tensor([3 * s, 3 * s + 17], device="cuda")

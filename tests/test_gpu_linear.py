@@ -47,10 +47,17 @@ def test_gpu_linear_policy_loss_fp32(loss_type, two_pass):
     torch.backends.cuda.matmul.allow_tf32 = False
     case = to_cuda(*policy_case(4, 97, 256, 50257))
     hidden, weight, bias, targets, old, ref, adv, mask = case
-    kw = dict(loss_type=loss_type, ref_logp=ref, kl_coef=0.05, entropy_coef=0.01, return_entropy=True,
-              aggregation="seq-mean-token-mean")
-    got = run_linear_loss(hidden, weight, bias, targets, old, adv, mask, chunk_size=100, fp32_weight_grad=two_pass,
-                          backend="triton", **kw)
+    kw = dict(
+        loss_type=loss_type,
+        ref_logp=ref,
+        kl_coef=0.05,
+        entropy_coef=0.01,
+        return_entropy=True,
+        aggregation="seq-mean-token-mean",
+    )
+    got = run_linear_loss(
+        hidden, weight, bias, targets, old, adv, mask, chunk_size=100, fp32_weight_grad=two_pass, backend="triton", **kw
+    )
     want = reference_linear_loss(hidden, weight, bias, targets, old, adv, mask, **kw)
     torch.testing.assert_close(got[0].loss.double(), want[0].loss, rtol=1e-5, atol=1e-6)
     for name, g, r in zip(("d hidden", "d weight", "d bias"), got[1:], want[1:]):
@@ -67,8 +74,9 @@ def test_gpu_linear_policy_loss_bf16_against_bf16_reference():
     for i, name in enumerate(("d hidden", "d weight", "d bias")):
         assert_within_low_precision_error(got[1 + i], low[1 + i], want[1 + i], torch.bfloat16, name, factor=3.0)
     # The two-pass route (vocabulary slices, fp32 accumulation; torch.addmm with out_dtype on CUDA).
-    exact = run_linear_loss(hidden, weight, bias, targets, old, adv, mask, clip_high=0.28, fp32_weight_grad=True,
-                            backend="triton")
+    exact = run_linear_loss(
+        hidden, weight, bias, targets, old, adv, mask, clip_high=0.28, fp32_weight_grad=True, backend="triton"
+    )
     for i, name in enumerate(("d hidden", "d weight", "d bias")):
         assert_within_low_precision_error(exact[1 + i], low[1 + i], want[1 + i], torch.bfloat16, f"two-pass {name}")
 
@@ -78,15 +86,16 @@ def test_gpu_linear_grpo_memory_at_the_benchmark_shape():
     # and the hidden states' gradients included, stays under 2.0 GB (the logits alone would be 2.5 GB).
     b, t, h, v = 8, 1024, 4096, 151936
     hidden = torch.randn(b, t, h, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    weight = (torch.randn(v, h, device="cuda") / h ** 0.5 * 2).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(v, h, device="cuda") / h**0.5 * 2).to(torch.bfloat16).requires_grad_()
     targets = torch.randint(0, v, (b, t), device="cuda")
     old = torch.full((b, t), -12.0, device="cuda") + 0.1 * torch.randn(b, t, device="cuda")
     adv, mask = torch.randn(b, device="cuda"), torch.rand(b, t, device="cuda") > 0.1
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    out = nk.linear_policy_loss(hidden, weight, targets, old, adv, mask, clip_high=0.28, validate=False,
-                                backend="triton")
+    out = nk.linear_policy_loss(
+        hidden, weight, targets, old, adv, mask, clip_high=0.28, validate=False, backend="triton"
+    )
     dh, dw = torch.autograd.grad(out.loss, (hidden, weight))
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
@@ -94,10 +103,26 @@ def test_gpu_linear_grpo_memory_at_the_benchmark_shape():
     assert torch.isfinite(out.loss) and torch.isfinite(dh).all() and torch.isfinite(dw).all()
     # The loss agrees with the bf16 reference on a slice of the batch (the full one needs 14 GB).
     rows = slice(0, 1)
-    sub = nk.linear_policy_loss(hidden[rows].detach(), weight.detach(), targets[rows], old[rows], adv[rows],
-                                mask[rows], clip_high=0.28, backend="reference")
-    sub_k = nk.linear_policy_loss(hidden[rows].detach(), weight.detach(), targets[rows], old[rows], adv[rows],
-                                  mask[rows], clip_high=0.28, backend="triton")
+    sub = nk.linear_policy_loss(
+        hidden[rows].detach(),
+        weight.detach(),
+        targets[rows],
+        old[rows],
+        adv[rows],
+        mask[rows],
+        clip_high=0.28,
+        backend="reference",
+    )
+    sub_k = nk.linear_policy_loss(
+        hidden[rows].detach(),
+        weight.detach(),
+        targets[rows],
+        old[rows],
+        adv[rows],
+        mask[rows],
+        clip_high=0.28,
+        backend="triton",
+    )
     torch.testing.assert_close(sub_k.loss, sub.loss, rtol=2e-2, atol=1e-3)
 
 
@@ -109,8 +134,14 @@ def test_gpu_linear_policy_loss_compile_and_determinism():
     b = run_linear_loss(hidden, weight, bias, targets, old, adv, mask, chunk_size=50, backend="triton")
     assert torch.equal(a[0].loss, b[0].loss) and all(torch.equal(x, y) for x, y in zip(a[1:], b[1:]))
     h, w = (x.detach().clone().requires_grad_() for x in (hidden, weight))
-    fn = torch.compile(lambda h, w: nk.linear_policy_loss(h, w, targets, old, adv, mask, bias=bias, chunk_size=50,
-                                                          validate=False, backend="triton").loss, fullgraph=True)
+    fn = torch.compile(
+        lambda h, w: (
+            nk.linear_policy_loss(
+                h, w, targets, old, adv, mask, bias=bias, chunk_size=50, validate=False, backend="triton"
+            ).loss
+        ),
+        fullgraph=True,
+    )
     fn(h, w).backward()
     torch.testing.assert_close(w.grad, a[2])
     torch.testing.assert_close(h.grad, a[1])

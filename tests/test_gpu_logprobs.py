@@ -46,11 +46,23 @@ def test_gpu_policy_loss(loss_type, aggregation):
     adv = torch.randn(b, device="cuda")
     mask = torch.rand(b, t, device="cuda") > 0.2
     mask[3] = False
-    kw = dict(loss_type=loss_type, aggregation=aggregation, ref_logp=ref, kl_coef=0.05, dual_clip=3.0,
-              is_weights=torch.rand(b, t, device="cuda") * 2)
+    kw = dict(
+        loss_type=loss_type,
+        aggregation=aggregation,
+        ref_logp=ref,
+        kl_coef=0.05,
+        dual_clip=3.0,
+        is_weights=torch.rand(b, t, device="cuda") * 2,
+    )
     x64 = logp.double().requires_grad_()
-    ref_out = nk.policy_loss(x64, old.double(), adv.double(), mask, backend="reference",
-                             **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    ref_out = nk.policy_loss(
+        x64,
+        old.double(),
+        adv.double(),
+        mask,
+        backend="reference",
+        **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()},
+    )
     (g64,) = torch.autograd.grad(ref_out.loss, x64)
     for backend in loss_backends():
         x = logp.clone().requires_grad_()
@@ -74,8 +86,9 @@ def test_gpu_policy_loss_deterministic_and_backends_agree(kl_estimator):
         first = nk.policy_loss(x, old, adv, mask, ref_logp=ref, kl_coef=0.1, kl_estimator=kl_estimator, backend=backend)
         g = torch.autograd.grad(first.loss, x)[0]
         for _ in range(3):
-            again = nk.policy_loss(x, old, adv, mask, ref_logp=ref, kl_coef=0.1, kl_estimator=kl_estimator,
-                                   backend=backend)
+            again = nk.policy_loss(
+                x, old, adv, mask, ref_logp=ref, kl_coef=0.1, kl_estimator=kl_estimator, backend=backend
+            )
             assert torch.equal(again.loss, first.loss), backend
             assert torch.equal(torch.autograd.grad(again.loss, x)[0], g), backend
         losses.append(first.loss)
@@ -96,12 +109,14 @@ def test_gpu_policy_loss_from_logits(loss_type, inplace):
     mask = torch.rand(b, t, device="cuda") > 0.2
     leaf = logits.clone().requires_grad_()
     x = leaf * 1 if inplace else leaf
-    out = nk.policy_loss_from_logits(x, targets, old, adv, mask, loss_type=loss_type, return_entropy=True,
-                                     inplace_backward=inplace, backend="triton")
+    out = nk.policy_loss_from_logits(
+        x, targets, old, adv, mask, loss_type=loss_type, return_entropy=True, inplace_backward=inplace, backend="triton"
+    )
     out.loss.backward()
     x64 = logits.double().requires_grad_()
-    ref = nk.policy_loss_from_logits(x64, targets, old.double(), adv.double(), mask, loss_type=loss_type,
-                                     return_entropy=True, backend="reference")
+    ref = nk.policy_loss_from_logits(
+        x64, targets, old.double(), adv.double(), mask, loss_type=loss_type, return_entropy=True, backend="reference"
+    )
     ref.loss.backward()
     assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6, what="loss")
     assert_close(out.entropy, ref.entropy, rtol=1e-5, atol=1e-5, what="entropy")

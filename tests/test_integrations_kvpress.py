@@ -14,8 +14,10 @@ import torch
 if os.environ.get("NEGKERNELS_REQUIRE_KVPRESS"):  # CI's kvpress stages: an import error fails
     import kvpress
 else:
-    kvpress = pytest.importorskip("kvpress", reason="kvpress 0.5.5 needs transformers < 5.3: CI runs this file in "
-                                  "its transformers 5.0.0 and 5.2.0 stages")
+    kvpress = pytest.importorskip(
+        "kvpress",
+        reason="kvpress 0.5.5 needs transformers < 5.3: CI runs this file in its transformers 5.0.0 and 5.2.0 stages",
+    )
 
 from kvpress.utils import compute_n_kept  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -29,9 +31,16 @@ BACKENDS = [b for b in ("reference", "triton") if b in nk.available_backends("cp
 
 def tiny_llama(attn_implementation):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         attn_implementation=attn_implementation)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attn_implementation=attn_implementation,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -72,8 +81,11 @@ PAIRS = {
     "knorm": (lambda r: kvpress.KnormPress(r), lambda r: ours.KnormPress(r), "sdpa"),
     "keydiff": (lambda r: kvpress.KeyDiffPress(r), lambda r: ours.KeyDiffPress(r), "sdpa"),
     "snapkv": (lambda r: kvpress.SnapKVPress(r, window_size=8), lambda r: ours.SnapKVPress(r, window_size=8), "sdpa"),
-    "snapkv-eager": (lambda r: kvpress.SnapKVPress(r, window_size=8, kernel_size=3),
-                     lambda r: ours.SnapKVPress(r, window_size=8, kernel_size=3), "eager"),
+    "snapkv-eager": (
+        lambda r: kvpress.SnapKVPress(r, window_size=8, kernel_size=3),
+        lambda r: ours.SnapKVPress(r, window_size=8, kernel_size=3),
+        "eager",
+    ),
     "tova": (lambda r: kvpress.TOVAPress(r), lambda r: ours.TOVAPress(r), "sdpa"),
     "tova-eager": (lambda r: kvpress.TOVAPress(r), lambda r: ours.TOVAPress(r), "eager"),
     "observed": (lambda r: kvpress.ObservedAttentionPress(r), lambda r: ours.ObservedAttentionPress(r), "eager"),
@@ -89,8 +101,7 @@ def test_press_keeps_what_kvpress_keeps(name, ratio):
     theirs, mine = prefill(model, theirs_press(ratio), ids), prefill(model, our_press(ratio), ids)
     same_kept_tokens(theirs, mine)
     token = torch.randint(0, 97, (2, 1))
-    torch.testing.assert_close(next_logits(model, mine, token), next_logits(model, theirs, token), rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(next_logits(model, mine, token), next_logits(model, theirs, token), rtol=1e-5, atol=1e-5)
 
 
 def test_presses_are_kvpress_presses():
@@ -114,7 +125,7 @@ def test_trim_kv_press_keeps_the_largest_retention():
 
     model = tiny_llama("sdpa")
     cache = prefill(model, Spy(0.5, retention_gate=gate), torch.randint(0, 97, (2, 33)))
-    for layer, (keys, values) in captured.items():
+    for layer, (keys, _values) in captured.items():
         b, h, s, _ = keys.shape
         scores = retention_scores_reference(gate(None, None, keys), torch.arange(s).expand(b, h, s), s)
         kept = scores.topk(compute_n_kept(s, 0.5), dim=-1).indices.sort(-1).values

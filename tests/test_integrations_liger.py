@@ -5,10 +5,9 @@ with the same arguments; loss, metrics and the gradients of the input, weight an
 agree to fp32 tolerance. Shapes are odd and masks ragged, with a fully masked row.
 """
 
+import liger_kernel.chunked_loss as liger  # the test extra installs it: a missing peer fails, never skips
 import pytest
 import torch
-
-import liger_kernel.chunked_loss as liger  # the test extra installs it: a missing peer fails, never skips
 
 from negkernels.integrations.liger import FusedLinearGRPOLoss  # noqa: E402
 
@@ -58,16 +57,28 @@ def test_matches_liger(case, inputs):
     options = dict(OPTIONS[case])
     call = dict(ref_per_token_logps=ref, old_per_token_logps=old)
     if inputs == "ref model":  # reference log-probs from a second head, no gradient
-        call = dict(old_per_token_logps=old, ref_input=hidden + 0.05 * torch.randn_like(hidden),
-                    ref_weight=weight * 1.1, ref_bias=bias)
+        call = dict(
+            old_per_token_logps=old,
+            ref_input=hidden + 0.05 * torch.randn_like(hidden),
+            ref_weight=weight * 1.1,
+            ref_bias=bias,
+        )
     elif inputs == "on-policy":
         call = dict(ref_per_token_logps=ref)
     elif inputs == "vllm ratios":
         call["vllm_is_ratio"] = 0.5 + torch.rand(ids.shape)
     elif inputs == "num_items":
         call["num_items_in_batch"] = torch.tensor(float(mask.sum() + 17))
-    theirs = run(liger.LigerFusedLinearGRPOLoss(compiled=False, chunk_size=2, **options), hidden, weight, bias, ids,
-                 mask, adv, **call)
+    theirs = run(
+        liger.LigerFusedLinearGRPOLoss(compiled=False, chunk_size=2, **options),
+        hidden,
+        weight,
+        bias,
+        ids,
+        mask,
+        adv,
+        **call,
+    )
     ours = run(FusedLinearGRPOLoss(**options), hidden, weight, bias, ids, mask, adv, **call)
     assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6, what="loss")
     assert len(ours[1]) == len(theirs[1])
@@ -137,8 +148,9 @@ def test_fused_linear_cross_entropy_matches_liger(reduction, options):
         bias = None
     kwargs = dict(ignore_index=ignore_index, reduction=reduction)
     class_weights = torch.rand(weight.shape[0]) + 0.5 if options.pop("class_weights", False) else None
-    ours = run_cross_entropy(FusedLinearCrossEntropyLoss(ce_weight=class_weights, **kwargs), hidden, weight, bias,
-                             target)
+    ours = run_cross_entropy(
+        FusedLinearCrossEntropyLoss(ce_weight=class_weights, **kwargs), hidden, weight, bias, target
+    )
     oracles = [TorchCrossEntropy(weight=class_weights, **kwargs)]
     if class_weights is None:  # Liger's class-weighted kernel does not run under Triton's interpreter
         oracles.append(liger_transformers.LigerFusedLinearCrossEntropyLoss(**kwargs))
@@ -165,10 +177,19 @@ def test_fused_linear_cross_entropy_dtype_and_all_ignored_as_liger(dtype):
     assert_close(ours, theirs, rtol=tol, atol=tol, what="per-token loss")
 
 
-@pytest.mark.parametrize("option, value", [("label_smoothing", 0.1), ("lse_square_scale", 1e-4), ("softcap", 30.0),
-                                           ("return_z_loss", True), ("use_token_scaling", True),
-                                           ("return_token_accuracy", True), ("return_predicted_tokens", True),
-                                           ("reduction", "batchmean")])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("label_smoothing", 0.1),
+        ("lse_square_scale", 1e-4),
+        ("softcap", 30.0),
+        ("return_z_loss", True),
+        ("use_token_scaling", True),
+        ("return_token_accuracy", True),
+        ("return_predicted_tokens", True),
+        ("reduction", "batchmean"),
+    ],
+)
 def test_fused_linear_cross_entropy_rejects_what_it_cannot_do(option, value):
     with pytest.raises(ValueError, match=option):
         FusedLinearCrossEntropyLoss(**{option: value})

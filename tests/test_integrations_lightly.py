@@ -31,10 +31,17 @@ CHECKS = ["simclr", "memory_bank", "ring_buffer_differs_as_documented", "moco_ag
 def test_against_lightly(check, backend):
     assert (PEERS / "lightly").is_dir(), (
         f"lightly is not installed at {PEERS}: pip install --no-deps --target .peers/lightly "
-        "lightly==1.6.0 torchvision==0.28.0 pillow (the README's test command)")
+        "lightly==1.6.0 torchvision==0.28.0 pillow (the README's test command)"
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PEERS), str(ROOT)]))
-    done = subprocess.run([sys.executable, "-m", "tests.peers.lightly_checks", check, backend], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.peers.lightly_checks", check, backend],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"ok {check} {backend}" in done.stdout
 

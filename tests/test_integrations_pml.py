@@ -4,15 +4,16 @@ fill and wrap the memory."""
 
 import pytest
 import torch
+from pytorch_metric_learning import losses as pml_losses
 
 import negkernels as nk
 from negkernels.integrations.pml import CrossBatchMemory
 
-from pytorch_metric_learning import losses as pml_losses
-
 BACKENDS = [b for b in ("reference", "triton") if b in nk.available_backends("cpu")]
-LOSSES = {"NTXentLoss": lambda: pml_losses.NTXentLoss(temperature=0.1),
-          "SupConLoss": lambda: pml_losses.SupConLoss(temperature=0.3)}
+LOSSES = {
+    "NTXentLoss": lambda: pml_losses.NTXentLoss(temperature=0.1),
+    "SupConLoss": lambda: pml_losses.SupConLoss(temperature=0.3),
+}
 
 
 def run_both(kind, backend, *, enqueue, steps=6, batch=10, memory=23, dim=12, classes=4):
@@ -25,7 +26,7 @@ def run_both(kind, backend, *, enqueue, steps=6, batch=10, memory=23, dim=12, cl
         mask = None
         if enqueue:  # MoCo: the second half are keys, labelled as their queries
             mask = torch.arange(batch) >= batch // 2
-            labels[batch // 2:] = labels[: batch // 2]
+            labels[batch // 2 :] = labels[: batch // 2]
         x = emb.clone().requires_grad_()
         want = theirs(x, labels, enqueue_mask=mask)
         want.backward()
@@ -36,8 +37,9 @@ def run_both(kind, backend, *, enqueue, steps=6, batch=10, memory=23, dim=12, cl
         assert abs(got.item() - want.item()) <= tol * max(1.0, abs(want.item())), (kind, step, got.item(), want.item())
         torch.testing.assert_close(y.grad.double(), x.grad, rtol=tol, atol=tol * 1e-1)
         assert ours.queue_idx == theirs.queue_idx and ours.has_been_filled == theirs.has_been_filled
-        torch.testing.assert_close(ours.embedding_memory.double(), theirs.embedding_memory.double(), rtol=1e-6,
-                                   atol=1e-7)
+        torch.testing.assert_close(
+            ours.embedding_memory.double(), theirs.embedding_memory.double(), rtol=1e-6, atol=1e-7
+        )
         assert torch.equal(ours.label_memory, theirs.label_memory)
 
 
@@ -84,9 +86,11 @@ def test_unsupported_options_raise():
         CrossBatchMemory(pml_losses.TripletMarginLoss(), 8)
     with pytest.raises(ValueError, match="loss"):
         from pytorch_metric_learning.distances import LpDistance
+
         CrossBatchMemory(pml_losses.NTXentLoss(distance=LpDistance()), 8)
     with pytest.raises(ValueError, match="miner"):
         from pytorch_metric_learning.miners import MultiSimilarityMiner
+
         CrossBatchMemory(pml_losses.NTXentLoss(), 8, miner=MultiSimilarityMiner())
     loss_fn = CrossBatchMemory(pml_losses.SupConLoss(), 8, memory_size=4)
     with pytest.raises(ValueError, match="indices_tuple"):

@@ -9,18 +9,26 @@ logits_scaling), left padding, and the soft-capped head (Gemma 2) rejected.
 
 import pytest
 import torch
-
 import transformers as tf  # a requirement of the test extra: missing, it fails rather than skips
 
 from negkernels.integrations.transformers import (  # noqa: E402
-    causal_lm_logprobs, causal_lm_policy_loss, lm_head)
+    causal_lm_logprobs,
+    causal_lm_policy_loss,
+    lm_head,
+)
 from negkernels.reference.logprobs import policy_loss_reference  # noqa: E402
 
 from .helpers import assert_close  # noqa: E402
 
 VOCAB = 97
-SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2)
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 CONFIGS = {
     "llama": lambda: tf.LlamaConfig(**SMALL),
     "qwen2": lambda: tf.Qwen2Config(**SMALL, tie_word_embeddings=True),
@@ -47,7 +55,7 @@ def batch(b=3, length=13):
 
 def oracle(model, ids, attention, keep, temperature):
     logits = model(input_ids=ids, attention_mask=attention).logits
-    logits = logits[:, :-1] if keep is None else logits[:, -keep - 1:-1]
+    logits = logits[:, :-1] if keep is None else logits[:, -keep - 1 : -1]
     targets = ids[:, 1:] if keep is None else ids[:, -keep:]
     logp_all = torch.log_softmax(logits.double() / temperature, -1)
     logp = logp_all.gather(-1, targets[..., None])[..., 0]
@@ -62,8 +70,9 @@ def test_logprobs_and_entropy_match_the_models_logits(name, keep, temperature):
     ids, attention = batch()
     with torch.no_grad():
         want_logp, want_entropy = oracle(model, ids, attention, keep, temperature)
-        logp, entropy = causal_lm_logprobs(model, ids, attention, logits_to_keep=keep, temperature=temperature,
-                                           return_entropy=True)
+        logp, entropy = causal_lm_logprobs(
+            model, ids, attention, logits_to_keep=keep, temperature=temperature, return_entropy=True
+        )
     assert logp.shape == want_logp.shape == (3, 12 if keep is None else keep)
     assert_close(logp, want_logp, rtol=1e-5, atol=2e-5, what="log-probs")
     assert_close(entropy, want_entropy, rtol=1e-5, atol=2e-5, what="entropy")
@@ -81,8 +90,9 @@ def test_gradients_of_every_parameter_match_the_logits_path(name):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     want = grads((oracle(model, ids, attention, 6, 0.9)[0] * upstream).sum())
-    got = grads((causal_lm_logprobs(model, ids, attention, logits_to_keep=6, temperature=0.9).double()
-                 * upstream).sum())
+    got = grads(
+        (causal_lm_logprobs(model, ids, attention, logits_to_keep=6, temperature=0.9).double() * upstream).sum()
+    )
     assert set(got) == set(want)
     for n in want:
         assert_close(got[n], want[n], rtol=1e-4, atol=1e-5, what=f"d {n}")
@@ -100,8 +110,9 @@ def test_policy_loss_matches_the_reference_on_the_logits_log_probs():
     ref = logp0 + 0.05 * torch.randn_like(logp0)
     options = dict(ref_logp=ref, kl_coef=0.1, clip_low=0.2, clip_high=0.28, aggregation="seq-mean-token-mean")
 
-    out = causal_lm_policy_loss(model, ids, old, advantages, mask, attention_mask=attention, logits_to_keep=keep,
-                                temperature=0.8, **options)
+    out = causal_lm_policy_loss(
+        model, ids, old, advantages, mask, attention_mask=attention, logits_to_keep=keep, temperature=0.8, **options
+    )
     model.zero_grad()
     out.loss.backward()
     got = model.model.embed_tokens.weight.grad.clone()
@@ -145,8 +156,16 @@ def test_last_window_attention_is_the_eager_layers_weights(arch, window):
     from negkernels.integrations.transformers import last_window_attention
 
     torch.manual_seed(3)
-    common = dict(vocab_size=61, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
-                  num_key_value_heads=2, max_position_embeddings=128, attn_implementation="eager")
+    common = dict(
+        vocab_size=61,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attn_implementation="eager",
+    )
     if arch == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**common)).eval()
     else:

@@ -9,12 +9,11 @@ differences into ±lr updates) while a large step makes the second iteration off
 
 import math
 
-import pytest
-import torch
-
 # The test extra installs TRL (with datasets and tokenizers): a missing peer fails, never skips.
 import datasets
+import pytest
 import tokenizers
+import torch
 import transformers
 import trl
 
@@ -27,8 +26,9 @@ def tiny_tokenizer():
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(VOCAB - 3)}}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 def toy_reward(completions, **kwargs):
@@ -40,26 +40,55 @@ def tiny_model_dir(tmp_path_factory):
     """A saved tiny Llama and tokenizer: TRL loads its reference model from the same path."""
     path = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(1234)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
-                                      bos_token_id=1)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return str(path)
 
 
-PROMPTS = datasets.Dataset.from_dict({"prompt": [" ".join(f"w{(i * 7 + j) % 61}" for j in range(5))
-                                                 for i in range(16)]})
+PROMPTS = datasets.Dataset.from_dict(
+    {"prompt": [" ".join(f"w{(i * 7 + j) % 61}" for j in range(5)) for i in range(16)]}
+)
 
 
 def train(cls, model_dir, tmp_path, **options):
-    args = dict(output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=4, num_generations=4,
-                max_completion_length=10, max_steps=2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
-                optim="sgd", learning_rate=2.0, beta=0.04, epsilon=0.05, num_iterations=2, bf16=False,
-                save_strategy="no", disable_tqdm=True)
+    args = dict(
+        output_dir=str(tmp_path / cls.__name__),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=10,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        optim="sgd",
+        learning_rate=2.0,
+        beta=0.04,
+        epsilon=0.05,
+        num_iterations=2,
+        bf16=False,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     args.update(options)
-    trainer = cls(model=model_dir, reward_funcs=toy_reward, args=trl.GRPOConfig(**args), train_dataset=PROMPTS,
-                  processing_class=tiny_tokenizer())
+    trainer = cls(
+        model=model_dir,
+        reward_funcs=toy_reward,
+        args=trl.GRPOConfig(**args),
+        train_dataset=PROMPTS,
+        processing_class=tiny_tokenizer(),
+    )
     trainer.train()
     return [h for h in trainer.state.log_history if "loss" in h], trainer
 
@@ -89,11 +118,17 @@ CASES = {
     "gspo (sequence-level IS)": dict(loss_type="grpo", importance_sampling_level="sequence"),
     "dapo sequence-level": dict(loss_type="dapo", importance_sampling_level="sequence"),
     "cispo sequence-level": dict(loss_type="cispo", epsilon_high=1.02, importance_sampling_level="sequence"),
-    "cispo sequence-level, plain KL": dict(loss_type="cispo", epsilon_high=1.02, importance_sampling_level="sequence",
-                                           use_bias_correction_kl=False, top_entropy_quantile=0.5),
+    "cispo sequence-level, plain KL": dict(
+        loss_type="cispo",
+        epsilon_high=1.02,
+        importance_sampling_level="sequence",
+        use_bias_correction_kl=False,
+        top_entropy_quantile=0.5,
+    ),
     "sapo sequence-level": dict(loss_type="sapo", importance_sampling_level="sequence"),
-    "sapo sequence-level, entropy mask": dict(loss_type="sapo", importance_sampling_level="sequence",
-                                              top_entropy_quantile=0.5, beta=0.0),
+    "sapo sequence-level, entropy mask": dict(
+        loss_type="sapo", importance_sampling_level="sequence", top_entropy_quantile=0.5, beta=0.0
+    ),
     "plain KL, delta": dict(loss_type="bnpo", use_bias_correction_kl=False, delta=1.5),
     "on-policy, no KL": dict(loss_type="grpo", beta=0.0, num_iterations=1),
     "on-policy with KL": dict(loss_type="dr_grpo", num_iterations=1),
@@ -105,15 +140,28 @@ CASES = {
     # TRL's entropy bonus is a token mean whatever the loss: folded into the fused pass under a
     # token-mean loss, a second LM-head pass under the others or with an entropy mask
     "entropy bonus, bnpo": dict(loss_type="bnpo", entropy_coef=0.05),
-    "entropy bonus, dapo with GA": dict(loss_type="dapo", entropy_coef=0.05, gradient_accumulation_steps=2,
-                                        max_steps=3),
+    "entropy bonus, dapo with GA": dict(
+        loss_type="dapo", entropy_coef=0.05, gradient_accumulation_steps=2, max_steps=3
+    ),
     "entropy bonus, grpo": dict(loss_type="grpo", entropy_coef=0.05),
     "entropy bonus, entropy mask": dict(loss_type="bnpo", entropy_coef=0.05, top_entropy_quantile=0.5),
     "entropy bonus, off-policy mask": dict(loss_type="grpo", entropy_coef=0.05, off_policy_mask_threshold=0.05),
-    "adaptive entropy": dict(loss_type="dr_grpo", use_adaptive_entropy=True, entropy_coef=0.02,
-                             entropy_coef_delta=0.01, entropy_target=5.0, max_steps=3),
-    "adaptive entropy, gated off": dict(loss_type="bnpo", use_adaptive_entropy=True, entropy_coef=0.02,
-                                        entropy_coef_delta=0.01, entropy_target=0.5, max_steps=3),
+    "adaptive entropy": dict(
+        loss_type="dr_grpo",
+        use_adaptive_entropy=True,
+        entropy_coef=0.02,
+        entropy_coef_delta=0.01,
+        entropy_target=5.0,
+        max_steps=3,
+    ),
+    "adaptive entropy, gated off": dict(
+        loss_type="bnpo",
+        use_adaptive_entropy=True,
+        entropy_coef=0.02,
+        entropy_coef_delta=0.01,
+        entropy_target=0.5,
+        max_steps=3,
+    ),
 }
 
 
@@ -168,21 +216,28 @@ def with_vllm_ratios(cls):
     return WithRatios
 
 
-@pytest.mark.parametrize("options", [
-    dict(loss_type="grpo"),
-    dict(loss_type="cispo", epsilon_high=1.02),
-    # per-token ratios on a per-sequence term: each sequence weighed by its tokens' mean ratio
-    dict(loss_type="dapo", importance_sampling_level="sequence", top_entropy_quantile=0.5),
-], ids=["grpo", "cispo", "gspo with entropy mask"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(loss_type="grpo"),
+        dict(loss_type="cispo", epsilon_high=1.02),
+        # per-token ratios on a per-sequence term: each sequence weighed by its tokens' mean ratio
+        dict(loss_type="dapo", importance_sampling_level="sequence", top_entropy_quantile=0.5),
+    ],
+    ids=["grpo", "cispo", "gspo with entropy mask"],
+)
 def test_trainer_matches_trl_with_vllm_importance_ratios(options, tiny_model_dir, tmp_path):
     theirs, _ = train(with_vllm_ratios(trl.GRPOTrainer), tiny_model_dir, tmp_path, **options)
     ours, _ = train(with_vllm_ratios(NegkernelsGRPOTrainer), tiny_model_dir, tmp_path, **options)
     assert_same_logs(theirs, ours, rtol=1e-4)
 
 
-@pytest.mark.parametrize("options, reason", [
-    (dict(loss_type="vespo"), "vespo"),
-])
+@pytest.mark.parametrize(
+    "options, reason",
+    [
+        (dict(loss_type="vespo"), "vespo"),
+    ],
+)
 def test_trainer_falls_back_to_trl_loss_with_a_warning(options, reason, tiny_model_dir, tmp_path):
     with pytest.warns(UserWarning, match=reason):
         ours, trainer = train(NegkernelsGRPOTrainer, tiny_model_dir, tmp_path, max_steps=1, **options)

@@ -25,10 +25,20 @@ AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-s
 def actor_config(**options):
     # Clip-Cov / KL-Cov pick a fifth of the tokens (verl's defaults pick one), in a band that the
     # covariances of these batches reach.
-    selection = verl_config.PolicyLossConfig(clip_cov_ratio=0.2, clip_cov_lb=0.05, clip_cov_ub=2.0,
-                                             kl_cov_ratio=0.2, ppo_kl_coef=0.7)
-    base = dict(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, rollout_n=4, clip_ratio_low=0.2,
-                clip_ratio_high=0.28, clip_ratio_c=2.5, tau_pos=1.3, tau_neg=1.7, policy_loss=selection)
+    selection = verl_config.PolicyLossConfig(
+        clip_cov_ratio=0.2, clip_cov_lb=0.05, clip_cov_ub=2.0, kl_cov_ratio=0.2, ppo_kl_coef=0.7
+    )
+    base = dict(
+        strategy="fsdp",
+        ppo_micro_batch_size_per_gpu=1,
+        rollout_n=4,
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        clip_ratio_c=2.5,
+        tau_pos=1.3,
+        tau_neg=1.7,
+        policy_loss=selection,
+    )
     base.update(options)
     return verl_config.ActorConfig(**base)
 
@@ -51,8 +61,15 @@ def batch(dtype, b=6, t=11):
 def run(fn, old, logp, adv, mask, agg, config, weights):
     torch.manual_seed(1234)  # Clip-Cov's random draw: the same on both sides
     lp = logp.clone().requires_grad_()
-    loss, metrics = fn(old_log_prob=old, log_prob=lp, advantages=adv, response_mask=mask, loss_agg_mode=agg,
-                       config=config, rollout_is_weights=weights)
+    loss, metrics = fn(
+        old_log_prob=old,
+        log_prob=lp,
+        advantages=adv,
+        response_mask=mask,
+        loss_agg_mode=agg,
+        config=config,
+        rollout_is_weights=weights,
+    )
     loss.backward()
     return loss.detach(), lp.grad, metrics
 
@@ -66,8 +83,9 @@ def test_policy_losses_match_verl(mode, agg, batch_info, backend, dtype, tol, mo
     old, logp, adv, mask, weights = batch(dtype)
     config = actor_config(loss_agg_mode=agg)
     if batch_info == "global dp=2":  # what verl's ppo_loss fills in before calling the loss
-        config.global_batch_info.update(dp_size=2, batch_num_tokens=int(mask.sum()) * 2 + 5,
-                                        global_batch_size=13, loss_scale_factor=16)
+        config.global_batch_info.update(
+            dp_size=2, batch_num_tokens=int(mask.sum()) * 2 + 5, global_batch_size=13, loss_scale_factor=16
+        )
     use_weights = weights if mode in ("vanilla", "gspo", "geo_mean", "clip_cov", "kl_cov") else None
     if mode == "geo_mean":  # verl divides each sequence's sums by its token count + 1e-8: ~1e-9 relative
         tol = max(tol, 1e-7)
@@ -92,14 +110,17 @@ def test_the_covariance_selections_pick_tokens_and_change_the_loss(mode):
     """Clip-Cov and KL-Cov are not vacuous in the parity cases: tokens are picked and the loss
     differs from the plain clipped (Clip-Cov) or unclipped (KL-Cov, coefficient 0) surrogate."""
     old, logp, adv, mask, _ = batch(torch.float64)
-    picked = nk_verl.covariance_token_mask(logp, adv, mask.bool(), fraction=0.2,
-                                           band=(0.05, 2.0) if mode == "clip_cov" else None)
+    picked = nk_verl.covariance_token_mask(
+        logp, adv, mask.bool(), fraction=0.2, band=(0.05, 2.0) if mode == "clip_cov" else None
+    )
     assert int(picked.sum()) == int(0.2 * int(mask.sum())) and not bool((picked & ~mask.bool()).any())
-    loss = run(core_algos.get_policy_loss_fn(f"negkernels_{mode}"), old, logp, adv, mask, "token-mean",
-               actor_config(), None)[0]
+    loss = run(
+        core_algos.get_policy_loss_fn(f"negkernels_{mode}"), old, logp, adv, mask, "token-mean", actor_config(), None
+    )[0]
     if mode == "clip_cov":
-        plain = core_algos.get_policy_loss_fn("vanilla")(old, logp, adv, mask, "token-mean",
-                                                          actor_config(clip_ratio_c=1e9))[0]
+        plain = core_algos.get_policy_loss_fn("vanilla")(
+            old, logp, adv, mask, "token-mean", actor_config(clip_ratio_c=1e9)
+        )[0]
     else:
         off = actor_config(policy_loss=verl_config.PolicyLossConfig(kl_cov_ratio=0.2, ppo_kl_coef=0.0))
         plain = run(core_algos.get_policy_loss_fn("kl_cov"), old, logp, adv, mask, "token-mean", off, None)[0]
@@ -137,23 +158,28 @@ def rewards_batch(groups=5, per_group=(2, 3, 4, 5, 3), t=9):
     return token_rewards, mask.long(), uids
 
 
-@pytest.mark.parametrize("estimator, options", [
-    ("grpo", dict(norm_adv_by_std_in_grpo=True)),
-    ("grpo", dict(norm_adv_by_std_in_grpo=False)),
-    ("grpo_vectorized", dict(epsilon=1e-3)),
-    ("rloo", {}),
-    ("rloo_vectorized", {}),
-    ("reinforce_plus_plus_baseline", {}),
-])
+@pytest.mark.parametrize(
+    "estimator, options",
+    [
+        ("grpo", dict(norm_adv_by_std_in_grpo=True)),
+        ("grpo", dict(norm_adv_by_std_in_grpo=False)),
+        ("grpo_vectorized", dict(epsilon=1e-3)),
+        ("rloo", {}),
+        ("rloo_vectorized", {}),
+        ("reinforce_plus_plus_baseline", {}),
+    ],
+)
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_advantage_estimators_match_verl(estimator, options, backend, monkeypatch):
     monkeypatch.setenv("NEGKERNELS_BACKEND", backend)
     rewards, mask, uids = rewards_batch()
     theirs, theirs_returns = core_algos.get_adv_estimator_fn(estimator)(
-        token_level_rewards=rewards.clone(), response_mask=mask, index=uids, **options)
+        token_level_rewards=rewards.clone(), response_mask=mask, index=uids, **options
+    )
     ours_name = "negkernels_" + estimator.replace("_vectorized", "")
     ours, returns = core_algos.get_adv_estimator_fn(ours_name)(
-        token_level_rewards=rewards.clone(), response_mask=mask, index=uids, **options)
+        token_level_rewards=rewards.clone(), response_mask=mask, index=uids, **options
+    )
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     assert_close(ours, theirs, rtol=2e-5, atol=2e-6, what="advantages")
     assert_close(returns, theirs_returns, rtol=2e-5, atol=2e-6, what="returns")
@@ -162,8 +188,9 @@ def test_advantage_estimators_match_verl(estimator, options, backend, monkeypatc
 def test_singleton_groups_get_zero_advantage_as_verls_vectorised_rloo():
     rewards, mask, uids = rewards_batch(groups=3, per_group=(1, 3, 1))
     ours, _ = nk_verl.grpo_advantage(rewards, mask, uids)
-    rloo, _ = core_algos.get_adv_estimator_fn("rloo_vectorized")(token_level_rewards=rewards, response_mask=mask,
-                                                                  index=uids)
+    rloo, _ = core_algos.get_adv_estimator_fn("rloo_vectorized")(
+        token_level_rewards=rewards, response_mask=mask, index=uids
+    )
     singles = np.isin(uids, ["prompt-0", "prompt-2"])
     assert torch.all(ours[torch.from_numpy(singles)] == 0) and torch.all(rloo[torch.from_numpy(singles)] == 0)
     assert torch.all(ours[torch.from_numpy(~singles)].abs().sum(-1) > 0)
@@ -178,9 +205,11 @@ def test_verl_loads_the_plugin_in_a_fresh_process():
     import subprocess
     import sys
 
-    script = ("import verl\nfrom verl.trainer.ppo import core_algos as c\n"
-              "print(sorted(k for k in c.POLICY_LOSS_REGISTRY if k.startswith('negkernels')),"
-              " sorted(k for k in c.ADV_ESTIMATOR_REGISTRY if str(k).startswith('negkernels')))")
+    script = (
+        "import verl\nfrom verl.trainer.ppo import core_algos as c\n"
+        "print(sorted(k for k in c.POLICY_LOSS_REGISTRY if k.startswith('negkernels')),"
+        " sorted(k for k in c.ADV_ESTIMATOR_REGISTRY if str(k).startswith('negkernels')))"
+    )
     for policy, expect in (("auto", True), ("none", False)):
         env = dict(os.environ, VERL_USE_EXTERNAL_PLUGINS=policy)
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)

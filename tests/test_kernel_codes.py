@@ -38,17 +38,30 @@ def cpp_enum(name: str, header: str = "logprobs.h") -> list[tuple[str, int]]:
 def snake(cpp_name: str, strip: str = "") -> str:
     """kSeqMeanTokenSumNorm → SEQ_MEAN_TOKEN_SUM_NORM (after dropping a prefix such as kCode)."""
     prefix = "k" + strip if cpp_name.startswith("k" + strip) else "k"
-    word = cpp_name[len(prefix):]
+    word = cpp_name[len(prefix) :]
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", word).upper()
 
 
-@pytest.mark.parametrize("py, cpp, aliases", [
-    (LossType, "LossType", {"P_P_O": "PPO", "G_S_P_O": "GSPO", "C_I_S_P_O": "CISPO", "S_A_P_O": "SAPO", "G_P_G": "GPG",
-                            "N_P_O": "NPO"}),
-    (KlEstimator, "KlEstimator", {"KL_NONE": "NONE"}),
-    (Aggregation, "Aggregation", {}),
-    (IsMode, "IsMode", {"IS_NONE": "NONE"}),
-])
+@pytest.mark.parametrize(
+    "py, cpp, aliases",
+    [
+        (
+            LossType,
+            "LossType",
+            {
+                "P_P_O": "PPO",
+                "G_S_P_O": "GSPO",
+                "C_I_S_P_O": "CISPO",
+                "S_A_P_O": "SAPO",
+                "G_P_G": "GPG",
+                "N_P_O": "NPO",
+            },
+        ),
+        (KlEstimator, "KlEstimator", {"KL_NONE": "NONE"}),
+        (Aggregation, "Aggregation", {}),
+        (IsMode, "IsMode", {"IS_NONE": "NONE"}),
+    ],
+)
 def test_python_codes_equal_the_cpp_enums(py, cpp, aliases):
     got = {aliases.get(snake(k), snake(k)): v for k, v in cpp_enum(cpp)}
     assert got == {m.name: int(m) for m in py}
@@ -72,18 +85,44 @@ def test_argument_slots_follow_the_python_field_order():
 
 
 def test_config_codes_by_name():
-    codes, scalars = PolicyLossConfig(loss_type="sapo", kl_estimator="k3+", is_mode="mask",
-                                      aggregation="seq-mean-token-sum-norm", clip_low=0.1, dual_clip=3.0).kernel_args(
-        use_kl=True, use_is=True, adv_per_token=False, iw_per_token=True, compute_grad=False, num_sequences=3,
-        seq_len=7, max_len=7, norm_constant=7.0)
+    codes, scalars = PolicyLossConfig(
+        loss_type="sapo",
+        kl_estimator="k3+",
+        is_mode="mask",
+        aggregation="seq-mean-token-sum-norm",
+        clip_low=0.1,
+        dual_clip=3.0,
+    ).kernel_args(
+        use_kl=True,
+        use_is=True,
+        adv_per_token=False,
+        iw_per_token=True,
+        compute_grad=False,
+        num_sequences=3,
+        seq_len=7,
+        max_len=7,
+        norm_constant=7.0,
+    )
     c, s = PolicyKernelCodes(*codes), PolicyKernelScalars(*scalars)
-    assert (c.loss, c.kl, c.is_mode, c.aggregation) == (LossType.SAPO, KlEstimator.K3_PLUS, IsMode.MASK,
-                                                          Aggregation.SEQ_MEAN_TOKEN_SUM_NORM)
+    assert (c.loss, c.kl, c.is_mode, c.aggregation) == (
+        LossType.SAPO,
+        KlEstimator.K3_PLUS,
+        IsMode.MASK,
+        Aggregation.SEQ_MEAN_TOKEN_SUM_NORM,
+    )
     assert (c.iw_per_token, c.adv_per_token, c.num_sequences) == (1, 0, 3)
     assert s.lo == pytest.approx(0.9) and s.dual_clip == 3.0 and s.delta == float("inf")
     off, _ = PolicyLossConfig(kl_coef=0.5).kernel_args(
-        use_kl=False, use_is=False, adv_per_token=True, iw_per_token=True, compute_grad=True, num_sequences=1,
-        seq_len=1, max_len=1, norm_constant=1.0)
+        use_kl=False,
+        use_is=False,
+        adv_per_token=True,
+        iw_per_token=True,
+        compute_grad=True,
+        num_sequences=1,
+        seq_len=1,
+        max_len=1,
+        norm_constant=1.0,
+    )
     assert PolicyKernelCodes(*off).kl == KlEstimator.NONE and PolicyKernelCodes(*off).is_mode == IsMode.NONE
 
 

@@ -12,10 +12,10 @@ import torch
 
 import negkernels as nk
 from negkernels.reference.kv import (
+    ATTENTION_SCORERS,
     retention_mass_reference,
     retention_scores_reference,
     select_retained_global_reference,
-    ATTENTION_SCORERS,
     select_retained_reference,
 )
 
@@ -51,7 +51,7 @@ def brute_select(scores, budget, sink=0, window=0, lengths=None):
         length = s if lengths is None else max(0, min(int(lengths[bi]), s))
         for hi in range(h):
             kept = sorted(item[-1] for item in _row_order(scores[bi, hi].tolist(), length, sink, window)[:m])
-            out[bi, hi, :len(kept)] = torch.tensor(kept, dtype=torch.int64)
+            out[bi, hi, : len(kept)] = torch.tensor(kept, dtype=torch.int64)
     return out
 
 
@@ -153,7 +153,8 @@ def test_attention_scores_against_loops():
                     assert got["snapkv"][bi, g, j].item() == math.inf
                 assert got["tova"][bi, g, j].item() == pytest.approx(tova_all[j], rel=1e-12)
                 assert got["tova_grouped"][bi, g, j].item() == pytest.approx(
-                    sum(attn[bi, hh, -1, j].item() for hh in heads) / group, rel=1e-12)
+                    sum(attn[bi, hh, -1, j].item() for hh in heads) / group, rel=1e-12
+                )
                 total = sum(attn[bi, hh, q, j].item() for hh in heads for q in range(w)) / group
                 assert got["h2o"][bi, g, j].item() == pytest.approx(total, rel=1e-12)
                 seen = sum(1 for q in range(w) if j <= s - w + q)  # causal: query s − w + q sees j ≤ s − w + q
@@ -193,14 +194,17 @@ def test_select_retained_against_brute_force(backend, case):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed or TRITON_INTERPRET is off")
-@pytest.mark.parametrize("case, splits, ties", [
-    ((2, 3, 37, 10, 2, 3, None), 3, True),
-    ((3, 2, 50, 13, 0, 0, [50, 7, 0]), 3, True),
-    ((2, 3, 64, 8, 0, 8, [64, 30]), 3, False),  # only the window
-    ((2, 2, 29, 0, 0, 0, None), 3, False),  # budget 0
-    ((1, 1, 300, 17, 4, 4, [257]), 19, True),  # more splits than one block of their histograms
-    ((1, 2, 300, 40, 1, 2, None), 19, False),
-])
+@pytest.mark.parametrize(
+    "case, splits, ties",
+    [
+        ((2, 3, 37, 10, 2, 3, None), 3, True),
+        ((3, 2, 50, 13, 0, 0, [50, 7, 0]), 3, True),
+        ((2, 3, 64, 8, 0, 8, [64, 30]), 3, False),  # only the window
+        ((2, 2, 29, 0, 0, 0, None), 3, False),  # budget 0
+        ((1, 1, 300, 17, 4, 4, [257]), 19, True),  # more splits than one block of their histograms
+        ((1, 2, 300, 40, 1, 2, None), 19, False),
+    ],
+)
 def test_select_retained_split_rows_against_brute_force(monkeypatch, case, splits, ties):
     # Rows shared by several programs (the few-long-rows launch): every split's histograms
     # give all programs the same digits, and each split's first slot counts what came before.
@@ -217,10 +221,21 @@ def test_select_retained_split_rows_against_brute_force(monkeypatch, case, split
     log_beta = (-torch.rand(b, h, s) * 0.05).bfloat16()
     positions = torch.randint(0, 300, (b, h, s))
     with poisoned_allocations():
-        kept = nk.evict(keys, values, log_beta, positions, 301, budget, sink=sink, window=window,
-                        lengths=lengths_t, backend="triton")
-    indices = brute_select(retention_scores_reference(log_beta, positions, 301, keys, 0.0), budget, sink, window,
-                           lengths)
+        kept = nk.evict(
+            keys,
+            values,
+            log_beta,
+            positions,
+            301,
+            budget,
+            sink=sink,
+            window=window,
+            lengths=lengths_t,
+            backend="triton",
+        )
+    indices = brute_select(
+        retention_scores_reference(log_beta, positions, 301, keys, 0.0), budget, sink, window, lengths
+    )
     assert torch.equal(kept.indices, indices)
     assert torch.equal(kept.keys, loop_compact(keys, indices))
 
@@ -244,19 +259,27 @@ def test_select_retained_global_against_brute_force(min_per_head, backend):
     scores[0, 0] += 100  # one head dominates: the floor decides what the others keep
     lengths = torch.tensor([23, 5, 0])
     with poisoned_allocations():
-        sel = nk.select_retained(scores, budget, sink=sink, window=window, lengths=lengths, mode="global",
-                                 min_per_head=min_per_head, backend=backend)
+        sel = nk.select_retained(
+            scores,
+            budget,
+            sink=sink,
+            window=window,
+            lengths=lengths,
+            mode="global",
+            min_per_head=min_per_head,
+            backend=backend,
+        )
     expected = brute_select_global(scores, budget, sink, window, lengths, min_per_head)
     cu = sel.cu_seqlens.long()
     assert cu[0] == 0 and torch.equal(cu[1:] - cu[:-1], sel.counts.reshape(-1))
     for bi in range(b):
         got = set()
         for hi in range(h):
-            seg = sel.indices[cu[bi * h + hi]: cu[bi * h + hi + 1]]
+            seg = sel.indices[cu[bi * h + hi] : cu[bi * h + hi + 1]]
             assert torch.all(seg[1:] > seg[:-1]), "indices ascending within a head"
             got |= {(hi, int(i)) for i in seg}
         assert got == expected[bi]
-    assert torch.all(sel.indices[cu[-1]:] == -1)
+    assert torch.all(sel.indices[cu[-1] :] == -1)
     assert sel.counts[0].sum() == h * budget
     assert torch.all(sel.counts[1] == 5) and torch.all(sel.counts[2] == 0)
     assert torch.all(sel.counts[0] >= min(min_per_head, budget))
@@ -264,8 +287,9 @@ def test_select_retained_global_against_brute_force(min_per_head, backend):
 
 def _global_sets(sel, b, h):
     cu = sel.cu_seqlens.long()
-    return [{(hi, int(i)) for hi in range(h) for i in sel.indices[cu[bi * h + hi]: cu[bi * h + hi + 1]]}
-            for bi in range(b)]
+    return [
+        {(hi, int(i)) for hi in range(h) for i in sel.indices[cu[bi * h + hi] : cu[bi * h + hi + 1]]} for bi in range(b)
+    ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -290,8 +314,9 @@ def test_select_retained_global_kernel_on_many_small_rows(backend):
             sink = window = 0
         min_per_head = int(torch.randint(0, budget + 1, (), generator=gen))
         scores = torch.randint(-2, 3, (b, h, s), generator=gen).float()
-        scores.view(-1)[torch.randint(0, b * h * s, (3,), generator=gen)] = torch.tensor([float("nan"), float("inf"),
-                                                                                           -float("inf")])
+        scores.view(-1)[torch.randint(0, b * h * s, (3,), generator=gen)] = torch.tensor(
+            [float("nan"), float("inf"), -float("inf")]
+        )
         lengths = torch.randint(0, s + 2, (b,), generator=gen) if trial % 2 else None
         kwargs = dict(sink=sink, window=window, lengths=lengths, mode="global", min_per_head=min_per_head)
         with poisoned_allocations():
@@ -374,8 +399,19 @@ def test_evict_equals_score_select_compact(backend, key_norm_weight):
     step = torch.tensor([300, 310])
     lengths = torch.tensor([77, 40])
     with poisoned_allocations():
-        kept = nk.evict(keys, values, log_beta, positions, step, 20, sink=2, window=3, lengths=lengths,
-                        key_norm_weight=key_norm_weight, backend=backend)
+        kept = nk.evict(
+            keys,
+            values,
+            log_beta,
+            positions,
+            step,
+            20,
+            sink=2,
+            window=3,
+            lengths=lengths,
+            key_norm_weight=key_norm_weight,
+            backend=backend,
+        )
     scores = retention_scores_reference(log_beta, positions, step, keys, key_norm_weight)
     indices = brute_select(scores, 20, 2, 3, lengths)
     assert torch.equal(kept.indices, indices)
@@ -417,7 +453,6 @@ def test_retention_mass_parity_and_grad(backend, packed):
     assert_close(lb.grad, lb64.grad, rtol=1e-4, atol=1e-4 * lb64.grad.abs().max().item(), what="d log_beta")
 
 
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("packed", [False, True])
 def test_retention_mass_long_rows_reach_every_tile_kind(backend, packed):
@@ -440,6 +475,7 @@ def test_retention_mass_long_rows_reach_every_tile_kind(backend, packed):
     expected.backward(g.double())
     assert torch.isfinite(lb.grad).all()
     assert_close(lb.grad, lb64.grad, rtol=1e-4, atol=1e-5 * lb64.grad.abs().max().item(), what="d log_beta")
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_retention_capacity_loss_hand_worked(backend):
@@ -517,8 +553,10 @@ def test_opcheck_and_compile(backend):
     torch.library.opcheck(torch.ops.negkernels.select_retained.default, (scores, 7, 1, 1, None, backend))
     indices = nk.select_retained(scores, 7)
     torch.library.opcheck(torch.ops.negkernels.compact_kv.default, (keys, values, indices, [log_beta]))
-    torch.library.opcheck(torch.ops.negkernels.evict.default,
-                          (keys, values, log_beta, positions.contiguous(), None, 30, 7, 1, 1, None, backend))
+    torch.library.opcheck(
+        torch.ops.negkernels.evict.default,
+        (keys, values, log_beta, positions.contiguous(), None, 30, 7, 1, 1, None, backend),
+    )
     torch.library.opcheck(torch.ops.negkernels.retention_mass_fwd.default, (log_beta.requires_grad_(), None))
 
     def run(k, v, lb):

@@ -31,10 +31,10 @@ def lm_head(n_lead, h, v, dtype=torch.float32, *, noncontiguous=False):
     """hidden [*n_lead, H], weight [V, H], bias [V]; logits of order a few units, like a real LM head."""
     if noncontiguous:  # hidden strided along H, weight stored transposed
         hidden = torch.randn(*n_lead, 2 * h)[..., ::2]
-        weight = (torch.randn(h, v) / h ** 0.5 * 2).t()
+        weight = (torch.randn(h, v) / h**0.5 * 2).t()
     else:
         hidden = torch.randn(*n_lead, h)
-        weight = torch.randn(v, h) / h ** 0.5 * 2
+        weight = torch.randn(v, h) / h**0.5 * 2
     return hidden.to(dtype), weight.to(dtype), (torch.randn(v) * 0.5).to(dtype)
 
 
@@ -87,8 +87,9 @@ def test_linear_token_logprobs_fp32_parity(backend, lead, h, v, chunk):
     targets = torch.randint(0, v, lead)
     g_logp, g_ent = torch.randn(lead), torch.randn(lead)
     with poisoned_allocations():
-        got = run_logprobs(hidden, weight, bias, targets, g_logp, g_ent, temperature=0.7, chunk_size=chunk,
-                           backend=backend)
+        got = run_logprobs(
+            hidden, weight, bias, targets, g_logp, g_ent, temperature=0.7, chunk_size=chunk, backend=backend
+        )
     logp, ent, *grads64 = oracle_run(hidden, weight, bias, targets, g_logp, g_ent, 0.7)
     assert got[0].dtype == got[1].dtype == torch.float32 and got[0].shape == targets.shape
     assert_close(got[0], logp, **F32, what="logp")
@@ -106,8 +107,9 @@ def test_linear_token_logprobs_half_precision(backend, dtype, fp32_lm_head):
     hidden, weight, bias = lm_head((n,), h, v, dtype, noncontiguous=True)
     targets = torch.randint(0, v, (n,))
     g_logp, g_ent = torch.randn(n), torch.randn(n)
-    got = run_logprobs(hidden, weight, bias, targets, g_logp, g_ent, fp32_lm_head=fp32_lm_head, chunk_size=8,
-                       backend=backend)
+    got = run_logprobs(
+        hidden, weight, bias, targets, g_logp, g_ent, fp32_lm_head=fp32_lm_head, chunk_size=8, backend=backend
+    )
     low = run_logprobs(hidden, weight, bias, targets, g_logp, g_ent, fp32_lm_head=fp32_lm_head, backend="reference")
     logp, ent, *grads64 = oracle_run(hidden, weight, bias, targets, g_logp, g_ent, 1.0)
     if fp32_lm_head:
@@ -137,8 +139,9 @@ def test_linear_token_logprobs_backward_in_vocabulary_slices(backend, dtype, chu
     targets = torch.randint(0, v, (n,))
     g_logp, g_ent = torch.randn(n), torch.randn(n)
     with poisoned_allocations():
-        got = run_logprobs(hidden, weight, bias, targets, g_logp, g_ent, temperature=1.3, chunk_size=chunk,
-                           backend=backend)
+        got = run_logprobs(
+            hidden, weight, bias, targets, g_logp, g_ent, temperature=1.3, chunk_size=chunk, backend=backend
+        )
     grads64 = oracle_run(hidden, weight, bias, targets, g_logp, g_ent, 1.3)[2:]
     if dtype == torch.float32:
         for name, g, ref in zip(("d hidden", "d weight", "d bias"), got[2:], grads64):
@@ -158,8 +161,15 @@ def test_fp32_lm_head_is_more_accurate_than_half_logits():
     exact = oracle_linear_logprobs(hidden.double(), weight.double(), bias.double(), targets, 1.0)[0]
     errs = {}
     for fp32 in (False, True):
-        lp = nk.linear_token_logprobs(hidden, weight, targets, bias=bias, fp32_lm_head=fp32, chunk_size=16,
-                                      backend=KERNEL_BACKENDS[0] if KERNEL_BACKENDS else "reference")
+        lp = nk.linear_token_logprobs(
+            hidden,
+            weight,
+            targets,
+            bias=bias,
+            fp32_lm_head=fp32,
+            chunk_size=16,
+            backend=KERNEL_BACKENDS[0] if KERNEL_BACKENDS else "reference",
+        )
         errs[fp32] = (lp.double() - exact).abs().max().item()
     assert errs[True] < 1e-4 < errs[False]
 
@@ -189,8 +199,9 @@ def test_linear_token_logprobs_degenerate_and_nan(backend):
     # NaN in one token's hidden state reaches that token's outputs and no other token's.
     hidden, weight, bias = lm_head((6,), 8, 13)
     hidden[2, 3] = float("nan")
-    logp, ent = nk.linear_token_logprobs(hidden, weight, torch.randint(0, 13, (6,)), bias=bias, return_entropy=True,
-                                         chunk_size=4, backend=backend)
+    logp, ent = nk.linear_token_logprobs(
+        hidden, weight, torch.randint(0, 13, (6,)), bias=bias, return_entropy=True, chunk_size=4, backend=backend
+    )
     assert logp[2].isnan() and ent[2].isnan()
     assert torch.isfinite(logp[[0, 1, 3, 4, 5]]).all() and torch.isfinite(ent[[0, 1, 3, 4, 5]]).all()
 
@@ -245,8 +256,9 @@ def reference_linear_loss(hidden, weight, bias, targets, old, adv, mask, scale=1
     h64, w64, b64 = leaves(hidden, weight, bias, dtype=torch.float64)
     kw64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
     logits = torch.nn.functional.linear(h64, w64, b64)
-    out = nk.policy_loss_from_logits(logits, targets, old.double(), adv.double() if adv is not None else None, mask,
-                                     backend="reference", **kw64)
+    out = nk.policy_loss_from_logits(
+        logits, targets, old.double(), adv.double() if adv is not None else None, mask, backend="reference", **kw64
+    )
     (out.loss * scale).backward()
     return out, h64.grad, w64.grad, b64.grad
 
@@ -258,16 +270,32 @@ def run_linear_loss(hidden, weight, bias, targets, old, adv, mask, scale=1.0, **
     return out, h.grad, w.grad, b.grad
 
 
-METRIC_NAMES = ("clip_fraction_low", "clip_fraction_high", "dual_clip_fraction", "approx_kl", "mean_ratio", "kl",
-                "entropy")
+METRIC_NAMES = (
+    "clip_fraction_low",
+    "clip_fraction_high",
+    "dual_clip_fraction",
+    "approx_kl",
+    "mean_ratio",
+    "kl",
+    "entropy",
+)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_linear_policy_loss_parity(backend, loss_type):
     hidden, weight, bias, targets, old, ref, adv, mask = policy_case()
-    kw = dict(loss_type=loss_type, ref_logp=ref, kl_coef=0.05, entropy_coef=0.01, return_entropy=True,
-              temperature=0.8, aggregation="seq-mean-token-mean", dual_clip=2.5, is_weights=torch.rand(3) * 2)
+    kw = dict(
+        loss_type=loss_type,
+        ref_logp=ref,
+        kl_coef=0.05,
+        entropy_coef=0.01,
+        return_entropy=True,
+        temperature=0.8,
+        aggregation="seq-mean-token-mean",
+        dual_clip=2.5,
+        is_weights=torch.rand(3) * 2,
+    )
     with poisoned_allocations():
         got = run_linear_loss(hidden, weight, bias, targets, old, adv, mask, chunk_size=5, backend=backend, **kw)
     want = reference_linear_loss(hidden, weight, bias, targets, old, adv, mask, **kw)
@@ -287,11 +315,19 @@ def test_linear_policy_loss_on_policy_with_bias_corrected_kl(backend, loss_type)
     """TRL's num_iterations=1 step: old_logp=None (ρ = 1 with its gradient), the KL term times ρ,
     advantages as a [B, 1] column; against the float64 reference given old_logp = logp."""
     hidden, weight, bias, targets, old, ref, adv, mask = policy_case(4, 5, 12, 37)
-    kw = dict(loss_type=loss_type, ref_logp=ref, kl_coef=0.3, kl_bias_correction=True, return_entropy=True,
-              entropy_coef=0.02, aggregation="seq-mean-token-mean")
+    kw = dict(
+        loss_type=loss_type,
+        ref_logp=ref,
+        kl_coef=0.3,
+        kl_bias_correction=True,
+        return_entropy=True,
+        entropy_coef=0.02,
+        aggregation="seq-mean-token-mean",
+    )
     with poisoned_allocations():
-        got = run_linear_loss(hidden, weight, bias, targets, None, adv.unsqueeze(1), mask, chunk_size=7,
-                              backend=backend, **kw)
+        got = run_linear_loss(
+            hidden, weight, bias, targets, None, adv.unsqueeze(1), mask, chunk_size=7, backend=backend, **kw
+        )
     with torch.no_grad():
         on_policy_old = oracle_linear_logprobs(hidden.double(), weight.double(), bias.double(), targets, 1.0)[0]
     want = reference_linear_loss(hidden, weight, bias, targets, on_policy_old.float(), adv, mask, **kw)
@@ -311,8 +347,9 @@ def test_linear_policy_loss_packed_and_scaled_grad(backend, loss_type):
     mask = torch.rand(11) > 0.3
     seq_adv = torch.randn(3)
     # An incoming gradient other than 1 rescales the gradients made in the forward.
-    got = run_linear_loss(hidden[0], weight, bias, targets[0], old[0], seq_adv, mask, scale=-2.5, chunk_size=3,
-                          backend=backend, **kw)
+    got = run_linear_loss(
+        hidden[0], weight, bias, targets[0], old[0], seq_adv, mask, scale=-2.5, chunk_size=3, backend=backend, **kw
+    )
     want = reference_linear_loss(hidden[0], weight, bias, targets[0], old[0], seq_adv, mask, scale=-2.5, **kw)
     assert_close(got[0].loss, want[0].loss, **F32, what="packed loss")
     for name, g, r in zip(("d hidden", "d weight", "d bias"), got[1:], want[1:]):
@@ -332,14 +369,16 @@ def test_linear_policy_loss_half_precision(backend, dtype):
         assert got[1 + i].dtype == dtype
         assert_within_low_precision_error(got[1 + i], low[1 + i], want[1 + i], dtype, name, factor=3.0)
     # The two-pass route: d weight accumulated in fp32 over every token.
-    two_pass = run_linear_loss(hidden, weight, bias, targets, old, adv, mask, fp32_weight_grad=True, chunk_size=6,
-                               backend=backend, **kw)
+    two_pass = run_linear_loss(
+        hidden, weight, bias, targets, old, adv, mask, fp32_weight_grad=True, chunk_size=6, backend=backend, **kw
+    )
     assert_within_low_precision_error(two_pass[0].loss, low[0].loss, want[0].loss, dtype, "two-pass loss")
     for i, name in enumerate(("d hidden", "d weight", "d bias")):
         assert_within_low_precision_error(two_pass[1 + i], low[1 + i], want[1 + i], dtype, f"two-pass {name}")
     # With an fp32 LM head the loss keeps fp32 accuracy.
-    exact = run_linear_loss(hidden, weight, bias, targets, old, adv, mask, fp32_lm_head=True, chunk_size=6,
-                            backend=backend, **kw)
+    exact = run_linear_loss(
+        hidden, weight, bias, targets, old, adv, mask, fp32_lm_head=True, chunk_size=6, backend=backend, **kw
+    )
     assert_close(exact[0].loss, want[0].loss, rtol=1e-4, atol=1e-6, what="loss with an fp32 LM head")
 
 
@@ -347,13 +386,32 @@ def test_linear_policy_loss_half_precision(backend, dtype):
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
 def test_linear_policy_loss_fully_masked_and_empty(backend, aggregation):
     hidden, weight, bias, targets, old, ref, adv, mask = policy_case(2, 5, 8, 17)
-    got = run_linear_loss(hidden, weight, bias, targets, old, adv, torch.zeros_like(mask), chunk_size=3,
-                          aggregation=aggregation, backend=backend)
+    got = run_linear_loss(
+        hidden,
+        weight,
+        bias,
+        targets,
+        old,
+        adv,
+        torch.zeros_like(mask),
+        chunk_size=3,
+        aggregation=aggregation,
+        backend=backend,
+    )
     assert got[0].loss.item() == 0.0
     for g in got[1:]:
         assert torch.equal(g, torch.zeros_like(g))
-    empty = run_linear_loss(hidden[:, :0], weight, bias, targets[:, :0], old[:, :0], adv, mask[:, :0],
-                            aggregation=aggregation, backend=backend)
+    empty = run_linear_loss(
+        hidden[:, :0],
+        weight,
+        bias,
+        targets[:, :0],
+        old[:, :0],
+        adv,
+        mask[:, :0],
+        aggregation=aggregation,
+        backend=backend,
+    )
     assert empty[0].loss.item() == 0.0 and empty[1].shape == (2, 0, 8)
     assert torch.equal(empty[2], torch.zeros_like(weight))
 
@@ -368,8 +426,9 @@ def test_linear_policy_loss_no_grad_and_accumulation(backend):
     # Two backward passes accumulate into .grad like any other op.
     w = weight.clone().requires_grad_()
     for _ in range(2):
-        nk.linear_policy_loss(hidden, w, targets, old, adv, mask, bias=bias, chunk_size=4,
-                              backend=backend).loss.backward()
+        nk.linear_policy_loss(
+            hidden, w, targets, old, adv, mask, bias=bias, chunk_size=4, backend=backend
+        ).loss.backward()
     assert_grad_close(w.grad, 2 * want[2], "accumulated d weight")
 
 
@@ -400,12 +459,25 @@ def test_kernel_path_never_allocates_the_logits(backend, loss_type, monkeypatch)
             return out
 
         monkeypatch.setattr(torch, name, recording)
-    got = run_linear_loss(hidden, weight, bias, targets, old, adv, mask, ref_logp=ref, loss_type=loss_type,
-                          return_entropy=True, chunk_size=chunk, backend=backend)
+    got = run_linear_loss(
+        hidden,
+        weight,
+        bias,
+        targets,
+        old,
+        adv,
+        mask,
+        ref_logp=ref,
+        loss_type=loss_type,
+        return_entropy=True,
+        chunk_size=chunk,
+        backend=backend,
+    )
     monkeypatch.undo()
     assert sizes and max(sizes) <= max(chunk * v, v * h, n * h) < n * v
-    want = reference_linear_loss(hidden, weight, bias, targets, old, adv, mask, ref_logp=ref, loss_type=loss_type,
-                                 return_entropy=True)
+    want = reference_linear_loss(
+        hidden, weight, bias, targets, old, adv, mask, ref_logp=ref, loss_type=loss_type, return_entropy=True
+    )
     assert_grad_close(got[2], want[2], "d weight")
 
 
@@ -431,8 +503,18 @@ def test_policy_loss_module_from_hidden():
     hidden, weight, bias, targets, old, ref, adv, mask = policy_case()
     loss_fn = nk.PolicyLoss(loss_type="cispo", clip_high=0.5, aggregation="seq-mean-token-sum", backend="reference")
     got = loss_fn.from_hidden(hidden, weight, targets, old, adv, mask, bias=bias)
-    want = reference_linear_loss(hidden, weight, bias, targets, old, adv, mask, loss_type="cispo", clip_high=0.5,
-                                 aggregation="seq-mean-token-sum")
+    want = reference_linear_loss(
+        hidden,
+        weight,
+        bias,
+        targets,
+        old,
+        adv,
+        mask,
+        loss_type="cispo",
+        clip_high=0.5,
+        aggregation="seq-mean-token-sum",
+    )
     assert_close(got.loss, want[0].loss, **F32, what="PolicyLoss.from_hidden")
 
 
@@ -444,19 +526,45 @@ def test_linear_ops_opcheck(backend):
     hidden, weight, bias = lm_head((7,), 8, 19)
     targets = torch.randint(0, 19, (7,))
     h, w, b = leaves(hidden, weight, bias)
-    torch.library.opcheck(torch.ops.negkernels.linear_token_logprobs_fwd.default,
-                          (h, w, b, targets, 0.9, 0, 19, True, False, 3))
+    torch.library.opcheck(
+        torch.ops.negkernels.linear_token_logprobs_fwd.default, (h, w, b, targets, 0.9, 0, 19, True, False, 3)
+    )
     lse = torch.logsumexp(torch.nn.functional.linear(hidden, weight, bias) / 0.9, -1)
     ent = torch.rand(7)
-    torch.library.opcheck(torch.ops.negkernels.linear_token_logprobs_bwd.default,
-                          (torch.randn(7), torch.randn(7), hidden, weight, bias, targets, lse, ent, 0.9, 0, False, 3,
-                           True, True, True))
+    torch.library.opcheck(
+        torch.ops.negkernels.linear_token_logprobs_bwd.default,
+        (torch.randn(7), torch.randn(7), hidden, weight, bias, targets, lse, ent, 0.9, 0, False, 3, True, True, True),
+    )
     old = torch.randn(7) - 3
     codes, scalars = nk.PolicyLossConfig().kernel_args(
-        use_kl=False, use_is=False, adv_per_token=True, iw_per_token=True, compute_grad=True, num_sequences=1,
-        seq_len=7, max_len=7, norm_constant=1.0, entropy_coef=0.01)
-    args = (h, w, b, targets, old, torch.randn(7), torch.rand(7), None, None, codes, scalars, True, False, 3,
-            [True, True, True])
+        use_kl=False,
+        use_is=False,
+        adv_per_token=True,
+        iw_per_token=True,
+        compute_grad=True,
+        num_sequences=1,
+        seq_len=7,
+        max_len=7,
+        norm_constant=1.0,
+        entropy_coef=0.01,
+    )
+    args = (
+        h,
+        w,
+        b,
+        targets,
+        old,
+        torch.randn(7),
+        torch.rand(7),
+        None,
+        None,
+        codes,
+        scalars,
+        True,
+        False,
+        3,
+        [True, True, True],
+    )
     torch.library.opcheck(torch.ops.negkernels.linear_policy_loss.default, args)
 
 
@@ -465,16 +573,26 @@ def test_linear_ops_compile_fullgraph(backend):
     torch._dynamo.reset()
     hidden, weight, bias, targets, old, ref, adv, mask = policy_case()
     h, w, b = leaves(hidden, weight, bias)
-    fn = torch.compile(lambda h, w, b: nk.linear_policy_loss(h, w, targets, old, adv, mask, bias=b, chunk_size=4,
-                                                             validate=False, backend=backend).loss * 3.0,
-                       backend="aot_eager", fullgraph=True)
+    fn = torch.compile(
+        lambda h, w, b: (
+            nk.linear_policy_loss(
+                h, w, targets, old, adv, mask, bias=b, chunk_size=4, validate=False, backend=backend
+            ).loss
+            * 3.0
+        ),
+        backend="aot_eager",
+        fullgraph=True,
+    )
     fn(h, w, b).backward()
     want = reference_linear_loss(hidden, weight, bias, targets, old, adv, mask, scale=3.0)
     for name, g, r in zip(("d hidden", "d weight", "d bias"), (h.grad, w.grad, b.grad), want[1:]):
         assert_grad_close(g, r, name)
     h, w = leaves(hidden, weight)
-    fn = torch.compile(lambda h, w: nk.linear_token_logprobs(h, w, targets, validate=False, backend=backend).sum(),
-                       backend="aot_eager", fullgraph=True)
+    fn = torch.compile(
+        lambda h, w: nk.linear_token_logprobs(h, w, targets, validate=False, backend=backend).sum(),
+        backend="aot_eager",
+        fullgraph=True,
+    )
     fn(h, w).backward()
     h64, w64 = leaves(hidden, weight, dtype=torch.float64)
     oracle_linear_logprobs(h64, w64, None, targets, 1.0)[0].sum().backward()

@@ -39,7 +39,7 @@ def logp_tolerance(logits, temperature=1.0):
     """fp32 log-probs against float64: logp = z − lse cancels two terms of size max|z| + log V,
     so its absolute error scales with them (8 fp32 ulps of that size; ~1e-5 for logits of ±14)."""
     size = float(logits.float().abs().max()) / temperature + math.log(logits.shape[-1])
-    return dict(rtol=1e-5, atol=max(1e-6, 8 * 2.0 ** -24 * size))
+    return dict(rtol=1e-5, atol=max(1e-6, 8 * 2.0**-24 * size))
 
 
 # ============================================================================ token_logprobs
@@ -143,8 +143,9 @@ def test_token_logprobs_bad_input():
         logp = nk.token_logprobs(logits, torch.tensor([0, 10, -3, 9]), validate=False, backend=backend)
         assert torch.isnan(logp[1:3]).all() and torch.isfinite(logp[[0, 3]]).all()
         old = torch.zeros(1, 4)
-        out = nk.policy_loss_from_logits(logits.unsqueeze(0), torch.tensor([[0, 1, 10**6, 3]]), old, torch.ones(1),
-                                         validate=False, backend=backend)
+        out = nk.policy_loss_from_logits(
+            logits.unsqueeze(0), torch.tensor([[0, 1, 10**6, 3]]), old, torch.ones(1), validate=False, backend=backend
+        )
         assert torch.isnan(out.token_logp[0, 2]) and torch.isfinite(out.token_logp[0, [0, 1, 3]]).all()
 
 
@@ -154,8 +155,9 @@ def test_token_logprobs_opcheck_and_compile(backend):
     targets = torch.randint(0, 19, (3, 4))
     torch.library.opcheck(torch.ops.negkernels.token_logprobs_fwd.default, (logits, targets, 0.9, 0, 19, True, False))
     torch._dynamo.reset()
-    fn = torch.compile(lambda x, t: nk.token_logprobs(x, t, validate=False, backend=backend).sum(), backend="aot_eager",
-                       fullgraph=True)
+    fn = torch.compile(
+        lambda x, t: nk.token_logprobs(x, t, validate=False, backend=backend).sum(), backend="aot_eager", fullgraph=True
+    )
     assert_close(fn(logits, targets), oracle_logprobs(logits, targets)[0].sum(), **F32)
 
 
@@ -181,8 +183,14 @@ def run_both(backend, logp, old, adv, mask, **kw):
     (g,) = torch.autograd.grad(out.loss, x)
     kw64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
     x64 = logp.double().requires_grad_()
-    ref = nk.policy_loss(x64, old.double() if old is not None else None, adv.double() if adv is not None else None,
-                         mask, backend="reference", **kw64)
+    ref = nk.policy_loss(
+        x64,
+        old.double() if old is not None else None,
+        adv.double() if adv is not None else None,
+        mask,
+        backend="reference",
+        **kw64,
+    )
     (g64,) = torch.autograd.grad(ref.loss, x64)
     return out, g, ref, g64
 
@@ -200,8 +208,16 @@ def check_outputs(out, g, ref, g64, what=""):
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_policy_loss_parity(backend, loss_type, aggregation):
     logp, old, ref, adv, mask = policy_inputs(per_token_adv=loss_type == "sapo")
-    kw = dict(loss_type=loss_type, aggregation=aggregation, ref_logp=ref, kl_coef=0.05, clip_low=0.2, clip_high=0.28,
-              dual_clip=3.0 if loss_type in ("ppo", "gspo") else None, npo_beta=0.5)
+    kw = dict(
+        loss_type=loss_type,
+        aggregation=aggregation,
+        ref_logp=ref,
+        kl_coef=0.05,
+        clip_low=0.2,
+        clip_high=0.28,
+        dual_clip=3.0 if loss_type in ("ppo", "gspo") else None,
+        npo_beta=0.5,
+    )
     if loss_type == "gspo":
         kw.update(clip_low=0.05, clip_high=0.08)  # GSPO's sequence ratios need a tight range to clip
     check_outputs(*run_both(backend, logp, old, adv, mask, **kw), what=f"{loss_type}/{aggregation}")
@@ -211,8 +227,10 @@ def test_policy_loss_parity(backend, loss_type, aggregation):
 @pytest.mark.parametrize("kl_estimator", KL_ESTIMATORS)
 def test_policy_loss_kl_estimators(backend, kl_estimator):
     logp, old, ref, adv, mask = policy_inputs()
-    check_outputs(*run_both(backend, logp, old, adv, mask, ref_logp=ref, kl_coef=0.3, kl_estimator=kl_estimator),
-                  what=kl_estimator)
+    check_outputs(
+        *run_both(backend, logp, old, adv, mask, ref_logp=ref, kl_coef=0.3, kl_estimator=kl_estimator),
+        what=kl_estimator,
+    )
 
 
 def kl_part_oracle(logp, old, ref, mask, loss_type, kl_coef):
@@ -235,8 +253,9 @@ def kl_part_oracle(logp, old, ref, mask, loss_type, kl_coef):
 @pytest.mark.parametrize("loss_type", ["ppo", "gspo", "cispo", "npo"])
 def test_policy_loss_kl_bias_correction(backend, loss_type):
     logp, old, ref, adv, mask = policy_inputs()
-    kw = dict(loss_type=loss_type, aggregation="seq-mean-token-mean", ref_logp=ref, kl_coef=0.3,
-              kl_bias_correction=True)
+    kw = dict(
+        loss_type=loss_type, aggregation="seq-mean-token-mean", ref_logp=ref, kl_coef=0.3, kl_bias_correction=True
+    )
     out, g, want, g64 = run_both(backend, logp, old, adv, mask, **kw)
     check_outputs(out, g, want, g64, what=loss_type)
     if loss_type in ("ppo", "gspo"):
@@ -262,8 +281,14 @@ def test_sequence_ratio_sapo_and_cispo_match_their_definition(backend, loss_type
         capped = int((s_draw[m.sum(-1) > 0] > 1.01).sum())
         if 0 < capped < int((m.sum(-1) > 0).sum()):
             break
-    kw = dict(loss_type=loss_type, ratio_level="sequence", aggregation="seq-mean-token-mean", clip_high=0.01,
-              sapo_tau_pos=1.3, sapo_tau_neg=2.1)
+    kw = dict(
+        loss_type=loss_type,
+        ratio_level="sequence",
+        aggregation="seq-mean-token-mean",
+        clip_high=0.01,
+        sapo_tau_pos=1.3,
+        sapo_tau_neg=2.1,
+    )
     if kl:
         kw.update(ref_logp=ref, kl_coef=0.3, kl_bias_correction=True)
     out, g, want, g64 = run_both(backend, logp, old, adv, mask, **kw)
@@ -298,8 +323,13 @@ def test_geo_mean_matches_its_definition(backend, per_token_adv):
     if per_token_adv:
         adv[1, :4] = 0.0  # zero advantages contribute a zero log-ratio
     low, high = 0.15, 0.25
-    kw = dict(loss_type="geo_mean", clip_low=low, clip_high=high, aggregation="seq-mean-token-mean",
-              num_sequences=torch.tensor(6.0))
+    kw = dict(
+        loss_type="geo_mean",
+        clip_low=low,
+        clip_high=high,
+        aggregation="seq-mean-token-mean",
+        num_sequences=torch.tensor(6.0),
+    )
     out, g, want, g64 = run_both(backend, logp, old, adv, mask, **kw)
     check_outputs(out, g, want, g64, what="geo_mean")
     x = logp.double().requires_grad_()
@@ -326,8 +356,14 @@ def test_geo_mean_matches_its_definition(backend, per_token_adv):
 @pytest.mark.parametrize("bias_correction", [False, True])
 def test_policy_loss_kl_clamp(backend, kl_estimator, clamp, bias_correction):
     logp, old, ref, adv, mask = policy_inputs(b=5, t=11)
-    kw = dict(loss_type="ppo", ref_logp=ref, kl_coef=0.7, kl_estimator=kl_estimator, kl_clamp=clamp,
-              kl_bias_correction=bias_correction)
+    kw = dict(
+        loss_type="ppo",
+        ref_logp=ref,
+        kl_coef=0.7,
+        kl_estimator=kl_estimator,
+        kl_clamp=clamp,
+        kl_bias_correction=bias_correction,
+    )
     out, g, want, g64 = run_both(backend, logp, old, adv, mask, **kw)
     check_outputs(out, g, want, g64, what=f"{kl_estimator} clamped")
     # The KL part from the definition (token mean of kl_coef·[ρ·]clamp(k(d), −c, c), no gradient
@@ -351,13 +387,23 @@ def test_policy_loss_kl_clamp(backend, kl_estimator, clamp, bias_correction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss_type, bias_correction", [("ppo", False), ("ppo", True), ("gspo", True), ("cispo", False)])
+@pytest.mark.parametrize(
+    "loss_type, bias_correction", [("ppo", False), ("ppo", True), ("gspo", True), ("cispo", False)]
+)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_policy_loss_kl_times_is_weights(backend, loss_type, bias_correction, level):
     logp, old, ref, adv, mask = policy_inputs(b=5, t=9)
     w = torch.rand(logp.shape if level == "token" else logp.shape[:1]) * 2.5
-    kw = dict(loss_type=loss_type, ref_logp=ref, kl_coef=0.4, kl_estimator="abs", kl_bias_correction=bias_correction,
-              is_weights=w, is_threshold=1.7, aggregation="seq-mean-token-mean")
+    kw = dict(
+        loss_type=loss_type,
+        ref_logp=ref,
+        kl_coef=0.4,
+        kl_estimator="abs",
+        kl_bias_correction=bias_correction,
+        is_weights=w,
+        is_threshold=1.7,
+        aggregation="seq-mean-token-mean",
+    )
     out, g, want, g64 = run_both(backend, logp, old, adv, mask, **dict(kw, kl_times_is_weights=True))
     check_outputs(out, g, want, g64, what="kl × IS")
     # The KL part from the definition: kl_coef · mean_b mean_t min(w, 1.7) · [r ·] |logp − ref|.
@@ -370,7 +416,9 @@ def test_policy_loss_kl_times_is_weights(backend, loss_type, bias_correction, le
     k = (x - ref.double()).abs()
     if bias_correction:
         log_ratio = (x - old.double()) * m
-        k = k * (torch.exp(log_ratio.sum(-1) / n.clamp_min(1))[:, None] if loss_type == "gspo" else torch.exp(log_ratio))
+        k = k * (
+            torch.exp(log_ratio.sum(-1) / n.clamp_min(1))[:, None] if loss_type == "gspo" else torch.exp(log_ratio)
+        )
     per_seq = (m * iw * k).sum(-1) / n.clamp_min(1)
     kl_loss = 0.4 * per_seq.sum() / (n > 0).sum()
     (kl_grad,) = torch.autograd.grad(kl_loss, x)
@@ -402,17 +450,37 @@ def test_policy_loss_importance_weights(backend, is_mode, level, loss_type):
     logp, old, ref, adv, mask = policy_inputs()
     shape = logp.shape if level == "token" else logp.shape[:1]
     weights = torch.rand(shape) * 3.0  # some above the threshold, some below its reciprocal
-    check_outputs(*run_both(backend, logp, old, adv, mask, is_weights=weights, is_mode=is_mode, is_threshold=1.8,
-                            ref_logp=ref, loss_type=loss_type, cispo_two_sided=True), what=f"{is_mode}/{level}")
+    check_outputs(
+        *run_both(
+            backend,
+            logp,
+            old,
+            adv,
+            mask,
+            is_weights=weights,
+            is_mode=is_mode,
+            is_threshold=1.8,
+            ref_logp=ref,
+            loss_type=loss_type,
+            cispo_two_sided=True,
+        ),
+        what=f"{is_mode}/{level}",
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_policy_loss_options(backend):
     logp, old, ref, adv, mask = policy_inputs(per_token_adv=True)
     old = old_logp_off_edges(logp, logp + torch.randn_like(logp))  # ratios far outside the clip range
-    for kw in (dict(delta=1.5), dict(dual_clip=2.0, delta=2.5), dict(loss_type="sapo", sapo_tau_pos=0.5, sapo_tau_neg=2.0),
-               dict(loss_type="cispo"), dict(loss_type="cispo", cispo_two_sided=True),
-               dict(aggregation="seq-mean-token-sum-norm", norm_constant=7.0), dict(mask=None)):
+    for kw in (
+        dict(delta=1.5),
+        dict(dual_clip=2.0, delta=2.5),
+        dict(loss_type="sapo", sapo_tau_pos=0.5, sapo_tau_neg=2.0),
+        dict(loss_type="cispo"),
+        dict(loss_type="cispo", cispo_two_sided=True),
+        dict(aggregation="seq-mean-token-sum-norm", norm_constant=7.0),
+        dict(mask=None),
+    ):
         kw = {"mask": mask, **kw}
         m = kw.pop("mask")
         check_outputs(*run_both(backend, logp, old, adv, m, **kw), what=str(kw))
@@ -432,13 +500,16 @@ def test_policy_loss_packed_equals_padded(backend, loss_type):
     kw = dict(loss_type=loss_type, ref_logp=ref, kl_coef=0.1, aggregation="seq-mean-token-mean")
     padded = nk.policy_loss(logp.clone().requires_grad_(), old, adv, mask & inner, backend=backend, **kw)
     x = pack(logp).clone().requires_grad_()
-    packed = nk.policy_loss(x, pack(old), adv, pack(mask & inner), cu_seqlens=cu, backend=backend,
-                            **{**kw, "ref_logp": pack(ref)})
+    packed = nk.policy_loss(
+        x, pack(old), adv, pack(mask & inner), cu_seqlens=cu, backend=backend, **{**kw, "ref_logp": pack(ref)}
+    )
     assert_close(packed.loss, padded.loss, **F32, what="packed vs padded")
     assert_close(torch.stack(packed[1:7]), torch.stack(padded[1:7]), **F32, what="metrics")
     packed.loss.backward()
     x64 = logp.double().requires_grad_()
-    policy_loss_reference(x64, old.double(), adv.double(), mask & inner, **{**kw, "ref_logp": ref.double()}).loss.backward()
+    policy_loss_reference(
+        x64, old.double(), adv.double(), mask & inner, **{**kw, "ref_logp": ref.double()}
+    ).loss.backward()
     assert_close(x.grad, x64.grad[mask], rtol=1e-5, atol=1e-7, what="packed grad")
 
 
@@ -467,16 +538,25 @@ def test_policy_loss_hand_worked(backend):
     # 3. GSPO: log-ratios 0.1 and 0.3 give s = e^0.2 for both tokens; A = 1 in a wide range:
     #    loss = −s, each token's gradient −s/2.
     logp = torch.tensor([[0.1, 0.3]], requires_grad=True)
-    out = nk.policy_loss(logp, torch.zeros(1, 2), torch.ones(1), loss_type="gspo", clip_low=0.5, clip_high=0.5,
-                         backend=backend)
+    out = nk.policy_loss(
+        logp, torch.zeros(1, 2), torch.ones(1), loss_type="gspo", clip_low=0.5, clip_high=0.5, backend=backend
+    )
     s = math.exp(0.2)
     assert_close(out.loss, torch.tensor(-s), rtol=1e-6, atol=1e-6)
     assert_close(torch.autograd.grad(out.loss, logp)[0], torch.tensor([[-s / 2, -s / 2]]), rtol=1e-6, atol=1e-7)
 
     # 4. NPO: Σ logp − Σ ref = −1.5, β = 2: loss (2/β)·log(1 + e^{−3}), seq-mean-token-sum.
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
-    out = nk.policy_loss(logp, logp.detach(), None, ref_logp=torch.tensor([[-0.5, -1.0]]), loss_type="npo",
-                         npo_beta=2.0, aggregation="seq-mean-token-sum", backend=backend)
+    out = nk.policy_loss(
+        logp,
+        logp.detach(),
+        None,
+        ref_logp=torch.tensor([[-0.5, -1.0]]),
+        loss_type="npo",
+        npo_beta=2.0,
+        aggregation="seq-mean-token-sum",
+        backend=backend,
+    )
     assert_close(out.loss, torch.tensor(math.log1p(math.exp(-3.0))), rtol=1e-6, atol=1e-7)
     sig = 1 / (1 + math.exp(3.0))
     assert_close(torch.autograd.grad(out.loss, logp)[0], torch.full((1, 2), 2 * sig), rtol=1e-5, atol=1e-7)
@@ -485,11 +565,19 @@ def test_policy_loss_hand_worked(backend):
     #    token mean (GPG, A = 2: −2·mean(logp) = 3), not half of it, and its gradient is 0.
     logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.0, -1.5]], requires_grad=True)
     mask = torch.tensor([[True, True, False], [False, False, False]])
-    out = nk.policy_loss(logp, logp.detach(), torch.tensor([2.0, 5.0]), mask, loss_type="gpg",
-                         aggregation="seq-mean-token-mean", backend=backend)
+    out = nk.policy_loss(
+        logp,
+        logp.detach(),
+        torch.tensor([2.0, 5.0]),
+        mask,
+        loss_type="gpg",
+        aggregation="seq-mean-token-mean",
+        backend=backend,
+    )
     assert_close(out.loss, torch.tensor(3.0), rtol=1e-6, atol=1e-6)
-    assert_close(torch.autograd.grad(out.loss, logp)[0], torch.tensor([[-1.0, -1.0, 0.0], [0.0, 0.0, 0.0]]),
-                 rtol=1e-6, atol=1e-7)
+    assert_close(
+        torch.autograd.grad(out.loss, logp)[0], torch.tensor([[-1.0, -1.0, 0.0], [0.0, 0.0, 0.0]]), rtol=1e-6, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -498,7 +586,9 @@ def test_policy_loss_fully_masked_and_empty(backend, aggregation):
     logp, old, ref, adv, _ = policy_inputs()
     old[0, 0] = float("inf")  # padding garbage under the mask must not leak
     x = logp.clone().requires_grad_()
-    out = nk.policy_loss(x, old, adv, torch.zeros_like(logp, dtype=torch.bool), aggregation=aggregation, backend=backend)
+    out = nk.policy_loss(
+        x, old, adv, torch.zeros_like(logp, dtype=torch.bool), aggregation=aggregation, backend=backend
+    )
     assert out.loss.item() == 0.0 and all(v.item() == 0.0 for v in out[1:7])
     (g,) = torch.autograd.grad(out.loss, x)
     assert torch.equal(g, torch.zeros_like(g))
@@ -523,8 +613,16 @@ def test_policy_loss_gradient_accumulation(backend, aggregation):
     y = logp.clone().requires_grad_()
     total = 0
     for part in (slice(0, 2), slice(2, 6)):
-        out = nk.policy_loss(y[part], old[part], adv[part], mask[part], backend=backend, num_tokens=num_tokens,
-                             num_sequences=num_sequences, **{**kw, "ref_logp": ref[part]})
+        out = nk.policy_loss(
+            y[part],
+            old[part],
+            adv[part],
+            mask[part],
+            backend=backend,
+            num_tokens=num_tokens,
+            num_sequences=num_sequences,
+            **{**kw, "ref_logp": ref[part]},
+        )
         out.loss.backward()
         total = total + out.loss.detach()
     assert_close(total, whole.loss, **F32)
@@ -570,18 +668,38 @@ def test_policy_loss_bad_input():
     with pytest.raises(ValueError, match="cu_seqlens"):
         nk.policy_loss(flat, flat, torch.zeros(2), cu_seqlens=torch.tensor([0, 5, 30]))
     with pytest.raises(ValueError, match="norm_constant"):
-        nk.policy_loss(flat, flat, torch.zeros(2), cu_seqlens=torch.tensor([0, 5, 36]),
-                       aggregation="seq-mean-token-sum-norm")
+        nk.policy_loss(
+            flat, flat, torch.zeros(2), cu_seqlens=torch.tensor([0, 5, 36]), aggregation="seq-mean-token-sum-norm"
+        )
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_policy_loss_opcheck(backend):
     logp, old, ref, adv, mask = policy_inputs()
     codes, scalars = nk.PolicyLossConfig(dual_clip=3.0, kl_coef=0.1).kernel_args(
-        use_kl=True, use_is=False, adv_per_token=False, iw_per_token=False, compute_grad=True, num_sequences=4,
-        seq_len=9, max_len=9, norm_constant=1.0)
-    args = (logp.reshape(-1).requires_grad_(), old.reshape(-1), adv, mask.reshape(-1).view(torch.uint8),
-            ref.reshape(-1), None, None, torch.tensor(11.0), codes, scalars, backend)
+        use_kl=True,
+        use_is=False,
+        adv_per_token=False,
+        iw_per_token=False,
+        compute_grad=True,
+        num_sequences=4,
+        seq_len=9,
+        max_len=9,
+        norm_constant=1.0,
+    )
+    args = (
+        logp.reshape(-1).requires_grad_(),
+        old.reshape(-1),
+        adv,
+        mask.reshape(-1).view(torch.uint8),
+        ref.reshape(-1),
+        None,
+        None,
+        torch.tensor(11.0),
+        codes,
+        scalars,
+        backend,
+    )
     torch.library.opcheck(torch.ops.negkernels.policy_loss.default, args)
 
 
@@ -605,8 +723,17 @@ def from_logits_case(b=3, t=6, v=45, dtype=torch.float32):
 @pytest.mark.parametrize("inplace", [False, True])
 def test_policy_loss_from_logits_parity(backend, loss_type, inplace):
     logits, targets, old, ref, adv, mask = from_logits_case()
-    kw = dict(loss_type=loss_type, ref_logp=ref, kl_coef=0.05, entropy_coef=0.01, return_entropy=True,
-              temperature=0.8, aggregation="seq-mean-token-mean", dual_clip=2.5, is_weights=torch.rand(3) * 2)
+    kw = dict(
+        loss_type=loss_type,
+        ref_logp=ref,
+        kl_coef=0.05,
+        entropy_coef=0.01,
+        return_entropy=True,
+        temperature=0.8,
+        aggregation="seq-mean-token-mean",
+        dual_clip=2.5,
+        is_weights=torch.rand(3) * 2,
+    )
     leaf = logits.clone().requires_grad_()
     x = leaf * 1.0 if inplace else leaf
     with poisoned_allocations():
@@ -618,8 +745,15 @@ def test_policy_loss_from_logits_parity(backend, loss_type, inplace):
     ref_out.loss.backward()
     assert_close(out.loss, ref_out.loss, **F32, what="loss")
     assert_close(leaf.grad, x64.grad, rtol=1e-4, atol=1e-7, what="logits grad")
-    for name in ("clip_fraction_low", "clip_fraction_high", "dual_clip_fraction", "approx_kl", "mean_ratio", "kl",
-                 "entropy"):
+    for name in (
+        "clip_fraction_low",
+        "clip_fraction_high",
+        "dual_clip_fraction",
+        "approx_kl",
+        "mean_ratio",
+        "kl",
+        "entropy",
+    ):
         assert_close(getattr(out, name), getattr(ref_out, name), **F32, what=name)
     assert_close(out.token_logp, ref_out.token_logp, **F32, what="token_logp")
     assert_close(out.token_entropy, ref_out.token_entropy, **F32, what="token_entropy")
@@ -633,8 +767,14 @@ def test_policy_loss_from_logits_kl_bias_correction_and_on_policy(backend, loss_
     """The fused kernel's bias-corrected KL and its on-policy ratio (old_logp=None: ρ = 1 computed
     in the kernel from the row's own log-prob) against the float64 reference of the same call."""
     logits, targets, old, ref, adv, mask = from_logits_case(b=4, t=5, v=53)
-    kw = dict(loss_type=loss_type, ref_logp=ref, kl_coef=0.4, kl_bias_correction=True, return_entropy=True,
-              aggregation="token-mean")
+    kw = dict(
+        loss_type=loss_type,
+        ref_logp=ref,
+        kl_coef=0.4,
+        kl_bias_correction=True,
+        return_entropy=True,
+        aggregation="token-mean",
+    )
     old_in = None if on_policy else old
     leaf = logits.clone().requires_grad_()
     with poisoned_allocations():
@@ -642,8 +782,9 @@ def test_policy_loss_from_logits_kl_bias_correction_and_on_policy(backend, loss_
     out.loss.backward()
     x64 = logits.double().requires_grad_()
     kw64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-    want = nk.policy_loss_from_logits(x64, targets, None if on_policy else old.double(), adv.double(), mask,
-                                      backend="reference", **kw64)
+    want = nk.policy_loss_from_logits(
+        x64, targets, None if on_policy else old.double(), adv.double(), mask, backend="reference", **kw64
+    )
     want.loss.backward()
     assert_close(out.loss, want.loss, **F32, what="loss")
     assert_close(leaf.grad, x64.grad, rtol=1e-4, atol=1e-7, what="logits grad")
@@ -668,8 +809,15 @@ def check_from_logits_against_float64(backend, logits, targets, old, adv, mask, 
         out = nk.policy_loss_from_logits(leaf, targets, old, adv, mask, backend=backend, **kw)
     out.loss.backward()
     x64 = logits.double().requires_grad_()
-    want = nk.policy_loss_from_logits(x64, targets, old.double(), adv.double(), mask, backend="reference",
-                                      **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    want = nk.policy_loss_from_logits(
+        x64,
+        targets,
+        old.double(),
+        adv.double(),
+        mask,
+        backend="reference",
+        **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()},
+    )
     want.loss.backward()
     assert_close(out.loss, want.loss, **F32, what="loss")
     assert_close(out.kl, want.kl, **F32, what="kl")
@@ -683,8 +831,15 @@ def test_policy_loss_from_logits_kl_clamp(backend):
     ref = ref + torch.randn_like(ref)  # far from the policy: the clamp binds on some tokens
     kw = dict(loss_type="ppo", ref_logp=ref, kl_coef=0.5, kl_clamp=0.3, kl_bias_correction=True)
     want = check_from_logits_against_float64(backend, logits, targets, old, adv, mask, **kw)
-    unclamped = nk.policy_loss_from_logits(logits.double(), targets, old.double(), adv.double(), mask,
-                                           backend="reference", **dict(kw, ref_logp=ref.double(), kl_clamp=None))
+    unclamped = nk.policy_loss_from_logits(
+        logits.double(),
+        targets,
+        old.double(),
+        adv.double(),
+        mask,
+        backend="reference",
+        **dict(kw, ref_logp=ref.double(), kl_clamp=None),
+    )
     assert not torch.allclose(unclamped.kl, want.kl)
 
 
@@ -697,8 +852,9 @@ def test_policy_loss_from_logits_half_precision_and_views(backend, dtype):
     out = nk.policy_loss_from_logits(leaf[:, :-1], targets, old, adv, mask, backend=backend)
     out.loss.backward()
     x64 = full.double().requires_grad_()
-    nk.policy_loss_from_logits(x64[:, :-1], targets, old.double(), adv.double(), mask,
-                               backend="reference").loss.backward()
+    nk.policy_loss_from_logits(
+        x64[:, :-1], targets, old.double(), adv.double(), mask, backend="reference"
+    ).loss.backward()
     assert leaf.grad.dtype == dtype
     assert_close(leaf.grad, x64.grad, **TOLERANCES[dtype], what="half-precision logits grad")
 
@@ -715,8 +871,9 @@ def test_policy_loss_from_logits_packed_and_scaled_grad(backend, loss_type):
     out = nk.policy_loss_from_logits(x, targets[0], old[0], seq_adv, mask, backend=backend, **kw)
     (out.loss * 2.5).backward()  # an incoming gradient other than 1 rescales the stored gradient
     x64 = logits[0].double().requires_grad_()
-    ref_out = nk.policy_loss_from_logits(x64, targets[0], old[0].double(), seq_adv.double(), mask,
-                                         backend="reference", **kw)
+    ref_out = nk.policy_loss_from_logits(
+        x64, targets[0], old[0].double(), seq_adv.double(), mask, backend="reference", **kw
+    )
     (ref_out.loss * 2.5).backward()
     assert_close(out.loss, ref_out.loss, **F32, what="packed loss")
     assert_close(x.grad, x64.grad, rtol=1e-4, atol=1e-7, what="packed grad")
@@ -764,8 +921,9 @@ def test_policy_losses_compile_fullgraph(backend):
     torch._dynamo.reset()
     logp, old, ref, adv, mask = policy_inputs()
     x = logp.clone().requires_grad_()
-    fn = torch.compile(lambda x: nk.policy_loss(x, old, adv, mask, backend=backend).loss, backend="aot_eager",
-                       fullgraph=True)
+    fn = torch.compile(
+        lambda x: nk.policy_loss(x, old, adv, mask, backend=backend).loss, backend="aot_eager", fullgraph=True
+    )
     loss = fn(x)
     loss.backward()
     x64 = logp.double().requires_grad_()
@@ -775,28 +933,52 @@ def test_policy_losses_compile_fullgraph(backend):
     assert_close(x.grad, x64.grad, rtol=1e-5, atol=1e-7)
     logits, targets, old, ref, adv, mask = from_logits_case()
     y = logits.clone().requires_grad_()
-    fn = torch.compile(lambda y: nk.policy_loss_from_logits(y, targets, old, adv, mask, validate=False,
-                                                            backend=backend).loss * 3.0,
-                       backend="aot_eager", fullgraph=True)
+    fn = torch.compile(
+        lambda y: nk.policy_loss_from_logits(y, targets, old, adv, mask, validate=False, backend=backend).loss * 3.0,
+        backend="aot_eager",
+        fullgraph=True,
+    )
     fn(y).backward()
     y64 = logits.double().requires_grad_()
-    (nk.policy_loss_from_logits(y64, targets, old.double(), adv.double(), mask, backend="reference").loss * 3.0).backward()
+    (
+        nk.policy_loss_from_logits(y64, targets, old.double(), adv.double(), mask, backend="reference").loss * 3.0
+    ).backward()
     assert_close(y.grad, y64.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_policy_loss_module():
     logp, old, ref, adv, mask = policy_inputs()
-    loss_fn = nk.PolicyLoss(loss_type="cispo", clip_high=0.5, kl_coef=0.1, aggregation="seq-mean-token-sum",
-                            backend="reference")
+    loss_fn = nk.PolicyLoss(
+        loss_type="cispo", clip_high=0.5, kl_coef=0.1, aggregation="seq-mean-token-sum", backend="reference"
+    )
     assert "cispo" in repr(loss_fn)
     out = loss_fn(logp, old, adv, mask, ref_logp=ref)
-    direct = policy_loss_reference(logp.double(), old.double(), adv.double(), mask, loss_type="cispo", clip_high=0.5,
-                                   kl_coef=0.1, ref_logp=ref.double(), aggregation="seq-mean-token-sum")
+    direct = policy_loss_reference(
+        logp.double(),
+        old.double(),
+        adv.double(),
+        mask,
+        loss_type="cispo",
+        clip_high=0.5,
+        kl_coef=0.1,
+        ref_logp=ref.double(),
+        aggregation="seq-mean-token-sum",
+    )
     assert_close(out.loss, direct.loss, **F32)
     # A per-call option overrides the stored one.
-    assert_close(loss_fn(logp, old, adv, mask, ref_logp=ref, kl_coef=0.0).loss,
-                 policy_loss_reference(logp.double(), old.double(), adv.double(), mask, loss_type="cispo",
-                                       clip_high=0.5, aggregation="seq-mean-token-sum").loss, **F32)
+    assert_close(
+        loss_fn(logp, old, adv, mask, ref_logp=ref, kl_coef=0.0).loss,
+        policy_loss_reference(
+            logp.double(),
+            old.double(),
+            adv.double(),
+            mask,
+            loss_type="cispo",
+            clip_high=0.5,
+            aggregation="seq-mean-token-sum",
+        ).loss,
+        **F32,
+    )
     logits, targets, old_l, _, adv_l, mask_l = from_logits_case()
     got = loss_fn.from_logits(logits, targets, old_l, adv_l, mask_l, kl_coef=0.0)
     assert torch.isfinite(got.loss) and got.token_logp.shape == targets.shape
@@ -812,10 +994,18 @@ def test_small_kl_values_keep_their_precision(backend, kl_estimator):
     logp = torch.randn(6, 50) * 0.5 - 2
     old = logp + 1e-3 * torch.randn_like(logp)
     ref = logp + 1e-3 * torch.randn_like(logp)
-    out = nk.policy_loss(logp, old, torch.randn(6), ref_logp=ref, kl_coef=1.0, kl_estimator=kl_estimator,
-                         backend=backend)
-    ref_out = policy_loss_reference(logp.double(), old.double(), torch.zeros(6, dtype=torch.float64), ref_logp=ref.double(),
-                                    kl_coef=1.0, kl_estimator=kl_estimator, loss_type="gpg")
+    out = nk.policy_loss(
+        logp, old, torch.randn(6), ref_logp=ref, kl_coef=1.0, kl_estimator=kl_estimator, backend=backend
+    )
+    ref_out = policy_loss_reference(
+        logp.double(),
+        old.double(),
+        torch.zeros(6, dtype=torch.float64),
+        ref_logp=ref.double(),
+        kl_coef=1.0,
+        kl_estimator=kl_estimator,
+        loss_type="gpg",
+    )
     assert_close(out.approx_kl, ref_out.metrics[3], rtol=1e-4, atol=0, what="approx_kl")
     assert_close(out.kl, ref_out.metrics[5], rtol=1e-4, atol=0, what="kl")
 
@@ -865,8 +1055,9 @@ def test_covariance_token_mask_top_and_band_against_a_loop():
     band = (-0.2, 0.3)
     candidates = [c for c in cells if band[0] < cov[c] < band[1] and not exclude[c]]  # row-major
     order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(7))
-    drawn = nk.covariance_token_mask(logp, adv, mask, fraction=0.15, band=band, exclude=exclude,
-                                     generator=torch.Generator().manual_seed(7))
+    drawn = nk.covariance_token_mask(
+        logp, adv, mask, fraction=0.15, band=band, exclude=exclude, generator=torch.Generator().manual_seed(7)
+    )
     assert sorted(map(tuple, drawn.nonzero().tolist())) == sorted(candidates[int(i)] for i in order[:k])
     assert int(drawn.sum()) == min(k, len(candidates)) > 0
     # nothing unmasked, or nothing in the band: nothing picked
@@ -874,14 +1065,17 @@ def test_covariance_token_mask_top_and_band_against_a_loop():
     assert not nk.covariance_token_mask(logp, adv, mask, fraction=0.5, band=(50.0, 60.0)).any()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(fraction=0.0), "fraction"),
-    (dict(fraction=float("nan")), "fraction"),
-    (dict(fraction=0.1, advantages=torch.randn(3, 4)), "advantages"),
-    (dict(fraction=0.1, mask=torch.ones(3, 4, dtype=torch.bool)), "mask"),
-    (dict(fraction=0.1, band=(0.0, 1.0), exclude=torch.ones(4, dtype=torch.bool)), "exclude"),
-    (dict(fraction=0.1, band=(0.0, float("inf"))), "band"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(fraction=0.0), "fraction"),
+        (dict(fraction=float("nan")), "fraction"),
+        (dict(fraction=0.1, advantages=torch.randn(3, 4)), "advantages"),
+        (dict(fraction=0.1, mask=torch.ones(3, 4, dtype=torch.bool)), "mask"),
+        (dict(fraction=0.1, band=(0.0, 1.0), exclude=torch.ones(4, dtype=torch.bool)), "exclude"),
+        (dict(fraction=0.1, band=(0.0, float("inf"))), "band"),
+    ],
+)
 def test_covariance_token_mask_bad_input(kwargs, match):
     args = dict(logp=torch.randn(4, 3), advantages=torch.randn(4, 3), mask=None)
     args.update(kwargs)

@@ -26,8 +26,9 @@ def test_readme_has_runnable_examples():
     assert BLOCKS and len(ALL_BLOCKS) > len(BLOCKS)
 
 
-@pytest.mark.parametrize("block", [b for b in ALL_BLOCKS if b not in BLOCKS],
-                         ids=lambda b: b.strip().splitlines()[-1][:60])
+@pytest.mark.parametrize(
+    "block", [b for b in ALL_BLOCKS if b not in BLOCKS], ids=lambda b: b.strip().splitlines()[-1][:60]
+)
 def test_readme_snippet_runs(block):
     _run(block)
 

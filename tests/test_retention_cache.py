@@ -13,8 +13,15 @@ transformers = pytest.importorskip("transformers")
 
 import negkernels as nk  # noqa: E402
 
-CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=4096)
+CONFIG = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+)
 
 
 def llama():
@@ -22,8 +29,13 @@ def llama():
 
 
 def greedy(model, prompt, new_tokens, cache=None):
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                  do_sample=False, pad_token_id=0)
+    kwargs = dict(
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
     with torch.no_grad():
         if cache is not None:  # under the keyword this transformers takes (no deprecation warning)
             kwargs[nk.RetentionCache.generate_keyword()] = cache
@@ -61,8 +73,16 @@ def test_generate_512_tokens_within_budget(scorer):
     model = llama()
     prompt = torch.randint(0, 97, (1, 24))
     gates = Gates(2, 64, 2) if scorer == "trim_kv" else None
-    cache = nk.RetentionCache(64, 16, scorer=scorer, model=model if gates else None, retention_gates=gates, sink=4,
-                              window=8, backend="reference")
+    cache = nk.RetentionCache(
+        64,
+        16,
+        scorer=scorer,
+        model=model if gates else None,
+        retention_gates=gates,
+        sink=4,
+        window=8,
+        backend="reference",
+    )
     peak = track_peak(cache)
     out = greedy(model, prompt, 512, cache)
     cache.detach()
@@ -94,7 +114,9 @@ def test_eviction_to_the_window_equals_a_sliding_window_model(backend, scorer):
     # A random model may settle into repeating one token, where the window changes nothing: draw
     # again (a few times at most) until the window matters, so the check below is not vacuous.
     for _ in range(5):
-        sliding = transformers.MistralForCausalLM(transformers.MistralConfig(**CONFIG, sliding_window=budget + 1)).eval()
+        sliding = transformers.MistralForCausalLM(
+            transformers.MistralConfig(**CONFIG, sliding_window=budget + 1)
+        ).eval()
         full = transformers.MistralForCausalLM(transformers.MistralConfig(**CONFIG, sliding_window=None)).eval()
         full.load_state_dict(sliding.state_dict())
         prompt = torch.randint(0, 97, (2, 15))
@@ -106,7 +128,9 @@ def test_eviction_to_the_window_equals_a_sliding_window_model(backend, scorer):
     if scorer == "window":
         cache = nk.RetentionCache(budget, 0, window=budget, backend=backend)
     else:
-        cache = nk.RetentionCache(budget, 0, model=full, retention_gates=Gates(2, 64, 2, constant=-0.1), backend=backend)
+        cache = nk.RetentionCache(
+            budget, 0, model=full, retention_gates=Gates(2, 64, 2, constant=-0.1), backend=backend
+        )
     assert torch.equal(greedy(full, prompt, new_tokens, cache), expected)
     assert cache.evictions > 0
     cache.detach()

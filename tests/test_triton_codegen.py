@@ -59,7 +59,8 @@ PRELUDE = textwrap.dedent(
                 # a *_scale argument multiplies fp32 values, as a Python float launches it (fp32)
                 signature[name] = int_type if name in ints else "fp32" if name.endswith("_scale") or \
                     int_type != "i32" else "fp64"
-        src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        constexprs = {(names.index(k),): v for k, v in constexprs.items()}
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
         compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps))
         assert "ld.global" in compiled.asm["ptx"]
         check_resources(kernel, compiled, num_warps)
@@ -103,8 +104,8 @@ SCRIPT = PRELUDE + textwrap.dedent(
                 count += 1
     ones = dict(n_rewards=1, num_groups=1, group_size=1, headroom=1, vmax_exponent=1)
     compile_advantages(adv._group_advantages_segmented_kernel,
-                       dict(ESTIMATOR=3, SCALE=3, UNIFORM=True, PER_SAMPLE_SIGN_SCALES=False, EXTERNAL_BATCH_STATS=False,
-                            BLOCK=1024, **ones), 8)
+                       dict(ESTIMATOR=3, SCALE=3, UNIFORM=True, PER_SAMPLE_SIGN_SCALES=False,
+                            EXTERNAL_BATCH_STATS=False, BLOCK=1024, **ones), 8)
     compile_advantages(adv._group_advantages_uniform_kernel,
                        dict(ESTIMATOR=0, SCALE=0, PER_SAMPLE_SIGN_SCALES=False, GROUPS_PER_PROGRAM=64, BLOCK_G=1,
                             group_size=1, num_groups=1), 4)
@@ -139,7 +140,8 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
         compile_logprobs(lk._token_logprobs_bwd_kernel,
                          dict(HAS_GRAD_LOGP=grad_logp, HAS_GRAD_ENTROPY=grad_entropy, BLOCK_V=4096))
         count += 1
-    base = dict(LOSS=0, KL=-1, KL_BIAS_CORRECTION=False, KL_TIMES_IS_WEIGHTS=False, AGG=0, IS=0, PACKED=False, HAS_MASK=True, ADV_PER_TOKEN=False, IW_PER_TOKEN=False,
+    base = dict(LOSS=0, KL=-1, KL_BIAS_CORRECTION=False, KL_TIMES_IS_WEIGHTS=False, AGG=0, IS=0, PACKED=False,
+                HAS_MASK=True, ADV_PER_TOKEN=False, IW_PER_TOKEN=False,
                 CISPO_TWO_SIDED=False, SEQUENCE_RATIO=False, COMPUTE_GRAD=True, HAS_NORMALISER=False, BLOCK=2048,
                 FINAL_BLOCK=lk.FINAL_ROWS)
     variants = []
@@ -160,7 +162,8 @@ LOGPROBS_SCRIPT = PRELUDE + textwrap.dedent(
     for v in variants:
         compile_logprobs(lk._policy_loss_fwd_kernel, v, logp_ptr="*fp32")
         count += 1
-    fused = dict(LOSS=0, KL=-1, KL_BIAS_CORRECTION=False, KL_TIMES_IS_WEIGHTS=False, IS=0, CISPO_TWO_SIDED=False, ON_POLICY=False, COMPUTE_GRAD=True, WITH_ENTROPY=False, FINALIZE=True,
+    fused = dict(LOSS=0, KL=-1, KL_BIAS_CORRECTION=False, KL_TIMES_IS_WEIGHTS=False, IS=0, CISPO_TWO_SIDED=False,
+                 ON_POLICY=False, COMPUTE_GRAD=True, WITH_ENTROPY=False, FINALIZE=True,
                  HAS_WEIGHT=False, HAS_MASK=True, ADV_PER_TOKEN=False, IW_PER_TOKEN=False, NORMALISER=1, BLOCK_V=4096,
                  COUNT_BLOCK=lk.MASK_COUNT_BLOCK)
     for loss in (0, 2, 3, 4):
@@ -216,7 +219,8 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
 
     INTS = {"n_queries", "n_slots", "dim", "n_extra", "k", "valid_count", "split_slots", "n_splits", "grad_stride",
             "slot_end",
-            "stride_qn", "stride_qd", "stride_pn", "stride_pd", "stride_bk", "stride_bd", "stride_en", "stride_em", "stride_ed"}
+            "stride_qn", "stride_qd", "stride_pn", "stride_pd", "stride_bk", "stride_bd", "stride_en", "stride_em",
+            "stride_ed"}
     FP32 = ("loss_ptr", "lse_all_ptr", "lse_pos_ptr", "temperature_ptr", "grad_loss_ptr", "r_ptr", "values_ptr",
             "partial_ptr", "acc_ptr", "r_partial_ptr")
 
@@ -281,7 +285,9 @@ CONTRASTIVE_SCRIPT = PRELUDE + textwrap.dedent(
     grad_opts = dict(opts, GRAD_DOT_FP32=False, GRAD_PRECISION="ieee")
     ones = dict(n_queries=1, n_slots=1, dim=1, stride_qd=1, stride_bd=1)
     compile_contrastive(ck._bank_info_nce_fwd_kernel,
-                        dict(opts, HAS_EXTRA=True, HAS_POSITIVE=True, BLOCK_N=16, BLOCK_K=64, BLOCK_D=16, n_extra=1, **ones), "bf16", 4, "i64")
+                        dict(opts, HAS_EXTRA=True, HAS_POSITIVE=True, BLOCK_N=16, BLOCK_K=64, BLOCK_D=16, n_extra=1,
+                             **ones),
+                        "bf16", 4, "i64")
     compile_contrastive(ck._bank_info_nce_bwd_bank_kernel, dict(grad_opts, BLOCK_N=64, BLOCK_K=16, BLOCK_D=16, **ones),
                         "bf16", 4, "i64")
     count += 2
@@ -375,6 +381,7 @@ KV_SCRIPT = PRELUDE + textwrap.dedent(
     print("compiled", count)
     """
 )
+
 
 def _compile_in_subprocess(script: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

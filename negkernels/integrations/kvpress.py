@@ -43,23 +43,30 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor, nn
-
 from kvpress import ScorerPress
 from kvpress.utils import compute_n_kept
+from torch import Tensor, nn
 
 from ..ops.kv import attention_scores, compact_kv, key_norm_scores, keydiff_scores, retention_scores, select_retained
 from .transformers import last_window_attention
 
-__all__ = ["KnormPress", "KeyDiffPress", "SnapKVPress", "TOVAPress", "ObservedAttentionPress", "TrimKVPress",
-           "last_window_attention"]
+__all__ = [
+    "KnormPress",
+    "KeyDiffPress",
+    "SnapKVPress",
+    "TOVAPress",
+    "ObservedAttentionPress",
+    "TrimKVPress",
+    "last_window_attention",
+]
 
 
 class _SelectOnNegkernels:
     """``compress`` for a ScorerPress: negkernels' per-head selection and gather."""
 
-    def compress(self, module: nn.Module, hidden_states: Tensor, keys: Tensor, values: Tensor, attentions,
-                 kwargs: dict) -> tuple[Tensor, Tensor]:
+    def compress(
+        self, module: nn.Module, hidden_states: Tensor, keys: Tensor, values: Tensor, attentions, kwargs: dict
+    ) -> tuple[Tensor, Tensor]:
         if self.compression_ratio == 0:
             return keys, values
         scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
@@ -94,13 +101,16 @@ class SnapKVPress(_SelectOnNegkernels, ScorerPress):
 
     def score(self, module, hidden_states, keys, values, attentions, kwargs) -> Tensor:
         if hidden_states.shape[1] <= self.window_size:
-            raise ValueError(f"window_size: the prompt ({hidden_states.shape[1]} tokens) must be longer than the "
-                             f"window ({self.window_size})")
+            raise ValueError(
+                f"window_size: the prompt ({hidden_states.shape[1]} tokens) must be longer than the "
+                f"window ({self.window_size})"
+            )
         if attentions is not None:
-            weights = attentions[..., -self.window_size:, :]
+            weights = attentions[..., -self.window_size :, :]
         else:
-            weights = last_window_attention(module, hidden_states, keys, self.window_size,
-                                            kwargs.get("position_embeddings"))
+            weights = last_window_attention(
+                module, hidden_states, keys, self.window_size, kwargs.get("position_embeddings")
+            )
         return attention_scores(weights, keys.shape[1], "snapkv", pool_kernel=self.kernel_size)
 
 
@@ -128,8 +138,10 @@ class ObservedAttentionPress(_SelectOnNegkernels, ScorerPress):
 
     def score(self, module, hidden_states, keys, values, attentions, kwargs) -> Tensor:
         if attentions is None:
-            raise ValueError('attentions: ObservedAttentionPress needs the attention weights; load the model with '
-                             'attn_implementation="eager"')
+            raise ValueError(
+                "attentions: ObservedAttentionPress needs the attention weights; load the model with "
+                'attn_implementation="eager"'
+            )
         return attention_scores(attentions, keys.shape[1], "h2o_normalized")
 
 

@@ -45,25 +45,42 @@ _LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 class FusedLinearGRPOLoss(torch.nn.Module):
     """``LigerFusedLinearGRPOLoss``'s interface over :func:`negkernels.linear_policy_loss`."""
 
-    def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True, chunk_size: int = 1,
-                 epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = "dapo",
-                 max_completion_length: Optional[int] = None, importance_sampling_level: str = "token",
-                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, temperature: float = 1.0,
-                 delta: Optional[float] = None, use_bias_correction_kl: bool = False, **vespo_options):
+    def __init__(
+        self,
+        beta: float = 0.04,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        chunk_size: int = 1,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        loss_type: str = "dapo",
+        max_completion_length: Optional[int] = None,
+        importance_sampling_level: str = "token",
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        temperature: float = 1.0,
+        delta: Optional[float] = None,
+        use_bias_correction_kl: bool = False,
+        **vespo_options,
+    ):
         super().__init__()
         if loss_type not in _LOSS_TYPES:
-            raise ValueError(f"loss_type: {loss_type!r} is not supported (choose from {_LOSS_TYPES}; vespo has no "
-                             "fused form)")
+            raise ValueError(
+                f"loss_type: {loss_type!r} is not supported (choose from {_LOSS_TYPES}; vespo has no fused form)"
+            )
         if importance_sampling_level not in ("token", "sequence"):
-            raise ValueError(f"importance_sampling_level: expected 'token' or 'sequence', got "
-                             f"{importance_sampling_level!r}")
+            raise ValueError(
+                f"importance_sampling_level: expected 'token' or 'sequence', got {importance_sampling_level!r}"
+            )
         sequence = importance_sampling_level == "sequence"
         if sequence and loss_type in ("cispo", "sapo"):
             raise ValueError(f"importance_sampling_level: 'sequence' is not supported for loss_type={loss_type!r}")
         if loss_type == "luspo" and (not sequence or (beta != 0.0 and use_ref_model)):
-            raise NotImplementedError("loss_type='luspo' is supported at importance_sampling_level='sequence' with "
-                                      "beta=0 only: otherwise Liger's per-token terms are weighed at padded "
-                                      "positions too")
+            raise NotImplementedError(
+                "loss_type='luspo' is supported at importance_sampling_level='sequence' with "
+                "beta=0 only: otherwise Liger's per-token terms are weighed at padded "
+                "positions too"
+            )
         if loss_type == "dr_grpo" and max_completion_length is None:
             raise ValueError("max_completion_length: required for loss_type='dr_grpo'")
         if loss_type == "cispo" and epsilon_high < 1.0:
@@ -76,18 +93,26 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         self.epsilon_low, self.epsilon_high = epsilon_low, epsilon_high
         self.compiled, self.chunk_size = compiled, chunk_size  # accepted for compatibility; nothing to tune
 
-        options = dict(is_mode="truncate", is_threshold=_NO_CAP, kl_estimator="k3",
-                       kl_bias_correction=bool(use_bias_correction_kl))
+        options = dict(
+            is_mode="truncate", is_threshold=_NO_CAP, kl_estimator="k3", kl_bias_correction=bool(use_bias_correction_kl)
+        )
         if loss_type == "cispo":
             options.update(loss_type="cispo", clip_high=epsilon_high - 1.0)
         elif loss_type == "sapo":
             options.update(loss_type="sapo", sapo_tau_pos=sapo_temperature_pos, sapo_tau_neg=sapo_temperature_neg)
         else:
-            options.update(loss_type="gspo" if sequence else "ppo", clip_low=epsilon_low, clip_high=epsilon_high,
-                           delta=delta)
-        options["aggregation"] = {"grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean",
-                                  "bnpo": "token-mean", "dapo": "token-mean", "cispo": "token-mean",
-                                  "dr_grpo": "seq-mean-token-sum-norm", "luspo": "seq-mean-token-sum"}[loss_type]
+            options.update(
+                loss_type="gspo" if sequence else "ppo", clip_low=epsilon_low, clip_high=epsilon_high, delta=delta
+            )
+        options["aggregation"] = {
+            "grpo": "seq-mean-token-mean",
+            "sapo": "seq-mean-token-mean",
+            "bnpo": "token-mean",
+            "dapo": "token-mean",
+            "cispo": "token-mean",
+            "dr_grpo": "seq-mean-token-sum-norm",
+            "luspo": "seq-mean-token-sum",
+        }[loss_type]
         if loss_type == "dr_grpo":
             options["norm_constant"] = float(max_completion_length)
         self._options = options
@@ -98,11 +123,22 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             self._configs[with_kl] = PolicyLossConfig(**self._options, kl_coef=self.beta if with_kl else 0.0)
         return self._configs[with_kl]
 
-    def forward(self, _input: Tensor, lin_weight: Tensor, selected_token_ids: Tensor, attention_mask: Tensor,
-                advantages: Tensor, bias: Optional[Tensor] = None, ref_per_token_logps: Optional[Tensor] = None,
-                old_per_token_logps: Optional[Tensor] = None, ref_input: Optional[Tensor] = None,
-                ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
-                vllm_is_ratio: Optional[Tensor] = None, num_items_in_batch=None):
+    def forward(
+        self,
+        _input: Tensor,
+        lin_weight: Tensor,
+        selected_token_ids: Tensor,
+        attention_mask: Tensor,
+        advantages: Tensor,
+        bias: Optional[Tensor] = None,
+        ref_per_token_logps: Optional[Tensor] = None,
+        old_per_token_logps: Optional[Tensor] = None,
+        ref_input: Optional[Tensor] = None,
+        ref_weight: Optional[Tensor] = None,
+        ref_bias: Optional[Tensor] = None,
+        vllm_is_ratio: Optional[Tensor] = None,
+        num_items_in_batch=None,
+    ):
         mask = attention_mask.bool()
         batch = selected_token_ids.shape[0]
         ref = None
@@ -112,8 +148,13 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                 if ref_input is None:
                     raise ValueError("ref_per_token_logps / ref_input: one is required with use_ref_model")
                 with torch.no_grad():
-                    ref = linear_token_logprobs(ref_input, lin_weight if ref_weight is None else ref_weight,
-                                                selected_token_ids, bias=ref_bias, temperature=self.temperature)
+                    ref = linear_token_logprobs(
+                        ref_input,
+                        lin_weight if ref_weight is None else ref_weight,
+                        selected_token_ids,
+                        bias=ref_bias,
+                        temperature=self.temperature,
+                    )
         normaliser = {}
         if self.loss_type in ("dapo", "cispo"):
             if num_items_in_batch is not None:
@@ -137,9 +178,21 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                 weights = per_sequence_weights(weights, mask, over_padding=self.loss_type == "luspo")
             else:
                 weights = weights.expand(mask.shape).contiguous()
-        out = linear_policy_loss(_input, lin_weight, selected_token_ids, old_per_token_logps, advantages, mask,
-                                 bias=bias, temperature=self.temperature, ref_logp=ref, is_weights=weights,
-                                 validate=False, config=self._config(ref is not None), **normaliser)
+        out = linear_policy_loss(
+            _input,
+            lin_weight,
+            selected_token_ids,
+            old_per_token_logps,
+            advantages,
+            mask,
+            bias=bias,
+            temperature=self.temperature,
+            ref_logp=ref,
+            is_weights=weights,
+            validate=False,
+            config=self._config(ref is not None),
+            **normaliser,
+        )
         metrics = []
         if self.beta != 0.0:
             metrics.append(out.kl if ref is not None else out.kl.new_zeros(()))
@@ -177,17 +230,30 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
     ``use_token_scaling``, ``return_token_accuracy`` and ``return_predicted_tokens``.
     """
 
-    def __init__(self, ce_weight: Optional[Tensor] = None, ignore_index: int = -100, lse_square_scale: float = 0.0,
-                 label_smoothing: float = 0.0, reduction: str = "mean", softcap: Optional[float] = None,
-                 return_z_loss: bool = False, accum_dtype: Optional[torch.dtype] = None,
-                 use_token_scaling: bool = False, return_token_accuracy: bool = False,
-                 return_predicted_tokens: bool = False):
+    def __init__(
+        self,
+        ce_weight: Optional[Tensor] = None,
+        ignore_index: int = -100,
+        lse_square_scale: float = 0.0,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
+        softcap: Optional[float] = None,
+        return_z_loss: bool = False,
+        accum_dtype: Optional[torch.dtype] = None,
+        use_token_scaling: bool = False,
+        return_token_accuracy: bool = False,
+        return_predicted_tokens: bool = False,
+    ):
         super().__init__()
-        unsupported = dict(lse_square_scale=lse_square_scale != 0.0, label_smoothing=label_smoothing != 0.0,
-                           softcap=softcap is not None, return_z_loss=bool(return_z_loss),
-                           use_token_scaling=bool(use_token_scaling),
-                           return_token_accuracy=bool(return_token_accuracy),
-                           return_predicted_tokens=bool(return_predicted_tokens))
+        unsupported = dict(
+            lse_square_scale=lse_square_scale != 0.0,
+            label_smoothing=label_smoothing != 0.0,
+            softcap=softcap is not None,
+            return_z_loss=bool(return_z_loss),
+            use_token_scaling=bool(use_token_scaling),
+            return_token_accuracy=bool(return_token_accuracy),
+            return_predicted_tokens=bool(return_predicted_tokens),
+        )
         for name, used in unsupported.items():
             if used:
                 raise ValueError(f"{name}: not supported by negkernels' fused cross-entropy (use Liger's for it)")
@@ -207,7 +273,9 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
         weight = kept.to(logp.dtype)
         if self.ce_weight is not None:
             if self.ce_weight.shape[0] != lin_weight.shape[0]:
-                raise ValueError(f"ce_weight: {self.ce_weight.shape[0]} classes for a vocabulary of {lin_weight.shape[0]}")
+                raise ValueError(
+                    f"ce_weight: {self.ce_weight.shape[0]} classes for a vocabulary of {lin_weight.shape[0]}"
+                )
             weight = weight * self.ce_weight.to(device=logp.device, dtype=logp.dtype)[torch.where(kept, target, 0)]
         token_loss = -torch.where(kept, logp, 0.0) * weight
         if self.reduction == "none":

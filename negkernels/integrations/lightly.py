@@ -49,8 +49,16 @@ __all__ = ["NTXentLoss", "MoCoLoss", "update_momentum"]
 _BANK_INITS = ("random", "empty")
 
 
-def _bank_step(query: Tensor, positive: Tensor, bank: MemoryBank, temperature: float, backend, *, enqueue: bool,
-               gather_distributed: bool) -> Tensor:
+def _bank_step(
+    query: Tensor,
+    positive: Tensor,
+    bank: MemoryBank,
+    temperature: float,
+    backend,
+    *,
+    enqueue: bool,
+    gather_distributed: bool,
+) -> Tensor:
     """InfoNCE of (normalised) ``query`` against ``positive`` and the bank's keys as stored, then,
     with ``enqueue``, the positives appended (every rank's, with ``gather_distributed``). They go
     into a fresh copy of the buffer: the loss just computed saved the old one for its backward
@@ -86,9 +94,16 @@ class NTXentLoss(nn.Module):
         backend: negkernels backend for the loss (None: the default rule).
     """
 
-    def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
-                 gather_distributed: bool = False, *, bank_init: str = "random",
-                 bank_dtype: torch.dtype = torch.float32, backend: Optional[str] = None):
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        memory_bank_size: Union[int, Sequence[int]] = 0,
+        gather_distributed: bool = False,
+        *,
+        bank_init: str = "random",
+        bank_dtype: torch.dtype = torch.float32,
+        backend: Optional[str] = None,
+    ):
         super().__init__()
         self.temperature = check_finite_float("temperature", temperature, minimum=0.0, exclusive=True)
         if bank_init not in _BANK_INITS:
@@ -98,7 +113,9 @@ class NTXentLoss(nn.Module):
         else:
             shape = tuple(memory_bank_size)
             if len(shape) != 2:
-                raise ValueError(f"memory_bank_size: expected 0, a size, or (num_features, dim), got {memory_bank_size!r}")
+                raise ValueError(
+                    f"memory_bank_size: expected 0, a size, or (num_features, dim), got {memory_bank_size!r}"
+                )
             size = check_int("memory_bank_size", shape[0], minimum=0)
             dim = check_int("memory_bank_size", shape[1], minimum=1)
         if gather_distributed and not torch.distributed.is_available():
@@ -136,8 +153,15 @@ class NTXentLoss(nn.Module):
         # The views are normalised here, not in the op: the bank's keys are used as stored, as
         # lightly uses them (normalising them again would move each by up to an ulp).
         out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
-        return _bank_step(out0, out1, bank, self.temperature, self.backend, enqueue=out0.requires_grad,
-                          gather_distributed=self.gather_distributed)
+        return _bank_step(
+            out0,
+            out1,
+            bank,
+            self.temperature,
+            self.backend,
+            enqueue=out0.requires_grad,
+            gather_distributed=self.gather_distributed,
+        )
 
     def _simclr(self, out0: Tensor, out1: Tensor) -> Tensor:
         batch = out0.shape[0]
@@ -151,9 +175,17 @@ class NTXentLoss(nn.Module):
         key_ids = torch.arange(keys0.shape[0], device=out0.device)
         # Each view is a query whose positive is the other view of its sample. Its own view and
         # that positive carry the sample's id in the bank of all views, and are excluded there.
-        return bank_info_nce(torch.cat([out0, out1]), torch.cat([out1, out0]), torch.cat([keys0, keys1]),
-                             temperature=self.temperature, normalize=True, query_ids=sample.repeat(2),
-                             bank_ids=key_ids.repeat(2), false_negatives="exclude", backend=self.backend)
+        return bank_info_nce(
+            torch.cat([out0, out1]),
+            torch.cat([out1, out0]),
+            torch.cat([keys0, keys1]),
+            temperature=self.temperature,
+            normalize=True,
+            query_ids=sample.repeat(2),
+            bank_ids=key_ids.repeat(2),
+            false_negatives="exclude",
+            backend=self.backend,
+        )
 
 
 class MoCoLoss(nn.Module):
@@ -170,9 +202,18 @@ class MoCoLoss(nn.Module):
             (MoCo's reference code starts its queue with random unit vectors).
     """
 
-    def __init__(self, queue_size: int = 65536, dim: int = 128, temperature: float = 0.2, *,
-                 normalize: bool = True, gather_distributed: bool = False, bank_init: str = "empty",
-                 dtype: torch.dtype = torch.float32, backend: Optional[str] = None):
+    def __init__(
+        self,
+        queue_size: int = 65536,
+        dim: int = 128,
+        temperature: float = 0.2,
+        *,
+        normalize: bool = True,
+        gather_distributed: bool = False,
+        bank_init: str = "empty",
+        dtype: torch.dtype = torch.float32,
+        backend: Optional[str] = None,
+    ):
         super().__init__()
         self.temperature = check_finite_float("temperature", temperature, minimum=0.0, exclusive=True)
         if bank_init not in _BANK_INITS:
@@ -197,9 +238,15 @@ class MoCoLoss(nn.Module):
         key = key.detach().to(query.dtype)
         if self.normalize:  # the queue holds normalised keys, used as stored
             query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
-        return _bank_step(query, key, queue, self.temperature, self.backend,
-                          enqueue=query.requires_grad if enqueue is None else enqueue,
-                          gather_distributed=self.gather_distributed)
+        return _bank_step(
+            query,
+            key,
+            queue,
+            self.temperature,
+            self.backend,
+            enqueue=query.requires_grad if enqueue is None else enqueue,
+            gather_distributed=self.gather_distributed,
+        )
 
 
 @torch.no_grad()

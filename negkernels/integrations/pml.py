@@ -59,17 +59,26 @@ def _loss_kind(loss) -> tuple[str, float]:
     """(pml class name, temperature) of a supported pml loss; raises naming ``loss`` otherwise."""
     kind = type(loss).__name__
     if kind not in _SUPPORTED or not hasattr(loss, "temperature"):
-        raise ValueError(f"loss: {kind} is not supported; this CrossBatchMemory runs {_SUPPORTED} "
-                         "(use pytorch_metric_learning.losses.CrossBatchMemory for the others)")
+        raise ValueError(
+            f"loss: {kind} is not supported; this CrossBatchMemory runs {_SUPPORTED} "
+            "(use pytorch_metric_learning.losses.CrossBatchMemory for the others)"
+        )
     distance = getattr(loss, "distance", None)
-    if distance is not None and (type(distance).__name__ != "CosineSimilarity" or not distance.normalize_embeddings
-                                 or getattr(distance, "p", 2) != 2 or getattr(distance, "power", 1) != 1):
-        raise ValueError(f"loss: {kind} with distance {type(distance).__name__} is not supported (only the default "
-                         "CosineSimilarity)")
+    if distance is not None and (
+        type(distance).__name__ != "CosineSimilarity"
+        or not distance.normalize_embeddings
+        or getattr(distance, "p", 2) != 2
+        or getattr(distance, "power", 1) != 1
+    ):
+        raise ValueError(
+            f"loss: {kind} with distance {type(distance).__name__} is not supported (only the default CosineSimilarity)"
+        )
     reducer = getattr(loss, "reducer", None)
     if reducer is not None and type(reducer).__name__ != _DEFAULT_REDUCERS[kind]:
-        raise ValueError(f"loss: {kind} with reducer {type(reducer).__name__} is not supported (only its default, "
-                         f"{_DEFAULT_REDUCERS[kind]})")
+        raise ValueError(
+            f"loss: {kind} with reducer {type(reducer).__name__} is not supported (only its default, "
+            f"{_DEFAULT_REDUCERS[kind]})"
+        )
     if getattr(loss, "embedding_regularizer", None) is not None:
         raise ValueError(f"loss: {kind} with an embedding_regularizer is not supported")
     temperature = float(loss.temperature)
@@ -85,12 +94,15 @@ class CrossBatchMemory(nn.Module):
     [memory_size] (buffers), ``queue_idx`` (the next slot written), ``has_been_filled``.
     """
 
-    def __init__(self, loss, embedding_size: int, memory_size: int = 1024, miner=None, *,
-                 backend: Optional[str] = None):
+    def __init__(
+        self, loss, embedding_size: int, memory_size: int = 1024, miner=None, *, backend: Optional[str] = None
+    ):
         super().__init__()
         if miner is not None:
-            raise ValueError("miner: mining against the memory is not supported here (use "
-                             "pytorch_metric_learning.losses.CrossBatchMemory)")
+            raise ValueError(
+                "miner: mining against the memory is not supported here (use "
+                "pytorch_metric_learning.losses.CrossBatchMemory)"
+            )
         self.kind, self.temperature = _loss_kind(loss)
         self.loss = loss
         self.miner = None
@@ -117,15 +129,19 @@ class CrossBatchMemory(nn.Module):
             self.has_been_filled = True
         return slots
 
-    def forward(self, embeddings: Tensor, labels: Tensor, indices_tuple=None,
-                enqueue_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, indices_tuple=None, enqueue_mask: Optional[Tensor] = None
+    ) -> Tensor:
         if indices_tuple is not None:
-            raise ValueError("indices_tuple: explicit pairs are not supported here (use "
-                             "pytorch_metric_learning.losses.CrossBatchMemory)")
+            raise ValueError(
+                "indices_tuple: explicit pairs are not supported here (use "
+                "pytorch_metric_learning.losses.CrossBatchMemory)"
+            )
         check_tensor("embeddings", embeddings, ndim=2)
         if embeddings.shape[1] != self.embedding_size:
-            raise ValueError(f"embeddings: width {embeddings.shape[1]} does not match embedding_size "
-                             f"{self.embedding_size}")
+            raise ValueError(
+                f"embeddings: width {embeddings.shape[1]} does not match embedding_size {self.embedding_size}"
+            )
         check_tensor("labels", labels, ndim=1)
         if labels.shape[0] != embeddings.shape[0]:
             raise ValueError(f"labels: length {labels.shape[0]} does not match the {embeddings.shape[0]} embeddings")
@@ -137,15 +153,17 @@ class CrossBatchMemory(nn.Module):
         if enqueue_mask is not None:
             check_tensor("enqueue_mask", enqueue_mask, ndim=1, dtypes=(torch.bool,), device=device)
             if enqueue_mask.shape[0] != embeddings.shape[0]:
-                raise ValueError(f"enqueue_mask: length {enqueue_mask.shape[0]} does not match the "
-                                 f"{embeddings.shape[0]} embeddings")
+                raise ValueError(
+                    f"enqueue_mask: length {enqueue_mask.shape[0]} does not match the {embeddings.shape[0]} embeddings"
+                )
             self.add_to_memory(embeddings[enqueue_mask], labels[enqueue_mask])
             anchors, anchor_labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
             self_slots = None
         else:
             if embeddings.shape[0] > self.memory_size:
-                raise ValueError(f"embeddings: a batch of {embeddings.shape[0]} does not fit a memory of "
-                                 f"{self.memory_size}")
+                raise ValueError(
+                    f"embeddings: a batch of {embeddings.shape[0]} does not fit a memory of {self.memory_size}"
+                )
             self_slots = self.add_to_memory(embeddings, labels)
             anchors, anchor_labels = embeddings, labels
         filled = self.memory_size if self.has_been_filled else self.queue_idx
@@ -156,22 +174,31 @@ class CrossBatchMemory(nn.Module):
         has_negative = ((memory_labels != first).any() | (anchor_labels != first).any()) & (filled > 0)
         labels64 = anchor_labels.to(torch.long)
         if self.kind == "SupConLoss":
-            loss = bank_supcon(anchors, memory, labels64, memory_labels, temperature=self.temperature,
-                               normalize=True, self_slots=self_slots, backend=self.backend)
+            loss = bank_supcon(
+                anchors,
+                memory,
+                labels64,
+                memory_labels,
+                temperature=self.temperature,
+                normalize=True,
+                self_slots=self_slots,
+                backend=self.backend,
+            )
         else:
             loss = self._ntxent(anchors, labels64, memory, memory_labels, self_slots)
         return torch.where(has_negative, loss, torch.zeros_like(loss))
 
-    def _ntxent(self, anchors: Tensor, labels: Tensor, memory: Tensor, memory_labels: Tensor,
-                self_slots: Optional[Tensor]) -> Tensor:
+    def _ntxent(
+        self, anchors: Tensor, labels: Tensor, memory: Tensor, memory_labels: Tensor, self_slots: Optional[Tensor]
+    ) -> Tensor:
         # One query row per (anchor, positive slot) pair; the pairs are found a block of anchors
         # at a time, so no N×M matrix is held.
         pair_anchor, pair_slot = [], []
         slots = torch.arange(memory.shape[0], device=memory.device)
         for start in range(0, anchors.shape[0], 256):
-            same = labels[start:start + 256, None] == memory_labels[None, :]
+            same = labels[start : start + 256, None] == memory_labels[None, :]
             if self_slots is not None:
-                same &= slots[None, :] != self_slots[start:start + 256, None]
+                same &= slots[None, :] != self_slots[start : start + 256, None]
             a, p = torch.nonzero(same, as_tuple=True)
             pair_anchor.append(a + start)
             pair_slot.append(p)
@@ -180,6 +207,14 @@ class CrossBatchMemory(nn.Module):
             return anchors.sum() * 0.0  # no positive pair: pml's zero loss, still attached to the graph
         # The positive's own slot has the anchor's label, so "exclude" keeps it out of the
         # denominator's bank part, with every other positive: A = {p} ∪ negatives, as pml.
-        return bank_info_nce(anchors[pair_anchor], memory[pair_slot], memory, temperature=self.temperature,
-                             normalize=True, query_ids=labels[pair_anchor], bank_ids=memory_labels,
-                             false_negatives="exclude", backend=self.backend)
+        return bank_info_nce(
+            anchors[pair_anchor],
+            memory[pair_slot],
+            memory,
+            temperature=self.temperature,
+            normalize=True,
+            query_ids=labels[pair_anchor],
+            bank_ids=memory_labels,
+            false_negatives="exclude",
+            backend=self.backend,
+        )

@@ -65,9 +65,11 @@ def lm_head(model) -> LMHead:
     config = _text_config(model)
     softcap = getattr(config, "final_logit_softcapping", None)
     if softcap is not None:
-        raise ValueError(f"model: config.final_logit_softcapping={softcap} (logits = c·tanh(logits / c)) is not "
-                         "supported: the fused LM head computes softmax((h·Wᵀ + b)·scale / T) exactly, and a soft "
-                         "cap is not of that form")
+        raise ValueError(
+            f"model: config.final_logit_softcapping={softcap} (logits = c·tanh(logits / c)) is not "
+            "supported: the fused LM head computes softmax((h·Wᵀ + b)·scale / T) exactly, and a soft "
+            "cap is not of that form"
+        )
     scale = 1.0
     for name, invert in (("logit_scale", False), ("lm_head_multiplier", False), ("logits_scaling", True)):
         value = getattr(config, name, None)
@@ -80,8 +82,7 @@ def lm_head(model) -> LMHead:
     return LMHead(_full(head.weight), _full(getattr(head, "bias", None)), scale)
 
 
-def backbone_hidden_states(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                           **model_kwargs) -> Tensor:
+def backbone_hidden_states(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **model_kwargs) -> Tensor:
     """The last hidden states [B, L, H] of ``model``'s backbone (after its final norm): what its
     LM head is applied to. ``model_kwargs`` go to the backbone (``position_ids``, ...)."""
     backbone = getattr(model, "base_model", model)
@@ -98,28 +99,40 @@ def backbone_hidden_states(model, input_ids: Tensor, attention_mask: Optional[Te
 def _scored_length(input_ids: Tensor, logits_to_keep: Optional[int]) -> int:
     """How many next tokens are scored; checked before the backbone runs."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids: expected a [B, L] tensor, got "
-                         f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
+        raise ValueError(
+            f"input_ids: expected a [B, L] tensor, got "
+            f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}"
+        )
     length = input_ids.shape[1]
     if logits_to_keep is None:
         return length - 1
     k = check_int("logits_to_keep", logits_to_keep, minimum=1)
     if k >= length:
-        raise ValueError(f"logits_to_keep: {k} must be below the sequence length {length} (the first token has no "
-                         "prediction)")
+        raise ValueError(
+            f"logits_to_keep: {k} must be below the sequence length {length} (the first token has no prediction)"
+        )
     return k
 
 
 def _shifted(hidden: Tensor, input_ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(hidden states that predict the last k tokens, those tokens)."""
     length = input_ids.shape[1]
-    return hidden[:, length - k - 1:length - 1], input_ids[:, length - k:]
+    return hidden[:, length - k - 1 : length - 1], input_ids[:, length - k :]
 
 
-def causal_lm_logprobs(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *,
-                       logits_to_keep: Optional[int] = None, temperature: float = 1.0, return_entropy: bool = False,
-                       fp32_lm_head: bool = False, chunk_size: Optional[int] = None, backend: Optional[str] = None,
-                       **model_kwargs):
+def causal_lm_logprobs(
+    model,
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    *,
+    logits_to_keep: Optional[int] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    fp32_lm_head: bool = False,
+    chunk_size: Optional[int] = None,
+    backend: Optional[str] = None,
+    **model_kwargs,
+):
     """Per-token log-probs of the next tokens under ``model`` (see the module docstring for the
     shift), fp32, differentiable in the model's parameters; with ``return_entropy`` also the
     entropy of each predicted distribution. ``temperature`` divides the logits, as in sampling.
@@ -139,15 +152,32 @@ def causal_lm_logprobs(model, input_ids: Tensor, attention_mask: Optional[Tensor
     temperature = head.temperature(temperature)
     hidden = backbone_hidden_states(model, input_ids, attention_mask, **model_kwargs)
     h, targets = _shifted(hidden, input_ids, k)
-    return linear_token_logprobs(h.to(head.weight.dtype), head.weight, targets, bias=head.bias,
-                                 temperature=temperature, return_entropy=return_entropy,
-                                 fp32_lm_head=fp32_lm_head, chunk_size=chunk_size, backend=backend)
+    return linear_token_logprobs(
+        h.to(head.weight.dtype),
+        head.weight,
+        targets,
+        bias=head.bias,
+        temperature=temperature,
+        return_entropy=return_entropy,
+        fp32_lm_head=fp32_lm_head,
+        chunk_size=chunk_size,
+        backend=backend,
+    )
 
 
-def causal_lm_policy_loss(model, input_ids: Tensor, old_logp: Optional[Tensor], advantages: Optional[Tensor] = None,
-                          mask: Optional[Tensor] = None, *, attention_mask: Optional[Tensor] = None,
-                          logits_to_keep: Optional[int] = None, temperature: float = 1.0,
-                          model_kwargs: Optional[dict] = None, **loss_options) -> PolicyLossOutput:
+def causal_lm_policy_loss(
+    model,
+    input_ids: Tensor,
+    old_logp: Optional[Tensor],
+    advantages: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    *,
+    attention_mask: Optional[Tensor] = None,
+    logits_to_keep: Optional[int] = None,
+    temperature: float = 1.0,
+    model_kwargs: Optional[dict] = None,
+    **loss_options,
+) -> PolicyLossOutput:
     """:func:`negkernels.linear_policy_loss` of ``model``'s next-token log-probs (shifted as in
     :func:`causal_lm_logprobs`): ``old_logp``, ``advantages``, ``mask`` and every other option
     as there, with shapes [B, L − 1] (or [B, logits_to_keep]); ``old_logp=None`` is on-policy."""
@@ -156,8 +186,17 @@ def causal_lm_policy_loss(model, input_ids: Tensor, old_logp: Optional[Tensor], 
     temperature = head.temperature(temperature)
     hidden = backbone_hidden_states(model, input_ids, attention_mask, **(model_kwargs or {}))
     h, targets = _shifted(hidden, input_ids, k)
-    return linear_policy_loss(h.to(head.weight.dtype), head.weight, targets, old_logp, advantages, mask,
-                              bias=head.bias, temperature=temperature, **loss_options)
+    return linear_policy_loss(
+        h.to(head.weight.dtype),
+        head.weight,
+        targets,
+        old_logp,
+        advantages,
+        mask,
+        bias=head.bias,
+        temperature=temperature,
+        **loss_options,
+    )
 
 
 # ============================================================================ attention of the last queries
@@ -168,8 +207,13 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def last_window_attention(module, hidden_states: Tensor, keys: Tensor, window: int,
-                          position_embeddings: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+def last_window_attention(
+    module,
+    hidden_states: Tensor,
+    keys: Tensor,
+    window: int,
+    position_embeddings: Optional[tuple[Tensor, Tensor]] = None,
+) -> Tensor:
     """The softmax weights of the last ``window`` queries of a Hugging Face attention layer over the
     cached keys: the input :func:`negkernels.attention_scores` needs (SnapKV, TOVA, H2O), without
     running the layer with ``attn_implementation="eager"`` over the whole prompt.
@@ -209,7 +253,7 @@ def last_window_attention(module, hidden_states: Tensor, keys: Tensor, window: i
     if heads % kv_heads:
         raise ValueError(f"keys: {kv_heads} KV heads do not divide the layer's {heads} query heads")
     k = keys.float().repeat_interleave(heads // kv_heads, dim=1)
-    logits = q.float() @ k.transpose(-1, -2) * float(getattr(module, "scaling", dim ** -0.5))
+    logits = q.float() @ k.transpose(-1, -2) * float(getattr(module, "scaling", dim**-0.5))
     query_pos = s - w + torch.arange(w, device=keys.device)
     hidden = torch.arange(s, device=keys.device)[None, :] > query_pos[:, None]
     return torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)

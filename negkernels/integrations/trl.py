@@ -48,9 +48,8 @@ import warnings
 from typing import Optional
 
 import torch
-from torch import Tensor
-
 import trl
+from torch import Tensor
 from trl import GRPOTrainer
 
 from ..ops.logprobs import PolicyLossConfig, linear_policy_loss, linear_token_logprobs
@@ -63,14 +62,26 @@ __all__ = ["NegkernelsGRPOTrainer"]
 # are TRL internals, so a release outside the tested series gets a warning, not silence.
 TESTED_TRL = "1.16"
 if ".".join(trl.__version__.split(".")[:2]) != TESTED_TRL:
-    warnings.warn(f"negkernels.integrations.trl is tested against trl {TESTED_TRL}.x; trl {trl.__version__} is "
-                  "installed: compare a few steps against trl.GRPOTrainer before relying on it", stacklevel=2)
+    warnings.warn(
+        f"negkernels.integrations.trl is tested against trl {TESTED_TRL}.x; trl {trl.__version__} is "
+        "installed: compare a few steps against trl.GRPOTrainer before relying on it",
+        stacklevel=2,
+    )
 
 # A cap the IS weights never reach: the masks and TRL's ratios multiply the policy term as they are.
 _NO_CAP = float(torch.finfo(torch.float32).max)
 _GRPO_FAMILY = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-_MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "spatial_shapes",
-                      "num_tiles", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+_MULTIMODAL_INPUTS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "image_sizes",
+    "spatial_shapes",
+    "num_tiles",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
 
 
 def _add_hidden_state_forward(model) -> None:
@@ -99,21 +110,38 @@ def _loss_config(trainer) -> tuple[Optional[PolicyLossConfig], Optional[str]]:
         return None, f"loss_type={loss_type!r} has no fused form"
     if trainer.aux_loss_enabled:
         return None, "the MoE router auxiliary loss needs the model's own forward"
-    options = dict(kl_coef=float(trainer.beta), kl_estimator="k3",
-                   kl_bias_correction=bool(args.use_bias_correction_kl) and trainer.beta != 0.0,
-                   is_mode="truncate", is_threshold=_NO_CAP)
+    options = dict(
+        kl_coef=float(trainer.beta),
+        kl_estimator="k3",
+        kl_bias_correction=bool(args.use_bias_correction_kl) and trainer.beta != 0.0,
+        is_mode="truncate",
+        is_threshold=_NO_CAP,
+    )
     if loss_type == "cispo":
         options.update(loss_type="cispo", clip_high=trainer.epsilon_high - 1.0, ratio_level=level)
     elif loss_type == "sapo":
-        options.update(loss_type="sapo", sapo_tau_pos=float(args.sapo_temperature_pos),
-                       sapo_tau_neg=float(args.sapo_temperature_neg), ratio_level=level)
+        options.update(
+            loss_type="sapo",
+            sapo_tau_pos=float(args.sapo_temperature_pos),
+            sapo_tau_neg=float(args.sapo_temperature_neg),
+            ratio_level=level,
+        )
     else:
-        options.update(loss_type="gspo" if level == "sequence" else "ppo", clip_low=trainer.epsilon_low,
-                       clip_high=trainer.epsilon_high, delta=args.delta)
+        options.update(
+            loss_type="gspo" if level == "sequence" else "ppo",
+            clip_low=trainer.epsilon_low,
+            clip_high=trainer.epsilon_high,
+            delta=args.delta,
+        )
     options["aggregation"] = {
-        "grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean", "bnpo": "token-mean",
-        "dr_grpo": "seq-mean-token-sum-norm", "dapo": "token-mean", "cispo": "token-mean",
-        "luspo": "seq-mean-token-sum"}[loss_type]
+        "grpo": "seq-mean-token-mean",
+        "sapo": "seq-mean-token-mean",
+        "bnpo": "token-mean",
+        "dr_grpo": "seq-mean-token-sum-norm",
+        "dapo": "token-mean",
+        "cispo": "token-mean",
+        "luspo": "seq-mean-token-sum",
+    }[loss_type]
     if loss_type == "dr_grpo":
         options["norm_constant"] = float(trainer.max_completion_length)
     return PolicyLossConfig(**options), None
@@ -148,7 +176,9 @@ class NegkernelsGRPOTrainer(GRPOTrainer):
         completion_ids = inputs["completion_ids"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        mask = (
+            inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        )
         bool_mask = mask.bool()
         length = completion_ids.size(1)
         with self.accelerator.autocast():
@@ -165,7 +195,7 @@ class NegkernelsGRPOTrainer(GRPOTrainer):
         head = lm_head(self._negkernels_target)
         weight, bias = head.weight, head.bias
         head_dtype = head_dtype or weight.dtype
-        hidden, weight = hidden[:, -length - 1:-1].to(head_dtype), weight.to(head_dtype)
+        hidden, weight = hidden[:, -length - 1 : -1].to(head_dtype), weight.to(head_dtype)
         bias = bias.to(head_dtype) if bias is not None else None
         temperature = head.temperature(self.temperature)
 
@@ -181,11 +211,19 @@ class NegkernelsGRPOTrainer(GRPOTrainer):
         folded = coef != 0.0 and cfg.aggregation == "token-mean" and self.top_entropy_quantile >= 1.0
         bonus_pass = None
         if coef != 0.0 and not folded:
-            bonus_pass = linear_token_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature,
-                                               return_entropy=True, fp32_lm_head=bool(self.args.cast_lm_head_to_fp32),
-                                               validate=False)
-        weights, entropy_mask = self._policy_term_weights(inputs, hidden, weight, bias, completion_ids, temperature,
-                                                          mask, advantages, old, bonus_pass)
+            bonus_pass = linear_token_logprobs(
+                hidden,
+                weight,
+                completion_ids,
+                bias=bias,
+                temperature=temperature,
+                return_entropy=True,
+                fp32_lm_head=bool(self.args.cast_lm_head_to_fp32),
+                validate=False,
+            )
+        weights, entropy_mask = self._policy_term_weights(
+            inputs, hidden, weight, bias, completion_ids, temperature, mask, advantages, old, bonus_pass
+        )
 
         batch = completion_ids.size(0)
         normaliser = {}
@@ -205,9 +243,23 @@ class NegkernelsGRPOTrainer(GRPOTrainer):
         if folded:
             entropy_coef = coef * float(normaliser["num_tokens"]) / (float(bool_mask.sum().clamp(min=1)) * accumulation)
         out = linear_policy_loss(
-            hidden, weight, completion_ids, old, advantages, bool_mask, bias=bias, temperature=temperature,
-            fp32_lm_head=bool(self.args.cast_lm_head_to_fp32), return_entropy=True, entropy_coef=entropy_coef,
-            ref_logp=ref, is_weights=weights, validate=False, config=cfg, **normaliser)
+            hidden,
+            weight,
+            completion_ids,
+            old,
+            advantages,
+            bool_mask,
+            bias=bias,
+            temperature=temperature,
+            fp32_lm_head=bool(self.args.cast_lm_head_to_fp32),
+            return_entropy=True,
+            entropy_coef=entropy_coef,
+            ref_logp=ref,
+            is_weights=weights,
+            validate=False,
+            config=cfg,
+            **normaliser,
+        )
         loss = out.loss
         self._log_negkernels_metrics(mode, out, old, ref, advantages, mask)
         if self._entropy_bonus_enabled:
@@ -241,7 +293,9 @@ class NegkernelsGRPOTrainer(GRPOTrainer):
         args = self.args
         if self.use_adaptive_entropy and mode == "train":
             stats = torch.stack([entropy_sum, count])
-            self._entropy_window_stats = stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+            self._entropy_window_stats = (
+                stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+            )
             if self.accelerator.sync_gradients:
                 total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
                 world = (total[0] / total[1].clamp(min=1.0)).item()
@@ -254,8 +308,9 @@ class NegkernelsGRPOTrainer(GRPOTrainer):
         if mode == "train" and self.accelerator.sync_gradients:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
-    def _policy_term_weights(self, inputs, hidden, weight, bias, targets, temperature, mask, advantages, old,
-                             computed=None):
+    def _policy_term_weights(
+        self, inputs, hidden, weight, bias, targets, temperature, mask, advantages, old, computed=None
+    ):
         """TRL's high-entropy mask, off-policy sequence mask and vLLM IS ratios, multiplied: the
         per-token weights of the policy term (not of the KL term), or None; and the entropy mask.
         ``computed``: this step's (log-probs, entropies) when a pass already made them."""
@@ -266,19 +321,30 @@ class NegkernelsGRPOTrainer(GRPOTrainer):
                 logp, entropy = (x.detach() for x in computed)
             else:
                 with torch.no_grad():  # both need this step's log-probs / entropies before the loss
-                    logp, entropy = linear_token_logprobs(hidden.detach(), weight.detach(), targets,
-                                                          bias=None if bias is None else bias.detach(),
-                                                          temperature=temperature, return_entropy=True,
-                                                          fp32_lm_head=bool(self.args.cast_lm_head_to_fp32),
-                                                          validate=False)
+                    logp, entropy = linear_token_logprobs(
+                        hidden.detach(),
+                        weight.detach(),
+                        targets,
+                        bias=None if bias is None else bias.detach(),
+                        temperature=temperature,
+                        return_entropy=True,
+                        fp32_lm_head=bool(self.args.cast_lm_head_to_fp32),
+                        validate=False,
+                    )
             if entropy_quantile:
-                weights = entropy_mask = self.get_high_entropy_mask(entropy, mask, 1 - self.top_entropy_quantile).float()
+                weights = entropy_mask = self.get_high_entropy_mask(
+                    entropy, mask, 1 - self.top_entropy_quantile
+                ).float()
             if self.off_policy_mask_threshold is not None:
                 column = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
                 sampling = inputs.get("sampling_per_token_logps", old if old is not None else logp)
-                keep = self.get_off_policy_mask(advantages=column, per_token_logps=logp,
-                                                sampling_per_token_logps=sampling, mask=mask,
-                                                off_policy_threshold=self.off_policy_mask_threshold).float()
+                keep = self.get_off_policy_mask(
+                    advantages=column,
+                    per_token_logps=logp,
+                    sampling_per_token_logps=sampling,
+                    mask=mask,
+                    off_policy_threshold=self.off_policy_mask_threshold,
+                ).float()
                 weights = keep.expand_as(mask).float() if weights is None else weights * keep
         if self.use_vllm and self.vllm_importance_sampling_correction:
             ratio = inputs["importance_sampling_ratio"].float()

@@ -48,7 +48,6 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from torch import Tensor
-
 from verl.trainer.ppo.core_algos import register_adv_est, register_policy_loss
 
 from ..ops.advantages import group_advantages
@@ -88,8 +87,9 @@ def _aggregation(loss_agg_mode: str, config, mask: Tensor) -> dict[str, Any]:
             options["num_tokens"] = _as_count(num_tokens, mask) / dp_size
     elif loss_agg_mode == "token-sum":
         # verl multiplies the local token sum by dp_size: a token mean over 1 / dp_size tokens
-        options = dict(aggregation="token-sum") if dp_size == 1 else dict(aggregation="token-mean",
-                                                                          num_tokens=1.0 / dp_size)
+        options = (
+            dict(aggregation="token-sum") if dp_size == 1 else dict(aggregation="token-mean", num_tokens=1.0 / dp_size)
+        )
     elif loss_agg_mode in ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
         options = dict(aggregation=loss_agg_mode)
         if batch_size is not None:
@@ -129,11 +129,25 @@ def _uncapped(is_weights: Optional[Tensor]) -> dict:
     return dict(is_weights=is_weights.detach(), is_mode="truncate", is_threshold=_NO_CAP)
 
 
-def _run(loss_type_options: dict, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-         rollout_is_weights, *, dual_clip_metric: bool, force_agg_mode: Optional[str] = None):
+def _run(
+    loss_type_options: dict,
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode,
+    config,
+    rollout_is_weights,
+    *,
+    dual_clip_metric: bool,
+    force_agg_mode: Optional[str] = None,
+):
     mask = response_mask.bool()
-    options = dict(loss_type_options, **_aggregation(force_agg_mode or loss_agg_mode, config, mask),
-                   **_uncapped(rollout_is_weights))
+    options = dict(
+        loss_type_options,
+        **_aggregation(force_agg_mode or loss_agg_mode, config, mask),
+        **_uncapped(rollout_is_weights),
+    )
     out = policy_loss(log_prob, old_log_prob, advantages, mask, **options)
     metrics = {
         "actor/pg_clipfrac": float(out.clip_fraction_low + out.clip_fraction_high),
@@ -144,51 +158,121 @@ def _run(loss_type_options: dict, old_log_prob, log_prob, advantages, response_m
 
 
 @register_policy_loss("negkernels_vanilla")
-def vanilla(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-            loss_agg_mode: str = "token-mean", config=None, rollout_is_weights: Optional[Tensor] = None):
+def vanilla(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[Tensor] = None,
+):
     """verl's ``vanilla`` PPO loss: clipped surrogate with the dual clip ``clip_ratio_c``."""
     low, high = _clip_range(config)
     clip_ratio_c = float(config.get("clip_ratio_c", 3.0))
     if not clip_ratio_c > 1.0:
         raise ValueError(f"config.clip_ratio_c: the dual clip must be > 1, got {clip_ratio_c}")
-    return _run(dict(loss_type="ppo", clip_low=low, clip_high=high, dual_clip=clip_ratio_c), old_log_prob,
-                log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights, dual_clip_metric=True)
+    return _run(
+        dict(loss_type="ppo", clip_low=low, clip_high=high, dual_clip=clip_ratio_c),
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+        dual_clip_metric=True,
+    )
 
 
 @register_policy_loss("negkernels_gspo")
-def gspo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-         loss_agg_mode: str = "seq-mean-token-mean", config=None, rollout_is_weights: Optional[Tensor] = None):
+def gspo(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    config=None,
+    rollout_is_weights: Optional[Tensor] = None,
+):
     """verl's ``gspo`` loss: the sequence ratio s = exp(mean log ρ), clipped, in token form."""
     low, high = _clip_range(config)
-    return _run(dict(loss_type="gspo", clip_low=low, clip_high=high), old_log_prob, log_prob, advantages,
-                response_mask, loss_agg_mode, config, rollout_is_weights, dual_clip_metric=False)
+    return _run(
+        dict(loss_type="gspo", clip_low=low, clip_high=high),
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+        dual_clip_metric=False,
+    )
 
 
 @register_policy_loss("negkernels_cispo")
-def cispo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-          loss_agg_mode: str = "token-mean", config=None, rollout_is_weights: Optional[Tensor] = None):
+def cispo(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[Tensor] = None,
+):
     """verl's ``cispo`` loss: −sg(clip(ρ, 1 − low, 1 + high))·A·logp, clipped on both sides."""
     low, high = _clip_range(config)
-    return _run(dict(loss_type="cispo", clip_low=low, clip_high=high, cispo_two_sided=True), old_log_prob,
-                log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
-                dual_clip_metric=False)
+    return _run(
+        dict(loss_type="cispo", clip_low=low, clip_high=high, cispo_two_sided=True),
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+        dual_clip_metric=False,
+    )
 
 
 @register_policy_loss("negkernels_sapo")
-def sapo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-         loss_agg_mode: str = "seq-mean-token-mean", config=None, rollout_is_weights: Optional[Tensor] = None):
+def sapo(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    config=None,
+    rollout_is_weights: Optional[Tensor] = None,
+):
     """verl's ``sapo`` loss: soft gates with ``tau_pos`` / ``tau_neg``, always seq-mean-token-mean."""
     _actor_config(config)
-    loss, metrics = _run(dict(loss_type="sapo", sapo_tau_pos=float(config.tau_pos), sapo_tau_neg=float(config.tau_neg)),
-                         old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
-                         dual_clip_metric=False, force_agg_mode="seq-mean-token-mean")
+    loss, metrics = _run(
+        dict(loss_type="sapo", sapo_tau_pos=float(config.tau_pos), sapo_tau_neg=float(config.tau_neg)),
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+        dual_clip_metric=False,
+        force_agg_mode="seq-mean-token-mean",
+    )
     metrics["actor/pg_clipfrac"] = 0.0  # SAPO does not clip; verl reports 0
     return loss, metrics
 
 
 @register_policy_loss("negkernels_geo_mean")
-def geo_mean(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-             loss_agg_mode: str = "token-mean", config=None, rollout_is_weights: Optional[Tensor] = None):
+def geo_mean(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[Tensor] = None,
+):
     """verl's ``geo_mean`` (GMPO): −Ā·exp(mean of log ρ clipped in log space on the pessimistic side).
 
     As verl's, it ignores ``loss_agg_mode`` and the global batch info (the mean over this call's
@@ -198,8 +282,13 @@ def geo_mean(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, respons
     mask = response_mask.bool()
     maskf = response_mask.to(log_prob.dtype)
     count = maskf.sum(dim=-1)
-    options = dict(loss_type="geo_mean", clip_low=low, clip_high=high, aggregation="seq-mean-token-mean",
-                   num_sequences=float(mask.shape[0]))
+    options = dict(
+        loss_type="geo_mean",
+        clip_low=low,
+        clip_high=high,
+        aggregation="seq-mean-token-mean",
+        num_sequences=float(mask.shape[0]),
+    )
     if rollout_is_weights is not None:
         log_w = torch.log(rollout_is_weights.detach() + 1e-10) * maskf
         options.update(_uncapped(torch.exp(log_w.sum(dim=-1) / (count + 1e-8))))
@@ -229,8 +318,15 @@ def _selection_ratio(config, name: str) -> float:
 
 
 @register_policy_loss("negkernels_clip_cov")
-def clip_cov(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-             loss_agg_mode: str = "token-mean", config=None, rollout_is_weights: Optional[Tensor] = None):
+def clip_cov(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[Tensor] = None,
+):
     """verl's ``clip_cov`` (Clip-Cov): the clipped surrogate, with the gradient of a random
     ``clip_cov_ratio`` of the tokens whose advantage–log-prob covariance lies in
     (``clip_cov_lb``, ``clip_cov_ub``) and whose clip does not bind taken out (value and gradient)."""
@@ -241,22 +337,33 @@ def clip_cov(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, respons
     with torch.no_grad():
         rho = torch.exp(log_prob.detach() - old_log_prob)
         clip_binds = ((advantages > 0) & (rho > 1.0 + high)) | ((advantages < 0) & (rho < 1.0 - low))
-        picked = covariance_token_mask(log_prob.detach(), advantages, mask, fraction=ratio, band=band,
-                                       exclude=clip_binds & mask)
+        picked = covariance_token_mask(
+            log_prob.detach(), advantages, mask, fraction=ratio, band=band, exclude=clip_binds & mask
+        )
         # the picked tokens' terms weigh 0: they still count in every normaliser, as verl's
         kept = (~picked).to(log_prob.dtype)
         weights = kept if rollout_is_weights is None else kept * rollout_is_weights
-    options = dict(loss_type="ppo", clip_low=low, clip_high=high, **_uncapped(weights),
-                   **_aggregation(loss_agg_mode, config, mask))
+    options = dict(
+        loss_type="ppo", clip_low=low, clip_high=high, **_uncapped(weights), **_aggregation(loss_agg_mode, config, mask)
+    )
     out = policy_loss(log_prob, old_log_prob, advantages, mask, **options)
-    metrics = {"actor/pg_clipfrac": _masked_mean(picked, mask),
-               "actor/ppo_kl": _masked_mean(old_log_prob - log_prob.detach(), mask)}
+    metrics = {
+        "actor/pg_clipfrac": _masked_mean(picked, mask),
+        "actor/ppo_kl": _masked_mean(old_log_prob - log_prob.detach(), mask),
+    }
     return out.loss, metrics
 
 
 @register_policy_loss("negkernels_kl_cov")
-def kl_cov(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-           loss_agg_mode: str = "token-mean", config=None, rollout_is_weights: Optional[Tensor] = None):
+def kl_cov(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[Tensor] = None,
+):
     """verl's ``kl_cov`` (KL-Cov): the unclipped −A·ρ, plus ``ppo_kl_coef``·|log ρ| on the
     ``kl_cov_ratio`` of the tokens with the largest advantage–log-prob covariance (as a KL term
     against ref = old on those tokens, importance-weighted with the policy term)."""
@@ -269,8 +376,15 @@ def kl_cov(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_
         # |logp − ref| is |log ρ| where picked and 0 (gradient 0) elsewhere
         ref = torch.where(picked, old_log_prob, log_prob.detach())
     # clip_low = 1 puts the lower bound at ρ = 0, clip_high at the float range: the clip never binds
-    options = dict(loss_type="ppo", clip_low=1.0, clip_high=_NO_CAP, ref_logp=ref, kl_coef=coef,
-                   kl_estimator="abs", **_aggregation(loss_agg_mode, config, mask))
+    options = dict(
+        loss_type="ppo",
+        clip_low=1.0,
+        clip_high=_NO_CAP,
+        ref_logp=ref,
+        kl_coef=coef,
+        kl_estimator="abs",
+        **_aggregation(loss_agg_mode, config, mask),
+    )
     if rollout_is_weights is not None:
         options.update(_uncapped(rollout_is_weights), kl_times_is_weights=True)
     out = policy_loss(log_prob, old_log_prob, advantages, mask, **options)
@@ -278,12 +392,28 @@ def kl_cov(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_
 
 
 @register_policy_loss("negkernels_gpg")
-def gpg(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-        loss_agg_mode: str = "token-mean", config=None, rollout_is_weights: Optional[Tensor] = None):
+def gpg(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[Tensor] = None,
+):
     """verl's ``gpg`` loss: −A·logp (no ratio); no metrics, as verl's."""
     _actor_config(config)
-    loss, _ = _run(dict(loss_type="gpg"), old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                   rollout_is_weights, dual_clip_metric=False)
+    loss, _ = _run(
+        dict(loss_type="gpg"),
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+        dual_clip_metric=False,
+    )
     return loss, {}
 
 
@@ -318,32 +448,58 @@ def _norm_by_std(norm_adv_by_std_in_grpo: Optional[bool], config) -> bool:
 
 
 @register_adv_est("negkernels_grpo")
-def grpo_advantage(token_level_rewards: Tensor, response_mask: Tensor, index=None, epsilon: float = 1e-6,
-                   norm_adv_by_std_in_grpo: Optional[bool] = None, config=None, **kwargs):
+def grpo_advantage(
+    token_level_rewards: Tensor,
+    response_mask: Tensor,
+    index=None,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: Optional[bool] = None,
+    config=None,
+    **kwargs,
+):
     """verl's ``grpo``: (r − μ_g) / (σ_g + ε) with the unbiased σ, or r − μ_g (Dr. GRPO)."""
     estimator = "grpo" if _norm_by_std(norm_adv_by_std_in_grpo, config) else "dr_grpo"
     return _outcome(token_level_rewards, response_mask, index, estimator=estimator, eps=float(epsilon))
 
 
 @register_adv_est("negkernels_rloo")
-def rloo_advantage(token_level_rewards: Tensor, response_mask: Tensor, index=None, epsilon: float = 1e-6,
-                   config=None, **kwargs):
+def rloo_advantage(
+    token_level_rewards: Tensor, response_mask: Tensor, index=None, epsilon: float = 1e-6, config=None, **kwargs
+):
     """verl's ``rloo``: r minus the mean of the group's other responses."""
     return _outcome(token_level_rewards, response_mask, index, estimator="rloo")
 
 
 @register_adv_est("negkernels_reinforce_plus_plus_baseline")
-def reinforce_pp_baseline_advantage(token_level_rewards: Tensor, response_mask: Tensor, index=None,
-                                    epsilon: float = 1e-6, config=None, **kwargs):
+def reinforce_pp_baseline_advantage(
+    token_level_rewards: Tensor, response_mask: Tensor, index=None, epsilon: float = 1e-6, config=None, **kwargs
+):
     """verl's ``reinforce_plus_plus_baseline``: r − μ_g, whitened over the batch's tokens
     (verl's masked_whiten: token-weighted mean, unbiased over the token count, rsqrt(var + 1e-8))."""
     tokens = response_mask.sum(dim=-1).to(torch.float32)
-    return _outcome(token_level_rewards, response_mask, index, estimator="reinforce_pp_baseline",
-                    scale="whiten", whiten_weights=tokens, eps=1e-8)
+    return _outcome(
+        token_level_rewards,
+        response_mask,
+        index,
+        estimator="reinforce_pp_baseline",
+        scale="whiten",
+        whiten_weights=tokens,
+        eps=1e-8,
+    )
 
 
-POLICY_LOSSES = {"negkernels_vanilla": vanilla, "negkernels_gspo": gspo, "negkernels_cispo": cispo,
-                 "negkernels_sapo": sapo, "negkernels_geo_mean": geo_mean, "negkernels_clip_cov": clip_cov,
-                 "negkernels_kl_cov": kl_cov, "negkernels_gpg": gpg}
-ADVANTAGE_ESTIMATORS = {"negkernels_grpo": grpo_advantage, "negkernels_rloo": rloo_advantage,
-                        "negkernels_reinforce_plus_plus_baseline": reinforce_pp_baseline_advantage}
+POLICY_LOSSES = {
+    "negkernels_vanilla": vanilla,
+    "negkernels_gspo": gspo,
+    "negkernels_cispo": cispo,
+    "negkernels_sapo": sapo,
+    "negkernels_geo_mean": geo_mean,
+    "negkernels_clip_cov": clip_cov,
+    "negkernels_kl_cov": kl_cov,
+    "negkernels_gpg": gpg,
+}
+ADVANTAGE_ESTIMATORS = {
+    "negkernels_grpo": grpo_advantage,
+    "negkernels_rloo": rloo_advantage,
+    "negkernels_reinforce_plus_plus_baseline": reinforce_pp_baseline_advantage,
+}

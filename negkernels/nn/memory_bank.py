@@ -24,8 +24,15 @@ class MemoryBank(nn.Module):
     continues bit-identically.
     """
 
-    def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32,
-                 device: Optional[torch.device | str] = None, with_ids: bool = False):
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: Optional[torch.device | str] = None,
+        with_ids: bool = False,
+    ):
         super().__init__()
         self.size = check_int("size", size, minimum=1)
         self.dim = check_int("dim", dim, minimum=1)
@@ -75,8 +82,9 @@ class MemoryBank(nn.Module):
                 raise ValueError(f"mask: length {mask.shape[0]} does not match the {keys.shape[0]} keys")
 
     @torch.no_grad()
-    def enqueue(self, keys: Tensor, ids: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                process_group=None) -> None:
+    def enqueue(
+        self, keys: Tensor, ids: Optional[Tensor] = None, mask: Optional[Tensor] = None, process_group=None
+    ) -> None:
         """Append keys [B, dim] (detached), with ids [B] when the bank keeps them.
 
         ``mask`` [B] bool selects the rows that go in. With ``process_group`` the selected keys
@@ -93,7 +101,7 @@ class MemoryBank(nn.Module):
         if count == 0:
             return
         if count > self.size:  # only the newest `size` keys survive
-            keys, ids = keys[-self.size:], ids[-self.size:] if ids is not None else None
+            keys, ids = keys[-self.size :], ids[-self.size :] if ids is not None else None
             self.total += count - self.size
             count = self.size
         slots = (self.total + torch.arange(count, device=keys.device)) % self.size
@@ -107,7 +115,9 @@ class MemoryBank(nn.Module):
         return self.buffer[: self.valid]
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, dim={self.dim}, dtype={self.buffer.dtype}, with_ids={self.with_ids}, valid={self.valid}"
+        return (
+            f"size={self.size}, dim={self.dim}, dtype={self.buffer.dtype}, with_ids={self.with_ids}, valid={self.valid}"
+        )
 
 
 def _gather_in_rank_order(keys: Tensor, ids: Optional[Tensor], process_group):

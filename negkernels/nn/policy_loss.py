@@ -36,8 +36,10 @@ class PolicyLoss(nn.Module):
         super().__init__()
         unknown = sorted(set(options) - POLICY_OPTIONS - set(_CALL_OPTIONS))
         if unknown:
-            raise TypeError(f"PolicyLoss: unknown options {unknown}; expected some of "
-                            f"{sorted(POLICY_OPTIONS) + list(_CALL_OPTIONS)}")
+            raise TypeError(
+                f"PolicyLoss: unknown options {unknown}; expected some of "
+                f"{sorted(POLICY_OPTIONS) + list(_CALL_OPTIONS)}"
+            )
         self.config = PolicyLossConfig.of(config, {k: v for k, v in options.items() if k in POLICY_OPTIONS})
         self.call_options = {k: v for k, v in options.items() if k in _CALL_OPTIONS}
 
@@ -46,20 +48,44 @@ class PolicyLoss(nn.Module):
         config = dataclasses.replace(self.config, **overrides) if overrides else self.config
         return {**self.call_options, **kwargs, "config": config}
 
-    def forward(self, logp: Tensor, old_logp: Tensor, advantages: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                **kwargs) -> PolicyLossOutput:
+    def forward(
+        self,
+        logp: Tensor,
+        old_logp: Tensor,
+        advantages: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+        **kwargs,
+    ) -> PolicyLossOutput:
         return policy_loss(logp, old_logp, advantages, mask, **self._arguments(kwargs))
 
-    def from_logits(self, logits: Tensor, targets: Tensor, old_logp: Tensor, advantages: Optional[Tensor] = None,
-                    mask: Optional[Tensor] = None, **kwargs) -> PolicyLossOutput:
+    def from_logits(
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        old_logp: Tensor,
+        advantages: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+        **kwargs,
+    ) -> PolicyLossOutput:
         return policy_loss_from_logits(logits, targets, old_logp, advantages, mask, **self._arguments(kwargs))
 
-    def from_hidden(self, hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: Tensor,
-                    advantages: Optional[Tensor] = None, mask: Optional[Tensor] = None, **kwargs) -> PolicyLossOutput:
+    def from_hidden(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        old_logp: Tensor,
+        advantages: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+        **kwargs,
+    ) -> PolicyLossOutput:
         return linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, **self._arguments(kwargs))
 
     def extra_repr(self) -> str:
         defaults = PolicyLossConfig()
-        changed = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)
-                   if getattr(self.config, f.name) != getattr(defaults, f.name)}
+        changed = {
+            f.name: getattr(self.config, f.name)
+            for f in dataclasses.fields(self.config)
+            if getattr(self.config, f.name) != getattr(defaults, f.name)
+        }
         return ", ".join(f"{k}={v!r}" for k, v in {**changed, **self.call_options}.items())

@@ -68,16 +68,30 @@ class RetentionLayer(DynamicLayer):
     def _evict(self, owner: "RetentionCache") -> None:
         step = self.cumulative_length  # position of the next query
         if owner.scorer == "trim_kv":
-            kept = evict(self.keys, self.values, self.log_beta, self.positions, step, owner.budget, sink=owner.sink,
-                         window=owner.window, backend=owner.backend)
-            self.keys, self.values, self.log_beta, self.positions = kept.keys, kept.values, kept.log_beta, kept.positions
+            kept = evict(
+                self.keys,
+                self.values,
+                self.log_beta,
+                self.positions,
+                step,
+                owner.budget,
+                sink=owner.sink,
+                window=owner.window,
+                backend=owner.backend,
+            )
+            self.keys, self.values, self.log_beta, self.positions = (
+                kept.keys,
+                kept.values,
+                kept.log_beta,
+                kept.positions,
+            )
         else:
             scores = owner._score(self.keys, self.values, self.positions, step)
             indices = select_retained(scores, owner.budget, sink=owner.sink, window=owner.window, backend=owner.backend)
             # select_retained's indices are in range by construction: no host read per eviction.
             self.keys, self.values, self.log_beta, self.positions = compact_kv(
-                self.keys, self.values, indices, self.log_beta, self.positions, validate=False,
-                backend=owner.backend)
+                self.keys, self.values, indices, self.log_beta, self.positions, validate=False, backend=owner.backend
+            )
         self.evictions += 1
 
     def get_mask_sizes(self, query: Union[int, Tensor]) -> tuple[int, int]:
@@ -149,9 +163,18 @@ class RetentionCache(Cache):
     the positions just before the new ones, which a padding mask cannot follow.
     """
 
-    def __init__(self, budget: int, buffer: int = 0, *, scorer: Union[str, ScoreFn, None] = None,
-                 model: Optional[nn.Module] = None, retention_gates=None, sink: int = 0, window: int = 0,
-                 backend: Optional[str] = None):
+    def __init__(
+        self,
+        budget: int,
+        buffer: int = 0,
+        *,
+        scorer: Union[str, ScoreFn, None] = None,
+        model: Optional[nn.Module] = None,
+        retention_gates=None,
+        sink: int = 0,
+        window: int = 0,
+        backend: Optional[str] = None,
+    ):
         from .._validation import check_int
 
         self.budget = check_int("budget", budget, minimum=1)
@@ -181,10 +204,15 @@ class RetentionCache(Cache):
         return RetentionLayer(self, len(self.layers))
 
     def _attach(self, model: nn.Module) -> None:
-        attention = [m for name, m in model.named_modules()
-                     if name.endswith("self_attn") and isinstance(getattr(m, "layer_idx", None), int)]
+        attention = [
+            m
+            for name, m in model.named_modules()
+            if name.endswith("self_attn") and isinstance(getattr(m, "layer_idx", None), int)
+        ]
         if not attention:
-            raise ValueError("model: found no attention modules (`*.self_attn` with a `layer_idx`) to read hidden states from")
+            raise ValueError(
+                "model: found no attention modules (`*.self_attn` with a `layer_idx`) to read hidden states from"
+            )
         owner = weakref.ref(self)  # the model must not keep a finished cache alive
 
         def grab(module, args, kwargs):
@@ -222,10 +250,14 @@ class RetentionCache(Cache):
         if hidden is None:
             raise RuntimeError(f"RetentionCache: no hidden states were captured for layer {layer_idx}")
         gate = self.retention_gates
-        log_beta = gate(layer_idx, hidden) if not isinstance(gate, (nn.ModuleList, list, tuple)) else gate[layer_idx](hidden)
+        log_beta = (
+            gate(layer_idx, hidden) if not isinstance(gate, (nn.ModuleList, list, tuple)) else gate[layer_idx](hidden)
+        )
         if tuple(log_beta.shape) != (b, q, h):
-            raise ValueError(f"retention_gates: layer {layer_idx} returned shape {tuple(log_beta.shape)}, expected "
-                             f"[B, T, num_kv_heads] = {(b, q, h)}")
+            raise ValueError(
+                f"retention_gates: layer {layer_idx} returned shape {tuple(log_beta.shape)}, expected "
+                f"[B, T, num_kv_heads] = {(b, q, h)}"
+            )
         return log_beta.detach().float().transpose(1, 2)
 
     def _score(self, keys: Tensor, values: Tensor, positions: Tensor, step: int) -> Tensor:

@@ -11,9 +11,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .._kernel_op import kernel_op, no_grads_after
 from .._backend import register_op, resolve_backend
 from .._fixedpoint import exponent_bound, headroom_bits
+from .._kernel_op import kernel_op, no_grads_after
 from .._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -27,10 +27,12 @@ from ..reference.advantages import (
     DEFAULT_SCALE,
     ESTIMATORS,
     SCALES,
-    drpo_positive_weights as _drpo_positive_weights_reference,
     global_moments,
     group_advantages_reference,
     group_discriminative_loss_reference,
+)
+from ..reference.advantages import (
+    drpo_positive_weights as _drpo_positive_weights_reference,
 )
 
 GROUP_ADVANTAGES_BACKENDS = register_op("group_advantages", ("reference", "triton", "cuda"))
@@ -47,17 +49,31 @@ class GroupStats(NamedTuple):
     zero_variance_fraction: Tensor  # 0-d fp32: share of non-empty groups whose std is 0
 
 
-def _cuda_group_advantages(rewards, group_index, group_size, num_groups, estimator, scale, eps, vmax, k, pos, neg, pos_t, neg_t, batch_stats):
+def _cuda_group_advantages(
+    rewards, group_index, group_size, num_groups, estimator, scale, eps, vmax, k, pos, neg, pos_t, neg_t, batch_stats
+):
     from .. import _cuda_ext
 
     _cuda_ext.load()  # registers torch.ops.negkernels_cuda
     stream = torch.cuda.current_stream(rewards.device).cuda_stream
     return torch.ops.negkernels_cuda.group_advantages(
-        rewards.contiguous(), group_index.contiguous() if group_index is not None else None, group_size, num_groups,
-        ESTIMATORS.index(estimator), SCALES.index(scale), eps, vmax, float(k), pos, neg,
-        pos_t.float().contiguous() if pos_t is not None else None, neg_t.float().contiguous() if neg_t is not None else None,
+        rewards.contiguous(),
+        group_index.contiguous() if group_index is not None else None,
+        group_size,
+        num_groups,
+        ESTIMATORS.index(estimator),
+        SCALES.index(scale),
+        eps,
+        vmax,
+        float(k),
+        pos,
+        neg,
+        pos_t.float().contiguous() if pos_t is not None else None,
+        neg_t.float().contiguous() if neg_t is not None else None,
         batch_stats.to(torch.float64).contiguous() if batch_stats is not None else None,
-        headroom_bits(rewards.numel()), exponent_bound(vmax if estimator == "ngrpo" else 0.0), stream,
+        headroom_bits(rewards.numel()),
+        exponent_bound(vmax if estimator == "ngrpo" else 0.0),
+        stream,
     )
 
 
@@ -83,20 +99,53 @@ def _group_advantages_op(
         from ..triton.advantages import group_advantages_fwd
 
         return group_advantages_fwd(
-            rewards, group_index, group_size, num_groups, estimator, scale, eps, virtual_max_reward, num_virtual,
-            positive_scale, negative_scale, positive_scale_tensor, negative_scale_tensor, batch_stats,
+            rewards,
+            group_index,
+            group_size,
+            num_groups,
+            estimator,
+            scale,
+            eps,
+            virtual_max_reward,
+            num_virtual,
+            positive_scale,
+            negative_scale,
+            positive_scale_tensor,
+            negative_scale_tensor,
+            batch_stats,
         )
     if backend == "cuda":
-        return tuple(_cuda_group_advantages(
-            rewards, group_index, group_size, num_groups, estimator, scale, eps, virtual_max_reward, num_virtual,
-            positive_scale, negative_scale, positive_scale_tensor, negative_scale_tensor, batch_stats,
-        ))
+        return tuple(
+            _cuda_group_advantages(
+                rewards,
+                group_index,
+                group_size,
+                num_groups,
+                estimator,
+                scale,
+                eps,
+                virtual_max_reward,
+                num_virtual,
+                positive_scale,
+                negative_scale,
+                positive_scale_tensor,
+                negative_scale_tensor,
+                batch_stats,
+            )
+        )
     if group_index is None:
         ids = torch.arange(rewards.numel(), device=rewards.device) // max(group_size, 1)
     else:
         ids = group_index
     adv, mean, std, count = group_advantages_reference(
-        rewards, ids, num_groups, estimator, scale, eps, virtual_max_reward, num_virtual,
+        rewards,
+        ids,
+        num_groups,
+        estimator,
+        scale,
+        eps,
+        virtual_max_reward,
+        num_virtual,
         positive_scale_tensor if positive_scale_tensor is not None else positive_scale,
         negative_scale_tensor if negative_scale_tensor is not None else negative_scale,
         batch_stats=batch_stats,
@@ -254,14 +303,43 @@ def group_advantages(
     if scale == "batch" and process_group is not None:
         batch_stats = global_moments(rewards.double(), process_group, _in_range(group_index, num_groups, None))
     elif scale == "whiten" and (process_group is not None or whiten_weights is not None):
-        numerators = _group_advantages_op(rewards, group_index, group_size, num_groups, estimator, "none", eps,
-                                          virtual_max_reward, num_virtual, 1.0, 1.0, None, None, None, chosen)[0]
-        batch_stats = global_moments(numerators.double(), process_group,
-                                     _in_range(group_index, num_groups, whiten_weights))
+        numerators = _group_advantages_op(
+            rewards,
+            group_index,
+            group_size,
+            num_groups,
+            estimator,
+            "none",
+            eps,
+            virtual_max_reward,
+            num_virtual,
+            1.0,
+            1.0,
+            None,
+            None,
+            None,
+            chosen,
+        )[0]
+        batch_stats = global_moments(
+            numerators.double(), process_group, _in_range(group_index, num_groups, whiten_weights)
+        )
 
     adv, mean, std, count = _group_advantages_op(
-        rewards, group_index, group_size, num_groups, estimator, scale, eps, virtual_max_reward, num_virtual,
-        pos, neg, pos_t, neg_t, batch_stats, chosen,
+        rewards,
+        group_index,
+        group_size,
+        num_groups,
+        estimator,
+        scale,
+        eps,
+        virtual_max_reward,
+        num_virtual,
+        pos,
+        neg,
+        pos_t,
+        neg_t,
+        batch_stats,
+        chosen,
     )
     if not return_stats:
         return adv
@@ -270,8 +348,14 @@ def group_advantages(
     return adv, GroupStats(mean, std, count, zero_var)
 
 
-def drpo_positive_weights(lengths: Tensor, correct: Tensor, group_index: Tensor, max_length: float, lam: float = 1.0,
-                          num_groups: Optional[int] = None) -> Tensor:
+def drpo_positive_weights(
+    lengths: Tensor,
+    correct: Tensor,
+    group_index: Tensor,
+    max_length: float,
+    lam: float = 1.0,
+    num_groups: Optional[int] = None,
+) -> Tensor:
     """DRPO length weights for the positive term of :func:`group_discriminative_loss`.
 
     weights_i = softmax over the correct members j of i's group of (1 − length_j / max_length)/λ;
@@ -292,8 +376,16 @@ def drpo_positive_weights(lengths: Tensor, correct: Tensor, group_index: Tensor,
 
 
 @kernel_op("negkernels::group_discriminative_loss", mutates_args=())
-def _discriminative_op(scores: Tensor, correct: Tensor, group_index: Tensor, weights: Optional[Tensor],
-                       num_groups: int, tau: float, mode: str, backend: str) -> tuple[Tensor, Tensor]:
+def _discriminative_op(
+    scores: Tensor,
+    correct: Tensor,
+    group_index: Tensor,
+    weights: Optional[Tensor],
+    num_groups: int,
+    tau: float,
+    mode: str,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
     """(loss, d loss / d scores): the gradient comes with the forward, the backward only scales it."""
     if backend == "triton":
         from ..triton.advantages import group_discriminative_fwd
@@ -303,8 +395,15 @@ def _discriminative_op(scores: Tensor, correct: Tensor, group_index: Tensor, wei
     inside = (group_index >= 0) & (group_index < num_groups)
     with torch.enable_grad():
         leaf = scores.detach().requires_grad_()
-        loss = group_discriminative_loss_reference(leaf[inside], correct[inside], group_index[inside], num_groups, tau,
-                                                   mode, weights[inside] if weights is not None else None)
+        loss = group_discriminative_loss_reference(
+            leaf[inside],
+            correct[inside],
+            group_index[inside],
+            num_groups,
+            tau,
+            mode,
+            weights[inside] if weights is not None else None,
+        )
         (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True)
     if grad is None:  # no member inside
         grad = torch.zeros_like(leaf)

@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._kernel_op import bounded_memo, kernel_op, no_grads_after
 from .._backend import register_op, resolve_backend, triton_interpret
+from .._kernel_op import bounded_memo, kernel_op, no_grads_after
 from .._validation import INDEX_DTYPES, check_choice, check_finite_float, check_int, check_tensor
 from ..reference.contrastive import (
     FALSE_NEGATIVE_MODES,
@@ -50,8 +50,10 @@ def _check_bank_valid(bank_valid, num_slots: int, device: torch.device):
         return None, num_slots
     if isinstance(bank_valid, Tensor):
         if bank_valid.dtype != torch.bool or bank_valid.shape != (num_slots,):
-            raise ValueError(f"bank_valid: expected a filled count or a bool mask of shape ({num_slots},), got "
-                             f"{bank_valid.dtype} of shape {tuple(bank_valid.shape)}")
+            raise ValueError(
+                f"bank_valid: expected a filled count or a bool mask of shape ({num_slots},), got "
+                f"{bank_valid.dtype} of shape {tuple(bank_valid.shape)}"
+            )
         check_tensor("bank_valid", bank_valid, device=device)
         return bank_valid.contiguous(), num_slots
     count = check_int("bank_valid", bank_valid, minimum=0)
@@ -63,8 +65,10 @@ def _check_bank_valid(bank_valid, num_slots: int, device: torch.device):
 def _check_temperature(temperature, device: torch.device) -> Tensor | float:
     if isinstance(temperature, Tensor):
         if temperature.dim() != 0 or not temperature.is_floating_point():
-            raise ValueError(f"temperature: expected a float or a 0-d floating tensor, got {temperature.dtype} of shape "
-                             f"{tuple(temperature.shape)}")
+            raise ValueError(
+                f"temperature: expected a float or a 0-d floating tensor, got {temperature.dtype} of shape "
+                f"{tuple(temperature.shape)}"
+            )
         check_tensor("temperature", temperature, device=device)
         # Not read on the host (a learnable τ would cost a synchronisation every step): a value
         # that is not positive and finite makes the loss NaN.
@@ -82,14 +86,16 @@ def _temperature_tensor(value: float, device: torch.device) -> Tensor:
     allocation and no copy per call; traced calls make their own."""
     if torch.compiler.is_compiling():
         return torch.full((), value, dtype=torch.float32, device=device)
-    return bounded_memo(_TEMPERATURES, (value, device),
-                        lambda: torch.full((), value, dtype=torch.float32, device=device), 64)
+    return bounded_memo(
+        _TEMPERATURES, (value, device), lambda: torch.full((), value, dtype=torch.float32, device=device), 64
+    )
 
 
 def _check_ids(query_ids, bank_ids, n: int, k: int, device: torch.device):
     if (query_ids is None) != (bank_ids is None):
-        raise ValueError("query_ids and bank_ids: give both (false negatives are slots whose id equals the query's) "
-                         "or neither")
+        raise ValueError(
+            "query_ids and bank_ids: give both (false negatives are slots whose id equals the query's) or neither"
+        )
     if query_ids is None:
         return None, None
     check_tensor("query_ids", query_ids, ndim=1, dtypes=INDEX_DTYPES, device=device)
@@ -122,21 +128,43 @@ def _upcast_half(x: Optional[Tensor]) -> Optional[Tensor]:
 
 
 @kernel_op("negkernels::bank_info_nce_fwd", mutates_args=())
-def _bank_info_nce_fwd_op(query: Tensor, positive: Optional[Tensor], bank: Tensor, temperature: Tensor,
-                          extra_negatives: Optional[Tensor], query_ids: Optional[Tensor], bank_ids: Optional[Tensor],
-                          valid_mask: Optional[Tensor], valid_count: int, false_negatives: Optional[str],
-                          normalize: bool, reduction: int,
-                          self_slots: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def _bank_info_nce_fwd_op(
+    query: Tensor,
+    positive: Optional[Tensor],
+    bank: Tensor,
+    temperature: Tensor,
+    extra_negatives: Optional[Tensor],
+    query_ids: Optional[Tensor],
+    bank_ids: Optional[Tensor],
+    valid_mask: Optional[Tensor],
+    valid_count: int,
+    false_negatives: Optional[str],
+    normalize: bool,
+    reduction: int,
+    self_slots: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
     """(loss: [N] per query, or their fixed-order sum (``reduction`` 1) or mean (2), 0-d;
     lse_all [N], lse_pos [N] (log |P| for ``"supcon"``)). Reduced inside the op: no autograd nodes
     for the reduction. ``positive`` may be None (then P holds bank slots only); ``self_slots``
     [N] int64 names each query's own slot (−1: none), which is in neither set."""
     from ..triton.contrastive import bank_info_nce_fwd
 
-    return bank_info_nce_fwd(query, positive, bank, temperature, extra_negatives, query_ids, bank_ids, valid_mask,
-                             valid_count, false_negatives, normalize, triton_interpret(),
-                             reduce_scale=_reduction_scale(reduction, query.shape[0]) if reduction else None,
-                             self_slots=self_slots)
+    return bank_info_nce_fwd(
+        query,
+        positive,
+        bank,
+        temperature,
+        extra_negatives,
+        query_ids,
+        bank_ids,
+        valid_mask,
+        valid_count,
+        false_negatives,
+        normalize,
+        triton_interpret(),
+        reduce_scale=_reduction_scale(reduction, query.shape[0]) if reduction else None,
+        self_slots=self_slots,
+    )
 
 
 def _reduction_scale(reduction: int, n: int) -> float:
@@ -144,73 +172,181 @@ def _reduction_scale(reduction: int, n: int) -> float:
 
 
 @_bank_info_nce_fwd_op.register_fake
-def _(query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, valid_count, fn, normalize,
-      reduction, self_slots):
+def _(
+    query,
+    positive,
+    bank,
+    temperature,
+    extra,
+    query_ids,
+    bank_ids,
+    valid_mask,
+    valid_count,
+    fn,
+    normalize,
+    reduction,
+    self_slots,
+):
     out = query.new_empty(query.shape[0], dtype=torch.float32)
     loss = query.new_empty((), dtype=torch.float32) if reduction else out.clone()
     return loss, out, out.clone()
 
 
 @kernel_op("negkernels::bank_info_nce_bwd", mutates_args=())
-def _bank_info_nce_bwd_op(grad_loss: Tensor, query: Tensor, positive: Optional[Tensor], bank: Tensor,
-                          temperature: Tensor, extra_negatives: Optional[Tensor], query_ids: Optional[Tensor],
-                          bank_ids: Optional[Tensor], valid_mask: Optional[Tensor], valid_count: int,
-                          false_negatives: Optional[str], normalize: bool, lse_all: Tensor, lse_pos: Tensor,
-                          bank_grad: bool, extra_grad: bool, grad_scale: float,
-                          self_slots: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _bank_info_nce_bwd_op(
+    grad_loss: Tensor,
+    query: Tensor,
+    positive: Optional[Tensor],
+    bank: Tensor,
+    temperature: Tensor,
+    extra_negatives: Optional[Tensor],
+    query_ids: Optional[Tensor],
+    bank_ids: Optional[Tensor],
+    valid_mask: Optional[Tensor],
+    valid_count: int,
+    false_negatives: Optional[str],
+    normalize: bool,
+    lse_all: Tensor,
+    lse_pos: Tensor,
+    bank_grad: bool,
+    extra_grad: bool,
+    grad_scale: float,
+    self_slots: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """→ (d query, d positive or [0], d bank or [0], d extras or [0], r = Σ_j (d loss_i / d l_ij)·l_ij
     per query), for incoming gradients ``grad_loss`` ([N], or one 0-d for a reduced loss) times
     ``grad_scale``."""
     from ..triton.contrastive import bank_info_nce_bwd
 
-    return bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra_negatives, query_ids, bank_ids,
-                             valid_mask, valid_count, false_negatives, normalize, lse_all, lse_pos, bank_grad,
-                             extra_grad, triton_interpret(), grad_scale, self_slots=self_slots)
+    return bank_info_nce_bwd(
+        grad_loss,
+        query,
+        positive,
+        bank,
+        temperature,
+        extra_negatives,
+        query_ids,
+        bank_ids,
+        valid_mask,
+        valid_count,
+        false_negatives,
+        normalize,
+        lse_all,
+        lse_pos,
+        bank_grad,
+        extra_grad,
+        triton_interpret(),
+        grad_scale,
+        self_slots=self_slots,
+    )
 
 
 @_bank_info_nce_bwd_op.register_fake
-def _(grad_loss, query, positive, bank, temperature, extra_negatives, query_ids, bank_ids, valid_mask, valid_count,
-      false_negatives, normalize, lse_all, lse_pos, bank_grad, extra_grad, grad_scale, self_slots):
-    dextra = torch.empty_like(extra_negatives, memory_format=torch.contiguous_format) \
-        if extra_grad and extra_negatives is not None else query.new_empty(0)
-    return (torch.empty_like(query, memory_format=torch.contiguous_format),
-            torch.empty_like(positive, memory_format=torch.contiguous_format) if positive is not None
-            else query.new_empty(0),
-            torch.empty_like(bank, memory_format=torch.contiguous_format) if bank_grad else bank.new_empty(0),
-            dextra, query.new_empty(query.shape[0], dtype=torch.float32))
+def _(
+    grad_loss,
+    query,
+    positive,
+    bank,
+    temperature,
+    extra_negatives,
+    query_ids,
+    bank_ids,
+    valid_mask,
+    valid_count,
+    false_negatives,
+    normalize,
+    lse_all,
+    lse_pos,
+    bank_grad,
+    extra_grad,
+    grad_scale,
+    self_slots,
+):
+    dextra = (
+        torch.empty_like(extra_negatives, memory_format=torch.contiguous_format)
+        if extra_grad and extra_negatives is not None
+        else query.new_empty(0)
+    )
+    return (
+        torch.empty_like(query, memory_format=torch.contiguous_format),
+        torch.empty_like(positive, memory_format=torch.contiguous_format)
+        if positive is not None
+        else query.new_empty(0),
+        torch.empty_like(bank, memory_format=torch.contiguous_format) if bank_grad else bank.new_empty(0),
+        dextra,
+        query.new_empty(query.shape[0], dtype=torch.float32),
+    )
 
 
 def _bank_info_nce_setup(ctx, inputs, output):
-    (query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, valid_count, fn, normalize,
-     reduction, self_slots) = inputs
+    (
+        query,
+        positive,
+        bank,
+        temperature,
+        extra,
+        query_ids,
+        bank_ids,
+        valid_mask,
+        valid_count,
+        fn,
+        normalize,
+        reduction,
+        self_slots,
+    ) = inputs
     _, lse_all, lse_pos = output
-    ctx.save_for_backward(query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, lse_all, lse_pos,
-                          self_slots)
+    ctx.save_for_backward(
+        query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, lse_all, lse_pos, self_slots
+    )
     ctx.options = (valid_count, fn, normalize)
     ctx.grad_scale = _reduction_scale(reduction, query.shape[0]) if reduction else None
     ctx.mark_non_differentiable(lse_all, lse_pos)
 
 
 def _bank_info_nce_backward(ctx, grad_loss, grad_lse_all, grad_lse_pos):
-    (query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, lse_all, lse_pos,
-     self_slots) = ctx.saved_tensors
+    (query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, lse_all, lse_pos, self_slots) = (
+        ctx.saved_tensors
+    )
     valid_count, fn, normalize = ctx.options
     needs = ctx.needs_input_grad
     # A reduced loss: its one gradient is read by every query at stride 0, times the reduction's scale.
     # The direct eager entrance has already settled that nothing here is traced.
     bwd = _bank_info_nce_bwd_op.impl if getattr(ctx, "direct_call", False) else _bank_info_nce_bwd_op
     dq, dpos, dbank, dextra, r = bwd(
-        grad_loss, query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, valid_count, fn,
-        normalize, lse_all, lse_pos, bool(needs[2]), bool(needs[4]) and extra is not None,
-        1.0 if ctx.grad_scale is None else ctx.grad_scale, self_slots)
+        grad_loss,
+        query,
+        positive,
+        bank,
+        temperature,
+        extra,
+        query_ids,
+        bank_ids,
+        valid_mask,
+        valid_count,
+        fn,
+        normalize,
+        lse_all,
+        lse_pos,
+        bool(needs[2]),
+        bool(needs[4]) and extra is not None,
+        1.0 if ctx.grad_scale is None else ctx.grad_scale,
+        self_slots,
+    )
     # l = (q·k)/τ, so d loss/dτ = −Σ_ij G_ij·l_ij / τ (a fixed-order sum: deterministic).
     dtemperature = -r.sum() / temperature if needs[3] else None
-    return no_grads_after(ctx, dq, dpos if positive is not None else None, dbank if needs[2] else None, dtemperature,
-                          dextra if needs[4] else None)
+    return no_grads_after(
+        ctx,
+        dq,
+        dpos if positive is not None else None,
+        dbank if needs[2] else None,
+        dtemperature,
+        dextra if needs[4] else None,
+    )
 
 
-_bank_info_nce_fwd_op.register_autograd(_bank_info_nce_backward, setup_context=_bank_info_nce_setup,
-                                         differentiable=5)  # query, positive, bank, temperature, extras
+_bank_info_nce_fwd_op.register_autograd(
+    _bank_info_nce_backward, setup_context=_bank_info_nce_setup, differentiable=5
+)  # query, positive, bank, temperature, extras
 
 
 # ============================================================================ InfoNCE public API
@@ -273,8 +409,9 @@ def bank_info_nce(
     if extra_negatives is not None:
         check_tensor("extra_negatives", extra_negatives, ndim=3, device=query.device)
         if extra_negatives.shape[0] != n or extra_negatives.shape[2] != query.shape[1]:
-            raise ValueError(f"extra_negatives: expected shape ({n}, M, {query.shape[1]}), got "
-                             f"{tuple(extra_negatives.shape)}")
+            raise ValueError(
+                f"extra_negatives: expected shape ({n}, M, {query.shape[1]}), got {tuple(extra_negatives.shape)}"
+            )
         if extra_negatives.dtype != query.dtype:
             raise TypeError(f"extra_negatives: dtype {extra_negatives.dtype} does not match query dtype {query.dtype}")
     fn_mode = false_negatives if query_ids is not None else None
@@ -285,13 +422,34 @@ def bank_info_nce(
         # fp32 accumulation for half inputs, as the kernels; gradients flow back through the casts.
         up = _upcast_half
         return bank_info_nce_reference(
-            up(query), up(positive), up(bank), temperature, normalize=normalize, query_ids=query_ids, bank_ids=bank_ids,
-            false_negatives=fn_mode, bank_valid=valid_mask if valid_mask is not None else valid_count,
-            extra_negatives=up(extra_negatives), reduction=reduction).float()
+            up(query),
+            up(positive),
+            up(bank),
+            temperature,
+            normalize=normalize,
+            query_ids=query_ids,
+            bank_ids=bank_ids,
+            false_negatives=fn_mode,
+            bank_valid=valid_mask if valid_mask is not None else valid_count,
+            extra_negatives=up(extra_negatives),
+            reduction=reduction,
+        ).float()
 
-    loss, _, _ = _bank_info_nce_fwd_op(query, positive, bank, _kernel_temperature(temperature, query.device),
-                                       extra_negatives, query_ids, bank_ids, valid_mask, valid_count, fn_mode,
-                                       normalize, REDUCTION_CODES[reduction], None)
+    loss, _, _ = _bank_info_nce_fwd_op(
+        query,
+        positive,
+        bank,
+        _kernel_temperature(temperature, query.device),
+        extra_negatives,
+        query_ids,
+        bank_ids,
+        valid_mask,
+        valid_count,
+        fn_mode,
+        normalize,
+        REDUCTION_CODES[reduction],
+        None,
+    )
     return loss
 
 
@@ -365,15 +523,35 @@ def bank_supcon(
     if chosen == "reference":
         up = _upcast_half
         return bank_supcon_reference(
-            up(query), up(bank), query_labels, bank_labels, temperature, positive=up(positive), normalize=normalize,
-            self_slots=self_slots, bank_valid=valid_mask if valid_mask is not None else valid_count,
-            reduction=reduction).float()
+            up(query),
+            up(bank),
+            query_labels,
+            bank_labels,
+            temperature,
+            positive=up(positive),
+            normalize=normalize,
+            self_slots=self_slots,
+            bank_valid=valid_mask if valid_mask is not None else valid_count,
+            reduction=reduction,
+        ).float()
 
     # With an explicit positive every query has one, so the mean is over all N, inside the op.
     in_op = reduction if reduction != "mean" or positive is not None else "none"
-    loss, _, log_count = _bank_info_nce_fwd_op(query, positive, bank, _kernel_temperature(temperature, query.device),
-                                               None, query_labels, bank_labels, valid_mask, valid_count, "supcon",
-                                               normalize, REDUCTION_CODES[in_op], self_slots)
+    loss, _, log_count = _bank_info_nce_fwd_op(
+        query,
+        positive,
+        bank,
+        _kernel_temperature(temperature, query.device),
+        None,
+        query_labels,
+        bank_labels,
+        valid_mask,
+        valid_count,
+        "supcon",
+        normalize,
+        REDUCTION_CODES[in_op],
+        self_slots,
+    )
     if in_op == reduction:
         return loss
     # log |P_i| is −inf exactly for the queries without positives: no host read.
@@ -384,8 +562,9 @@ def bank_supcon(
 
 
 @kernel_op("negkernels::bank_topk", mutates_args=())
-def _bank_topk_op(query: Tensor, bank: Tensor, k: int, valid_mask: Optional[Tensor], valid_count: int,
-                  normalize: bool) -> tuple[Tensor, Tensor]:
+def _bank_topk_op(
+    query: Tensor, bank: Tensor, k: int, valid_mask: Optional[Tensor], valid_count: int, normalize: bool
+) -> tuple[Tensor, Tensor]:
     from ..triton.contrastive import bank_topk as bank_topk_launch
 
     return bank_topk_launch(query, bank, k, valid_mask, valid_count, normalize, triton_interpret())
@@ -393,12 +572,15 @@ def _bank_topk_op(query: Tensor, bank: Tensor, k: int, valid_mask: Optional[Tens
 
 @_bank_topk_op.register_fake
 def _(query, bank, k, valid_mask, valid_count, normalize):
-    return (query.new_empty((query.shape[0], k), dtype=torch.float32),
-            query.new_empty((query.shape[0], k), dtype=torch.int64))
+    return (
+        query.new_empty((query.shape[0], k), dtype=torch.float32),
+        query.new_empty((query.shape[0], k), dtype=torch.int64),
+    )
 
 
-def bank_topk(query: Tensor, bank: Tensor, k: int, *, normalize: bool = False, bank_valid=None,
-              backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+def bank_topk(
+    query: Tensor, bank: Tensor, k: int, *, normalize: bool = False, bank_valid=None, backend: Optional[str] = None
+) -> tuple[Tensor, Tensor]:
     """The k most similar filled bank slots of each query (hard-negative mining), without N×K.
 
     Args:
@@ -422,15 +604,28 @@ def bank_topk(query: Tensor, bank: Tensor, k: int, *, normalize: bool = False, b
     chosen = resolve_backend(backend, query.device, "bank_topk", implemented)
     if chosen == "reference":
         with torch.no_grad():
-            values, indices = bank_topk_reference(_upcast_half(query), _upcast_half(bank), k, normalize=normalize,
-                                                  bank_valid=valid_mask if valid_mask is not None else valid_count)
+            values, indices = bank_topk_reference(
+                _upcast_half(query),
+                _upcast_half(bank),
+                k,
+                normalize=normalize,
+                bank_valid=valid_mask if valid_mask is not None else valid_count,
+            )
         return values.float(), indices
     return _bank_topk_op(query.detach(), bank.detach(), k, valid_mask, valid_count, normalize)
 
 
-def mochi_negatives(query: Tensor, bank: Tensor, *, top_n: int, num_pair_mixes: int, num_query_mixes: int,
-                    bank_valid=None, generator: Optional[torch.Generator] = None,
-                    backend: Optional[str] = None) -> Tensor:
+def mochi_negatives(
+    query: Tensor,
+    bank: Tensor,
+    *,
+    top_n: int,
+    num_pair_mixes: int,
+    num_query_mixes: int,
+    bank_valid=None,
+    generator: Optional[torch.Generator] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
     """MoCHi synthetic hard negatives (Kalantidis et al., 2020), detached, [N, num_pair_mixes + num_query_mixes, D].
 
     The top_n hardest negatives of each query are its most cosine-similar filled bank slots

@@ -17,8 +17,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .._kernel_op import kernel_op
 from .._backend import register_op, resolve_backend
+from .._kernel_op import kernel_op
 from .._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -35,9 +35,9 @@ from ..reference.kv import (
     attention_scores_reference,
     compact_kv_reference,
     forced_per_head,
-    ragged_from_keep,
     key_norm_scores_reference,
     keydiff_scores_reference,
+    ragged_from_keep,
     retention_mass_reference,
     retention_scores_reference,
     select_retained_global_reference,
@@ -125,12 +125,19 @@ def _check_budget(budget, sink, window) -> tuple[int, int, int]:
 
 
 @kernel_op("negkernels::retention_scores", mutates_args=())
-def _retention_scores_op(log_beta: Tensor, positions: Tensor, step_tensor: Optional[Tensor], step: int,
-                         keys: Optional[Tensor], key_norm_weight: float) -> Tensor:
+def _retention_scores_op(
+    log_beta: Tensor,
+    positions: Tensor,
+    step_tensor: Optional[Tensor],
+    step: int,
+    keys: Optional[Tensor],
+    key_norm_weight: float,
+) -> Tensor:
     from ..triton.kv import retention_scores_fwd
 
-    return retention_scores_fwd(log_beta, positions, step_tensor if step_tensor is not None else step, keys,
-                                key_norm_weight)
+    return retention_scores_fwd(
+        log_beta, positions, step_tensor if step_tensor is not None else step, keys, key_norm_weight
+    )
 
 
 @_retention_scores_op.register_fake
@@ -160,8 +167,15 @@ def _retention_scores_backward(ctx, grad):
 _retention_scores_op.register_autograd(_retention_scores_backward, setup_context=_retention_scores_setup)
 
 
-def retention_scores(log_beta: Tensor, positions: Tensor, step, *, keys: Optional[Tensor] = None,
-                     key_norm_weight: float = 0.0, backend: Optional[str] = None) -> Tensor:
+def retention_scores(
+    log_beta: Tensor,
+    positions: Tensor,
+    step,
+    *,
+    keys: Optional[Tensor] = None,
+    key_norm_weight: float = 0.0,
+    backend: Optional[str] = None,
+) -> Tensor:
     """TRIM-KV retention scores: how much each cached token still matters at the next query.
 
     Args:
@@ -192,8 +206,14 @@ def retention_scores(log_beta: Tensor, positions: Tensor, step, *, keys: Optiona
     if chosen == "reference" or log_beta.dtype == torch.float64:  # fp64 is the oracle's precision: PyTorch
         return retention_scores_reference(log_beta, positions, step, keys, key_norm_weight)
     step_tensor = step if isinstance(step, Tensor) else None
-    return _retention_scores_op(log_beta, positions, step_tensor, 0 if step_tensor is not None else step,
-                                keys if key_norm_weight != 0.0 else None, key_norm_weight)
+    return _retention_scores_op(
+        log_beta,
+        positions,
+        step_tensor,
+        0 if step_tensor is not None else step,
+        keys if key_norm_weight != 0.0 else None,
+        key_norm_weight,
+    )
 
 
 def key_norm_scores(keys: Tensor) -> Tensor:
@@ -263,8 +283,9 @@ def _cuda_select(scores, log_beta, positions, step, budget, sink, window, length
 
 
 @kernel_op("negkernels::select_retained", mutates_args=())
-def _select_retained_op(scores: Tensor, budget: int, sink: int, window: int, lengths: Optional[Tensor],
-                        backend: str) -> Tensor:
+def _select_retained_op(
+    scores: Tensor, budget: int, sink: int, window: int, lengths: Optional[Tensor], backend: str
+) -> Tensor:
     if backend == "cuda":
         return _cuda_select(scores, None, None, None, budget, sink, window, lengths)
     from ..triton.kv import select_retained_fwd
@@ -278,8 +299,17 @@ def _(scores, budget, sink, window, lengths, backend):
     return scores.new_empty((b, h, min(budget, s)), dtype=torch.int64)
 
 
-def select_retained(scores: Tensor, budget: int, *, sink: int = 0, window: int = 0, lengths: Optional[Tensor] = None,
-                    mode: str = "per_head", min_per_head: int = 0, backend: Optional[str] = None):
+def select_retained(
+    scores: Tensor,
+    budget: int,
+    *,
+    sink: int = 0,
+    window: int = 0,
+    lengths: Optional[Tensor] = None,
+    mode: str = "per_head",
+    min_per_head: int = 0,
+    backend: Optional[str] = None,
+):
     """Which cached tokens to keep: the ``budget`` best per head, or a budget shared across heads.
 
     Args:
@@ -314,18 +344,21 @@ def select_retained(scores: Tensor, budget: int, *, sink: int = 0, window: int =
     if mode == "global":
         chosen = resolve_backend(backend, scores.device, "select_retained_global", SELECT_GLOBAL_BACKENDS)
         if chosen == "reference":
-            return GlobalSelection(*select_retained_global_reference(scores.detach(), budget, sink, window, lengths,
-                                                                     min_per_head))
-        return GlobalSelection(*_select_global_triton(scores.detach().float().contiguous(), budget, sink, window,
-                                                      lengths, min_per_head))
+            return GlobalSelection(
+                *select_retained_global_reference(scores.detach(), budget, sink, window, lengths, min_per_head)
+            )
+        return GlobalSelection(
+            *_select_global_triton(scores.detach().float().contiguous(), budget, sink, window, lengths, min_per_head)
+        )
     chosen = resolve_backend(backend, scores.device, "select_retained", SELECT_RETAINED_BACKENDS)
     if chosen == "reference":
         return select_retained_reference(scores.detach(), budget, sink, window, lengths)
     return _select_retained_op(scores.detach().float().contiguous(), budget, sink, window, lengths, chosen)
 
 
-def _select_global_triton(scores: Tensor, budget: int, sink: int, window: int, lengths: Optional[Tensor],
-                          min_per_head: int):
+def _select_global_triton(
+    scores: Tensor, budget: int, sink: int, window: int, lengths: Optional[Tensor], min_per_head: int
+):
     """Global selection on the device, no host reads: each head's forced tokens (its protected ones
     and its best ``min_per_head``) come from the per-head radix select at budget
     max(min_per_head, sink + window); one program per sequence then radix-selects H·M (head,
@@ -365,8 +398,10 @@ def _check_compact(keys, values, indices, extras, validate: bool):
             try:
                 e = e.expand(b, h, s)
             except RuntimeError:
-                raise ValueError(f"extras[{i}]: shape {tuple(e.shape)} is neither [B, H, S, ...] = [{b}, {h}, {s}, ...] "
-                                 "nor broadcastable to it") from None
+                raise ValueError(
+                    f"extras[{i}]: shape {tuple(e.shape)} is neither [B, H, S, ...] = [{b}, {h}, {s}, ...] "
+                    "nor broadcastable to it"
+                ) from None
         out.append(e)
     return out
 
@@ -385,8 +420,9 @@ def _compact_kv_op(keys: Tensor, values: Tensor, indices: Tensor, extras: list[T
 @_compact_kv_op.register_fake
 def _(keys, values, indices, extras):
     b, h, m = indices.shape
-    return [keys.new_empty((b, h, m, keys.shape[-1])), values.new_empty((b, h, m, values.shape[-1]))] + \
-        [e.new_empty((b, h, m)) for e in extras]
+    return [keys.new_empty((b, h, m, keys.shape[-1])), values.new_empty((b, h, m, values.shape[-1]))] + [
+        e.new_empty((b, h, m)) for e in extras
+    ]
 
 
 def _compact_setup(ctx, inputs, output):
@@ -433,8 +469,9 @@ def _(keys, values, indices, extras):
     return None
 
 
-def compact_kv(keys: Tensor, values: Tensor, indices: Tensor, *extras: Tensor, validate: bool = True,
-               backend: Optional[str] = None):
+def compact_kv(
+    keys: Tensor, values: Tensor, indices: Tensor, *extras: Tensor, validate: bool = True, backend: Optional[str] = None
+):
     """Gather the kept tokens: K, V [B, H, S, D] and per-token metadata at ``indices`` [B, H, M].
 
     ``extras`` are per-token tensors [B, H, S] (positions, log β; anything broadcastable to it) or
@@ -452,8 +489,9 @@ def compact_kv(keys: Tensor, values: Tensor, indices: Tensor, *extras: Tensor, v
     return tuple(_compact_kv_op(keys, values, indices, list(extras)))
 
 
-def compact_kv_(keys: Tensor, values: Tensor, indices: Tensor, *extras: Tensor, validate: bool = True,
-                backend: Optional[str] = None):
+def compact_kv_(
+    keys: Tensor, values: Tensor, indices: Tensor, *extras: Tensor, validate: bool = True, backend: Optional[str] = None
+):
     """In-place :func:`compact_kv`: the kept tokens are written into the prefix ``[:, :, :M]`` of the
     source buffers, which must be distinct, non-overlapping tensors (no broadcast or expanded
     views: two rows writing one address would corrupt each other); returns those prefix views.
@@ -462,7 +500,9 @@ def compact_kv_(keys: Tensor, values: Tensor, indices: Tensor, *extras: Tensor, 
     _check_compact(keys, values, indices, extras, validate)
     for i, e in enumerate(extras):
         if e.dim() != 3 or tuple(e.shape) != tuple(keys.shape[:3]):
-            raise ValueError(f"extras[{i}]: the in-place form needs a writable [B, H, S] tensor, got shape {tuple(e.shape)}")
+            raise ValueError(
+                f"extras[{i}]: the in-place form needs a writable [B, H, S] tensor, got shape {tuple(e.shape)}"
+            )
     check_disjoint_outputs({"keys": keys, "values": values, **{f"extras[{i}]": e for i, e in enumerate(extras)}})
     chosen = resolve_backend(backend, keys.device, "compact_kv", COMPACT_KV_BACKENDS)
     m = indices.shape[2]
@@ -480,9 +520,19 @@ def compact_kv_(keys: Tensor, values: Tensor, indices: Tensor, *extras: Tensor, 
 
 
 @kernel_op("negkernels::evict", mutates_args=())
-def _evict_op(keys: Tensor, values: Tensor, log_beta: Tensor, positions: Tensor, step_tensor: Optional[Tensor],
-              step: int, budget: int, sink: int, window: int, lengths: Optional[Tensor],
-              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _evict_op(
+    keys: Tensor,
+    values: Tensor,
+    log_beta: Tensor,
+    positions: Tensor,
+    step_tensor: Optional[Tensor],
+    step: int,
+    budget: int,
+    sink: int,
+    window: int,
+    lengths: Optional[Tensor],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from ..triton.kv import compact_kv_fwd, select_from_log_beta_fwd
 
     step_arg = step_tensor if step_tensor is not None else step
@@ -491,8 +541,12 @@ def _evict_op(keys: Tensor, values: Tensor, log_beta: Tensor, positions: Tensor,
     else:
         indices = select_from_log_beta_fwd(log_beta, positions, step_arg, budget, sink, window, lengths)
     b, h, m = indices.shape
-    outs = [keys.new_empty((b, h, m, keys.shape[-1])), values.new_empty((b, h, m, values.shape[-1])),
-            log_beta.new_empty((b, h, m)), positions.new_empty((b, h, m))]
+    outs = [
+        keys.new_empty((b, h, m, keys.shape[-1])),
+        values.new_empty((b, h, m, values.shape[-1])),
+        log_beta.new_empty((b, h, m)),
+        positions.new_empty((b, h, m)),
+    ]
     compact_kv_fwd(keys, values, indices, [log_beta, positions], outs, in_place=False)
     return (*outs, indices)
 
@@ -501,13 +555,29 @@ def _evict_op(keys: Tensor, values: Tensor, log_beta: Tensor, positions: Tensor,
 def _(keys, values, log_beta, positions, step_tensor, step, budget, sink, window, lengths, backend):
     b, h, s, d = keys.shape
     m = min(budget, s)
-    return (keys.new_empty((b, h, m, d)), values.new_empty((b, h, m, values.shape[-1])), log_beta.new_empty((b, h, m)),
-            positions.new_empty((b, h, m)), keys.new_empty((b, h, m), dtype=torch.int64))
+    return (
+        keys.new_empty((b, h, m, d)),
+        values.new_empty((b, h, m, values.shape[-1])),
+        log_beta.new_empty((b, h, m)),
+        positions.new_empty((b, h, m)),
+        keys.new_empty((b, h, m), dtype=torch.int64),
+    )
 
 
-def evict(keys: Tensor, values: Tensor, log_beta: Tensor, positions: Tensor, step, budget: int, *, sink: int = 0,
-          window: int = 0, lengths: Optional[Tensor] = None, key_norm_weight: float = 0.0,
-          backend: Optional[str] = None) -> Evicted:
+def evict(
+    keys: Tensor,
+    values: Tensor,
+    log_beta: Tensor,
+    positions: Tensor,
+    step,
+    budget: int,
+    *,
+    sink: int = 0,
+    window: int = 0,
+    lengths: Optional[Tensor] = None,
+    key_norm_weight: float = 0.0,
+    backend: Optional[str] = None,
+) -> Evicted:
     """Score, select and compact in one call: keep the ``budget`` best tokens of every (batch, head).
 
     Args:
@@ -544,14 +614,28 @@ def evict(keys: Tensor, values: Tensor, log_beta: Tensor, positions: Tensor, ste
         return Evicted(k, v, lb, pos, indices)
     with torch.no_grad():
         if key_norm_weight != 0.0:
-            scores = retention_scores(log_beta, positions, step, keys=keys, key_norm_weight=key_norm_weight,
-                                      backend="triton")
+            scores = retention_scores(
+                log_beta, positions, step, keys=keys, key_norm_weight=key_norm_weight, backend="triton"
+            )
             indices = _select_retained_op(scores, budget, sink, window, lengths, chosen)
             k, v, lb, pos = _compact_kv_op(keys, values, indices, [log_beta, positions])
             return Evicted(k, v, lb, pos, indices)
         step_tensor = step if isinstance(step, Tensor) else None
-        return Evicted(*_evict_op(keys, values, log_beta, positions, step_tensor,
-                                  0 if step_tensor is not None else step, budget, sink, window, lengths, chosen))
+        return Evicted(
+            *_evict_op(
+                keys,
+                values,
+                log_beta,
+                positions,
+                step_tensor,
+                0 if step_tensor is not None else step,
+                budget,
+                sink,
+                window,
+                lengths,
+                chosen,
+            )
+        )
 
 
 # ============================================================================ retention mass
@@ -632,8 +716,9 @@ def retention_mass(log_beta: Tensor, cu_seqlens: Optional[Tensor] = None, *, bac
     return _retention_mass_fwd_op(log_beta, cu_seqlens)
 
 
-def retention_capacity_loss(log_beta: Tensor, budget: float, cu_seqlens: Optional[Tensor] = None, *,
-                            backend: Optional[str] = None) -> Tensor:
+def retention_capacity_loss(
+    log_beta: Tensor, budget: float, cu_seqlens: Optional[Tensor] = None, *, backend: Optional[str] = None
+) -> Tensor:
     """TRIM-KV's capacity term: ``mean_t max(0, mass_t − budget) / t`` over every token (t is the
     1-based position within its sequence), with ``mass`` from :func:`retention_mass`. Penalises
     gates that would keep more than ``budget`` tokens; a 0-d fp32 loss (0 for no tokens)."""

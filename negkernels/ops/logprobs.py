@@ -18,8 +18,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .._kernel_op import bounded_memo, kernel_op, no_grads_after, plain_eager_call
 from .._backend import register_op, resolve_backend
+from .._kernel_op import bounded_memo, kernel_op, no_grads_after, plain_eager_call
 from .._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -116,15 +116,33 @@ def _rows_in_own_storage(x: Tensor) -> bool:
 
 
 @kernel_op("negkernels::token_logprobs_fwd", mutates_args=())
-def _token_logprobs_fwd_op(logits: Tensor, targets: Tensor, temperature: float, vocab_start: int, vocab_total: int,
-                           with_entropy: bool, inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _token_logprobs_fwd_op(
+    logits: Tensor,
+    targets: Tensor,
+    temperature: float,
+    vocab_start: int,
+    vocab_total: int,
+    with_entropy: bool,
+    inplace_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Rows of the vocabulary slice [vocab_start, vocab_start + V) of a vocabulary of vocab_total ids."""
     from ..triton.logprobs import token_logprobs_fwd
 
     rows = targets.numel()
     x, so, si, inner = _row_view(logits)
-    logp, entropy, lse = token_logprobs_fwd(x, so, si, inner, rows, logits.shape[-1], targets.contiguous(),
-                                            temperature, vocab_start, with_entropy, vocab_total)
+    logp, entropy, lse = token_logprobs_fwd(
+        x,
+        so,
+        si,
+        inner,
+        rows,
+        logits.shape[-1],
+        targets.contiguous(),
+        temperature,
+        vocab_start,
+        with_entropy,
+        vocab_total,
+    )
     lead = targets.shape
     return logp.view(lead), entropy.view(lead) if with_entropy else entropy, lse.view(lead)
 
@@ -144,16 +162,35 @@ def _bwd_launch(grad_logp, grad_entropy, logits, targets, lse, entropy, temperat
     token_logprobs_bwd(
         grad_logp.reshape(-1) if grad_logp is not None else None,
         grad_entropy.reshape(-1) if grad_entropy is not None else None,
-        x, so, si, inner, o, oso, osi, targets.numel(), logits.shape[-1], targets.contiguous(),
-        lse.reshape(-1).contiguous(), entropy.reshape(-1).contiguous() if entropy is not None else None,
-        temperature, vocab_start,
+        x,
+        so,
+        si,
+        inner,
+        o,
+        oso,
+        osi,
+        targets.numel(),
+        logits.shape[-1],
+        targets.contiguous(),
+        lse.reshape(-1).contiguous(),
+        entropy.reshape(-1).contiguous() if entropy is not None else None,
+        temperature,
+        vocab_start,
     )
     return out
 
 
 @kernel_op("negkernels::token_logprobs_bwd", mutates_args=())
-def _token_logprobs_bwd_op(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], logits: Tensor, targets: Tensor,
-                           lse: Tensor, entropy: Optional[Tensor], temperature: float, vocab_start: int) -> Tensor:
+def _token_logprobs_bwd_op(
+    grad_logp: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    entropy: Optional[Tensor],
+    temperature: float,
+    vocab_start: int,
+) -> Tensor:
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _bwd_launch(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, vocab_start, out)
     return out
@@ -165,9 +202,16 @@ def _(grad_logp, grad_entropy, logits, *args):
 
 
 @kernel_op("negkernels::token_logprobs_bwd_inplace", mutates_args=("logits",))
-def _token_logprobs_bwd_inplace_op(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], logits: Tensor,
-                                   targets: Tensor, lse: Tensor, entropy: Optional[Tensor], temperature: float,
-                                   vocab_start: int) -> None:
+def _token_logprobs_bwd_inplace_op(
+    grad_logp: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    entropy: Optional[Tensor],
+    temperature: float,
+    vocab_start: int,
+) -> None:
     # Each element is read before it is overwritten by the same thread: logits become their gradient.
     _bwd_launch(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, vocab_start, logits)
 
@@ -185,21 +229,25 @@ def _token_logprobs_backward(ctx, grad_logp, grad_entropy, grad_lse):
     if entropy is None:
         grad_entropy = None
     if ctx.inplace:
-        _token_logprobs_bwd_inplace_op(grad_logp, grad_entropy, logits, targets, lse, entropy, ctx.temperature,
-                                       ctx.vocab_start)
+        _token_logprobs_bwd_inplace_op(
+            grad_logp, grad_entropy, logits, targets, lse, entropy, ctx.temperature, ctx.vocab_start
+        )
         grad = logits
     else:
-        grad = _token_logprobs_bwd_op(grad_logp, grad_entropy, logits, targets, lse, entropy, ctx.temperature,
-                                      ctx.vocab_start)
+        grad = _token_logprobs_bwd_op(
+            grad_logp, grad_entropy, logits, targets, lse, entropy, ctx.temperature, ctx.vocab_start
+        )
     return no_grads_after(ctx, grad)
 
 
-_token_logprobs_fwd_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup,
-                                          differentiable=1)
+_token_logprobs_fwd_op.register_autograd(
+    _token_logprobs_backward, setup_context=_token_logprobs_setup, differentiable=1
+)
 
 
-def _combine_vocab_partials(logp_r: Tensor, ent_r: Tensor, lse_r: Tensor, targets: Tensor, vocab_start: int,
-                            local_vocab: int, group) -> tuple[Tensor, Tensor, Tensor]:
+def _combine_vocab_partials(
+    logp_r: Tensor, ent_r: Tensor, lse_r: Tensor, targets: Tensor, vocab_start: int, local_vocab: int, group
+) -> tuple[Tensor, Tensor, Tensor]:
     """Each rank's slice statistics (log p_t or 0, H_r, lse_r) → the global (log p_t, H, lse) on every rank.
 
     lse = log Σ_r e^{lse_r}; log p_t = z_t − lse; H = Σ_r w_r·(H_r − log w_r) with w_r = e^{lse_r − lse}
@@ -233,13 +281,16 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, vocab_start, vocab_total, with_entropy, group, backend):
         if backend == "reference":
-            logp_r, ent_r, lse_r = token_logprobs_partials_reference(logits, targets, temperature, vocab_start,
-                                                                     vocab_total)
+            logp_r, ent_r, lse_r = token_logprobs_partials_reference(
+                logits, targets, temperature, vocab_start, vocab_total
+            )
         else:
-            logp_r, ent_r, lse_r = _token_logprobs_fwd_op(logits, targets, temperature, vocab_start, vocab_total, True,
-                                                          False)
-        logp, entropy, lse = _combine_vocab_partials(logp_r, ent_r, lse_r, targets, vocab_start, logits.shape[-1],
-                                                     group)
+            logp_r, ent_r, lse_r = _token_logprobs_fwd_op(
+                logits, targets, temperature, vocab_start, vocab_total, True, False
+            )
+        logp, entropy, lse = _combine_vocab_partials(
+            logp_r, ent_r, lse_r, targets, vocab_start, logits.shape[-1], group
+        )
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.args = (temperature, vocab_start, backend)
         ctx.with_entropy = with_entropy
@@ -252,18 +303,22 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
         if not ctx.with_entropy:
             grad_entropy = None
         if backend == "reference":
-            grad = token_logprobs_grad_reference(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature,
-                                                 vocab_start)
+            grad = token_logprobs_grad_reference(
+                grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, vocab_start
+            )
         else:
-            grad = _token_logprobs_bwd_op(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature,
-                                          vocab_start)
+            grad = _token_logprobs_bwd_op(
+                grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, vocab_start
+            )
         return grad, None, None, None, None, None, None, None
 
 
 def _check_targets(targets: Tensor, logits: Tensor, name: str = "targets") -> None:
     check_tensor(name, targets, dtypes=INDEX_DTYPES, device=logits.device)
     if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"{name}: shape {tuple(targets.shape)} must equal logits.shape[:-1] = {tuple(logits.shape[:-1])}")
+        raise ValueError(
+            f"{name}: shape {tuple(targets.shape)} must equal logits.shape[:-1] = {tuple(logits.shape[:-1])}"
+        )
 
 
 def _check_target_range(targets: Tensor, vocab: int, name: str = "targets") -> None:
@@ -334,15 +389,23 @@ def token_logprobs(
         vocab_start, vocab = _global_vocab(logits.shape[-1], process_group)
         if validate:
             _check_target_range(targets, vocab)
-        logp, entropy = _VocabParallelTokenLogprobs.apply(logits, targets, temperature, vocab_start, vocab,
-                                                          return_entropy, process_group, chosen)
+        logp, entropy = _VocabParallelTokenLogprobs.apply(
+            logits, targets, temperature, vocab_start, vocab, return_entropy, process_group, chosen
+        )
         return (logp, entropy) if return_entropy else logp
     if validate:
         _check_target_range(targets, logits.shape[-1])
     if chosen == "reference":
         return token_logprobs_reference(logits, targets, temperature, return_entropy)
-    logp, entropy, _ = _token_logprobs_fwd_op(logits, targets, temperature, 0, logits.shape[-1], return_entropy,
-                                              inplace_backward and _rows_in_own_storage(logits))
+    logp, entropy, _ = _token_logprobs_fwd_op(
+        logits,
+        targets,
+        temperature,
+        0,
+        logits.shape[-1],
+        return_entropy,
+        inplace_backward and _rows_in_own_storage(logits),
+    )
     return (logp, entropy) if return_entropy else logp
 
 
@@ -368,8 +431,15 @@ def _sum_over_ranks(x: Tensor, process_group) -> Tensor:
 
 def _per_sequence_column(x: Optional[Tensor], like: Tensor, cu_seqlens: Optional[Tensor]) -> Optional[Tensor]:
     """Per-sequence values given as a [B, 1] column (TRL's and verl's advantages) → [B] (a view)."""
-    if (x is not None and cu_seqlens is None and x.dim() == 2 and x.shape[1] == 1 and like.dim() == 2
-            and like.shape[1] != 1 and x.shape[0] == like.shape[0]):
+    if (
+        x is not None
+        and cu_seqlens is None
+        and x.dim() == 2
+        and x.shape[1] == 1
+        and like.dim() == 2
+        and like.shape[1] != 1
+        and x.shape[0] == like.shape[0]
+    ):
         return x.view(-1) if x.is_contiguous() else x.reshape(-1)
     return x
 
@@ -396,12 +466,14 @@ def _check_mask_values(mask: Optional[Tensor]) -> None:
     if mask is not None and mask.dtype != torch.bool and mask.numel():
         if bool(((mask != 0) & (mask != 1)).any()):
             bad = mask[(mask != 0) & (mask != 1)].reshape(-1)[0].item()
-            raise ValueError(f"mask: must hold only 0 and 1 (or be bool), found {bad}: weighted masks are not "
-                             "supported")
+            raise ValueError(
+                f"mask: must hold only 0 and 1 (or be bool), found {bad}: weighted masks are not supported"
+            )
 
 
-def _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens, max_seqlen, ref_logp, is_weights,
-                         cfg: PolicyLossConfig, validate=True):
+def _check_policy_inputs(
+    logp, old_logp, advantages, mask, cu_seqlens, max_seqlen, ref_logp, is_weights, cfg: PolicyLossConfig, validate=True
+):
     check_tensor("logp", logp, dtypes=FLOAT_DTYPES)
     if old_logp is not logp:  # from logits, old_logp stands in for logp: checked once
         check_tensor("old_logp", old_logp, dtypes=FLOAT_DTYPES)
@@ -454,8 +526,10 @@ def _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens, max_seqle
         elif tuple(t.shape) == (num_seq,):
             per_token[name] = False
         else:
-            raise ValueError(f"{name}: expected per-token shape {tuple(logp.shape)} or per-sequence ({num_seq},), "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name}: expected per-token shape {tuple(logp.shape)} or per-sequence ({num_seq},), "
+                f"got {tuple(t.shape)}"
+            )
     if advantages is None and cfg.loss_type != "npo":
         raise ValueError(f"advantages: required for loss_type={cfg.loss_type!r}")
     cfg.check_references(ref_logp)
@@ -485,8 +559,10 @@ def _normaliser(aggregation, mask, logp, cu_seqlens, num_tokens, num_sequences, 
     if given is not None:
         if isinstance(given, Tensor):
             if given.numel() != 1 or given.is_complex() or given.dtype == torch.bool:
-                raise ValueError(f"{name}: expected a number or a one-element real tensor, got "
-                                 f"{given.dtype} of shape {tuple(given.shape)}")
+                raise ValueError(
+                    f"{name}: expected a number or a one-element real tensor, got "
+                    f"{given.dtype} of shape {tuple(given.shape)}"
+                )
             value = given.detach().to(device=device, dtype=torch.float32).reshape(())
             # Read on the device, not the host: a value that is not a positive finite count makes
             # the loss NaN instead of a silently huge or sign-flipped loss.
@@ -513,9 +589,17 @@ def _call_counts_itself(cfg, num_tokens, num_sequences, process_group) -> bool:
 
 @kernel_op("negkernels::policy_loss", mutates_args=())
 def _policy_loss_op(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor], ref_logp: Optional[Tensor],
-    is_weights: Optional[Tensor], cu_seqlens: Optional[Tensor], normaliser: Optional[Tensor], codes: list[int],
-    scalars: list[float], backend: str,
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Optional[Tensor],
+    ref_logp: Optional[Tensor],
+    is_weights: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    normaliser: Optional[Tensor],
+    codes: list[int],
+    scalars: list[float],
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, stats [8] = the 6 metrics (means over the unmasked tokens, in
     :class:`PolicyLossOutput` order), the unmasked tokens, 1 / normaliser; d Σℓ / d logp [N] fp32
@@ -528,8 +612,9 @@ def _policy_loss_op(
 
         partial, grad = policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, c, sc)
         return (*_finalize_partials(partial, normaliser, c.aggregation), grad)
-    return _triton_kernels().policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens,
-                                             normaliser, c, sc)
+    return _triton_kernels().policy_loss_fwd(
+        logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, normaliser, c, sc
+    )
 
 
 def _finalize_partials(partial: Tensor, normaliser: Optional[Tensor], aggregation: int):
@@ -553,8 +638,11 @@ def _finalize_partials(partial: Tensor, normaliser: Optional[Tensor], aggregatio
 def _(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_seqlens, normaliser, codes, scalars, backend):
     c = _codes(codes)
     f32 = dict(dtype=torch.float32)
-    return (logp.new_empty((), **f32), logp.new_empty((POLICY_LOSS_PARTIALS,), **f32),
-            logp.new_empty((logp.numel() if c.compute_grad else 0,), **f32))
+    return (
+        logp.new_empty((), **f32),
+        logp.new_empty((POLICY_LOSS_PARTIALS,), **f32),
+        logp.new_empty((logp.numel() if c.compute_grad else 0,), **f32),
+    )
 
 
 def _policy_loss_setup(ctx, inputs, output):
@@ -681,8 +769,9 @@ class PolicyLossConfig:
         check_choice("ratio_level", self.ratio_level, RATIO_LEVELS)
         if self.ratio_level == "sequence" and self.loss_type not in SEQUENCE_RATIO_LOSSES:
             hint = " (ppo on the sequence ratio is loss_type='gspo')" if self.loss_type == "ppo" else ""
-            raise ValueError(f"ratio_level: 'sequence' applies to {SEQUENCE_RATIO_LOSSES}, not "
-                             f"loss_type={self.loss_type!r}{hint}")
+            raise ValueError(
+                f"ratio_level: 'sequence' applies to {SEQUENCE_RATIO_LOSSES}, not loss_type={self.loss_type!r}{hint}"
+            )
         for name in ("cispo_two_sided", "kl_bias_correction", "kl_times_is_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {type(getattr(self, name)).__name__}")
@@ -691,8 +780,12 @@ class PolicyLossConfig:
         checked = dict(
             clip_low=check_finite_float("clip_low", self.clip_low, minimum=0.0),
             # cispo's cap hi = 1 + clip_high may sit below 1 (TRL's epsilon_high is that cap itself)
-            clip_high=check_finite_float("clip_high", self.clip_high, minimum=-1.0 if self.loss_type == "cispo" else 0.0,
-                                         exclusive=self.loss_type == "cispo"),
+            clip_high=check_finite_float(
+                "clip_high",
+                self.clip_high,
+                minimum=-1.0 if self.loss_type == "cispo" else 0.0,
+                exclusive=self.loss_type == "cispo",
+            ),
             dual_clip=_optional_above("dual_clip", self.dual_clip, 1.0),
             delta=_optional_above("delta", self.delta, 1.0),
             sapo_tau_pos=check_finite_float("sapo_tau_pos", self.sapo_tau_pos, minimum=0.0, exclusive=True),
@@ -714,8 +807,9 @@ class PolicyLossConfig:
         validated instance."""
         if config is not None:
             if options:
-                raise TypeError(f"config: give the options in the config or as keywords, not both (got "
-                                f"{sorted(options)})")
+                raise TypeError(
+                    f"config: give the options in the config or as keywords, not both (got {sorted(options)})"
+                )
             if not isinstance(config, cls):
                 raise TypeError(f"config: expected a PolicyLossConfig, got {type(config).__name__}")
             return config
@@ -752,20 +846,57 @@ class PolicyLossConfig:
         """The keyword arguments of :func:`~negkernels.reference.logprobs.policy_loss_reference`."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def kernel_args(self, *, use_kl: bool, use_is: bool, adv_per_token: bool, iw_per_token: bool,
-                    compute_grad: bool, num_sequences: int, seq_len: int, max_len: int, norm_constant: float,
-                    temperature: float = 1.0, entropy_coef: float = 0.0,
-                    on_policy: bool = False) -> tuple[PolicyKernelCodes, PolicyKernelScalars]:
+    def kernel_args(
+        self,
+        *,
+        use_kl: bool,
+        use_is: bool,
+        adv_per_token: bool,
+        iw_per_token: bool,
+        compute_grad: bool,
+        num_sequences: int,
+        seq_len: int,
+        max_len: int,
+        norm_constant: float,
+        temperature: float = 1.0,
+        entropy_coef: float = 0.0,
+        on_policy: bool = False,
+    ) -> tuple[PolicyKernelCodes, PolicyKernelScalars]:
         """The kernels' ``codes`` and ``scalars`` (the custom ops' ``int[]`` and ``float[]``) for one
         call; a training loop asks for the same ones every step, so they are kept per config."""
-        key = (use_kl, use_is, adv_per_token, iw_per_token, compute_grad, num_sequences, seq_len, max_len,
-               norm_constant, temperature, entropy_coef, on_policy)
+        key = (
+            use_kl,
+            use_is,
+            adv_per_token,
+            iw_per_token,
+            compute_grad,
+            num_sequences,
+            seq_len,
+            max_len,
+            norm_constant,
+            temperature,
+            entropy_coef,
+            on_policy,
+        )
         if torch.compiler.is_compiling():
             return self._build_kernel_args(*key)
         return bounded_memo(self._kernel_args_cache, key, lambda: self._build_kernel_args(*key), 64)
 
-    def _build_kernel_args(self, use_kl, use_is, adv_per_token, iw_per_token, compute_grad, num_sequences, seq_len,
-                           max_len, norm_constant, temperature, entropy_coef, on_policy):
+    def _build_kernel_args(
+        self,
+        use_kl,
+        use_is,
+        adv_per_token,
+        iw_per_token,
+        compute_grad,
+        num_sequences,
+        seq_len,
+        max_len,
+        norm_constant,
+        temperature,
+        entropy_coef,
+        on_policy,
+    ):
         codes = PolicyKernelCodes(
             loss=int(LOSS_CODE[self.loss_type]),
             kl=int(KL_CODE[self.kl_estimator] if use_kl else KlEstimator.NONE),
@@ -773,23 +904,37 @@ class PolicyLossConfig:
             kl_times_is_weights=int(self.kl_times_is_weights and use_kl and use_is),
             aggregation=int(AGGREGATION_CODE[self.aggregation]),
             is_mode=int(IS_CODE[self.is_mode] if use_is else IsMode.NONE),
-            cispo_two_sided=int(self.cispo_two_sided), sequence_ratio=int(self.ratio_level == "sequence"),
+            cispo_two_sided=int(self.cispo_two_sided),
+            sequence_ratio=int(self.ratio_level == "sequence"),
             adv_per_token=int(adv_per_token),
-            iw_per_token=int(iw_per_token), on_policy=int(on_policy), compute_grad=int(compute_grad),
+            iw_per_token=int(iw_per_token),
+            on_policy=int(on_policy),
+            compute_grad=int(compute_grad),
             num_sequences=num_sequences,
-            seq_len=seq_len, max_len=max_len)
+            seq_len=seq_len,
+            max_len=max_len,
+        )
         inf = math.inf
         if self.loss_type == "geo_mean":  # clips log ρ: the band in log space
             lo, hi = -self.clip_low, self.clip_high
         else:
             lo, hi = 1.0 - self.clip_low, 1.0 + self.clip_high
         scalars = PolicyKernelScalars(
-            lo=lo, hi=hi, delta=inf if self.delta is None else self.delta,
-            dual_clip=inf if self.dual_clip is None else self.dual_clip, tau_pos=self.sapo_tau_pos,
-            tau_neg=self.sapo_tau_neg, npo_beta=self.npo_beta, kl_coef=self.kl_coef if use_kl else 0.0,
+            lo=lo,
+            hi=hi,
+            delta=inf if self.delta is None else self.delta,
+            dual_clip=inf if self.dual_clip is None else self.dual_clip,
+            tau_pos=self.sapo_tau_pos,
+            tau_neg=self.sapo_tau_neg,
+            npo_beta=self.npo_beta,
+            kl_coef=self.kl_coef if use_kl else 0.0,
             kl_clamp=inf if self.kl_clamp is None else self.kl_clamp,
-            is_hi=self.is_threshold, is_lo=self.is_threshold_low, norm_constant=norm_constant,
-            temperature=temperature, entropy_coef=entropy_coef)
+            is_hi=self.is_threshold,
+            is_lo=self.is_threshold_low,
+            norm_constant=norm_constant,
+            temperature=temperature,
+            entropy_coef=entropy_coef,
+        )
         return codes, scalars
 
 
@@ -824,10 +969,10 @@ def policy_loss(
     Shapes: ``logp``, ``old_logp``, ``ref_logp``, ``mask`` [B, T], or packed [N] with ``cu_seqlens``
     [B+1] (``max_seqlen`` avoids a host sync); ``advantages`` and ``is_weights`` per token (the
     shape of ``logp``) or per sequence [B] (or [B, 1]). ``old_logp=None`` means on-policy:
-    old_logp = sg(logp), so ρ = 1 with gradient ρ (TRL's ``num_iterations=1``). Any float dtype; ``mask`` bool or 0/1 numbers (a
-    non-bool mask is checked for other values with one host read unless ``validate=False``;
-    weighted masks are rejected, not rounded). Only ``logp`` receives a gradient (in its dtype);
-    everything else is a constant.
+    old_logp = sg(logp), so ρ = 1 with gradient ρ (TRL's ``num_iterations=1``). Any float dtype;
+    ``mask`` bool or 0/1 numbers (a non-bool mask is checked for other values with one host read
+    unless ``validate=False``; weighted masks are rejected, not rounded). Only ``logp`` receives a
+    gradient (in its dtype); everything else is a constant.
 
     With ρ = exp(logp − old_logp), A the advantage, lo = 1 − clip_low, hi = 1 + clip_high, the
     per-token policy term is
@@ -856,9 +1001,9 @@ def policy_loss(
     k3 value with the k2 gradient). ``kl_clamp`` c clamps the estimate to [−c, c], with no gradient
     outside (verl's ``low_var_kl`` is k3 clamped at c = 10). ``kl_times_is_weights`` multiplies it by
     the rollout IS weight as the policy term (verl's kl_cov, whose penalty is part of its policy
-    loss; by default the KL term is not importance-weighted, as in TRL). ``kl_bias_correction`` multiplies that term by the importance
-    ratio ρ (gspo: the sequence ratio s), with its gradient (TRL's ``use_bias_correction_kl``);
-    the ``kl`` metric is then the mean of the product.
+    loss; by default the KL term is not importance-weighted, as in TRL). ``kl_bias_correction``
+    multiplies that term by the importance ratio ρ (gspo: the sequence ratio s), with its gradient
+    (TRL's ``use_bias_correction_kl``); the ``kl`` metric is then the mean of the product.
 
     Aggregation over unmasked tokens ℓ_t:
         ``"token-mean"``              Σ ℓ / num_tokens
@@ -889,8 +1034,9 @@ def policy_loss(
         advantages = _per_sequence_column(advantages, logp, cu_seqlens)
     if is_weights is not None and is_weights.dim() == 2:
         is_weights = _per_sequence_column(is_weights, logp, cu_seqlens)
-    num_seq, seq_len, max_len, per_token = _check_policy_inputs(logp, old_logp, advantages, mask, cu_seqlens,
-                                                                max_seqlen, ref_logp, is_weights, cfg, validate)
+    num_seq, seq_len, max_len, per_token = _check_policy_inputs(
+        logp, old_logp, advantages, mask, cu_seqlens, max_seqlen, ref_logp, is_weights, cfg, validate
+    )
     norm = cfg.resolved_norm_constant(seq_len, packed)
     chosen = resolve_backend(backend, logp.device, "policy_loss", POLICY_LOSS_BACKENDS)
     if chosen != "reference" and _call_counts_itself(cfg, num_tokens, num_sequences, process_group):
@@ -900,8 +1046,17 @@ def policy_loss(
     if chosen == "reference":
         # denom is the one normaliser this aggregation uses (token-sum ignores both).
         out = policy_loss_reference(
-            logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp, is_weights=is_weights,
-            num_tokens=denom, num_sequences=denom, **dict(cfg.reference_options(), norm_constant=norm))
+            logp,
+            old_logp,
+            advantages,
+            mask,
+            cu_seqlens=cu_seqlens,
+            ref_logp=ref_logp,
+            is_weights=is_weights,
+            num_tokens=denom,
+            num_sequences=denom,
+            **dict(cfg.reference_options(), norm_constant=norm),
+        )
         if process_group is None:
             metrics = out.metrics
         else:
@@ -910,23 +1065,42 @@ def policy_loss(
     if advantages is None:  # npo ignores advantages; the kernel still reads one per sequence
         advantages, per_token["advantages"] = logp.new_zeros(num_seq, dtype=torch.float32), False
     codes, scalars = cfg.kernel_args(
-        use_kl=ref_logp is not None, use_is=is_weights is not None, adv_per_token=per_token.get("advantages", False),
-        iw_per_token=per_token.get("is_weights", False), compute_grad=logp.requires_grad and torch.is_grad_enabled(),
-        num_sequences=num_seq, seq_len=seq_len, max_len=max_len, norm_constant=norm)
+        use_kl=ref_logp is not None,
+        use_is=is_weights is not None,
+        adv_per_token=per_token.get("advantages", False),
+        iw_per_token=per_token.get("is_weights", False),
+        compute_grad=logp.requires_grad and torch.is_grad_enabled(),
+        num_sequences=num_seq,
+        seq_len=seq_len,
+        max_len=max_len,
+        norm_constant=norm,
+    )
     loss, stats, _ = _policy_loss_op(
         # logp keeps its shape (contiguous: the kernel reads it flat): a reshape would put a view
         # node in the autograd graph, which costs the backward more than the op itself.
-        logp.contiguous(), _dense(old_logp), _dense(advantages), _bool_mask(mask), _dense(ref_logp),
+        logp.contiguous(),
+        _dense(old_logp),
+        _dense(advantages),
+        _bool_mask(mask),
+        _dense(ref_logp),
         _dense(is_weights),
-        cu_seqlens.contiguous() if packed else None, denom, codes, scalars, chosen)
+        cu_seqlens.contiguous() if packed else None,
+        denom,
+        codes,
+        scalars,
+        chosen,
+    )
     if process_group is None:
         return PolicyLossOutput(loss, *stats.unbind(0)[:6])
     return _output(loss, _global_metrics(stats[:6], stats[6], process_group))
 
 
 def _reference_global_metrics(local_metrics: Tensor, mask, logp, process_group) -> Tensor:
-    count = (mask != 0).sum().to(local_metrics.dtype) if mask is not None else torch.tensor(
-        float(logp.numel()), dtype=local_metrics.dtype, device=logp.device)
+    count = (
+        (mask != 0).sum().to(local_metrics.dtype)
+        if mask is not None
+        else torch.tensor(float(logp.numel()), dtype=local_metrics.dtype, device=logp.device)
+    )
     sums = _sum_over_ranks(torch.cat([count.reshape(1), local_metrics * count]), process_group)
     return sums[1:] / sums[0].clamp_min(1.0)
 
@@ -969,8 +1143,21 @@ def _per_token_values(x: Optional[Tensor], per_token: bool, targets: Tensor, cu_
     return torch.repeat_interleave(x.float(), lengths, output_size=targets.numel()).contiguous()
 
 
-def _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_weight, mask, normaliser, ref_logp,
-                                   is_weights, codes, scalars, with_entropy, grad):
+def _fused_policy_loss_from_logits(
+    logits,
+    targets,
+    old_logp,
+    advantages,
+    token_weight,
+    mask,
+    normaliser,
+    ref_logp,
+    is_weights,
+    codes,
+    scalars,
+    with_entropy,
+    grad,
+):
     c, sc = _codes(codes), _scalars(scalars)
     x, so, si, inner = _row_view(logits)
     if grad is logits:
@@ -981,17 +1168,46 @@ def _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_
         g, gso, gsi, _ = _row_view(grad)
     row_scale = 1.0 / sc.norm_constant if c.aggregation == Aggregation.SEQ_MEAN_TOKEN_SUM_NORM else 1.0
     logp, entropy, loss, stats = _triton_kernels().policy_loss_from_logits_fwd(
-        x, so, si, inner, g, gso, gsi, targets.numel(), logits.shape[-1], targets.contiguous(), old_logp,
-        advantages, token_weight, ref_logp, is_weights, c, sc, with_entropy, mask=mask, normaliser=normaliser,
-        row_scale=row_scale, out_shape=targets.shape)
+        x,
+        so,
+        si,
+        inner,
+        g,
+        gso,
+        gsi,
+        targets.numel(),
+        logits.shape[-1],
+        targets.contiguous(),
+        old_logp,
+        advantages,
+        token_weight,
+        ref_logp,
+        is_weights,
+        c,
+        sc,
+        with_entropy,
+        mask=mask,
+        normaliser=normaliser,
+        row_scale=row_scale,
+        out_shape=targets.shape,
+    )
     return loss, stats, logp, entropy
 
 
 @kernel_op("negkernels::policy_loss_from_logits", mutates_args=())
 def _policy_loss_from_logits_op(
-    logits: Tensor, targets: Tensor, old_logp: Optional[Tensor], advantages: Tensor, token_weight: Optional[Tensor],
-    mask: Optional[Tensor], normaliser: Optional[Tensor], ref_logp: Optional[Tensor], is_weights: Optional[Tensor],
-    codes: list[int], scalars: list[float], with_entropy: bool,
+    logits: Tensor,
+    targets: Tensor,
+    old_logp: Optional[Tensor],
+    advantages: Tensor,
+    token_weight: Optional[Tensor],
+    mask: Optional[Tensor],
+    normaliser: Optional[Tensor],
+    ref_logp: Optional[Tensor],
+    is_weights: Optional[Tensor],
+    codes: list[int],
+    scalars: list[float],
+    with_entropy: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(Σ weight·(ℓ − entropy_coef·H), stats [8] = the 6 metrics and the entropy (means over the
     unmasked tokens) and their count, logp [N], entropy [N], d loss / d logits (empty unless
@@ -999,11 +1215,22 @@ def _policy_loss_from_logits_op(
     the kernel's last program, in a fixed order.
     ``normaliser`` None (token-mean and token-sum only): this call's own, counted by the kernel."""
     compute_grad = _codes(codes).compute_grad
-    grad = (torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad
-            else logits.new_empty((0,)))
-    out = _fused_policy_loss_from_logits(logits, targets, old_logp, advantages, token_weight, mask, normaliser,
-                                         ref_logp, is_weights, codes, scalars, with_entropy,
-                                         grad if compute_grad else logits)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else logits.new_empty((0,))
+    out = _fused_policy_loss_from_logits(
+        logits,
+        targets,
+        old_logp,
+        advantages,
+        token_weight,
+        mask,
+        normaliser,
+        ref_logp,
+        is_weights,
+        codes,
+        scalars,
+        with_entropy,
+        grad if compute_grad else logits,
+    )
     return (*out, grad)
 
 
@@ -1055,13 +1282,32 @@ class _InplacePolicyLossFromLogits(torch.autograd.Function):
 
 
 @_policy_loss_from_logits_op.register_fake
-def _(logits, targets, old_logp, advantages, token_weight, mask, normaliser, ref_logp, is_weights, codes, scalars,
-      with_entropy):
-    grad = (torch.empty_like(logits, memory_format=torch.contiguous_format) if _codes(codes).compute_grad
-            else logits.new_empty((0,)))
-    return (logits.new_empty((), dtype=torch.float32), logits.new_empty((8,), dtype=torch.float32),
-            logits.new_empty(targets.shape, dtype=torch.float32), logits.new_empty(targets.shape, dtype=torch.float32),
-            grad)
+def _(
+    logits,
+    targets,
+    old_logp,
+    advantages,
+    token_weight,
+    mask,
+    normaliser,
+    ref_logp,
+    is_weights,
+    codes,
+    scalars,
+    with_entropy,
+):
+    grad = (
+        torch.empty_like(logits, memory_format=torch.contiguous_format)
+        if _codes(codes).compute_grad
+        else logits.new_empty((0,))
+    )
+    return (
+        logits.new_empty((), dtype=torch.float32),
+        logits.new_empty((8,), dtype=torch.float32),
+        logits.new_empty(targets.shape, dtype=torch.float32),
+        logits.new_empty(targets.shape, dtype=torch.float32),
+        grad,
+    )
 
 
 def _from_logits_setup(ctx, inputs, output):
@@ -1073,8 +1319,10 @@ def _single_use(ctx) -> tuple:
     """The saved gradient buffers of a fused op, once: its backward hands them over to the caller."""
     if getattr(ctx, "direct_call", False):
         if getattr(ctx, "used", False):
-            raise RuntimeError("negkernels: a fused policy loss was backpropagated twice (retain_graph=True); its "
-                               "backward hands its gradient buffer to the caller, so run the forward again")
+            raise RuntimeError(
+                "negkernels: a fused policy loss was backpropagated twice (retain_graph=True); its "
+                "backward hands its gradient buffer to the caller, so run the forward again"
+            )
         ctx.used = True
     return ctx.saved_tensors
 
@@ -1084,8 +1332,7 @@ def _from_logits_backward(ctx, grad_loss, *unused):
     return no_grads_after(ctx, _scaled_by_incoming(ctx, grad, grad_loss))
 
 
-_policy_loss_from_logits_op.register_autograd(_from_logits_backward, setup_context=_from_logits_setup,
-                                               differentiable=1)
+_policy_loss_from_logits_op.register_autograd(_from_logits_backward, setup_context=_from_logits_setup, differentiable=1)
 
 
 def covariance_token_mask(
@@ -1200,16 +1447,21 @@ def policy_loss_from_logits(
     packed = cu_seqlens is not None
     expected = 2 if packed else 3
     if logits.dim() != expected or logits.shape[-1] == 0:
-        raise ValueError(f"logits: expected {'[N, V]' if packed else '[B, T, V]'} with V >= 1, got {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits: expected {'[N, V]' if packed else '[B, T, V]'} with V >= 1, got {tuple(logits.shape)}"
+        )
     _check_targets(targets, logits)
     temperature = check_finite_float("temperature", temperature, minimum=0.0, exclusive=True)
     entropy_coef = check_finite_float("entropy_coef", entropy_coef)
     like = _old_logp_or_donor(old_logp, targets, logits.device)
-    advantages, is_weights = _per_sequence_column(advantages, like, cu_seqlens), \
-        _per_sequence_column(is_weights, like, cu_seqlens)
+    advantages, is_weights = (
+        _per_sequence_column(advantages, like, cu_seqlens),
+        _per_sequence_column(is_weights, like, cu_seqlens),
+    )
     cfg = PolicyLossConfig.of(config, options)
-    num_seq, seq_len, max_len, per_token = _check_policy_inputs(like, like, advantages, mask, cu_seqlens,
-                                                                max_seqlen, ref_logp, is_weights, cfg, validate)
+    num_seq, seq_len, max_len, per_token = _check_policy_inputs(
+        like, like, advantages, mask, cu_seqlens, max_seqlen, ref_logp, is_weights, cfg, validate
+    )
     norm = cfg.resolved_norm_constant(seq_len, packed)
     chosen = resolve_backend(backend, logits.device, "policy_loss_from_logits", POLICY_LOSS_FROM_LOGITS_BACKENDS)
     if chosen != "reference" and logits.dtype == torch.float64:
@@ -1219,26 +1471,54 @@ def policy_loss_from_logits(
     want_entropy = return_entropy or entropy_coef != 0.0
     counts = _sequence_counts(mask, like, cu_seqlens) if cfg.aggregation.startswith("seq-mean") else None
     fused = chosen != "reference" and cfg.token_local
-    if fused and cfg.aggregation in ("token-mean", "token-sum") and _call_counts_itself(
-            cfg, num_tokens, num_sequences, process_group):
+    if (
+        fused
+        and cfg.aggregation in ("token-mean", "token-sum")
+        and _call_counts_itself(cfg, num_tokens, num_sequences, process_group)
+    ):
         denom = None  # the kernel counts this call's tokens itself: no host op
     else:
-        denom = _normaliser(cfg.aggregation, mask, like, cu_seqlens, num_tokens, num_sequences, process_group,
-                            counts)
+        denom = _normaliser(cfg.aggregation, mask, like, cu_seqlens, num_tokens, num_sequences, process_group, counts)
 
     if not fused:
         tl_backend = "reference" if chosen == "reference" else "triton"
-        got = token_logprobs(logits, targets, temperature=temperature, return_entropy=want_entropy,
-                             inplace_backward=inplace_backward, validate=False, backend=tl_backend)
+        got = token_logprobs(
+            logits,
+            targets,
+            temperature=temperature,
+            return_entropy=want_entropy,
+            inplace_backward=inplace_backward,
+            validate=False,
+            backend=tl_backend,
+        )
         logp, entropy = got if want_entropy else (got, None)
-        return _loss_from_token_logprobs(logp, entropy, old_logp, advantages, mask, cu_seqlens, max_len, ref_logp,
-                                         is_weights, denom, counts, cfg, norm, entropy_coef, return_entropy,
-                                         process_group, chosen if chosen == "reference" else "triton")
+        return _loss_from_token_logprobs(
+            logp,
+            entropy,
+            old_logp,
+            advantages,
+            mask,
+            cu_seqlens,
+            max_len,
+            ref_logp,
+            is_weights,
+            denom,
+            counts,
+            cfg,
+            norm,
+            entropy_coef,
+            return_entropy,
+            process_group,
+            chosen if chosen == "reference" else "triton",
+        )
 
     # Only seq-mean-token-mean needs per-token weights from the host (1 / each sequence's count);
     # otherwise the kernel weighs a row by the mask, the normaliser and norm_constant itself.
-    weight = _token_weights(cfg.aggregation, mask, like, cu_seqlens, denom, norm, counts) \
-        if cfg.aggregation == "seq-mean-token-mean" else None
+    weight = (
+        _token_weights(cfg.aggregation, mask, like, cu_seqlens, denom, norm, counts)
+        if cfg.aggregation == "seq-mean-token-mean"
+        else None
+    )
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     inplace = inplace_backward and compute_grad and _rows_in_own_storage(logits)
     # Per-sequence values of padded rows are read by row // T in the kernel; packed ones are
@@ -1246,9 +1526,19 @@ def policy_loss_from_logits(
     adv_per_token = per_token.get("advantages", False) or packed
     iw_per_token = per_token.get("is_weights", False) or packed or is_weights is None
     codes, scalars = cfg.kernel_args(
-        use_kl=ref_logp is not None, use_is=is_weights is not None, adv_per_token=adv_per_token,
-        iw_per_token=iw_per_token, compute_grad=compute_grad, num_sequences=num_seq, seq_len=seq_len, max_len=max_len,
-        norm_constant=norm, temperature=temperature, entropy_coef=entropy_coef, on_policy=old_logp is None)
+        use_kl=ref_logp is not None,
+        use_is=is_weights is not None,
+        adv_per_token=adv_per_token,
+        iw_per_token=iw_per_token,
+        compute_grad=compute_grad,
+        num_sequences=num_seq,
+        seq_len=seq_len,
+        max_len=max_len,
+        norm_constant=norm,
+        temperature=temperature,
+        entropy_coef=entropy_coef,
+        on_policy=old_logp is None,
+    )
 
     def values(x, per_token_here, per_token_given):
         if x is None or not per_token_here or per_token_given:
@@ -1257,9 +1547,19 @@ def policy_loss_from_logits(
 
     op = _InplacePolicyLossFromLogits.apply if inplace else _policy_loss_from_logits_op
     loss, stats, logp, entropy, *_ = op(
-        logits, targets, _dense(old_logp), values(advantages, adv_per_token, per_token.get("advantages", False)),
-        weight, _bool_mask(mask) if weight is None else None, denom, _dense(ref_logp),
-        values(is_weights, iw_per_token, per_token.get("is_weights", False)), codes, scalars, want_entropy)
+        logits,
+        targets,
+        _dense(old_logp),
+        values(advantages, adv_per_token, per_token.get("advantages", False)),
+        weight,
+        _bool_mask(mask) if weight is None else None,
+        denom,
+        _dense(ref_logp),
+        values(is_weights, iw_per_token, per_token.get("is_weights", False)),
+        codes,
+        scalars,
+        want_entropy,
+    )
     return _fused_output(loss, stats, logp, entropy, targets, return_entropy, process_group)
 
 
@@ -1270,19 +1570,53 @@ def _fused_output(loss, stats, logp, entropy, targets, return_entropy, process_g
     values = means.unbind(0)
     if logp.shape != targets.shape:  # the LM-head op's are flat
         logp, entropy = logp.view(targets.shape), entropy.view(targets.shape)
-    return PolicyLossOutput(loss, *values[:6], entropy=values[6] if return_entropy else None, token_logp=logp,
-                            token_entropy=entropy if return_entropy else None)
+    return PolicyLossOutput(
+        loss,
+        *values[:6],
+        entropy=values[6] if return_entropy else None,
+        token_logp=logp,
+        token_entropy=entropy if return_entropy else None,
+    )
 
 
-def _loss_from_token_logprobs(logp, entropy, old_logp, advantages, mask, cu_seqlens, max_len, ref_logp, is_weights,
-                              denom, counts, cfg: PolicyLossConfig, norm: float, entropy_coef, return_entropy,
-                              process_group, backend) -> PolicyLossOutput:
+def _loss_from_token_logprobs(
+    logp,
+    entropy,
+    old_logp,
+    advantages,
+    mask,
+    cu_seqlens,
+    max_len,
+    ref_logp,
+    is_weights,
+    denom,
+    counts,
+    cfg: PolicyLossConfig,
+    norm: float,
+    entropy_coef,
+    return_entropy,
+    process_group,
+    backend,
+) -> PolicyLossOutput:
     """The unfused second half: differentiable token log-probs (and entropies) → :func:`policy_loss`,
     minus entropy_coef·H aggregated like the loss."""
     packed = cu_seqlens is not None
-    out = policy_loss(logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens, max_seqlen=max_len if packed else None,
-                      ref_logp=ref_logp, is_weights=is_weights, num_tokens=denom, num_sequences=denom,
-                      process_group=process_group, validate=False, backend=backend, config=cfg)
+    out = policy_loss(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max_len if packed else None,
+        ref_logp=ref_logp,
+        is_weights=is_weights,
+        num_tokens=denom,
+        num_sequences=denom,
+        process_group=process_group,
+        validate=False,
+        backend=backend,
+        config=cfg,
+    )
     loss = out.loss
     mean_entropy = None
     if entropy is not None:
@@ -1290,8 +1624,12 @@ def _loss_from_token_logprobs(logp, entropy, old_logp, advantages, mask, cu_seql
             weight = _token_weights(cfg.aggregation, mask, logp, cu_seqlens, denom, norm, counts)
             loss = loss - entropy_coef * (weight.to(entropy.dtype) * entropy.reshape(-1)).sum()
         mean_entropy = _masked_mean(entropy.detach(), mask, process_group)
-    return out._replace(loss=loss, entropy=mean_entropy if return_entropy else None, token_logp=logp.detach(),
-                        token_entropy=entropy.detach() if return_entropy and entropy is not None else None)
+    return out._replace(
+        loss=loss,
+        entropy=mean_entropy if return_entropy else None,
+        token_logp=logp.detach(),
+        token_entropy=entropy.detach() if return_entropy and entropy is not None else None,
+    )
 
 
 def _masked_mean(x: Tensor, mask: Optional[Tensor], process_group) -> Tensor:
@@ -1313,20 +1651,42 @@ def _logits_dtype(hidden: Tensor, fp32_lm_head: bool) -> torch.dtype:
 
 
 def _empty_like_or_none(x: Optional[Tensor], needed: bool, like: Tensor) -> Tensor:
-    return torch.empty_like(x if x is not None else like, memory_format=torch.contiguous_format) if needed \
+    return (
+        torch.empty_like(x if x is not None else like, memory_format=torch.contiguous_format)
+        if needed
         else like.new_empty((0,))
+    )
 
 
 @kernel_op("negkernels::linear_token_logprobs_fwd", mutates_args=())
-def _linear_token_logprobs_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                                  temperature: float, vocab_start: int, vocab_total: int, with_entropy: bool,
-                                  fp32_lm_head: bool, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def _linear_token_logprobs_fwd_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    temperature: float,
+    vocab_start: int,
+    vocab_total: int,
+    with_entropy: bool,
+    fp32_lm_head: bool,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
     """hidden [N, H], weight [V, H] (the vocabulary slice [vocab_start, vocab_start + V) of
     vocab_total ids) → (logp [N], entropy [N] or [0], lse [N]) of that slice, fp32."""
     from ..triton.logprobs import linear_token_logprobs_fwd
 
-    return linear_token_logprobs_fwd(hidden, weight, bias, targets, temperature, vocab_start, vocab_total,
-                                     with_entropy, _logits_dtype(hidden, fp32_lm_head), chunk_size)
+    return linear_token_logprobs_fwd(
+        hidden,
+        weight,
+        bias,
+        targets,
+        temperature,
+        vocab_start,
+        vocab_total,
+        with_entropy,
+        _logits_dtype(hidden, fp32_lm_head),
+        chunk_size,
+    )
 
 
 @_linear_token_logprobs_fwd_op.register_fake
@@ -1337,26 +1697,68 @@ def _(hidden, weight, bias, targets, temperature, vocab_start, vocab_total, with
 
 
 @kernel_op("negkernels::linear_token_logprobs_bwd", mutates_args=())
-def _linear_token_logprobs_bwd_op(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor,
-                                  weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
-                                  entropy: Optional[Tensor], temperature: float, vocab_start: int, fp32_lm_head: bool,
-                                  chunk_size: int, need_hidden: bool, need_weight: bool,
-                                  need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _linear_token_logprobs_bwd_op(
+    grad_logp: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    lse: Tensor,
+    entropy: Optional[Tensor],
+    temperature: float,
+    vocab_start: int,
+    fp32_lm_head: bool,
+    chunk_size: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(d hidden [N, H], d weight [V, H], d bias [V]), each [0] when not needed, in the inputs' dtypes."""
     from ..triton.logprobs import linear_token_logprobs_bwd
 
     return linear_token_logprobs_bwd(
         grad_logp.contiguous() if grad_logp is not None else None,
-        grad_entropy.contiguous() if grad_entropy is not None else None, hidden, weight, bias, targets, lse, entropy,
-        temperature, vocab_start, _logits_dtype(hidden, fp32_lm_head), chunk_size, need_hidden, need_weight,
-        need_bias and bias is not None)
+        grad_entropy.contiguous() if grad_entropy is not None else None,
+        hidden,
+        weight,
+        bias,
+        targets,
+        lse,
+        entropy,
+        temperature,
+        vocab_start,
+        _logits_dtype(hidden, fp32_lm_head),
+        chunk_size,
+        need_hidden,
+        need_weight,
+        need_bias and bias is not None,
+    )
 
 
 @_linear_token_logprobs_bwd_op.register_fake
-def _(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, vocab_start, fp32_lm_head,
-      chunk_size, need_hidden, need_weight, need_bias):
-    return (_empty_like_or_none(hidden, need_hidden, hidden), _empty_like_or_none(weight, need_weight, weight),
-            _empty_like_or_none(bias, need_bias and bias is not None, weight))
+def _(
+    grad_logp,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    targets,
+    lse,
+    entropy,
+    temperature,
+    vocab_start,
+    fp32_lm_head,
+    chunk_size,
+    need_hidden,
+    need_weight,
+    need_bias,
+):
+    return (
+        _empty_like_or_none(hidden, need_hidden, hidden),
+        _empty_like_or_none(weight, need_weight, weight),
+        _empty_like_or_none(bias, need_bias and bias is not None, weight),
+    )
 
 
 def _linear_logprobs_setup(ctx, inputs, output):
@@ -1373,8 +1775,20 @@ def _linear_logprobs_grads(ctx, grad_logp, grad_entropy, with_entropy):
     hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_bias = bias is not None and need[2]
-    dh, dw, db = _linear_token_logprobs_bwd_op(grad_logp, grad_entropy if with_entropy else None, hidden, weight,
-                                               bias, targets, lse, entropy, *ctx.args, need[0], need[1], need_bias)
+    dh, dw, db = _linear_token_logprobs_bwd_op(
+        grad_logp,
+        grad_entropy if with_entropy else None,
+        hidden,
+        weight,
+        bias,
+        targets,
+        lse,
+        entropy,
+        *ctx.args,
+        need[0],
+        need[1],
+        need_bias,
+    )
     return dh if need[0] else None, dw if need[1] else None, db if need_bias else None
 
 
@@ -1383,8 +1797,9 @@ def _linear_logprobs_backward(ctx, grad_logp, grad_entropy, grad_lse):
     return no_grads_after(ctx, *_linear_logprobs_grads(ctx, grad_logp, grad_entropy, with_entropy))
 
 
-_linear_token_logprobs_fwd_op.register_autograd(_linear_logprobs_backward, setup_context=_linear_logprobs_setup,
-                                                 differentiable=3)  # hidden, weight, bias
+_linear_token_logprobs_fwd_op.register_autograd(
+    _linear_logprobs_backward, setup_context=_linear_logprobs_setup, differentiable=3
+)  # hidden, weight, bias
 
 
 class _VocabParallelLinearTokenLogprobs(torch.autograd.Function):
@@ -1393,10 +1808,23 @@ class _VocabParallelLinearTokenLogprobs(torch.autograd.Function):
     Backward: the slice's d weight and d bias locally; d hidden summed over the ranks."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, vocab_start, vocab_total, with_entropy, fp32_lm_head,
-                chunk, group):
-        logp_r, ent_r, lse_r = _linear_token_logprobs_fwd_op(hidden, weight, bias, targets, temperature, vocab_start,
-                                                             vocab_total, True, fp32_lm_head, chunk)
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        targets,
+        temperature,
+        vocab_start,
+        vocab_total,
+        with_entropy,
+        fp32_lm_head,
+        chunk,
+        group,
+    ):
+        logp_r, ent_r, lse_r = _linear_token_logprobs_fwd_op(
+            hidden, weight, bias, targets, temperature, vocab_start, vocab_total, True, fp32_lm_head, chunk
+        )
         logp, entropy, lse = _combine_vocab_partials(logp_r, ent_r, lse_r, targets, vocab_start, weight.shape[0], group)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.args = (temperature, vocab_start, fp32_lm_head, chunk)
@@ -1430,8 +1858,9 @@ class _ReplicatedInput(torch.autograd.Function):
         return grad, None
 
 
-def _check_linear_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                         leading: tuple[int, ...] | None = None) -> None:
+def _check_linear_inputs(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, leading: tuple[int, ...] | None = None
+) -> None:
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
     if leading is not None:
         if hidden.dim() not in leading:
@@ -1443,8 +1872,10 @@ def _check_linear_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight: dtype {weight.dtype} must equal hidden's {hidden.dtype}")
     if weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight: expected [V, H] with V >= 1 and H = hidden.shape[-1] = {hidden.shape[-1]}, "
-                         f"got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight: expected [V, H] with V >= 1 and H = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
     if bias is not None:
         check_tensor("bias", bias, ndim=1, device=hidden.device)
         if bias.dtype != hidden.dtype:
@@ -1453,8 +1884,9 @@ def _check_linear_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
             raise ValueError(f"bias: expected [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     check_tensor("targets", targets, dtypes=INDEX_DTYPES, device=hidden.device)
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"targets: shape {tuple(targets.shape)} must equal hidden.shape[:-1] = "
-                         f"{tuple(hidden.shape[:-1])}")
+        raise ValueError(
+            f"targets: shape {tuple(targets.shape)} must equal hidden.shape[:-1] = {tuple(hidden.shape[:-1])}"
+        )
 
 
 def _linear_backend(backend, hidden: Tensor, op: str) -> str:
@@ -1526,35 +1958,57 @@ def linear_token_logprobs(
     temperature = check_finite_float("temperature", temperature, minimum=0.0, exclusive=True)
     chunk = _chunk_arg(chunk_size)
     chosen = _linear_backend(backend, hidden, "linear_token_logprobs")
-    vocab_start, vocab = (0, weight.shape[0]) if process_group is None else _global_vocab(weight.shape[0],
-                                                                                          process_group)
+    vocab_start, vocab = (
+        (0, weight.shape[0]) if process_group is None else _global_vocab(weight.shape[0], process_group)
+    )
     if validate:
         _check_target_range(targets, vocab)
     if chosen == "reference":
         if process_group is None:
-            return linear_token_logprobs_reference(hidden, weight, targets, bias, temperature, return_entropy,
-                                                   fp32_lm_head)
+            return linear_token_logprobs_reference(
+                hidden, weight, targets, bias, temperature, return_entropy, fp32_lm_head
+            )
         logits = linear_logits_reference(_ReplicatedInput.apply(hidden, process_group), weight, bias, fp32_lm_head)
-        return token_logprobs(logits, targets, temperature=temperature, return_entropy=return_entropy,
-                              process_group=process_group, validate=False, backend="reference")
+        return token_logprobs(
+            logits,
+            targets,
+            temperature=temperature,
+            return_entropy=return_entropy,
+            process_group=process_group,
+            validate=False,
+            backend="reference",
+        )
     h = _token_rows(hidden)
     t = targets.reshape(-1).contiguous()
     if process_group is not None:
-        logp, entropy = _VocabParallelLinearTokenLogprobs.apply(h, weight, bias, t, temperature, vocab_start, vocab,
-                                                                return_entropy, fp32_lm_head, chunk, process_group)
+        logp, entropy = _VocabParallelLinearTokenLogprobs.apply(
+            h, weight, bias, t, temperature, vocab_start, vocab, return_entropy, fp32_lm_head, chunk, process_group
+        )
     else:
-        logp, entropy, _ = _linear_token_logprobs_fwd_op(h, weight, bias, t, temperature, 0, vocab, return_entropy,
-                                                         fp32_lm_head, chunk)
+        logp, entropy, _ = _linear_token_logprobs_fwd_op(
+            h, weight, bias, t, temperature, 0, vocab, return_entropy, fp32_lm_head, chunk
+        )
     logp = logp.view(targets.shape)
     return (logp, entropy.view(targets.shape)) if return_entropy else logp
 
 
 @kernel_op("negkernels::linear_policy_loss", mutates_args=())
 def _linear_policy_loss_op(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old_logp: Optional[Tensor],
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    old_logp: Optional[Tensor],
     advantages: Tensor,
-    token_weight: Tensor, ref_logp: Optional[Tensor], is_weights: Optional[Tensor], codes: list[int],
-    scalars: list[float], with_entropy: bool, fp32_lm_head: bool, chunk_size: int, need_grads: list[bool],
+    token_weight: Tensor,
+    ref_logp: Optional[Tensor],
+    is_weights: Optional[Tensor],
+    codes: list[int],
+    scalars: list[float],
+    with_entropy: bool,
+    fp32_lm_head: bool,
+    chunk_size: int,
+    need_grads: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(Σ weight·(ℓ − entropy_coef·H), stats [8] as in ``negkernels::policy_loss_from_logits``,
     logp [N], entropy [N], d hidden, d weight, d bias for an incoming gradient of 1 (each [0] when
@@ -1563,23 +2017,57 @@ def _linear_policy_loss_op(
 
     need_hidden, need_weight, need_bias = need_grads
     logp, entropy, loss, stats, dh, dw, db = linear_policy_loss_fwd(
-        hidden, weight, bias, targets, old_logp, advantages, token_weight, ref_logp, is_weights,
-        logits_dtype=_logits_dtype(hidden, fp32_lm_head), chunk_size=chunk_size, need_hidden=need_hidden,
-        need_weight=need_weight, need_bias=need_bias and bias is not None, codes=_codes(codes),
-        scalars=_scalars(scalars), with_entropy=with_entropy)
+        hidden,
+        weight,
+        bias,
+        targets,
+        old_logp,
+        advantages,
+        token_weight,
+        ref_logp,
+        is_weights,
+        logits_dtype=_logits_dtype(hidden, fp32_lm_head),
+        chunk_size=chunk_size,
+        need_hidden=need_hidden,
+        need_weight=need_weight,
+        need_bias=need_bias and bias is not None,
+        codes=_codes(codes),
+        scalars=_scalars(scalars),
+        with_entropy=with_entropy,
+    )
     return loss, stats, logp, entropy, dh, dw, db
 
 
 @_linear_policy_loss_op.register_fake
-def _(hidden, weight, bias, targets, old_logp, advantages, token_weight, ref_logp, is_weights, codes, scalars,
-      with_entropy, fp32_lm_head, chunk_size, need_grads):
+def _(
+    hidden,
+    weight,
+    bias,
+    targets,
+    old_logp,
+    advantages,
+    token_weight,
+    ref_logp,
+    is_weights,
+    codes,
+    scalars,
+    with_entropy,
+    fp32_lm_head,
+    chunk_size,
+    need_grads,
+):
     need_hidden, need_weight, need_bias = need_grads
     n = hidden.shape[0]
     f32 = dict(dtype=torch.float32)
-    return (hidden.new_empty((), **f32), hidden.new_empty((8,), **f32), hidden.new_empty((n,), **f32),
-            hidden.new_empty((n,), **f32), _empty_like_or_none(hidden, need_hidden, hidden),
-            _empty_like_or_none(weight, need_weight, weight),
-            _empty_like_or_none(bias, need_bias and bias is not None, weight))
+    return (
+        hidden.new_empty((), **f32),
+        hidden.new_empty((8,), **f32),
+        hidden.new_empty((n,), **f32),
+        hidden.new_empty((n,), **f32),
+        _empty_like_or_none(hidden, need_hidden, hidden),
+        _empty_like_or_none(weight, need_weight, weight),
+        _empty_like_or_none(bias, need_bias and bias is not None, weight),
+    )
 
 
 def _linear_policy_loss_setup(ctx, inputs, output):
@@ -1594,12 +2082,14 @@ def _linear_policy_loss_backward(ctx, grad_loss, *unused):
     # The forward produced the gradients for an incoming gradient of 1, the usual case when the
     # loss ends the graph; only another scale costs a pass over them.
     dh, dw, db = (_scaled_by_incoming(ctx, g, grad_loss) for g in grads)
-    return no_grads_after(ctx, dh if need[0] else None, dw if need[1] else None,
-                           db if ctx.has_bias and need[2] else None)
+    return no_grads_after(
+        ctx, dh if need[0] else None, dw if need[1] else None, db if ctx.has_bias and need[2] else None
+    )
 
 
-_linear_policy_loss_op.register_autograd(_linear_policy_loss_backward, setup_context=_linear_policy_loss_setup,
-                                          differentiable=3)  # hidden, weight, bias
+_linear_policy_loss_op.register_autograd(
+    _linear_policy_loss_backward, setup_context=_linear_policy_loss_setup, differentiable=3
+)  # hidden, weight, bias
 
 
 def linear_policy_loss(
@@ -1663,44 +2153,95 @@ def linear_policy_loss(
     entropy_coef = check_finite_float("entropy_coef", entropy_coef)
     chunk = _chunk_arg(chunk_size)
     like = _old_logp_or_donor(old_logp, targets, hidden.device)
-    advantages, is_weights = _per_sequence_column(advantages, like, cu_seqlens), \
-        _per_sequence_column(is_weights, like, cu_seqlens)
+    advantages, is_weights = (
+        _per_sequence_column(advantages, like, cu_seqlens),
+        _per_sequence_column(is_weights, like, cu_seqlens),
+    )
     cfg = PolicyLossConfig.of(config, options)
-    num_seq, seq_len, max_len, per_token = _check_policy_inputs(like, like, advantages, mask, cu_seqlens,
-                                                                max_seqlen, ref_logp, is_weights, cfg, validate)
+    num_seq, seq_len, max_len, per_token = _check_policy_inputs(
+        like, like, advantages, mask, cu_seqlens, max_seqlen, ref_logp, is_weights, cfg, validate
+    )
     norm = cfg.resolved_norm_constant(seq_len, packed)
     chosen = _linear_backend(backend, hidden, "linear_policy_loss")
     want_entropy = return_entropy or entropy_coef != 0.0
     counts = _sequence_counts(mask, like, cu_seqlens) if cfg.aggregation.startswith("seq-mean") else None
-    denom = _normaliser(cfg.aggregation, mask, like, cu_seqlens, num_tokens, num_sequences, data_parallel_group,
-                        counts)
+    denom = _normaliser(cfg.aggregation, mask, like, cu_seqlens, num_tokens, num_sequences, data_parallel_group, counts)
 
     two_pass = fp32_weight_grad or not cfg.token_local or process_group is not None
     if chosen == "reference" or two_pass:
-        got = linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                    return_entropy=want_entropy, fp32_lm_head=fp32_lm_head, chunk_size=chunk_size,
-                                    process_group=process_group, validate=validate, backend=chosen)
+        got = linear_token_logprobs(
+            hidden,
+            weight,
+            targets,
+            bias=bias,
+            temperature=temperature,
+            return_entropy=want_entropy,
+            fp32_lm_head=fp32_lm_head,
+            chunk_size=chunk_size,
+            process_group=process_group,
+            validate=validate,
+            backend=chosen,
+        )
         logp, entropy = got if want_entropy else (got, None)
-        return _loss_from_token_logprobs(logp, entropy, old_logp, advantages, mask, cu_seqlens, max_len, ref_logp,
-                                         is_weights, denom, counts, cfg, norm, entropy_coef, return_entropy,
-                                         data_parallel_group, chosen if chosen == "reference" else "triton")
+        return _loss_from_token_logprobs(
+            logp,
+            entropy,
+            old_logp,
+            advantages,
+            mask,
+            cu_seqlens,
+            max_len,
+            ref_logp,
+            is_weights,
+            denom,
+            counts,
+            cfg,
+            norm,
+            entropy_coef,
+            return_entropy,
+            data_parallel_group,
+            chosen if chosen == "reference" else "triton",
+        )
 
     if validate:
         _check_target_range(targets, weight.shape[0])
     token_weight = _token_weights(cfg.aggregation, mask, like, cu_seqlens, denom, norm, counts)
     grad_on = torch.is_grad_enabled()
-    need = [grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-            grad_on and bias is not None and bias.requires_grad]
+    need = [
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    ]
     codes, scalars = cfg.kernel_args(
-        use_kl=ref_logp is not None, use_is=is_weights is not None, adv_per_token=True, iw_per_token=True,
-        compute_grad=any(need), num_sequences=num_seq, seq_len=seq_len, max_len=max_len, norm_constant=norm,
-        temperature=temperature, entropy_coef=entropy_coef, on_policy=old_logp is None)
+        use_kl=ref_logp is not None,
+        use_is=is_weights is not None,
+        adv_per_token=True,
+        iw_per_token=True,
+        compute_grad=any(need),
+        num_sequences=num_seq,
+        seq_len=seq_len,
+        max_len=max_len,
+        norm_constant=norm,
+        temperature=temperature,
+        entropy_coef=entropy_coef,
+        on_policy=old_logp is None,
+    )
     loss, stats, logp, entropy, *_ = _linear_policy_loss_op(
         # Flat per-token inputs: the chunks below slice them by token.
-        _token_rows(hidden), weight, bias, targets.reshape(-1).contiguous(),
+        _token_rows(hidden),
+        weight,
+        bias,
+        targets.reshape(-1).contiguous(),
         old_logp.reshape(-1).float() if old_logp is not None else None,
-        _per_token_values(advantages, per_token.get("advantages", False), targets, cu_seqlens), token_weight,
+        _per_token_values(advantages, per_token.get("advantages", False), targets, cu_seqlens),
+        token_weight,
         ref_logp.reshape(-1).float() if ref_logp is not None else None,
         _per_token_values(is_weights, per_token.get("is_weights", False), targets, cu_seqlens),
-        codes, scalars, want_entropy, fp32_lm_head, chunk, need)
+        codes,
+        scalars,
+        want_entropy,
+        fp32_lm_head,
+        chunk,
+        need,
+    )
     return _fused_output(loss, stats, logp, entropy, targets, return_entropy, data_parallel_group)

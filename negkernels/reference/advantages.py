@@ -95,8 +95,19 @@ def group_advantages_reference(
             return x[valid] if isinstance(x, torch.Tensor) and x.dim() == 1 and x.numel() == ids.numel() else x
 
         adv, mean, std, count = group_advantages_reference(
-            rewards[valid], ids[valid], num_groups, estimator, scale, eps, virtual_max_reward, num_virtual,
-            kept(positive_scale), kept(negative_scale), batch_stats, process_group)
+            rewards[valid],
+            ids[valid],
+            num_groups,
+            estimator,
+            scale,
+            eps,
+            virtual_max_reward,
+            num_virtual,
+            kept(positive_scale),
+            kept(negative_scale),
+            batch_stats,
+            process_group,
+        )
         full = torch.full(ids.shape, float("nan"), dtype=dtype, device=adv.device)
         return full.masked_scatter(valid, adv), mean, std, count
     r = rewards.to(dtype)
@@ -196,7 +207,9 @@ def group_discriminative_loss_reference(
     n_all = n_pos + n_neg
     w = torch.ones_like(s) if weights is None else weights.to(dtype)
     w_pos = torch.where(pos, w, torch.zeros_like(w))
-    pos_term = zeros.clone().index_add_(0, ids, w_pos * s) / zeros.clone().index_add_(0, ids, w_pos).clamp_min(torch.finfo(dtype).tiny)
+    pos_term = zeros.clone().index_add_(0, ids, w_pos * s) / zeros.clone().index_add_(0, ids, w_pos).clamp_min(
+        torch.finfo(dtype).tiny
+    )
     if mode == "disco":
         # τ·logΣexp(s/τ) over S−, stabilised by the group's max negative score
         neg_scaled = torch.where(negm, s / tau, torch.full_like(s, float("-inf")))
@@ -207,7 +220,9 @@ def group_discriminative_loss_reference(
         neg_sum = zeros.clone().index_add_(0, ids, e)
         neg_term = tau * (neg_sum.clamp_min(torch.finfo(dtype).tiny).log() + gmax)
     else:
-        neg_term = zeros.clone().index_add_(0, ids, torch.where(negm, s, torch.zeros_like(s))) / n_neg.to(dtype).clamp_min(1)
+        neg_term = zeros.clone().index_add_(0, ids, torch.where(negm, s, torch.zeros_like(s))) / n_neg.to(
+            dtype
+        ).clamp_min(1)
     valid = (n_pos > 0) & (n_neg > 0)
     objective = torch.where(valid, pos_term - neg_term, zeros)
     present = (n_all > 0).sum().clamp_min(1).to(dtype)

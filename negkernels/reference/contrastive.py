@@ -80,7 +80,9 @@ def bank_info_nce_reference(
     if extra_negatives is not None and extra_negatives.shape[1] > 0:
         parts_all.append(torch.einsum("nd,nmd->nm", query, extra_negatives) / temperature)
     log_denominator = torch.logsumexp(torch.cat(parts_all, dim=1), dim=1)
-    log_numerator = torch.logsumexp(torch.cat([pos_logit, torch.where(in_positive_set, bank_logits, neg_inf)], dim=1), 1)
+    log_numerator = torch.logsumexp(
+        torch.cat([pos_logit, torch.where(in_positive_set, bank_logits, neg_inf)], dim=1), 1
+    )
     loss = log_denominator - log_numerator
     if reduction == "none":
         return loss
@@ -99,8 +101,9 @@ def bank_similarities_reference(query: Tensor, bank: Tensor, *, normalize: bool 
     return sims.masked_fill(~filled.unsqueeze(0), float("-inf"))
 
 
-def bank_topk_reference(query: Tensor, bank: Tensor, k: int, *, normalize: bool = False,
-                        bank_valid=None) -> tuple[Tensor, Tensor]:
+def bank_topk_reference(
+    query: Tensor, bank: Tensor, k: int, *, normalize: bool = False, bank_valid=None
+) -> tuple[Tensor, Tensor]:
     """(similarities [N, k], indices [N, k] int64), largest first, ties by the lower slot; missing
     entries are (−inf, −1)."""
     sims = bank_similarities_reference(query, bank, normalize=normalize, bank_valid=bank_valid)
@@ -152,7 +155,7 @@ def bank_supcon_reference(
         usable = usable & (torch.arange(k, device=query.device).reshape(1, k) != self_slots.reshape(n, 1))
     in_pos = usable & (query_labels.reshape(n, 1) == bank_labels.reshape(1, k))
     if positive is not None:
-        pos_logit = ((query * positive).sum(-1, keepdim=True) / temperature)
+        pos_logit = (query * positive).sum(-1, keepdim=True) / temperature
         logits = torch.cat([pos_logit, logits], dim=1)
         ones = torch.ones(n, 1, dtype=torch.bool, device=query.device)
         usable, in_pos = torch.cat([ones, usable], 1), torch.cat([ones, in_pos], 1)
@@ -162,10 +165,12 @@ def bank_supcon_reference(
     # log-sum-exp, so no −inf (and no NaN gradient) arises from an empty set.
     kept = usable & has.unsqueeze(1)
     safe = torch.where(kept, logits, torch.where(has.unsqueeze(1), float("-inf"), 0.0).to(logits.dtype))
-    mean_pos = torch.where(in_pos, logits, torch.zeros((), dtype=logits.dtype, device=logits.device)).sum(1) \
-        / count.clamp(min=1)
-    loss = torch.where(has, torch.logsumexp(safe, dim=1) - mean_pos, torch.zeros((), dtype=logits.dtype,
-                                                                                  device=logits.device))
+    mean_pos = torch.where(in_pos, logits, torch.zeros((), dtype=logits.dtype, device=logits.device)).sum(
+        1
+    ) / count.clamp(min=1)
+    loss = torch.where(
+        has, torch.logsumexp(safe, dim=1) - mean_pos, torch.zeros((), dtype=logits.dtype, device=logits.device)
+    )
     if reduction == "none":
         return loss
     if reduction == "sum":

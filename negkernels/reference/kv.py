@@ -27,8 +27,9 @@ def _compute_dtype(*tensors) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def retention_scores_reference(log_beta: Tensor, positions: Tensor, step, keys: Optional[Tensor] = None,
-                               key_norm_weight: float = 0.0) -> Tensor:
+def retention_scores_reference(
+    log_beta: Tensor, positions: Tensor, step, keys: Optional[Tensor] = None, key_norm_weight: float = 0.0
+) -> Tensor:
     """TRIM-KV scores ``(step − positions)·log_beta (+ key_norm_weight·log‖k‖)``, [B, H, S]."""
     dtype = _compute_dtype(log_beta, keys)
     b, h, s = log_beta.shape
@@ -81,8 +82,13 @@ def attention_scores_reference(attention: Tensor, num_kv_heads: int, method: str
         mean = group[..., :prefix].mean(dim=(2, 3)) if w else a.new_zeros(b, num_kv_heads, prefix)
         if pool_kernel > 1 and prefix:
             # zero padding counted, as SnapKV's avg_pool1d(kernel, padding=kernel // 2)
-            flat = F.avg_pool1d(mean.reshape(b * num_kv_heads, 1, prefix), pool_kernel, stride=1,
-                                padding=pool_kernel // 2, count_include_pad=True)
+            flat = F.avg_pool1d(
+                mean.reshape(b * num_kv_heads, 1, prefix),
+                pool_kernel,
+                stride=1,
+                padding=pool_kernel // 2,
+                count_include_pad=True,
+            )
             mean = flat[..., :prefix].reshape(b, num_kv_heads, prefix)
         # the observation window itself is always kept
         return torch.cat([mean, mean.new_full((b, num_kv_heads, s - prefix), float("inf"))], dim=-1)
@@ -125,8 +131,9 @@ def _ascending_with_unused_last(indices: Tensor, unused: Tensor, s: int) -> Tens
     return torch.where(filled == s, torch.full_like(filled, -1), filled)
 
 
-def select_retained_reference(scores: Tensor, budget: int, sink: int = 0, window: int = 0,
-                              lengths: Optional[Tensor] = None) -> Tensor:
+def select_retained_reference(
+    scores: Tensor, budget: int, sink: int = 0, window: int = 0, lengths: Optional[Tensor] = None
+) -> Tensor:
     """Per-head selection: kept token indices [B, H, min(budget, S)] int64, ascending, −1 unused."""
     b, h, s = scores.shape
     m = min(budget, s)
@@ -137,8 +144,9 @@ def select_retained_reference(scores: Tensor, budget: int, sink: int = 0, window
     return _ascending_with_unused_last(order, unused, s)
 
 
-def select_retained_global_reference(scores: Tensor, budget: int, sink: int = 0, window: int = 0,
-                                     lengths: Optional[Tensor] = None, min_per_head: int = 0):
+def select_retained_global_reference(
+    scores: Tensor, budget: int, sink: int = 0, window: int = 0, lengths: Optional[Tensor] = None, min_per_head: int = 0
+):
     """Global selection: per sequence the best H·min(budget, S) tokens across heads, each head keeping
     its protected tokens and at least ``min_per_head`` (or all its eligible ones).
 
@@ -150,20 +158,25 @@ def select_retained_global_reference(scores: Tensor, budget: int, sink: int = 0,
     eligible, protected = _token_classes(scores, sink, window, lengths)
     klass = (eligible.long() + protected.long()).expand(b, h, s)
     order = _rank_order(scores, klass)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(s, device=scores.device).expand(b, h, s).contiguous())
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(s, device=scores.device).expand(b, h, s).contiguous()
+    )
     forced = (klass > 0) & ((klass == 2) | (rank < min_per_head))
     # One row per sequence over (head, token): the class now puts forced tokens first; ties in score
     # go to the more recent token, then to the lower head.
     klass2 = torch.where(forced, torch.full_like(klass, 3), klass).reshape(b, h * s)
     flat_scores = scores.reshape(b, h * s)
     token = torch.arange(s, device=scores.device).repeat(h)
-    head = torch.arange(h, device=scores.device).repeat_interleave(s)
     # Pairs are in head order; a stable sort by token, most recent first, puts the lower head
     # first among a token's pairs, and the stable sorts below keep that order among equals.
     order = torch.argsort(token, stable=True, descending=True)
     order = order.expand(b, h * s)
-    order = torch.gather(order, -1, torch.sort(torch.gather(flat_scores, -1, order), dim=-1, descending=True, stable=True).indices)
-    order = torch.gather(order, -1, torch.sort(torch.gather(klass2, -1, order), dim=-1, descending=True, stable=True).indices)
+    order = torch.gather(
+        order, -1, torch.sort(torch.gather(flat_scores, -1, order), dim=-1, descending=True, stable=True).indices
+    )
+    order = torch.gather(
+        order, -1, torch.sort(torch.gather(klass2, -1, order), dim=-1, descending=True, stable=True).indices
+    )
     chosen = order[:, : h * m]
     keep = torch.zeros(b, h * s, dtype=torch.bool, device=scores.device)
     keep.scatter_(-1, chosen, torch.gather(klass2, -1, chosen) > 0)
@@ -188,7 +201,9 @@ def ragged_from_keep(keep: Tensor, m: int):
     cu[1:] = counts.reshape(-1).cumsum(0).to(torch.int32)
     # Scatter the kept tokens to their ragged slots without reading a count on the host.
     flat_keep = keep.reshape(-1)
-    slot = torch.where(flat_keep, flat_keep.long().cumsum(0) - 1, torch.full_like(flat_keep, b * h * m, dtype=torch.long))
+    slot = torch.where(
+        flat_keep, flat_keep.long().cumsum(0) - 1, torch.full_like(flat_keep, b * h * m, dtype=torch.long)
+    )
     token_ids = torch.arange(s, device=keep.device).repeat(b * h)
     out = torch.full((b * h * m + 1,), -1, dtype=torch.long, device=keep.device)
     out.scatter_(0, slot, token_ids)

@@ -69,8 +69,14 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def token_logprobs_reference(logits: Tensor, targets: Tensor, temperature: float = 1.0, return_entropy: bool = False,
-                             vocab_start: int = 0, vocab_total: Optional[int] = None):
+def token_logprobs_reference(
+    logits: Tensor,
+    targets: Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    vocab_start: int = 0,
+    vocab_total: Optional[int] = None,
+):
     """log softmax(logits / T)[target] (and the entropy of softmax(logits / T)), differentiable.
 
     ``logits`` [..., V], ``targets`` [...] ids. With ``vocab_start`` the logits hold the slice
@@ -98,8 +104,9 @@ def token_logprobs_reference(logits: Tensor, targets: Tensor, temperature: float
     return logp, entropy
 
 
-def linear_logits_reference(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                            fp32_lm_head: bool = False) -> Tensor:
+def linear_logits_reference(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, fp32_lm_head: bool = False
+) -> Tensor:
     """The LM head: hidden [..., H] @ weight[V, H]ᵀ (+ bias) → logits [..., V], differentiable.
 
     ``fp32_lm_head``: in fp32 (float64 inputs stay float64); otherwise in the inputs' dtype.
@@ -110,16 +117,23 @@ def linear_logits_reference(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
     return torch.nn.functional.linear(hidden, weight, bias)
 
 
-def linear_token_logprobs_reference(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
-                                    temperature: float = 1.0, return_entropy: bool = False,
-                                    fp32_lm_head: bool = False):
+def linear_token_logprobs_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    fp32_lm_head: bool = False,
+):
     """log softmax((hidden @ weightᵀ + bias) / T)[target] (and the entropy), materialising the logits."""
     logits = linear_logits_reference(hidden, weight, bias, fp32_lm_head)
     return token_logprobs_reference(logits, targets, temperature, return_entropy)
 
 
-def token_logprobs_partials_reference(logits: Tensor, targets: Tensor, temperature: float, vocab_start: int,
-                                      vocab_total: int):
+def token_logprobs_partials_reference(
+    logits: Tensor, targets: Tensor, temperature: float, vocab_start: int, vocab_total: int
+):
     """Closed-form forward of one vocabulary slice, no autograd: (logp, entropy, lse) of the slice, fp32/fp64."""
     with torch.no_grad():
         z = logits.to(compute_dtype(logits)) / temperature
@@ -128,9 +142,16 @@ def token_logprobs_partials_reference(logits: Tensor, targets: Tensor, temperatu
     return logp, entropy, lse
 
 
-def token_logprobs_grad_reference(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], logits: Tensor,
-                                  targets: Tensor, lse: Tensor, entropy: Tensor, temperature: float,
-                                  vocab_start: int) -> Tensor:
+def token_logprobs_grad_reference(
+    grad_logp: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    entropy: Tensor,
+    temperature: float,
+    vocab_start: int,
+) -> Tensor:
     """d/d logits of Σ g_logp·log p_t + g_H·H given the (global) log-sum-exp and entropy.
 
     With z = x/T, p = softmax(z): d log p_t/dz_j = 1[j=t] − p_j and dH/dz_j = −p_j·(log p_j + H).
@@ -143,8 +164,9 @@ def token_logprobs_grad_reference(grad_logp: Optional[Tensor], grad_entropy: Opt
         if grad_logp is not None:
             local = targets.long() - vocab_start
             owned = (local >= 0) & (local < z.shape[-1])
-            onehot = torch.zeros_like(z).scatter_(-1, local.clamp(0, max(z.shape[-1] - 1, 0)).unsqueeze(-1),
-                                                  owned.unsqueeze(-1).to(z.dtype))
+            onehot = torch.zeros_like(z).scatter_(
+                -1, local.clamp(0, max(z.shape[-1] - 1, 0)).unsqueeze(-1), owned.unsqueeze(-1).to(z.dtype)
+            )
             g = g + grad_logp.unsqueeze(-1).to(z.dtype) * (onehot - p)
         if grad_entropy is not None:
             h = entropy.unsqueeze(-1).to(z.dtype)
@@ -165,7 +187,9 @@ def _sequence_ids(shape_or_n, cu_seqlens: Optional[Tensor], device) -> tuple[Ten
     return torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths), lengths.numel()
 
 
-def clipped_surrogate(ratio: Tensor, adv: Tensor, lo: float, hi: float, delta: Optional[float], dual_clip: Optional[float]):
+def clipped_surrogate(
+    ratio: Tensor, adv: Tensor, lo: float, hi: float, delta: Optional[float], dual_clip: Optional[float]
+):
     """−min(min(ρ, δ)·A, clip(ρ, lo, hi)·A), then for A < 0 capped at −c·A (dual clip).
 
     Where both branches are equal the unclipped one is taken (its gradient flows), and the dual
@@ -288,7 +312,9 @@ def policy_loss_reference(
     if loss_type == "gspo" or ratio_level == "sequence":
         # s = exp(mean_t log ρ) per sequence, with its gradient through every token (the bias-
         # corrected KL's factor); the policy term takes its token form s_t = sg(s)·exp(logp − sg(logp))
-        seq_log_ratio = torch.zeros(num_seq, dtype=dtype, device=logp.device).index_add(0, seq, torch.where(m > 0, log_ratio, 0.0))
+        seq_log_ratio = torch.zeros(num_seq, dtype=dtype, device=logp.device).index_add(
+            0, seq, torch.where(m > 0, log_ratio, 0.0)
+        )
         seq_ratio = torch.exp(seq_log_ratio / count_b.clamp_min(1))[seq]
         seq_ratio_token_form = seq_ratio.detach() * torch.exp(lp - lp.detach())
         if ratio_level == "sequence":  # sapo / cispo on s
@@ -323,7 +349,9 @@ def policy_loss_reference(
         adv_b = torch.zeros(num_seq, dtype=dtype, device=logp.device).index_add(0, seq, adv) / count_b.clamp_min(1)
         pg = -adv_b[seq] * s_b.detach() * torch.exp(c - c.detach())
     elif loss_type == "npo":
-        diff_b = torch.zeros(num_seq, dtype=dtype, device=logp.device).index_add(0, seq, torch.where(m > 0, lp - ref, 0.0))
+        diff_b = torch.zeros(num_seq, dtype=dtype, device=logp.device).index_add(
+            0, seq, torch.where(m > 0, lp - ref, 0.0)
+        )
         seq_loss = (2.0 / npo_beta) * torch.nn.functional.softplus(npo_beta * diff_b)
         pg = (seq_loss / count_b.clamp_min(1))[seq]
     else:
@@ -374,12 +402,14 @@ def policy_loss_reference(
         lr64 = log_ratio.double()
         approx_kl = torch.expm1(lr64) - lr64
         mean_ratio = torch.exp(log_ratio)
-        metrics = torch.stack([
-            masked_mean(low_flag),
-            masked_mean(high_flag),
-            masked_mean(dual_flag),
-            masked_mean(approx_kl),
-            masked_mean(mean_ratio),
-            masked_mean(kl) if kl is not None else torch.zeros((), dtype=dtype, device=logp.device),
-        ])
+        metrics = torch.stack(
+            [
+                masked_mean(low_flag),
+                masked_mean(high_flag),
+                masked_mean(dual_flag),
+                masked_mean(approx_kl),
+                masked_mean(mean_ratio),
+                masked_mean(kl) if kl is not None else torch.zeros((), dtype=dtype, device=logp.device),
+            ]
+        )
     return PolicyLossReference(loss, metrics)

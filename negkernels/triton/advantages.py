@@ -23,15 +23,14 @@ The advantage kernels compute statistics and the per-element formula in fp64 and
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import _backend
-from . import cdiv, next_power_of_2
 from .._fixedpoint import exponent_bound, headroom_bits
 from ..reference.advantages import ESTIMATORS, SCALES
+from . import cdiv, next_power_of_2
 
 # Kernel codes are positions in the reference's tuples; csrc/advantages.h names the same codes
 # (enum Estimator, enum Scale) and tests/test_kernel_codes.py holds the three in step.
@@ -88,8 +87,19 @@ def _group_spread(n, mean, m2, vmax, kvirt, ESTIMATOR: tl.constexpr):
 
 
 @triton.jit
-def _finish(base, n, zero_or_nan, pos_ptr, neg_ptr, offs, mask, pos_value, neg_value,
-            ESTIMATOR: tl.constexpr, PER_SAMPLE_SIGN_SCALES: tl.constexpr):
+def _finish(
+    base,
+    n,
+    zero_or_nan,
+    pos_ptr,
+    neg_ptr,
+    offs,
+    mask,
+    pos_value,
+    neg_value,
+    ESTIMATOR: tl.constexpr,
+    PER_SAMPLE_SIGN_SCALES: tl.constexpr,
+):
     if ESTIMATOR != _ESTIMATOR_NGRPO:  # a group of one has no baseline (NGRPO's augmented group has)
         base = tl.where(n < 2.0, zero_or_nan, base)
     if PER_SAMPLE_SIGN_SCALES:
@@ -103,11 +113,25 @@ def _finish(base, n, zero_or_nan, pos_ptr, neg_ptr, offs, mask, pos_value, neg_v
 
 @triton.jit
 def _group_advantages_uniform_kernel(
-    rewards_ptr, out_ptr, mean_ptr, std_ptr, count_ptr, pos_ptr, neg_ptr,
-    num_groups, group_size,
-    eps, vmax, kvirt, pos_value, neg_value,
-    ESTIMATOR: tl.constexpr, SCALE: tl.constexpr, PER_SAMPLE_SIGN_SCALES: tl.constexpr,
-    GROUPS_PER_PROGRAM: tl.constexpr, BLOCK_G: tl.constexpr,
+    rewards_ptr,
+    out_ptr,
+    mean_ptr,
+    std_ptr,
+    count_ptr,
+    pos_ptr,
+    neg_ptr,
+    num_groups,
+    group_size,
+    eps,
+    vmax,
+    kvirt,
+    pos_value,
+    neg_value,
+    ESTIMATOR: tl.constexpr,
+    SCALE: tl.constexpr,
+    PER_SAMPLE_SIGN_SCALES: tl.constexpr,
+    GROUPS_PER_PROGRAM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
     pid = tl.program_id(0)
     groups = pid * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
@@ -126,7 +150,9 @@ def _group_advantages_uniform_kernel(
         base = a / (_group_spread(n, mean, m2, vmax, kvirt, ESTIMATOR)[:, None] + eps)
     else:
         base = a
-    adv = _finish(base, nb, d * 0.0, pos_ptr, neg_ptr, offs, mask, pos_value, neg_value, ESTIMATOR, PER_SAMPLE_SIGN_SCALES)
+    adv = _finish(
+        base, nb, d * 0.0, pos_ptr, neg_ptr, offs, mask, pos_value, neg_value, ESTIMATOR, PER_SAMPLE_SIGN_SCALES
+    )
     tl.store(out_ptr + offs, adv.to(tl.float32), mask=mask)
     tl.store(mean_ptr + groups, mean.to(tl.float32), mask=gmask)
     tl.store(std_ptr + groups, _group_spread(n, mean, m2, vmax, kvirt, _ESTIMATOR_GRPO).to(tl.float32), mask=gmask)
@@ -191,12 +217,33 @@ def _read_spread_m2(work_ptr, slots, ids, mask, e, headroom):
 
 @triton.jit
 def _group_advantages_segmented_kernel(
-    rewards_ptr, group_index_ptr, out_ptr, mean_ptr, std_ptr, count_ptr, pos_ptr, neg_ptr,
-    work_ptr, barrier_ptr, batch_stats_ptr,
-    n_rewards, num_groups, group_size, headroom, vmax_exponent,
-    eps, vmax, kvirt, pos_value, neg_value,
-    ESTIMATOR: tl.constexpr, SCALE: tl.constexpr, UNIFORM: tl.constexpr,
-    PER_SAMPLE_SIGN_SCALES: tl.constexpr, EXTERNAL_BATCH_STATS: tl.constexpr, BLOCK: tl.constexpr,
+    rewards_ptr,
+    group_index_ptr,
+    out_ptr,
+    mean_ptr,
+    std_ptr,
+    count_ptr,
+    pos_ptr,
+    neg_ptr,
+    work_ptr,
+    barrier_ptr,
+    batch_stats_ptr,
+    n_rewards,
+    num_groups,
+    group_size,
+    headroom,
+    vmax_exponent,
+    eps,
+    vmax,
+    kvirt,
+    pos_value,
+    neg_value,
+    ESTIMATOR: tl.constexpr,
+    SCALE: tl.constexpr,
+    UNIFORM: tl.constexpr,
+    PER_SAMPLE_SIGN_SCALES: tl.constexpr,
+    EXTERNAL_BATCH_STATS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # work: int64 [4, slots]; rows = count, max |r| bits, fixed-point sum, fixed-point sum of
     # squared deviations. Slot num_groups holds the batch's rewards, slot num_groups+1 the batch's
@@ -223,7 +270,9 @@ def _group_advantages_segmented_kernel(
     # which it does through L2 (.cg). acq_rel here would put a fence behind every element.
     for start in range(pid * BLOCK, n_rewards, nprog * BLOCK):
         offs = start + lanes
-        ids, valid, mask, r = _load_group(rewards_ptr, group_index_ptr, offs, n_rewards, num_groups, group_size, UNIFORM)
+        ids, valid, mask, r = _load_group(
+            rewards_ptr, group_index_ptr, offs, n_rewards, num_groups, group_size, UNIFORM
+        )
         bits = _abs_bits(r)
         tl.atomic_add(work_ptr + ids, tl.full(ids.shape, 1, tl.int64), mask=valid, sem="relaxed")
         tl.atomic_max(work_ptr + slots + ids, bits, mask=valid, sem="relaxed")
@@ -236,29 +285,41 @@ def _group_advantages_segmented_kernel(
     # phase 2: fixed-point sums; r·2**(62-headroom-E) is exact and < 2**(62-headroom)
     for start in range(pid * BLOCK, n_rewards, nprog * BLOCK):
         offs = start + lanes
-        ids, valid, mask, r = _load_group(rewards_ptr, group_index_ptr, offs, n_rewards, num_groups, group_size, UNIFORM)
+        ids, valid, mask, r = _load_group(
+            rewards_ptr, group_index_ptr, offs, n_rewards, num_groups, group_size, UNIFORM
+        )
         r64 = r.to(tl.float64)
         e = _exponent_bound(tl.load(work_ptr + slots + ids, mask=valid, other=0, cache_modifier=".cg"))
         q = tl.where(valid & (r == r) & (tl.abs(r) < float("inf")), r64 * _pow2((62 - headroom) - e), 0.0).to(tl.int64)
         tl.atomic_add(work_ptr + 2 * slots + ids, q, mask=valid, sem="relaxed")
         if NEED_BATCH:
             eb = _exponent_bound(tl.load(work_ptr + slots + batch, cache_modifier=".cg"))
-            qb = tl.where(valid & (r == r) & (tl.abs(r) < float("inf")), r64 * _pow2((62 - headroom) - eb), 0.0).to(tl.int64)
+            qb = tl.where(valid & (r == r) & (tl.abs(r) < float("inf")), r64 * _pow2((62 - headroom) - eb), 0.0).to(
+                tl.int64
+            )
             tl.atomic_add(work_ptr + 2 * slots + batch, tl.sum(qb, axis=0), sem="relaxed")
     _grid_barrier(arrive_ptr, generation_ptr, nprog)
 
     # phase 3: squared deviations from the group (and batch) mean; numerators' sum for whitening
     for start in range(pid * BLOCK, n_rewards, nprog * BLOCK):
         offs = start + lanes
-        ids, valid, mask, r = _load_group(rewards_ptr, group_index_ptr, offs, n_rewards, num_groups, group_size, UNIFORM)
+        ids, valid, mask, r = _load_group(
+            rewards_ptr, group_index_ptr, offs, n_rewards, num_groups, group_size, UNIFORM
+        )
         r64 = r.to(tl.float64)
         n, mean, e = _group_mean(work_ptr, slots, ids, valid, headroom)
-        tl.atomic_add(work_ptr + 3 * slots + ids, _square_quanta(r64 - mean, e, headroom, valid), mask=valid, sem="relaxed")
+        tl.atomic_add(
+            work_ptr + 3 * slots + ids, _square_quanta(r64 - mean, e, headroom, valid), mask=valid, sem="relaxed"
+        )
         if NEED_BATCH:
             bids = tl.zeros_like(ids) + batch
             _, bmean, be = _group_mean(work_ptr, slots, bids, valid, headroom)
             if SCALE == _SCALE_BATCH:
-                tl.atomic_add(work_ptr + 3 * slots + batch, tl.sum(_square_quanta(r64 - bmean, be, headroom, valid), axis=0), sem="relaxed")
+                tl.atomic_add(
+                    work_ptr + 3 * slots + batch,
+                    tl.sum(_square_quanta(r64 - bmean, be, headroom, valid), axis=0),
+                    sem="relaxed",
+                )
             else:
                 # |numerator| < 4·max(|r|max, |vmax|) = 2**ea
                 ea = tl.maximum(be, vmax_exponent) + 2
@@ -271,14 +332,24 @@ def _group_advantages_segmented_kernel(
         # phase 4: squared deviations of the numerators from their batch mean
         for start in range(pid * BLOCK, n_rewards, nprog * BLOCK):
             offs = start + lanes
-            ids, valid, mask, r = _load_group(rewards_ptr, group_index_ptr, offs, n_rewards, num_groups, group_size, UNIFORM)
+            ids, valid, mask, r = _load_group(
+                rewards_ptr, group_index_ptr, offs, n_rewards, num_groups, group_size, UNIFORM
+            )
             n, mean, e = _group_mean(work_ptr, slots, ids, valid, headroom)
             a = _numerator(r.to(tl.float64), n, mean, vmax, kvirt, ESTIMATOR)
             nb = tl.load(work_ptr + batch, cache_modifier=".cg").to(tl.float64)
             bbits = tl.load(work_ptr + slots + batch, cache_modifier=".cg")
             ea = tl.maximum(_exponent_bound(bbits), vmax_exponent) + 2
-            wmean = tl.load(work_ptr + 2 * slots + whiten, cache_modifier=".cg").to(tl.float64) * _pow2(ea - (62 - headroom)) / tl.maximum(nb, 1.0)
-            tl.atomic_add(work_ptr + 3 * slots + whiten, tl.sum(_square_quanta(a - wmean, ea, headroom, valid), axis=0), sem="relaxed")
+            wmean = (
+                tl.load(work_ptr + 2 * slots + whiten, cache_modifier=".cg").to(tl.float64)
+                * _pow2(ea - (62 - headroom))
+                / tl.maximum(nb, 1.0)
+            )
+            tl.atomic_add(
+                work_ptr + 3 * slots + whiten,
+                tl.sum(_square_quanta(a - wmean, ea, headroom, valid), axis=0),
+                sem="relaxed",
+            )
         _grid_barrier(arrive_ptr, generation_ptr, nprog)
 
     # phase 5: advantages
@@ -288,11 +359,19 @@ def _group_advantages_segmented_kernel(
         be = _exponent_bound(bbits)
         if SCALE == _SCALE_BATCH:
             center = 0.0
-            m2b = tl.load(work_ptr + 3 * slots + batch, cache_modifier=".cg").to(tl.float64) * _pow2((2 * be + 2) - (62 - headroom))
+            m2b = tl.load(work_ptr + 3 * slots + batch, cache_modifier=".cg").to(tl.float64) * _pow2(
+                (2 * be + 2) - (62 - headroom)
+            )
         else:
             ea = tl.maximum(be, vmax_exponent) + 2
-            center = tl.load(work_ptr + 2 * slots + whiten, cache_modifier=".cg").to(tl.float64) * _pow2(ea - (62 - headroom)) / tl.maximum(nb, 1.0)
-            m2b = tl.load(work_ptr + 3 * slots + whiten, cache_modifier=".cg").to(tl.float64) * _pow2((2 * ea + 2) - (62 - headroom))
+            center = (
+                tl.load(work_ptr + 2 * slots + whiten, cache_modifier=".cg").to(tl.float64)
+                * _pow2(ea - (62 - headroom))
+                / tl.maximum(nb, 1.0)
+            )
+            m2b = tl.load(work_ptr + 3 * slots + whiten, cache_modifier=".cg").to(tl.float64) * _pow2(
+                (2 * ea + 2) - (62 - headroom)
+            )
         spread = tl.where(nb >= 2.0, tl.sqrt(m2b / tl.maximum(nb - 1.0, 1.0)), 0.0)
         spread = tl.where(bbits >= 0x7F800000, float("nan"), spread)
     elif EXTERNAL_BATCH_STATS:
@@ -305,7 +384,9 @@ def _group_advantages_segmented_kernel(
         spread = 0.0
     for start in range(pid * BLOCK, n_rewards, nprog * BLOCK):
         offs = start + lanes
-        ids, valid, mask, r = _load_group(rewards_ptr, group_index_ptr, offs, n_rewards, num_groups, group_size, UNIFORM)
+        ids, valid, mask, r = _load_group(
+            rewards_ptr, group_index_ptr, offs, n_rewards, num_groups, group_size, UNIFORM
+        )
         r64 = r.to(tl.float64)
         n, mean, e = _group_mean(work_ptr, slots, ids, valid, headroom)
         a = _numerator(r64, n, mean, vmax, kvirt, ESTIMATOR)
@@ -316,7 +397,19 @@ def _group_advantages_segmented_kernel(
             base = a
         else:
             base = (a - center) / (spread + eps)
-        adv = _finish(base, n, (r64 - mean) * 0.0, pos_ptr, neg_ptr, offs, mask, pos_value, neg_value, ESTIMATOR, PER_SAMPLE_SIGN_SCALES)
+        adv = _finish(
+            base,
+            n,
+            (r64 - mean) * 0.0,
+            pos_ptr,
+            neg_ptr,
+            offs,
+            mask,
+            pos_value,
+            neg_value,
+            ESTIMATOR,
+            PER_SAMPLE_SIGN_SCALES,
+        )
         adv = tl.where(valid, adv, float("nan"))
         tl.store(out_ptr + offs, adv.to(tl.float32), mask=mask)
     for start in range(pid * BLOCK, num_groups, nprog * BLOCK):
@@ -376,8 +469,16 @@ def group_advantages_fwd(
     per_sample = positive_scale_tensor is not None or negative_scale_tensor is not None
     if per_sample:
         # Only when one side is per-sample and the other a scalar does the scalar need a tensor.
-        pos_t = positive_scale_tensor if positive_scale_tensor is not None else torch.full_like(negative_scale_tensor, positive_scale)
-        neg_t = negative_scale_tensor if negative_scale_tensor is not None else torch.full_like(positive_scale_tensor, negative_scale)
+        pos_t = (
+            positive_scale_tensor
+            if positive_scale_tensor is not None
+            else torch.full_like(negative_scale_tensor, positive_scale)
+        )
+        neg_t = (
+            negative_scale_tensor
+            if negative_scale_tensor is not None
+            else torch.full_like(positive_scale_tensor, negative_scale)
+        )
         pos_t, neg_t = pos_t.contiguous(), neg_t.contiguous()
     else:
         pos_t = neg_t = rewards  # never read: PER_SAMPLE_SIGN_SCALES is off
@@ -388,11 +489,25 @@ def group_advantages_fwd(
         gpp = max(1, min(64, 4096 // block_g))
         grid = (cdiv(num_groups, gpp),)
         _group_advantages_uniform_kernel[grid](
-            rewards, out, mean, std, count, pos_t, neg_t,
-            num_groups, group_size,
-            float(eps), float(virtual_max_reward), float(num_virtual), float(positive_scale), float(negative_scale),
-            ESTIMATOR=est, SCALE=sc, PER_SAMPLE_SIGN_SCALES=per_sample,
-            GROUPS_PER_PROGRAM=gpp, BLOCK_G=block_g,
+            rewards,
+            out,
+            mean,
+            std,
+            count,
+            pos_t,
+            neg_t,
+            num_groups,
+            group_size,
+            float(eps),
+            float(virtual_max_reward),
+            float(num_virtual),
+            float(positive_scale),
+            float(negative_scale),
+            ESTIMATOR=est,
+            SCALE=sc,
+            PER_SAMPLE_SIGN_SCALES=per_sample,
+            GROUPS_PER_PROGRAM=gpp,
+            BLOCK_G=block_g,
             num_warps=4 if block_g * gpp <= 1024 else 8,
         )
         return out, mean, std, count
@@ -408,12 +523,34 @@ def group_advantages_fwd(
     bstats = batch_stats.to(device=dev, dtype=torch.float64).contiguous() if external else work
     gi = group_index.contiguous() if group_index is not None else rewards
     _group_advantages_segmented_kernel[(grid_size,)](
-        rewards, gi, out, mean, std, count, pos_t, neg_t,
-        work, _barrier_workspace(dev), bstats,
-        n, num_groups, max(group_size, 1), headroom, exponent_bound(virtual_max_reward if estimator == "ngrpo" else 0.0),
-        float(eps), float(virtual_max_reward), float(num_virtual), float(positive_scale), float(negative_scale),
-        ESTIMATOR=est, SCALE=sc, UNIFORM=uniform, PER_SAMPLE_SIGN_SCALES=per_sample,
-        EXTERNAL_BATCH_STATS=external, BLOCK=block, num_warps=8,
+        rewards,
+        gi,
+        out,
+        mean,
+        std,
+        count,
+        pos_t,
+        neg_t,
+        work,
+        _barrier_workspace(dev),
+        bstats,
+        n,
+        num_groups,
+        max(group_size, 1),
+        headroom,
+        exponent_bound(virtual_max_reward if estimator == "ngrpo" else 0.0),
+        float(eps),
+        float(virtual_max_reward),
+        float(num_virtual),
+        float(positive_scale),
+        float(negative_scale),
+        ESTIMATOR=est,
+        SCALE=sc,
+        UNIFORM=uniform,
+        PER_SAMPLE_SIGN_SCALES=per_sample,
+        EXTERNAL_BATCH_STATS=external,
+        BLOCK=block,
+        num_warps=8,
         # On a GPU, a cooperative launch: the driver refuses a grid whose programs cannot all be
         # resident at once (another kernel holding SMs, MPS or green contexts) instead of the
         # grid barrier waiting forever for programs that never start.
@@ -430,8 +567,9 @@ _DISCO_ROWS = tl.constexpr(DISCO_WORK_ROWS)
 
 
 @triton.jit
-def _discriminative_members(scores_ptr, correct_ptr, ids_ptr, weights_ptr, offs, n, num_groups,
-                            HAS_WEIGHTS: tl.constexpr):
+def _discriminative_members(
+    scores_ptr, correct_ptr, ids_ptr, weights_ptr, offs, n, num_groups, HAS_WEIGHTS: tl.constexpr
+):
     inside = offs < n
     ids = tl.load(ids_ptr + offs, mask=inside, other=0).to(tl.int64)
     # an unvalidated id outside [0, num_groups) joins no group and gets gradient 0
@@ -448,9 +586,21 @@ def _discriminative_members(scores_ptr, correct_ptr, ids_ptr, weights_ptr, offs,
 
 @triton.jit
 def _group_discriminative_kernel(
-    scores_ptr, correct_ptr, ids_ptr, weights_ptr, grad_ptr, loss_ptr, work_ptr, neg_max_ptr, barrier_ptr,
-    n, num_groups, tau,
-    DISCO: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr,
+    scores_ptr,
+    correct_ptr,
+    ids_ptr,
+    weights_ptr,
+    grad_ptr,
+    loss_ptr,
+    work_ptr,
+    neg_max_ptr,
+    barrier_ptr,
+    n,
+    num_groups,
+    tau,
+    DISCO: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -474,8 +624,9 @@ def _group_discriminative_kernel(
     # phase 1: member counts, the positives' weighted sums, the negatives' max (disco) or sum
     for start in range(pid * BLOCK, n, nprog * BLOCK):
         offs = start + lanes
-        ids, valid, pos, neg, s, w = _discriminative_members(scores_ptr, correct_ptr, ids_ptr, weights_ptr, offs, n,
-                                                             num_groups, HAS_WEIGHTS)
+        ids, valid, pos, neg, s, w = _discriminative_members(
+            scores_ptr, correct_ptr, ids_ptr, weights_ptr, offs, n, num_groups, HAS_WEIGHTS
+        )
         tl.atomic_add(work_ptr + ids, tl.where(pos, 1.0, 0.0).to(tl.float64), mask=pos, sem="relaxed")
         tl.atomic_add(work_ptr + num_groups + ids, tl.where(neg, 1.0, 0.0).to(tl.float64), mask=neg, sem="relaxed")
         tl.atomic_add(work_ptr + 2 * num_groups + ids, w.to(tl.float64), mask=pos, sem="relaxed")
@@ -490,12 +641,14 @@ def _group_discriminative_kernel(
         # phase 2: Σ_{S−} exp(s/τ − max), every term in (0, 1]
         for start in range(pid * BLOCK, n, nprog * BLOCK):
             offs = start + lanes
-            ids, valid, pos, neg, s, w = _discriminative_members(scores_ptr, correct_ptr, ids_ptr, weights_ptr, offs,
-                                                                 n, num_groups, HAS_WEIGHTS)
+            ids, valid, pos, neg, s, w = _discriminative_members(
+                scores_ptr, correct_ptr, ids_ptr, weights_ptr, offs, n, num_groups, HAS_WEIGHTS
+            )
             top = tl.load(neg_max_ptr + ids, mask=neg, other=0.0, cache_modifier=".cg")
             top = tl.where(tl.abs(top) < float("inf"), top, 0.0)
-            tl.atomic_add(work_ptr + 4 * num_groups + ids, tl.exp(s * inv_tau - top).to(tl.float64), mask=neg,
-                          sem="relaxed")
+            tl.atomic_add(
+                work_ptr + 4 * num_groups + ids, tl.exp(s * inv_tau - top).to(tl.float64), mask=neg, sem="relaxed"
+            )
         _grid_barrier(arrive_ptr, generation_ptr, nprog)
 
     # phase 3: each group's objective J_g (groups with both kinds) and the non-empty groups
@@ -525,8 +678,9 @@ def _group_discriminative_kernel(
     present = tl.maximum(tl.load(present_ptr, cache_modifier=".cg"), 1.0)
     for start in range(pid * BLOCK, n, nprog * BLOCK):
         offs = start + lanes
-        ids, valid, pos, neg, s, w = _discriminative_members(scores_ptr, correct_ptr, ids_ptr, weights_ptr, offs, n,
-                                                             num_groups, HAS_WEIGHTS)
+        ids, valid, pos, neg, s, w = _discriminative_members(
+            scores_ptr, correct_ptr, ids_ptr, weights_ptr, offs, n, num_groups, HAS_WEIGHTS
+        )
         n_pos = tl.load(work_ptr + ids, mask=valid, other=0.0, cache_modifier=".cg")
         n_neg = tl.load(work_ptr + num_groups + ids, mask=valid, other=0.0, cache_modifier=".cg")
         sw = tl.load(work_ptr + 2 * num_groups + ids, mask=valid, other=1.0, cache_modifier=".cg")
@@ -535,8 +689,9 @@ def _group_discriminative_kernel(
         if DISCO:
             top = tl.load(neg_max_ptr + ids, mask=valid, other=0.0, cache_modifier=".cg")
             top = tl.where(tl.abs(top) < float("inf"), top, 0.0)
-            d_neg = tl.exp(s * inv_tau - top).to(tl.float64) / tl.maximum(neg_sum, 1e-300,
-                                                                           propagate_nan=tl.PropagateNan.ALL)
+            d_neg = tl.exp(s * inv_tau - top).to(tl.float64) / tl.maximum(
+                neg_sum, 1e-300, propagate_nan=tl.PropagateNan.ALL
+            )
         else:
             d_neg = 1.0 / tl.maximum(n_neg, 1.0)
         grad = tl.where(pos, d_pos, d_neg) / present
@@ -546,8 +701,15 @@ def _group_discriminative_kernel(
         tl.store(loss_ptr, (-tl.load(objective_ptr, cache_modifier=".cg") / present).to(tl.float32))
 
 
-def group_discriminative_fwd(scores: torch.Tensor, correct: torch.Tensor, group_index: torch.Tensor,
-                             weights: torch.Tensor | None, num_groups: int, tau: float, disco: bool):
+def group_discriminative_fwd(
+    scores: torch.Tensor,
+    correct: torch.Tensor,
+    group_index: torch.Tensor,
+    weights: torch.Tensor | None,
+    num_groups: int,
+    tau: float,
+    disco: bool,
+):
     """One launch: (loss 0-d fp32, d loss / d scores [N] fp32)."""
     n = scores.numel()
     dev = scores.device
@@ -561,11 +723,22 @@ def group_discriminative_fwd(scores: torch.Tensor, correct: torch.Tensor, group_
     neg_max = torch.empty(max(num_groups, 1), dtype=torch.float32, device=dev)
     scores = scores.contiguous()
     _group_discriminative_kernel[(grid_size,)](
-        scores_ptr=scores, correct_ptr=correct.contiguous().view(torch.uint8), ids_ptr=group_index.contiguous(),
+        scores_ptr=scores,
+        correct_ptr=correct.contiguous().view(torch.uint8),
+        ids_ptr=group_index.contiguous(),
         weights_ptr=weights.contiguous() if weights is not None else scores,
-        grad_ptr=grad, loss_ptr=loss, work_ptr=work, neg_max_ptr=neg_max, barrier_ptr=_barrier_workspace(dev),
-        n=n, num_groups=num_groups, tau=float(tau),
-        DISCO=disco, HAS_WEIGHTS=weights is not None, BLOCK=block, num_warps=8,
+        grad_ptr=grad,
+        loss_ptr=loss,
+        work_ptr=work,
+        neg_max_ptr=neg_max,
+        barrier_ptr=_barrier_workspace(dev),
+        n=n,
+        num_groups=num_groups,
+        tau=float(tau),
+        DISCO=disco,
+        HAS_WEIGHTS=weights is not None,
+        BLOCK=block,
+        num_warps=8,
         **({"launch_cooperative_grid": True} if sms is not None else {}),
     )
     return loss, grad

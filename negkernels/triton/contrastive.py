@@ -46,8 +46,8 @@ import triton
 import triton.language as tl
 
 from .. import _backend
-from . import cdiv, next_power_of_2
 from ..reference.contrastive import NORMALIZE_EPS
+from . import cdiv, next_power_of_2
 
 _EPS = tl.constexpr(NORMALIZE_EPS)
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -77,8 +77,12 @@ def _dot_settings(dtype: torch.dtype, interpret: bool) -> dict:
     every operand is upcast first.
     """
     fp32 = dtype == torch.float32 or interpret
-    return dict(DOT_FP32=fp32, PRECISION="ieee", GRAD_DOT_FP32=fp32 or dtype == torch.float16,
-                GRAD_PRECISION="ieee" if fp32 else "tf32")
+    return dict(
+        DOT_FP32=fp32,
+        PRECISION="ieee",
+        GRAD_DOT_FP32=fp32 or dtype == torch.float16,
+        GRAD_PRECISION="ieee" if fp32 else "tf32",
+    )
 
 
 # ----------------------------------------------------------------------------- shared tile helpers
@@ -114,8 +118,20 @@ def _slots_filled(cols, num_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK: 
 
 
 @triton.jit
-def _bank_tile_logits(q_dot, row_scale, bank_ptr, cols, filled, stride_bk, stride_bd, dims, dim_ok,
-                      NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+def _bank_tile_logits(
+    q_dot,
+    row_scale,
+    bank_ptr,
+    cols,
+    filled,
+    stride_bk,
+    stride_bd,
+    dims,
+    dim_ok,
+    NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Loads one bank tile (unfilled slots read as 0) → (tile as loaded, its inverse norms, logits [BN, BK])."""
     b = _load_rows(bank_ptr, cols, filled, stride_bk, dims, dim_ok, stride_bd)
     if DOT_FP32:
@@ -126,8 +142,7 @@ def _bank_tile_logits(q_dot, row_scale, bank_ptr, cols, filled, stride_bk, strid
 
 
 @triton.jit
-def _tile_sets(qid, self_slot, bank_ids_ptr, cols, filled, FN_MODE: tl.constexpr,
-               HAS_SELF_SLOT: tl.constexpr):
+def _tile_sets(qid, self_slot, bank_ids_ptr, cols, filled, FN_MODE: tl.constexpr, HAS_SELF_SLOT: tl.constexpr):
     """(usable [BN, BK]: counted in the denominator, in_positive_set [BN, BK]). A row's own slot
     (``self_slot``, −1 for none) is in neither."""
     # (x == x) and (x != x) on the row ids broadcast the slot mask to [BN, BK] as all-true / all-false.
@@ -164,8 +179,22 @@ def _self_slots(self_slot_ptr, rows, row_ok, HAS_SELF_SLOT: tl.constexpr):
 
 
 @triton.jit
-def _query_block(q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
-                 NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, HAS_POSITIVE: tl.constexpr):
+def _query_block(
+    q_ptr,
+    pos_ptr,
+    rows,
+    row_ok,
+    stride_qn,
+    stride_qd,
+    stride_pn,
+    stride_pd,
+    dims,
+    dim_ok,
+    inv_t,
+    NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    HAS_POSITIVE: tl.constexpr,
+):
     """Loads a block of queries and positives (without HAS_POSITIVE, ``pos_ptr`` is the queries' and
     the positive logit reads _NO_LOGIT) → (q for the dot, q fp32, p fp32, |q|⁻¹, |p|⁻¹, |q|⁻¹/τ, positive logits)."""
     q = _load_rows(q_ptr, rows, row_ok, stride_qn, dims, dim_ok, stride_qd)
@@ -187,12 +216,42 @@ def _query_block(q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, 
 
 @triton.jit
 def _bank_info_nce_fwd_kernel(
-    q_ptr, pos_ptr, bank_ptr, extra_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, self_slot_ptr, temperature_ptr,
-    partial_ptr, n_queries, n_slots, dim, n_extra, valid_count, split_slots,
-    stride_qn, stride_qd, stride_pn, stride_pd, stride_bk, stride_bd, stride_en, stride_em, stride_ed,
-    FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, NORMALIZE: tl.constexpr,
-    HAS_SELF_SLOT: tl.constexpr, HAS_POSITIVE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    pos_ptr,
+    bank_ptr,
+    extra_ptr,
+    query_ids_ptr,
+    bank_ids_ptr,
+    valid_mask_ptr,
+    self_slot_ptr,
+    temperature_ptr,
+    partial_ptr,
+    n_queries,
+    n_slots,
+    dim,
+    n_extra,
+    valid_count,
+    split_slots,
+    stride_qn,
+    stride_qd,
+    stride_pn,
+    stride_pd,
+    stride_bk,
+    stride_bd,
+    stride_en,
+    stride_em,
+    stride_ed,
+    FN_MODE: tl.constexpr,
+    HAS_VALID_MASK: tl.constexpr,
+    HAS_EXTRA: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    HAS_SELF_SLOT: tl.constexpr,
+    HAS_POSITIVE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Program (row block, split): online log-sum-exps over the split's slots → partials [4, splits, N]:
     (max, sum) over A, then over P; with _FN_SUPCON the last two are Σ_P l and |P| instead."""
@@ -203,8 +262,21 @@ def _bank_info_nce_fwd_kernel(
     dim_ok = dims < dim
     inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
     q, qf, pf, inv_q, inv_p, row_scale, pos_logit = _query_block(
-        q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
-        NORMALIZE, DOT_FP32, HAS_POSITIVE)
+        q_ptr,
+        pos_ptr,
+        rows,
+        row_ok,
+        stride_qn,
+        stride_qd,
+        stride_pn,
+        stride_pd,
+        dims,
+        dim_ok,
+        inv_t,
+        NORMALIZE,
+        DOT_FP32,
+        HAS_POSITIVE,
+    )
     qid = _query_ids(query_ids_ptr, rows, row_ok, FN_MODE)
     sid = _self_slots(self_slot_ptr, rows, row_ok, HAS_SELF_SLOT)
 
@@ -223,8 +295,9 @@ def _bank_info_nce_fwd_kernel(
     for offset in range(0, split_slots, BLOCK_K):
         cols = slot_start + offset + tl.arange(0, BLOCK_K)
         filled = _slots_filled(cols, n_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK)
-        b, inv_b, logits = _bank_tile_logits(q, row_scale, bank_ptr, cols, filled, stride_bk, stride_bd, dims, dim_ok,
-                                             NORMALIZE, DOT_FP32, PRECISION)
+        b, inv_b, logits = _bank_tile_logits(
+            q, row_scale, bank_ptr, cols, filled, stride_bk, stride_bd, dims, dim_ok, NORMALIZE, DOT_FP32, PRECISION
+        )
         usable, in_pos = _tile_sets(qid, sid, bank_ids_ptr, cols, filled, FN_MODE, HAS_SELF_SLOT)
         l_all = tl.where(usable, logits, -float("inf"))
         m_new = tl.maximum(m_all, tl.max(l_all, axis=1))
@@ -271,24 +344,61 @@ def _merge_log_sum_exp(partial_ptr, plane_offset, rows, row_ok, n_queries, n_spl
 
 
 @triton.jit
-def _bank_info_nce_combine_kernel(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, n_queries, n_splits,
-                                  reduce_scale, FN_MODE: tl.constexpr, REDUCE: tl.constexpr, BLOCK: tl.constexpr):
+def _bank_info_nce_combine_kernel(
+    partial_ptr,
+    loss_ptr,
+    lse_all_ptr,
+    lse_pos_ptr,
+    n_queries,
+    n_splits,
+    reduce_scale,
+    FN_MODE: tl.constexpr,
+    REDUCE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Merges the splits → lse_all, lse_pos [N] and the loss: per query [N], or with REDUCE one
     0-d reduce_scale·Σ loss (a fixed-order sum, one program walking every row block)."""
     if REDUCE:
         total = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_queries, BLOCK):
-            total += _combine_rows(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, start + tl.arange(0, BLOCK),
-                                   n_queries, n_splits, FN_MODE, False)
+            total += _combine_rows(
+                partial_ptr,
+                loss_ptr,
+                lse_all_ptr,
+                lse_pos_ptr,
+                start + tl.arange(0, BLOCK),
+                n_queries,
+                n_splits,
+                FN_MODE,
+                False,
+            )
         tl.store(loss_ptr, tl.sum(total, axis=0) * reduce_scale)
     else:
-        _combine_rows(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, tl.program_id(0) * BLOCK + tl.arange(0, BLOCK),
-                      n_queries, n_splits, FN_MODE, True)
+        _combine_rows(
+            partial_ptr,
+            loss_ptr,
+            lse_all_ptr,
+            lse_pos_ptr,
+            tl.program_id(0) * BLOCK + tl.arange(0, BLOCK),
+            n_queries,
+            n_splits,
+            FN_MODE,
+            True,
+        )
 
 
 @triton.jit
-def _combine_rows(partial_ptr, loss_ptr, lse_all_ptr, lse_pos_ptr, rows, n_queries, n_splits,
-                  FN_MODE: tl.constexpr, STORE_LOSS: tl.constexpr):
+def _combine_rows(
+    partial_ptr,
+    loss_ptr,
+    lse_all_ptr,
+    lse_pos_ptr,
+    rows,
+    n_queries,
+    n_splits,
+    FN_MODE: tl.constexpr,
+    STORE_LOSS: tl.constexpr,
+):
     """Per row: lse_all; lse_pos (with _FN_SUPCON log |P|, −inf for none) and the loss."""
     row_ok = rows < n_queries
     lse_all = _merge_log_sum_exp(partial_ptr, 0, rows, row_ok, n_queries, n_splits)
@@ -343,12 +453,33 @@ def _grad_dot(grad_f32, keys, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.co
 
 
 @triton.jit
-def _query_grad_tile(q, c2, lse2_all, lse2_pos, qid, sid, bank_ptr, bank_ids_ptr, valid_mask_ptr, cols, n_slots,
-                     valid_count, stride_bk, stride_bd, dims, dim_ok, FN_MODE: tl.constexpr,
-                     HAS_VALID_MASK: tl.constexpr, HAS_SELF_SLOT: tl.constexpr, NORMALIZE: tl.constexpr,
-                     DOT_FP32: tl.constexpr,
-                     PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-                     MASKED: tl.constexpr):
+def _query_grad_tile(
+    q,
+    c2,
+    lse2_all,
+    lse2_pos,
+    qid,
+    sid,
+    bank_ptr,
+    bank_ids_ptr,
+    valid_mask_ptr,
+    cols,
+    n_slots,
+    valid_count,
+    stride_bk,
+    stride_bd,
+    dims,
+    dim_ok,
+    FN_MODE: tl.constexpr,
+    HAS_VALID_MASK: tl.constexpr,
+    HAS_SELF_SLOT: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    GRAD_DOT_FP32: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """One bank tile of the query gradient, without the row's incoming gradient g_i:
     (Σ_j (G_ij/g_i)·|k_j|⁻¹·k_j [BN, BD], Σ_j (G_ij/g_i)·u_ij [BN]). Unmasked (MASKED false) only
     for a tile every slot of which is filled and in the denominator."""
@@ -356,8 +487,11 @@ def _query_grad_tile(q, c2, lse2_all, lse2_pos, qid, sid, bank_ptr, bank_ids_ptr
         filled = _slots_filled(cols, n_slots, valid_mask_ptr, valid_count, HAS_VALID_MASK)
         b = _load_rows(bank_ptr, cols, filled, stride_bk, dims, dim_ok, stride_bd)
     else:
-        b = tl.load(bank_ptr + cols.to(tl.int64)[:, None] * stride_bk + dims[None, :] * stride_bd,
-                    mask=dim_ok[None, :], other=0.0)
+        b = tl.load(
+            bank_ptr + cols.to(tl.int64)[:, None] * stride_bk + dims[None, :] * stride_bd,
+            mask=dim_ok[None, :],
+            other=0.0,
+        )
     if DOT_FP32:
         b = b.to(tl.float32)
     inv_b = _inverse_norm(b.to(tl.float32), NORMALIZE)
@@ -374,19 +508,67 @@ def _query_grad_tile(q, c2, lse2_all, lse2_pos, qid, sid, bank_ptr, bank_ids_ptr
 
 
 @triton.jit
-def _query_grad_tiles(acc, r, q, c2, lse2_all, lse2_pos, qid, sid, bank_ptr, bank_ids_ptr, valid_mask_ptr, slot_start,
-                      start, end, n_slots, valid_count, stride_bk, stride_bd, dims, dim_ok, FN_MODE: tl.constexpr,
-                      HAS_VALID_MASK: tl.constexpr, HAS_SELF_SLOT: tl.constexpr, NORMALIZE: tl.constexpr,
-                      DOT_FP32: tl.constexpr,
-                      PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-                      BLOCK_K: tl.constexpr, MASKED: tl.constexpr):
+def _query_grad_tiles(
+    acc,
+    r,
+    q,
+    c2,
+    lse2_all,
+    lse2_pos,
+    qid,
+    sid,
+    bank_ptr,
+    bank_ids_ptr,
+    valid_mask_ptr,
+    slot_start,
+    start,
+    end,
+    n_slots,
+    valid_count,
+    stride_bk,
+    stride_bd,
+    dims,
+    dim_ok,
+    FN_MODE: tl.constexpr,
+    HAS_VALID_MASK: tl.constexpr,
+    HAS_SELF_SLOT: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    GRAD_DOT_FP32: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """(acc, r) plus the tiles of slots [slot_start + start, slot_start + end) (see _query_grad_tile)."""
     for offset in range(start, end, BLOCK_K):
-        d_acc, d_r = _query_grad_tile(q, c2, lse2_all, lse2_pos, qid, sid, bank_ptr, bank_ids_ptr, valid_mask_ptr,
-                                      slot_start + offset + tl.arange(0, BLOCK_K), n_slots, valid_count,
-                                      stride_bk, stride_bd, dims, dim_ok, FN_MODE, HAS_VALID_MASK, HAS_SELF_SLOT,
-                                      NORMALIZE,
-                                      DOT_FP32, PRECISION, GRAD_DOT_FP32, GRAD_PRECISION, MASKED)
+        d_acc, d_r = _query_grad_tile(
+            q,
+            c2,
+            lse2_all,
+            lse2_pos,
+            qid,
+            sid,
+            bank_ptr,
+            bank_ids_ptr,
+            valid_mask_ptr,
+            slot_start + offset + tl.arange(0, BLOCK_K),
+            n_slots,
+            valid_count,
+            stride_bk,
+            stride_bd,
+            dims,
+            dim_ok,
+            FN_MODE,
+            HAS_VALID_MASK,
+            HAS_SELF_SLOT,
+            NORMALIZE,
+            DOT_FP32,
+            PRECISION,
+            GRAD_DOT_FP32,
+            GRAD_PRECISION,
+            MASKED,
+        )
         acc += d_acc
         r += d_r
     return acc, r
@@ -394,14 +576,53 @@ def _query_grad_tiles(acc, r, q, c2, lse2_all, lse2_pos, qid, sid, bank_ptr, ban
 
 @triton.jit
 def _bank_info_nce_bwd_query_kernel(
-    q_ptr, pos_ptr, bank_ptr, extra_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, self_slot_ptr, temperature_ptr,
-    grad_loss_ptr, lse_all_ptr, lse_pos_ptr, acc_ptr, r_partial_ptr, dpos_ptr, dextra_ptr,
-    n_queries, n_slots, dim, n_extra, valid_count, split_slots, grad_stride, grad_scale,
-    stride_qn, stride_qd, stride_pn, stride_pd, stride_bk, stride_bd, stride_en, stride_em, stride_ed,
-    FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, EXTRA_GRAD: tl.constexpr,
-    HAS_SELF_SLOT: tl.constexpr, HAS_POSITIVE: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    pos_ptr,
+    bank_ptr,
+    extra_ptr,
+    query_ids_ptr,
+    bank_ids_ptr,
+    valid_mask_ptr,
+    self_slot_ptr,
+    temperature_ptr,
+    grad_loss_ptr,
+    lse_all_ptr,
+    lse_pos_ptr,
+    acc_ptr,
+    r_partial_ptr,
+    dpos_ptr,
+    dextra_ptr,
+    n_queries,
+    n_slots,
+    dim,
+    n_extra,
+    valid_count,
+    split_slots,
+    grad_stride,
+    grad_scale,
+    stride_qn,
+    stride_qd,
+    stride_pn,
+    stride_pd,
+    stride_bk,
+    stride_bd,
+    stride_en,
+    stride_em,
+    stride_ed,
+    FN_MODE: tl.constexpr,
+    HAS_VALID_MASK: tl.constexpr,
+    HAS_EXTRA: tl.constexpr,
+    EXTRA_GRAD: tl.constexpr,
+    HAS_SELF_SLOT: tl.constexpr,
+    HAS_POSITIVE: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    GRAD_DOT_FP32: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Program (row block, split) → Σ_j G_j·|k_j|⁻¹·k_j [splits, N, D] and r = Σ_j G_j·l_j [splits, N]
     over the split's slots; split 0 adds the positive and the extras and writes their gradients."""
@@ -412,8 +633,21 @@ def _bank_info_nce_bwd_query_kernel(
     dim_ok = dims < dim
     inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
     q, _, _, _, _, row_scale, pos_logit = _query_block(
-        q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
-        NORMALIZE, DOT_FP32, HAS_POSITIVE)
+        q_ptr,
+        pos_ptr,
+        rows,
+        row_ok,
+        stride_qn,
+        stride_qd,
+        stride_pn,
+        stride_pd,
+        dims,
+        dim_ok,
+        inv_t,
+        NORMALIZE,
+        DOT_FP32,
+        HAS_POSITIVE,
+    )
     qid = _query_ids(query_ids_ptr, rows, row_ok, FN_MODE)
     sid = _self_slots(self_slot_ptr, rows, row_ok, HAS_SELF_SLOT)
     lse_all = tl.load(lse_all_ptr + rows, mask=row_ok, other=0.0)
@@ -434,14 +668,70 @@ def _bank_info_nce_bwd_query_kernel(
     if FN_MODE == _FN_NONE and not HAS_VALID_MASK and not HAS_SELF_SLOT:
         # Tiles filled throughout need no slot mask and no select: every slot is in the denominator.
         full_end = tl.maximum(tl.minimum(split_end, valid_count - slot_start), 0) // BLOCK_K * BLOCK_K
-        acc, r = _query_grad_tiles(acc, r, q, c2, lse2_all, lse2_pos, qid, sid, bank_ptr, bank_ids_ptr,
-                                   valid_mask_ptr, slot_start, 0, full_end, n_slots, valid_count, stride_bk, stride_bd,
-                                   dims, dim_ok, FN_MODE, HAS_VALID_MASK, HAS_SELF_SLOT, NORMALIZE, DOT_FP32,
-                                   PRECISION, GRAD_DOT_FP32, GRAD_PRECISION, BLOCK_K, False)
-    acc, r = _query_grad_tiles(acc, r, q, c2, lse2_all, lse2_pos, qid, sid, bank_ptr, bank_ids_ptr, valid_mask_ptr,
-                               slot_start, full_end, split_slots, n_slots, valid_count, stride_bk, stride_bd, dims,
-                               dim_ok, FN_MODE, HAS_VALID_MASK, HAS_SELF_SLOT, NORMALIZE, DOT_FP32, PRECISION,
-                               GRAD_DOT_FP32, GRAD_PRECISION, BLOCK_K, True)
+        acc, r = _query_grad_tiles(
+            acc,
+            r,
+            q,
+            c2,
+            lse2_all,
+            lse2_pos,
+            qid,
+            sid,
+            bank_ptr,
+            bank_ids_ptr,
+            valid_mask_ptr,
+            slot_start,
+            0,
+            full_end,
+            n_slots,
+            valid_count,
+            stride_bk,
+            stride_bd,
+            dims,
+            dim_ok,
+            FN_MODE,
+            HAS_VALID_MASK,
+            HAS_SELF_SLOT,
+            NORMALIZE,
+            DOT_FP32,
+            PRECISION,
+            GRAD_DOT_FP32,
+            GRAD_PRECISION,
+            BLOCK_K,
+            False,
+        )
+    acc, r = _query_grad_tiles(
+        acc,
+        r,
+        q,
+        c2,
+        lse2_all,
+        lse2_pos,
+        qid,
+        sid,
+        bank_ptr,
+        bank_ids_ptr,
+        valid_mask_ptr,
+        slot_start,
+        full_end,
+        split_slots,
+        n_slots,
+        valid_count,
+        stride_bk,
+        stride_bd,
+        dims,
+        dim_ok,
+        FN_MODE,
+        HAS_VALID_MASK,
+        HAS_SELF_SLOT,
+        NORMALIZE,
+        DOT_FP32,
+        PRECISION,
+        GRAD_DOT_FP32,
+        GRAD_PRECISION,
+        BLOCK_K,
+        True,
+    )
     # grad_stride 0: one incoming gradient shared by every query (a reduced loss), times the
     # reduction's scale.
     g = _row_grads(grad_loss_ptr, rows, row_ok, grad_stride, grad_scale, lse_pos, FN_MODE)
@@ -452,8 +742,21 @@ def _bank_info_nce_bwd_query_kernel(
         # The fp32 query and positive are loaded again rather than held through the sweep, where
         # they would take 64 registers a thread.
         _, qf, pf, _, inv_p, _, _ = _query_block(
-            q_ptr, pos_ptr, rows, row_ok, stride_qn, stride_qd, stride_pn, stride_pd, dims, dim_ok, inv_t,
-            NORMALIZE, DOT_FP32, HAS_POSITIVE)
+            q_ptr,
+            pos_ptr,
+            rows,
+            row_ok,
+            stride_qn,
+            stride_qd,
+            stride_pn,
+            stride_pd,
+            dims,
+            dim_ok,
+            inv_t,
+            NORMALIZE,
+            DOT_FP32,
+            HAS_POSITIVE,
+        )
         if FN_MODE == _FN_SUPCON:
             g_pos = g * (tl.exp(pos_logit - lse_all) - tl.exp(-lse_pos))
         else:
@@ -490,9 +793,20 @@ def _bank_info_nce_bwd_query_kernel(
 
 @triton.jit
 def _bank_info_nce_dq_kernel(
-    q_ptr, temperature_ptr, acc_ptr, r_partial_ptr, dq_ptr, r_ptr,
-    n_queries, dim, n_splits, stride_qn, stride_qd,
-    NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    temperature_ptr,
+    acc_ptr,
+    r_partial_ptr,
+    dq_ptr,
+    r_ptr,
+    n_queries,
+    dim,
+    n_splits,
+    stride_qn,
+    stride_qd,
+    NORMALIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Adds the splits' partials in split order: dq = |q|⁻¹/τ·Σ acc − |q|⁻²·r·q (without the second
     term unless normalising), and r for the temperature's gradient."""
@@ -518,13 +832,38 @@ def _bank_info_nce_dq_kernel(
 
 @triton.jit
 def _bank_info_nce_bwd_bank_kernel(
-    q_ptr, bank_ptr, query_ids_ptr, bank_ids_ptr, valid_mask_ptr, self_slot_ptr, temperature_ptr,
-    grad_loss_ptr, lse_all_ptr, lse_pos_ptr, dbank_ptr,
-    n_queries, n_slots, dim, valid_count, grad_stride, grad_scale,
-    stride_qn, stride_qd, stride_bk, stride_bd,
-    FN_MODE: tl.constexpr, HAS_VALID_MASK: tl.constexpr, HAS_SELF_SLOT: tl.constexpr, NORMALIZE: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    bank_ptr,
+    query_ids_ptr,
+    bank_ids_ptr,
+    valid_mask_ptr,
+    self_slot_ptr,
+    temperature_ptr,
+    grad_loss_ptr,
+    lse_all_ptr,
+    lse_pos_ptr,
+    dbank_ptr,
+    n_queries,
+    n_slots,
+    dim,
+    valid_count,
+    grad_stride,
+    grad_scale,
+    stride_qn,
+    stride_qd,
+    stride_bk,
+    stride_bd,
+    FN_MODE: tl.constexpr,
+    HAS_VALID_MASK: tl.constexpr,
+    HAS_SELF_SLOT: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    GRAD_DOT_FP32: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     dims = tl.arange(0, BLOCK_D)
@@ -634,8 +973,18 @@ def _half_cleaner(h, AXIS: tl.constexpr, DIMS: tl.constexpr):
 
 
 @triton.jit
-def _topk_query(q_ptr, rows, row_ok, stride_qn, stride_qd, dim,
-                NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr):
+def _topk_query(
+    q_ptr,
+    rows,
+    row_ok,
+    stride_qn,
+    stride_qd,
+    dim,
+    NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
+):
     """→ (the query block as the products take it, its inverse norms). With D_CHUNKS > 1 the block
     is re-read chunk by chunk per tile (from cache) and the first value is only a placeholder."""
     lanes_d = tl.arange(0, BLOCK_D)
@@ -657,16 +1006,47 @@ def _topk_query(q_ptr, rows, row_ok, stride_qn, stride_qd, dim,
 
 
 @triton.jit
-def _topk_tile(q, inv_q, q_ptr, bank_ptr, rows, row_ok, cols, filled, dim, stride_qn, stride_qd, stride_bk, stride_bd,
-               NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr):
+def _topk_tile(
+    q,
+    inv_q,
+    q_ptr,
+    bank_ptr,
+    rows,
+    row_ok,
+    cols,
+    filled,
+    dim,
+    stride_qn,
+    stride_qd,
+    stride_bk,
+    stride_bd,
+    NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
+):
     """Similarities [BLOCK_N, BLOCK_K] of the rows with the slots ``cols`` (unfilled slots read as 0).
     Every pass computes them with this one function, so a pass that re-computes a tile gets the
     same bits."""
     lanes_d = tl.arange(0, BLOCK_D)
     if D_CHUNKS == 1:
-        _, _, sims = _bank_tile_logits(q, inv_q, bank_ptr, cols, filled, stride_bk, stride_bd, lanes_d,
-                                       lanes_d < dim, NORMALIZE, DOT_FP32, PRECISION)
+        _, _, sims = _bank_tile_logits(
+            q,
+            inv_q,
+            bank_ptr,
+            cols,
+            filled,
+            stride_bk,
+            stride_bd,
+            lanes_d,
+            lanes_d < dim,
+            NORMALIZE,
+            DOT_FP32,
+            PRECISION,
+        )
         return sims
     else:
         dot = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -687,8 +1067,7 @@ def _topk_tile(q, inv_q, q_ptr, bank_ptr, rows, row_ok, cols, filled, dim, strid
 
 
 @triton.jit
-def _full_tiles_end(slot_start, split_slots, n_slots, valid_count, HAS_VALID_MASK: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+def _full_tiles_end(slot_start, split_slots, n_slots, valid_count, HAS_VALID_MASK: tl.constexpr, BLOCK_K: tl.constexpr):
     """Offset in the split below which every tile is filled throughout: those tiles are loaded
     and scanned without a slot mask (with a validity mask, none is)."""
     if HAS_VALID_MASK:
@@ -699,8 +1078,16 @@ def _full_tiles_end(slot_start, split_slots, n_slots, valid_count, HAS_VALID_MAS
 
 
 @triton.jit
-def _tile_slots(offset, slot_start, n_slots, valid_mask_ptr, valid_count, FULL: tl.constexpr,
-                HAS_VALID_MASK: tl.constexpr, BLOCK_K: tl.constexpr):
+def _tile_slots(
+    offset,
+    slot_start,
+    n_slots,
+    valid_mask_ptr,
+    valid_count,
+    FULL: tl.constexpr,
+    HAS_VALID_MASK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """(slots of the tile, which are filled); a FULL tile's mask is the constant true."""
     cols = slot_start + offset + tl.arange(0, BLOCK_K)
     if FULL:
@@ -710,16 +1097,60 @@ def _tile_slots(offset, slot_start, n_slots, valid_mask_ptr, valid_count, FULL: 
 
 
 @triton.jit
-def _group_max_step(even, odd, offset, slot_start, q, inv_q, q_ptr, bank_ptr, rows, row_ok, valid_mask_ptr, n_slots,
-                    valid_count, dim, stride_qn, stride_qd, stride_bk, stride_bd, FULL: tl.constexpr,
-                    HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr,
-                    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                    D_CHUNKS: tl.constexpr, PARITY_GROUPS: tl.constexpr):
+def _group_max_step(
+    even,
+    odd,
+    offset,
+    slot_start,
+    q,
+    inv_q,
+    q_ptr,
+    bank_ptr,
+    rows,
+    row_ok,
+    valid_mask_ptr,
+    n_slots,
+    valid_count,
+    dim,
+    stride_qn,
+    stride_qd,
+    stride_bk,
+    stride_bd,
+    FULL: tl.constexpr,
+    HAS_VALID_MASK: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
+    PARITY_GROUPS: tl.constexpr,
+):
     """One tile of pass 1: the group maxima (NaN kept, so that a row with one is seen)."""
-    cols, filled = _tile_slots(offset, slot_start, n_slots, valid_mask_ptr, valid_count, FULL, HAS_VALID_MASK,
-                               BLOCK_K)
-    sims = _topk_tile(q, inv_q, q_ptr, bank_ptr, rows, row_ok, cols, filled, dim, stride_qn, stride_qd,
-                      stride_bk, stride_bd, NORMALIZE, DOT_FP32, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, D_CHUNKS)
+    cols, filled = _tile_slots(offset, slot_start, n_slots, valid_mask_ptr, valid_count, FULL, HAS_VALID_MASK, BLOCK_K)
+    sims = _topk_tile(
+        q,
+        inv_q,
+        q_ptr,
+        bank_ptr,
+        rows,
+        row_ok,
+        cols,
+        filled,
+        dim,
+        stride_qn,
+        stride_qd,
+        stride_bk,
+        stride_bd,
+        NORMALIZE,
+        DOT_FP32,
+        PRECISION,
+        BLOCK_N,
+        BLOCK_K,
+        BLOCK_D,
+        D_CHUNKS,
+    )
     if not FULL:
         sims = tl.where(filled[None, :], sims, float("-inf"))
     if PARITY_GROUPS and (offset // BLOCK_K) % 2 == 1:
@@ -730,11 +1161,38 @@ def _group_max_step(even, odd, offset, slot_start, q, inv_q, q_ptr, bank_ptr, ro
 
 
 @triton.jit
-def _gather_step(full, offset, slot_start, threshold, lists, q, inv_q, q_ptr, bank_ptr, rows, row_ok, valid_mask_ptr,
-                 count_ptr, n_slots, valid_count, dim, stride_qn, stride_qd, stride_bk, stride_bd,
-                 FULL: tl.constexpr, HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                 D_CHUNKS: tl.constexpr, CAPACITY: tl.constexpr):
+def _gather_step(
+    full,
+    offset,
+    slot_start,
+    threshold,
+    lists,
+    q,
+    inv_q,
+    q_ptr,
+    bank_ptr,
+    rows,
+    row_ok,
+    valid_mask_ptr,
+    count_ptr,
+    n_slots,
+    valid_count,
+    dim,
+    stride_qn,
+    stride_qd,
+    stride_bk,
+    stride_bd,
+    FULL: tl.constexpr,
+    HAS_VALID_MASK: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
+    CAPACITY: tl.constexpr,
+):
     """One tile of pass 2: appends the tile's slots at or above each row's τ to the row's list
     (rows already ``full`` excepted) → the rows whose lists are full.
 
@@ -744,10 +1202,29 @@ def _gather_step(full, offset, slot_start, threshold, lists, q, inv_q, q_ptr, ba
     what is not (or no longer) a candidate: the max skips it. A similarity that is itself NaN was
     flagged by the first pass, and its row takes the exact path."""
     lanes = tl.arange(0, BLOCK_K)
-    cols, filled = _tile_slots(offset, slot_start, n_slots, valid_mask_ptr, valid_count, FULL, HAS_VALID_MASK,
-                               BLOCK_K)
-    sims = _topk_tile(q, inv_q, q_ptr, bank_ptr, rows, row_ok, cols, filled, dim, stride_qn, stride_qd,
-                      stride_bk, stride_bd, NORMALIZE, DOT_FP32, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, D_CHUNKS)
+    cols, filled = _tile_slots(offset, slot_start, n_slots, valid_mask_ptr, valid_count, FULL, HAS_VALID_MASK, BLOCK_K)
+    sims = _topk_tile(
+        q,
+        inv_q,
+        q_ptr,
+        bank_ptr,
+        rows,
+        row_ok,
+        cols,
+        filled,
+        dim,
+        stride_qn,
+        stride_qd,
+        stride_bk,
+        stride_bd,
+        NORMALIZE,
+        DOT_FP32,
+        PRECISION,
+        BLOCK_N,
+        BLOCK_K,
+        BLOCK_D,
+        D_CHUNKS,
+    )
     if FULL:
         remaining = sims
     else:
@@ -769,12 +1246,32 @@ def _gather_step(full, offset, slot_start, threshold, lists, q, inv_q, q_ptr, ba
 
 @triton.jit
 def _bank_topk_threshold_kernel(
-    q_ptr, bank_ptr, valid_mask_ptr, group_max_ptr, count_ptr,
-    n_queries, n_slots, dim, valid_count, split_slots,
-    stride_qn, stride_qd, stride_bk, stride_bd,
-    HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
-    LOG2_N: tl.constexpr, LOG2_K: tl.constexpr, CAPACITY: tl.constexpr, PARITY_GROUPS: tl.constexpr,
+    q_ptr,
+    bank_ptr,
+    valid_mask_ptr,
+    group_max_ptr,
+    count_ptr,
+    n_queries,
+    n_slots,
+    dim,
+    valid_count,
+    split_slots,
+    stride_qn,
+    stride_qd,
+    stride_bk,
+    stride_bd,
+    HAS_VALID_MASK: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
+    LOG2_N: tl.constexpr,
+    LOG2_K: tl.constexpr,
+    CAPACITY: tl.constexpr,
+    PARITY_GROUPS: tl.constexpr,
 ):
     """Pass 1, program (row block, split): the split's slots fall into BLOCK_K groups by their
     position within the tile (2·BLOCK_K with PARITY_GROUPS: × the tile's parity, when the splits
@@ -791,15 +1288,67 @@ def _bank_topk_threshold_kernel(
     slot_start = split * split_slots
     full_end = _full_tiles_end(slot_start, split_slots, n_slots, valid_count, HAS_VALID_MASK, BLOCK_K)
     for offset in range(0, full_end, BLOCK_K):
-        even, odd = _group_max_step(even, odd, offset, slot_start, q, inv_q, q_ptr, bank_ptr, rows, row_ok,
-                                    valid_mask_ptr, n_slots, valid_count, dim, stride_qn, stride_qd, stride_bk,
-                                    stride_bd, True, HAS_VALID_MASK, NORMALIZE, DOT_FP32, PRECISION, BLOCK_N,
-                                    BLOCK_K, BLOCK_D, D_CHUNKS, PARITY_GROUPS)
+        even, odd = _group_max_step(
+            even,
+            odd,
+            offset,
+            slot_start,
+            q,
+            inv_q,
+            q_ptr,
+            bank_ptr,
+            rows,
+            row_ok,
+            valid_mask_ptr,
+            n_slots,
+            valid_count,
+            dim,
+            stride_qn,
+            stride_qd,
+            stride_bk,
+            stride_bd,
+            True,
+            HAS_VALID_MASK,
+            NORMALIZE,
+            DOT_FP32,
+            PRECISION,
+            BLOCK_N,
+            BLOCK_K,
+            BLOCK_D,
+            D_CHUNKS,
+            PARITY_GROUPS,
+        )
     for offset in range(full_end, split_slots, BLOCK_K):
-        even, odd = _group_max_step(even, odd, offset, slot_start, q, inv_q, q_ptr, bank_ptr, rows, row_ok,
-                                    valid_mask_ptr, n_slots, valid_count, dim, stride_qn, stride_qd, stride_bk,
-                                    stride_bd, False, HAS_VALID_MASK, NORMALIZE, DOT_FP32, PRECISION, BLOCK_N,
-                                    BLOCK_K, BLOCK_D, D_CHUNKS, PARITY_GROUPS)
+        even, odd = _group_max_step(
+            even,
+            odd,
+            offset,
+            slot_start,
+            q,
+            inv_q,
+            q_ptr,
+            bank_ptr,
+            rows,
+            row_ok,
+            valid_mask_ptr,
+            n_slots,
+            valid_count,
+            dim,
+            stride_qn,
+            stride_qd,
+            stride_bk,
+            stride_bd,
+            False,
+            HAS_VALID_MASK,
+            NORMALIZE,
+            DOT_FP32,
+            PRECISION,
+            BLOCK_N,
+            BLOCK_K,
+            BLOCK_D,
+            D_CHUNKS,
+            PARITY_GROUPS,
+        )
     has_nan = tl.max(((even != even) | (odd != odd)).to(tl.int32), axis=1) > 0
     tl.atomic_add(count_ptr + rows, CAPACITY + 1, mask=has_nan & row_ok, sem="relaxed")
     top = tl.sort(_ordered_bits(even), dim=1, descending=True)
@@ -812,12 +1361,34 @@ def _bank_topk_threshold_kernel(
 
 @triton.jit
 def _bank_topk_gather_kernel(
-    q_ptr, bank_ptr, valid_mask_ptr, group_max_ptr, count_ptr, candidate_ptr,
-    n_queries, n_slots, dim, valid_count, split_slots, k, n_splits,
-    stride_qn, stride_qd, stride_bk, stride_bd,
-    HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
-    LOG2_N: tl.constexpr, LOG2_K: tl.constexpr, CAPACITY: tl.constexpr,
+    q_ptr,
+    bank_ptr,
+    valid_mask_ptr,
+    group_max_ptr,
+    count_ptr,
+    candidate_ptr,
+    n_queries,
+    n_slots,
+    dim,
+    valid_count,
+    split_slots,
+    k,
+    n_splits,
+    stride_qn,
+    stride_qd,
+    stride_bk,
+    stride_bd,
+    HAS_VALID_MASK: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
+    LOG2_N: tl.constexpr,
+    LOG2_K: tl.constexpr,
+    CAPACITY: tl.constexpr,
 ):
     """Pass 2, program (row block, split): τ, the k-th largest group maximum over all splits, is a
     lower bound on the k-th largest similarity (k groups each hold one at least as large), so the
@@ -828,12 +1399,14 @@ def _bank_topk_gather_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_queries
     lanes = tl.arange(0, BLOCK_K)
-    groups = tl.load(group_max_ptr + rows.to(tl.int64)[:, None] * BLOCK_K + lanes[None, :], mask=row_ok[:, None],
-                   other=_INT32_MIN)
+    groups = tl.load(
+        group_max_ptr + rows.to(tl.int64)[:, None] * BLOCK_K + lanes[None, :], mask=row_ok[:, None], other=_INT32_MIN
+    )
     for other in range(1, n_splits):
         base = (other * n_queries + rows).to(tl.int64)[:, None] * BLOCK_K
-        ascending = tl.load(group_max_ptr + base + (BLOCK_K - 1 - lanes)[None, :], mask=row_ok[:, None],
-                            other=_INT32_MIN)
+        ascending = tl.load(
+            group_max_ptr + base + (BLOCK_K - 1 - lanes)[None, :], mask=row_ok[:, None], other=_INT32_MIN
+        )
         groups = _merge_bitonic_rows(tl.maximum(groups, ascending), LOG2_N, LOG2_K)
     kth = tl.max(tl.where(lanes[None, :] == k - 1, groups, _INT32_MIN), axis=1)
     # A few units in the last place lower, so that no rounding between passes can drop a slot;
@@ -845,15 +1418,71 @@ def _bank_topk_gather_kernel(
     full_end = _full_tiles_end(slot_start, split_slots, n_slots, valid_count, HAS_VALID_MASK, BLOCK_K)
     full = ~row_ok  # rows past the queries take nothing
     for offset in range(0, full_end, BLOCK_K):
-        full = _gather_step(full, offset, slot_start, threshold, lists, q, inv_q, q_ptr, bank_ptr, rows, row_ok,
-                            valid_mask_ptr, count_ptr, n_slots, valid_count, dim, stride_qn, stride_qd, stride_bk,
-                            stride_bd, True, HAS_VALID_MASK, NORMALIZE, DOT_FP32, PRECISION, BLOCK_N, BLOCK_K,
-                            BLOCK_D, D_CHUNKS, CAPACITY)
+        full = _gather_step(
+            full,
+            offset,
+            slot_start,
+            threshold,
+            lists,
+            q,
+            inv_q,
+            q_ptr,
+            bank_ptr,
+            rows,
+            row_ok,
+            valid_mask_ptr,
+            count_ptr,
+            n_slots,
+            valid_count,
+            dim,
+            stride_qn,
+            stride_qd,
+            stride_bk,
+            stride_bd,
+            True,
+            HAS_VALID_MASK,
+            NORMALIZE,
+            DOT_FP32,
+            PRECISION,
+            BLOCK_N,
+            BLOCK_K,
+            BLOCK_D,
+            D_CHUNKS,
+            CAPACITY,
+        )
     for offset in range(full_end, split_slots, BLOCK_K):
-        full = _gather_step(full, offset, slot_start, threshold, lists, q, inv_q, q_ptr, bank_ptr, rows, row_ok,
-                            valid_mask_ptr, count_ptr, n_slots, valid_count, dim, stride_qn, stride_qd, stride_bk,
-                            stride_bd, False, HAS_VALID_MASK, NORMALIZE, DOT_FP32, PRECISION, BLOCK_N, BLOCK_K,
-                            BLOCK_D, D_CHUNKS, CAPACITY)
+        full = _gather_step(
+            full,
+            offset,
+            slot_start,
+            threshold,
+            lists,
+            q,
+            inv_q,
+            q_ptr,
+            bank_ptr,
+            rows,
+            row_ok,
+            valid_mask_ptr,
+            count_ptr,
+            n_slots,
+            valid_count,
+            dim,
+            stride_qn,
+            stride_qd,
+            stride_bk,
+            stride_bd,
+            False,
+            HAS_VALID_MASK,
+            NORMALIZE,
+            DOT_FP32,
+            PRECISION,
+            BLOCK_N,
+            BLOCK_K,
+            BLOCK_D,
+            D_CHUNKS,
+            CAPACITY,
+        )
 
 
 @triton.jit
@@ -879,12 +1508,34 @@ def _merge_into(best, keys, LOG2_N: tl.constexpr, LOG2_K: tl.constexpr):
 
 @triton.jit
 def _bank_topk_finish_kernel(
-    q_ptr, bank_ptr, valid_mask_ptr, count_ptr, candidate_ptr, values_ptr, indices_ptr,
-    n_queries, n_slots, dim, valid_count, slot_end, k,
-    stride_qn, stride_qd, stride_bk, stride_bd,
-    HAS_VALID_MASK: tl.constexpr, NORMALIZE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
-    LOG2_N: tl.constexpr, LOG2_K: tl.constexpr, CAPACITY: tl.constexpr,
+    q_ptr,
+    bank_ptr,
+    valid_mask_ptr,
+    count_ptr,
+    candidate_ptr,
+    values_ptr,
+    indices_ptr,
+    n_queries,
+    n_slots,
+    dim,
+    valid_count,
+    slot_end,
+    k,
+    stride_qn,
+    stride_qd,
+    stride_bk,
+    stride_bd,
+    HAS_VALID_MASK: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
+    LOG2_N: tl.constexpr,
+    LOG2_K: tl.constexpr,
+    CAPACITY: tl.constexpr,
 ):
     """Pass 3, one program per BLOCK_N rows. When every row's candidates fit its list, the lists
     are merged BLOCK_K at a time into a running top-BLOCK_K (as far as the longest list reaches).
@@ -903,13 +1554,31 @@ def _bank_topk_finish_kernel(
             raw = tl.load(lists + (start + lanes)[None, :], mask=listed, other=0)
             best = _merge_into(best, tl.where(listed, _pack_candidate(raw), _EMPTY_KEY), LOG2_N, LOG2_K)
     else:
-        q, inv_q = _topk_query(q_ptr, rows, row_ok, stride_qn, stride_qd, dim, NORMALIZE, DOT_FP32, BLOCK_D,
-                               D_CHUNKS)
+        q, inv_q = _topk_query(q_ptr, rows, row_ok, stride_qn, stride_qd, dim, NORMALIZE, DOT_FP32, BLOCK_D, D_CHUNKS)
         for offset in range(0, slot_end, BLOCK_K):
             cols, filled = _tile_slots(offset, 0, n_slots, valid_mask_ptr, valid_count, False, HAS_VALID_MASK, BLOCK_K)
-            sims = _topk_tile(q, inv_q, q_ptr, bank_ptr, rows, row_ok, cols, filled, dim, stride_qn, stride_qd,
-                              stride_bk, stride_bd, NORMALIZE, DOT_FP32, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D,
-                              D_CHUNKS)
+            sims = _topk_tile(
+                q,
+                inv_q,
+                q_ptr,
+                bank_ptr,
+                rows,
+                row_ok,
+                cols,
+                filled,
+                dim,
+                stride_qn,
+                stride_qd,
+                stride_bk,
+                stride_bd,
+                NORMALIZE,
+                DOT_FP32,
+                PRECISION,
+                BLOCK_N,
+                BLOCK_K,
+                BLOCK_D,
+                D_CHUNKS,
+            )
             keys = tl.where(filled[None, :], _pack_similarity(sims, cols[None, :]), _EMPTY_KEY)
             best = _merge_into(best, keys, LOG2_N, LOG2_K)
     _store_packed(best, rows, row_ok, lanes, k, values_ptr, indices_ptr)
@@ -952,8 +1621,12 @@ def nce_tiles(dtype: torch.dtype, d: int, interpret: bool = False) -> dict:
     block_d = _dim_block(d)
     fwd = _operand_bytes(dtype, dots["DOT_FP32"])
     bwd = _operand_bytes(dtype, dots["DOT_FP32"] or dots["GRAD_DOT_FP32"])
-    return dict(block_d=block_d, fwd_rows=_tile_rows(block_d, fwd, 128), fwd_slots=_tile_rows(block_d, fwd, SLOT_TILE),
-                bwd_tile=_tile_rows(block_d, bwd, 64))
+    return dict(
+        block_d=block_d,
+        fwd_rows=_tile_rows(block_d, fwd, 128),
+        fwd_slots=_tile_rows(block_d, fwd, SLOT_TILE),
+        bwd_tile=_tile_rows(block_d, bwd, 64),
+    )
 
 
 @functools.lru_cache(maxsize=None)  # pure in its arguments; read-only results
@@ -964,8 +1637,9 @@ def topk_tiles(dtype: torch.dtype, d: int, k: int, interpret: bool = False) -> d
     block_k = max(SLOT_TILE, next_power_of_2(k))
     operand = _operand_bytes(dtype, _dot_settings(dtype, interpret)["DOT_FP32"])
     block_d = _tile_rows(block_k, operand, _dim_block(d))  # a [block_k, block_d] tile, read the other way
-    return dict(block_k=block_k, rows=max(16, min(64, 4096 // block_k)), block_d=block_d,
-                d_chunks=cdiv(max(d, 1), block_d))
+    return dict(
+        block_k=block_k, rows=max(16, min(64, 4096 // block_k)), block_d=block_d, d_chunks=cdiv(max(d, 1), block_d)
+    )
 
 
 def topk_capacity(block_k: int) -> int:
@@ -994,8 +1668,9 @@ TOPK_FINISH_ROWS = 16
 TOPK_MIN_CAPACITY = 256
 
 
-def _bank_splits(row_blocks: int, slot_end: int, device: torch.device, interpret: bool,
-                 tile: int = SLOT_TILE, per_sm: int = 2) -> tuple[int, int]:
+def _bank_splits(
+    row_blocks: int, slot_end: int, device: torch.device, interpret: bool, tile: int = SLOT_TILE, per_sm: int = 2
+) -> tuple[int, int]:
     """(splits, slots per split): the bank is cut into contiguous ranges of whole ``tile``-slot
     tiles so that row blocks × splits programs fill the GPU (N = 4096 queries make only 32 row
     blocks of 128) in one wave of ``per_sm`` resident programs per SM: rounded down, since one
@@ -1014,8 +1689,22 @@ def _strides(x):
     return x.stride() if x is not None else (0, 0)  # the [N, D] / [K, D] operands: two strides
 
 
-def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask, valid_count: int,
-                      fn_mode, normalize: bool, interpret: bool, reduce_scale=None, self_slots=None):
+def bank_info_nce_fwd(
+    query,
+    positive,
+    bank,
+    temperature,
+    extra,
+    query_ids,
+    bank_ids,
+    valid_mask,
+    valid_count: int,
+    fn_mode,
+    normalize: bool,
+    interpret: bool,
+    reduce_scale=None,
+    self_slots=None,
+):
     """[N, D] queries and positives (or None), [K, D] bank, optional [N, M, D] extras and [N] int64
     self slots → (loss, lse_all, lse_pos), fp32 [N]; with ``reduce_scale`` the loss is
     reduce_scale·Σ_i loss_i instead (0-d)."""
@@ -1034,37 +1723,87 @@ def bank_info_nce_fwd(query, positive, bank, temperature, extra, query_ids, bank
     block_d, slot_tile = tiles["block_d"], tiles["fwd_slots"]
     block_n = _row_block(n, tiles["fwd_rows"])
     row_blocks = cdiv(n, block_n)
-    splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), dev, interpret,
-                                       slot_tile, FWD_PROGRAMS_PER_SM)
+    splits, split_slots = _bank_splits(
+        row_blocks, _slot_end(num_slots, valid_mask, valid_count), dev, interpret, slot_tile, FWD_PROGRAMS_PER_SM
+    )
     partial = torch.empty((4, splits, n), dtype=torch.float32, device=dev)  # max and sum, over A and over P
     m = extra.shape[1] if extra is not None else 0
     placeholder = lse_all
     has_positive = positive is not None
     positive = positive if has_positive else query
     _bank_info_nce_fwd_kernel[(row_blocks, splits)](
-        query, positive, bank, extra if extra is not None else query,
-        query_ids if query_ids is not None else placeholder, bank_ids if bank_ids is not None else placeholder,
-        valid_mask if valid_mask is not None else placeholder, self_slots if self_slots is not None else placeholder,
-        temperature, partial, n, num_slots, d, m, valid_count, split_slots,
-        *_strides(query), *_strides(positive), *_strides(bank),
+        query,
+        positive,
+        bank,
+        extra if extra is not None else query,
+        query_ids if query_ids is not None else placeholder,
+        bank_ids if bank_ids is not None else placeholder,
+        valid_mask if valid_mask is not None else placeholder,
+        self_slots if self_slots is not None else placeholder,
+        temperature,
+        partial,
+        n,
+        num_slots,
+        d,
+        m,
+        valid_count,
+        split_slots,
+        *_strides(query),
+        *_strides(positive),
+        *_strides(bank),
         *(extra.stride() if extra is not None else (0, 0, 0)),
-        FN_MODE=FALSE_NEGATIVE_CODES[fn_mode], HAS_VALID_MASK=valid_mask is not None, HAS_EXTRA=m > 0,
-        NORMALIZE=normalize, HAS_SELF_SLOT=self_slots is not None, HAS_POSITIVE=has_positive,
-        DOT_FP32=dots["DOT_FP32"], PRECISION=dots["PRECISION"],
-        BLOCK_N=block_n, BLOCK_K=slot_tile, BLOCK_D=block_d, num_warps=8 if block_n * block_d >= 128 * 128 else 4,
+        FN_MODE=FALSE_NEGATIVE_CODES[fn_mode],
+        HAS_VALID_MASK=valid_mask is not None,
+        HAS_EXTRA=m > 0,
+        NORMALIZE=normalize,
+        HAS_SELF_SLOT=self_slots is not None,
+        HAS_POSITIVE=has_positive,
+        DOT_FP32=dots["DOT_FP32"],
+        PRECISION=dots["PRECISION"],
+        BLOCK_N=block_n,
+        BLOCK_K=slot_tile,
+        BLOCK_D=block_d,
+        num_warps=8 if block_n * block_d >= 128 * 128 else 4,
     )
     # Reducing, one program walks the rows in wide blocks (4 for N = 4096): a few µs on the device,
     # where a torch sum and scale would cost two launches.
     block = 1024 if reduce else 256
     _bank_info_nce_combine_kernel[(1 if reduce else cdiv(n, block),)](
-        partial, loss, lse_all, lse_pos, n, splits, reduce_scale if reduce else 1.0,
-        FN_MODE=FALSE_NEGATIVE_CODES[fn_mode], REDUCE=reduce, BLOCK=block)
+        partial,
+        loss,
+        lse_all,
+        lse_pos,
+        n,
+        splits,
+        reduce_scale if reduce else 1.0,
+        FN_MODE=FALSE_NEGATIVE_CODES[fn_mode],
+        REDUCE=reduce,
+        BLOCK=block,
+    )
     return loss, lse_all, lse_pos
 
 
-def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, query_ids, bank_ids, valid_mask,
-                      valid_count: int, fn_mode, normalize: bool, lse_all, lse_pos, bank_grad: bool, extra_grad: bool,
-                      interpret: bool, grad_scale: float = 1.0, self_slots=None):
+def bank_info_nce_bwd(
+    grad_loss,
+    query,
+    positive,
+    bank,
+    temperature,
+    extra,
+    query_ids,
+    bank_ids,
+    valid_mask,
+    valid_count: int,
+    fn_mode,
+    normalize: bool,
+    lse_all,
+    lse_pos,
+    bank_grad: bool,
+    extra_grad: bool,
+    interpret: bool,
+    grad_scale: float = 1.0,
+    self_slots=None,
+):
     """→ (d query [N, D], d positive [N, D] (or [0] without a positive), d bank [K, D] or [0],
     d extras [N, M, D] or [0], r [N] fp32).
 
@@ -1092,36 +1831,100 @@ def bank_info_nce_bwd(grad_loss, query, positive, bank, temperature, extra, quer
     if grad_loss.dim() and not grad_loss.is_contiguous():
         grad_loss = grad_loss.contiguous()
     grad_stride = 1 if grad_loss.dim() and grad_loss.numel() == n and n != 1 else 0
-    common = dict(FN_MODE=FALSE_NEGATIVE_CODES[fn_mode], HAS_VALID_MASK=valid_mask is not None,
-                  HAS_SELF_SLOT=self_slots is not None, NORMALIZE=normalize, BLOCK_D=block_d,
-                  **_dot_settings(query.dtype, interpret))
+    common = dict(
+        FN_MODE=FALSE_NEGATIVE_CODES[fn_mode],
+        HAS_VALID_MASK=valid_mask is not None,
+        HAS_SELF_SLOT=self_slots is not None,
+        NORMALIZE=normalize,
+        BLOCK_D=block_d,
+        **_dot_settings(query.dtype, interpret),
+    )
     num_warps = 8 if block_d >= 128 else 4
     if n > 0:
         block_n = _row_block(n, tile)
         row_blocks = cdiv(n, block_n)
-        splits, split_slots = _bank_splits(row_blocks, _slot_end(num_slots, valid_mask, valid_count), dev, interpret,
-                                           tile, BWD_QUERY_PROGRAMS_PER_SM)
+        splits, split_slots = _bank_splits(
+            row_blocks, _slot_end(num_slots, valid_mask, valid_count), dev, interpret, tile, BWD_QUERY_PROGRAMS_PER_SM
+        )
         acc = torch.empty((splits, n, d), dtype=torch.float32, device=dev)
         r_partial = torch.empty((splits, n), dtype=torch.float32, device=dev)
         _bank_info_nce_bwd_query_kernel[(row_blocks, splits)](
-            query, positive, bank, extra if has_extra else query, *ids, vmask, sslots, temperature,
-            grad_loss, lse_all, lse_pos, acc, r_partial, dpos if has_positive else dq, dextra if extra_grad else dq,
-            n, num_slots, d, extra.shape[1] if has_extra else 0, valid_count, split_slots, grad_stride, grad_scale,
-            *_strides(query), *_strides(positive), *_strides(bank), *(extra.stride() if has_extra else (0, 0, 0)),
-            HAS_EXTRA=has_extra, EXTRA_GRAD=extra_grad and has_extra, HAS_POSITIVE=has_positive,
-            BLOCK_N=block_n, BLOCK_K=tile,
-            num_warps=num_warps, **common,
+            query,
+            positive,
+            bank,
+            extra if has_extra else query,
+            *ids,
+            vmask,
+            sslots,
+            temperature,
+            grad_loss,
+            lse_all,
+            lse_pos,
+            acc,
+            r_partial,
+            dpos if has_positive else dq,
+            dextra if extra_grad else dq,
+            n,
+            num_slots,
+            d,
+            extra.shape[1] if has_extra else 0,
+            valid_count,
+            split_slots,
+            grad_stride,
+            grad_scale,
+            *_strides(query),
+            *_strides(positive),
+            *_strides(bank),
+            *(extra.stride() if has_extra else (0, 0, 0)),
+            HAS_EXTRA=has_extra,
+            EXTRA_GRAD=extra_grad and has_extra,
+            HAS_POSITIVE=has_positive,
+            BLOCK_N=block_n,
+            BLOCK_K=tile,
+            num_warps=num_warps,
+            **common,
         )
         _bank_info_nce_dq_kernel[(row_blocks,)](
-            query, temperature, acc, r_partial, dq, r, n, d, splits, *_strides(query),
-            NORMALIZE=normalize, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+            query,
+            temperature,
+            acc,
+            r_partial,
+            dq,
+            r,
+            n,
+            d,
+            splits,
+            *_strides(query),
+            NORMALIZE=normalize,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
         )
     if bank_grad and num_slots > 0:
         block_k = _row_block(num_slots, tile)
         _bank_info_nce_bwd_bank_kernel[(cdiv(num_slots, block_k),)](
-            query, bank, *ids, vmask, sslots, temperature, grad_loss, lse_all, lse_pos, dbank,
-            n, num_slots, d, valid_count, grad_stride, grad_scale, *_strides(query), *_strides(bank),
-            BLOCK_N=tile, BLOCK_K=block_k, num_warps=num_warps, **common,
+            query,
+            bank,
+            *ids,
+            vmask,
+            sslots,
+            temperature,
+            grad_loss,
+            lse_all,
+            lse_pos,
+            dbank,
+            n,
+            num_slots,
+            d,
+            valid_count,
+            grad_stride,
+            grad_scale,
+            *_strides(query),
+            *_strides(bank),
+            BLOCK_N=tile,
+            BLOCK_K=block_k,
+            num_warps=num_warps,
+            **common,
         )
     return dq, dpos, dbank, dextra, r
 
@@ -1145,27 +1948,59 @@ def bank_topk(query, bank, k: int, valid_mask, valid_count: int, normalize: bool
     block_n = _row_block(n, tiles["rows"])
     row_blocks = cdiv(n, block_n)
     slot_end = _slot_end(num_slots, valid_mask, valid_count)
-    splits, split_slots = _bank_splits(row_blocks, slot_end, query.device, interpret, tile=block_k,
-                                       per_sm=TOPK_PROGRAMS_PER_SM)
+    splits, split_slots = _bank_splits(
+        row_blocks, slot_end, query.device, interpret, tile=block_k, per_sm=TOPK_PROGRAMS_PER_SM
+    )
     group_max = torch.empty((splits, n, block_k), dtype=torch.int32, device=query.device)
     counts = torch.zeros((n,), dtype=torch.int32, device=query.device)
     candidates = torch.empty((n, capacity), dtype=torch.int64, device=query.device)
-    bank_args = dict(q_ptr=query, bank_ptr=bank, valid_mask_ptr=valid_mask if valid_mask is not None else values,
-                     n_queries=n, n_slots=num_slots, dim=d, valid_count=valid_count,
-                     stride_qn=query.stride(0), stride_qd=query.stride(1), stride_bk=bank.stride(0),
-                     stride_bd=bank.stride(1), HAS_VALID_MASK=valid_mask is not None, NORMALIZE=normalize,
-                     DOT_FP32=dots["DOT_FP32"], PRECISION=dots["PRECISION"], BLOCK_K=block_k,
-                     BLOCK_D=tiles["block_d"], D_CHUNKS=tiles["d_chunks"], LOG2_K=block_k.bit_length() - 1)
+    bank_args = dict(
+        q_ptr=query,
+        bank_ptr=bank,
+        valid_mask_ptr=valid_mask if valid_mask is not None else values,
+        n_queries=n,
+        n_slots=num_slots,
+        dim=d,
+        valid_count=valid_count,
+        stride_qn=query.stride(0),
+        stride_qd=query.stride(1),
+        stride_bk=bank.stride(0),
+        stride_bd=bank.stride(1),
+        HAS_VALID_MASK=valid_mask is not None,
+        NORMALIZE=normalize,
+        DOT_FP32=dots["DOT_FP32"],
+        PRECISION=dots["PRECISION"],
+        BLOCK_K=block_k,
+        BLOCK_D=tiles["block_d"],
+        D_CHUNKS=tiles["d_chunks"],
+        LOG2_K=block_k.bit_length() - 1,
+    )
     sweep = dict(bank_args, split_slots=split_slots, BLOCK_N=block_n, LOG2_N=block_n.bit_length() - 1, num_warps=4)
     # Fewer than 2k groups (one split of a narrow tile) make τ loose: the tiles' parity doubles them.
     parity = splits * block_k < 2 * k
-    _bank_topk_threshold_kernel[(row_blocks, splits)](group_max_ptr=group_max, count_ptr=counts, CAPACITY=capacity,
-                                                      PARITY_GROUPS=parity, **sweep)
-    _bank_topk_gather_kernel[(row_blocks, splits)](group_max_ptr=group_max, count_ptr=counts,
-                                                   candidate_ptr=candidates, k=k, n_splits=splits,
-                                                   CAPACITY=capacity, **sweep)
+    _bank_topk_threshold_kernel[(row_blocks, splits)](
+        group_max_ptr=group_max, count_ptr=counts, CAPACITY=capacity, PARITY_GROUPS=parity, **sweep
+    )
+    _bank_topk_gather_kernel[(row_blocks, splits)](
+        group_max_ptr=group_max,
+        count_ptr=counts,
+        candidate_ptr=candidates,
+        k=k,
+        n_splits=splits,
+        CAPACITY=capacity,
+        **sweep,
+    )
     _bank_topk_finish_kernel[(cdiv(n, TOPK_FINISH_ROWS),)](
-        count_ptr=counts, candidate_ptr=candidates, values_ptr=values, indices_ptr=indices, slot_end=slot_end, k=k,
-        BLOCK_N=TOPK_FINISH_ROWS, LOG2_N=TOPK_FINISH_ROWS.bit_length() - 1, CAPACITY=capacity,
-        num_warps=4, **bank_args)
+        count_ptr=counts,
+        candidate_ptr=candidates,
+        values_ptr=values,
+        indices_ptr=indices,
+        slot_end=slot_end,
+        k=k,
+        BLOCK_N=TOPK_FINISH_ROWS,
+        LOG2_N=TOPK_FINISH_ROWS.bit_length() - 1,
+        CAPACITY=capacity,
+        num_warps=4,
+        **bank_args,
+    )
     return values, indices

@@ -43,9 +43,24 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _trim_kv_scores(lb_ptr, pos_ptr, step_ptr, step_value, b, h, offs, mask,
-                    stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                    STEP_PER_BATCH: tl.constexpr, POS_FLOAT: tl.constexpr):
+def _trim_kv_scores(
+    lb_ptr,
+    pos_ptr,
+    step_ptr,
+    step_value,
+    b,
+    h,
+    offs,
+    mask,
+    stride_lb_b,
+    stride_lb_h,
+    stride_lb_s,
+    stride_pos_b,
+    stride_pos_h,
+    stride_pos_s,
+    STEP_PER_BATCH: tl.constexpr,
+    POS_FLOAT: tl.constexpr,
+):
     lb = tl.load(lb_ptr + b * stride_lb_b + h * stride_lb_h + offs * stride_lb_s, mask=mask, other=0.0).to(tl.float32)
     pos = tl.load(pos_ptr + b * stride_pos_b + h * stride_pos_h + offs * stride_pos_s, mask=mask, other=0)
     if STEP_PER_BATCH:
@@ -60,21 +75,57 @@ def _trim_kv_scores(lb_ptr, pos_ptr, step_ptr, step_value, b, h, offs, mask,
 
 
 @triton.jit
-def _retention_scores_kernel(lb_ptr, pos_ptr, step_ptr, step_value, keys_ptr, out_ptr, heads, seq, dim,
-                             key_norm_weight,
-                             stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                             stride_k_b, stride_k_h, stride_k_s, stride_k_d,
-                             STEP_PER_BATCH: tl.constexpr, POS_FLOAT: tl.constexpr, HAS_KEYS: tl.constexpr,
-                             BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _retention_scores_kernel(
+    lb_ptr,
+    pos_ptr,
+    step_ptr,
+    step_value,
+    keys_ptr,
+    out_ptr,
+    heads,
+    seq,
+    dim,
+    key_norm_weight,
+    stride_lb_b,
+    stride_lb_h,
+    stride_lb_s,
+    stride_pos_b,
+    stride_pos_h,
+    stride_pos_s,
+    stride_k_b,
+    stride_k_h,
+    stride_k_s,
+    stride_k_d,
+    STEP_PER_BATCH: tl.constexpr,
+    POS_FLOAT: tl.constexpr,
+    HAS_KEYS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # int64 row, batch and head: h·stride_h alone passes 2³¹ once H·S·D does (S = 1M, D = 128, H ≥ 16).
     row = tl.program_id(0).to(tl.int64)
     b = row // heads
     h = row % heads
     offs = (tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
     mask = offs < seq
-    scores = _trim_kv_scores(lb_ptr, pos_ptr, step_ptr, step_value, b, h, offs, mask,
-                             stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                             STEP_PER_BATCH, POS_FLOAT)
+    scores = _trim_kv_scores(
+        lb_ptr,
+        pos_ptr,
+        step_ptr,
+        step_value,
+        b,
+        h,
+        offs,
+        mask,
+        stride_lb_b,
+        stride_lb_h,
+        stride_lb_s,
+        stride_pos_b,
+        stride_pos_h,
+        stride_pos_s,
+        STEP_PER_BATCH,
+        POS_FLOAT,
+    )
     if HAS_KEYS:
         sq = tl.zeros([BLOCK_S], tl.float32)
         base = keys_ptr + b.to(tl.int64) * stride_k_b + h * stride_k_h + offs[:, None].to(tl.int64) * stride_k_s
@@ -99,10 +150,24 @@ def retention_scores_fwd(log_beta, positions, step, keys, key_norm_weight):
     dim = keys.shape[-1] if has_keys else 1
     block_s = 256
     _retention_scores_kernel[(b * h, cdiv(s, block_s))](
-        log_beta, positions, step if per_batch else out, 0 if per_batch else int(step), kt, out, h, s, dim,
-        float(key_norm_weight), *log_beta.stride(), *positions.stride(), *kt.stride(),
-        STEP_PER_BATCH=per_batch, POS_FLOAT=positions.is_floating_point() or (per_batch and step.is_floating_point()),
-        HAS_KEYS=has_keys, BLOCK_S=block_s, BLOCK_D=min(next_power_of_2(dim), 64),
+        log_beta,
+        positions,
+        step if per_batch else out,
+        0 if per_batch else int(step),
+        kt,
+        out,
+        h,
+        s,
+        dim,
+        float(key_norm_weight),
+        *log_beta.stride(),
+        *positions.stride(),
+        *kt.stride(),
+        STEP_PER_BATCH=per_batch,
+        POS_FLOAT=positions.is_floating_point() or (per_batch and step.is_floating_point()),
+        HAS_KEYS=has_keys,
+        BLOCK_S=block_s,
+        BLOCK_D=min(next_power_of_2(dim), 64),
     )
     return out
 
@@ -120,13 +185,47 @@ def _ordered_key(x):
 
 
 @triton.jit
-def _row_keys(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, offs, mask, seq,
-              stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-              FROM_LOG_BETA: tl.constexpr, STEP_PER_BATCH: tl.constexpr, POS_FLOAT: tl.constexpr):
+def _row_keys(
+    scores_ptr,
+    lb_ptr,
+    pos_ptr,
+    step_ptr,
+    step_value,
+    b,
+    h,
+    row,
+    offs,
+    mask,
+    seq,
+    stride_lb_b,
+    stride_lb_h,
+    stride_lb_s,
+    stride_pos_b,
+    stride_pos_h,
+    stride_pos_s,
+    FROM_LOG_BETA: tl.constexpr,
+    STEP_PER_BATCH: tl.constexpr,
+    POS_FLOAT: tl.constexpr,
+):
     if FROM_LOG_BETA:
-        scores = _trim_kv_scores(lb_ptr, pos_ptr, step_ptr, step_value, b, h, offs, mask,
-                                 stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                                 STEP_PER_BATCH, POS_FLOAT)
+        scores = _trim_kv_scores(
+            lb_ptr,
+            pos_ptr,
+            step_ptr,
+            step_value,
+            b,
+            h,
+            offs,
+            mask,
+            stride_lb_b,
+            stride_lb_h,
+            stride_lb_s,
+            stride_pos_b,
+            stride_pos_h,
+            stride_pos_s,
+            STEP_PER_BATCH,
+            POS_FLOAT,
+        )
     else:
         scores = tl.load(scores_ptr + row.to(tl.int64) * seq + offs, mask=mask, other=0.0)
     return _ordered_key(scores)
@@ -160,38 +259,120 @@ def _take_digit_at(hist, prefix, need, bins, SHIFT: tl.constexpr):
     digit = tl.max(tl.where(at_least >= need, bins, 0))
     count_digit = tl.sum(tl.where(bins == digit, hist, 0))
     above = tl.sum(tl.where(bins == digit, at_least, 0)) - count_digit
-    return (digit, prefix | (digit.to(tl.int64) << SHIFT), need - above,
-            count_digit.to(tl.int64))
+    return (digit, prefix | (digit.to(tl.int64) << SHIFT), need - above, count_digit.to(tl.int64))
 
 
 @triton.jit
-def _block_keys(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, offs, seq, length, n_sink, n_window,
-                stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                FROM_LOG_BETA: tl.constexpr, STEP_PER_BATCH: tl.constexpr, POS_FLOAT: tl.constexpr):
+def _block_keys(
+    scores_ptr,
+    lb_ptr,
+    pos_ptr,
+    step_ptr,
+    step_value,
+    b,
+    h,
+    row,
+    offs,
+    seq,
+    length,
+    n_sink,
+    n_window,
+    stride_lb_b,
+    stride_lb_h,
+    stride_lb_s,
+    stride_pos_b,
+    stride_pos_h,
+    stride_pos_s,
+    FROM_LOG_BETA: tl.constexpr,
+    STEP_PER_BATCH: tl.constexpr,
+    POS_FLOAT: tl.constexpr,
+):
     """A block of a row: (tokens before the length, unprotected ones among them, their keys)."""
     eligible = offs < length
-    key = _row_keys(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, offs, eligible, seq,
-                    stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                    FROM_LOG_BETA, STEP_PER_BATCH, POS_FLOAT)
+    key = _row_keys(
+        scores_ptr,
+        lb_ptr,
+        pos_ptr,
+        step_ptr,
+        step_value,
+        b,
+        h,
+        row,
+        offs,
+        eligible,
+        seq,
+        stride_lb_b,
+        stride_lb_h,
+        stride_lb_s,
+        stride_pos_b,
+        stride_pos_h,
+        stride_pos_s,
+        FROM_LOG_BETA,
+        STEP_PER_BATCH,
+        POS_FLOAT,
+    )
     return eligible, eligible & (offs >= n_sink) & (offs < length - n_window), key
 
 
 @triton.jit
-def _digit_histogram(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, seq, start, end, length,
-                     n_sink, n_window, prefix,
-                     stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                     PASS: tl.constexpr, FROM_LOG_BETA: tl.constexpr, STEP_PER_BATCH: tl.constexpr,
-                     POS_FLOAT: tl.constexpr, BLOCK: tl.constexpr):
+def _digit_histogram(
+    scores_ptr,
+    lb_ptr,
+    pos_ptr,
+    step_ptr,
+    step_value,
+    b,
+    h,
+    row,
+    seq,
+    start,
+    end,
+    length,
+    n_sink,
+    n_window,
+    prefix,
+    stride_lb_b,
+    stride_lb_h,
+    stride_lb_s,
+    stride_pos_b,
+    stride_pos_h,
+    stride_pos_s,
+    PASS: tl.constexpr,
+    FROM_LOG_BETA: tl.constexpr,
+    STEP_PER_BATCH: tl.constexpr,
+    POS_FLOAT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Histogram of digit PASS (most significant first) of the unprotected tokens in [start, end)
     whose keys match `prefix` in the digits before it."""
     lanes = tl.arange(0, BLOCK)
     hist = tl.zeros([256], tl.int32)
     for block_start in range(start, end, BLOCK):
         offs = block_start + lanes
-        eligible, candidate, key = _block_keys(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, offs,
-                                               seq, length, n_sink, n_window, stride_lb_b, stride_lb_h, stride_lb_s,
-                                               stride_pos_b, stride_pos_h, stride_pos_s, FROM_LOG_BETA,
-                                               STEP_PER_BATCH, POS_FLOAT)
+        eligible, candidate, key = _block_keys(
+            scores_ptr,
+            lb_ptr,
+            pos_ptr,
+            step_ptr,
+            step_value,
+            b,
+            h,
+            row,
+            offs,
+            seq,
+            length,
+            n_sink,
+            n_window,
+            stride_lb_b,
+            stride_lb_h,
+            stride_lb_s,
+            stride_pos_b,
+            stride_pos_h,
+            stride_pos_s,
+            FROM_LOG_BETA,
+            STEP_PER_BATCH,
+            POS_FLOAT,
+        )
         if PASS > 0:
             candidate = candidate & ((key >> (32 - 8 * PASS)) == (prefix >> (32 - 8 * PASS)))
         digits = ((key >> (24 - 8 * PASS)) & 255).to(tl.int32)
@@ -200,20 +381,66 @@ def _digit_histogram(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, ro
 
 
 @triton.jit
-def _write_kept(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, out_row, b, h, row, seq, start, end, length,
-                n_sink, n_window, threshold, first_kept_tie, written, ties_seen,
-                stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                FROM_LOG_BETA: tl.constexpr, STEP_PER_BATCH: tl.constexpr, POS_FLOAT: tl.constexpr,
-                BLOCK: tl.constexpr):
+def _write_kept(
+    scores_ptr,
+    lb_ptr,
+    pos_ptr,
+    step_ptr,
+    step_value,
+    out_row,
+    b,
+    h,
+    row,
+    seq,
+    start,
+    end,
+    length,
+    n_sink,
+    n_window,
+    threshold,
+    first_kept_tie,
+    written,
+    ties_seen,
+    stride_lb_b,
+    stride_lb_h,
+    stride_lb_s,
+    stride_pos_b,
+    stride_pos_h,
+    stride_pos_s,
+    FROM_LOG_BETA: tl.constexpr,
+    STEP_PER_BATCH: tl.constexpr,
+    POS_FLOAT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Writes the kept indices of [start, end) in position order from slot `written` (given the kept
     tokens and ties before `start`); returns the slot after the last."""
     lanes = tl.arange(0, BLOCK)
     for block_start in range(start, end, BLOCK):
         offs = block_start + lanes
-        eligible, candidate, key = _block_keys(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, offs,
-                                               seq, length, n_sink, n_window, stride_lb_b, stride_lb_h, stride_lb_s,
-                                               stride_pos_b, stride_pos_h, stride_pos_s, FROM_LOG_BETA,
-                                               STEP_PER_BATCH, POS_FLOAT)
+        eligible, candidate, key = _block_keys(
+            scores_ptr,
+            lb_ptr,
+            pos_ptr,
+            step_ptr,
+            step_value,
+            b,
+            h,
+            row,
+            offs,
+            seq,
+            length,
+            n_sink,
+            n_window,
+            stride_lb_b,
+            stride_lb_h,
+            stride_lb_s,
+            stride_pos_b,
+            stride_pos_h,
+            stride_pos_s,
+            FROM_LOG_BETA,
+            STEP_PER_BATCH,
+            POS_FLOAT,
+        )
         protected = eligible & ((offs < n_sink) | (offs >= length - n_window))
         tie = candidate & (key == threshold)
         tie_rank = ties_seen + tl.cumsum(tie.to(tl.int64), 0) - 1
@@ -234,11 +461,31 @@ def _fill_unused(out_row, written, kept, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _select_retained_kernel(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, lengths_ptr, out_ptr,
-                            heads, seq, kept, sink, window,
-                            stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                            FROM_LOG_BETA: tl.constexpr, STEP_PER_BATCH: tl.constexpr, POS_FLOAT: tl.constexpr,
-                            HAS_LENGTHS: tl.constexpr, BLOCK: tl.constexpr):
+def _select_retained_kernel(
+    scores_ptr,
+    lb_ptr,
+    pos_ptr,
+    step_ptr,
+    step_value,
+    lengths_ptr,
+    out_ptr,
+    heads,
+    seq,
+    kept,
+    sink,
+    window,
+    stride_lb_b,
+    stride_lb_h,
+    stride_lb_s,
+    stride_pos_b,
+    stride_pos_h,
+    stride_pos_s,
+    FROM_LOG_BETA: tl.constexpr,
+    STEP_PER_BATCH: tl.constexpr,
+    POS_FLOAT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)  # 64-bit addressing, as in _retention_scores_kernel
     b = row // heads
     h = row % heads
@@ -251,25 +498,76 @@ def _select_retained_kernel(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, l
     ties = tl.zeros([], tl.int64)
     bins = tl.arange(0, 256)
     for p in tl.static_range(4):
-        hist = _digit_histogram(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, seq, 0, seq, length,
-                                n_sink, n_window, prefix,
-                                stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                                p, FROM_LOG_BETA, STEP_PER_BATCH, POS_FLOAT, BLOCK)
+        hist = _digit_histogram(
+            scores_ptr,
+            lb_ptr,
+            pos_ptr,
+            step_ptr,
+            step_value,
+            b,
+            h,
+            row,
+            seq,
+            0,
+            seq,
+            length,
+            n_sink,
+            n_window,
+            prefix,
+            stride_lb_b,
+            stride_lb_h,
+            stride_lb_s,
+            stride_pos_b,
+            stride_pos_h,
+            stride_pos_s,
+            p,
+            FROM_LOG_BETA,
+            STEP_PER_BATCH,
+            POS_FLOAT,
+            BLOCK,
+        )
         _, prefix, need, ties = _take_digit(hist, prefix, need, bins, p)
     threshold = tl.where(k > 0, prefix, 4294967296)
     # The `need` most recent of the `ties` tokens whose key equals the threshold are kept.
     out_row = out_ptr + row * kept
-    written = _write_kept(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, out_row, b, h, row, seq, 0, seq,
-                          length, n_sink, n_window, threshold, ties - need, tl.zeros([], tl.int64),
-                          tl.zeros([], tl.int64),
-                          stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                          FROM_LOG_BETA, STEP_PER_BATCH, POS_FLOAT, BLOCK)
+    written = _write_kept(
+        scores_ptr,
+        lb_ptr,
+        pos_ptr,
+        step_ptr,
+        step_value,
+        out_row,
+        b,
+        h,
+        row,
+        seq,
+        0,
+        seq,
+        length,
+        n_sink,
+        n_window,
+        threshold,
+        ties - need,
+        tl.zeros([], tl.int64),
+        tl.zeros([], tl.int64),
+        stride_lb_b,
+        stride_lb_h,
+        stride_lb_s,
+        stride_pos_b,
+        stride_pos_h,
+        stride_pos_s,
+        FROM_LOG_BETA,
+        STEP_PER_BATCH,
+        POS_FLOAT,
+        BLOCK,
+    )
     _fill_unused(out_row, written, kept, BLOCK)
 
 
 @triton.jit
-def _split_digits(hist_ptr, row, splits, split, need, PASSES: tl.constexpr, COUNT_BEFORE: tl.constexpr,
-                  SPLIT_BLOCK: tl.constexpr):
+def _split_digits(
+    hist_ptr, row, splits, split, need, PASSES: tl.constexpr, COUNT_BEFORE: tl.constexpr, SPLIT_BLOCK: tl.constexpr
+):
     """The digits of the first PASSES passes from every split's histograms of a row ([rows, splits,
     4, 256] int32): (prefix, need, ties at the last digit). With COUNT_BEFORE, also the
     candidates of the splits before `split` that lie above the prefix (each counted at the first
@@ -285,8 +583,11 @@ def _split_digits(hist_ptr, row, splits, split, need, PASSES: tl.constexpr, COUN
         before = tl.zeros([256], tl.int32)  # the part of `hist` from the splits before `split`
         for s0 in range(0, splits, SPLIT_BLOCK):
             s = s0 + split_lanes
-            tile = tl.load(hist_ptr + ((row * splits + s[:, None]) * 4 + p) * 256 + bins[None, :],
-                           mask=(s < splits)[:, None], other=0)
+            tile = tl.load(
+                hist_ptr + ((row * splits + s[:, None]) * 4 + p) * 256 + bins[None, :],
+                mask=(s < splits)[:, None],
+                other=0,
+            )
             hist += tl.sum(tile, 0)
             if COUNT_BEFORE:
                 before += tl.sum(tl.where((s < split)[:, None], tile, 0), 0)
@@ -299,12 +600,35 @@ def _split_digits(hist_ptr, row, splits, split, need, PASSES: tl.constexpr, COUN
 
 
 @triton.jit
-def _select_histogram_kernel(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, lengths_ptr, hist_ptr,
-                             heads, seq, kept, sink, window, splits, chunk,
-                             stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                             PASS: tl.constexpr, FROM_LOG_BETA: tl.constexpr, STEP_PER_BATCH: tl.constexpr,
-                             POS_FLOAT: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK: tl.constexpr,
-                             SPLIT_BLOCK: tl.constexpr):
+def _select_histogram_kernel(
+    scores_ptr,
+    lb_ptr,
+    pos_ptr,
+    step_ptr,
+    step_value,
+    lengths_ptr,
+    hist_ptr,
+    heads,
+    seq,
+    kept,
+    sink,
+    window,
+    splits,
+    chunk,
+    stride_lb_b,
+    stride_lb_h,
+    stride_lb_s,
+    stride_pos_b,
+    stride_pos_h,
+    stride_pos_s,
+    PASS: tl.constexpr,
+    FROM_LOG_BETA: tl.constexpr,
+    STEP_PER_BATCH: tl.constexpr,
+    POS_FLOAT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = row // heads
@@ -312,26 +636,73 @@ def _select_histogram_kernel(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, 
     length, n_sink, n_window, k = _row_extent(lengths_ptr, b, seq, kept, sink, window, HAS_LENGTHS)
     prefix, _, _, _, _ = _split_digits(hist_ptr, row, splits, split, k, PASS, False, SPLIT_BLOCK)
     start = split.to(tl.int64) * chunk
-    hist = _digit_histogram(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, b, h, row, seq, start,
-                            tl.minimum(start + chunk, seq), length, n_sink, n_window, prefix,
-                            stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                            PASS, FROM_LOG_BETA, STEP_PER_BATCH, POS_FLOAT, BLOCK)
+    hist = _digit_histogram(
+        scores_ptr,
+        lb_ptr,
+        pos_ptr,
+        step_ptr,
+        step_value,
+        b,
+        h,
+        row,
+        seq,
+        start,
+        tl.minimum(start + chunk, seq),
+        length,
+        n_sink,
+        n_window,
+        prefix,
+        stride_lb_b,
+        stride_lb_h,
+        stride_lb_s,
+        stride_pos_b,
+        stride_pos_h,
+        stride_pos_s,
+        PASS,
+        FROM_LOG_BETA,
+        STEP_PER_BATCH,
+        POS_FLOAT,
+        BLOCK,
+    )
     tl.store(hist_ptr + ((row * splits + split) * 4 + PASS) * 256 + tl.arange(0, 256), hist)
 
 
 @triton.jit
-def _select_write_kernel(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, lengths_ptr, hist_ptr, out_ptr,
-                         heads, seq, kept, sink, window, splits, chunk,
-                         stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                         FROM_LOG_BETA: tl.constexpr, STEP_PER_BATCH: tl.constexpr, POS_FLOAT: tl.constexpr,
-                         HAS_LENGTHS: tl.constexpr, BLOCK: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+def _select_write_kernel(
+    scores_ptr,
+    lb_ptr,
+    pos_ptr,
+    step_ptr,
+    step_value,
+    lengths_ptr,
+    hist_ptr,
+    out_ptr,
+    heads,
+    seq,
+    kept,
+    sink,
+    window,
+    splits,
+    chunk,
+    stride_lb_b,
+    stride_lb_h,
+    stride_lb_s,
+    stride_pos_b,
+    stride_pos_h,
+    stride_pos_s,
+    FROM_LOG_BETA: tl.constexpr,
+    STEP_PER_BATCH: tl.constexpr,
+    POS_FLOAT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = row // heads
     h = row % heads
     length, n_sink, n_window, k = _row_extent(lengths_ptr, b, seq, kept, sink, window, HAS_LENGTHS)
-    prefix, need, ties, above_before, ties_before = _split_digits(hist_ptr, row, splits, split, k, 4, True,
-                                                                  SPLIT_BLOCK)
+    prefix, need, ties, above_before, ties_before = _split_digits(hist_ptr, row, splits, split, k, 4, True, SPLIT_BLOCK)
     threshold = tl.where(k > 0, prefix, 4294967296)
     first_kept_tie = ties - need
     start = split.to(tl.int64) * chunk
@@ -341,11 +712,37 @@ def _select_write_kernel(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, leng
     protected_before = tl.minimum(n_sink, start) + tl.maximum(tl.minimum(length, start) - (length - n_window), 0)
     chosen_before = tl.where(k > 0, above_before + tl.maximum(ties_before - first_kept_tie, 0), 0)
     out_row = out_ptr + row * kept
-    written = _write_kept(scores_ptr, lb_ptr, pos_ptr, step_ptr, step_value, out_row, b, h, row, seq, start,
-                          tl.minimum(start + chunk, seq), length, n_sink, n_window, threshold, first_kept_tie,
-                          protected_before + chosen_before, ties_before,
-                          stride_lb_b, stride_lb_h, stride_lb_s, stride_pos_b, stride_pos_h, stride_pos_s,
-                          FROM_LOG_BETA, STEP_PER_BATCH, POS_FLOAT, BLOCK)
+    written = _write_kept(
+        scores_ptr,
+        lb_ptr,
+        pos_ptr,
+        step_ptr,
+        step_value,
+        out_row,
+        b,
+        h,
+        row,
+        seq,
+        start,
+        tl.minimum(start + chunk, seq),
+        length,
+        n_sink,
+        n_window,
+        threshold,
+        first_kept_tie,
+        protected_before + chosen_before,
+        ties_before,
+        stride_lb_b,
+        stride_lb_h,
+        stride_lb_s,
+        stride_pos_b,
+        stride_pos_h,
+        stride_pos_s,
+        FROM_LOG_BETA,
+        STEP_PER_BATCH,
+        POS_FLOAT,
+        BLOCK,
+    )
     if split == splits - 1:
         _fill_unused(out_row, written, kept, BLOCK)
 
@@ -363,8 +760,9 @@ def select_splits(rows: int, seq: int, sms: int | None) -> int:
     return max(1, min(sms // max(rows, 1), cdiv(seq, SELECT_MIN_CHUNK), 64))
 
 
-def _select_launch(b, h, s, kept, sink, window, lengths, device, *, scores=None, log_beta=None, positions=None,
-                   step=None):
+def _select_launch(
+    b, h, s, kept, sink, window, lengths, device, *, scores=None, log_beta=None, positions=None, step=None
+):
     out = torch.empty((b, h, kept), device=device, dtype=torch.int64)
     if b * h == 0 or kept == 0:
         return out
@@ -376,29 +774,47 @@ def _select_launch(b, h, s, kept, sink, window, lengths, device, *, scores=None,
     lb_strides = log_beta.stride() if from_lb else (0, 0, 0)
     pos_strides = positions.stride() if from_lb else (0, 0, 0)
     pos_float = from_lb and (positions.is_floating_point() or (per_batch and step.is_floating_point()))
-    sources = dict(scores_ptr=scores if not from_lb else dummy, lb_ptr=lb, pos_ptr=pos,
-                   step_ptr=step if per_batch else dummy,
-                   step_value=0 if per_batch or not from_lb else int(step),
-                   lengths_ptr=lengths if lengths is not None else dummy,
-                   heads=h, seq=s, kept=kept, sink=sink, window=window,
-                   stride_lb_b=lb_strides[0], stride_lb_h=lb_strides[1], stride_lb_s=lb_strides[2],
-                   stride_pos_b=pos_strides[0], stride_pos_h=pos_strides[1], stride_pos_s=pos_strides[2],
-                   FROM_LOG_BETA=from_lb, STEP_PER_BATCH=per_batch, POS_FLOAT=pos_float,
-                   HAS_LENGTHS=lengths is not None)
+    sources = dict(
+        scores_ptr=scores if not from_lb else dummy,
+        lb_ptr=lb,
+        pos_ptr=pos,
+        step_ptr=step if per_batch else dummy,
+        step_value=0 if per_batch or not from_lb else int(step),
+        lengths_ptr=lengths if lengths is not None else dummy,
+        heads=h,
+        seq=s,
+        kept=kept,
+        sink=sink,
+        window=window,
+        stride_lb_b=lb_strides[0],
+        stride_lb_h=lb_strides[1],
+        stride_lb_s=lb_strides[2],
+        stride_pos_b=pos_strides[0],
+        stride_pos_h=pos_strides[1],
+        stride_pos_s=pos_strides[2],
+        FROM_LOG_BETA=from_lb,
+        STEP_PER_BATCH=per_batch,
+        POS_FLOAT=pos_float,
+        HAS_LENGTHS=lengths is not None,
+    )
     rows = b * h
     splits = select_splits(rows, s, _backend.sm_count(device))
     if splits == 1:
         block = min(max(next_power_of_2(s), 16), 4096)
-        _select_retained_kernel[(rows,)](**sources, out_ptr=out, BLOCK=block,
-                                         num_warps=16 if block >= 2048 else 4)
+        _select_retained_kernel[(rows,)](**sources, out_ptr=out, BLOCK=block, num_warps=16 if block >= 2048 else 4)
         return out
     block = min(max(next_power_of_2(cdiv(s, splits)), 16), 4096)
     chunk = cdiv(cdiv(s, splits), block) * block
     splits = cdiv(s, chunk)
     # Every pass writes its own [256] per (row, split) before any later pass reads it: no zeroing.
     hist = torch.empty((rows, splits, 4, 256), device=device, dtype=torch.int32)
-    shape = dict(splits=splits, chunk=chunk, BLOCK=block, SPLIT_BLOCK=min(next_power_of_2(splits), 16),
-                 num_warps=16 if block >= 2048 else 4)
+    shape = dict(
+        splits=splits,
+        chunk=chunk,
+        BLOCK=block,
+        SPLIT_BLOCK=min(next_power_of_2(splits), 16),
+        num_warps=16 if block >= 2048 else 4,
+    )
     for digit_pass in range(4):
         _select_histogram_kernel[(rows, splits)](**sources, hist_ptr=hist, PASS=digit_pass, **shape)
     _select_write_kernel[(rows, splits)](**sources, hist_ptr=hist, out_ptr=out, **shape)
@@ -414,8 +830,19 @@ def select_retained_fwd(scores, budget, sink, window, lengths):
 def select_from_log_beta_fwd(log_beta, positions, step, budget, sink, window, lengths):
     """The fused form: TRIM-KV scores computed inside the selection, never stored."""
     b, h, s = log_beta.shape
-    return _select_launch(b, h, s, min(budget, s), sink, window, lengths, log_beta.device, log_beta=log_beta,
-                          positions=positions, step=step)
+    return _select_launch(
+        b,
+        h,
+        s,
+        min(budget, s),
+        sink,
+        window,
+        lengths,
+        log_beta.device,
+        log_beta=log_beta,
+        positions=positions,
+        step=step,
+    )
 
 
 # ---------------------------------------------------------------------- selection across heads
@@ -438,8 +865,9 @@ def _global_keys(scores_ptr, forced_ptr, b, heads, seq, offs, length):
 
 
 @triton.jit
-def _select_global_kernel(scores_ptr, forced_ptr, lengths_ptr, keep_ptr, heads, seq, kept,
-                          HAS_LENGTHS: tl.constexpr, BLOCK: tl.constexpr):
+def _select_global_kernel(
+    scores_ptr, forced_ptr, lengths_ptr, keep_ptr, heads, seq, kept, HAS_LENGTHS: tl.constexpr, BLOCK: tl.constexpr
+):
     """Program b: marks (keep_ptr [B, H, S] int8) the H·kept best (head, token) pairs of sequence
     b by (class, score, recency, lower head), by a radix select over five 8-bit digits of the
     40-bit keys (the class digit first); nothing past the length is kept."""
@@ -485,9 +913,17 @@ def select_global_keep(scores, forced, budget, lengths):
         forced = forced.view(torch.int8)  # the same bytes, read as bytes (a bool pointer is i1)
     block = min(max(next_power_of_2(h * s), 16), 2048)
     _select_global_kernel[(b,)](
-        scores_ptr=scores, forced_ptr=forced, lengths_ptr=lengths if lengths is not None else scores,
-        keep_ptr=keep, heads=h, seq=s, kept=min(budget, s), HAS_LENGTHS=lengths is not None, BLOCK=block,
-        num_warps=8 if block >= 1024 else 4)
+        scores_ptr=scores,
+        forced_ptr=forced,
+        lengths_ptr=lengths if lengths is not None else scores,
+        keep_ptr=keep,
+        heads=h,
+        seq=s,
+        kept=min(budget, s),
+        HAS_LENGTHS=lengths is not None,
+        BLOCK=block,
+        num_warps=8 if block >= 1024 else 4,
+    )
     return keep
 
 
@@ -495,8 +931,9 @@ def select_global_keep(scores, forced, budget, lengths):
 
 
 @triton.jit
-def _gather_block(src_ptr, dst_ptr, idx, used, j, dims, dim, stride_s, stride_d, dst_stride_s, dst_stride_d,
-                  IN_PLACE: tl.constexpr):
+def _gather_block(
+    src_ptr, dst_ptr, idx, used, j, dims, dim, stride_s, stride_d, dst_stride_s, dst_stride_d, IN_PLACE: tl.constexpr
+):
     dmask = dims[None, :] < dim
     vals = tl.load(src_ptr + idx[:, None] * stride_s + dims[None, :] * stride_d, mask=used[:, None] & dmask, other=0.0)
     if IN_PLACE:
@@ -513,14 +950,56 @@ def _gather_meta(src_ptr, dst_ptr, idx, used, j, stride_s, dst_stride_s, IN_PLAC
 
 
 @triton.jit
-def _compact_kv_kernel(idx_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, m0_ptr, om0_ptr, m1_ptr, om1_ptr,
-                       heads, seq, kept, kept_per_program, dim_k, dim_v,
-                       s_kb, s_kh, s_ks, s_kd, s_vb, s_vh, s_vs, s_vd,
-                       s_okb, s_okh, s_oks, s_okd, s_ovb, s_ovh, s_ovs, s_ovd,
-                       s_m0b, s_m0h, s_m0s, s_om0b, s_om0h, s_om0s,
-                       s_m1b, s_m1h, s_m1s, s_om1b, s_om1h, s_om1s,
-                       HAS_KV: tl.constexpr, NUM_META: tl.constexpr, IN_PLACE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _compact_kv_kernel(
+    idx_ptr,
+    k_ptr,
+    v_ptr,
+    ok_ptr,
+    ov_ptr,
+    m0_ptr,
+    om0_ptr,
+    m1_ptr,
+    om1_ptr,
+    heads,
+    seq,
+    kept,
+    kept_per_program,
+    dim_k,
+    dim_v,
+    s_kb,
+    s_kh,
+    s_ks,
+    s_kd,
+    s_vb,
+    s_vh,
+    s_vs,
+    s_vd,
+    s_okb,
+    s_okh,
+    s_oks,
+    s_okd,
+    s_ovb,
+    s_ovh,
+    s_ovs,
+    s_ovd,
+    s_m0b,
+    s_m0h,
+    s_m0s,
+    s_om0b,
+    s_om0h,
+    s_om0s,
+    s_m1b,
+    s_m1h,
+    s_m1s,
+    s_om1b,
+    s_om1h,
+    s_om1s,
+    HAS_KV: tl.constexpr,
+    NUM_META: tl.constexpr,
+    IN_PLACE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     b = row // heads
     h = row % heads
@@ -535,18 +1014,58 @@ def _compact_kv_kernel(idx_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, m0_ptr, om0_ptr, m
         used = (idx >= 0) & (idx < seq)
         jj = tl.where(inside, j, -1).to(tl.int64)
         if HAS_KV:
-            _gather_block(k_ptr + b * s_kb + h * s_kh, ok_ptr + b * s_okb + h * s_okh, idx, used, jj, dims, dim_k,
-                          s_ks, s_kd, s_oks, s_okd, IN_PLACE)
-            _gather_block(v_ptr + b * s_vb + h * s_vh, ov_ptr + b * s_ovb + h * s_ovh, idx, used, jj, dims, dim_v,
-                          s_vs, s_vd, s_ovs, s_ovd, IN_PLACE)
+            _gather_block(
+                k_ptr + b * s_kb + h * s_kh,
+                ok_ptr + b * s_okb + h * s_okh,
+                idx,
+                used,
+                jj,
+                dims,
+                dim_k,
+                s_ks,
+                s_kd,
+                s_oks,
+                s_okd,
+                IN_PLACE,
+            )
+            _gather_block(
+                v_ptr + b * s_vb + h * s_vh,
+                ov_ptr + b * s_ovb + h * s_ovh,
+                idx,
+                used,
+                jj,
+                dims,
+                dim_v,
+                s_vs,
+                s_vd,
+                s_ovs,
+                s_ovd,
+                IN_PLACE,
+            )
         if NUM_META >= 1:
             if tl.program_id(2) == 0:
-                _gather_meta(m0_ptr + b * s_m0b + h * s_m0h, om0_ptr + b * s_om0b + h * s_om0h, idx, used, jj,
-                             s_m0s, s_om0s, IN_PLACE)
+                _gather_meta(
+                    m0_ptr + b * s_m0b + h * s_m0h,
+                    om0_ptr + b * s_om0b + h * s_om0h,
+                    idx,
+                    used,
+                    jj,
+                    s_m0s,
+                    s_om0s,
+                    IN_PLACE,
+                )
         if NUM_META >= 2:
             if tl.program_id(2) == 0:
-                _gather_meta(m1_ptr + b * s_m1b + h * s_m1h, om1_ptr + b * s_om1b + h * s_om1h, idx, used, jj,
-                             s_m1s, s_om1s, IN_PLACE)
+                _gather_meta(
+                    m1_ptr + b * s_m1b + h * s_m1h,
+                    om1_ptr + b * s_om1b + h * s_om1h,
+                    idx,
+                    used,
+                    jj,
+                    s_m1s,
+                    s_om1s,
+                    IN_PLACE,
+                )
 
 
 def compact_kv_fwd(keys, values, indices, metas, outs, in_place: bool):
@@ -572,8 +1091,8 @@ def compact_kv_fwd(keys, values, indices, metas, outs, in_place: bool):
     kv_strides = (*keys.stride(), *values.stride(), *outs[0].stride(), *outs[1].stride()) if has_kv else zeros4 * 4
     meta_outs = outs[2:] if has_kv else outs
     for first in range(0, max(len(metas), 1), 2):
-        pair = list(metas[first:first + 2])
-        pair_out = list(meta_outs[first:first + 2])
+        pair = list(metas[first : first + 2])
+        pair_out = list(meta_outs[first : first + 2])
         strides = []
         for i in range(2):
             if i < len(pair):
@@ -584,9 +1103,25 @@ def compact_kv_fwd(keys, values, indices, metas, outs, in_place: bool):
                 pair_out.append(indices)
         launch_kv = has_kv and first == 0
         _compact_kv_kernel[grid if launch_kv else (b * h, grid[1], 1)](
-            indices, *kv, pair[0], pair_out[0], pair[1], pair_out[1], h, seq, kept, kept_per_program, dim_k, dim_v,
-            *kv_strides, *strides, HAS_KV=launch_kv, NUM_META=min(len(metas) - first, 2), IN_PLACE=in_place,
-            BLOCK_M=block_m, BLOCK_D=block_d,
+            indices,
+            *kv,
+            pair[0],
+            pair_out[0],
+            pair[1],
+            pair_out[1],
+            h,
+            seq,
+            kept,
+            kept_per_program,
+            dim_k,
+            dim_v,
+            *kv_strides,
+            *strides,
+            HAS_KV=launch_kv,
+            NUM_META=min(len(metas) - first, 2),
+            IN_PLACE=in_place,
+            BLOCK_M=block_m,
+            BLOCK_D=block_d,
         )
 
 
@@ -623,8 +1158,21 @@ def _mass_fwd_group(acc, c, i, t_group, start_t, seq, MASKED: tl.constexpr, BLOC
 
 
 @triton.jit
-def _mass_fwd_tile(acc0, acc1, acc2, acc3, lb_ptr, row, seq, i0, t0, starts_ptr, MASKED: tl.constexpr,
-                   BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr):
+def _mass_fwd_tile(
+    acc0,
+    acc1,
+    acc2,
+    acc3,
+    lb_ptr,
+    row,
+    seq,
+    i0,
+    t0,
+    starts_ptr,
+    MASKED: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
     """The four groups of BLOCK_G steps t0 + g·BLOCK_G + [0, BLOCK_G) against the columns i0 +
     [0, BLOCK_I). Unmasked (every step sees every column at a positive age), only the first group
     takes exponentials: group g's powers are the first's times β^(g·BLOCK_G), one FFMA per pair
@@ -633,14 +1181,39 @@ def _mass_fwd_tile(acc0, acc1, acc2, acc3, lb_ptr, row, seq, i0, t0, starts_ptr,
     c = _log2_beta(lb_ptr, row * seq + i, i < seq)
     if MASKED:
         g = tl.arange(0, BLOCK_G)
-        acc0 = _mass_fwd_group(acc0, c, i, t0, tl.load(starts_ptr + t0 + g, mask=t0 + g < seq, other=seq), seq,
-                               True, BLOCK_G)
-        acc1 = _mass_fwd_group(acc1, c, i, t0 + BLOCK_G, tl.load(starts_ptr + t0 + BLOCK_G + g,
-                               mask=t0 + BLOCK_G + g < seq, other=seq), seq, True, BLOCK_G)
-        acc2 = _mass_fwd_group(acc2, c, i, t0 + 2 * BLOCK_G, tl.load(starts_ptr + t0 + 2 * BLOCK_G + g,
-                               mask=t0 + 2 * BLOCK_G + g < seq, other=seq), seq, True, BLOCK_G)
-        acc3 = _mass_fwd_group(acc3, c, i, t0 + 3 * BLOCK_G, tl.load(starts_ptr + t0 + 3 * BLOCK_G + g,
-                               mask=t0 + 3 * BLOCK_G + g < seq, other=seq), seq, True, BLOCK_G)
+        acc0 = _mass_fwd_group(
+            acc0, c, i, t0, tl.load(starts_ptr + t0 + g, mask=t0 + g < seq, other=seq), seq, True, BLOCK_G
+        )
+        acc1 = _mass_fwd_group(
+            acc1,
+            c,
+            i,
+            t0 + BLOCK_G,
+            tl.load(starts_ptr + t0 + BLOCK_G + g, mask=t0 + BLOCK_G + g < seq, other=seq),
+            seq,
+            True,
+            BLOCK_G,
+        )
+        acc2 = _mass_fwd_group(
+            acc2,
+            c,
+            i,
+            t0 + 2 * BLOCK_G,
+            tl.load(starts_ptr + t0 + 2 * BLOCK_G + g, mask=t0 + 2 * BLOCK_G + g < seq, other=seq),
+            seq,
+            True,
+            BLOCK_G,
+        )
+        acc3 = _mass_fwd_group(
+            acc3,
+            c,
+            i,
+            t0 + 3 * BLOCK_G,
+            tl.load(starts_ptr + t0 + 3 * BLOCK_G + g, mask=t0 + 3 * BLOCK_G + g < seq, other=seq),
+            seq,
+            True,
+            BLOCK_G,
+        )
     else:
         power = _mass_fwd_group(tl.zeros([BLOCK_G, BLOCK_I], tl.float32), c, i, t0, t0, seq, False, BLOCK_G)
         step1 = tl.exp2(c * BLOCK_G)[None, :]
@@ -669,13 +1242,16 @@ def _retention_mass_fwd_kernel(lb_ptr, starts_ptr, out_ptr, seq, BLOCK_T: tl.con
     acc2 = tl.zeros([BLOCK_G, BLOCK_I], tl.float32)
     acc3 = tl.zeros([BLOCK_G, BLOCK_I], tl.float32)
     for i0 in range(lo, full, BLOCK_I):
-        acc0, acc1, acc2, acc3 = _mass_fwd_tile(acc0, acc1, acc2, acc3, lb_ptr, row, seq, i0, t0, starts_ptr, True,
-                                                BLOCK_I, BLOCK_G)
+        acc0, acc1, acc2, acc3 = _mass_fwd_tile(
+            acc0, acc1, acc2, acc3, lb_ptr, row, seq, i0, t0, starts_ptr, True, BLOCK_I, BLOCK_G
+        )
     for i0 in range(full, t0, BLOCK_I):
-        acc0, acc1, acc2, acc3 = _mass_fwd_tile(acc0, acc1, acc2, acc3, lb_ptr, row, seq, i0, t0, starts_ptr, False,
-                                                BLOCK_I, BLOCK_G)
-    acc0, acc1, acc2, acc3 = _mass_fwd_tile(acc0, acc1, acc2, acc3, lb_ptr, row, seq, t0, t0, starts_ptr, True,
-                                            BLOCK_I, BLOCK_G)  # the diagonal block
+        acc0, acc1, acc2, acc3 = _mass_fwd_tile(
+            acc0, acc1, acc2, acc3, lb_ptr, row, seq, i0, t0, starts_ptr, False, BLOCK_I, BLOCK_G
+        )
+    acc0, acc1, acc2, acc3 = _mass_fwd_tile(
+        acc0, acc1, acc2, acc3, lb_ptr, row, seq, t0, t0, starts_ptr, True, BLOCK_I, BLOCK_G
+    )  # the diagonal block
     g = t0 + tl.arange(0, BLOCK_G)
     out = out_ptr + row * seq
     tl.store(out + g, tl.sum(acc0, axis=1), mask=g < seq)
@@ -685,8 +1261,9 @@ def _retention_mass_fwd_kernel(lb_ptr, starts_ptr, out_ptr, seq, BLOCK_T: tl.con
 
 
 @triton.jit
-def _mass_bwd_tile(acc_lead, acc_grad, power, grad_ptr, row, seq, t0, i0, i, end_i, MASKED: tl.constexpr,
-                   BLOCK_T: tl.constexpr):
+def _mass_bwd_tile(
+    acc_lead, acc_grad, power, grad_ptr, row, seq, t0, i0, i, end_i, MASKED: tl.constexpr, BLOCK_T: tl.constexpr
+):
     """Over the tile of steps t = t0 + [0, BLOCK_T), with ``power`` = β_i^(t − i) given (0 at ages
     ≤ 0): acc_lead += g_t·(t − i0)·power and acc_grad += g_t·power. Since t − i = (t − i0) −
     (i − i0), the gradient is Σ acc_lead − (i − i0)·Σ acc_grad: two FFMAs per pair and nothing per
@@ -711,8 +1288,7 @@ def _mass_bwd_powers(i, t0, c, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _retention_mass_bwd_kernel(lb_ptr, ends_ptr, grad_ptr, out_ptr, seq, BLOCK_T: tl.constexpr,
-                               BLOCK_I: tl.constexpr):
+def _retention_mass_bwd_kernel(lb_ptr, ends_ptr, grad_ptr, out_ptr, seq, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr):
     """One program per (row, block of BLOCK_I tokens i; BLOCK_T == BLOCK_I), over the step blocks
     from the diagonal to the last end of its tokens' sequences. The diagonal block and the blocks
     holding a sequence end are masked; between them, chunks of _MASS_CHUNK blocks are summed by
@@ -729,8 +1305,9 @@ def _retention_mass_bwd_kernel(lb_ptr, ends_ptr, grad_ptr, out_ptr, seq, BLOCK_T
     full = tl.maximum((first_end // BLOCK_T) * BLOCK_T, i0 + BLOCK_T)
     acc_lead = tl.zeros([BLOCK_I, BLOCK_T], tl.float32)
     acc_grad = tl.zeros([BLOCK_I, BLOCK_T], tl.float32)
-    acc_lead, acc_grad = _mass_bwd_tile(acc_lead, acc_grad, _mass_bwd_powers(i, i0, c, BLOCK_T), grad_ptr, row,
-                                        seq, i0, i0, i, end_i, True, BLOCK_T)  # the diagonal block
+    acc_lead, acc_grad = _mass_bwd_tile(
+        acc_lead, acc_grad, _mass_bwd_powers(i, i0, c, BLOCK_T), grad_ptr, row, seq, i0, i0, i, end_i, True, BLOCK_T
+    )  # the diagonal block
     for chunk in range(i0 + BLOCK_T, full, BLOCK_T * _MASS_CHUNK):
         # Σ_n a_n·step^n over the chunk's blocks n by Horner's rule, last block first: one FFMA per
         # pair and sum, then one multiplication by the powers of the chunk's first block.
@@ -746,8 +1323,9 @@ def _retention_mass_bwd_kernel(lb_ptr, ends_ptr, grad_ptr, out_ptr, seq, BLOCK_T
         acc_lead = tl.fma(power, lead_sum, acc_lead)
         acc_grad = tl.fma(power, grad_sum, acc_grad)
     for t0 in range(full, hi, BLOCK_T):
-        acc_lead, acc_grad = _mass_bwd_tile(acc_lead, acc_grad, _mass_bwd_powers(i, t0, c, BLOCK_T), grad_ptr,
-                                            row, seq, t0, i0, i, end_i, True, BLOCK_T)
+        acc_lead, acc_grad = _mass_bwd_tile(
+            acc_lead, acc_grad, _mass_bwd_powers(i, t0, c, BLOCK_T), grad_ptr, row, seq, t0, i0, i, end_i, True, BLOCK_T
+        )
     grad = tl.sum(acc_lead, axis=1) - (i - i0).to(tl.float32) * tl.sum(acc_grad, axis=1)
     tl.store(out_ptr + row * seq + i, grad, mask=i_in)
 
@@ -755,7 +1333,9 @@ def _retention_mass_bwd_kernel(lb_ptr, ends_ptr, grad_ptr, out_ptr, seq, BLOCK_T
 def _sequence_bounds(seq: int, cu_seqlens, device):
     pos = torch.arange(seq, device=device)
     if cu_seqlens is None:
-        return torch.zeros(seq, dtype=torch.int64, device=device), torch.full((seq,), seq, dtype=torch.int64, device=device)
+        return torch.zeros(seq, dtype=torch.int64, device=device), torch.full(
+            (seq,), seq, dtype=torch.int64, device=device
+        )
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
     which = (torch.searchsorted(cu, pos, right=True) - 1).clamp(0, max(cu.numel() - 2, 0))
     return cu[which].contiguous(), cu[which + 1].contiguous()
@@ -772,7 +1352,8 @@ def retention_mass_fwd(log_beta_rows, cu_seqlens):
         return out
     starts, _ = _sequence_bounds(t, cu_seqlens, log_beta_rows.device)
     _retention_mass_fwd_kernel[(r, cdiv(t, _MASS_BLOCK))](
-        log_beta_rows, starts, out, t, BLOCK_T=_MASS_BLOCK, BLOCK_I=_MASS_BLOCK, num_warps=4)
+        log_beta_rows, starts, out, t, BLOCK_T=_MASS_BLOCK, BLOCK_I=_MASS_BLOCK, num_warps=4
+    )
     return out
 
 
@@ -784,6 +1365,13 @@ def retention_mass_bwd(log_beta_rows, cu_seqlens, grad_rows):
         return out
     _, ends = _sequence_bounds(t, cu_seqlens, log_beta_rows.device)
     _retention_mass_bwd_kernel[(r, cdiv(t, _MASS_BLOCK))](
-        log_beta_rows, ends, grad_rows.float().contiguous(), out, t, BLOCK_T=_MASS_BLOCK, BLOCK_I=_MASS_BLOCK,
-        num_warps=8)  # four [64, 64] fp32 tiles live in the Horner loop: 128 registers a thread at 8 warps
+        log_beta_rows,
+        ends,
+        grad_rows.float().contiguous(),
+        out,
+        t,
+        BLOCK_T=_MASS_BLOCK,
+        BLOCK_I=_MASS_BLOCK,
+        num_warps=8,
+    )  # four [64, 64] fp32 tiles live in the Horner loop: 128 registers a thread at 8 warps
     return out

@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 
 from .. import _backend
-from . import cdiv, next_power_of_2
 from ..reference.logprobs import (
     POLICY_LOSS_PARTIALS,
     Aggregation,
@@ -35,6 +34,7 @@ from ..reference.logprobs import (
     KlEstimator,
     LossType,
 )
+from . import cdiv, next_power_of_2
 
 # The kernels' option codes by name (values from negkernels.reference.logprobs, shared with CUDA).
 _LOSS_PPO: tl.constexpr = tl.constexpr(int(LossType.PPO))
@@ -152,8 +152,19 @@ def _grad_block(x, c, lse2, a, b, entropy, WITH_ENTROPY: tl.constexpr):
 
 
 @triton.jit
-def _write_logits_grad_row(row_ptr, grad_row_ptr, n_vocab, inv_t, lse, entropy, target_local, g_logp, g_entropy,
-                           WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+def _write_logits_grad_row(
+    row_ptr,
+    grad_row_ptr,
+    n_vocab,
+    inv_t,
+    lse,
+    entropy,
+    target_local,
+    g_logp,
+    g_entropy,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """d/dx of g_logp·log p_t + g_entropy·H:  inv_t·(g_logp·(1[j=t] − p_j) − g_entropy·p_j·(log p_j + H)).
 
     The sweep writes every element without the 1[j=t] term (no per-element compare); the target's
@@ -191,9 +202,22 @@ def _row_offset(row, stride_outer, stride_inner, inner_size):
 
 
 @triton.jit
-def _token_logprobs_fwd_kernel(logits_ptr, stride_outer, stride_inner, inner_size, targets_ptr, logp_ptr, entropy_ptr,
-                               lse_ptr, n_vocab, vocab_start, vocab_total, inv_t, WITH_ENTROPY: tl.constexpr,
-                               BLOCK_V: tl.constexpr):
+def _token_logprobs_fwd_kernel(
+    logits_ptr,
+    stride_outer,
+    stride_inner,
+    inner_size,
+    targets_ptr,
+    logp_ptr,
+    entropy_ptr,
+    lse_ptr,
+    n_vocab,
+    vocab_start,
+    vocab_total,
+    inv_t,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + _row_offset(row, stride_outer, stride_inner, inner_size)
     lse, entropy = _online_softmax_row(row_ptr, n_vocab, inv_t, WITH_ENTROPY, BLOCK_V)
@@ -211,10 +235,26 @@ def _token_logprobs_fwd_kernel(logits_ptr, stride_outer, stride_inner, inner_siz
 
 
 @triton.jit
-def _token_logprobs_bwd_kernel(logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer,
-                               grad_stride_inner, targets_ptr, lse_ptr, entropy_ptr,
-                               grad_logp_ptr, grad_entropy_ptr, n_vocab, vocab_start, inv_t,
-                               HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+def _token_logprobs_bwd_kernel(
+    logits_ptr,
+    stride_outer,
+    stride_inner,
+    inner_size,
+    grad_ptr,
+    grad_stride_outer,
+    grad_stride_inner,
+    targets_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_logp_ptr,
+    grad_entropy_ptr,
+    n_vocab,
+    vocab_start,
+    inv_t,
+    HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     g_logp = 0.0
     g_entropy = 0.0
@@ -225,15 +265,25 @@ def _token_logprobs_bwd_kernel(logits_ptr, stride_outer, stride_inner, inner_siz
         g_entropy = tl.load(grad_entropy_ptr + row).to(tl.float32)
         entropy = tl.load(entropy_ptr + row)
     local = tl.load(targets_ptr + row).to(tl.int64) - vocab_start
-    _write_logits_grad_row(logits_ptr + _row_offset(row, stride_outer, stride_inner, inner_size),
-                           grad_ptr + _row_offset(row, grad_stride_outer, grad_stride_inner, inner_size),
-                           n_vocab, inv_t, tl.load(lse_ptr + row), entropy, local, g_logp, g_entropy, HAS_GRAD_ENTROPY,
-                           BLOCK_V)
+    _write_logits_grad_row(
+        logits_ptr + _row_offset(row, stride_outer, stride_inner, inner_size),
+        grad_ptr + _row_offset(row, grad_stride_outer, grad_stride_inner, inner_size),
+        n_vocab,
+        inv_t,
+        tl.load(lse_ptr + row),
+        entropy,
+        local,
+        g_logp,
+        g_entropy,
+        HAS_GRAD_ENTROPY,
+        BLOCK_V,
+    )
 
 
 @triton.jit
-def _scale_rows_unless_one_kernel(x_ptr, stride_outer, stride_inner, inner_size, n_cols, scale_ptr,
-                                  BLOCK: tl.constexpr):
+def _scale_rows_unless_one_kernel(
+    x_ptr, stride_outer, stride_inner, inner_size, n_cols, scale_ptr, BLOCK: tl.constexpr
+):
     """x ← x·scale, row by row, except where scale is 1 (the incoming gradient of
     ``loss.backward()``): then the program returns without touching x. The decision is made on
     the device, so the host never reads the scale."""
@@ -249,16 +299,24 @@ def _scale_rows_unless_one_kernel(x_ptr, stride_outer, stride_inner, inner_size,
             tl.store(row_ptr + offs, (x * scale).to(row_ptr.dtype.element_ty), mask=valid)
 
 
-def scale_rows_unless_one(x, stride_outer: int, stride_inner: int, inner_size: int, rows: int, n_cols: int,
-                          scale: torch.Tensor) -> None:
+def scale_rows_unless_one(
+    x, stride_outer: int, stride_inner: int, inner_size: int, rows: int, n_cols: int, scale: torch.Tensor
+) -> None:
     """In place: rows of ``x`` (addressed as in :func:`token_logprobs_fwd`) times the 0-d ``scale``,
     skipped on the device when it is 1."""
     if rows == 0 or n_cols == 0:
         return
     block = _vocab_block(n_cols)
     _scale_rows_unless_one_kernel[(rows,)](
-        x_ptr=x, stride_outer=stride_outer, stride_inner=stride_inner, inner_size=inner_size, n_cols=n_cols,
-        scale_ptr=scale, BLOCK=block, num_warps=_num_warps(block))
+        x_ptr=x,
+        stride_outer=stride_outer,
+        stride_inner=stride_inner,
+        inner_size=inner_size,
+        n_cols=n_cols,
+        scale_ptr=scale,
+        BLOCK=block,
+        num_warps=_num_warps(block),
+    )
 
 
 # ----------------------------------------------------------------------------- per-token losses
@@ -299,8 +357,9 @@ def _clipped_surrogate(ratio, adv, lo, hi, delta, dual_c):
 
 
 @triton.jit
-def _token_local_loss(lp, ratio, adv, lo, hi, delta, dual_c, tau_pos, tau_neg, LOSS: tl.constexpr,
-                      CISPO_TWO_SIDED: tl.constexpr):
+def _token_local_loss(
+    lp, ratio, adv, lo, hi, delta, dual_c, tau_pos, tau_neg, LOSS: tl.constexpr, CISPO_TWO_SIDED: tl.constexpr
+):
     """Per-token policy term of the token-local losses: (value, d value/d logp, low, high, dual flags)."""
     zero = tl.zeros_like(ratio)
     if LOSS == _LOSS_PPO:
@@ -340,7 +399,9 @@ def _token_local_loss(lp, ratio, adv, lo, hi, delta, dual_c, tau_pos, tau_neg, L
 def _exp_minus_one_minus(x):
     """e^x − 1 − x (the k3 / approx-KL shape) without fp32 cancellation: for |x| < 0.5 a Taylor
     series through x^7 (truncation below 1e-6 relative), else the direct form (value ≥ 0.1)."""
-    series = x * x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0 + x * (1.0 / 720.0 + x * (1.0 / 5040.0))))))
+    series = (
+        x * x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0 + x * (1.0 / 720.0 + x * (1.0 / 5040.0))))))
+    )
     return tl.where(tl.abs(x) < 0.5, series, tl.exp(x) - 1.0 - x)
 
 
@@ -409,15 +470,50 @@ def _geo_mean_log_ratio(log_ratio, adv, lo, hi):
 
 @triton.jit
 def _policy_loss_fwd_kernel(
-    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, iw_ptr, cu_ptr, partial_ptr, grad_ptr,
-    loss_ptr, stats_ptr, normaliser_ptr,
-    n_tokens, seq_len, max_len, num_sequences,
-    lo, hi, delta, dual_c, tau_pos, tau_neg, npo_beta, kl_coef, kl_clamp, is_hi, is_lo, norm_constant,
-    LOSS: tl.constexpr, KL: tl.constexpr, KL_BIAS_CORRECTION: tl.constexpr, KL_TIMES_IS_WEIGHTS: tl.constexpr,
-    AGG: tl.constexpr, IS: tl.constexpr, PACKED: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, IW_PER_TOKEN: tl.constexpr,
-    CISPO_TWO_SIDED: tl.constexpr, SEQUENCE_RATIO: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    logp_ptr,
+    old_ptr,
+    adv_ptr,
+    mask_ptr,
+    ref_ptr,
+    iw_ptr,
+    cu_ptr,
+    partial_ptr,
+    grad_ptr,
+    loss_ptr,
+    stats_ptr,
+    normaliser_ptr,
+    n_tokens,
+    seq_len,
+    max_len,
+    num_sequences,
+    lo,
+    hi,
+    delta,
+    dual_c,
+    tau_pos,
+    tau_neg,
+    npo_beta,
+    kl_coef,
+    kl_clamp,
+    is_hi,
+    is_lo,
+    norm_constant,
+    LOSS: tl.constexpr,
+    KL: tl.constexpr,
+    KL_BIAS_CORRECTION: tl.constexpr,
+    KL_TIMES_IS_WEIGHTS: tl.constexpr,
+    AGG: tl.constexpr,
+    IS: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ADV_PER_TOKEN: tl.constexpr,
+    IW_PER_TOKEN: tl.constexpr,
+    CISPO_TWO_SIDED: tl.constexpr,
+    SEQUENCE_RATIO: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
     HAS_NORMALISER: tl.constexpr,
-    BLOCK: tl.constexpr, FINAL_BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    FINAL_BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     if PACKED:
@@ -547,12 +643,14 @@ def _policy_loss_fwd_kernel(
             dual = low
         elif SEQUENCE_RATIO:  # sapo / cispo of s, in token form: s in place of ρ (dρ/dlogp = ρ ↔ s)
             s = tl.zeros_like(lp) + seq_ratio
-            value, d_pg, low, high, dual = _token_local_loss(lp, s, adv, lo, hi, delta, dual_c, tau_pos, tau_neg,
-                                                             LOSS, CISPO_TWO_SIDED)
+            value, d_pg, low, high, dual = _token_local_loss(
+                lp, s, adv, lo, hi, delta, dual_c, tau_pos, tau_neg, LOSS, CISPO_TWO_SIDED
+            )
             d_logp = iw * d_pg
         else:
-            value, d_pg, low, high, dual = _token_local_loss(lp, ratio, adv, lo, hi, delta, dual_c, tau_pos, tau_neg,
-                                                             LOSS, CISPO_TWO_SIDED)
+            value, d_pg, low, high, dual = _token_local_loss(
+                lp, ratio, adv, lo, hi, delta, dual_c, tau_pos, tau_neg, LOSS, CISPO_TWO_SIDED
+            )
             d_logp = iw * d_pg
         token_loss = iw * value
         if KL != _KL_NONE:
@@ -597,13 +695,22 @@ def _policy_loss_fwd_kernel(
     # The ticket is the fp32 word after the partials (zeroed with them; exact below 2^24 sequences).
     ticket = tl.atomic_add(partial_ptr + num_sequences * 8, 1.0, sem="acq_rel")
     if ticket == num_sequences - 1:
-        _finalize_policy_partials(partial_ptr, num_sequences, normaliser_ptr, loss_ptr, stats_ptr, AGG,
-                                  HAS_NORMALISER, FINAL_BLOCK)
+        _finalize_policy_partials(
+            partial_ptr, num_sequences, normaliser_ptr, loss_ptr, stats_ptr, AGG, HAS_NORMALISER, FINAL_BLOCK
+        )
 
 
 @triton.jit
-def _finalize_policy_partials(partial_ptr, num_sequences, normaliser_ptr, loss_ptr, stats_ptr,
-                              AGG: tl.constexpr, HAS_NORMALISER: tl.constexpr, FINAL_BLOCK: tl.constexpr):
+def _finalize_policy_partials(
+    partial_ptr,
+    num_sequences,
+    normaliser_ptr,
+    loss_ptr,
+    stats_ptr,
+    AGG: tl.constexpr,
+    HAS_NORMALISER: tl.constexpr,
+    FINAL_BLOCK: tl.constexpr,
+):
     """[B, 8] partials → loss (Σ loss / normaliser) and stats [8]: the 6 metrics (means over the
     unmasked tokens), the unmasked tokens, 1 / normaliser. The normaliser: the given one (already
     NaN on the host unless positive and finite), else this call's token count (token-mean), its
@@ -650,15 +757,60 @@ def _count_nonzero(ptr, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _policy_loss_from_logits_kernel(
-    logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer, grad_stride_inner,
-    targets_ptr, old_ptr, adv_ptr, weight_ptr, mask_ptr, normaliser_ptr, ref_ptr, iw_ptr, logp_ptr, entropy_ptr,
-    partial_ptr, loss_ptr, stats_ptr, n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, kl_clamp, entropy_coef,
-    is_hi, is_lo, row_scale, seq_len, n_rows, rows_per_program,
-    LOSS: tl.constexpr, KL: tl.constexpr, KL_BIAS_CORRECTION: tl.constexpr, KL_TIMES_IS_WEIGHTS: tl.constexpr,
-    IS: tl.constexpr, CISPO_TWO_SIDED: tl.constexpr, ON_POLICY: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, WITH_ENTROPY: tl.constexpr, FINALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_MASK: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, IW_PER_TOKEN: tl.constexpr, NORMALISER: tl.constexpr,
-    BLOCK_V: tl.constexpr, COUNT_BLOCK: tl.constexpr,
+    logits_ptr,
+    stride_outer,
+    stride_inner,
+    inner_size,
+    grad_ptr,
+    grad_stride_outer,
+    grad_stride_inner,
+    targets_ptr,
+    old_ptr,
+    adv_ptr,
+    weight_ptr,
+    mask_ptr,
+    normaliser_ptr,
+    ref_ptr,
+    iw_ptr,
+    logp_ptr,
+    entropy_ptr,
+    partial_ptr,
+    loss_ptr,
+    stats_ptr,
+    n_vocab,
+    inv_t,
+    lo,
+    hi,
+    delta,
+    dual_c,
+    tau_pos,
+    tau_neg,
+    kl_coef,
+    kl_clamp,
+    entropy_coef,
+    is_hi,
+    is_lo,
+    row_scale,
+    seq_len,
+    n_rows,
+    rows_per_program,
+    LOSS: tl.constexpr,
+    KL: tl.constexpr,
+    KL_BIAS_CORRECTION: tl.constexpr,
+    KL_TIMES_IS_WEIGHTS: tl.constexpr,
+    IS: tl.constexpr,
+    CISPO_TWO_SIDED: tl.constexpr,
+    ON_POLICY: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    FINALIZE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ADV_PER_TOKEN: tl.constexpr,
+    IW_PER_TOKEN: tl.constexpr,
+    NORMALISER: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    COUNT_BLOCK: tl.constexpr,
 ):
     # Persistent: a few rows in flight per SM, so a row read by the online pass is still in L2
     # when the gradient sweep reads it again. Each program sums its rows' terms in registers.
@@ -699,11 +851,46 @@ def _policy_loss_from_logits_kernel(
             adv_at = row if ADV_PER_TOKEN else seq
             iw_at = row if IW_PER_TOKEN else seq
             t_loss, t_n, t_low, t_high, t_dual, t_akl, t_ratio, t_kl, t_ent = _policy_loss_from_logits_row(
-                row, logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer,
-                grad_stride_inner, targets_ptr, old_ptr, adv_ptr + adv_at, weight, ref_ptr, iw_ptr + iw_at, logp_ptr,
-                entropy_ptr, n_vocab, inv_t, lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, kl_clamp, entropy_coef,
-                is_hi, is_lo, LOSS, KL, KL_BIAS_CORRECTION, KL_TIMES_IS_WEIGHTS, IS, CISPO_TWO_SIDED, ON_POLICY, COMPUTE_GRAD, WITH_ENTROPY,
-                BLOCK_V)
+                row,
+                logits_ptr,
+                stride_outer,
+                stride_inner,
+                inner_size,
+                grad_ptr,
+                grad_stride_outer,
+                grad_stride_inner,
+                targets_ptr,
+                old_ptr,
+                adv_ptr + adv_at,
+                weight,
+                ref_ptr,
+                iw_ptr + iw_at,
+                logp_ptr,
+                entropy_ptr,
+                n_vocab,
+                inv_t,
+                lo,
+                hi,
+                delta,
+                dual_c,
+                tau_pos,
+                tau_neg,
+                kl_coef,
+                kl_clamp,
+                entropy_coef,
+                is_hi,
+                is_lo,
+                LOSS,
+                KL,
+                KL_BIAS_CORRECTION,
+                KL_TIMES_IS_WEIGHTS,
+                IS,
+                CISPO_TWO_SIDED,
+                ON_POLICY,
+                COMPUTE_GRAD,
+                WITH_ENTROPY,
+                BLOCK_V,
+            )
             s_loss += t_loss
             s_n += t_n
             s_low += t_low
@@ -742,12 +929,45 @@ def _policy_loss_from_logits_kernel(
 
 @triton.jit
 def _policy_loss_from_logits_row(
-    row, logits_ptr, stride_outer, stride_inner, inner_size, grad_ptr, grad_stride_outer, grad_stride_inner,
-    targets_ptr, old_ptr, adv_at_ptr, weight, ref_ptr, iw_at_ptr, logp_ptr, entropy_ptr, n_vocab, inv_t,
-    lo, hi, delta, dual_c, tau_pos, tau_neg, kl_coef, kl_clamp, entropy_coef, is_hi, is_lo,
-    LOSS: tl.constexpr, KL: tl.constexpr, KL_BIAS_CORRECTION: tl.constexpr, KL_TIMES_IS_WEIGHTS: tl.constexpr,
-    IS: tl.constexpr, CISPO_TWO_SIDED: tl.constexpr, ON_POLICY: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    row,
+    logits_ptr,
+    stride_outer,
+    stride_inner,
+    inner_size,
+    grad_ptr,
+    grad_stride_outer,
+    grad_stride_inner,
+    targets_ptr,
+    old_ptr,
+    adv_at_ptr,
+    weight,
+    ref_ptr,
+    iw_at_ptr,
+    logp_ptr,
+    entropy_ptr,
+    n_vocab,
+    inv_t,
+    lo,
+    hi,
+    delta,
+    dual_c,
+    tau_pos,
+    tau_neg,
+    kl_coef,
+    kl_clamp,
+    entropy_coef,
+    is_hi,
+    is_lo,
+    LOSS: tl.constexpr,
+    KL: tl.constexpr,
+    KL_BIAS_CORRECTION: tl.constexpr,
+    KL_TIMES_IS_WEIGHTS: tl.constexpr,
+    IS: tl.constexpr,
+    CISPO_TWO_SIDED: tl.constexpr,
+    ON_POLICY: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """One token row (``adv_at_ptr`` / ``iw_at_ptr`` already at its advantage and IS weight,
     ``weight`` its aggregation weight): log-prob, entropy, loss gradient into the logits'
@@ -772,8 +992,9 @@ def _policy_loss_from_logits_row(
     adv = tl.load(adv_at_ptr).to(tl.float32)
     log_ratio = lp - old
     ratio = tl.exp(log_ratio)
-    value, d_logp, low, high, dual = _token_local_loss(lp, ratio, adv, lo, hi, delta, dual_c, tau_pos, tau_neg,
-                                                       LOSS, CISPO_TWO_SIDED)
+    value, d_logp, low, high, dual = _token_local_loss(
+        lp, ratio, adv, lo, hi, delta, dual_c, tau_pos, tau_neg, LOSS, CISPO_TWO_SIDED
+    )
     if IS != _IS_NONE:
         iw = _importance_weight(tl.load(iw_at_ptr).to(tl.float32), is_hi, is_lo, IS)
         value = value * iw
@@ -793,12 +1014,30 @@ def _policy_loss_from_logits_row(
     if COMPUTE_GRAD:
         g_logp = tl.where(m, weight * d_logp, 0.0)
         g_entropy = -entropy_coef * weight
-        _write_logits_grad_row(row_ptr, grad_ptr + _row_offset(row, grad_stride_outer, grad_stride_inner, inner_size),
-                               n_vocab, inv_t, lse, entropy, target, g_logp, g_entropy, WITH_ENTROPY, BLOCK_V)
-    return (tl.where(m, weight * (value - entropy_coef * entropy), 0.0), tl.where(m, 1.0, 0.0),
-            tl.where(m, low, 0.0), tl.where(m, high, 0.0), tl.where(m, dual, 0.0),
-            tl.where(m, _exp_minus_one_minus(log_ratio), 0.0), tl.where(m, ratio, 0.0), tl.where(m, kl, 0.0),
-            tl.where(m, entropy, 0.0))
+        _write_logits_grad_row(
+            row_ptr,
+            grad_ptr + _row_offset(row, grad_stride_outer, grad_stride_inner, inner_size),
+            n_vocab,
+            inv_t,
+            lse,
+            entropy,
+            target,
+            g_logp,
+            g_entropy,
+            WITH_ENTROPY,
+            BLOCK_V,
+        )
+    return (
+        tl.where(m, weight * (value - entropy_coef * entropy), 0.0),
+        tl.where(m, 1.0, 0.0),
+        tl.where(m, low, 0.0),
+        tl.where(m, high, 0.0),
+        tl.where(m, dual, 0.0),
+        tl.where(m, _exp_minus_one_minus(log_ratio), 0.0),
+        tl.where(m, ratio, 0.0),
+        tl.where(m, kl, 0.0),
+        tl.where(m, entropy, 0.0),
+    )
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -808,9 +1047,19 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 1024 else (8 if block <= 4096 else 16)
 
 
-def token_logprobs_fwd(logits, stride_outer: int, stride_inner: int, inner_size: int, rows: int, n_vocab: int,
-                       targets: torch.Tensor, temperature: float, vocab_start: int, with_entropy: bool,
-                       vocab_total: int | None = None):
+def token_logprobs_fwd(
+    logits,
+    stride_outer: int,
+    stride_inner: int,
+    inner_size: int,
+    rows: int,
+    n_vocab: int,
+    targets: torch.Tensor,
+    temperature: float,
+    vocab_start: int,
+    with_entropy: bool,
+    vocab_total: int | None = None,
+):
     """Rows of ``logits`` addressed as (row // inner_size)·stride_outer + (row % inner_size)·stride_inner,
     unit stride along V; targets [rows] → (logp [rows], entropy [rows] or [0], lse [rows]), fp32."""
     dev = logits.device
@@ -821,26 +1070,68 @@ def token_logprobs_fwd(logits, stride_outer: int, stride_inner: int, inner_size:
         return logp, entropy, lse
     block = _vocab_block(n_vocab)
     _token_logprobs_fwd_kernel[(rows,)](
-        logits, stride_outer, stride_inner, inner_size, targets, logp, entropy if with_entropy else lse, lse, n_vocab,
-        vocab_start, vocab_total if vocab_total is not None else vocab_start + n_vocab, 1.0 / temperature,
-        WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=_num_warps(block),
+        logits,
+        stride_outer,
+        stride_inner,
+        inner_size,
+        targets,
+        logp,
+        entropy if with_entropy else lse,
+        lse,
+        n_vocab,
+        vocab_start,
+        vocab_total if vocab_total is not None else vocab_start + n_vocab,
+        1.0 / temperature,
+        WITH_ENTROPY=with_entropy,
+        BLOCK_V=block,
+        num_warps=_num_warps(block),
     )
     return logp, entropy, lse
 
 
-def token_logprobs_bwd(grad_logp, grad_entropy, logits, stride_outer, stride_inner, inner_size, out, out_stride_outer,
-                       out_stride_inner, rows: int, n_vocab: int, targets, lse, entropy, temperature: float,
-                       vocab_start: int) -> None:
+def token_logprobs_bwd(
+    grad_logp,
+    grad_entropy,
+    logits,
+    stride_outer,
+    stride_inner,
+    inner_size,
+    out,
+    out_stride_outer,
+    out_stride_inner,
+    rows: int,
+    n_vocab: int,
+    targets,
+    lse,
+    entropy,
+    temperature: float,
+    vocab_start: int,
+) -> None:
     """Writes d loss / d logits into ``out`` (which may be ``logits`` itself)."""
     if rows == 0:
         return
     block = _vocab_block(n_vocab)
     has_gl, has_ge = grad_logp is not None, grad_entropy is not None
     _token_logprobs_bwd_kernel[(rows,)](
-        logits, stride_outer, stride_inner, inner_size, out, out_stride_outer, out_stride_inner, targets, lse,
-        entropy if has_ge else lse, grad_logp.contiguous() if has_gl else lse,
-        grad_entropy.contiguous() if has_ge else lse, n_vocab, vocab_start, 1.0 / temperature,
-        HAS_GRAD_LOGP=has_gl, HAS_GRAD_ENTROPY=has_ge, BLOCK_V=block, num_warps=_num_warps(block),
+        logits,
+        stride_outer,
+        stride_inner,
+        inner_size,
+        out,
+        out_stride_outer,
+        out_stride_inner,
+        targets,
+        lse,
+        entropy if has_ge else lse,
+        grad_logp.contiguous() if has_gl else lse,
+        grad_entropy.contiguous() if has_ge else lse,
+        n_vocab,
+        vocab_start,
+        1.0 / temperature,
+        HAS_GRAD_LOGP=has_gl,
+        HAS_GRAD_ENTROPY=has_ge,
+        BLOCK_V=block,
+        num_warps=_num_warps(block),
     )
 
 
@@ -866,40 +1157,88 @@ def policy_loss_fwd(logp, old_logp, advantages, mask, ref_logp, is_weights, cu_s
     block = max(16, min(2048, next_power_of_2(max(codes.max_len, 1))))
     placeholder = logp
     _policy_loss_fwd_kernel[(num_sequences,)](
-        logp_ptr=logp, old_ptr=old_logp, adv_ptr=advantages if advantages is not None else placeholder,
-        mask_ptr=mask if mask is not None else placeholder, ref_ptr=ref_logp if ref_logp is not None else placeholder,
+        logp_ptr=logp,
+        old_ptr=old_logp,
+        adv_ptr=advantages if advantages is not None else placeholder,
+        mask_ptr=mask if mask is not None else placeholder,
+        ref_ptr=ref_logp if ref_logp is not None else placeholder,
         iw_ptr=is_weights if is_weights is not None else placeholder,
         cu_ptr=cu_seqlens if cu_seqlens is not None else placeholder,
-        partial_ptr=partial, grad_ptr=grad if codes.compute_grad else partial,
-        loss_ptr=loss, stats_ptr=stats, normaliser_ptr=normaliser if normaliser is not None else stats,
-        n_tokens=n, seq_len=codes.seq_len, max_len=codes.max_len, num_sequences=num_sequences,
-        lo=scalars.lo, hi=scalars.hi, delta=scalars.delta, dual_c=scalars.dual_clip, tau_pos=scalars.tau_pos,
-        tau_neg=scalars.tau_neg, npo_beta=scalars.npo_beta, kl_coef=scalars.kl_coef, kl_clamp=scalars.kl_clamp,
+        partial_ptr=partial,
+        grad_ptr=grad if codes.compute_grad else partial,
+        loss_ptr=loss,
+        stats_ptr=stats,
+        normaliser_ptr=normaliser if normaliser is not None else stats,
+        n_tokens=n,
+        seq_len=codes.seq_len,
+        max_len=codes.max_len,
+        num_sequences=num_sequences,
+        lo=scalars.lo,
+        hi=scalars.hi,
+        delta=scalars.delta,
+        dual_c=scalars.dual_clip,
+        tau_pos=scalars.tau_pos,
+        tau_neg=scalars.tau_neg,
+        npo_beta=scalars.npo_beta,
+        kl_coef=scalars.kl_coef,
+        kl_clamp=scalars.kl_clamp,
         is_hi=scalars.is_hi,
-        is_lo=scalars.is_lo, norm_constant=scalars.norm_constant,
-        LOSS=codes.loss, KL=codes.kl, KL_BIAS_CORRECTION=bool(codes.kl_bias_correction),
-        KL_TIMES_IS_WEIGHTS=bool(codes.kl_times_is_weights), AGG=codes.aggregation,
+        is_lo=scalars.is_lo,
+        norm_constant=scalars.norm_constant,
+        LOSS=codes.loss,
+        KL=codes.kl,
+        KL_BIAS_CORRECTION=bool(codes.kl_bias_correction),
+        KL_TIMES_IS_WEIGHTS=bool(codes.kl_times_is_weights),
+        AGG=codes.aggregation,
         IS=codes.is_mode,
-        PACKED=cu_seqlens is not None, HAS_MASK=mask is not None,
-        ADV_PER_TOKEN=bool(codes.adv_per_token), IW_PER_TOKEN=bool(codes.iw_per_token),
-        CISPO_TWO_SIDED=bool(codes.cispo_two_sided), SEQUENCE_RATIO=bool(codes.sequence_ratio), COMPUTE_GRAD=bool(codes.compute_grad),
-        HAS_NORMALISER=normaliser is not None, BLOCK=block, FINAL_BLOCK=FINAL_ROWS,
+        PACKED=cu_seqlens is not None,
+        HAS_MASK=mask is not None,
+        ADV_PER_TOKEN=bool(codes.adv_per_token),
+        IW_PER_TOKEN=bool(codes.iw_per_token),
+        CISPO_TWO_SIDED=bool(codes.cispo_two_sided),
+        SEQUENCE_RATIO=bool(codes.sequence_ratio),
+        COMPUTE_GRAD=bool(codes.compute_grad),
+        HAS_NORMALISER=normaliser is not None,
+        BLOCK=block,
+        FINAL_BLOCK=FINAL_ROWS,
         num_warps=4 if block <= 512 else 8,
     )
     return loss, stats, grad
 
 
-def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, grad, grad_stride_outer,
-                                grad_stride_inner, rows: int, n_vocab: int, targets, old_logp, advantages, weight,
-                                ref_logp, is_weights, codes, scalars, with_entropy: bool, finalize: bool = True, *,
-                                mask=None, normaliser=None, row_scale: float = 1.0, out_shape=None):
+def policy_loss_from_logits_fwd(
+    logits,
+    stride_outer,
+    stride_inner,
+    inner_size,
+    grad,
+    grad_stride_outer,
+    grad_stride_inner,
+    rows: int,
+    n_vocab: int,
+    targets,
+    old_logp,
+    advantages,
+    weight,
+    ref_logp,
+    is_weights,
+    codes,
+    scalars,
+    with_entropy: bool,
+    finalize: bool = True,
+    *,
+    mask=None,
+    normaliser=None,
+    row_scale: float = 1.0,
+    out_shape=None,
+):
     """Token rows of logits; per-token inputs read flat by row, in any float dtype; advantages and
     IS weights per token or, with ``codes.adv_per_token`` / ``iw_per_token`` off, per sequence of
     ``codes.seq_len`` rows. The aggregation weight of a row: ``weight`` [rows] fp32 if given (mask ·
     aggregation weight / normaliser), else row_scale / normaliser for the rows that ``mask`` (uint8,
     optional) keeps, where the normaliser is ``normaliser`` (0-d) if given, else (from
-    ``codes.aggregation``) this call's unmasked rows for token-mean, 1 for token-sum. ``codes`` / ``scalars`` as in :func:`policy_loss_fwd` →
-    (logp [rows],
+    ``codes.aggregation``) this call's unmasked rows for token-mean, 1 for token-sum. ``codes`` /
+    ``scalars`` as in :func:`policy_loss_fwd` → (logp [rows],
     entropy [rows] (0 unless ``with_entropy``), loss 0-d, stats [8] = the 6 metrics and the mean
     entropy over the unmasked tokens, then their count); with ``codes.compute_grad`` the logits'
     gradient for an incoming gradient of 1 goes to ``grad`` (which may be ``logits``). Without
@@ -923,8 +1262,10 @@ def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, 
     elif codes.aggregation == Aggregation.TOKEN_SUM:
         source = NormaliserSource.ONE
     else:
-        raise ValueError(f"normaliser: required for aggregation code {codes.aggregation} (only token-mean and "
-                         "token-sum count their own)")
+        raise ValueError(
+            f"normaliser: required for aggregation code {codes.aggregation} (only token-mean and "
+            "token-sum count their own)"
+        )
     block = _vocab_block(n_vocab, FUSED_MAX_BLOCK_V)
     sms = _backend.sm_count(logits.device)
     # The interpreter still walks the persistent loop with a few programs.
@@ -933,25 +1274,59 @@ def policy_loss_from_logits_fwd(logits, stride_outer, stride_inner, inner_size, 
     partial = torch.zeros(programs * 9 + 1, dtype=torch.float32, device=dev)
     placeholder = old_logp if old_logp is not None else targets  # old_logp None: on-policy
     _policy_loss_from_logits_kernel[(programs,)](
-        logits_ptr=logits, stride_outer=stride_outer, stride_inner=stride_inner, inner_size=inner_size,
-        grad_ptr=grad, grad_stride_outer=grad_stride_outer, grad_stride_inner=grad_stride_inner,
-        targets_ptr=targets, old_ptr=placeholder, adv_ptr=advantages,
-        weight_ptr=weight if weight is not None else placeholder, mask_ptr=mask if mask is not None else placeholder,
+        logits_ptr=logits,
+        stride_outer=stride_outer,
+        stride_inner=stride_inner,
+        inner_size=inner_size,
+        grad_ptr=grad,
+        grad_stride_outer=grad_stride_outer,
+        grad_stride_inner=grad_stride_inner,
+        targets_ptr=targets,
+        old_ptr=placeholder,
+        adv_ptr=advantages,
+        weight_ptr=weight if weight is not None else placeholder,
+        mask_ptr=mask if mask is not None else placeholder,
         normaliser_ptr=normaliser if normaliser is not None else placeholder,
         ref_ptr=ref_logp if ref_logp is not None else placeholder,
         iw_ptr=is_weights if is_weights is not None else placeholder,
-        logp_ptr=logp, entropy_ptr=entropy, partial_ptr=partial, loss_ptr=loss, stats_ptr=stats,
-        n_vocab=n_vocab, inv_t=1.0 / scalars.temperature,
-        lo=scalars.lo, hi=scalars.hi, delta=scalars.delta, dual_c=scalars.dual_clip, tau_pos=scalars.tau_pos,
-        tau_neg=scalars.tau_neg, kl_coef=scalars.kl_coef, kl_clamp=scalars.kl_clamp, entropy_coef=scalars.entropy_coef, is_hi=scalars.is_hi,
-        is_lo=scalars.is_lo, row_scale=row_scale, seq_len=max(codes.seq_len, 1), n_rows=rows,
+        logp_ptr=logp,
+        entropy_ptr=entropy,
+        partial_ptr=partial,
+        loss_ptr=loss,
+        stats_ptr=stats,
+        n_vocab=n_vocab,
+        inv_t=1.0 / scalars.temperature,
+        lo=scalars.lo,
+        hi=scalars.hi,
+        delta=scalars.delta,
+        dual_c=scalars.dual_clip,
+        tau_pos=scalars.tau_pos,
+        tau_neg=scalars.tau_neg,
+        kl_coef=scalars.kl_coef,
+        kl_clamp=scalars.kl_clamp,
+        entropy_coef=scalars.entropy_coef,
+        is_hi=scalars.is_hi,
+        is_lo=scalars.is_lo,
+        row_scale=row_scale,
+        seq_len=max(codes.seq_len, 1),
+        n_rows=rows,
         rows_per_program=cdiv(rows, programs),
-        LOSS=codes.loss, KL=codes.kl, KL_BIAS_CORRECTION=bool(codes.kl_bias_correction),
-        KL_TIMES_IS_WEIGHTS=bool(codes.kl_times_is_weights), IS=codes.is_mode,
-        CISPO_TWO_SIDED=bool(codes.cispo_two_sided), ON_POLICY=bool(codes.on_policy),
-        COMPUTE_GRAD=bool(codes.compute_grad), WITH_ENTROPY=with_entropy, FINALIZE=finalize,
-        HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None, ADV_PER_TOKEN=bool(codes.adv_per_token),
-        IW_PER_TOKEN=bool(codes.iw_per_token) or is_weights is None, NORMALISER=source, BLOCK_V=block,
+        LOSS=codes.loss,
+        KL=codes.kl,
+        KL_BIAS_CORRECTION=bool(codes.kl_bias_correction),
+        KL_TIMES_IS_WEIGHTS=bool(codes.kl_times_is_weights),
+        IS=codes.is_mode,
+        CISPO_TWO_SIDED=bool(codes.cispo_two_sided),
+        ON_POLICY=bool(codes.on_policy),
+        COMPUTE_GRAD=bool(codes.compute_grad),
+        WITH_ENTROPY=with_entropy,
+        FINALIZE=finalize,
+        HAS_WEIGHT=weight is not None,
+        HAS_MASK=mask is not None,
+        ADV_PER_TOKEN=bool(codes.adv_per_token),
+        IW_PER_TOKEN=bool(codes.iw_per_token) or is_weights is None,
+        NORMALISER=source,
+        BLOCK_V=block,
         COUNT_BLOCK=MASK_COUNT_BLOCK,
         num_warps=FUSED_NUM_WARPS if block >= 8192 else _num_warps(block),
     )
@@ -999,7 +1374,7 @@ def _mm_fp32(a: torch.Tensor, b_t: torch.Tensor, out: torch.Tensor) -> None:
     a32 = a.float()
     step = max(1, (64 * 2**20) // max(1, 4 * b_t.shape[0]))
     for s in range(0, b_t.shape[1], step):
-        out[:, s:s + step].copy_(a32 @ b_t[:, s:s + step].float())
+        out[:, s : s + step].copy_(a32 @ b_t[:, s : s + step].float())
 
 
 def linear_logits_into(hidden_rows: torch.Tensor, weight: torch.Tensor, bias, out: torch.Tensor) -> None:
@@ -1042,9 +1417,9 @@ class _GradAccumulator:
     def add(self, start: int, grad_logits: torch.Tensor) -> None:
         rows = grad_logits.shape[0]
         if self.dh.numel():
-            torch.mm(grad_logits, self.weight, out=self.dh[start:start + rows])
+            torch.mm(grad_logits, self.weight, out=self.dh[start : start + rows])
         if self.dw.numel():
-            h = self.hidden[start:start + rows]
+            h = self.hidden[start : start + rows]
             if self.first:
                 torch.mm(grad_logits.t(), h, out=self.dw)
             else:
@@ -1060,8 +1435,18 @@ class _GradAccumulator:
         return self.dh, self.dw, db
 
 
-def linear_token_logprobs_fwd(hidden, weight, bias, targets, temperature: float, vocab_start: int, vocab_total: int,
-                              with_entropy: bool, logits_dtype: torch.dtype, chunk_size: int = 0):
+def linear_token_logprobs_fwd(
+    hidden,
+    weight,
+    bias,
+    targets,
+    temperature: float,
+    vocab_start: int,
+    vocab_total: int,
+    with_entropy: bool,
+    logits_dtype: torch.dtype,
+    chunk_size: int = 0,
+):
     """hidden [N, H], weight [V, H] (the slice [vocab_start, vocab_start + V) of vocab_total ids),
     bias [V] or None, targets [N] → (logp [N], entropy [N] or [0], lse [N]), fp32."""
     rows, n_vocab = hidden.shape[0], weight.shape[0]
@@ -1073,13 +1458,24 @@ def linear_token_logprobs_fwd(hidden, weight, bias, targets, temperature: float,
     for start in range(0, rows, max(c, 1)):
         r = min(c, rows - start)
         x = buf[:r]
-        linear_logits_into(hidden[start:start + r], weight, bias, x)
-        lp, ent, ls = token_logprobs_fwd(x, 0, n_vocab, r, r, n_vocab, targets[start:start + r], temperature,
-                                         vocab_start, with_entropy, vocab_total)
-        logp[start:start + r] = lp
-        lse[start:start + r] = ls
+        linear_logits_into(hidden[start : start + r], weight, bias, x)
+        lp, ent, ls = token_logprobs_fwd(
+            x,
+            0,
+            n_vocab,
+            r,
+            r,
+            n_vocab,
+            targets[start : start + r],
+            temperature,
+            vocab_start,
+            with_entropy,
+            vocab_total,
+        )
+        logp[start : start + r] = lp
+        lse[start : start + r] = ls
         if with_entropy:
-            entropy[start:start + r] = ent
+            entropy[start : start + r] = ent
     return logp, entropy, lse
 
 
@@ -1102,9 +1498,23 @@ def linear_vocab_slice(rows: int, n_vocab: int, bytes_per_logit: int) -> int:
     return max(1, min(n_vocab, max(16, fit // 16 * 16)))
 
 
-def linear_token_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy,
-                              temperature: float, vocab_start: int, logits_dtype: torch.dtype, chunk_size: int,
-                              need_hidden: bool, need_weight: bool, need_bias: bool):
+def linear_token_logprobs_bwd(
+    grad_logp,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    targets,
+    lse,
+    entropy,
+    temperature: float,
+    vocab_start: int,
+    logits_dtype: torch.dtype,
+    chunk_size: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+):
     """Gradients from the saved log-sum-exp (and entropy), vocabulary slice by vocabulary slice:
     → (d hidden [N, H] or [0], d weight [V, H] or [0], d bias [V] or [0]) in the inputs' dtypes.
 
@@ -1125,8 +1535,11 @@ def linear_token_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, tar
         if need_weight:
             dw.zero_()
         return dh, dw, db32.to(bias.dtype) if db32 is not None else weight.new_empty((0,))
-    dh32 = dh if hidden.dtype == torch.float32 else (
-        torch.empty((rows, n_hidden), dtype=torch.float32, device=dev) if need_hidden else None)
+    dh32 = (
+        dh
+        if hidden.dtype == torch.float32
+        else (torch.empty((rows, n_hidden), dtype=torch.float32, device=dev) if need_hidden else None)
+    )
     if need_hidden:
         dh32.zero_()
     separate = logits_dtype != weight.dtype
@@ -1139,38 +1552,68 @@ def linear_token_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, tar
     acc = None if one_chunk or not need_weight else torch.empty((width, n_hidden), dtype=torch.float32, device=dev)
     for s in range(0, n_vocab, width):
         vs = min(width, n_vocab - s)
-        w_s = weight[s:s + vs]
+        w_s = weight[s : s + vs]
         if acc is not None:
             acc[:vs].zero_()
         for start in range(0, rows, tokens):
             r = min(tokens, rows - start)
-            x, g = buf[:r * vs].view(r, vs), grad_buf[:r * vs].view(r, vs)
-            h_c = hidden[start:start + r]
-            linear_logits_into(h_c, w_s, bias[s:s + vs] if bias is not None else None, x)
+            x, g = buf[: r * vs].view(r, vs), grad_buf[: r * vs].view(r, vs)
+            h_c = hidden[start : start + r]
+            linear_logits_into(h_c, w_s, bias[s : s + vs] if bias is not None else None, x)
             token_logprobs_bwd(
-                grad_logp[start:start + r] if grad_logp is not None else None,
-                grad_entropy[start:start + r] if grad_entropy is not None else None,
-                x, 0, vs, r, g, 0, vs, r, vs, targets[start:start + r], lse[start:start + r],
-                entropy[start:start + r] if entropy is not None else None, temperature, vocab_start + s)
+                grad_logp[start : start + r] if grad_logp is not None else None,
+                grad_entropy[start : start + r] if grad_entropy is not None else None,
+                x,
+                0,
+                vs,
+                r,
+                g,
+                0,
+                vs,
+                r,
+                vs,
+                targets[start : start + r],
+                lse[start : start + r],
+                entropy[start : start + r] if entropy is not None else None,
+                temperature,
+                vocab_start + s,
+            )
             if need_hidden:
-                _addmm_fp32(dh32[start:start + r], g, w_s)
+                _addmm_fp32(dh32[start : start + r], g, w_s)
             if need_weight:
                 if one_chunk:
-                    torch.mm(g.t(), h_c, out=dw[s:s + vs])
+                    torch.mm(g.t(), h_c, out=dw[s : s + vs])
                 else:
                     _addmm_fp32(acc[:vs], g.t(), h_c)
             if db32 is not None:
-                db32[s:s + vs] += g.sum(0, dtype=torch.float32)
+                db32[s : s + vs] += g.sum(0, dtype=torch.float32)
         if acc is not None:
-            dw[s:s + vs].copy_(acc[:vs])
+            dw[s : s + vs].copy_(acc[:vs])
     if need_hidden and dh32 is not dh:
         dh.copy_(dh32)
     return dh, dw, db32.to(bias.dtype) if db32 is not None else weight.new_empty((0,))
 
 
-def linear_policy_loss_fwd(hidden, weight, bias, targets, old_logp, advantages, token_weight, ref_logp, is_weights, *,
-                           logits_dtype: torch.dtype, chunk_size: int, need_hidden: bool, need_weight: bool,
-                           need_bias: bool, codes, scalars, with_entropy: bool):
+def linear_policy_loss_fwd(
+    hidden,
+    weight,
+    bias,
+    targets,
+    old_logp,
+    advantages,
+    token_weight,
+    ref_logp,
+    is_weights,
+    *,
+    logits_dtype: torch.dtype,
+    chunk_size: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    codes,
+    scalars,
+    with_entropy: bool,
+):
     """The token-local policy loss of every token, fused with the LM head, chunk by chunk: per-token
     fp32 [N] inputs as in :func:`policy_loss_from_logits_fwd` → (logp [N], entropy [N], loss, stats
     [8] as there, d hidden, d weight, d bias for an incoming gradient of 1, each empty when not
@@ -1186,18 +1629,35 @@ def linear_policy_loss_fwd(hidden, weight, bias, targets, old_logp, advantages, 
     c, buf, grad_buf = _chunk_buffers(rows, hidden, weight, logits_dtype, chunk_size, with_grad=compute_grad)
 
     def part(t, s, r):
-        return t[s:s + r] if t is not None else None
+        return t[s : s + r] if t is not None else None
 
     for start in range(0, rows, max(c, 1)):
         r = min(c, rows - start)
         x, g = buf[:r], grad_buf[:r]
-        linear_logits_into(hidden[start:start + r], weight, bias, x)
+        linear_logits_into(hidden[start : start + r], weight, bias, x)
         lp, ent, partial, _ = policy_loss_from_logits_fwd(
-            x, 0, n_vocab, r, g, 0, n_vocab, r, n_vocab, targets[start:start + r], part(old_logp, start, r),
-            advantages[start:start + r], token_weight[start:start + r], part(ref_logp, start, r),
-            part(is_weights, start, r), codes, scalars, with_entropy, finalize=False)
-        logp[start:start + r] = lp
-        entropy[start:start + r] = ent
+            x,
+            0,
+            n_vocab,
+            r,
+            g,
+            0,
+            n_vocab,
+            r,
+            n_vocab,
+            targets[start : start + r],
+            part(old_logp, start, r),
+            advantages[start : start + r],
+            token_weight[start : start + r],
+            part(ref_logp, start, r),
+            part(is_weights, start, r),
+            codes,
+            scalars,
+            with_entropy,
+            finalize=False,
+        )
+        logp[start : start + r] = lp
+        entropy[start : start + r] = ent
         sums += partial.sum(0)  # chunks and programs in a fixed order: deterministic
         if compute_grad:
             acc.add(start, g)

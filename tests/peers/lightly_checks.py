@@ -49,8 +49,10 @@ LOSS = 1.2e-7  # float32 rounding of a loss
 
 def _views(batch, dim, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, dim, generator=gen, dtype=torch.float64).to(dtype),
-            torch.randn(batch, dim, generator=gen, dtype=torch.float64).to(dtype))
+    return (
+        torch.randn(batch, dim, generator=gen, dtype=torch.float64).to(dtype),
+        torch.randn(batch, dim, generator=gen, dtype=torch.float64).to(dtype),
+    )
 
 
 def check_simclr(backend):
@@ -92,8 +94,12 @@ def check_memory_bank(backend):
             results.append((loss, x.grad, y.grad))
         for what, got, want in zip(("loss", "d out0", "d out1"), results[1], results[0]):
             _close(got, want, max(tol, LOSS) if what == "loss" else tol, f"bank step {step} {what}")
-        _close(ours.memory_bank.buffer, theirs.memory_bank.bank, 1e-15 if dtype == torch.float64
-               else 1e-6, f"bank contents after step {step}")
+        _close(
+            ours.memory_bank.buffer,
+            theirs.memory_bank.bank,
+            1e-15 if dtype == torch.float64 else 1e-6,
+            f"bank contents after step {step}",
+        )
     # Without a gradient (evaluation) neither bank moves.
     before = ours.memory_bank.buffer.clone()
     with torch.no_grad():
