@@ -1,9 +1,13 @@
-"""Run every GPU kernel once at small, odd shapes (forward and backward, every backend), for
+"""Run every GPU kernel at small, odd shapes (forward and backward, every kernel backend), for
 `compute-sanitizer` to watch: out-of-bounds accesses, races, uninitialised reads.
 
     compute-sanitizer --tool memcheck python3 benchmarks/sanitize.py
 
-``--device=cpu`` runs the same calls on the Triton interpreter (a smoke test of this script).
+First every row of the families' check tables (negkernels.cases, what `negkernels check` runs,
+each compared with its float64 reference), then the calls below, which reach the options the
+tables leave out (in-place backward, packed sequences with an empty one, IS weights, fp32 LM head,
+bank extras). ``--device=cpu`` runs the calls below on the Triton interpreter, a smoke test of this
+script (``--skip-table``: the table's rows run under the interpreter in tests/test_cli.py).
 """
 
 from __future__ import annotations
@@ -13,15 +17,25 @@ import sys
 import torch
 
 import negkernels as nk
+from negkernels.cases import checks
+from negkernels.check import TOLERANCE, run_row
 
 
-def main(cuda_only: bool = False, device: str = "cuda") -> int:
+def main(cuda_only: bool = False, device: str = "cuda", table: bool = True) -> int:
     dev = torch.device(device)
     backends = ["cuda"] if cuda_only else ["triton", "cuda"]
     ran = []
 
     def available(op):
         return [b for b in backends if b in nk.available_backends(dev, op=op)]
+
+    failures = 0
+    if table:
+        for op, config, run in checks(dev):
+            for b in available(op):
+                err = run_row(run, b)
+                failures += err > TOLERANCE
+                ran.append(f"{op}[{config}]/{b}" + ("" if err <= TOLERANCE else f" FAILED ({err:.2e})"))
 
     rewards = torch.randn(1003, device=dev)
     ids = torch.randint(0, 57, (1003,), device=dev)
@@ -175,8 +189,14 @@ def main(cuda_only: bool = False, device: str = "cuda") -> int:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     print("ran:", ", ".join(ran))
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(cuda_only="--cuda-only" in sys.argv, device="cpu" if "--device=cpu" in sys.argv else "cuda"))
+    sys.exit(
+        main(
+            cuda_only="--cuda-only" in sys.argv,
+            device="cpu" if "--device=cpu" in sys.argv else "cuda",
+            table="--skip-table" not in sys.argv,
+        )
+    )

@@ -46,7 +46,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-# H100 SXM: the targets in benchmarks/cases.py are H100 figures.
+# H100 SXM: the targets in negkernels/cases/ are H100 figures.
 SMS = 132
 SCHEDULERS_PER_SM = 4
 SFU_LANES_PER_SM = 16  # MUFU results per clock and SM (the CUDA guide's throughput table, cc 9.0)
@@ -528,10 +528,9 @@ def _cases() -> list[StaticCase]:
 
 
 def analyse(case_filter: str | None = None) -> list[dict]:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import cases as bench_cases
+    from negkernels.cases import CASES
 
-    by_id = {c.id: c for c in bench_cases.CASES}
+    by_id = {c.id: c for c in CASES}
     static_cases = _cases()
     rows, compiled_cache = [], {}
     for sc in static_cases:

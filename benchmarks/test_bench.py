@@ -6,7 +6,7 @@ pytest benchmarks/ --benchmark-only
 import pytest
 import torch
 
-from .cases import CASES
+from negkernels.cases import CASES
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PARAMS = [(c, impl) for c in CASES for impl in ("eager", "compile", "triton", "cuda")]

@@ -26,7 +26,20 @@ from pathlib import Path
 import torch
 
 MODULE_NAME = "_negkernels_cuda"
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _source_root() -> Path:
+    """The folder that holds ``CMakeLists.txt`` and ``csrc/``: the copy an installed wheel carries
+    (negkernels/_build_src, written by setup.py's build_py), else the source checkout above the
+    package (an editable install)."""
+    package = Path(__file__).resolve().parent
+    for root in (package / "_build_src", package.parent):
+        if (root / "CMakeLists.txt").is_file() and (root / "csrc").is_dir():
+            return root
+    return package.parent
+
+
+SOURCE_ROOT = _source_root()
 
 _state: dict = {"module": None, "error": None, "tried": False}
 
@@ -89,7 +102,8 @@ def build(cuda_archs: str | None = None, build_dir: Path | None = None, verbose:
     """
     if not source_files():
         raise RuntimeError(
-            f"no csrc/ and CMakeLists.txt under {SOURCE_ROOT}: build from a source checkout (pip install -e .)"
+            f"no csrc/ and CMakeLists.txt under {SOURCE_ROOT}: this install carries no CUDA sources "
+            "(install the negkernels wheel or sdist, or a source checkout with pip install -e .)"
         )
     for tool in ("cmake", "nvcc"):
         if shutil.which(tool) is None and not (tool == "nvcc" and os.environ.get("CUDACXX")):

@@ -13,7 +13,6 @@ matplotlib) a PNG plot.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import platform
 import statistics
@@ -23,18 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ._cuda_ext import SOURCE_ROOT
-
-
-def load_cases():
-    path = SOURCE_ROOT / "benchmarks" / "cases.py"
-    if not path.is_file():
-        raise SystemExit(f"benchmark cases not found at {path}: run from a source checkout (pip install -e .)")
-    spec = importlib.util.spec_from_file_location("negkernels_benchmark_cases", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from . import _cuda_ext
+from .cases import select
 
 
 def _sync(device: torch.device) -> None:
@@ -121,8 +110,7 @@ def measure_roofline(device: torch.device) -> dict:
 def run(family=None, case=None, impls=None, out_dir="bench-results", full=None, progress=True) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     full = device.type == "cuda" if full is None else full
-    cases_module = load_cases()
-    cases = cases_module.select(family, case)
+    cases = select(family, case)
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     say(f"device: {name}; measuring the roofline...")
@@ -175,6 +163,7 @@ def run(family=None, case=None, impls=None, out_dir="bench-results", full=None, 
                     peak_extra_MB=None if extra is None else extra / 2**20,
                     error=error,
                     floor_ms=nbytes / (roof["copy_GBps"] * 1e6),
+                    op_family=c.op_family,
                 )
             )
         case_rows = [r for r in rows if r["case"] == c.id]
@@ -184,13 +173,27 @@ def run(family=None, case=None, impls=None, out_dir="bench-results", full=None, 
             r["vs_eager"] = base.get("eager", float("nan")) / r["ms"] if r["ms"] else float("nan")
             r["vs_compile"] = base.get("compile", float("nan")) / r["ms"] if r["ms"] else float("nan")
     print_table(rows, device, name, roof)
-    if device.type != "cuda":
-        print(
-            "not measured here (no CUDA device): "
-            + ", ".join(f"{c.id} · {b}" for c in cases for b in ("triton", "cuda") if not impls or b in impls)
-        )
+    for line in missing_kernel_rows(device, cases, impls):
+        print(line)
     write_outputs(rows, device, name, roof, Path(out_dir))
     return rows
+
+
+def missing_kernel_rows(device: torch.device, cases, impls=None) -> list[str]:
+    """Why kernel rows are absent from the table: no CUDA device, no Triton, or the CUDA extension
+    not loaded (with the loader's reason)."""
+    wanted = [b for b in ("triton", "cuda") if not impls or b in impls]
+    if device.type != "cuda":
+        which = "every case" if len(cases) > 1 else cases[0].id
+        return [f"not measured here (no CUDA device): the {' and '.join(wanted)} rows of {which}"]
+    import negkernels as nk
+
+    lines = []
+    if "triton" in wanted and "triton" not in nk.available_backends(device):
+        lines.append("no triton rows: Triton is not installed (pip install triton)")
+    if "cuda" in wanted and not _cuda_ext.has_cuda_ext():
+        lines.append(f"no cuda rows: the CUDA extension is not loaded: {_cuda_ext.load_error()}")
+    return lines
 
 
 def _fmt(v, spec):
@@ -247,24 +250,54 @@ def write_outputs(rows, device, name, roof, out_dir: Path) -> None:
     except Exception:
         print(f"wrote {out_dir / 'bench.json'} (install matplotlib for the plot)")
         return
-    cases = list(dict.fromkeys(r["case"] for r in rows))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases) * max(1, len(impls)) / 2), 4))
-    width = 0.8 / max(1, len(impls))
-    for k, impl in enumerate(impls):
-        xs, ys = [], []
-        for j, c in enumerate(cases):
-            for r in rows:
-                if r["case"] == c and r["impl"] == impl and r["ms"] == r["ms"]:
-                    xs.append(j + k * width)
-                    ys.append(r["ms"])
-        ax.bar(xs, ys, width, label=impl)
-    ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(cases))], cases, rotation=15)
-    ax.set_ylabel("device ms (lower is better)" if device.type == "cuda" else "CPU wall ms, smoke test only")
-    ax.set_yscale("log")
-    ax.set_title(f"negkernels bench · {name}" + ("" if device.type == "cuda" else " · SMOKE TEST, no kernel timed"))
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "bench.png", dpi=120)
-    plt.close(fig)
+    plot(rows, device, name, out_dir / "bench.png", plt)
     print(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.png'}")
+
+
+def plot(rows, device, name, path: Path, plt) -> None:
+    """One panel per op family: its cases side by side, one bar per implementation (device ms on
+    a GPU, wall ms on a CPU), and the case's memory floor (the bytes it must move at the measured
+    copy rate) as a black line across its bars."""
+    families = list(dict.fromkeys(r.get("op_family") or r["case"].split("/")[0] for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    colors = {impl: plt.get_cmap("tab10")(k) for k, impl in enumerate(impls)}
+    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families) + 1, 4.8), squeeze=False)
+    width = 0.8 / max(1, len(impls))
+    for ax, family in zip(axes[0], families):
+        family_rows = [r for r in rows if (r.get("op_family") or r["case"].split("/")[0]) == family]
+        cases = list(dict.fromkeys(r["case"] for r in family_rows))
+        for j, case in enumerate(cases):
+            case_rows = {r["impl"]: r for r in family_rows if r["case"] == case}
+            for k, impl in enumerate(impls):
+                r = case_rows.get(impl)
+                if r is not None and r["ms"] == r["ms"] and r["ms"] > 0:
+                    ax.bar(j + k * width, r["ms"], width, color=colors[impl], label=impl)
+            floor = next(iter(case_rows.values()))["floor_ms"]
+            ax.hlines(
+                floor, j - width / 2, j + width * (len(impls) - 0.5), colors="black", linewidth=2, label="memory floor"
+            )
+        ax.set_xticks(
+            [j + width * (len(impls) - 1) / 2 for j in range(len(cases))],
+            [c.split("/", 1)[1] if c.startswith(family + "/") else c for c in cases],
+            rotation=20,
+            ha="right",
+            fontsize=8,
+        )
+        ax.set_yscale("log")
+        ax.set_title(family)
+        ax.grid(axis="y", which="both", alpha=0.3)
+    axes[0][0].set_ylabel("device ms per call (lower is better)" if device.type == "cuda" else "CPU wall ms per call")
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="upper right", fontsize=8)
+    what = (
+        "kernels measured: profiler device time"
+        if device.type == "cuda"
+        else "SMOKE TEST: references only, no kernel of this package timed"
+    )
+    fig.suptitle(f"negkernels bench on {name} ({device.type}) · {what}")
+    fig.tight_layout(rect=(0, 0, 0.92, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -10,9 +10,50 @@ from negkernels.__main__ import main
 
 
 def test_check_passes(capsys):
+    # conftest sets TRITON_INTERPRET=1 on a CPU: the Triton rows run in the interpreter.
     assert main(["check"]) == 0
     out = capsys.readouterr().out
     assert "0 failed" in out and "group_advantages" in out
+    assert "the Triton kernels run in the interpreter" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("op "))
+    rows = lines[header : lines.index(next(line for line in lines if " passed, " in line))]
+    # one column layout for every row: each field starts where its header does
+    starts = [lines[header].index(name) for name in ("config", "backend", "result", "max rel err")]
+    for row in rows[1:]:
+        assert all(row[s - 2 : s] == "  " and row[s] != " " for s in starts), row
+    assert any(" triton " in row for row in rows) and any(" reference " in row for row in rows)
+
+
+def test_check_says_why_rows_are_missing(monkeypatch):
+    import torch
+
+    from negkernels import _cuda_ext, check
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    (note,) = check._cpu_notes(torch.device("cpu"))
+    assert "only the reference backend runs" in note and "TRITON_INTERPRET=1" in note
+    monkeypatch.setattr(_cuda_ext, "has_cuda_ext", lambda: False)
+    monkeypatch.setattr(_cuda_ext, "load_error", lambda: "not built (run `negkernels build-ext`)")
+    (note,) = check._cpu_notes(torch.device("cuda"))
+    assert note == "CUDA extension not loaded, so no cuda rows: not built (run `negkernels build-ext`)"
+
+
+def test_bench_says_why_kernel_rows_are_missing(monkeypatch):
+    import torch
+
+    import negkernels as nk
+    from negkernels import _cuda_ext, bench
+    from negkernels.cases import select
+
+    cases = select("kv")
+    (line,) = bench.missing_kernel_rows(torch.device("cpu"), cases)
+    assert line == "not measured here (no CUDA device): the triton and cuda rows of every case"
+    monkeypatch.setattr(nk, "available_backends", lambda device, op=None: ("reference", "triton"))
+    monkeypatch.setattr(_cuda_ext, "has_cuda_ext", lambda: False)
+    monkeypatch.setattr(_cuda_ext, "load_error", lambda: "ImportError: libcudart.so.12")
+    (line,) = bench.missing_kernel_rows(torch.device("cuda"), cases, impls=["cuda"])
+    assert line == "no cuda rows: the CUDA extension is not loaded: ImportError: libcudart.so.12"
 
 
 def test_bench_writes_table_and_json(tmp_path, capsys):
@@ -26,12 +67,12 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
 
 
 def test_sanitizer_driver_runs_every_kernel_call():
-    # benchmarks/sanitize.py is what compute-sanitizer watches on a GPU; on the CPU it runs the
-    # same calls through the Triton interpreter.
+    # benchmarks/sanitize.py is what compute-sanitizer watches on a GPU; on the CPU it runs its own
+    # calls through the Triton interpreter (the check table's rows run in test_check_passes).
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
     proc = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "sanitize.py"), "--device=cpu"],
+        [sys.executable, str(root / "benchmarks" / "sanitize.py"), "--device=cpu", "--skip-table"],
         capture_output=True,
         text=True,
         env=env,
@@ -52,7 +93,10 @@ def test_sanitizer_driver_runs_every_kernel_call():
 def test_bench_on_a_cpu_says_it_is_a_smoke_test(tmp_path, capsys):
     assert main(["bench", "--case", "advantages/uniform-g64", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "SMOKE TEST" in out and "not measured here" in out and "advantages/uniform-g64 · triton" in out
+    assert (
+        "SMOKE TEST" in out
+        and "not measured here (no CUDA device): the triton and cuda rows of advantages/uniform-g64" in out
+    )
     payload = json.loads((tmp_path / "bench.json").read_text())
     assert payload["smoke_test"] is True
     assert all(r["pct_roofline"] is None and r["device_ms"] is None and r["wall_ms"] > 0 for r in payload["rows"])
