@@ -15,7 +15,7 @@ import os
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS: tuple[str, ...] = ("reference", "triton", "cuda")
 
 
 class BackendUnavailable(RuntimeError):

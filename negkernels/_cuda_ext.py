@@ -153,6 +153,8 @@ def build(cuda_archs: str | None = None, build_dir: Path | None = None, verbose:
 def import_module_from(path: Path):
     # Importing registers the TORCH_LIBRARY ops; torch must be loaded first (it is).
     spec = importlib.util.spec_from_file_location(MODULE_NAME, str(path))
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not a loadable extension module")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -52,8 +52,8 @@ class KernelOp:
     def __init__(self, op, impl: Callable, has_tensor_lists: bool):
         self.op = op
         self.impl = impl
-        self._function = None
-        self._differentiable = None  # leading arguments that may get a gradient; None: every one
+        self._function: type | None = None
+        self._differentiable: int | None = None  # leading arguments that may get a gradient; None: every one
         # autograd.Function does not track tensors inside list arguments: such ops keep the
         # dispatcher whenever they may need a gradient.
         self._has_tensor_lists = has_tensor_lists

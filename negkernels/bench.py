@@ -287,7 +287,7 @@ def plot(rows, device, name, path: Path, plt) -> None:
         ax.set_title(family)
         ax.grid(axis="y", which="both", alpha=0.3)
     axes[0][0].set_ylabel("device ms per call (lower is better)" if device.type == "cuda" else "CPU wall ms per call")
-    handles = {}
+    handles: dict = {}  # label -> the first artist drawn with it
     for ax in axes[0]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)

@@ -43,7 +43,7 @@ def _cpu_notes(device: torch.device) -> list[str]:
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             notes.append(
                 "no CUDA device: only the reference backend runs. TRITON_INTERPRET=1 negkernels check runs the "
-                "Triton kernels too, in the interpreter (minutes on a CPU)."
+                "Triton kernels too, in the interpreter (about a minute on a CPU)."
             )
         else:
             notes.append("no CUDA device: the Triton kernels run in the interpreter (TRITON_INTERPRET=1).")

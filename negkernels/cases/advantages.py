@@ -38,6 +38,7 @@ def _advantage_impls(inputs: dict) -> dict:
     g = inputs.get("group_size")
     ids = inputs.get("group_index")
     if ids is None:
+        assert g is not None  # uniform groups: the case gives group_size instead of an index
         ids_for_ref = torch.arange(r.numel(), device=r.device) // g
     else:
         ids_for_ref = ids

@@ -183,14 +183,14 @@ def _contrastive_checks(device):
         yield "bank_supcon", config, run
     for config, (kk, normalize) in {"k=16": (16, False), "k=100/normalize": (100, True)}.items():
 
-        def run(backend, kk=kk, normalize=normalize):
+        def run_topk(backend, kk=kk, normalize=normalize):
             n, k, d = (300, 1000, 96) if device.type == "cuda" else (23, 413, 20)
             q, bank = torch.randn(n, d, device=device), torch.randn(k, d, device=device)
             values, _ = nk.bank_topk(q, bank, kk, normalize=normalize, bank_valid=k - 5, backend=backend)
             ref, _ = bank_topk_reference(q.double(), bank.double(), kk, normalize=normalize, bank_valid=k - 5)
             return values, ref
 
-        yield "bank_topk", config, run
+        yield "bank_topk", config, run_topk
 
 
 def checks(device: torch.device):

@@ -171,7 +171,7 @@ def _kv_checks(device):
 
     for config, packed in {"one sequence": False, "packed": True}.items():
 
-        def run(backend, packed=packed):
+        def run_mass(backend, packed=packed):
             t = 3000 if big else 200
             lb = (-torch.rand(3, t, device=device) * 0.05).requires_grad_()
             cu = torch.tensor([0, t // 3, t // 3, t], device=device) if packed else None
@@ -182,7 +182,7 @@ def _kv_checks(device):
             (g64,) = torch.autograd.grad(ref.sum(), lb64)
             return torch.cat([mass.reshape(-1), g.reshape(-1)]), torch.cat([ref.reshape(-1), g64.reshape(-1)])
 
-        yield "retention_mass", config, run
+        yield "retention_mass", config, run_mass
 
 
 def _zero_gate_checks(device):

@@ -45,7 +45,7 @@ class GroupStats(NamedTuple):
 
     mean: Tensor  # [G] fp32; 0 for groups with no member
     std: Tensor  # [G] fp32, unbiased; 0 for groups of fewer than two
-    count: Tensor  # [G] int64
+    count: Tensor  # type: ignore[assignment]  # [G] int64 (shadows tuple.count, as the field's name should)
     zero_variance_fraction: Tensor  # 0-d fp32: share of non-empty groups whose std is 0
 
 
@@ -284,6 +284,7 @@ def group_advantages(
             raise ValueError(f"num_groups: {num_groups} contradicts group_size {group_size} with {n} rewards")
         num_groups = n // group_size
     else:
+        assert group_index is not None  # exactly one of the two, checked above
         check_tensor("group_index", group_index, ndim=1, dtypes=INDEX_DTYPES, device=device)
         check_same_length("group_index", group_index, n, "rewards")
         num_groups = _checked_num_groups(group_index, num_groups, validate)

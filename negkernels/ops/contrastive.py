@@ -8,7 +8,7 @@ differentiable PyTorch (it materialises the N×K logits).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, overload
 
 import torch
 from torch import Tensor
@@ -120,6 +120,10 @@ def _kernel_temperature(temperature, device: torch.device) -> Tensor:
     return temperature.float() if isinstance(temperature, Tensor) else _temperature_tensor(temperature, device)
 
 
+@overload
+def _upcast_half(x: Tensor) -> Tensor: ...
+@overload
+def _upcast_half(x: None) -> None: ...
 def _upcast_half(x: Optional[Tensor]) -> Optional[Tensor]:
     return x.float() if x is not None and x.dtype in (torch.float16, torch.bfloat16) else x
 

@@ -496,24 +496,24 @@ def compact_kv_(
     source buffers, which must be distinct, non-overlapping tensors (no broadcast or expanded
     views: two rows writing one address would corrupt each other); returns those prefix views.
     Needs ``indices`` ascending per row (as :func:`select_retained` returns them). No gradient."""
-    extras = list(extras)
-    _check_compact(keys, values, indices, extras, validate)
-    for i, e in enumerate(extras):
+    extra_list = list(extras)
+    _check_compact(keys, values, indices, extra_list, validate)
+    for i, e in enumerate(extra_list):
         if e.dim() != 3 or tuple(e.shape) != tuple(keys.shape[:3]):
             raise ValueError(
                 f"extras[{i}]: the in-place form needs a writable [B, H, S] tensor, got shape {tuple(e.shape)}"
             )
-    check_disjoint_outputs({"keys": keys, "values": values, **{f"extras[{i}]": e for i, e in enumerate(extras)}})
+    check_disjoint_outputs({"keys": keys, "values": values, **{f"extras[{i}]": e for i, e in enumerate(extra_list)}})
     chosen = resolve_backend(backend, keys.device, "compact_kv", COMPACT_KV_BACKENDS)
     m = indices.shape[2]
     if chosen == "reference":
-        gathered = compact_kv_reference(keys, values, indices, *extras)
+        gathered = compact_kv_reference(keys, values, indices, *extra_list)
         with torch.no_grad():
-            for dst, src in zip([keys, values, *extras], gathered):
+            for dst, src in zip([keys, values, *extra_list], gathered):
                 dst[:, :, :m].copy_(src)
     else:
-        _compact_kv_inplace_op(keys, values, indices, extras)
-    return tuple(t[:, :, :m] for t in (keys, values, *extras))
+        _compact_kv_inplace_op(keys, values, indices, extra_list)
+    return tuple(t[:, :, :m] for t in (keys, values, *extra_list))
 
 
 # ============================================================================ fused evict

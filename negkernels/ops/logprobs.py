@@ -333,7 +333,7 @@ def _global_vocab(local: int, process_group) -> tuple[int, int]:
     import torch.distributed as dist
 
     world = dist.get_world_size(process_group)
-    sizes = [None] * world
+    sizes: list = [None] * world  # filled with each rank's int
     dist.all_gather_object(sizes, local, group=process_group)
     rank = dist.get_rank(process_group)
     return sum(sizes[:rank]), sum(sizes)
@@ -880,7 +880,9 @@ class PolicyLossConfig:
         )
         if torch.compiler.is_compiling():
             return self._build_kernel_args(*key)
-        return bounded_memo(self._kernel_args_cache, key, lambda: self._build_kernel_args(*key), 64)
+        # set in __post_init__, outside the dataclass's fields
+        cache = self._kernel_args_cache  # type: ignore[attr-defined]
+        return bounded_memo(cache, key, lambda: self._build_kernel_args(*key), 64)
 
     def _build_kernel_args(
         self,
@@ -1084,7 +1086,7 @@ def policy_loss(
         _bool_mask(mask),
         _dense(ref_logp),
         _dense(is_weights),
-        cu_seqlens.contiguous() if packed else None,
+        cu_seqlens.contiguous() if cu_seqlens is not None else None,
         denom,
         codes,
         scalars,
@@ -1570,9 +1572,15 @@ def _fused_output(loss, stats, logp, entropy, targets, return_entropy, process_g
     values = means.unbind(0)
     if logp.shape != targets.shape:  # the LM-head op's are flat
         logp, entropy = logp.view(targets.shape), entropy.view(targets.shape)
+    clip_low, clip_high, dual_clip, approx_kl, mean_ratio, kl = values[:6]
     return PolicyLossOutput(
         loss,
-        *values[:6],
+        clip_low,
+        clip_high,
+        dual_clip,
+        approx_kl,
+        mean_ratio,
+        kl,
         entropy=values[6] if return_entropy else None,
         token_logp=logp,
         token_entropy=entropy if return_entropy else None,

@@ -349,6 +349,8 @@ def policy_loss_reference(
         adv_b = torch.zeros(num_seq, dtype=dtype, device=logp.device).index_add(0, seq, adv) / count_b.clamp_min(1)
         pg = -adv_b[seq] * s_b.detach() * torch.exp(c - c.detach())
     elif loss_type == "npo":
+        if ref is None:
+            raise ValueError("ref_logp: loss_type='npo' needs the reference model's log-probs")
         diff_b = torch.zeros(num_seq, dtype=dtype, device=logp.device).index_add(
             0, seq, torch.where(m > 0, lp - ref, 0.0)
         )
