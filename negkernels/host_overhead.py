@@ -72,7 +72,8 @@ def _sample_pair_us(base, fn, calls: int, block: int = 10) -> tuple[float, float
     enabled = gc.isenabled()
     gc.collect()
     gc.disable()
-    base_s, fn_s = [], []
+    base_s: list[float] = []
+    fn_s: list[float] = []
     try:
         for _ in range(max(calls // block, 1)):
             for f, samples in ((base, base_s), (fn, fn_s)):
@@ -212,7 +213,8 @@ def measure(reps: int = 300, rounds: int = 10) -> dict:
                 for _ in range(10):
                     fn()
             per_round = max(reps // rounds, 5)
-            base_us, op_us = [[] for _ in cases], [[] for _ in cases]
+            base_us: list[list[float]] = [[] for _ in cases]
+            op_us: list[list[float]] = [[] for _ in cases]
             for _ in range(rounds):
                 for before, times, fn in zip(base_us, op_us, calls):
                     b, t = _sample_pair_us(baseline, fn, per_round)

@@ -24,6 +24,9 @@ class MemoryBank(nn.Module):
     continues bit-identically.
     """
 
+    buffer: Tensor  # [size, dim], registered buffers (state_dict, .to())
+    ids: Tensor  # [size] int64, or None without ids
+
     def __init__(
         self,
         size: int,
@@ -126,18 +129,18 @@ def _gather_in_rank_order(keys: Tensor, ids: Optional[Tensor], process_group):
     world = dist.get_world_size(process_group)
     counts = [torch.zeros(1, dtype=torch.int64, device=keys.device) for _ in range(world)]
     dist.all_gather(counts, torch.tensor([keys.shape[0]], dtype=torch.int64, device=keys.device), group=process_group)
-    counts = [int(c) for c in counts]
-    longest = max(counts)
+    sizes = [int(c) for c in counts]
+    longest = max(sizes)
     # all_gather needs equal shapes: pad every rank's rows to the longest, then trim.
     padded = keys.new_zeros((longest, keys.shape[1]))
     padded[: keys.shape[0]] = keys
     gathered = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded, group=process_group)
-    keys = torch.cat([g[:c] for g, c in zip(gathered, counts)])
+    keys = torch.cat([g[:c] for g, c in zip(gathered, sizes)])
     if ids is not None:
         padded_ids = ids.new_zeros(longest, dtype=torch.int64)
         padded_ids[: ids.shape[0]] = ids
         gathered_ids = [torch.empty_like(padded_ids) for _ in range(world)]
         dist.all_gather(gathered_ids, padded_ids, group=process_group)
-        ids = torch.cat([g[:c] for g, c in zip(gathered_ids, counts)])
+        ids = torch.cat([g[:c] for g, c in zip(gathered_ids, sizes)])
     return keys, ids

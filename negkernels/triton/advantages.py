@@ -469,16 +469,14 @@ def group_advantages_fwd(
     per_sample = positive_scale_tensor is not None or negative_scale_tensor is not None
     if per_sample:
         # Only when one side is per-sample and the other a scalar does the scalar need a tensor.
-        pos_t = (
-            positive_scale_tensor
-            if positive_scale_tensor is not None
-            else torch.full_like(negative_scale_tensor, positive_scale)
-        )
-        neg_t = (
-            negative_scale_tensor
-            if negative_scale_tensor is not None
-            else torch.full_like(positive_scale_tensor, negative_scale)
-        )
+        per_sample_like = positive_scale_tensor if positive_scale_tensor is not None else negative_scale_tensor
+        assert per_sample_like is not None
+        pos_t = positive_scale_tensor
+        if pos_t is None:
+            pos_t = torch.full_like(per_sample_like, positive_scale)
+        neg_t = negative_scale_tensor
+        if neg_t is None:
+            neg_t = torch.full_like(per_sample_like, negative_scale)
         pos_t, neg_t = pos_t.contiguous(), neg_t.contiguous()
     else:
         pos_t = neg_t = rewards  # never read: PER_SAMPLE_SIGN_SCALES is off
@@ -520,7 +518,7 @@ def group_advantages_fwd(
     work = torch.empty(4 * slots, dtype=torch.int64, device=dev)
     headroom = headroom_bits(n)
     external = batch_stats is not None
-    bstats = batch_stats.to(device=dev, dtype=torch.float64).contiguous() if external else work
+    bstats = batch_stats.to(device=dev, dtype=torch.float64).contiguous() if batch_stats is not None else work
     gi = group_index.contiguous() if group_index is not None else rewards
     _group_advantages_segmented_kernel[(grid_size,)](
         rewards,

@@ -1540,7 +1540,7 @@ def linear_token_logprobs_bwd(
         if hidden.dtype == torch.float32
         else (torch.empty((rows, n_hidden), dtype=torch.float32, device=dev) if need_hidden else None)
     )
-    if need_hidden:
+    if need_hidden and dh32 is not None:  # dh32 is None only when no d hidden is wanted
         dh32.zero_()
     separate = logits_dtype != weight.dtype
     per_logit = torch.finfo(logits_dtype).bits // 8 + (weight.element_size() if separate else 0)
@@ -1578,18 +1578,18 @@ def linear_token_logprobs_bwd(
                 temperature,
                 vocab_start + s,
             )
-            if need_hidden:
+            if need_hidden and dh32 is not None:
                 _addmm_fp32(dh32[start : start + r], g, w_s)
             if need_weight:
                 if one_chunk:
                     torch.mm(g.t(), h_c, out=dw[s : s + vs])
-                else:
+                elif acc is not None:  # several chunks: d weight accumulates in fp32
                     _addmm_fp32(acc[:vs], g.t(), h_c)
             if db32 is not None:
                 db32[s : s + vs] += g.sum(0, dtype=torch.float32)
         if acc is not None:
             dw[s : s + vs].copy_(acc[:vs])
-    if need_hidden and dh32 is not dh:
+    if need_hidden and dh32 is not None and dh32 is not dh:
         dh.copy_(dh32)
     return dh, dw, db32.to(bias.dtype) if db32 is not None else weight.new_empty((0,))
 
