@@ -116,7 +116,12 @@ def build(cuda_archs: str | None = None, build_dir: Path | None = None, verbose:
             return target
         bdir = Path(build_dir) if build_dir else target.parent / "build"
         bdir.mkdir(parents=True, exist_ok=True)
-        import pybind11
+        try:
+            import pybind11
+        except ImportError:
+            raise RuntimeError(
+                "building the CUDA extension needs pybind11 and ninja: pip install 'negkernels[build]'"
+            ) from None
 
         configure = [
             "cmake",

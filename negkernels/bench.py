@@ -254,10 +254,10 @@ def write_outputs(rows, device, name, roof, out_dir: Path) -> None:
     print(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.png'}")
 
 
-def plot(rows, device, name, path: Path, plt) -> None:
+def plot(rows, device, name, path: Path, plt) -> tuple[str, list[str]]:
     """One panel per op family: its cases side by side, one bar per implementation (device ms on
     a GPU, wall ms on a CPU), and the case's memory floor (the bytes it must move at the measured
-    copy rate) as a black line across its bars."""
+    copy rate) as a black line across its bars. Returns the figure's title and its panels' titles."""
     families = list(dict.fromkeys(r.get("op_family") or r["case"].split("/")[0] for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     colors = {impl: plt.get_cmap("tab10")(k) for k, impl in enumerate(impls)}
@@ -286,6 +286,7 @@ def plot(rows, device, name, path: Path, plt) -> None:
         ax.set_yscale("log")
         ax.set_title(family)
         ax.grid(axis="y", which="both", alpha=0.3)
+    panels = [ax.get_title() for ax in axes[0]]
     axes[0][0].set_ylabel("device ms per call (lower is better)" if device.type == "cuda" else "CPU wall ms per call")
     handles: dict = {}  # label -> the first artist drawn with it
     for ax in axes[0]:
@@ -297,7 +298,9 @@ def plot(rows, device, name, path: Path, plt) -> None:
         if device.type == "cuda"
         else "SMOKE TEST: references only, no kernel of this package timed"
     )
-    fig.suptitle(f"negkernels bench on {name} ({device.type}) · {what}")
+    title = f"negkernels bench on {name} ({device.type}) · {what}"
+    fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 0.92, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return title, panels

@@ -129,3 +129,27 @@ def test_stubbed_launches_run_no_kernel_and_restore_triton():
         adv = nk.group_advantages(rewards, group_size=8, backend="triton")
     assert adv.isnan().all()  # the kernel never wrote its output
     assert jit.JITFunction.__getitem__ is original and os.environ.get("TRITON_INTERPRET") == before
+
+
+def test_bench_plot_has_one_panel_per_family_and_says_what_was_timed(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from negkernels.bench import plot
+
+    def row(case, impl, ms, family):
+        return dict(case=case, impl=impl, ms=ms, floor_ms=ms / 7, op_family=family)
+
+    rows = [
+        row("kv/evict", "eager", 0.5, "kv"),
+        row("kv/evict", "compile", 0.3, "kv"),
+        row("advantages/ragged", "eager", 0.1, "advantages"),
+        row("advantages/ragged", "triton", float("nan"), "advantages"),
+    ]
+    title, panels = plot(rows, torch.device("cpu"), "cpu", tmp_path / "cpu.png", plt)
+    assert panels == ["kv", "advantages"] and "SMOKE TEST" in title and (tmp_path / "cpu.png").stat().st_size > 0
+    title, _ = plot(rows, torch.device("cuda"), "NVIDIA H200", tmp_path / "gpu.png", plt)
+    assert "NVIDIA H200" in title and "kernels measured" in title
