@@ -27,13 +27,17 @@ def assert_close_scaled(actual, expected, rtol, what):
     assert_close(actual, expected, rtol=rtol, atol=rtol * floor + 1e-12, what=what)
 
 
-def grad_rtol(dtype):
-    return {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
+def grad_rtol(dtype, d=24):
+    # fp32's rounding of a logit grows with the dot product's length D (linearly at worst), and
+    # the softmax carries it into every gradient: at D = 530 one entry in ~10^4 of d query landed
+    # 2.7x past the D-free tolerance. The half dtypes' input rounding dwarfs that.
+    scale = max(1.0, d / 128) if dtype == torch.float32 else 1.0
+    return {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype] * scale
 
 
-def assert_bank_and_tau_grads(opts, dtype, bank, bank64, tau, tau64):
+def assert_bank_and_tau_grads(opts, dtype, bank, bank64, tau, tau64, d=24):
     """d bank (None unless the bank requires grad) and d temperature (with a learnable τ) against float64."""
-    rtol = grad_rtol(dtype)
+    rtol = grad_rtol(dtype, d)
     if opts.get("bank_grad"):
         assert_close_scaled(bank.grad, bank64.grad, rtol, "d bank")
     else:
@@ -105,11 +109,11 @@ def run_case(case, backend, dtype, n=37, k=101, d=24, reduction="none"):
 
     assert loss.dtype == torch.float32
     assert_close_scaled(loss, ref, 1e-5, "loss")
-    rtol = grad_rtol(dtype)
+    rtol = grad_rtol(dtype, d)
     for name, got, want in [("d query", q_, q64), ("d positive", p_, p64)]:
         assert got.grad.dtype == dtype
         assert_close_scaled(got.grad, want.grad, rtol, name)
-    assert_bank_and_tau_grads(opts, dtype, b_, b64, tau, tau64)
+    assert_bank_and_tau_grads(opts, dtype, b_, b64, tau, tau64, d)
     if opts.get("extra_grad"):
         assert_close_scaled(e_.grad, e64.grad, rtol, "d extras")
 
