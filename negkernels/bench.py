@@ -258,13 +258,13 @@ def plot(rows, device, name, path: Path, plt) -> tuple[str, list[str]]:
     """One panel per op family: its cases side by side, one bar per implementation (device ms on
     a GPU, wall ms on a CPU), and the case's memory floor (the bytes it must move at the measured
     copy rate) as a black line across its bars. Returns the figure's title and its panels' titles."""
-    families = list(dict.fromkeys(r.get("op_family") or r["case"].split("/")[0] for r in rows))
+    families = list(dict.fromkeys(r["op_family"] for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     colors = {impl: plt.get_cmap("tab10")(k) for k, impl in enumerate(impls)}
     fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families) + 1, 4.8), squeeze=False)
     width = 0.8 / max(1, len(impls))
     for ax, family in zip(axes[0], families):
-        family_rows = [r for r in rows if (r.get("op_family") or r["case"].split("/")[0]) == family]
+        family_rows = [r for r in rows if r["op_family"] == family]
         cases = list(dict.fromkeys(r["case"] for r in family_rows))
         for j, case in enumerate(cases):
             case_rows = {r["impl"]: r for r in family_rows if r["case"] == case}

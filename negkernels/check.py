@@ -4,11 +4,9 @@ The rows are the families' check tables (negkernels.cases)."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ._backend import available_backends
+from ._backend import available_backends, triton_interpret
 from .cases import checks
 
 TOLERANCE = 1e-4  # the largest relative error a row may show
@@ -37,10 +35,12 @@ def run_row(fn, backend: str) -> float:
     return relative_error(out, ref, *floor_fraction)
 
 
-def _cpu_notes(device: torch.device) -> list[str]:
+def _missing_backend_notes(device: torch.device) -> list[str]:
+    """Why backends are absent from the table: no CUDA device (and whether the interpreter stands
+    in), or the CUDA extension not loaded."""
     notes = []
     if device.type != "cuda":
-        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        if not triton_interpret():
             notes.append(
                 "no CUDA device: only the reference backend runs. TRITON_INTERPRET=1 negkernels check runs the "
                 "Triton kernels too, in the interpreter (about a minute on a CPU)."
@@ -67,7 +67,7 @@ def run_checks(device: torch.device | None = None, verbose: bool = True) -> int:
     failures = sum(r[3] != "PASS" for r in rows)
     if verbose:
         print(f"negkernels check on {device} (backends: {', '.join(available_backends(device))})")
-        for note in _cpu_notes(device):
+        for note in _missing_backend_notes(device):
             print(note)
         header = ("op", "config", "backend", "result", "max rel err")
         widths = [max(len(header[j]), *(len(r[j]) for r in rows)) if rows else len(header[j]) for j in range(4)]

@@ -31,11 +31,11 @@ def test_check_says_why_rows_are_missing(monkeypatch):
     from negkernels import _cuda_ext, check
 
     monkeypatch.delenv("TRITON_INTERPRET")
-    (note,) = check._cpu_notes(torch.device("cpu"))
+    (note,) = check._missing_backend_notes(torch.device("cpu"))
     assert "only the reference backend runs" in note and "TRITON_INTERPRET=1" in note
     monkeypatch.setattr(_cuda_ext, "has_cuda_ext", lambda: False)
     monkeypatch.setattr(_cuda_ext, "load_error", lambda: "not built (run `negkernels build-ext`)")
-    (note,) = check._cpu_notes(torch.device("cuda"))
+    (note,) = check._missing_backend_notes(torch.device("cuda"))
     assert note == "CUDA extension not loaded, so no cuda rows: not built (run `negkernels build-ext`)"
 
 
