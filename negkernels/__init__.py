@@ -38,6 +38,13 @@ from .ops.logprobs import (
     policy_loss_from_logits,
     token_logprobs,
 )
+from .ops.preference import (
+    LinearPreferenceOutput,
+    PreferenceLossConfig,
+    PreferenceLossOutput,
+    linear_preference_loss,
+    preference_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -52,6 +59,11 @@ def __getattr__(name):
 
 
 __all__ = [
+    "LinearPreferenceOutput",
+    "PreferenceLossConfig",
+    "PreferenceLossOutput",
+    "linear_preference_loss",
+    "preference_loss",
     "BackendUnavailable",
     "Evicted",
     "GlobalSelection",

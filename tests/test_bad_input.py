@@ -112,6 +112,27 @@ def _with_env_backend(value):
 
 IDX = torch.arange(3).expand(1, 2, 3).contiguous()
 
+
+def _preference(backend, b=4, **options):
+    chosen, rejected = _logp(b, 6), _logp(b, 6)
+    refs = options.pop("refs", (_logp(b, 6), _logp(b, 6)))
+    nk.preference_loss(chosen, rejected, *refs, backend=backend, **options)
+
+
+def _linear_preference(**override):
+    kw = dict(
+        hidden=torch.randn(4, 5, 8),
+        weight=torch.randn(13, 8),
+        targets=torch.randint(0, 13, (4, 5)),
+        mask=torch.rand(4, 5) > 0.3,
+        ref_chosen_logp=-torch.rand(2),
+        ref_rejected_logp=-torch.rand(2),
+    )
+    kw.update(override)
+    args = [kw.pop(k) for k in ("hidden", "weight", "targets", "mask", "ref_chosen_logp", "ref_rejected_logp")]
+    nk.linear_preference_loss(*args, **kw)
+
+
 BAD_INPUTS = [
     # --- token_logprobs
     (
@@ -550,6 +571,178 @@ BAD_INPUTS = [
         TypeError,
         "cu_seqlens",
     ),
+    (
+        "preference_loss",
+        "chosen / rejected length mismatch",
+        lambda b: nk.preference_loss(_logp(4, 6), _logp(3, 6), _logp(4, 6), _logp(3, 6), backend=b),
+        ValueError,
+        "chosen_logp",
+    ),
+    ("preference_loss", "beta 0", lambda b: _preference(b, beta=0.0), ValueError, "beta"),
+    ("preference_loss", "beta negative", lambda b: _preference(b, beta=-0.1), ValueError, "beta"),
+    (
+        "preference_loss",
+        "label smoothing 0.5",
+        lambda b: _preference(b, label_smoothing=0.5),
+        ValueError,
+        "label_smoothing",
+    ),
+    (
+        "preference_loss",
+        "label smoothing < 0",
+        lambda b: _preference(b, label_smoothing=-0.1),
+        ValueError,
+        "label_smoothing",
+    ),
+    (
+        "preference_loss",
+        "exo_pair without smoothing",
+        lambda b: _preference(b, loss_type="exo_pair"),
+        ValueError,
+        "label_smoothing",
+    ),
+    ("preference_loss", "unknown loss type", lambda b: _preference(b, loss_type="dpo"), ValueError, "loss_type"),
+    ("preference_loss", "unknown reduction", lambda b: _preference(b, reduction="avg"), ValueError, "reduction"),
+    ("preference_loss", "missing reference", lambda b: _preference(b, refs=()), ValueError, "ref_rejected_logp"),
+    (
+        "preference_loss",
+        "reference of another length",
+        lambda b: _preference(b, refs=(_logp(4, 6), -torch.rand(3))),
+        ValueError,
+        "ref_rejected_logp",
+    ),
+    (
+        "preference_loss",
+        "mask of another shape",
+        lambda b: _preference(b, chosen_mask=torch.ones(4, 5, dtype=torch.bool)),
+        ValueError,
+        "chosen_mask",
+    ),
+    (
+        "preference_loss",
+        "3-D log-probs",
+        lambda b: nk.preference_loss(_logp(4, 6)[None], _logp(4, 6), backend=b, loss_type="simpo"),
+        ValueError,
+        "chosen_logp",
+    ),
+    (
+        "preference_loss",
+        "integer log-probs",
+        lambda b: nk.preference_loss(torch.ones(4, dtype=torch.int64), -torch.rand(4), backend=b, loss_type="simpo"),
+        TypeError,
+        "chosen_logp",
+    ),
+    (
+        "preference_loss",
+        "no chosen outside npo",
+        lambda b: nk.preference_loss(None, _logp(4, 6), None, _logp(4, 6), backend=b),
+        ValueError,
+        "chosen_logp",
+    ),
+    (
+        "preference_loss",
+        "calibration outside npo",
+        lambda b: _preference(b, npo_token_calibration=True),
+        ValueError,
+        "npo_token_calibration",
+    ),
+    (
+        "preference_loss",
+        "calibration on sequence sums",
+        lambda b: nk.preference_loss(
+            None, -torch.rand(4), None, -torch.rand(4), loss_type="npo", npo_token_calibration=True, backend=b
+        ),
+        ValueError,
+        "rejected_logp",
+    ),
+    (
+        "preference_loss",
+        "kto reference point of two values",
+        lambda b: _preference(b, loss_type="kto", kto_reference_point=torch.zeros(2)),
+        ValueError,
+        "kto_reference_point",
+    ),
+    (
+        "preference_loss",
+        "kto weight < 0",
+        lambda b: _preference(b, loss_type="kto", kto_desirable_weight=-1.0),
+        ValueError,
+        "kto_desirable_weight",
+    ),
+    (
+        "preference_loss",
+        "discopop tau 0",
+        lambda b: _preference(b, loss_type="discopop", discopop_tau=0.0),
+        ValueError,
+        "discopop_tau",
+    ),
+    (
+        "preference_loss",
+        "gamma inf",
+        lambda b: _preference(b, loss_type="simpo", simpo_gamma=float("inf")),
+        ValueError,
+        "simpo_gamma",
+    ),
+    ("preference_loss", "unknown option keyword", lambda b: _preference(b, gamma=0.5), TypeError, "gamma"),
+    (
+        "PreferenceLossConfig",
+        "length_normalize not a bool",
+        lambda b: nk.PreferenceLossConfig(length_normalize=1),
+        TypeError,
+        "length_normalize",
+    ),
+    (
+        "PreferenceLossConfig",
+        "config and keywords",
+        lambda b: _preference(b, config=nk.PreferenceLossConfig(), beta=0.2),
+        TypeError,
+        "config",
+    ),
+    (
+        "linear_preference_loss",
+        "odd number of rows",
+        lambda b: _linear_preference(
+            hidden=torch.randn(3, 5, 8), targets=torch.randint(0, 13, (3, 5)), mask=torch.ones(3, 5)
+        ),
+        ValueError,
+        "hidden",
+    ),
+    (
+        "linear_preference_loss",
+        "targets of another shape",
+        lambda b: _linear_preference(targets=torch.randint(0, 13, (4, 6))),
+        ValueError,
+        "targets",
+    ),
+    (
+        "linear_preference_loss",
+        "mask of another shape",
+        lambda b: _linear_preference(mask=torch.ones(4, 6)),
+        ValueError,
+        "mask",
+    ),
+    (
+        "linear_preference_loss",
+        "target out of range",
+        lambda b: _linear_preference(targets=torch.full((4, 5), 13), mask=torch.ones(4, 5)),
+        ValueError,
+        "targets",
+    ),
+    (
+        "linear_preference_loss",
+        "reference log-probs and ref_hidden",
+        lambda b: _linear_preference(ref_hidden=torch.randn(4, 5, 8)),
+        ValueError,
+        "ref_hidden",
+    ),
+    (
+        "linear_preference_loss",
+        "ref_weight without ref_hidden",
+        lambda b: _linear_preference(ref_weight=torch.randn(13, 8)),
+        ValueError,
+        "ref_weight",
+    ),
+    ("linear_preference_loss", "beta 0", lambda b: _linear_preference(beta=0.0), ValueError, "beta"),
 ]
 
 # Public names that are types or queries, not ops that take input.
@@ -558,6 +751,8 @@ NOT_OPS = {
     "Evicted",
     "GlobalSelection",
     "GroupStats",
+    "LinearPreferenceOutput",
+    "PreferenceLossOutput",
     "PolicyLossOutput",
     "available_backends",
     "has_cuda_ext",
