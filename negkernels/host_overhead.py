@@ -180,6 +180,30 @@ def _cases() -> list[HostCase]:
         labels, bank_labels = torch.randint(0, 4, (8,)), torch.randint(0, 4, (256,))
         return lambda: nk.bank_supcon(query, bank, labels, bank_labels, backend="triton").backward()
 
+    def preference_inputs():
+        b, t = 4, 32
+        chosen, rejected = (-torch.rand(b, t)).requires_grad_(), (-torch.rand(b, t)).requires_grad_()
+        refs = -torch.rand(b), -torch.rand(b)
+        return chosen, rejected, refs, torch.rand(b, t) > 0.2, torch.rand(b, t) > 0.2
+
+    def preference():
+        chosen, rejected, refs, chosen_mask, rejected_mask = preference_inputs()
+        return lambda: nk.preference_loss(
+            chosen, rejected, *refs, chosen_mask=chosen_mask, rejected_mask=rejected_mask, backend="triton"
+        ).loss.backward()
+
+    def eager_dpo():
+        chosen, rejected, (ref_c, ref_r), chosen_mask, rejected_mask = preference_inputs()
+
+        def call():
+            h = ((chosen * chosen_mask).sum(-1) - ref_c) - ((rejected * rejected_mask).sum(-1) - ref_r)
+            loss = -torch.nn.functional.logsigmoid(0.1 * h).mean()
+            rewards_c, rewards_r = 0.1 * ((chosen * chosen_mask).sum(-1) - ref_c), 0.1 * h
+            (rewards_c > rewards_r).float().mean()
+            loss.backward()
+
+        return call
+
     return [
         HostCase("group_advantages uniform, 4096 rewards", advantages(False), 1.5),
         HostCase("group_advantages ragged, 4096 rewards", advantages(True), 1.5),
@@ -191,7 +215,9 @@ def _cases() -> list[HostCase]:
         HostCase("bank_info_nce fwd+bwd", info_nce, 3.0),
         HostCase("bank_supcon fwd+bwd", supcon, None),
         HostCase("group_discriminative_loss fwd+bwd", discriminative, 3.0),
+        HostCase("preference_loss fwd+bwd", preference, 3.0),
         HostCase("eager GRPO loss fwd+bwd (for comparison)", eager_grpo, None),
+        HostCase("eager DPO loss fwd+bwd (for comparison)", eager_dpo, None),
     ]
 
 

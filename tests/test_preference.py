@@ -172,8 +172,13 @@ def test_backend_parity_with_float64_reference(backend, loss_type, layout):
     with poisoned_allocations():
         got, gc, gr = run(backend, torch.float32)
     tol = dict(rtol=2e-5, atol=2e-5 if loss_type not in ("ipo", "sppo_hard") else 2e-4)
-    for name in ("loss", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps"):
+    for name in ("loss", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps", "reward_margin"):
         assert_close(getattr(got, name), getattr(expected, name), **tol, what=name)
+    if loss_type not in ("kto", "npo"):  # paired: the share of pairs whose chosen reward wins
+        wins = (expected.chosen_rewards > expected.rejected_rewards).double().mean()
+        assert_close(got.reward_accuracy, wins, rtol=0, atol=1e-6, what="reward accuracy")
+        margin = (expected.chosen_rewards - expected.rejected_rewards).mean()
+        assert_close(expected.reward_margin, margin, rtol=1e-12, atol=1e-12, what="reward margin")
     assert got.loss.dtype == torch.float32
     zero_c = torch.zeros_like(c)
     assert_close(gc if gc is not None else zero_c, egc if egc is not None else zero_c, **tol, what="d chosen")

@@ -392,6 +392,35 @@ KV_SCRIPT = PRELUDE + textwrap.dedent(
 )
 
 
+PREFERENCE_SCRIPT = PRELUDE + textwrap.dedent(
+    """
+    from negkernels.reference.preference import PreferenceLossType
+    from negkernels.triton import preference as pref
+
+    INTS = {"num_chosen", "num_rejected", "chosen_len", "rejected_len", "c_sb", "c_st", "r_sb", "r_st", "cm_sb",
+            "cm_st", "rm_sb", "rm_st", "rc_sb", "rc_st", "rr_sb", "rr_st"}
+    count = 0
+    for loss in PreferenceLossType:
+        reference_free = loss.name in ("SIMPO", "ORPO")
+        # sequence sums; bf16 token rows with masks and [B] or per-token references; no gradient
+        for masks, per_token, grad, dtype in ((False, False, True, "fp32"), (True, True, True, "bf16"),
+                                              (True, False, False, "fp16")):
+            pointers = {name: f"*{dtype}" for name in ("chosen_ptr", "rejected_ptr", "ref_chosen_ptr",
+                                                       "ref_rejected_ptr")}
+            pointers |= {"chosen_mask_ptr": "*u8", "rejected_mask_ptr": "*i64"}
+            compile_variant(pref._preference_loss_kernel,
+                            dict(LOSS=int(loss), HAS_CHOSEN_MASK=masks, HAS_REJECTED_MASK=masks,
+                                 HAS_REF=not reference_free, REF_CHOSEN_PER_TOKEN=per_token,
+                                 REF_REJECTED_PER_TOKEN=per_token, NORMALIZE=masks or reference_free,
+                                 CALIBRATE=loss.name == "NPO" and per_token, COMPUTE_GRAD=grad,
+                                 PAIRED=loss.name not in ("KTO", "NPO") or masks,
+                                 BLOCK_B=4 if masks else 64, BLOCK_T=1024 if masks else 1), 4, pointers, INTS, "i64")
+            count += 1
+    print("compiled", count)
+    """
+)
+
+
 def _compile_in_subprocess(script: str) -> str:
     """Run a compile script as one process per core (up to 4), each compiling its share of the
     variants (SHARD in PRELUDE); every shard must succeed. Returns shard 0's output."""
@@ -432,3 +461,7 @@ def test_contrastive_tiles_fit_sm90_at_the_largest_head_dim_and_list():
 
 def test_every_kv_kernel_variant_compiles_for_sm90():
     assert "compiled 23" in _compile_in_subprocess(KV_SCRIPT)
+
+
+def test_every_preference_kernel_variant_compiles_for_sm90():
+    assert "compiled 45" in _compile_in_subprocess(PREFERENCE_SCRIPT)

@@ -1,6 +1,6 @@
 """The op cases, one table per family, defined once.
 
-Each family module (``advantages``, ``logprobs``, ``contrastive``, ``kv``) holds ``BENCH`` (the
+Each family module (``advantages``, ``logprobs``, ``contrastive``, ``kv``, ``preference``) holds ``BENCH`` (the
 benchmark cases: inputs at full size on a GPU and small on the CPU, the bytes and flops the op
 must move at least, the implementations side by side) and ``checks(device)`` (small odd shapes
 against the float64 reference). `negkernels bench`, ``pytest benchmarks/``, the static cost
@@ -13,10 +13,16 @@ from collections.abc import Iterator
 
 import torch
 
-from . import advantages, contrastive, kv, logprobs
+from . import advantages, contrastive, kv, logprobs, preference
 from ._case import Case
 
-FAMILIES = {"advantages": advantages, "logprobs": logprobs, "contrastive": contrastive, "kv": kv}
+FAMILIES = {
+    "advantages": advantages,
+    "logprobs": logprobs,
+    "contrastive": contrastive,
+    "kv": kv,
+    "preference": preference,
+}
 
 for _op_family, _module in FAMILIES.items():
     for _case in _module.BENCH:

@@ -30,6 +30,7 @@ from ..reference.preference import (
 from .logprobs import linear_token_logprobs
 
 PREFERENCE_LOSS_BACKENDS = register_op("preference_loss", ("reference", "triton"))
+LINEAR_PREFERENCE_LOSS_BACKENDS = register_op("linear_preference_loss", ("reference", "triton"))
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -172,7 +173,14 @@ def _losses_reference(chosen, rejected, ref_chosen, ref_rejected, chosen_mask, r
         kto_undesirable_weight=cfg.kto_undesirable_weight,
         npo_token_calibration=cfg.npo_token_calibration,
     )
-    return (losses.to(out_dtype),) + tuple(t.to(out_dtype) for t in (rew_c, rew_r, val_c, val_r))
+    rew_c, rew_r, val_c, val_r = (t.to(out_dtype) for t in (rew_c, rew_r, val_c, val_r))
+    if not _paired(cfg.loss_type, rew_c.shape[0], rew_r.shape[0]):
+        accuracy = margin = rew_r.new_full((), math.nan)
+    elif rew_c.numel() == 0:
+        accuracy = margin = rew_r.new_zeros(())
+    else:
+        accuracy, margin = (rew_c > rew_r).to(out_dtype).mean(), (rew_c - rew_r).mean()
+    return losses.to(out_dtype), rew_c, rew_r, val_c, val_r, accuracy, margin
 
 
 @kernel_op("negkernels::preference_loss", mutates_args=())
@@ -195,10 +203,10 @@ def _preference_loss_op(
     npo_token_calibration: bool,
     compute_grad: bool,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(per-example losses, chosen rewards, rejected rewards, chosen values, rejected values,
-    d Σ losses / d chosen tokens, d Σ losses / d rejected tokens): each loss depends on one row's
-    tokens, so the backward scales those rows by the incoming gradient."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(per-example losses, stats, d Σ losses / d chosen tokens, d Σ losses / d rejected tokens):
+    each loss depends on one row's tokens, so the backward scales those rows by the incoming
+    gradient. ``stats`` packs the rewards, values and pair summaries (:func:`_split_stats`)."""
     if backend != "triton":
         raise ValueError(f"backend: negkernels::preference_loss runs the kernel backends, not {backend!r}")
     from ..triton.preference import preference_loss_fwd
@@ -210,7 +218,7 @@ def _preference_loss_op(
         ref_rejected,
         chosen_mask,
         rejected_mask,
-        kto_reference_point if kto_reference_point is not None else rejected.new_zeros((), dtype=torch.float32),
+        kto_reference_point,
         int(PreferenceLossType[loss_type.upper()]),
         length_normalize,
         npo_token_calibration,
@@ -230,6 +238,26 @@ def _num_losses(loss_type: str, num_chosen: int, num_rejected: int) -> int:
     return num_rejected if loss_type == "npo" else num_chosen
 
 
+def _paired(loss_type: str, num_chosen: int, num_rejected: int) -> bool:
+    return loss_type != "npo" and num_chosen == num_rejected
+
+
+def _split_stats(stats: Tensor, loss_type: str, num_chosen: int, num_rejected: int) -> tuple[Tensor, ...]:
+    """(chosen rewards, rejected rewards, chosen values, rejected values, reward accuracy, reward
+    margin) from the kernel's packed stats; the summaries are one mean over the pairs' margins and
+    wins (NaN for an unpaired batch, 0 for no pairs)."""
+    b_w, b_l = num_chosen, num_rejected
+    if b_w and _paired(loss_type, b_w, b_l):  # a [6, B] block: views and one sum
+        block = stats.view(6, b_w)
+        rew_c, rew_r, val_c, val_r = block[:4].unbind()
+        margin, accuracy = block[4:].sum(1).unbind()
+        return rew_c, rew_r, val_c, val_r, accuracy, margin
+    rew_c, rew_r, val_c, val_r = stats[: 2 * (b_w + b_l)].split((b_w, b_l, b_w, b_l))
+    summary = stats.new_full((2,), math.nan if b_w != b_l or loss_type == "npo" else 0.0)
+    accuracy, margin = summary.unbind()
+    return rew_c, rew_r, val_c, val_r, accuracy, margin
+
+
 @_preference_loss_op.register_fake
 def _(chosen, rejected, ref_chosen, ref_rejected, chosen_mask, rejected_mask, z, loss_type, *rest):
     compute_grad = rest[-2]
@@ -241,7 +269,8 @@ def _(chosen, rejected, ref_chosen, ref_rejected, chosen_mask, rejected_mask, z,
         if compute_grad
         else (new(*(0,) * chosen.dim()), new(*(0,) * rejected.dim()))
     )
-    return (new(_num_losses(loss_type, b_w, b_l)), new(b_w), new(b_l), new(b_w), new(b_l), *grads)
+    stats = 2 * (b_w + b_l) + (2 * b_w if _paired(loss_type, b_w, b_l) else 0)
+    return (new(_num_losses(loss_type, b_w, b_l)), new(stats), *grads)
 
 
 def _preference_setup(ctx, inputs, output):
@@ -249,7 +278,7 @@ def _preference_setup(ctx, inputs, output):
     ctx.dtypes = (chosen.dtype, rejected.dtype)
     ctx.loss_type = loss_type
     ctx.num_chosen = chosen.shape[0]
-    ctx.save_for_backward(output[5], output[6])
+    ctx.save_for_backward(output[2], output[3])
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -261,15 +290,18 @@ def _preference_backward(ctx, grad_losses, *unused):
     if ctx.loss_type == "kto":
         scale_c, scale_r = grad_losses[:b_w], grad_losses[b_w:]
     elif ctx.loss_type == "npo":
-        scale_c, scale_r = grad_losses.new_zeros(b_w), grad_losses
+        scale_c, scale_r = None, grad_losses  # npo's losses do not depend on the chosen responses
     else:
         scale_c = scale_r = grad_losses
 
-    def rows(scale: Tensor, token_grad: Tensor) -> Tensor:
-        return scale.reshape(-1, *([1] * (token_grad.dim() - 1))) * token_grad
+    def rows(scale: Optional[Tensor], token_grad: Tensor, dtype: torch.dtype) -> Tensor:
+        if scale is None:
+            return token_grad.to(dtype)  # all zeros
+        by_row = scale[:, None] if token_grad.dim() == 2 else scale
+        return (token_grad * by_row).to(dtype)
 
-    grad_c = rows(scale_c, token_grad_c).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-    grad_r = rows(scale_r, token_grad_r).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+    grad_c = rows(scale_c, token_grad_c, ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+    grad_r = rows(scale_r, token_grad_r, ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
     return no_grads_after(ctx, grad_c, grad_r)
 
 
@@ -296,18 +328,6 @@ def _check_reference(name: str, ref: Optional[Tensor], like: Optional[Tensor], l
         raise ValueError(
             f"{name}: expected shape {tuple(like.shape)} or [{like.shape[0]}] (sequence sums), got {tuple(ref.shape)}"
         )
-
-
-def _summaries(cfg: PreferenceLossConfig, chosen_rewards: Tensor, rejected_rewards: Tensor) -> tuple[Tensor, Tensor]:
-    """(reward accuracy, reward margin) over the pairs; NaN when the batch is not paired."""
-    if chosen_rewards.shape != rejected_rewards.shape:
-        nan = rejected_rewards.new_full((), math.nan)
-        return nan, nan.clone()
-    if chosen_rewards.numel() == 0:
-        zero = rejected_rewards.new_zeros(())
-        return zero, zero.clone()
-    accuracy = (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).mean()
-    return accuracy, (chosen_rewards - rejected_rewards).mean()
 
 
 def preference_loss(
@@ -411,7 +431,7 @@ def preference_loss(
             return _losses_reference(
                 chosen, rejected_logp, ref_chosen_logp, ref_rejected_logp, chosen_mask, rejected_mask, z, cfg
             )
-        return _preference_loss_op(
+        losses, stats, _, _ = _preference_loss_op(
             chosen,
             rejected_logp,
             ref_chosen_logp.detach() if ref_chosen_logp is not None else None,
@@ -431,20 +451,20 @@ def preference_loss(
             grad,
             chosen_backend,
         )
+        return (losses, *_split_stats(stats, cfg.loss_type, chosen.shape[0], rejected_logp.shape[0]))
 
     if cfg.loss_type == "kto" and z is None:
         # The batch reference point needs every log-ratio before any loss: a first pass for the rewards.
         first = run(rejected_logp.new_zeros((), dtype=torch.float32), False)
         z = kto_batch_reference_point(first[1] / cfg.beta, first[2] / cfg.beta)
         z = z.to(torch.float64 if chosen_backend == "reference" else torch.float32)
-    losses, chosen_rewards, rejected_rewards, chosen_values, rejected_values = run(z, compute_grad)[:5]
+    losses, chosen_rewards, rejected_rewards, chosen_values, rejected_values, accuracy, margin = run(z, compute_grad)
     if cfg.reduction == "mean":
-        loss = losses.sum() / max(losses.shape[0], 1)
+        loss = losses.mean() if losses.shape[0] else losses.sum()
     elif cfg.reduction == "sum":
         loss = losses.sum()
     else:
         loss = losses
-    accuracy, margin = _summaries(cfg, chosen_rewards, rejected_rewards)
     return PreferenceLossOutput(
         loss, chosen_rewards, rejected_rewards, accuracy, margin, chosen_values, rejected_values
     )

@@ -49,6 +49,12 @@ def _log_sigmoid(x):
 
 
 @triton.jit
+def _sigmoid_slope(x):
+    # σ'(x) = σ(x)·σ(−x): no 1 − σ(x) rounding to 0 for large x
+    return tl.sigmoid(x) * tl.sigmoid(-x)
+
+
+@triton.jit
 def _expm1_nonpositive(x):
     """e^x − 1 for x ≤ 0 without cancellation near 0 (a Taylor series where |x| < 1/2)."""
     series = 1.0 + x / 12.0
@@ -168,10 +174,7 @@ def _preference_loss_kernel(
     ref_rejected_ptr,
     kto_reference_point_ptr,
     loss_ptr,
-    chosen_reward_ptr,
-    rejected_reward_ptr,
-    chosen_value_ptr,
-    rejected_value_ptr,
+    stats_ptr,
     chosen_grad_ptr,
     rejected_grad_ptr,
     num_chosen,
@@ -198,6 +201,7 @@ def _preference_loss_kernel(
     robust_slope,
     kto_desirable_weight,
     kto_undesirable_weight,
+    inv_pairs,
     LOSS: tl.constexpr,
     HAS_CHOSEN_MASK: tl.constexpr,
     HAS_REJECTED_MASK: tl.constexpr,
@@ -207,6 +211,7 @@ def _preference_loss_kernel(
     NORMALIZE: tl.constexpr,
     CALIBRATE: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    PAIRED: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -261,8 +266,8 @@ def _preference_loss_kernel(
         d_l = -2.0 * gap
     elif LOSS == _LOSS_EXO_PAIR:
         q = tl.sigmoid(u)
-        loss = q * (_log_sigmoid(u) - tl.log(1.0 - eps)) + (1.0 - q) * (_log_sigmoid(-u) - tl.log(eps))
-        d_u = q * (1.0 - q) * (u - exo_log_odds)
+        loss = q * (_log_sigmoid(u) - tl.log(1.0 - eps)) + tl.sigmoid(-u) * (_log_sigmoid(-u) - tl.log(eps))
+        d_u = _sigmoid_slope(u) * (u - exo_log_odds)
         d_w = beta * d_u
         d_l = -beta * d_u
     elif LOSS == _LOSS_NCA_PAIR:
@@ -283,20 +288,20 @@ def _preference_loss_kernel(
         sig_a = tl.sigmoid(a)
         sig_b = tl.sigmoid(b)
         loss = 1.0 - sig_a + sig_b
-        d_w = -beta * sig_a * (1.0 - sig_a)
-        d_l = beta * sig_b * (1.0 - sig_b)
+        d_w = -beta * _sigmoid_slope(a)
+        d_l = beta * _sigmoid_slope(b)
     elif LOSS == _LOSS_APO_DOWN:
         sig_a = tl.sigmoid(a)
         sig_u = tl.sigmoid(u)
         loss = sig_a + 1.0 - sig_u
-        d_w = beta * (sig_a * (1.0 - sig_a) - sig_u * (1.0 - sig_u))
-        d_l = beta * sig_u * (1.0 - sig_u)
+        d_w = beta * (_sigmoid_slope(a) - _sigmoid_slope(u))
+        d_l = beta * _sigmoid_slope(u)
     elif LOSS == _LOSS_DISCOPOP:
         mix = tl.sigmoid(u / discopop_tau)
         log_sig_u = _log_sigmoid(u)
         modulated_exp = tl.exp(_log_sigmoid(u / discopop_tau) - u)  # σ(u/τ)·e^{−u}, no overflow
         loss = -log_sig_u * (1.0 - mix) + modulated_exp
-        d_mix = mix * (1.0 - mix) / discopop_tau
+        d_mix = _sigmoid_slope(u / discopop_tau) / discopop_tau
         d_u = -tl.sigmoid(-u) * (1.0 - mix) + log_sig_u * d_mix + modulated_exp * ((1.0 - mix) / discopop_tau - 1.0)
         d_w = beta * d_u
         d_l = -beta * d_u
@@ -317,12 +322,10 @@ def _preference_loss_kernel(
         d_l = -d_v * d_odds_l
     elif LOSS == _LOSS_KTO:
         z = tl.load(kto_reference_point_ptr).to(tl.float32)
-        sig_w = tl.sigmoid(beta * (r_w - z))
-        sig_l = tl.sigmoid(beta * (z - r_l))
-        loss = kto_desirable_weight * (1.0 - sig_w)
-        loss_l = kto_undesirable_weight * (1.0 - sig_l)
-        d_w = -kto_desirable_weight * beta * sig_w * (1.0 - sig_w)
-        d_l = kto_undesirable_weight * beta * sig_l * (1.0 - sig_l)
+        loss = kto_desirable_weight * tl.sigmoid(beta * (z - r_w))  # 1 − σ(x) = σ(−x)
+        loss_l = kto_undesirable_weight * tl.sigmoid(beta * (r_l - z))
+        d_w = -kto_desirable_weight * beta * _sigmoid_slope(beta * (r_w - z))
+        d_l = kto_undesirable_weight * beta * _sigmoid_slope(beta * (z - r_l))
     elif LOSS == _LOSS_NPO:
         loss = (2.0 / beta) * (tl.maximum(b, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b))))
         d_l = 2.0 * tl.sigmoid(b)
@@ -334,14 +337,24 @@ def _preference_loss_kernel(
         tl.store(loss_ptr + rows, loss, mask=rejected_ok)
     else:
         tl.store(loss_ptr + rows, loss, mask=chosen_ok)
+    # stats: chosen rewards, rejected rewards, chosen values, rejected values, then (paired) each
+    # pair's reward margin and whether the chosen reward wins, over B, so one sum gives both means.
     if LOSS == _LOSS_SIMPO or LOSS == _LOSS_ORPO:
-        tl.store(chosen_reward_ptr + rows, beta * s_w.to(tl.float32), mask=chosen_ok)
-        tl.store(rejected_reward_ptr + rows, beta * s_l.to(tl.float32), mask=rejected_ok)
+        reward_w = beta * s_w.to(tl.float32)
+        reward_l = beta * s_l.to(tl.float32)
     else:
-        tl.store(chosen_reward_ptr + rows, a, mask=chosen_ok)
-        tl.store(rejected_reward_ptr + rows, b, mask=rejected_ok)
-    tl.store(chosen_value_ptr + rows, s_w.to(tl.float32), mask=chosen_ok)
-    tl.store(rejected_value_ptr + rows, s_l.to(tl.float32), mask=rejected_ok)
+        reward_w = a
+        reward_l = b
+    tl.store(stats_ptr + rows, reward_w, mask=chosen_ok)
+    tl.store(stats_ptr + num_chosen + rows, reward_l, mask=rejected_ok)
+    tl.store(stats_ptr + num_chosen + num_rejected + rows, s_w.to(tl.float32), mask=chosen_ok)
+    tl.store(stats_ptr + 2 * num_chosen + num_rejected + rows, s_l.to(tl.float32), mask=rejected_ok)
+    if PAIRED:
+        pairs = 2 * (num_chosen + num_rejected)
+        tl.store(stats_ptr + pairs + rows, (reward_w - reward_l) * inv_pairs, mask=chosen_ok)
+        tl.store(
+            stats_ptr + pairs + num_chosen + rows, (reward_w > reward_l).to(tl.float32) * inv_pairs, mask=chosen_ok
+        )
     if COMPUTE_GRAD:
         # d loss / d token = (d loss / d value) · weight / divisor
         _write_token_grads(
@@ -380,7 +393,7 @@ def preference_loss_fwd(
     ref_rejected: torch.Tensor | None,
     chosen_mask: torch.Tensor | None,
     rejected_mask: torch.Tensor | None,
-    kto_reference_point: torch.Tensor,
+    kto_reference_point: torch.Tensor | None,
     loss_code: int,
     length_normalize: bool,
     calibrate: bool,
@@ -392,8 +405,9 @@ def preference_loss_fwd(
     kto_desirable_weight: float,
     kto_undesirable_weight: float,
 ):
-    """One launch: (per-example losses, chosen rewards, rejected rewards, chosen values,
-    rejected values, d losses / d chosen tokens, d losses / d rejected tokens), all fp32.
+    """One launch: (per-example losses, stats, d losses / d chosen tokens, d losses / d rejected
+    tokens), all fp32. ``stats`` is [B_w chosen rewards | B_l rejected rewards | B_w chosen values |
+    B_l rejected values | (paired) B reward margins / B | B wins / B]: a [6, B] block when paired.
 
     ``chosen`` may have zero rows (npo without chosen responses; kto with no desirable one)."""
     dev = rejected.device
@@ -402,25 +416,25 @@ def preference_loss_fwd(
     num_rejected, rejected_len = r.shape
     kto = loss_code == int(PreferenceLossType.KTO)
     npo = loss_code == int(PreferenceLossType.NPO)
+    paired = not npo and num_chosen == num_rejected
     num_losses = num_chosen + num_rejected if kto else (num_rejected if npo else num_chosen)
 
     def f32(*shape: int) -> torch.Tensor:
         return torch.empty(shape, dtype=torch.float32, device=dev)
 
     loss = f32(num_losses)
-    chosen_reward, chosen_value = f32(num_chosen), f32(num_chosen)
-    rejected_reward, rejected_value = f32(num_rejected), f32(num_rejected)
+    stats = f32(2 * (num_chosen + num_rejected) + (2 * num_chosen if paired else 0))
     # Without a gradient the token gradients are empty and the kernel skips writing them.
     chosen_grad = f32(*chosen.shape) if compute_grad else f32(*(0,) * chosen.dim())
     rejected_grad = f32(*rejected.shape) if compute_grad else f32(*(0,) * rejected.dim())
     rows = max(num_chosen, num_rejected)
     if rows == 0:
-        return loss, chosen_reward, rejected_reward, chosen_value, rejected_value, chosen_grad, rejected_grad
+        return loss, stats, chosen_grad, rejected_grad
     block_t = min(next_power_of_2(max(chosen_len, rejected_len, 1)), 1024)
     block_b = max(1, min(next_power_of_2(rows), _TILE // block_t, 64))
     has_ref = ref_rejected is not None
-    c_sb, c_st = _strides(c)
-    r_sb, r_st = _strides(r)
+    c_sb, c_st = c.stride()
+    r_sb, r_st = r.stride()
     cm_sb, cm_st = _strides(chosen_mask)
     rm_sb, rm_st = _strides(rejected_mask)
     rc_sb, rc_st = _strides(ref_chosen)
@@ -433,12 +447,10 @@ def preference_loss_fwd(
         rejected_mask_ptr=_mask_arg(rejected_mask, r),
         ref_chosen_ptr=ref_chosen if ref_chosen is not None else r,
         ref_rejected_ptr=ref_rejected if has_ref else r,
-        kto_reference_point_ptr=kto_reference_point,
+        # read by kto only: any fp32 tensor stands in otherwise
+        kto_reference_point_ptr=kto_reference_point if kto_reference_point is not None else loss,
         loss_ptr=loss,
-        chosen_reward_ptr=chosen_reward,
-        rejected_reward_ptr=rejected_reward,
-        chosen_value_ptr=chosen_value,
-        rejected_value_ptr=rejected_value,
+        stats_ptr=stats,
         chosen_grad_ptr=chosen_grad,
         rejected_grad_ptr=rejected_grad,
         num_chosen=num_chosen,
@@ -467,6 +479,7 @@ def preference_loss_fwd(
         robust_slope=eps / (1.0 - 2.0 * eps),
         kto_desirable_weight=float(kto_desirable_weight),
         kto_undesirable_weight=float(kto_undesirable_weight),
+        inv_pairs=1.0 / num_chosen if paired else 0.0,
         LOSS=loss_code,
         HAS_CHOSEN_MASK=chosen_mask is not None,
         HAS_REJECTED_MASK=rejected_mask is not None,
@@ -476,8 +489,9 @@ def preference_loss_fwd(
         NORMALIZE=length_normalize,
         CALIBRATE=calibrate,
         COMPUTE_GRAD=compute_grad,
+        PAIRED=paired,
         BLOCK_B=block_b,
         BLOCK_T=block_t,
         num_warps=4,
     )
-    return loss, chosen_reward, rejected_reward, chosen_value, rejected_value, chosen_grad, rejected_grad
+    return loss, stats, chosen_grad, rejected_grad
