@@ -243,10 +243,12 @@ def expected_rounds(per_tile: float, rows: int, limit: int) -> float:
 
 def _cases() -> list[StaticCase]:
     from negkernels.ops.logprobs import PolicyKernelCodes, PolicyKernelScalars, PolicyLossConfig, _row_view
+    from negkernels.reference.preference import PreferenceLossType
     from negkernels.triton import advantages as ta
     from negkernels.triton import contrastive as tc
     from negkernels.triton import kv as tk
     from negkernels.triton import logprobs as tl_
+    from negkernels.triton import preference as tp
 
     def codes_for(i, rows, compute_grad=True, **extra):
         codes, scalars = PolicyLossConfig().kernel_args(
@@ -380,6 +382,31 @@ def _cases() -> list[StaticCase]:
         lb = i["log_beta"].detach()
         tk.retention_mass_fwd(lb, None)
         tk.retention_mass_bwd(lb, None, torch.empty_like(lb))
+
+    def preference(i):  # DPO (sigmoid) on token log-probs with reference tokens and masks, as the bench calls it
+        tp.preference_loss_fwd(
+            i["chosen"].detach(),
+            i["rejected"].detach(),
+            i["ref_chosen"],
+            i["ref_rejected"],
+            i["chosen_mask"],
+            i["rejected_mask"],
+            None,
+            int(PreferenceLossType.SIGMOID),
+            False,
+            False,
+            True,
+            0.1,
+            0.0,
+            0.0,
+            0.05,
+            1.0,
+            1.0,
+        )
+
+    def preference_trips(launch):  # the two value sweeps, then the two gradient sweeps, over each row block's tokens
+        a = launch.args
+        return [_cdiv(a["chosen_len"], a["BLOCK_T"]), _cdiv(a["rejected_len"], a["BLOCK_T"])] * 2
 
     def vocab_trips(launch):  # one row per program, the full blocks of its vocabulary
         return [launch.args["n_vocab"] // launch.args["BLOCK_V"]]
@@ -517,6 +544,7 @@ def _cases() -> list[StaticCase]:
         ),
         StaticCase("kv/evict", 0.13, evict, evict_trips),
         StaticCase("kv/evict-8rows", 0.03, evict, evict_trips),
+        StaticCase("preference/dpo-tokens", 0.015, preference, {"_preference_loss_kernel": preference_trips}),
         StaticCase(
             "kv/retention-mass",
             1.2,

@@ -29,6 +29,7 @@ UNDER_TARGET = (
     "kv/evict",
     "kv/evict-8rows",
     "kv/retention-mass",
+    "preference/dpo-tokens",
 )
 
 
@@ -52,7 +53,8 @@ def test_every_bench_case_with_triton_kernels_is_costed(report):
     rows, stdout = report
     from negkernels.cases import CASES
 
-    costed = {c.id for c in CASES} - {"linear-grpo/fwd+bwd"}  # cuBLAS matmuls: its floor is in the bench
+    # The LM-head cases are cuBLAS matmuls around row kernels: their matmul floor is in the bench.
+    costed = {c.id for c in CASES} - {"linear-grpo/fwd+bwd", "linear-dpo/fwd+bwd"}
     assert costed <= set(rows)
     assert all(row["kernels"] for row in rows.values())
     assert "issue/target" in stdout
@@ -168,3 +170,11 @@ def test_the_retention_mass_sweeps_take_few_exponentials(report):
     assert fwd["loop_mufu"][unmasked] <= 10 and fwd["loop_bodies"][unmasked] <= 100
     horner = bwd["loop_trips"].index(max(bwd["loop_trips"]))
     assert bwd["loop_mufu"][horner] == 0 and bwd["loop_bodies"][horner] <= 180  # four blocks, 16 pairs a thread each
+
+
+def test_the_preference_kernel_fills_the_machine_at_the_bench_shape(report):
+    # 256 pairs: one row a program, so every SM streams tokens (four rows a program left 68 idle).
+    rows, _ = report
+    (kernel,) = rows["preference/dpo-tokens"]["kernels"]
+    assert kernel["kernel"] == "_preference_loss_kernel" and kernel["grid"][0] >= 132
+    assert len(kernel["loop_bodies"]) == 4  # two value sweeps, two gradient sweeps: nothing per token twice

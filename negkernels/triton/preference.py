@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ..reference.preference import FLT_MIN, PreferenceLossType
+from .. import _backend
 from . import cdiv, next_power_of_2
 
 # The kernel's loss codes by name (values from negkernels.reference.preference).
@@ -432,6 +433,11 @@ def preference_loss_fwd(
         return loss, stats, chosen_grad, rejected_grad
     block_t = min(next_power_of_2(max(chosen_len, rejected_len, 1)), 1024)
     block_b = max(1, min(next_power_of_2(rows), _TILE // block_t, 64))
+    # Fewer rows a program until the grid covers every SM: each program streams its rows' tokens,
+    # so 64 programs of 4 rows (256 pairs of 4,096 tokens) would leave half an H100 without loads.
+    sms = _backend.sm_count(dev)
+    while sms and block_b > 1 and cdiv(rows, block_b) < sms:
+        block_b //= 2
     has_ref = ref_rejected is not None
     c_sb, c_st = c.stride()
     r_sb, r_st = r.stride()
