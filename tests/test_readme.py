@@ -44,6 +44,9 @@ def test_readme_example_runs(block, capsys):
         assert namespace["logits"].grad is not None
     if "lm_head" in namespace:  # the fused LM-head example: gradients reached the head and the hidden states
         assert namespace["lm_head"].weight.grad is not None and namespace["hidden"].grad is not None
+    if "policy_head" in namespace:  # the DPO step: gradients reached the policy's head, not the reference's
+        assert namespace["policy_head"].weight.grad is not None and namespace["hidden"].grad is not None
+        assert namespace["reference_head"].weight.grad is None
     if "encoder" in namespace:  # the MoCo step: the gradient reached the encoder and the temperature
         assert all(p.grad is not None for p in namespace["encoder"].parameters())
         assert namespace["log_tau"].grad is not None and namespace["bank"].valid > 0
