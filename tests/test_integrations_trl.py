@@ -1,7 +1,8 @@
-"""NegkernelsGRPOTrainer against the real trl.GRPOTrainer.
+"""NegkernelsGRPOTrainer and NegkernelsDPOTrainer against the real trl.GRPOTrainer and trl.DPOTrainer.
 
-Oracle: TRL's own trainer. Both train a tiny randomly initialised Llama (built from a config, no
-downloads) for two steps from the same seed on an in-memory dataset with a toy reward; the
+Oracle: TRL's own trainers. Both train a tiny randomly initialised Llama (built from a config, no
+downloads) for two steps from the same seed on an in-memory dataset (GRPO: prompts and a toy
+reward; DPO: prompts with chosen and rejected responses); the
 logged losses, gradient norms and metrics must agree to fp32 tolerance for every loss type and
 option. Plain SGD keeps the two trajectories together (Adam turns rounding-level gradient
 differences into ±lr updates) while a large step makes the second iteration off-policy and clip.
@@ -17,7 +18,7 @@ import torch
 import transformers
 import trl
 
-from negkernels.integrations.trl import NegkernelsGRPOTrainer  # noqa: E402
+from negkernels.integrations.trl import NegkernelsDPOTrainer, NegkernelsGRPOTrainer  # noqa: E402
 
 VOCAB = 64
 
@@ -244,3 +245,157 @@ def test_trainer_falls_back_to_trl_loss_with_a_warning(options, reason, tiny_mod
     assert trainer._negkernels_fallback is not None
     theirs, _ = train(trl.GRPOTrainer, tiny_model_dir, tmp_path, max_steps=1, **options)
     assert_same_logs(theirs, ours, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# NegkernelsDPOTrainer against trl.DPOTrainer
+# ---------------------------------------------------------------------------------------------
+
+
+def _words(i, n, k):
+    return " ".join(f"w{(i * k + j * 3) % 61}" for j in range(n))
+
+
+# Prompts and responses of different lengths, so padding and the completion masks are exercised.
+PREFERENCES = datasets.Dataset.from_dict(
+    {
+        "prompt": [_words(i, 4 + i % 3, 7) for i in range(16)],
+        "chosen": [" " + _words(i, 3 + i % 4, 5) for i in range(16)],
+        "rejected": [" " + _words(i, 2 + i % 5, 11) for i in range(16)],
+    }
+)
+
+
+def train_dpo(cls, model_dir, tmp_path, **options):
+    args = dict(
+        output_dir=str(tmp_path / cls.__name__),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        optim="sgd",
+        # a large step moves the policy away from the reference, so the second step's rewards,
+        # margins and accuracies are not the first step's zeros
+        learning_rate=2.0,
+        beta=0.1,
+        bf16=False,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    args.update(options)
+    trainer = cls(
+        model=model_dir,
+        args=trl.DPOConfig(**args),
+        train_dataset=PREFERENCES,
+        eval_dataset=PREFERENCES.select(range(8)) if args.get("eval_strategy", "no") != "no" else None,
+        processing_class=tiny_tokenizer(),
+    )
+    trainer.train()
+    return trainer.state.log_history, trainer
+
+
+def assert_same_dpo_logs(theirs, ours, rtol):
+    train_logs = lambda history: [h for h in history if "loss" in h]  # noqa: E731
+    eval_logs = lambda history: [h for h in history if "eval_loss" in h]  # noqa: E731
+    assert_same_logs(train_logs(theirs), train_logs(ours), rtol)
+    theirs_eval, ours_eval = eval_logs(theirs), eval_logs(ours)
+    assert len(theirs_eval) == len(ours_eval)
+    for a, b in zip(theirs_eval, ours_eval):
+        compared = [k for k, v in a.items() if isinstance(v, float) and k.startswith("eval_") and "runtime" not in k]
+        compared = [k for k in compared if "per_second" not in k]
+        assert {"eval_loss", "eval_rewards/margins"} <= set(compared)
+        for key in compared:
+            assert b[key] == pytest.approx(a[key], rel=rtol, abs=rtol * 1e-2), key
+
+
+DPO_LOSS_TYPES = [
+    "sigmoid",
+    "sigmoid_norm",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+]
+DPO_CASES = {
+    **{
+        loss_type: dict(loss_type=[loss_type], label_smoothing=0.1 if loss_type in ("exo_pair", "robust") else 0.0)
+        for loss_type in DPO_LOSS_TYPES
+    },
+    "cDPO smoothing left to TRL's sigmoid": dict(loss_type=["sigmoid"], label_smoothing=0.2),
+    "weighted mix (MPO-style)": dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
+    "precomputed reference log-probs": dict(loss_type=["sigmoid"], precompute_ref_log_probs=True),
+    "gradient accumulation": dict(loss_type=["ipo"], gradient_accumulation_steps=2, max_steps=2),
+    "evaluation": dict(loss_type=["sigmoid"], eval_strategy="steps", eval_steps=1),
+    "evaluation, loss only": dict(
+        loss_type=["robust"], label_smoothing=0.1, eval_strategy="steps", eval_steps=1, prediction_loss_only=True
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DPO_CASES))
+def test_dpo_trainer_matches_trl(case, tiny_model_dir, tmp_path):
+    theirs, _ = train_dpo(trl.DPOTrainer, tiny_model_dir, tmp_path, **DPO_CASES[case])
+    ours, trainer = train_dpo(NegkernelsDPOTrainer, tiny_model_dir, tmp_path, **DPO_CASES[case])
+    assert trainer._negkernels_fallback is None  # the fused loss ran, not TRL's
+    if "eval_strategy" in DPO_CASES[case]:
+        assert sum("eval_loss" in h for h in ours) == 2  # one evaluation after each step
+    assert_same_dpo_logs(theirs, ours, rtol=1e-4)
+
+
+def test_dpo_trainer_never_builds_the_logits(tiny_model_dir, tmp_path, monkeypatch):
+    """Training calls neither model's LM head module: the log-probs come from the hidden states."""
+    calls = []
+    original = NegkernelsDPOTrainer.__init__
+
+    def init_and_watch(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        for model in (self.model, self.ref_model):
+            model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(a[0]))
+
+    monkeypatch.setattr(NegkernelsDPOTrainer, "__init__", init_and_watch)
+    logs, trainer = train_dpo(NegkernelsDPOTrainer, tiny_model_dir, tmp_path, loss_type=["sigmoid"])
+    assert trainer._negkernels_fallback is None and trainer.ref_model is not None
+    assert [h for h in logs if "loss" in h] and calls == []
+
+
+def test_dpo_trainer_matches_trl_on_the_triton_kernels(tiny_model_dir, tmp_path, monkeypatch):
+    """The Triton LM-head log-probs and preference kernel (under the interpreter on a CPU)."""
+    monkeypatch.setenv("NEGKERNELS_BACKEND", "triton")
+    options = dict(loss_type=["sigmoid", "sft"], per_device_train_batch_size=2)
+    theirs, _ = train_dpo(trl.DPOTrainer, tiny_model_dir, tmp_path, **options)
+    ours, _ = train_dpo(NegkernelsDPOTrainer, tiny_model_dir, tmp_path, **options)
+    assert_same_dpo_logs(theirs, ours, rtol=1e-4)
+
+
+def test_dpo_trainer_matches_trl_in_bf16(tiny_model_dir, tmp_path):
+    """Mixed precision: the LM head runs in the autocast dtype, as TRL's does; bf16 tolerance."""
+    theirs, _ = train_dpo(trl.DPOTrainer, tiny_model_dir, tmp_path, loss_type=["sigmoid"], bf16=True, max_steps=1)
+    ours, _ = train_dpo(NegkernelsDPOTrainer, tiny_model_dir, tmp_path, loss_type=["sigmoid"], bf16=True, max_steps=1)
+    assert_same_dpo_logs(theirs, ours, rtol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "options, reason",
+    [
+        (dict(loss_type=["aot"]), "aot"),
+        (dict(loss_type=["sigmoid"], f_divergence_type="js_divergence"), "f_divergence_type"),
+        (dict(loss_type=["sigmoid"], ld_alpha=0.5), "ld_alpha"),
+        (dict(loss_type=["sigmoid"], use_weighting=True), "use_weighting"),
+    ],
+    ids=["aot", "f-divergence", "ld_alpha", "wpo weighting"],
+)
+def test_dpo_trainer_falls_back_to_trl_loss_with_a_warning(options, reason, tiny_model_dir, tmp_path):
+    with pytest.warns(UserWarning, match=reason):
+        ours, trainer = train_dpo(NegkernelsDPOTrainer, tiny_model_dir, tmp_path, max_steps=1, **options)
+    assert trainer._negkernels_fallback is not None
+    theirs, _ = train_dpo(trl.DPOTrainer, tiny_model_dir, tmp_path, max_steps=1, **options)
+    assert_same_dpo_logs(theirs, ours, rtol=1e-6)

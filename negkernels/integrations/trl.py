@@ -1,8 +1,13 @@
-"""``NegkernelsGRPOTrainer``: TRL's ``GRPOTrainer`` with its loss fused with the LM head.
+"""``NegkernelsGRPOTrainer`` and ``NegkernelsDPOTrainer``: TRL's ``GRPOTrainer`` and
+``DPOTrainer`` with their losses fused with the LM head.
 
 The migration is the class name::
 
     from negkernels.integrations.trl import NegkernelsGRPOTrainer as GRPOTrainer
+    from negkernels.integrations.trl import NegkernelsDPOTrainer as DPOTrainer
+
+``NegkernelsDPOTrainer``'s loss types and fallbacks are in its class docstring. What follows is
+the GRPO trainer.
 
 Same constructor, same ``GRPOConfig``, same logged metrics. Generation, rewards, advantages,
 the reference model and the vLLM importance-sampling ratios stay TRL's; the training loss is
@@ -50,21 +55,24 @@ from typing import Optional
 import torch
 import trl
 from torch import Tensor
-from trl import GRPOTrainer
+from trl import DPOTrainer, GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
 
 from ..ops.logprobs import PolicyLossConfig, linear_policy_loss, linear_token_logprobs
+from ..ops.preference import PreferenceLossConfig, preference_loss
 from ._weights import per_sequence_weights
-from .transformers import lm_head
+from .transformers import LMHead, lm_head
 
-__all__ = ["NegkernelsGRPOTrainer"]
+__all__ = ["NegkernelsDPOTrainer", "NegkernelsGRPOTrainer"]
 
-# The trainer overrides GRPOTrainer._compute_loss and reads the batch's keys by TRL's names: both
-# are TRL internals, so a release outside the tested series gets a warning, not silence.
+# The trainers override GRPOTrainer._compute_loss and DPOTrainer._compute_loss and read the
+# batch's keys by TRL's names: both are TRL internals, so a release outside the tested series
+# gets a warning, not silence.
 TESTED_TRL = "1.16"
 if ".".join(trl.__version__.split(".")[:2]) != TESTED_TRL:
     warnings.warn(
         f"negkernels.integrations.trl is tested against trl {TESTED_TRL}.x; trl {trl.__version__} is "
-        "installed: compare a few steps against trl.GRPOTrainer before relying on it",
+        "installed: compare a few steps against trl.GRPOTrainer / trl.DPOTrainer before relying on it",
         stacklevel=2,
     )
 
@@ -100,6 +108,28 @@ def _add_hidden_state_forward(model) -> None:
         return out.last_hidden_state
 
     model.forward = types.MethodType(forward, model)
+
+
+def _head_operands(trainer, model, target, **model_inputs) -> tuple[Tensor, Tensor, Optional[Tensor], LMHead]:
+    """(the backbone's last hidden states, LM head weight, bias, the head) in the dtype TRL's own
+    head runs in: fp32 when asked, else the autocast dtype of mixed precision (as autocast would
+    cast it), else the weight's. ``model`` is called (hooks of any wrapper run), ``target`` is
+    the unwrapped model whose head is read."""
+    with trainer.accelerator.autocast():
+        hidden = model(**model_inputs, negkernels_hidden_states=True)
+        device_type = hidden.device.type
+        # GRPOConfig has cast_lm_head_to_fp32; DPOConfig does not (its head runs in the model's dtype)
+        if getattr(trainer.args, "cast_lm_head_to_fp32", False):
+            head_dtype = torch.float32
+        elif torch.is_autocast_enabled(device_type):
+            head_dtype = torch.get_autocast_dtype(device_type)
+        else:
+            head_dtype = None
+    head = lm_head(target)
+    weight, bias = head.weight, head.bias
+    head_dtype = head_dtype or weight.dtype
+    bias = bias.to(head_dtype) if bias is not None else None
+    return hidden.to(head_dtype), weight.to(head_dtype), bias, head
 
 
 def _loss_config(trainer) -> tuple[Optional[PolicyLossConfig], Optional[str]]:
@@ -181,22 +211,10 @@ class NegkernelsGRPOTrainer(GRPOTrainer):
         )
         bool_mask = mask.bool()
         length = completion_ids.size(1)
-        with self.accelerator.autocast():
-            hidden = model(input_ids=input_ids, attention_mask=attention_mask, negkernels_hidden_states=True)
-            # The head in the dtype TRL's own head runs in: fp32 when asked, else the autocast
-            # dtype of mixed precision (as autocast would cast it), else the weight's.
-            device_type = hidden.device.type
-            if self.args.cast_lm_head_to_fp32:
-                head_dtype = torch.float32
-            elif torch.is_autocast_enabled(device_type):
-                head_dtype = torch.get_autocast_dtype(device_type)
-            else:
-                head_dtype = None
-        head = lm_head(self._negkernels_target)
-        weight, bias = head.weight, head.bias
-        head_dtype = head_dtype or weight.dtype
-        hidden, weight = hidden[:, -length - 1 : -1].to(head_dtype), weight.to(head_dtype)
-        bias = bias.to(head_dtype) if bias is not None else None
+        hidden, weight, bias, head = _head_operands(
+            self, model, self._negkernels_target, input_ids=input_ids, attention_mask=attention_mask
+        )
+        hidden = hidden[:, -length - 1 : -1]
         temperature = head.temperature(self.temperature)
 
         advantages = inputs["advantages"]
@@ -407,3 +425,220 @@ def _nan_extreme(x: Tensor, reduce) -> float:
     """The min / max over the non-NaN values (NaN if there are none), as TRL's nanmin / nanmax."""
     x = x[~torch.isnan(x)]
     return float("nan") if x.numel() == 0 else reduce(x).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# DPOTrainer
+# ---------------------------------------------------------------------------------------------
+
+# TRL's DPO loss types and the preference_loss options that give them. TRL's "sigmoid" ignores
+# label_smoothing (cDPO is preference_loss's label_smoothing with TRL's "sigmoid" left alone),
+# "ipo" and "sigmoid_norm" divide both log-ratios by the completion length.
+_DPO_LOSS_OPTIONS = {
+    "sigmoid": dict(loss_type="sigmoid"),
+    "sigmoid_norm": dict(loss_type="sigmoid", length_normalize=True),
+    "hinge": dict(loss_type="hinge"),
+    "ipo": dict(loss_type="ipo", length_normalize=True),
+    "exo_pair": dict(loss_type="exo_pair", smoothed=True),
+    "nca_pair": dict(loss_type="nca_pair"),
+    "robust": dict(loss_type="robust", smoothed=True),
+    "bco_pair": dict(loss_type="bco_pair"),
+    "sppo_hard": dict(loss_type="sppo_hard"),
+    "apo_zero": dict(loss_type="apo_zero"),
+    "apo_down": dict(loss_type="apo_down"),
+    "discopop": dict(loss_type="discopop"),
+}
+# TRL's "sft" term is the mean NLL of the chosen tokens: computed here from the same log-probs.
+_DPO_SFT = "sft"
+# Chosen tokens per chunk of the forward-only pass for TRL's mean_token_accuracy (argmax of the logits).
+_TOP1_CHUNK = 4096
+
+
+def _dpo_configs(trainer) -> tuple[Optional[list], Optional[str]]:
+    """([(PreferenceLossConfig or "sft", weight)], None) or (None, why TRL's own loss runs)."""
+    args = trainer.args
+    unsupported = [t for t in trainer.loss_types if t not in _DPO_LOSS_OPTIONS and t != _DPO_SFT]
+    if unsupported:
+        return None, f"loss_type={unsupported} has no fused form (aot / aot_unpaired sort the batch)"
+    if trainer.f_divergence_type != "reverse_kl":
+        return None, f"f_divergence_type={trainer.f_divergence_type!r} reshapes the log-ratios"
+    if trainer.ld_alpha is not None:
+        return None, "ld_alpha (LD-DPO) weighs the tokens past the shared length"
+    if trainer.use_weighting:
+        return None, "use_weighting (WPO) needs Σ p² of every next-token distribution"
+    if trainer.aux_loss_enabled:
+        return None, "the MoE router auxiliary loss needs the model's own forward"
+    configs = []
+    for loss_type, weight in zip(trainer.loss_types, trainer.loss_weights):
+        if loss_type == _DPO_SFT:
+            configs.append((_DPO_SFT, float(weight)))
+            continue
+        options = dict(_DPO_LOSS_OPTIONS[loss_type])
+        if options.pop("smoothed", False):
+            options["label_smoothing"] = float(trainer.label_smoothing)
+        if loss_type == "discopop":
+            options["discopop_tau"] = float(args.discopop_tau)
+        configs.append((PreferenceLossConfig(beta=float(trainer.beta), **options), float(weight)))
+    return configs, None
+
+
+class NegkernelsDPOTrainer(DPOTrainer):
+    """``trl.DPOTrainer`` whose loss is :func:`negkernels.preference_loss` on log-probs from
+    :func:`negkernels.linear_token_logprobs` (the LM head fused, the logits never in memory).
+
+    The migration is the class name::
+
+        from negkernels.integrations.trl import NegkernelsDPOTrainer as DPOTrainer
+
+    Same constructor, ``DPOConfig`` and logged metrics. The reference log-probs are TRL's
+    precomputed ones (``precompute_ref_log_probs``) or the reference model's, computed through
+    the same fused head without gradient. ``loss_type`` may be any of TRL's but ``aot`` and
+    ``aot_unpaired``, with ``loss_weights``. TRL's own loss runs instead (a warning says why) for
+    those two, ``f_divergence_type`` other than reverse KL, ``ld_alpha``, ``use_weighting``, MoE
+    auxiliary losses, a PEFT model without a reference copy (the adapter-disabled reference),
+    multimodal inputs and soft-capped logits. TRL's ``logits/*`` and ``mean_token_accuracy``
+    metrics come from the hidden states: the mean logit over the vocabulary is h·mean(W) + mean(b)
+    exactly, the top-1 accuracy takes one forward-only pass over the chosen tokens in chunks.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        target = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self._negkernels_configs, self._negkernels_fallback = _dpo_configs(self)
+        if self._negkernels_fallback is None and self.ref_model is None and not self.precompute_ref_logps:
+            self._negkernels_fallback = "the reference is the PEFT model with its adapter disabled"
+        ref_target = None
+        if self._negkernels_fallback is None:
+            try:
+                lm_head(target)
+                if self.ref_model is not None:
+                    ref_target = self.accelerator.unwrap_model(self.ref_model)
+                    lm_head(ref_target)
+            except ValueError as err:
+                self._negkernels_fallback = str(err)
+        if self._negkernels_fallback is not None:
+            warnings.warn(f"NegkernelsDPOTrainer: TRL's own loss runs: {self._negkernels_fallback}", stacklevel=2)
+        else:
+            _add_hidden_state_forward(target)
+            if ref_target is not None:
+                _add_hidden_state_forward(ref_target)
+        self._negkernels_target = target
+        self._negkernels_ref_target = ref_target
+
+    def _negkernels_token_logprobs(self, model, target, model_kwargs, targets, seq_len, entropy: bool):
+        """(token log-probs[, entropies], (hidden, weight, bias, head)) of ``targets`` under ``model``."""
+        hidden, weight, bias, head = _head_operands(self, model, target, **model_kwargs)
+        hidden = hidden[:, :-1][:, -seq_len:]
+        out = linear_token_logprobs(
+            hidden,
+            weight,
+            targets,
+            bias=bias,
+            temperature=head.temperature(1.0),
+            return_entropy=entropy,
+            validate=False,
+        )
+        return out, (hidden, weight, bias, head)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if self._negkernels_fallback is not None or any(inputs.get(k) is not None for k in _MULTIMODAL_INPUTS):
+            return super()._compute_loss(model, inputs, return_outputs)
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = {
+            k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+        }
+        completion_mask = inputs["completion_mask"]
+        mask = completion_mask[:, 1:].bool()
+        seq_len = mask.size(1)
+        # Ids where the mask is 0 are never scored; any in-range id stands in for TRL's −100.
+        targets = torch.where(mask, inputs["input_ids"][:, 1:], torch.zeros_like(mask, dtype=inputs["input_ids"].dtype))
+        (logp, entropy), (hidden, weight, bias, head) = self._negkernels_token_logprobs(
+            model, self._negkernels_target, model_kwargs, targets, seq_len, entropy=True
+        )
+        chosen_logp, rejected_logp = logp.chunk(2)
+        chosen_mask, rejected_mask = mask.chunk(2)
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+                ref_logp, _ = self._negkernels_token_logprobs(
+                    self.ref_model, self._negkernels_ref_target, model_kwargs, targets, seq_len, entropy=False
+                )
+            ref_chosen, ref_rejected = ref_logp.chunk(2)
+
+        loss = 0.0
+        for config, weight_of_loss in self._negkernels_configs:
+            if config == _DPO_SFT:
+                term = -chosen_logp[chosen_mask].mean()
+            else:
+                term = preference_loss(
+                    chosen_logp,
+                    rejected_logp,
+                    ref_chosen,
+                    ref_rejected,
+                    chosen_mask=chosen_mask,
+                    rejected_mask=rejected_mask,
+                    config=config,
+                ).loss
+            loss = loss + term * weight_of_loss
+        self._log_negkernels_dpo_metrics(
+            mode, inputs, logp.detach(), entropy, mask, ref_chosen, ref_rejected, hidden, weight, bias, head, targets
+        )
+        if return_outputs:  # evaluation with prediction_loss_only=False wants the logits: one more forward, as TRL's
+            with torch.no_grad():
+                return loss, model(**model_kwargs, use_cache=False)
+        return loss
+
+    @torch.no_grad()
+    def _log_negkernels_dpo_metrics(
+        self, mode, inputs, logp, entropy, mask, ref_chosen, ref_rejected, hidden, weight, bias, head, targets
+    ):
+        """TRL's DPO metrics, by TRL's names and reductions."""
+        gather, gather_metrics, metrics = (
+            self.accelerator.gather,
+            self.accelerator.gather_for_metrics,
+            self._metrics[mode],
+        )
+        tokens = mask.sum()
+        entropy_sum = gather_metrics((entropy * mask).sum()).sum()
+        total = gather_metrics(tokens).sum()
+        metrics["entropy"].append((entropy_sum / total).item() if total > 0 else 0.0)
+        if mode == "train":
+            seen = gather_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += seen // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+        # The mean of the logits over the vocabulary is linear in h: h·mean(W) + mean(b), scaled.
+        mean_row = weight.float().mean(0)
+        mean_logits = (
+            hidden.float() @ mean_row + (bias.float().mean() if bias is not None else 0.0)
+        ) * head.logit_scale
+        chosen_mask, rejected_mask = mask.chunk(2)
+        chosen_mean, rejected_mean = mean_logits.chunk(2)
+        for name, values, kept in (("chosen", chosen_mean, chosen_mask), ("rejected", rejected_mean, rejected_mask)):
+            logit_sum = gather_metrics(values[kept].sum()).sum().item()
+            count = gather_metrics(kept.sum()).sum().item()
+            metrics[f"logits/{name}"].append(logit_sum / count if count > 0 else 0.0)
+
+        # Top-1 accuracy on the chosen tokens: the argmax needs the logits, a chunk at a time.
+        chosen_hidden = hidden.chunk(2)[0][chosen_mask]
+        chosen_targets = targets.chunk(2)[0][chosen_mask]
+        correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
+        for start in range(0, chosen_hidden.shape[0], _TOP1_CHUNK):
+            logits = torch.nn.functional.linear(chosen_hidden[start : start + _TOP1_CHUNK], weight, bias)
+            correct += (logits.argmax(-1) == chosen_targets[start : start + _TOP1_CHUNK]).sum()
+        correct, count = gather_metrics(correct).sum(), gather_metrics(chosen_mask.sum()).sum()
+        metrics["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
+
+        chosen_logps, rejected_logps = (logp * mask).sum(1).chunk(2)
+        sequence_ref = [
+            r if r.dim() == 1 else (r * m).sum(1) for r, m in ((ref_chosen, chosen_mask), (ref_rejected, rejected_mask))
+        ]
+        chosen_rewards = self.beta * (chosen_logps - sequence_ref[0])
+        rejected_rewards = self.beta * (rejected_logps - sequence_ref[1])
+        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(gather(chosen_logps).mean().item())
+        metrics["logps/rejected"].append(gather(rejected_logps).mean().item())
