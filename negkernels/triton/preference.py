@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.preference import FLT_MIN, PreferenceLossType
 from .. import _backend
+from ..reference.preference import FLT_MIN, PreferenceLossType
 from . import cdiv, next_power_of_2
 
 # The kernel's loss codes by name (values from negkernels.reference.preference).
