@@ -135,6 +135,28 @@ def bounded_memo(cache: dict, key, make: Callable[[], object], limit: int):
     return found
 
 
+def config_of(cls: type, config, options: dict, cache: dict, default=None):
+    """An options object's ``of``: ``config`` (an instance of ``cls``) or one built from the keyword
+    ``options`` (not both); equal options share one validated instance, kept in ``cache``, and no
+    options give ``default`` when there is one."""
+    if config is not None:
+        if options:
+            raise TypeError(f"config: give the options in the config or as keywords, not both (got {sorted(options)})")
+        if not isinstance(config, cls):
+            raise TypeError(f"config: expected a {cls.__name__}, got {type(config).__name__}")
+        return config
+    if not options and default is not None:
+        return default
+    if torch.compiler.is_compiling():
+        return cls(**options)
+    try:
+        key = tuple(sorted((k, type(v), v) for k, v in options.items()))
+        hash(key)
+    except TypeError:  # an unhashable value: the constructor names it
+        return cls(**options)
+    return bounded_memo(cache, key, lambda: cls(**options), 256)
+
+
 def no_grads_after(ctx, *grads) -> tuple:
     """A backward's result: ``grads`` for the op's first inputs, then None for each other input."""
     return (*grads, *([None] * (len(ctx.needs_input_grad) - len(grads))))

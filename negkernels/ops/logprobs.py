@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .._backend import register_op, resolve_backend
-from .._kernel_op import bounded_memo, kernel_op, no_grads_after, plain_eager_call
+from .._kernel_op import bounded_memo, config_of, kernel_op, no_grads_after, plain_eager_call
 from .._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -805,24 +805,7 @@ class PolicyLossConfig:
     def of(cls, config: Optional["PolicyLossConfig"], options: dict) -> "PolicyLossConfig":
         """``config`` or one built from keyword ``options`` (not both); equal options share one
         validated instance."""
-        if config is not None:
-            if options:
-                raise TypeError(
-                    f"config: give the options in the config or as keywords, not both (got {sorted(options)})"
-                )
-            if not isinstance(config, cls):
-                raise TypeError(f"config: expected a PolicyLossConfig, got {type(config).__name__}")
-            return config
-        if not options:
-            return _DEFAULT_CONFIG
-        if torch.compiler.is_compiling():
-            return cls(**options)
-        try:
-            key = tuple(sorted((k, type(v), v) for k, v in options.items()))
-            hash(key)
-        except TypeError:  # an unhashable value: the constructor names it
-            return cls(**options)
-        return bounded_memo(_CONFIGS, key, lambda: cls(**options), 256)
+        return config_of(cls, config, options, _CONFIGS, _DEFAULT_CONFIG)
 
     @property
     def token_local(self) -> bool:

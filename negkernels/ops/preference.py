@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .._backend import register_op, resolve_backend
-from .._kernel_op import bounded_memo, kernel_op, no_grads_after
+from .._kernel_op import config_of, kernel_op, no_grads_after
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_finite_float, check_tensor
 from ..reference.preference import (
     LENGTH_NORMALIZED_BY_DEFAULT,
@@ -118,22 +118,7 @@ class PreferenceLossConfig:
     def of(cls, config: Optional["PreferenceLossConfig"], options: dict) -> "PreferenceLossConfig":
         """``config`` or one built from keyword ``options`` (not both); equal options share one
         validated instance."""
-        if config is not None:
-            if options:
-                raise TypeError(
-                    f"config: give the options in the config or as keywords, not both (got {sorted(options)})"
-                )
-            if not isinstance(config, cls):
-                raise TypeError(f"config: expected a PreferenceLossConfig, got {type(config).__name__}")
-            return config
-        if torch.compiler.is_compiling():
-            return cls(**options)
-        try:
-            key = tuple(sorted((k, type(v), v) for k, v in options.items()))
-            hash(key)
-        except TypeError:  # an unhashable value: the constructor names it
-            return cls(**options)
-        return bounded_memo(_CONFIGS, key, lambda: cls(**options), 256)
+        return config_of(cls, config, options, _CONFIGS)
 
     @property
     def paired(self) -> bool:
