@@ -62,27 +62,30 @@ PROMPTS = datasets.Dataset.from_dict(
 )
 
 
-def train(cls, model_dir, tmp_path, **options):
-    args = dict(
-        output_dir=str(tmp_path / cls.__name__),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=10,
-        max_steps=2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        optim="sgd",
-        learning_rate=2.0,
-        beta=0.04,
-        epsilon=0.05,
-        num_iterations=2,
-        bf16=False,
-        save_strategy="no",
-        disable_tqdm=True,
+def trainer_args(cls, tmp_path, **options) -> dict:
+    """Both trainers' arguments: two logged SGD steps on the CPU, from seed 0, nothing saved."""
+    return (
+        dict(
+            output_dir=str(tmp_path / cls.__name__),
+            per_device_train_batch_size=4,
+            max_steps=2,
+            logging_steps=1,
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            optim="sgd",
+            learning_rate=2.0,
+            bf16=False,
+            save_strategy="no",
+            disable_tqdm=True,
+        )
+        | options
     )
-    args.update(options)
+
+
+def train(cls, model_dir, tmp_path, **options):
+    options = dict(num_generations=4, max_completion_length=10, beta=0.04, epsilon=0.05, num_iterations=2) | options
+    args = trainer_args(cls, tmp_path, **options)
     trainer = cls(
         model=model_dir,
         reward_funcs=toy_reward,
@@ -267,24 +270,9 @@ PREFERENCES = datasets.Dataset.from_dict(
 
 
 def train_dpo(cls, model_dir, tmp_path, **options):
-    args = dict(
-        output_dir=str(tmp_path / cls.__name__),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        optim="sgd",
-        # a large step moves the policy away from the reference, so the second step's rewards,
-        # margins and accuracies are not the first step's zeros
-        learning_rate=2.0,
-        beta=0.1,
-        bf16=False,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    args.update(options)
+    # The large step moves the policy away from the reference, so the second step's rewards,
+    # margins and accuracies are not the first step's zeros.
+    args = trainer_args(cls, tmp_path, **(dict(beta=0.1) | options))
     trainer = cls(
         model=model_dir,
         args=trl.DPOConfig(**args),
