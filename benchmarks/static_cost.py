@@ -393,6 +393,7 @@ def _cases() -> list[StaticCase]:
             i["rejected_mask"],
             None,
             int(PreferenceLossType.SIGMOID),
+            "mean",
             False,
             False,
             True,
@@ -404,9 +405,12 @@ def _cases() -> list[StaticCase]:
             1.0,
         )
 
-    def preference_trips(launch):  # the two value sweeps, then the two gradient sweeps, over each row block's tokens
+    def preference_trips(launch):
+        # The two value sweeps over each row block's tokens; the last program's sum over every
+        # program's partials (per program on average); the two gradient sweeps.
         a = launch.args
-        return [_cdiv(a["chosen_len"], a["BLOCK_T"]), _cdiv(a["rejected_len"], a["BLOCK_T"])] * 2
+        sweeps = [_cdiv(a["chosen_len"], a["BLOCK_T"]), _cdiv(a["rejected_len"], a["BLOCK_T"])]
+        return sweeps + [_cdiv(a["num_programs"], a["FINAL_BLOCK"]) / a["num_programs"]] + sweeps
 
     def vocab_trips(launch):  # one row per program, the full blocks of its vocabulary
         return [launch.args["n_vocab"] // launch.args["BLOCK_V"]]

@@ -334,6 +334,66 @@ def test_reductions(backend):
     assert_close(mean, per_pair.mean(), rtol=1e-6, atol=1e-6, what="mean")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "orpo", "kto", "npo"])
+def test_reduced_loss_and_summaries_over_many_row_blocks(backend, loss_type, reduction):
+    # 37 pairs of 300 tokens: the Triton kernel takes 8 pairs a program (five programs, the last
+    # one partly filled), so the mean, the gradient scale and the pair summaries span programs.
+    b_w, b_l, t = 37, (29 if loss_type == "kto" else 37), 300
+    c, r = _tokens(b_w, t, scale=0.2), _tokens(b_l, t, scale=0.2)
+    rc, rr = c + 0.01 * torch.randn_like(c), r + 0.01 * torch.randn_like(r)
+    mc, mr = _masks(b_w, t), _masks(b_l, t)
+    opts = dict(loss_type=loss_type, beta=0.3, reduction=reduction, chosen_mask=mc, rejected_mask=mr)
+
+    def run(be, dtype):
+        cc, rr_ = c.to(dtype).requires_grad_(), r.to(dtype).requires_grad_()
+        chosen = None if loss_type == "npo" else cc
+        out = nk.preference_loss(
+            chosen,
+            rr_,
+            None if chosen is None else rc.to(dtype),
+            rr.to(dtype),
+            backend=be,
+            **(opts if chosen is not None else opts | dict(chosen_mask=None)),
+        )
+        grads = torch.autograd.grad(3.0 * out.loss, (cc, rr_), allow_unused=True)
+        return out, [g if g is not None else torch.zeros_like(cc) for g in grads]
+
+    expected, expected_grads = run("reference", torch.float64)
+    with poisoned_allocations():
+        got, grads = run(backend, torch.float32)
+    assert got.loss.shape == () and got.loss.dtype == torch.float32
+    assert_close(got.loss, expected.loss, rtol=2e-5, atol=1e-6, what="loss")
+    for g, e, name in zip(grads, expected_grads, ("d chosen", "d rejected")):
+        assert_close(g, e, rtol=2e-5, atol=1e-7, what=name)
+    if loss_type in ("kto", "npo"):
+        assert math.isnan(float(got.reward_accuracy)) and math.isnan(float(got.reward_margin))
+    else:
+        wins = (expected.chosen_rewards > expected.rejected_rewards).double().mean()
+        assert_close(got.reward_accuracy, wins, rtol=0, atol=1e-6, what="reward accuracy")
+        assert_close(got.reward_margin, expected.reward_margin, rtol=2e-5, atol=1e-6, what="reward margin")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backward_twice(backend):
+    # Per-example losses keep their gradient buffers; a mean or sum on the kernel hands its buffers
+    # to the caller as the gradient (scaled in place), so a second backward raises rather than
+    # returning a gradient scaled twice.
+    c, r, rc, rr = (-torch.rand(3, 5) for _ in range(4))
+    c.requires_grad_()
+    per_pair = nk.preference_loss(c, r, rc, rr, reduction="none", backend=backend).loss.sum()
+    (first,) = torch.autograd.grad(per_pair, c, retain_graph=True)
+    (second,) = torch.autograd.grad(per_pair, c)
+    assert torch.equal(first, second)
+    mean = nk.preference_loss(c, r, rc, rr, backend=backend).loss
+    (2 * mean).backward(retain_graph=True)
+    assert_close(c.grad, 2 * first / 3, rtol=1e-6, atol=1e-7, what="d mean")
+    if backend == "triton":
+        with pytest.raises(RuntimeError, match="backpropagated twice"):
+            mean.backward()
+
+
 def test_config_object_equals_keywords():
     cfg = nk.PreferenceLossConfig(loss_type="simpo", beta=2.0, simpo_gamma=0.5)
     c, r = -torch.rand(4, 5), -torch.rand(4, 5)
@@ -350,8 +410,10 @@ def test_opcheck_and_compile():
     c, r = -torch.rand(3, 4), -torch.rand(3, 5)
     ref = -torch.rand(3)
     mask = torch.rand(3, 5) > 0.3
-    for loss_type, z in (("sigmoid", None), ("kto", torch.tensor(0.1)), ("orpo", None)):
-        args = (c.requires_grad_(), r.requires_grad_(), ref, ref, None, mask, z, loss_type, 0.1, 0.0, 0.0, False)
+    cases = (("sigmoid", None, "none"), ("kto", torch.tensor(0.1), "mean"), ("orpo", None, "sum"))
+    for loss_type, z, reduction in cases:
+        args = (c.requires_grad_(), r.requires_grad_(), ref, ref, None, mask, z, loss_type, reduction, 0.1, 0.0, 0.0)
+        args += (False,)
         torch.library.opcheck(_preference_loss_op.op, args + (0.05, 1.0, 1.0, False, True, "triton"))
 
     @torch.compile(fullgraph=True, backend="eager")

@@ -397,8 +397,8 @@ PREFERENCE_SCRIPT = PRELUDE + textwrap.dedent(
     from negkernels.reference.preference import PreferenceLossType
     from negkernels.triton import preference as pref
 
-    INTS = {"num_chosen", "num_rejected", "chosen_len", "rejected_len", "c_sb", "c_st", "r_sb", "r_st", "cm_sb",
-            "cm_st", "rm_sb", "rm_st", "rc_sb", "rc_st", "rr_sb", "rr_st"}
+    INTS = {"num_chosen", "num_rejected", "num_programs", "chosen_len", "rejected_len", "c_sb", "c_st", "r_sb",
+            "r_st", "cm_sb", "cm_st", "rm_sb", "rm_st", "rc_sb", "rc_st", "rr_sb", "rr_st"}
     count = 0
     for loss in PreferenceLossType:
         reference_free = loss.name in ("SIMPO", "ORPO")
@@ -413,8 +413,9 @@ PREFERENCE_SCRIPT = PRELUDE + textwrap.dedent(
                                  HAS_REF=not reference_free, REF_CHOSEN_PER_TOKEN=per_token,
                                  REF_REJECTED_PER_TOKEN=per_token, NORMALIZE=masks or reference_free,
                                  CALIBRATE=loss.name == "NPO" and per_token, COMPUTE_GRAD=grad,
-                                 PAIRED=loss.name not in ("KTO", "NPO") or masks,
-                                 BLOCK_B=4 if masks else 64, BLOCK_T=1024 if masks else 1), 4, pointers, INTS, "i64")
+                                 PAIRED=loss.name not in ("KTO", "NPO") or masks, REDUCE=grad,
+                                 BLOCK_B=4 if masks else 64, BLOCK_T=1024 if masks else 1,
+                                 FINAL_BLOCK=256 if masks else 1), 4, pointers, INTS, "i64")
             count += 1
     print("compiled", count)
     """

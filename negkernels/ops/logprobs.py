@@ -1305,7 +1305,7 @@ def _single_use(ctx) -> tuple:
     if getattr(ctx, "direct_call", False):
         if getattr(ctx, "used", False):
             raise RuntimeError(
-                "negkernels: a fused policy loss was backpropagated twice (retain_graph=True); its "
+                "negkernels: a fused loss was backpropagated twice (retain_graph=True); its "
                 "backward hands its gradient buffer to the caller, so run the forward again"
             )
         ctx.used = True

@@ -27,7 +27,7 @@ from ..reference.preference import (
     kto_batch_reference_point,
     preference_loss_reference,
 )
-from .logprobs import linear_token_logprobs
+from .logprobs import _scaled_by_incoming, _single_use, linear_token_logprobs
 
 PREFERENCE_LOSS_BACKENDS = register_op("preference_loss", ("reference", "triton"))
 LINEAR_PREFERENCE_LOSS_BACKENDS = register_op("linear_preference_loss", ("reference", "triton"))
@@ -178,6 +178,7 @@ def _preference_loss_op(
     rejected_mask: Optional[Tensor],
     kto_reference_point: Optional[Tensor],
     loss_type: str,
+    reduction: str,
     beta: float,
     label_smoothing: float,
     simpo_gamma: float,
@@ -189,9 +190,10 @@ def _preference_loss_op(
     compute_grad: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(per-example losses, stats, d Σ losses / d chosen tokens, d Σ losses / d rejected tokens):
-    each loss depends on one row's tokens, so the backward scales those rows by the incoming
-    gradient. ``stats`` packs the rewards, values and pair summaries (:func:`_split_stats`)."""
+    """(loss, stats, d loss / d chosen tokens, d loss / d rejected tokens): the loss is the
+    per-example losses (``reduction="none"``; each depends on one row's tokens, so the backward
+    scales those rows by the incoming gradient) or their mean or sum (0-d; the backward scales
+    every row by it). ``stats`` packs the rewards, values and pair summaries (:func:`_split_stats`)."""
     if backend != "triton":
         raise ValueError(f"backend: negkernels::preference_loss runs the kernel backends, not {backend!r}")
     from ..triton.preference import preference_loss_fwd
@@ -205,6 +207,7 @@ def _preference_loss_op(
         rejected_mask,
         kto_reference_point,
         int(PreferenceLossType[loss_type.upper()]),
+        reduction,
         length_normalize,
         npo_token_calibration,
         compute_grad,
@@ -227,24 +230,15 @@ def _paired(loss_type: str, num_chosen: int, num_rejected: int) -> bool:
     return loss_type != "npo" and num_chosen == num_rejected
 
 
-def _split_stats(stats: Tensor, loss_type: str, num_chosen: int, num_rejected: int) -> tuple[Tensor, ...]:
+def _split_stats(stats: Tensor, num_chosen: int, num_rejected: int) -> tuple[Tensor, ...]:
     """(chosen rewards, rejected rewards, chosen values, rejected values, reward accuracy, reward
-    margin) from the kernel's packed stats; the summaries are one mean over the pairs' margins and
-    wins (NaN for an unpaired batch, 0 for no pairs)."""
-    b_w, b_l = num_chosen, num_rejected
-    if b_w and _paired(loss_type, b_w, b_l):  # a [6, B] block: views and one sum
-        block = stats.view(6, b_w)
-        rew_c, rew_r, val_c, val_r = block[:4].unbind()
-        margin, accuracy = block[4:].sum(1).unbind()
-        return rew_c, rew_r, val_c, val_r, accuracy, margin
-    rew_c, rew_r, val_c, val_r = stats[: 2 * (b_w + b_l)].split((b_w, b_l, b_w, b_l))
-    summary = stats.new_full((2,), math.nan if b_w != b_l or loss_type == "npo" else 0.0)
-    accuracy, margin = summary.unbind()
-    return rew_c, rew_r, val_c, val_r, accuracy, margin
+    margin): views of the kernel's packed stats."""
+    *values, summaries = stats.split((num_chosen, num_rejected, num_chosen, num_rejected, 2))
+    return (*values, *summaries.unbind())
 
 
 @_preference_loss_op.register_fake
-def _(chosen, rejected, ref_chosen, ref_rejected, chosen_mask, rejected_mask, z, loss_type, *rest):
+def _(chosen, rejected, ref_chosen, ref_rejected, chosen_mask, rejected_mask, z, loss_type, reduction, *rest):
     compute_grad = rest[-2]
     dtype = torch.float32
     b_w, b_l = chosen.shape[0], rejected.shape[0]
@@ -254,14 +248,15 @@ def _(chosen, rejected, ref_chosen, ref_rejected, chosen_mask, rejected_mask, z,
         if compute_grad
         else (new(*(0,) * chosen.dim()), new(*(0,) * rejected.dim()))
     )
-    stats = 2 * (b_w + b_l) + (2 * b_w if _paired(loss_type, b_w, b_l) else 0)
-    return (new(_num_losses(loss_type, b_w, b_l)), new(stats), *grads)
+    loss = new() if reduction != "none" else new(_num_losses(loss_type, b_w, b_l))
+    return (loss, new(2 * (b_w + b_l) + 2), *grads)
 
 
 def _preference_setup(ctx, inputs, output):
-    chosen, rejected, loss_type = inputs[0], inputs[1], inputs[7]
+    chosen, rejected, loss_type, reduction = inputs[0], inputs[1], inputs[7], inputs[8]
     ctx.dtypes = (chosen.dtype, rejected.dtype)
     ctx.loss_type = loss_type
+    ctx.reduced = reduction != "none"
     ctx.num_chosen = chosen.shape[0]
     ctx.save_for_backward(output[2], output[3])
     ctx.mark_non_differentiable(*output[1:])
@@ -270,6 +265,15 @@ def _preference_setup(ctx, inputs, output):
 def _preference_backward(ctx, grad_losses, *unused):
     if grad_losses is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         return no_grads_after(ctx)
+    if ctx.reduced:  # the kernel wrote the gradients of the mean or sum: one scale for every row, in place
+        token_grad_c, token_grad_r = _single_use(ctx)
+        grad_c = _scaled_by_incoming(ctx, token_grad_c, grad_losses) if ctx.needs_input_grad[0] else None
+        grad_r = _scaled_by_incoming(ctx, token_grad_r, grad_losses) if ctx.needs_input_grad[1] else None
+        return no_grads_after(
+            ctx,
+            grad_c if grad_c is None or grad_c.dtype == ctx.dtypes[0] else grad_c.to(ctx.dtypes[0]),
+            grad_r if grad_r is None or grad_r.dtype == ctx.dtypes[1] else grad_r.to(ctx.dtypes[1]),
+        )
     token_grad_c, token_grad_r = ctx.saved_tensors
     b_w = ctx.num_chosen
     if ctx.loss_type == "kto":
@@ -313,6 +317,11 @@ def _check_reference(name: str, ref: Optional[Tensor], like: Optional[Tensor], l
         raise ValueError(
             f"{name}: expected shape {tuple(like.shape)} or [{like.shape[0]}] (sequence sums), got {tuple(ref.shape)}"
         )
+
+
+def _constant(ref: Optional[Tensor]) -> Optional[Tensor]:
+    """The reference log-probs as the op takes them: without a gradient."""
+    return ref.detach() if ref is not None and ref.requires_grad else ref
 
 
 def preference_loss(
@@ -366,10 +375,13 @@ def preference_loss(
 
     ``reduction``: ``"mean"`` over the pairs (kto: over all terms; B = 0 gives 0), ``"sum"`` or
     ``"none"`` (per pair; kto: desirable terms then undesirable). ``backend``: ``None``
-    (automatic), ``"reference"`` or ``"triton"`` (one launch for the losses, rewards and token
-    gradients; fp64 sums, so h keeps its digits over long responses; kto with the batch reference
-    point takes a second launch). Returns :class:`PreferenceLossOutput`: fp32 (fp64 for fp64
-    inputs on the reference backend); gradients come back in the inputs' dtypes.
+    (automatic), ``"reference"`` or ``"triton"`` (one launch for the losses, their mean or sum,
+    the rewards, the pair summaries and the token gradients; fp64 sums, so h keeps its digits over
+    long responses; kto with the batch reference point takes a second launch). Returns
+    :class:`PreferenceLossOutput`: fp32 (fp64 for fp64 inputs on the reference backend); gradients
+    come back in the inputs' dtypes. A mean or sum on the Triton kernel hands its gradient buffers
+    to the caller (scaled in place, not at all for an incoming gradient of 1), so a second backward
+    through the same call (``retain_graph=True``) raises; per-example losses allow it.
     """
     cfg = PreferenceLossConfig.of(config, options)
     device = rejected_logp.device if isinstance(rejected_logp, Tensor) else None
@@ -411,20 +423,27 @@ def preference_loss(
     compute_grad = torch.is_grad_enabled() and (chosen.requires_grad or rejected_logp.requires_grad)
 
     def run(reference_point: Optional[Tensor], grad: bool):
+        """(loss, as ``reduction`` asks, then the six logging fields)."""
         if chosen_backend == "reference":
             z = reference_point if reference_point is not None else rejected_logp.new_zeros((), dtype=torch.float64)
-            return _losses_reference(
+            losses, *fields = _losses_reference(
                 chosen, rejected_logp, ref_chosen_logp, ref_rejected_logp, chosen_mask, rejected_mask, z, cfg
             )
-        losses, stats, _, _ = _preference_loss_op(
+            if cfg.reduction == "mean":
+                losses = losses.mean() if losses.shape[0] else losses.sum()
+            elif cfg.reduction == "sum":
+                losses = losses.sum()
+            return (losses, *fields)
+        loss, stats, _, _ = _preference_loss_op(
             chosen,
             rejected_logp,
-            ref_chosen_logp.detach() if ref_chosen_logp is not None else None,
-            ref_rejected_logp.detach() if ref_rejected_logp is not None else None,
+            _constant(ref_chosen_logp),
+            _constant(ref_rejected_logp),
             chosen_mask,
             rejected_mask,
             reference_point,
             cfg.loss_type,
+            cfg.reduction,
             cfg.beta,
             cfg.label_smoothing,
             cfg.simpo_gamma,
@@ -436,20 +455,14 @@ def preference_loss(
             grad,
             chosen_backend,
         )
-        return (losses, *_split_stats(stats, cfg.loss_type, chosen.shape[0], rejected_logp.shape[0]))
+        return (loss, *_split_stats(stats, chosen.shape[0], rejected_logp.shape[0]))
 
     if cfg.loss_type == "kto" and z is None:
         # The batch reference point needs every log-ratio before any loss: a first pass for the rewards.
         first = run(rejected_logp.new_zeros((), dtype=torch.float32), False)
         z = kto_batch_reference_point(first[1] / cfg.beta, first[2] / cfg.beta)
         z = z.to(torch.float64 if chosen_backend == "reference" else torch.float32)
-    losses, chosen_rewards, rejected_rewards, chosen_values, rejected_values, accuracy, margin = run(z, compute_grad)
-    if cfg.reduction == "mean":
-        loss = losses.mean() if losses.shape[0] else losses.sum()
-    elif cfg.reduction == "sum":
-        loss = losses.sum()
-    else:
-        loss = losses
+    loss, chosen_rewards, rejected_rewards, chosen_values, rejected_values, accuracy, margin = run(z, compute_grad)
     return PreferenceLossOutput(
         loss, chosen_rewards, rejected_rewards, accuracy, margin, chosen_values, rejected_values
     )

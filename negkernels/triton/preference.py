@@ -4,7 +4,9 @@
 tokens sums the (masked, optionally confidence-weighted) policy and reference log-probs in fp64, so
 the log-ratio difference h = (s_w − s_ref,w) − (s_l − s_ref,l) of sums over a thousand tokens keeps
 its digits; the pair's loss and d loss / d sequence value are then computed in fp32, and a second
-sweep writes every token's gradient (so the backward is a scale by the incoming gradient). A
+sweep writes every token's gradient (so the backward is a scale by the incoming gradient). The
+last program to finish adds up every program's partial sums in a fixed order into the mean or sum
+of the losses and the pair summaries, so nothing runs on the host after the kernel. A
 [B] input of sequence sums is a [B, 1] one. Hyper-parameters are runtime scalars; the loss type
 and which inputs are present are compile-time variants.
 """
@@ -178,8 +180,10 @@ def _preference_loss_kernel(
     stats_ptr,
     chosen_grad_ptr,
     rejected_grad_ptr,
+    partial_ptr,
     num_chosen,
     num_rejected,
+    num_programs,
     chosen_len,
     rejected_len,
     c_sb,
@@ -203,6 +207,7 @@ def _preference_loss_kernel(
     kto_desirable_weight,
     kto_undesirable_weight,
     inv_pairs,
+    loss_scale,
     LOSS: tl.constexpr,
     HAS_CHOSEN_MASK: tl.constexpr,
     HAS_REJECTED_MASK: tl.constexpr,
@@ -213,8 +218,10 @@ def _preference_loss_kernel(
     CALIBRATE: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     PAIRED: tl.constexpr,
+    REDUCE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    FINAL_BLOCK: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     chosen_ok = rows < num_chosen
@@ -331,15 +338,23 @@ def _preference_loss_kernel(
         loss = (2.0 / beta) * (tl.maximum(b, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b))))
         d_l = 2.0 * tl.sigmoid(b)
 
+    # This program's share of the loss sum (over the examples whose losses it computed).
     if LOSS == _LOSS_KTO:
-        tl.store(loss_ptr + rows, loss, mask=chosen_ok)
-        tl.store(loss_ptr + num_chosen + rows, loss_l, mask=rejected_ok)
+        loss_sum = tl.sum(tl.where(chosen_ok, loss, 0.0), axis=0) + tl.sum(tl.where(rejected_ok, loss_l, 0.0), axis=0)
     elif LOSS == _LOSS_NPO:
-        tl.store(loss_ptr + rows, loss, mask=rejected_ok)
+        loss_sum = tl.sum(tl.where(rejected_ok, loss, 0.0), axis=0)
     else:
-        tl.store(loss_ptr + rows, loss, mask=chosen_ok)
-    # stats: chosen rewards, rejected rewards, chosen values, rejected values, then (paired) each
-    # pair's reward margin and whether the chosen reward wins, over B, so one sum gives both means.
+        loss_sum = tl.sum(tl.where(chosen_ok, loss, 0.0), axis=0)
+    if not REDUCE:
+        if LOSS == _LOSS_KTO:
+            tl.store(loss_ptr + rows, loss, mask=chosen_ok)
+            tl.store(loss_ptr + num_chosen + rows, loss_l, mask=rejected_ok)
+        elif LOSS == _LOSS_NPO:
+            tl.store(loss_ptr + rows, loss, mask=rejected_ok)
+        else:
+            tl.store(loss_ptr + rows, loss, mask=chosen_ok)
+    # stats: chosen rewards, rejected rewards, chosen values, rejected values, then the reward
+    # accuracy and margin over the pairs (written by the last program).
     if LOSS == _LOSS_SIMPO or LOSS == _LOSS_ORPO:
         reward_w = beta * s_w.to(tl.float32)
         reward_l = beta * s_l.to(tl.float32)
@@ -350,20 +365,44 @@ def _preference_loss_kernel(
     tl.store(stats_ptr + num_chosen + rows, reward_l, mask=rejected_ok)
     tl.store(stats_ptr + num_chosen + num_rejected + rows, s_w.to(tl.float32), mask=chosen_ok)
     tl.store(stats_ptr + 2 * num_chosen + num_rejected + rows, s_l.to(tl.float32), mask=rejected_ok)
-    if PAIRED:
-        pairs = 2 * (num_chosen + num_rejected)
-        tl.store(stats_ptr + pairs + rows, (reward_w - reward_l) * inv_pairs, mask=chosen_ok)
-        tl.store(
-            stats_ptr + pairs + num_chosen + rows, (reward_w > reward_l).to(tl.float32) * inv_pairs, mask=chosen_ok
-        )
+    margin_sum = tl.sum(tl.where(chosen_ok, reward_w - reward_l, 0.0), axis=0)
+    wins_sum = tl.sum(tl.where(chosen_ok & (reward_w > reward_l), 1.0, 0.0), axis=0)
+    slot = tl.arange(0, 4)
+    partial = tl.where(slot == 0, loss_sum, tl.where(slot == 1, margin_sum, tl.where(slot == 2, wins_sum, 0.0)))
+    tl.store(partial_ptr + tl.program_id(0) * 4 + slot, partial)
+    # The last program to finish sums every program's partials in one fixed order (same bits
+    # every run) and writes the reduced loss and the pair summaries: no host ops after the kernel.
+    # Its acq_rel ticket (the fp32 word after the partials, zeroed with them) orders the other
+    # programs' partial stores before its loads, which are volatile so that no stale line is read.
+    ticket = tl.atomic_add(partial_ptr + num_programs * 4, 1.0, sem="acq_rel")
+    if ticket == num_programs - 1:
+        totals = tl.zeros([FINAL_BLOCK, 4], tl.float32)
+        program = tl.arange(0, FINAL_BLOCK)
+        for p0 in range(0, num_programs, FINAL_BLOCK):
+            inside = (p0 + program) < num_programs
+            offsets = (p0 + program)[:, None] * 4 + slot[None, :]
+            totals += tl.load(partial_ptr + offsets, mask=inside[:, None], other=0.0, volatile=True)
+        total = tl.sum(totals, axis=0)
+        if REDUCE:
+            tl.store(loss_ptr, tl.sum(tl.where(slot == 0, total, 0.0), axis=0) * loss_scale)
+        # reward accuracy and margin: means over the pairs, NaN for a batch that does not pair them
+        accuracy = tl.sum(tl.where(slot == 2, total, 0.0), axis=0) * inv_pairs
+        margin = tl.sum(tl.where(slot == 1, total, 0.0), axis=0) * inv_pairs
+        if not PAIRED:
+            accuracy = float("nan")
+            margin = float("nan")
+        summaries = 2 * (num_chosen + num_rejected)
+        tl.store(stats_ptr + summaries, accuracy)
+        tl.store(stats_ptr + summaries + 1, margin)
     if COMPUTE_GRAD:
-        # d loss / d token = (d loss / d value) · weight / divisor
+        # d loss / d token = (d loss / d value) · weight / divisor, times the reduction's scale (1/N for a mean)
         _write_token_grads(
-            chosen_grad_ptr, chosen_ptr, chosen_mask_ptr, (d_w / div_w).to(tl.float32), rows, chosen_ok,
+            chosen_grad_ptr, chosen_ptr, chosen_mask_ptr, (d_w * loss_scale / div_w).to(tl.float32), rows, chosen_ok,
             chosen_len, c_sb, c_st, cm_sb, cm_st, HAS_CHOSEN_MASK, False, BLOCK_T,
         )  # fmt: skip
         _write_token_grads(
-            rejected_grad_ptr, rejected_ptr, rejected_mask_ptr, (d_l / div_l).to(tl.float32), rows, rejected_ok,
+            rejected_grad_ptr, rejected_ptr, rejected_mask_ptr, (d_l * loss_scale / div_l).to(tl.float32), rows,
+            rejected_ok,
             rejected_len, r_sb, r_st, rm_sb, rm_st, HAS_REJECTED_MASK, CALIBRATE, BLOCK_T,
         )  # fmt: skip
 
@@ -396,6 +435,7 @@ def preference_loss_fwd(
     rejected_mask: torch.Tensor | None,
     kto_reference_point: torch.Tensor | None,
     loss_code: int,
+    reduction: str,
     length_normalize: bool,
     calibrate: bool,
     compute_grad: bool,
@@ -406,9 +446,11 @@ def preference_loss_fwd(
     kto_desirable_weight: float,
     kto_undesirable_weight: float,
 ):
-    """One launch: (per-example losses, stats, d losses / d chosen tokens, d losses / d rejected
-    tokens), all fp32. ``stats`` is [B_w chosen rewards | B_l rejected rewards | B_w chosen values |
-    B_l rejected values | (paired) B reward margins / B | B wins / B]: a [6, B] block when paired.
+    """One launch: (loss, stats, d loss / d chosen tokens, d loss / d rejected tokens), all fp32.
+    ``loss`` is the per-example losses for ``reduction="none"``, else their mean or sum (0-d), and
+    the token gradients are those of that loss. ``stats`` is [B_w chosen rewards | B_l rejected
+    rewards | B_w chosen values | B_l rejected values | reward accuracy | reward margin], the last
+    two means over the pairs (NaN unpaired, 0 for no pairs).
 
     ``chosen`` may have zero rows (npo without chosen responses; kto with no desirable one)."""
     dev = rejected.device
@@ -423,13 +465,16 @@ def preference_loss_fwd(
     def f32(*shape: int) -> torch.Tensor:
         return torch.empty(shape, dtype=torch.float32, device=dev)
 
-    loss = f32(num_losses)
-    stats = f32(2 * (num_chosen + num_rejected) + (2 * num_chosen if paired else 0))
+    reduce = reduction != "none"
+    loss = f32() if reduce else f32(num_losses)
+    stats = f32(2 * (num_chosen + num_rejected) + 2)
     # Without a gradient the token gradients are empty and the kernel skips writing them.
     chosen_grad = f32(*chosen.shape) if compute_grad else f32(*(0,) * chosen.dim())
     rejected_grad = f32(*rejected.shape) if compute_grad else f32(*(0,) * rejected.dim())
     rows = max(num_chosen, num_rejected)
-    if rows == 0:
+    if rows == 0:  # no example: a zero loss, and summaries over no pairs
+        loss.zero_()
+        stats.fill_(0.0 if paired else math.nan)
         return loss, stats, chosen_grad, rejected_grad
     block_t = min(next_power_of_2(max(chosen_len, rejected_len, 1)), 1024)
     block_b = max(1, min(next_power_of_2(rows), _TILE // block_t, 64))
@@ -438,6 +483,9 @@ def preference_loss_fwd(
     sms = _backend.sm_count(dev)
     while sms and block_b > 1 and cdiv(rows, block_b) < sms:
         block_b //= 2
+    num_programs = cdiv(rows, block_b)
+    # Each program's [loss, margin, wins, -] sums, then the last-program ticket, zeroed in one op.
+    partials = torch.zeros(num_programs * 4 + 1, dtype=torch.float32, device=dev)
     has_ref = ref_rejected is not None
     c_sb, c_st = c.stride()
     r_sb, r_st = r.stride()
@@ -446,7 +494,7 @@ def preference_loss_fwd(
     rc_sb, rc_st = _strides(ref_chosen)
     rr_sb, rr_st = _strides(ref_rejected)
     eps = label_smoothing
-    _preference_loss_kernel[(cdiv(rows, block_b),)](
+    _preference_loss_kernel[(num_programs,)](
         chosen_ptr=c,
         rejected_ptr=r,
         chosen_mask_ptr=_mask_arg(chosen_mask, r),
@@ -459,8 +507,10 @@ def preference_loss_fwd(
         stats_ptr=stats,
         chosen_grad_ptr=chosen_grad,
         rejected_grad_ptr=rejected_grad,
+        partial_ptr=partials,
         num_chosen=num_chosen,
         num_rejected=num_rejected,
+        num_programs=num_programs,
         chosen_len=chosen_len,
         rejected_len=rejected_len,
         c_sb=c_sb,
@@ -486,6 +536,7 @@ def preference_loss_fwd(
         kto_desirable_weight=float(kto_desirable_weight),
         kto_undesirable_weight=float(kto_undesirable_weight),
         inv_pairs=1.0 / num_chosen if paired else 0.0,
+        loss_scale=1.0 / num_losses if reduction == "mean" else 1.0,
         LOSS=loss_code,
         HAS_CHOSEN_MASK=chosen_mask is not None,
         HAS_REJECTED_MASK=rejected_mask is not None,
@@ -496,8 +547,10 @@ def preference_loss_fwd(
         CALIBRATE=calibrate,
         COMPUTE_GRAD=compute_grad,
         PAIRED=paired,
+        REDUCE=reduce,
         BLOCK_B=block_b,
         BLOCK_T=block_t,
+        FINAL_BLOCK=min(next_power_of_2(num_programs), 256),
         num_warps=4,
     )
     return loss, stats, chosen_grad, rejected_grad
