@@ -1,4 +1,6 @@
-"""FusedLinearGRPOLoss against the real liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss.
+"""The Liger adapters against the real liger_kernel: FusedLinearGRPOLoss against
+LigerFusedLinearGRPOLoss, FusedLinearCrossEntropyLoss against LigerFusedLinearCrossEntropyLoss,
+FusedLinearDPOLoss / SimPOLoss / CPOLoss against Liger's fused-linear preference losses.
 
 Oracle: Liger's own chunked loss (its PyTorch path, ``compiled=False``, runs on a CPU), called
 with the same arguments; loss, metrics and the gradients of the input, weight and bias must
@@ -9,7 +11,12 @@ import liger_kernel.chunked_loss as liger  # the test extra installs it: a missi
 import pytest
 import torch
 
-from negkernels.integrations.liger import FusedLinearGRPOLoss  # noqa: E402
+from negkernels.integrations.liger import (  # noqa: E402
+    FusedLinearCPOLoss,
+    FusedLinearDPOLoss,
+    FusedLinearGRPOLoss,
+    FusedLinearSimPOLoss,
+)
 
 from .helpers import assert_close  # noqa: E402
 
@@ -193,3 +200,80 @@ def test_fused_linear_cross_entropy_dtype_and_all_ignored_as_liger(dtype):
 def test_fused_linear_cross_entropy_rejects_what_it_cannot_do(option, value):
     with pytest.raises(ValueError, match=option):
         FusedLinearCrossEntropyLoss(**{option: value})
+
+
+# Preference losses: Liger's [chosen; rejected] batch with ignore_index targets.
+
+
+def preference_batch(pairs=3, t=9, h=24, v=53):
+    hidden = torch.randn(2 * pairs, t, h) * 0.5
+    weight = torch.randn(v, h) * 0.3
+    bias = torch.randn(v) * 0.1
+    target = torch.randint(0, v, (2 * pairs, t))
+    target[:, :3] = -100  # the prompt
+    target[1, 6:] = -100  # a shorter chosen response
+    target[2 * pairs - 1, 4:] = -100  # and a shorter rejected one
+    ref = (hidden + 0.1 * torch.randn_like(hidden), weight + 0.05 * torch.randn_like(weight), bias.clone())
+    return hidden, weight, bias, target, ref
+
+
+def run_preference(module, hidden, weight, bias, target, *extra):
+    h, w, b = (x.clone().requires_grad_() for x in (hidden, weight, bias))
+    loss, outputs = module(w, h, target, b, *extra)
+    loss.backward()
+    return loss.detach(), [o.detach() for o in outputs], h.grad, w.grad, b.grad
+
+
+PREFERENCE_NAMES = ("loss", "chosen_logps", "rejected_logps", "chosen_logits_mean", "rejected_logits_mean", "nll")
+PREFERENCE_NAMES += ("chosen_rewards", "rejected_rewards")
+DPO_OPTIONS = {
+    **{
+        loss_type: dict(loss_type=loss_type, label_smoothing=0.1 if loss_type in ("robust", "exo_pair") else 0.0)
+        for loss_type in ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard")
+        + ("apo_zero", "apo_down", "discopop")
+    },
+    "average_log_prob, beta": dict(average_log_prob=True, beta=0.5),
+    "with the NLL": dict(compute_nll_loss=True, alpha=0.5),
+    "no reference model": dict(use_ref_model=False, compute_nll_loss=True, average_log_prob=True),
+}
+PREFERENCE_CASES = {
+    **{f"dpo {name}": (liger.LigerFusedLinearDPOLoss, FusedLinearDPOLoss, o) for name, o in DPO_OPTIONS.items()},
+    "simpo": (liger.LigerFusedLinearSimPOLoss, FusedLinearSimPOLoss, {}),
+    "simpo smoothed, no NLL": (
+        liger.LigerFusedLinearSimPOLoss,
+        FusedLinearSimPOLoss,
+        dict(label_smoothing=0.2, gamma=1.0, beta=2.0, compute_nll_loss=False),
+    ),
+    "cpo": (liger.LigerFusedLinearCPOLoss, FusedLinearCPOLoss, {}),
+    "cpo averaged, smoothed": (
+        liger.LigerFusedLinearCPOLoss,
+        FusedLinearCPOLoss,
+        dict(average_log_prob=True, label_smoothing=0.1, alpha=0.3),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PREFERENCE_CASES))
+def test_preference_losses_match_liger(case):
+    theirs_cls, ours_cls, options = PREFERENCE_CASES[case]
+    hidden, weight, bias, target, ref = preference_batch()
+    extra = ref if ours_cls is FusedLinearDPOLoss and options.get("use_ref_model", True) else ()
+    theirs = run_preference(theirs_cls(compiled=False, **options), hidden, weight, bias, target, *extra)
+    ours = run_preference(ours_cls(**options), hidden, weight, bias, target, *extra)
+    (loss, outputs, *grads), (their_loss, their_outputs, *their_grads) = ours, theirs
+    assert len(outputs) == len(their_outputs) == 7
+    for name, a, b in zip(PREFERENCE_NAMES, [loss, *outputs], [their_loss, *their_outputs]):
+        assert a.shape == b.shape, name
+        assert_close(a, b, rtol=2e-5, atol=2e-6, what=name)
+    for name, a, b in zip(("d input", "d weight", "d bias"), grads, their_grads):
+        assert_close(a, b, rtol=2e-5, atol=2e-6, what=name)
+
+
+def test_preference_losses_reject_what_liger_rejects():
+    with pytest.raises(ValueError, match="loss_type"):
+        FusedLinearDPOLoss(loss_type="ipo")  # Liger's DPO has no IPO (use negkernels.preference_loss)
+    with pytest.raises(ValueError, match="ref_input"):
+        hidden, weight, bias, target, _ = preference_batch()
+        FusedLinearDPOLoss()(weight, hidden, target, bias)
+    with pytest.raises(ValueError, match="_input"):
+        FusedLinearSimPOLoss()(weight, hidden[:5], target[:5], bias)

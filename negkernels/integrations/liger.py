@@ -1,4 +1,4 @@
-"""Liger-Kernel's fused-linear GRPO loss, with negkernels underneath.
+"""Liger-Kernel's fused-linear GRPO, cross-entropy and preference losses, with negkernels underneath.
 
 Code written for Liger switches by its import::
 
@@ -13,7 +13,9 @@ tokens. ``_input`` is [B, T, H]; the loss runs through :func:`negkernels.linear_
 (one fused pass; no ``chunk_size`` or ``compiled`` needed, both accepted and ignored).
 
 ``FusedLinearCrossEntropyLoss`` does the same for ``LigerFusedLinearCrossEntropyLoss``
-(``forward(lin_weight, _input, target, bias)``, weight first as Liger's).
+(``forward(lin_weight, _input, target, bias)``, weight first as Liger's), and
+``FusedLinearDPOLoss`` / ``FusedLinearSimPOLoss`` / ``FusedLinearCPOLoss`` for Liger's
+fused-linear preference losses (on :func:`negkernels.linear_preference_loss`).
 
 Liger's semantics kept: without ``ref_per_token_logps`` the reference log-probs come from
 ``ref_input`` / ``ref_weight`` / ``ref_bias`` with no gradient (``use_ref_model``), and without a
@@ -33,10 +35,17 @@ import torch
 from torch import Tensor
 
 from ..ops.logprobs import PolicyLossConfig, linear_policy_loss, linear_token_logprobs
+from ..ops.preference import PreferenceLossConfig, linear_preference_loss
 from ._distributed import world_size as _world_size
 from ._weights import per_sequence_weights
 
-__all__ = ["FusedLinearGRPOLoss", "FusedLinearCrossEntropyLoss"]
+__all__ = [
+    "FusedLinearGRPOLoss",
+    "FusedLinearCrossEntropyLoss",
+    "FusedLinearDPOLoss",
+    "FusedLinearSimPOLoss",
+    "FusedLinearCPOLoss",
+]
 
 _NO_CAP = float(torch.finfo(torch.float32).max)  # IS weights multiply the policy term uncapped
 _LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
@@ -284,3 +293,164 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
         if self.reduction == "mean":  # no kept token: 0, as Liger's (torch's cross_entropy gives NaN)
             total = total / weight.sum().clamp_min(torch.finfo(total.dtype).tiny)
         return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference losses: LigerFusedLinearDPOLoss, LigerFusedLinearSimPOLoss, LigerFusedLinearCPOLoss
+# ---------------------------------------------------------------------------------------------
+
+# Liger's DPO loss types and the preference_loss options that give them. Liger's "sigmoid", like
+# TRL's, ignores label_smoothing; "robust" and "exo_pair" read it.
+_DPO_SMOOTHED = ("robust", "exo_pair")
+_DPO_LOSS_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero")
+_DPO_LOSS_TYPES += ("apo_down", "discopop")
+
+
+class _FusedLinearPreferenceLoss(torch.nn.Module):
+    """Liger's fused-linear preference layout on :func:`negkernels.linear_preference_loss`.
+
+    ``_input`` [2B, T, H] holds the B chosen responses then the B rejected ones, ``target``
+    [2B, T] their next-token ids with ``ignore_index`` where a token does not count. Returns
+    Liger's ``(loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean,
+    nll_loss, chosen_rewards, rejected_rewards))``: loss = preference loss (mean over pairs) +
+    ``alpha`` · NLL, the NLL the mean over every kept chosen token (0 without
+    ``compute_nll_loss``); the logits means are over every position and vocabulary entry of the
+    chosen (rejected) rows, computed from the hidden states as h·mean(W) + mean(b), exactly."""
+
+    def __init__(self, ignore_index: int, alpha: float, compute_nll_loss: bool, config: PreferenceLossConfig):
+        super().__init__()
+        self.ignore_index = int(ignore_index)
+        self.alpha = float(alpha)
+        self.compute_nll_loss = bool(compute_nll_loss)
+        self.config = config
+
+    def _loss(self, lin_weight, _input, target, bias, **reference) -> tuple[Tensor, tuple]:
+        if _input.dim() != 3 or _input.shape[0] % 2:
+            raise ValueError(f"_input: expected [2B, T, H] (B chosen rows, then B rejected), got {tuple(_input.shape)}")
+        mask = target != self.ignore_index
+        out = linear_preference_loss(_input, lin_weight, target, mask, bias=bias, config=self.config, **reference)
+        nll = out.chosen_nll if self.compute_nll_loss else out.loss.new_zeros(())
+        with torch.no_grad():
+            mean_row = lin_weight.float().mean(0)
+            mean_logits = _input.float() @ mean_row + (bias.float().mean() if bias is not None else 0.0)
+            chosen_mean, rejected_mean = (half.mean() for half in mean_logits.chunk(2))
+        loss = out.loss + self.alpha * nll if self.compute_nll_loss else out.loss
+        return loss, (
+            out.chosen_logps,
+            out.rejected_logps,
+            chosen_mean,
+            rejected_mean,
+            nll.detach(),
+            out.chosen_rewards,
+            out.rejected_rewards,
+        )
+
+
+class FusedLinearDPOLoss(_FusedLinearPreferenceLoss):
+    """``LigerFusedLinearDPOLoss`` on :func:`negkernels.linear_preference_loss`; Liger's
+    constructor, ``forward(lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None,
+    ref_bias=None)`` and return (see the base class). ``use_ref_model``: the reference log-probs
+    come from ``ref_input`` / ``ref_weight`` / ``ref_bias`` without gradient, else they are 0.
+    ``average_log_prob`` takes each response's mean token log-prob instead of the sum. Loss types:
+    Liger's ten (sigmoid, hinge, exo_pair, nca_pair, robust, bco_pair, sppo_hard, apo_zero,
+    apo_down, discopop). ``compiled`` and ``chunk_size`` are accepted and ignored (one fused pass)."""
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        compute_nll_loss: bool = False,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        average_log_prob: bool = False,
+        chunk_size: int = 1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        discopop_tau: float = 0.05,
+    ):
+        if loss_type not in _DPO_LOSS_TYPES:
+            raise ValueError(f"loss_type: expected one of {_DPO_LOSS_TYPES}, got {loss_type!r}")
+        config = PreferenceLossConfig(
+            loss_type=loss_type,
+            beta=beta,
+            label_smoothing=label_smoothing if loss_type in _DPO_SMOOTHED else 0.0,
+            length_normalize=bool(average_log_prob),
+            discopop_tau=discopop_tau,
+        )
+        super().__init__(ignore_index, alpha, compute_nll_loss, config)
+        self.use_ref_model = bool(use_ref_model)
+
+    def forward(
+        self,
+        lin_weight: Tensor,
+        _input: Tensor,
+        target: Tensor,
+        bias: Optional[Tensor] = None,
+        ref_input: Optional[Tensor] = None,
+        ref_weight: Optional[Tensor] = None,
+        ref_bias: Optional[Tensor] = None,
+    ) -> tuple[Tensor, tuple]:
+        if self.use_ref_model:
+            if ref_input is None or ref_weight is None:
+                raise ValueError("ref_input: use_ref_model=True needs ref_input and ref_weight")
+            reference = dict(ref_hidden=ref_input, ref_weight=ref_weight, ref_bias=ref_bias)
+        else:  # no reference model: log-ratios against 0, as Liger's
+            zeros = _input.new_zeros(_input.shape[0] // 2, dtype=torch.float32)
+            reference = dict(ref_chosen_logp=zeros, ref_rejected_logp=zeros)
+        return self._loss(lin_weight, _input, target, bias, **reference)
+
+
+class FusedLinearSimPOLoss(_FusedLinearPreferenceLoss):
+    """``LigerFusedLinearSimPOLoss``: −log σ(β(ℓ_w − ℓ_l) − γ) on each response's mean token
+    log-prob (with ``label_smoothing``), plus ``alpha`` · NLL (on by default, as Liger's); Liger's
+    constructor, ``forward(lin_weight, _input, target, bias=None)`` and return."""
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        label_smoothing: float = 0.0,
+        compute_nll_loss: bool = True,
+        compiled: bool = True,
+        gamma: float = 0.5,
+        chunk_size: int = 1,
+    ):
+        config = PreferenceLossConfig(
+            loss_type="simpo", beta=beta, label_smoothing=label_smoothing, simpo_gamma=gamma, length_normalize=True
+        )
+        super().__init__(ignore_index, alpha, compute_nll_loss, config)
+
+    def forward(
+        self, lin_weight: Tensor, _input: Tensor, target: Tensor, bias: Optional[Tensor] = None
+    ) -> tuple[Tensor, tuple]:
+        return self._loss(lin_weight, _input, target, bias)
+
+
+class FusedLinearCPOLoss(_FusedLinearPreferenceLoss):
+    """``LigerFusedLinearCPOLoss``: CPO's −log σ(β(s_w − s_l)) on the policy's sequence log-probs
+    (sums, or means with ``average_log_prob``; with ``label_smoothing``), plus ``alpha`` · NLL:
+    SimPO's form with γ = 0. Liger's constructor, ``forward(lin_weight, _input, target,
+    bias=None)`` and return."""
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        label_smoothing: float = 0.0,
+        compute_nll_loss: bool = True,
+        compiled: bool = True,
+        average_log_prob: bool = False,
+        chunk_size: int = 1,
+    ):
+        config = PreferenceLossConfig(
+            loss_type="simpo", beta=beta, label_smoothing=label_smoothing, length_normalize=bool(average_log_prob)
+        )
+        super().__init__(ignore_index, alpha, compute_nll_loss, config)
+
+    def forward(
+        self, lin_weight: Tensor, _input: Tensor, target: Tensor, bias: Optional[Tensor] = None
+    ) -> tuple[Tensor, tuple]:
+        return self._loss(lin_weight, _input, target, bias)
