@@ -331,8 +331,9 @@ class _FusedLinearPreferenceLoss(torch.nn.Module):
         out = linear_preference_loss(_input, lin_weight, target, mask, bias=bias, config=self.config, **reference)
         nll = out.chosen_nll if self.compute_nll_loss else out.loss.new_zeros(())
         with torch.no_grad():
-            mean_row = lin_weight.float().mean(0)
-            mean_logits = _input.float() @ mean_row + (bias.float().mean() if bias is not None else 0.0)
+            # in the input's dtype (fp32 accumulation): no fp32 copy of the hidden states for a metric
+            mean_row = lin_weight.float().mean(0).to(_input.dtype)
+            mean_logits = (_input @ mean_row).float() + (bias.float().mean() if bias is not None else 0.0)
             chosen_mean, rejected_mean = (half.mean() for half in mean_logits.chunk(2))
         loss = out.loss + self.alpha * nll if self.compute_nll_loss else out.loss
         return loss, (
