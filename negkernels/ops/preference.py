@@ -271,8 +271,8 @@ def _preference_backward(ctx, grad_losses, *unused):
         grad_r = _scaled_by_incoming(ctx, token_grad_r, grad_losses) if ctx.needs_input_grad[1] else None
         return no_grads_after(
             ctx,
-            grad_c if grad_c is None or grad_c.dtype == ctx.dtypes[0] else grad_c.to(ctx.dtypes[0]),
-            grad_r if grad_r is None or grad_r.dtype == ctx.dtypes[1] else grad_r.to(ctx.dtypes[1]),
+            None if grad_c is None else grad_c.to(ctx.dtypes[0]),
+            None if grad_r is None else grad_r.to(ctx.dtypes[1]),
         )
     token_grad_c, token_grad_r = ctx.saved_tensors
     b_w = ctx.num_chosen
