@@ -324,6 +324,11 @@ class _FusedLinearPreferenceLoss(torch.nn.Module):
         self.compute_nll_loss = bool(compute_nll_loss)
         self.config = config
 
+    def forward(
+        self, lin_weight: Tensor, _input: Tensor, target: Tensor, bias: Optional[Tensor] = None
+    ) -> tuple[Tensor, tuple]:
+        return self._loss(lin_weight, _input, target, bias)
+
     def _loss(self, lin_weight, _input, target, bias, **reference) -> tuple[Tensor, tuple]:
         if _input.dim() != 3 or _input.shape[0] % 2:
             raise ValueError(f"_input: expected [2B, T, H] (B chosen rows, then B rejected), got {tuple(_input.shape)}")
@@ -382,7 +387,7 @@ class FusedLinearDPOLoss(_FusedLinearPreferenceLoss):
         super().__init__(ignore_index, alpha, compute_nll_loss, config)
         self.use_ref_model = bool(use_ref_model)
 
-    def forward(
+    def forward(  # Liger's DPO forward also takes the reference head
         self,
         lin_weight: Tensor,
         _input: Tensor,
@@ -423,11 +428,6 @@ class FusedLinearSimPOLoss(_FusedLinearPreferenceLoss):
         )
         super().__init__(ignore_index, alpha, compute_nll_loss, config)
 
-    def forward(
-        self, lin_weight: Tensor, _input: Tensor, target: Tensor, bias: Optional[Tensor] = None
-    ) -> tuple[Tensor, tuple]:
-        return self._loss(lin_weight, _input, target, bias)
-
 
 class FusedLinearCPOLoss(_FusedLinearPreferenceLoss):
     """``LigerFusedLinearCPOLoss``: CPO's −log σ(β(s_w − s_l)) on the policy's sequence log-probs
@@ -450,8 +450,3 @@ class FusedLinearCPOLoss(_FusedLinearPreferenceLoss):
             loss_type="simpo", beta=beta, label_smoothing=label_smoothing, length_normalize=bool(average_log_prob)
         )
         super().__init__(ignore_index, alpha, compute_nll_loss, config)
-
-    def forward(
-        self, lin_weight: Tensor, _input: Tensor, target: Tensor, bias: Optional[Tensor] = None
-    ) -> tuple[Tensor, tuple]:
-        return self._loss(lin_weight, _input, target, bias)
