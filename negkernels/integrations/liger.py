@@ -37,6 +37,7 @@ from torch import Tensor
 from ..ops.logprobs import PolicyLossConfig, linear_policy_loss, linear_token_logprobs
 from ..ops.preference import PreferenceLossConfig, linear_preference_loss
 from ._distributed import world_size as _world_size
+from ._dpo import DPO_LOSS_OPTIONS, dpo_config
 from ._weights import per_sequence_weights
 
 __all__ = [
@@ -299,11 +300,8 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
 # Preference losses: LigerFusedLinearDPOLoss, LigerFusedLinearSimPOLoss, LigerFusedLinearCPOLoss
 # ---------------------------------------------------------------------------------------------
 
-# Liger's DPO loss types and the preference_loss options that give them. Liger's "sigmoid", like
-# TRL's, ignores label_smoothing; "robust" and "exo_pair" read it.
-_DPO_SMOOTHED = ("robust", "exo_pair")
-_DPO_LOSS_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero")
-_DPO_LOSS_TYPES += ("apo_down", "discopop")
+# Liger's DPO loss types: TRL's, less the two that divide by the completion length.
+_DPO_LOSS_TYPES = tuple(t for t in DPO_LOSS_OPTIONS if t not in ("ipo", "sigmoid_norm"))
 
 
 class _FusedLinearPreferenceLoss(torch.nn.Module):
@@ -377,12 +375,12 @@ class FusedLinearDPOLoss(_FusedLinearPreferenceLoss):
     ):
         if loss_type not in _DPO_LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {_DPO_LOSS_TYPES}, got {loss_type!r}")
-        config = PreferenceLossConfig(
-            loss_type=loss_type,
+        config = dpo_config(
+            loss_type,
             beta=beta,
-            label_smoothing=label_smoothing if loss_type in _DPO_SMOOTHED else 0.0,
-            length_normalize=bool(average_log_prob),
+            label_smoothing=label_smoothing,
             discopop_tau=discopop_tau,
+            length_normalize=bool(average_log_prob),
         )
         super().__init__(ignore_index, alpha, compute_nll_loss, config)
         self.use_ref_model = bool(use_ref_model)

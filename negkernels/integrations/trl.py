@@ -59,7 +59,8 @@ from trl import DPOTrainer, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from ..ops.logprobs import PolicyLossConfig, linear_policy_loss, linear_token_logprobs
-from ..ops.preference import PreferenceLossConfig, preference_loss
+from ..ops.preference import preference_loss
+from ._dpo import DPO_LOSS_OPTIONS, dpo_config
 from ._weights import per_sequence_weights
 from .transformers import LMHead, lm_head
 
@@ -431,23 +432,6 @@ def _nan_extreme(x: Tensor, reduce) -> float:
 # DPOTrainer
 # ---------------------------------------------------------------------------------------------
 
-# TRL's DPO loss types and the preference_loss options that give them. TRL's "sigmoid" ignores
-# label_smoothing (cDPO is preference_loss's label_smoothing with TRL's "sigmoid" left alone),
-# "ipo" and "sigmoid_norm" divide both log-ratios by the completion length.
-_DPO_LOSS_OPTIONS = {
-    "sigmoid": dict(loss_type="sigmoid"),
-    "sigmoid_norm": dict(loss_type="sigmoid", length_normalize=True),
-    "hinge": dict(loss_type="hinge"),
-    "ipo": dict(loss_type="ipo", length_normalize=True),
-    "exo_pair": dict(loss_type="exo_pair", smoothed=True),
-    "nca_pair": dict(loss_type="nca_pair"),
-    "robust": dict(loss_type="robust", smoothed=True),
-    "bco_pair": dict(loss_type="bco_pair"),
-    "sppo_hard": dict(loss_type="sppo_hard"),
-    "apo_zero": dict(loss_type="apo_zero"),
-    "apo_down": dict(loss_type="apo_down"),
-    "discopop": dict(loss_type="discopop"),
-}
 # TRL's "sft" term is the mean NLL of the chosen tokens: computed here from the same log-probs.
 _DPO_SFT = "sft"
 # Chosen tokens per chunk of the forward-only pass for TRL's mean_token_accuracy (argmax of the logits).
@@ -457,7 +441,7 @@ _TOP1_CHUNK = 4096
 def _dpo_configs(trainer) -> tuple[Optional[list], Optional[str]]:
     """([(PreferenceLossConfig or "sft", weight)], None) or (None, why TRL's own loss runs)."""
     args = trainer.args
-    unsupported = [t for t in trainer.loss_types if t not in _DPO_LOSS_OPTIONS and t != _DPO_SFT]
+    unsupported = [t for t in trainer.loss_types if t not in DPO_LOSS_OPTIONS and t != _DPO_SFT]
     if unsupported:
         return None, f"loss_type={unsupported} has no fused form (aot / aot_unpaired sort the batch)"
     if trainer.f_divergence_type != "reverse_kl":
@@ -473,12 +457,10 @@ def _dpo_configs(trainer) -> tuple[Optional[list], Optional[str]]:
         if loss_type == _DPO_SFT:
             configs.append((_DPO_SFT, float(weight)))
             continue
-        options = dict(_DPO_LOSS_OPTIONS[loss_type])
-        if options.pop("smoothed", False):
-            options["label_smoothing"] = float(trainer.label_smoothing)
-        if loss_type == "discopop":
-            options["discopop_tau"] = float(args.discopop_tau)
-        configs.append((PreferenceLossConfig(beta=float(trainer.beta), **options), float(weight)))
+        config = dpo_config(
+            loss_type, beta=trainer.beta, label_smoothing=trainer.label_smoothing, discopop_tau=args.discopop_tau
+        )
+        configs.append((config, float(weight)))
     return configs, None
 
 
